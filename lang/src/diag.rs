@@ -32,7 +32,10 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn error(code: &'static str, span: Span, message: impl Into<String>) -> Self {
-        debug_assert!(CODES.iter().any(|c| c.code == code), "unregistered code {code}");
+        debug_assert!(
+            CODES.iter().any(|c| c.code == code),
+            "unregistered code {code}"
+        );
         Diagnostic {
             severity: Severity::Error,
             code,

@@ -93,7 +93,11 @@ fn lex_error(text: &str, span: Span) -> Diagnostic {
     let mut d = Diagnostic::error(
         "E0001",
         span,
-        format!("unexpected character{} `{}`", plural(text.chars().count()), shown.escape_debug()),
+        format!(
+            "unexpected character{} `{}`",
+            plural(text.chars().count()),
+            shown.escape_debug()
+        ),
     )
     .label("not part of the .moe language");
     if text.starts_with('#') {
@@ -175,12 +179,9 @@ fn syntax_error(error: ParseError<usize, Token, ()>, eof: Span) -> Option<Diagno
                 return None;
             }
             let span = Span::new(l, r);
-            let mut d = Diagnostic::error(
-                "E0002",
-                span,
-                format!("unexpected {}", token.describe()),
-            )
-            .label(format!("expected {}", describe_expected(&expected)));
+            let mut d =
+                Diagnostic::error("E0002", span, format!("unexpected {}", token.describe()))
+                    .label(format!("expected {}", describe_expected(&expected)));
             if let Some(help) = hint_for(&token, &expected) {
                 d = d.help(help);
             }
@@ -254,7 +255,10 @@ fn describe_expected(expected: &[String]) -> String {
         0 => "something else".to_string(),
         1 => words[0].to_string(),
         _ => {
-            let (last, rest) = words.split_last().map(|(l, r)| (*l, r)).unwrap_or(("", &[]));
+            let (last, rest) = words
+                .split_last()
+                .map(|(l, r)| (*l, r))
+                .unwrap_or(("", &[]));
             format!("{} or {}", rest.join(", "), last)
         }
     }
