@@ -1380,7 +1380,7 @@ impl Checker {
             if let Some(s) = suggest(&tag.name, names.iter().copied()) {
                 d = d.help(format!("did you mean `{s}`?"));
             } else {
-                d = d.help(format!("describe it with `device = custom {{ peak_flops = 989 TFLOP/s memory_bandwidth = 3.35 TB/s memory = 80 GB nvlink = 450 GB/s }}`"));
+                d = d.help("describe it with `device = custom { peak_flops = 989 TFLOP/s memory_bandwidth = 3.35 TB/s memory = 80 GB nvlink = 450 GB/s }`");
             }
             self.err(d);
             return None;
@@ -2031,7 +2031,7 @@ impl Checker {
             } => {
                 let c = (f * group_tokens as f64 * l.router.top_k as f64 / l.experts.count as f64)
                     .ceil();
-                if !(c < 1.8e19) {
+                if c.is_nan() || c >= 1.8e19 {
                     overflow(self, spans.tokens, "the capacity per expert");
                     return None;
                 }
