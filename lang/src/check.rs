@@ -136,6 +136,11 @@ const DEVICES: &[DevicePreset] = &[
     },
 ];
 
+/// Most routed experts a layer may have (real models use up to 256).
+pub const MAX_EXPERTS: u64 = 1 << 16;
+/// Most ranks a mesh may have; bounds every per-rank table the compiler builds.
+pub const MAX_RANKS: u64 = 1 << 20;
+
 /// Default per-message latencies when a link block gives none.
 const DEFAULT_INTRA_LATENCY: f64 = 3e-6;
 const DEFAULT_INTER_LATENCY: f64 = 10e-6;
@@ -545,6 +550,23 @@ impl Checker {
         Some(n as u64)
     }
 
+    /// Passes `value` through if it is at most `max`, else reports it.
+    fn at_most(&mut self, f: &Fields, name: &str, value: u64, max: u64) -> Option<u64> {
+        if value <= max {
+            return Some(value);
+        }
+        let span = f.get(name).map(|e| e.span).unwrap_or(f.owner_span);
+        self.err(
+            Diagnostic::error(
+                "E0202",
+                span,
+                format!("`{name}` is {value}; moec supports at most {max}"),
+            )
+            .label("out of range"),
+        );
+        None
+    }
+
     fn int(&mut self, f: &Fields, name: &str, min: u64) -> Option<u64> {
         let e = f.get(name)?;
         let v = self.value(e)?;
@@ -851,6 +873,7 @@ impl Checker {
             &["count", "ffn", "intermediate", "bias", "swiglu_limit"],
         );
         let count = self.req_int(&f, "count", 1, "8");
+        let count = count.and_then(|c| self.at_most(&f, "count", c, MAX_EXPERTS));
         spans.experts_count = self.key_span(&f, "count").unwrap_or(at);
         spans.experts_count_value = count;
         self.require(&f, "ffn", "swiglu");
@@ -1271,6 +1294,7 @@ impl Checker {
             }
         };
         let ep = self.req_int(&f, "ep", 1, "8");
+        let ep = ep.and_then(|v| self.at_most(&f, "ep", v, MAX_RANKS));
         let etp = match f.get("etp") {
             Some(_) => self.int(&f, "etp", 1),
             None => Some(1),
@@ -1280,7 +1304,7 @@ impl Checker {
             None => Some(1),
         };
         if let (Some(n), Some(g), Some(ep), Some(etp), Some(dp)) = (nodes, gpus, ep, etp, dp) {
-            let world = n.checked_mul(g);
+            let world = n.checked_mul(g).filter(|w| *w <= MAX_RANKS);
             let product = ep.checked_mul(etp).and_then(|x| x.checked_mul(dp));
             if world.is_none() || world != product {
                 let at = self.key_span(&f, "ep").unwrap_or(s.kind.span);
@@ -1290,12 +1314,12 @@ impl Checker {
                         at,
                         format!(
                             "the mesh has {} GPUs but ep × etp × dp = {ep} × {etp} × {dp} = {}",
-                            world.map(|w| w.to_string()).unwrap_or_else(|| "too many".into()),
+                            n.checked_mul(g).map(|w| w.to_string()).unwrap_or_else(|| "too many".into()),
                             product.map(|p| p.to_string()).unwrap_or_else(|| "too many".into())
                         ),
                     )
                     .label("does not cover the mesh")
-                    .note(format!("nodes × gpus_per_node = {n} × {g}"))
+                    .note(format!("nodes × gpus_per_node = {n} × {g}; moec supports up to {MAX_RANKS} GPUs"))
                     .help("every GPU belongs to exactly one (ep, etp, dp) position; adjust ep, etp or dp"),
                 );
             }

@@ -244,9 +244,16 @@ impl Mesh {
                     .map(|r| (r * per..(r + 1) * per).collect())
                     .collect()
             }
-            Placement::RoundRobin => (0..ep)
-                .map(|r| (0..experts).filter(|e| e % ep == r).collect())
-                .collect(),
+            Placement::RoundRobin => {
+                let mut ranks = vec![Vec::new(); usize::try_from(ep).unwrap_or(0)];
+                for e in 0..experts {
+                    if let Some(list) = usize::try_from(e % ep).ok().and_then(|r| ranks.get_mut(r))
+                    {
+                        list.push(e);
+                    }
+                }
+                ranks
+            }
             Placement::Explicit(map) => map.clone(),
         };
         for (expert, extra) in &self.replicas {
