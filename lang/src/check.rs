@@ -408,7 +408,12 @@ impl Checker {
                     format!("`{}` has no `{name}`", f.owner),
                 )
                 .label(format!("`{name}` is required here"))
-                .help(format!("add `{name} = {example}`")),
+                .help(if example.starts_with('{') {
+                    // Blocks are written `name { ... }`, without `=`.
+                    format!("add `{name} {example}`")
+                } else {
+                    format!("add `{name} = {example}`")
+                }),
             );
         }
         e
