@@ -1,0 +1,479 @@
+//! The `moec` command line, driven in-process through `moec::cli::run`:
+//! exit codes (0 ok, 1 rejected, 2 usage), what goes to stdout and stderr,
+//! and the effect of each subcommand on files.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The outcome of one CLI run.
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+fn moec_tty(args: &[&str], stderr_is_tty: bool) -> Run {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let argv: Vec<&str> = std::iter::once("moec")
+        .chain(args.iter().copied())
+        .collect();
+    let code = moec::cli::run(argv, &mut out, &mut err, stderr_is_tty);
+    Run {
+        code,
+        out: String::from_utf8(out).expect("stdout is UTF-8"),
+        err: String::from_utf8(err).expect("stderr is UTF-8"),
+    }
+}
+
+fn moec(args: &[&str]) -> Run {
+    moec_tty(args, false)
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the repository")
+        .to_path_buf()
+}
+
+fn example(name: &str) -> String {
+    path_str(&repo().join("examples").join(name))
+}
+
+fn corpus(name: &str) -> String {
+    path_str(&repo().join("tests/diagnostics").join(name))
+}
+
+fn config(name: &str) -> String {
+    path_str(&repo().join("tests/configs").join(name))
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_str().expect("a UTF-8 path").to_string()
+}
+
+/// A fresh path in the system temp directory; the file is removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(tag: &str, ext: &str) -> TempFile {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("moec-cli-test-{}-{n}-{tag}.{ext}", std::process::id());
+        let path = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_file(&path);
+        TempFile(path)
+    }
+
+    fn with(tag: &str, ext: &str, contents: &str) -> TempFile {
+        let f = TempFile::new(tag, ext);
+        std::fs::write(&f.0, contents).expect("the temp directory is writable");
+        f
+    }
+
+    fn path(&self) -> String {
+        path_str(&self.0)
+    }
+
+    fn read(&self) -> String {
+        std::fs::read_to_string(&self.0).expect("the temp file is readable")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn has_ansi(s: &str) -> bool {
+    s.contains('\u{1b}')
+}
+
+// ------------------------------------------------------------------ check
+
+#[test]
+fn check_example_is_ok() {
+    let path = example("mixtral_8x7b.moe");
+    let r = moec(&["check", &path]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.contains(&path), "{}", r.out);
+    assert!(r.out.contains("ok"), "{}", r.out);
+    assert!(r.out.contains("mixtral_8x7b"), "{}", r.out);
+    assert!(r.err.is_empty(), "{}", r.err);
+}
+
+#[test]
+fn check_every_example_is_ok() {
+    let dir = repo().join("examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "moe") {
+            n += 1;
+            let r = moec(&["check", &path_str(&path)]);
+            assert_eq!(r.code, 0, "{}: {}", path.display(), r.err);
+            assert!(r.err.is_empty(), "{}: {}", path.display(), r.err);
+        }
+    }
+    assert!(n >= 8, "only {n} examples");
+}
+
+#[test]
+fn check_broken_file_reports_with_location() {
+    let path = corpus("e0301_top_k_larger_than_experts.moe");
+    let r = moec(&["check", &path]);
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.err.contains(&format!("{path}:15:9")), "{}", r.err);
+    assert!(r.err.contains("error[E0301]"), "{}", r.err);
+    assert!(r.err.contains("1 error(s)"), "{}", r.err);
+    assert!(!has_ansi(&r.err), "no colour when stderr is not a terminal");
+    assert!(!r.out.contains("ok"), "{}", r.out);
+}
+
+#[test]
+fn check_warning_only_file_passes_and_shows_the_warning() {
+    let path = corpus("w0001_inter_node_on_one_node.moe");
+    let r = moec(&["check", &path]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.err.contains("warning[W0001]"), "{}", r.err);
+    assert!(r.out.contains("ok"), "{}", r.out);
+}
+
+#[test]
+fn check_reports_every_error_of_a_file() {
+    let path = corpus("many_semantic_errors.moe");
+    let r = moec(&["check", &path]);
+    assert_eq!(r.code, 1);
+    let reported = r.err.matches("error[E").count();
+    assert!(reported >= 10, "{}", r.err);
+    assert!(r.err.contains(&format!("{reported} error(s)")), "{}", r.err);
+}
+
+#[test]
+fn check_missing_file_is_a_usage_error() {
+    let missing = path_str(&std::env::temp_dir().join("moec-cli-test-no-such-file.moe"));
+    let r = moec(&["check", &missing]);
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("cannot read"), "{}", r.err);
+    assert!(r.err.contains(&missing), "{}", r.err);
+}
+
+#[test]
+fn check_several_files_reports_all_and_fails_if_any_fails() {
+    let good = example("tiny.moe");
+    let bad1 = corpus("e0402_ep_does_not_divide_experts.moe");
+    let good2 = example("deepseek_v3.moe");
+    let bad2 = corpus("e0101_unknown_device.moe");
+    let r = moec(&["check", &good, &bad1, &good2, &bad2]);
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.out.contains(&format!("{good}: ok")), "{}", r.out);
+    assert!(r.out.contains(&format!("{good2}: ok")), "{}", r.out);
+    assert!(r.err.contains("error[E0402]"), "{}", r.err);
+    assert!(r.err.contains("error[E0101]"), "{}", r.err);
+    assert!(r.err.contains(&format!("{bad1}: 1 error(s)")), "{}", r.err);
+    assert!(r.err.contains(&format!("{bad2}: 1 error(s)")), "{}", r.err);
+}
+
+#[test]
+fn check_all_good_files_exit_0() {
+    let r = moec(&[
+        "check",
+        &example("tiny.moe"),
+        &example("mixtral_8x7b.moe"),
+        &example("switch_base_128.moe"),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(r.out.lines().count(), 3, "{}", r.out);
+}
+
+#[test]
+fn check_unreadable_file_among_others_is_exit_2_and_still_checks_the_rest() {
+    let missing = path_str(&std::env::temp_dir().join("moec-cli-test-missing-among.moe"));
+    let bad = corpus("e0301_top_k_larger_than_experts.moe");
+    let good = example("tiny.moe");
+    let r = moec(&["check", &missing, &bad, &good]);
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("cannot read"), "{}", r.err);
+    assert!(r.err.contains("E0301"), "{}", r.err);
+    assert!(r.out.contains(&format!("{good}: ok")), "{}", r.out);
+}
+
+#[test]
+fn colour_follows_the_terminal_and_the_flag() {
+    let bad = corpus("e0301_top_k_larger_than_experts.moe");
+    assert!(has_ansi(&moec_tty(&["check", &bad], true).err));
+    assert!(!has_ansi(&moec_tty(&["check", &bad], false).err));
+    assert!(!has_ansi(
+        &moec_tty(&["--color", "never", "check", &bad], true).err
+    ));
+    assert!(has_ansi(
+        &moec_tty(&["check", "--color", "always", &bad], false).err
+    ));
+}
+
+// ------------------------------------------------------------------ usage
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &[][..],
+        &["frobnicate"][..],
+        &["check"][..],
+        &["check", "--bogus", "x.moe"][..],
+        &["fmt"][..],
+        &["fmt", "-w", "--check", "x.moe"][..],
+        &["build"][..],
+        &["import"][..],
+        &["import", "x.json", "--nodes", "many"][..],
+        &["--color", "purple", "check", "x.moe"][..],
+    ] {
+        let r = moec(args);
+        assert_eq!(r.code, 2, "moec {args:?}: {}{}", r.out, r.err);
+        assert!(!r.err.is_empty(), "moec {args:?} says nothing");
+    }
+}
+
+#[test]
+fn help_and_version_exit_0() {
+    let r = moec(&["--help"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    for cmd in ["check", "fmt", "import", "build"] {
+        assert!(
+            r.out.contains(cmd),
+            "--help does not mention {cmd}: {}",
+            r.out
+        );
+    }
+    let r = moec(&["check", "--help"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.contains("Usage"), "{}", r.out);
+    let r = moec(&["--version"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.contains("moec"), "{}", r.out);
+}
+
+// ------------------------------------------------------------------ build
+
+#[test]
+fn build_prints_the_validated_layer() {
+    let path = example("deepseek_v3.moe");
+    let r = moec(&["build", &path]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let source = std::fs::read_to_string(&path).unwrap();
+    let (program, derived) = moec_lang::check_source(&source).program.unwrap();
+    assert_eq!(r.out, format!("{program}{derived}"));
+    assert!(r.out.contains("deepseek_v3"), "{}", r.out);
+    assert!(r.err.is_empty(), "{}", r.err);
+}
+
+#[test]
+fn build_rejects_a_broken_file() {
+    let path = corpus("e0406_etp_does_not_divide_intermediate.moe");
+    let r = moec(&["build", &path]);
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.out.is_empty(), "{}", r.out);
+    assert!(r.err.contains("error[E0406]"), "{}", r.err);
+    assert!(r.err.contains(&format!("{path}:")), "{}", r.err);
+}
+
+#[test]
+fn build_missing_file_is_a_usage_error() {
+    let missing = path_str(&std::env::temp_dir().join("moec-cli-test-no-build.moe"));
+    assert_eq!(moec(&["build", &missing]).code, 2);
+}
+
+// -------------------------------------------------------------------- fmt
+
+/// Valid, but not in canonical form: odd indentation, spacing and blank lines.
+const MESSY: &str = "// A valid layer, badly laid out.\nlet  E=8\nlayer   messy{\nhidden=64 tokens_per_rank = 32\n\n\n\n   experts {count=E,ffn=swiglu\n intermediate=2*64}\n      router{scoring=softmax top_k=2}\n}\nmesh{gpus_per_node=4 device=H100 ep=4}\n";
+
+#[test]
+fn fmt_check_accepts_an_example() {
+    let r = moec(&["fmt", "--check", &example("mixtral_8x7b.moe")]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.is_empty(), "{}", r.out);
+}
+
+#[test]
+fn fmt_prints_an_example_unchanged() {
+    let path = example("gpt_oss_20b.moe");
+    let r = moec(&["fmt", &path]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(r.out, std::fs::read_to_string(&path).unwrap());
+}
+
+#[test]
+fn fmt_check_rejects_a_messy_file() {
+    let f = TempFile::with("messy-check", "moe", MESSY);
+    let r = moec(&["fmt", "--check", &f.path()]);
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.err.contains("canonical"), "{}", r.err);
+    assert_eq!(f.read(), MESSY, "--check never writes");
+}
+
+#[test]
+fn fmt_write_then_check_passes() {
+    let f = TempFile::with("messy-write", "moe", MESSY);
+    let before = moec_lang::check_source(MESSY).program.unwrap();
+    let r = moec(&["fmt", "-w", &f.path()]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.is_empty(), "-w prints nothing: {}", r.out);
+    let written = f.read();
+    assert_ne!(written, MESSY);
+    assert!(
+        written.contains("// A valid layer, badly laid out."),
+        "{written}"
+    );
+    let r = moec(&["fmt", "--check", &f.path()]);
+    assert_eq!(r.code, 0, "{}\n{written}", r.err);
+    let after = moec_lang::check_source(&written).program.unwrap();
+    assert_eq!(before, after, "formatting changed the layer");
+    // --write is the long form of -w.
+    let r = moec(&["fmt", "--write", &f.path()]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(f.read(), written);
+}
+
+#[test]
+fn fmt_refuses_a_file_with_syntax_errors() {
+    let path = corpus("many_syntax_errors.moe");
+    let r = moec(&["fmt", &path]);
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.out.is_empty(), "{}", r.out);
+    assert!(r.err.contains("error[E0002]"), "{}", r.err);
+    let f = TempFile::with("syntax", "moe", "layer x {\n hidden = = 3\n}\n");
+    let r = moec(&["fmt", "-w", &f.path()]);
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert_eq!(
+        f.read(),
+        "layer x {\n hidden = = 3\n}\n",
+        "a broken file is left alone"
+    );
+}
+
+#[test]
+fn fmt_missing_file_is_a_usage_error() {
+    let missing = path_str(&std::env::temp_dir().join("moec-cli-test-no-fmt.moe"));
+    assert_eq!(moec(&["fmt", "--check", &missing]).code, 2);
+}
+
+// ----------------------------------------------------------------- import
+
+#[test]
+fn import_mixtral_gives_a_valid_layer() {
+    let r = moec(&["import", &config("mixtral_8x7b.json")]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let checked = moec_lang::check_source(&r.out);
+    assert!(
+        !checked.has_errors(),
+        "{}\n{}",
+        r.out,
+        moec_lang::render("imported.moe", &r.out, &checked.diagnostics, false)
+    );
+    let (program, _) = checked.program.unwrap();
+    assert_eq!(program.layer.experts.count, 8);
+    assert_eq!(program.layer.router.top_k, 2);
+    assert_eq!(program.layer.hidden, 4096);
+    assert_eq!(program.layer.experts.intermediate, 14336);
+}
+
+#[test]
+fn import_output_is_in_canonical_form() {
+    let r = moec(&["import", &config("mixtral_8x7b.json")]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(moec_lang::format_source(&r.out).unwrap(), r.out);
+}
+
+#[test]
+fn import_mesh_options_reach_the_layer() {
+    let r = moec(&[
+        "import",
+        &config("mixtral_8x7b.json"),
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--device",
+        "H200",
+        "--ep",
+        "8",
+        "--tokens-per-rank",
+        "1024",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let checked = moec_lang::check_source(&r.out);
+    let (program, derived) = checked.program.unwrap();
+    assert_eq!(program.mesh.nodes, 2);
+    assert_eq!(program.mesh.gpus_per_node, 4);
+    assert_eq!(program.mesh.ep, 8);
+    assert_eq!(program.mesh.device.name, "H200");
+    assert_eq!(program.layer.tokens_per_rank, 1024);
+    assert_eq!(derived.world_size, 8);
+}
+
+#[test]
+fn import_dense_model_is_rejected() {
+    let r = moec(&["import", &config("llama_dense.json")]);
+    assert_eq!(r.code, 1, "{}{}", r.out, r.err);
+    assert!(r.out.is_empty(), "{}", r.out);
+    let err = r.err.to_lowercase();
+    assert!(
+        err.contains("not a mixture-of-experts") || err.contains("not an moe"),
+        "{}",
+        r.err
+    );
+}
+
+#[test]
+fn import_to_a_file() {
+    let f = TempFile::new("import", "moe");
+    let r = moec(&["import", &config("mixtral_8x7b.json"), "-o", &f.path()]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.is_empty(), "-o writes nothing to stdout: {}", r.out);
+    assert!(r.err.contains(&f.path()), "{}", r.err);
+    let written = f.read();
+    let direct = moec(&["import", &config("mixtral_8x7b.json")]);
+    assert_eq!(written, direct.out);
+    let r = moec(&["check", &f.path()]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    // --output is the long form.
+    let g = TempFile::new("import-long", "moe");
+    let r = moec(&[
+        "import",
+        &config("mixtral_8x7b.json"),
+        "--output",
+        &g.path(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(g.read(), written);
+}
+
+#[test]
+fn import_of_bad_input_is_rejected_not_a_panic() {
+    for (tag, json) in [
+        ("not-json", "this is not json"),
+        ("empty-object", "{}"),
+        ("array", "[1, 2, 3]"),
+        (
+            "wrong-types",
+            r#"{"model_type": "mixtral", "num_local_experts": "eight"}"#,
+        ),
+    ] {
+        let f = TempFile::with(tag, "json", json);
+        let r = moec(&["import", &f.path()]);
+        assert_eq!(r.code, 1, "{tag}: {}{}", r.out, r.err);
+        assert!(r.err.contains("error"), "{tag}: {}", r.err);
+    }
+}
+
+#[test]
+fn import_missing_config_is_a_usage_error() {
+    let missing = path_str(&std::env::temp_dir().join("moec-cli-test-no-config.json"));
+    let r = moec(&["import", &missing]);
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("cannot read"), "{}", r.err);
+}
