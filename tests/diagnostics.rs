@@ -193,11 +193,8 @@ fn diagnostics_come_in_source_order() {
     }
 }
 
-/// The checker defines every `let` before it checks the sections, so a
-/// constant used in the layer but defined below it is accepted, although a
-/// `let` that uses a later `let` is E0105 ("move the `let` above its first use").
+/// A constant is defined before its first use, in sections as in other `let`s.
 #[test]
-#[ignore = "front-end bug: a constant used in a section before its `let` is accepted"]
 fn constant_used_in_a_section_before_its_let_is_rejected() {
     let source = "layer t {\n    hidden = 64\n    tokens_per_rank = 32\n    experts {\n        count = n_experts\n        ffn = swiglu\n        intermediate = 128\n    }\n    router {\n        scoring = softmax\n        top_k = 2\n    }\n}\n\nmesh {\n    gpus_per_node = 4\n    device = H100\n    ep = 4\n}\n\nlet n_experts = 8\n";
     let checked = check_source(source);

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_REJECTED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
+/// Most diagnostics printed for one file.
+pub const MAX_SHOWN_DIAGNOSTICS: usize = 100;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -150,14 +152,24 @@ fn io(e: std::io::Error) -> Failure {
 
 impl Ctx<'_> {
     fn report(&mut self, path: &Path, source: &str, checked: &Checked) -> Result<(), Failure> {
-        if !checked.diagnostics.is_empty() {
+        // A file of garbage can have thousands of errors; the first ones say enough.
+        let shown = checked.diagnostics.len().min(MAX_SHOWN_DIAGNOSTICS);
+        if shown > 0 {
             let text = render(
                 &path.display().to_string(),
                 source,
-                &checked.diagnostics,
+                &checked.diagnostics[..shown],
                 self.color,
             );
             self.err.write_all(text.as_bytes()).map_err(io)?;
+        }
+        if checked.diagnostics.len() > shown {
+            writeln!(
+                self.err,
+                "... and {} more diagnostic(s) not shown",
+                checked.diagnostics.len() - shown
+            )
+            .map_err(io)?;
         }
         Ok(())
     }

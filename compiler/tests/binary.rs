@@ -65,7 +65,11 @@ fn broken_files_exit_1_and_never_panic() {
             assert_eq!(code, expected, "{} {}: {err}", cmd[0], f.display());
         }
         let (code, _, err) = moec(&["fmt", path]);
-        assert!(code == 0 || code == 1, "fmt {}: exit {code}: {err}", f.display());
+        assert!(
+            code == 0 || code == 1,
+            "fmt {}: exit {code}: {err}",
+            f.display()
+        );
     }
 }
 
@@ -104,6 +108,9 @@ fn diagnostics_name_file_line_and_column() {
     assert_eq!(code, 1);
     assert!(err.contains("broken.moe:5:32"), "{err}");
     assert!(err.contains("E0301"), "{err}");
-    assert!(!err.contains('\u{1b}'), "no colour with --color never: {err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "no colour with --color never: {err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -151,6 +151,11 @@ struct Checker {
     consts: Constants,
     /// Names of every `let` in the file, to tell "used before defined" from "unknown".
     all_lets: BTreeMap<String, Span>,
+    /// Constants whose definition failed: their uses are not reported again.
+    poisoned: std::collections::BTreeSet<String>,
+    /// Only constants defined before this offset are visible (the start of the
+    /// section being checked): a constant is defined before its first use.
+    scope_end: usize,
 }
 
 /// The entries of one block by name, after duplicates and unknown names were reported.
@@ -184,6 +189,7 @@ impl Checker {
     }
 
     fn file(&mut self, file: &File) -> Option<(Program, Derived)> {
+        self.scope_end = usize::MAX;
         for item in &file.items {
             if let Item::Let(l) = item {
                 self.all_lets
@@ -236,7 +242,10 @@ impl Checker {
         let end = file.items.last().map(|i| i.span().end).unwrap_or(0);
         let file_span = Span::new(0, end.min(1));
         let layer = match layer_section {
-            Some(s) => self.layer(s),
+            Some(s) => {
+                self.scope_end = s.span.start;
+                self.layer(s)
+            }
             None => {
                 self.err(
                     Diagnostic::error("E0103", file_span, "no `layer` section in this file")
@@ -247,7 +256,10 @@ impl Checker {
             }
         };
         let mesh = match mesh_section {
-            Some(s) => self.mesh(s, layer.as_ref().map(|(l, _)| l)),
+            Some(s) => {
+                self.scope_end = s.span.start;
+                self.mesh(s, layer.as_ref().map(|(l, _)| l))
+            }
             None => {
                 self.err(
                     Diagnostic::error("E0103", file_span, "no `mesh` section in this file")
@@ -258,7 +270,10 @@ impl Checker {
             }
         };
         let schedule = match schedule_section {
-            Some(s) => self.schedule(s, layer.as_ref()),
+            Some(s) => {
+                self.scope_end = s.span.start;
+                self.schedule(s, layer.as_ref())
+            }
             None => Some(Schedule::default()),
         };
         let ((layer, spans), mesh, schedule) = (layer?, mesh?, schedule?);
@@ -285,6 +300,7 @@ impl Checker {
                 .label("reserved")
                 .help(format!("choose another name, e.g. `{name}_value`")),
             );
+            self.poisoned.insert(name.clone());
             return;
         }
         if let Some((_, first)) = self.consts.get(name) {
@@ -316,32 +332,52 @@ impl Checker {
                 self.consts.insert(name.clone(), (v, l.name.span));
             }
             None => {
-                // Define it anyway (as 0) so later uses do not report it as unknown.
-                self.consts.insert(name.clone(), (Val::Int(0), l.name.span));
+                // Its error is reported; its uses are not reported again.
+                self.poisoned.insert(name.clone());
             }
         }
     }
 
     fn eval(&mut self, expr: &crate::ast::Expr, unit: Option<&crate::ast::Unit>) -> Option<Val> {
-        match eval_with_unit(expr, unit, &self.consts) {
+        let visible: Constants = self
+            .consts
+            .iter()
+            .filter(|(_, (_, at))| at.start < self.scope_end)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        match eval_with_unit(expr, unit, &visible) {
             Ok(v) => Some(v),
             Err(mut d) => {
                 if d.code == "E0105" {
-                    // Tell "defined later" apart from "not defined at all".
                     let name = d
                         .message
                         .trim_start_matches("unknown constant `")
                         .trim_end_matches('`')
                         .to_string();
-                    if let Some(later) = self.all_lets.get(&name) {
-                        d = Diagnostic::error(
-                            "E0105",
-                            d.span,
-                            format!("constant `{name}` is used before it is defined"),
-                        )
-                        .label("used here")
-                        .secondary(*later, "defined later here")
-                        .help("move the `let` above its first use");
+                    if self.poisoned.contains(&name) {
+                        return None;
+                    }
+                    // Tell "defined later" and "defined in terms of itself" apart
+                    // from "not defined at all".
+                    if let Some(def) = self.all_lets.get(&name) {
+                        d = if def.start < d.span.start && !self.consts.contains_key(&name) {
+                            Diagnostic::error(
+                                "E0105",
+                                d.span,
+                                format!("constant `{name}` is defined in terms of itself"),
+                            )
+                            .label("used in its own definition")
+                            .secondary(*def, "defined here")
+                        } else {
+                            Diagnostic::error(
+                                "E0105",
+                                d.span,
+                                format!("constant `{name}` is used before it is defined"),
+                            )
+                            .label("used here")
+                            .secondary(*def, "defined later here")
+                            .help("move the `let` above its first use")
+                        };
                     }
                 }
                 self.err(d);
@@ -1795,6 +1831,7 @@ impl Checker {
                 continue;
             };
             let mut ranks = Vec::new();
+            let mut seen = std::collections::BTreeSet::new();
             for item in items {
                 let Some(r) = self.int_value(item, "ep rank", 0) else {
                     ok = false;
@@ -1823,7 +1860,7 @@ impl Checker {
                         )
                         .label("a replica must go to another rank"),
                     );
-                } else if ranks.contains(&r) {
+                } else if !seen.insert(r) {
                     ok = false;
                     self.err(
                         Diagnostic::error(

@@ -232,8 +232,8 @@ fn binary(op: BinOp, x: Val, y: Val, span: Span) -> Result<Val, Diagnostic> {
                 if b == 0 {
                     Err(Diagnostic::error("E0204", span, "division by zero")
                         .label("divides by zero"))
-                } else if a % b == 0 {
-                    Ok(Int(a / b))
+                } else if a.checked_rem(b) == Some(0) {
+                    a.checked_div(b).map(Int).ok_or_else(|| overflow(span))
                 } else {
                     // Integer fields then reject the result with a clear message
                     // rather than truncating silently.
@@ -256,6 +256,11 @@ fn binary(op: BinOp, x: Val, y: Val, span: Span) -> Result<Val, Diagnostic> {
         }
         (Quantity(q, d), n @ (Int(_) | Float(_))) if matches!(op, BinOp::Mul | BinOp::Div) => {
             let n = n.as_f64().unwrap_or(0.0);
+            if op == BinOp::Div && n == 0.0 {
+                return Err(
+                    Diagnostic::error("E0204", span, "division by zero").label("divides by zero")
+                );
+            }
             let v = if op == BinOp::Mul { q * n } else { q / n };
             if v.is_finite() {
                 Ok(Quantity(v, d))
@@ -275,6 +280,9 @@ fn binary(op: BinOp, x: Val, y: Val, span: Span) -> Result<Val, Diagnostic> {
             BinOp::Add => Ok(Quantity(a + b, da)),
             BinOp::Sub => Ok(Quantity(a - b, da)),
             BinOp::Div if b != 0.0 => finite(a / b, span),
+            BinOp::Div => {
+                Err(Diagnostic::error("E0204", span, "division by zero").label("divides by zero"))
+            }
             _ => Err(Diagnostic::error(
                 "E0204",
                 span,

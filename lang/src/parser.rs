@@ -73,6 +73,14 @@ pub fn parse(source: &str) -> Parsed {
             None
         }
     };
+    // An early end of file is most often an unclosed bracket: show which.
+    if let Some((open, span)) = innermost_unclosed(&lexed.tokens) {
+        for d in diagnostics.iter_mut().filter(|d| d.code == "E0003") {
+            d.secondary
+                .push((span, format!("this `{open}` is never closed")));
+            d.help = Some(format!("close it with `{}`", closer(open)));
+        }
+    }
     // Recovery can report the same place twice; keep the first of each.
     diagnostics.sort_by_key(|d| (d.span.start, d.span.end));
     diagnostics.dedup_by(|a, b| a.span == b.span && a.code == b.code);
@@ -113,6 +121,31 @@ fn plural(n: usize) -> &'static str {
         ""
     } else {
         "s"
+    }
+}
+
+/// The last opening bracket left unclosed at the end of the file.
+fn innermost_unclosed(tokens: &[(Token, Span)]) -> Option<(char, Span)> {
+    let mut stack: Vec<(char, Span)> = Vec::new();
+    for (token, span) in tokens {
+        match token {
+            Token::LBrace => stack.push(('{', *span)),
+            Token::LBracket => stack.push(('[', *span)),
+            Token::LParen => stack.push(('(', *span)),
+            Token::RBrace | Token::RBracket | Token::RParen => {
+                stack.pop();
+            }
+            _ => {}
+        }
+    }
+    stack.pop()
+}
+
+fn closer(open: char) -> char {
+    match open {
+        '{' => '}',
+        '[' => ']',
+        _ => ')',
     }
 }
 
@@ -168,7 +201,7 @@ fn syntax_error(error: ParseError<usize, Token, ()>, eof: Span) -> Option<Diagno
         ParseError::UnrecognizedEof { expected, .. } => Some(
             Diagnostic::error("E0003", eof, "the file ends too early")
                 .label(format!("expected {}", describe_expected(&expected)))
-                .help("a `{` may be missing its `}`"),
+                .help("a value may be missing at the end of the file"),
         ),
         ParseError::UnrecognizedToken {
             token: (l, token, r),
