@@ -232,8 +232,11 @@ fn binary(op: BinOp, x: Val, y: Val, span: Span) -> Result<Val, Diagnostic> {
                 if b == 0 {
                     Err(Diagnostic::error("E0204", span, "division by zero")
                         .label("divides by zero"))
-                } else if a.checked_rem(b) == Some(0) {
-                    a.checked_div(b).map(Int).ok_or_else(|| overflow(span))
+                } else if a.checked_rem(b).is_none() {
+                    // i64::MIN / -1: the only integer division that overflows.
+                    Err(overflow(span))
+                } else if a % b == 0 {
+                    Ok(Int(a / b))
                 } else {
                     // Integer fields then reject the result with a clear message
                     // rather than truncating silently.
