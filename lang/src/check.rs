@@ -56,7 +56,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// Every keyword that may appear as a value; constants may not shadow them.
-const KEYWORDS: &[&str] = &[
+pub const KEYWORDS: &[&str] = &[
     "f32",
     "bf16",
     "f16",
