@@ -259,15 +259,116 @@ fn help_and_version_exit_0() {
 // ------------------------------------------------------------------ build
 
 #[test]
-fn build_prints_the_validated_layer() {
+fn build_emit_layer_prints_the_validated_layer() {
     let path = example("deepseek_v3.moe");
-    let r = moec(&["build", &path]);
+    let r = moec(&["build", &path, "--emit", "layer"]);
     assert_eq!(r.code, 0, "{}", r.err);
     let source = std::fs::read_to_string(&path).unwrap();
     let (program, derived) = moec_lang::check_source(&source).program.unwrap();
     assert_eq!(r.out, format!("{program}{derived}"));
     assert!(r.out.contains("deepseek_v3"), "{}", r.out);
     assert!(r.err.is_empty(), "{}", r.err);
+}
+
+#[test]
+fn build_prints_the_plan() {
+    let path = example("deepseek_v3.moe");
+    let r = moec(&["build", &path]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let source = std::fs::read_to_string(&path).unwrap();
+    let (program, _) = moec_lang::check_source(&source).program.unwrap();
+    let compiled = moec::compile::compile(&program, &Default::default()).unwrap();
+    assert_eq!(r.out, compiled.plan.to_string());
+    assert!(r.out.contains("deepseek_v3"), "{}", r.out);
+    assert!(r.err.is_empty(), "{}", r.err);
+}
+
+#[test]
+fn build_emits_json_that_loads() {
+    let r = moec(&["build", &example("mixtral_8x7b.moe"), "--emit", "json"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let plan = moec_runtime::Plan::from_json(&r.out).unwrap();
+    assert_eq!(plan.layer.name, "mixtral_8x7b");
+}
+
+#[test]
+fn build_emits_a_trace_and_a_gantt_chart() {
+    let r = moec(&["build", &example("deepseek_v3.moe"), "--emit", "trace"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let trace: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e["ph"] == "X" && e["cat"] == "dispatch"));
+    let dir = std::env::temp_dir().join(format!("moec-cli-svg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("plan.svg");
+    let r = moec(&[
+        "build",
+        &example("deepseek_v3.moe"),
+        "--emit",
+        "svg",
+        "-o",
+        &path_str(&out),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.is_empty(), "{}", r.out);
+    let svg = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        svg.starts_with("<svg") || svg.starts_with("<?xml"),
+        "{}",
+        &svg[..100]
+    );
+    assert!(svg.contains("no-overlap baseline"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn explain_says_which_rules_fired_and_compares_with_the_baseline() {
+    let r = moec(&["explain", &example("deepseek_v3.moe")]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    for needle in [
+        "hierarchical_a2a",
+        "fp8_dispatch",
+        "baseline",
+        "<- chosen",
+        "e-graph of",
+        "exposed",
+    ] {
+        assert!(r.out.contains(needle), "missing {needle}:\n{}", r.out);
+    }
+}
+
+#[test]
+fn simulate_json_has_total_and_phases() {
+    let r = moec(&[
+        "simulate",
+        &example("qwen3_30b_a3b.moe"),
+        "--json",
+        "--tokens",
+        "1024",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+    assert!(v["total_us"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["tokens_per_rank"], 1024);
+    assert!(v["baseline_total_us"].as_f64().unwrap() >= v["total_us"].as_f64().unwrap());
+    let phases = v["phases"].as_array().unwrap();
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    for name in ["router", "dispatch", "experts", "combine"] {
+        assert!(names.contains(&name), "{names:?}");
+    }
+    for p in phases {
+        assert!(p["time_us"].as_f64().unwrap() >= p["exposed_us"].as_f64().unwrap() - 1e-6);
+        assert!(p["bytes"].as_u64().is_some());
+    }
+}
+
+#[test]
+fn simulate_rejects_zero_tokens() {
+    let r = moec(&["simulate", &example("tiny.moe"), "--tokens", "0"]);
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("--tokens"), "{}", r.err);
 }
 
 #[test]

@@ -4,6 +4,8 @@
 //! Exit codes: 0 success, 1 the input was rejected (errors in a `.moe` file or a
 //! config), 2 usage errors (bad flags, unreadable files). A panic is a bug.
 
+use crate::compile::{compile, Compiled, Options};
+use crate::timeline::{svg::gantt_svg, trace::chrome_trace};
 use clap::{Parser, Subcommand, ValueEnum};
 use moec_lang::{render, Checked};
 use std::io::Write;
@@ -62,8 +64,41 @@ enum Command {
         #[command(flatten)]
         mesh: ImportMesh,
     },
-    /// Compile a .moe file (for now: check it and print the validated layer and its sizes).
-    Build { file: PathBuf },
+    /// Compile a .moe file into an execution plan.
+    Build {
+        file: PathBuf,
+        /// Write the output here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// What to write: the plan as text or JSON, a Chrome/Perfetto trace of the
+        /// simulated timeline, a Gantt chart (SVG) of the streams against the
+        /// no-overlap baseline, or the validated layer with its derived sizes.
+        #[arg(long, value_enum, default_value_t = Emit::Text)]
+        emit: Emit,
+    },
+    /// Say why the plan is what it is: the rewrites that fired, the e-graph, and
+    /// the chosen plan's cost against the no-overlap baseline, phase by phase.
+    Explain { file: PathBuf },
+    /// Predict the layer's time with the cost model and the timeline simulator.
+    Simulate {
+        file: PathBuf,
+        /// Tokens per rank instead of the file's `tokens_per_rank`.
+        #[arg(long)]
+        tokens: Option<u64>,
+        /// Print JSON: `total_us`, `baseline_total_us` and `phases` with
+        /// `name`, `time_us`, `bytes` and `exposed_us`.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Emit {
+    Text,
+    Json,
+    Trace,
+    Svg,
+    Layer,
 }
 
 #[derive(clap::Args, Debug)]
@@ -121,7 +156,9 @@ where
             output,
             mesh,
         } => ctx.import(&config, output.as_deref(), &mesh),
-        Command::Build { file } => ctx.build(&file),
+        Command::Build { file, output, emit } => ctx.build(&file, output.as_deref(), emit),
+        Command::Explain { file } => ctx.explain(&file),
+        Command::Simulate { file, tokens, json } => ctx.simulate(&file, tokens, json),
     };
     match result {
         Ok(code) => code,
@@ -292,20 +329,128 @@ impl Ctx<'_> {
         Ok(EXIT_OK)
     }
 
-    fn build(&mut self, path: &Path) -> Result<i32, Failure> {
+    /// Checks a file and compiles it; diagnostics go to stderr.
+    fn compile(&mut self, path: &Path, options: &Options) -> Result<Option<Compiled>, Failure> {
         let source = read(path)?;
         let checked = moec_lang::check_source(&source);
         self.report(path, &source, &checked)?;
         match &checked.program {
-            Some((program, derived)) => {
-                write!(self.out, "{program}{derived}").map_err(io)?;
-                Ok(EXIT_OK)
-            }
+            Some((program, _)) => compile(program, options)
+                .map(Some)
+                .map_err(|e| Failure(EXIT_REJECTED, format!("{}: {e}", path.display()))),
             None => {
                 let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
                 writeln!(self.err, "{}: {errors} error(s)", path.display()).map_err(io)?;
-                Ok(EXIT_REJECTED)
+                Ok(None)
             }
         }
+    }
+
+    fn build(&mut self, path: &Path, output: Option<&Path>, emit: Emit) -> Result<i32, Failure> {
+        if emit == Emit::Layer {
+            let source = read(path)?;
+            let checked = moec_lang::check_source(&source);
+            self.report(path, &source, &checked)?;
+            let Some((program, derived)) = &checked.program else {
+                let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
+                writeln!(self.err, "{}: {errors} error(s)", path.display()).map_err(io)?;
+                return Ok(EXIT_REJECTED);
+            };
+            let text = format!("{program}{derived}");
+            return self.emit(output, &text);
+        }
+        let Some(c) = self.compile(path, &Options::default())? else {
+            return Ok(EXIT_REJECTED);
+        };
+        let text = match emit {
+            Emit::Text => c.plan.to_string(),
+            Emit::Json => format!("{}\n", c.plan.to_json()),
+            Emit::Trace => format!("{}\n", chrome_trace(&c.plan, &c.timeline)),
+            Emit::Layer => String::new(),
+            Emit::Svg => {
+                let title = format!(
+                    "{}: {} on {} ranks",
+                    c.plan.layer.name,
+                    path.display(),
+                    c.plan.mesh.world_size()
+                );
+                gantt_svg(
+                    &title,
+                    &[
+                        ("chosen plan", &c.plan, &c.timeline),
+                        ("no-overlap baseline", &c.baseline, &c.baseline_timeline),
+                    ],
+                )
+            }
+        };
+        self.emit(output, &text)
+    }
+
+    fn emit(&mut self, output: Option<&Path>, text: &str) -> Result<i32, Failure> {
+        match output {
+            Some(out) => std::fs::write(out, text).map_err(|e| {
+                Failure(EXIT_USAGE, format!("cannot write `{}`: {e}", out.display()))
+            })?,
+            None => self.out.write_all(text.as_bytes()).map_err(io)?,
+        }
+        Ok(EXIT_OK)
+    }
+
+    fn explain(&mut self, path: &Path) -> Result<i32, Failure> {
+        let Some(c) = self.compile(path, &Options::default())? else {
+            return Ok(EXIT_REJECTED);
+        };
+        self.out
+            .write_all(crate::explain::explain(&c).as_bytes())
+            .map_err(io)?;
+        Ok(EXIT_OK)
+    }
+
+    fn simulate(&mut self, path: &Path, tokens: Option<u64>, json: bool) -> Result<i32, Failure> {
+        if tokens == Some(0) {
+            return Err(Failure(EXIT_USAGE, "--tokens must be at least 1".into()));
+        }
+        let Some(c) = self.compile(path, &Options { tokens })? else {
+            return Ok(EXIT_REJECTED);
+        };
+        if json {
+            let mut value = c.timeline.to_json();
+            if let Some(obj) = value.as_object_mut() {
+                obj.insert("layer".into(), c.plan.layer.name.clone().into());
+                obj.insert(
+                    "tokens_per_rank".into(),
+                    c.plan.layer.tokens_per_rank.into(),
+                );
+                obj.insert("ranks".into(), c.plan.mesh.world_size().into());
+                obj.insert("chunks".into(), c.plan.choices.chunks.into());
+                let base = c.baseline_timeline.to_json();
+                obj.insert(
+                    "baseline_total_us".into(),
+                    base.get("total_us").cloned().unwrap_or_default(),
+                );
+                obj.insert(
+                    "baseline_phases".into(),
+                    base.get("phases").cloned().unwrap_or_default(),
+                );
+            }
+            let text = serde_json::to_string_pretty(&value)
+                .map_err(|e| Failure(EXIT_USAGE, format!("cannot print JSON: {e}")))?;
+            writeln!(self.out, "{text}").map_err(io)?;
+        } else {
+            let p = &c.plan;
+            writeln!(
+                self.out,
+                "{}: {} tokens per rank on {} ranks; predicted {:.1} us ({:.1} us without overlap, {:.2}x)\n",
+                p.layer.name,
+                p.layer.tokens_per_rank,
+                p.mesh.world_size(),
+                c.timeline.total_us,
+                c.baseline_timeline.total_us,
+                c.baseline_timeline.total_us / c.timeline.total_us.max(1e-9),
+            )
+            .map_err(io)?;
+            write!(self.out, "{}", c.timeline.phase_table()).map_err(io)?;
+        }
+        Ok(EXIT_OK)
     }
 }

@@ -1,7 +1,16 @@
 //! The moec compiler and its command line.
 //!
-//! Today: the command line over the `.moe` front end (`check`, `fmt`, `import`,
-//! `build` printing the validated layer). The dataflow IR, rewrites, cost model
-//! and plan emission land here next (see ARCHITECTURE.md).
+//! A checked `.moe` program is lowered into a per-rank dataflow IR ([`ir`]),
+//! rewritten with egg ([`rules`]), extracted by an overlap-aware cost model
+//! ([`cost`]), scheduled onto streams with events and a buffer plan
+//! ([`schedule`]) and emitted as a runtime [`moec_runtime::Plan`]. The
+//! [`timeline`] simulator replays a plan to predict its time.
 
 pub mod cli;
+pub mod compile;
+pub mod cost;
+pub mod explain;
+pub mod ir;
+pub mod rules;
+pub mod schedule;
+pub mod timeline;

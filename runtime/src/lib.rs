@@ -1,5 +1,10 @@
 //! The moec runtime: executes compiled plans.
 //!
 //! This crate never depends on the compiler, so an application can ship the
-//! runtime and a plan file without it. The Plan type, the CPU executor and the
-//! CUDA backend land here (see ARCHITECTURE.md for the roadmap).
+//! runtime and a plan file without it. Today it holds the [`plan::Plan`] type:
+//! its JSON and text forms and the checks a plan passes when it is loaded. The
+//! CPU executor and the CUDA backend land here next (see ARCHITECTURE.md).
+
+pub mod plan;
+
+pub use plan::{Plan, PlanError, PLAN_FORMAT_VERSION};

@@ -1,0 +1,317 @@
+//! The compiler driver: lower, rewrite, extract, schedule, choose.
+//!
+//! egg's extractor picks, bottom-up, the cheapest form of every e-class by
+//! [`OverlapCost`] (fusions, topology, fp8). The overlap decisions at the top
+//! (how many chunks, whether the shared experts run beside the dispatch) are
+//! then compared exactly: every such candidate is scheduled into a plan and
+//! replayed by the timeline simulator, which knows the streams' concurrency,
+//! and the fastest wins. The candidate with one chunk and the shared experts
+//! in line is the no-overlap baseline kept for reporting, so the chosen plan
+//! never predicts worse than the baseline.
+
+use crate::cost::OverlapCost;
+use crate::ir::{lower, Meta, MetaAnalysis, Model, MoeIr};
+use crate::rules::{family_of, rules};
+use crate::schedule::schedule;
+use crate::timeline::{simulate, Timeline};
+use egg::{EGraph, Extractor, Id, Language, RecExpr, Runner, SimpleScheduler, StopReason};
+use moec_lang::spec::{Overlap, Program};
+use moec_runtime::plan::Plan;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Bounds of the e-graph. The IR is per rank, so these do not grow with the
+/// mesh; they guard against a rule set that would not saturate.
+pub const NODE_LIMIT: usize = 20_000;
+pub const ITERATION_LIMIT: usize = 32;
+/// A safety net only: hitting it would make the result depend on the
+/// machine's speed, so it is reported as an error rather than used.
+pub const TIME_LIMIT: Duration = Duration::from_secs(10);
+/// Chunks smaller than this are not considered by `overlap = auto`.
+pub const MIN_CHUNK_TOKENS: u64 = 64;
+/// Overlap degrees `overlap = auto` considers.
+pub const AUTO_DEGREES: &[u64] = &[2, 3, 4, 6, 8, 12, 16];
+
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Tokens per rank instead of the file's `tokens_per_rank`.
+    pub tokens: Option<u64>,
+}
+
+/// One overlap candidate and its simulated time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub chunks: u64,
+    pub shared_concurrent: bool,
+    pub total_us: f64,
+}
+
+/// What the rewrites did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    /// Nodes of the lowered expression.
+    pub initial_nodes: usize,
+    pub egraph_nodes: usize,
+    pub egraph_classes: usize,
+    pub iterations: usize,
+    pub stop_reason: String,
+    /// Rewrites applied, per rule family, in the order of [`crate::rules::FAMILIES`].
+    pub fired: Vec<(String, usize)>,
+    /// Families the schedule section denied.
+    pub denied: Vec<String>,
+    pub candidates: Vec<Candidate>,
+    /// The extracted expression of the chosen plan, as an s-expression.
+    pub chosen_expr: String,
+}
+
+pub struct Compiled {
+    pub plan: Plan,
+    pub timeline: Timeline,
+    pub baseline: Plan,
+    pub baseline_timeline: Timeline,
+    pub report: Report,
+}
+
+/// Compiles a checked program.
+pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String> {
+    let mut model = Model::new(program)?;
+    if let Some(t) = options.tokens {
+        if t == 0 {
+            return Err("--tokens must be at least 1".into());
+        }
+        model = model.with_tokens(t);
+    }
+    let has_comm = model.group_ranks > 1;
+    let degrees: Vec<u64> = match program.schedule.overlap {
+        Overlap::Auto if has_comm => AUTO_DEGREES
+            .iter()
+            .copied()
+            .filter(|&d| model.tokens / d >= MIN_CHUNK_TOKENS)
+            .collect(),
+        Overlap::Auto => Vec::new(),
+        Overlap::Degree(d) => {
+            if d > model.tokens {
+                return Err(format!(
+                    "overlap degree {d} is more than the {} tokens per rank",
+                    model.tokens
+                ));
+            }
+            if d > 1 {
+                vec![d]
+            } else {
+                Vec::new()
+            }
+        }
+    };
+    let allowed: Vec<&str> = program.schedule.rules.clone();
+    let rule_set = rules(&model, &allowed, &degrees)?;
+    let expr = lower(&model);
+    let initial_nodes = expr.as_ref().len();
+    let runner: Runner<MoeIr, MetaAnalysis> = Runner::new(MetaAnalysis {
+        model: model.clone(),
+    })
+    .with_expr(&expr)
+    .with_node_limit(NODE_LIMIT)
+    .with_iter_limit(ITERATION_LIMIT)
+    .with_time_limit(TIME_LIMIT)
+    .with_scheduler(SimpleScheduler)
+    .run(&rule_set);
+    let stop_reason = match &runner.stop_reason {
+        Some(StopReason::Saturated) => "saturated".to_string(),
+        Some(StopReason::TimeLimit(s)) => {
+            return Err(format!(
+                "internal: the rewrites did not finish within {s} s; please report this file"
+            ))
+        }
+        Some(StopReason::NodeLimit(n)) => format!("node limit {n}"),
+        Some(StopReason::IterationLimit(n)) => format!("iteration limit {n}"),
+        Some(StopReason::Other(s)) => s.clone(),
+        None => "not run".into(),
+    };
+    let mut fired: BTreeMap<&str, usize> = BTreeMap::new();
+    for it in &runner.iterations {
+        for (name, n) in &it.applied {
+            *fired.entry(family_of(name.as_str())).or_default() += n;
+        }
+    }
+    let fired: Vec<(String, usize)> = crate::rules::FAMILIES
+        .iter()
+        .filter_map(|f| fired.get(f).map(|n| (f.to_string(), *n)))
+        .collect();
+    let denied = crate::rules::FAMILIES
+        .iter()
+        .filter(|f| !allowed.contains(f))
+        .map(|f| f.to_string())
+        .collect();
+    let egraph = &runner.egraph;
+    let root = runner
+        .roots
+        .first()
+        .copied()
+        .ok_or("internal: the e-graph has no root")?;
+    let root = egraph.find(root);
+    let extractor = Extractor::new(egraph, OverlapCost { egraph });
+
+    // The top-level alternatives: how the shared branch joins, how many chunks.
+    let joins: Vec<Option<MoeIr>> = {
+        let adds: Vec<MoeIr> = egraph[root]
+            .nodes
+            .iter()
+            .filter(|n| matches!(n, MoeIr::Add(_) | MoeIr::AddPar(_)))
+            .cloned()
+            .collect();
+        if adds.is_empty() {
+            vec![None]
+        } else {
+            adds.into_iter().map(Some).collect()
+        }
+    };
+    let routed_class = match &joins[0] {
+        Some(MoeIr::Add([r, _]) | MoeIr::AddPar([r, _])) => egraph.find(*r),
+        _ => root,
+    };
+    let pipelines: Vec<MoeIr> = egraph[routed_class]
+        .nodes
+        .iter()
+        .filter(|n| matches!(n, MoeIr::Pipeline(_)))
+        .cloned()
+        .collect();
+    let chunks_of = |n: &MoeIr| match n {
+        MoeIr::Pipeline([d, ..]) => egraph[*d].data.num.unwrap_or(1),
+        _ => 1,
+    };
+    let forced = match program.schedule.overlap {
+        Overlap::Degree(d) => Some(d),
+        Overlap::Auto => None,
+    };
+
+    let mut best: Option<(f64, u64, bool, Plan, Timeline, String)> = None;
+    let mut baseline: Option<(Plan, Timeline)> = None;
+    let mut candidates = Vec::new();
+    for join in &joins {
+        for pipeline in &pipelines {
+            let chunks = chunks_of(pipeline);
+            let concurrent = matches!(join, Some(MoeIr::AddPar(_)));
+            let is_baseline = chunks == 1 && !concurrent;
+            let eligible = forced.is_none_or(|d| d == chunks);
+            if !eligible && !is_baseline {
+                continue;
+            }
+            let mut overrides = BTreeMap::new();
+            if let Some(j) = join {
+                overrides.insert(root, j.clone());
+            }
+            overrides.insert(routed_class, pipeline.clone());
+            let chosen = build_expr(egraph, &extractor, root, &overrides)?;
+            let plan = schedule(&model, &chosen)?;
+            plan.validate()
+                .map_err(|e| format!("internal: the scheduler made an invalid plan: {e}"))?;
+            let timeline = simulate(&plan)?;
+            let total = timeline.total_us;
+            candidates.push(Candidate {
+                chunks,
+                shared_concurrent: concurrent,
+                total_us: total,
+            });
+            if is_baseline {
+                baseline = Some((plan.clone(), timeline.clone()));
+            }
+            if !eligible {
+                continue;
+            }
+            let better = match &best {
+                None => true,
+                Some((t, c, p, ..)) => {
+                    // Strictly faster by more than rounding, or as fast and simpler.
+                    total < t - 1e-6
+                        || ((total - t).abs() <= 1e-6 && (chunks, concurrent) < (*c, *p))
+                }
+            };
+            if better {
+                best = Some((
+                    total,
+                    chunks,
+                    concurrent,
+                    plan,
+                    timeline,
+                    chosen.to_string(),
+                ));
+            }
+        }
+    }
+    let (baseline, baseline_timeline) =
+        baseline.ok_or("internal: no baseline candidate was extracted")?;
+    let (_, _, _, plan, timeline, chosen_expr) =
+        best.ok_or("internal: no candidate plan was extracted")?;
+    candidates.sort_by_key(|c| (c.chunks, c.shared_concurrent));
+    Ok(Compiled {
+        plan,
+        timeline,
+        baseline,
+        baseline_timeline,
+        report: Report {
+            initial_nodes,
+            egraph_nodes: egraph.total_number_of_nodes(),
+            egraph_classes: egraph.number_of_classes(),
+            iterations: runner.iterations.len(),
+            stop_reason,
+            fired,
+            denied,
+            candidates,
+            chosen_expr,
+        },
+    })
+}
+
+/// The expression rooted at `root`, taking the extractor's best node in every
+/// class except those in `overrides`.
+fn build_expr(
+    egraph: &EGraph<MoeIr, MetaAnalysis>,
+    extractor: &Extractor<OverlapCost, MoeIr, MetaAnalysis>,
+    root: Id,
+    overrides: &BTreeMap<Id, MoeIr>,
+) -> Result<RecExpr<MoeIr>, String> {
+    let mut expr = RecExpr::default();
+    let mut done: BTreeMap<Id, Id> = BTreeMap::new();
+    // Iterative post-order walk (the IR is shallow, but never trust recursion depth).
+    let mut stack: Vec<(Id, bool)> = vec![(egraph.find(root), false)];
+    while let Some((class, expanded)) = stack.pop() {
+        if done.contains_key(&class) {
+            continue;
+        }
+        let node = overrides
+            .get(&class)
+            .cloned()
+            .unwrap_or_else(|| extractor.find_best_node(class).clone());
+        if expanded {
+            let mapped = node.map_children(|c| done.get(&egraph.find(c)).copied().unwrap_or(c));
+            let id = expr.add(mapped);
+            done.insert(class, id);
+        } else {
+            stack.push((class, true));
+            for c in node.children().iter().rev() {
+                let c = egraph.find(*c);
+                if !done.contains_key(&c) {
+                    stack.push((c, false));
+                }
+            }
+        }
+    }
+    if expr.as_ref().is_empty() {
+        return Err("internal: empty extraction".into());
+    }
+    Ok(expr)
+}
+
+/// The analysis data of every node of an expression (for reports and tests).
+pub fn metas(model: &Model, expr: &RecExpr<MoeIr>) -> Vec<Meta> {
+    let mut egraph: EGraph<MoeIr, MetaAnalysis> = EGraph::new(MetaAnalysis {
+        model: model.clone(),
+    });
+    let mut ids: Vec<Id> = Vec::new();
+    for node in expr.as_ref() {
+        let mapped = node.clone().map_children(|c| ids[usize::from(c)]);
+        ids.push(egraph.add(mapped));
+    }
+    ids.iter().map(|id| egraph[*id].data.clone()).collect()
+}

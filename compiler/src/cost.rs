@@ -1,0 +1,519 @@
+//! The cost model: an alpha-beta model per link class for collectives and a
+//! roofline for kernels, both parameterised only by the mesh description
+//! (device peak FLOP/s and memory bandwidth, link bandwidths and latencies).
+//!
+//! - Kernel: `max(flops / peak_flops, bytes / memory_bandwidth) + launch`.
+//! - Collective over a link class: `latency + bytes_sent / bandwidth`; the
+//!   intra- and inter-node legs of a flat all-to-all run at once, so it costs
+//!   the slower leg. Messages to all peers are posted together, so the latency
+//!   is paid once per collective, not once per peer.
+//! - Routing volume under uniform routing: a rank sends `T · k` rows (times
+//!   `etp` shards); the share `1/G` for its own rank stays home (G = ranks of
+//!   the EP group), `(g-1)/G` crosses the node's links (g = the group's ranks
+//!   per node) and the rest crosses nodes. The hierarchical all-to-all sends a
+//!   token once per destination node ([`expected_remote_nodes`]).
+//!
+//! The same numbers serve egg's extraction ([`OverlapCost`]) and the estimates
+//! the scheduler writes into each op of the plan, which the timeline simulator
+//! replays with the streams' real concurrency.
+
+use crate::ir::{value_bytes, Meta, MetaAnalysis, Model, MoeIr};
+use egg::{CostFunction, EGraph, Id, Language};
+use moec_runtime::plan::{CapacityConfig, DType, DropPolicy};
+
+/// Fixed cost of launching one kernel, in microseconds. A modelling constant
+/// (typical CUDA launch latency), not fitted to any benchmark; it is what makes
+/// fusing a chain of small kernels and cutting tokens into many chunks cost
+/// something.
+pub const KERNEL_LAUNCH_US: f64 = 2.0;
+
+/// Which per-rank resource an op occupies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resource {
+    /// Free (views, leaves).
+    None,
+    /// The SMs: kernels and GEMMs.
+    Compute,
+    /// The links: collectives.
+    Network,
+}
+
+/// The estimated cost of one IR node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeCost {
+    /// Time on the compute resource, us.
+    pub compute_us: f64,
+    /// Time on the network resource, us.
+    pub network_us: f64,
+    pub flops: f64,
+    /// Memory traffic of its kernels, bytes.
+    pub memory_bytes: f64,
+    /// Bytes one rank sends over the links.
+    pub wire_bytes: f64,
+}
+
+impl NodeCost {
+    pub fn time_us(&self) -> f64 {
+        self.compute_us + self.network_us
+    }
+}
+
+/// Roofline time of one kernel, us, launch included.
+pub fn kernel_us(model: &Model, flops: f64, bytes: f64) -> f64 {
+    let d = &model.mesh.device;
+    let t = (flops / d.peak_flops).max(bytes / d.memory_bandwidth);
+    t * 1e6 + KERNEL_LAUNCH_US
+}
+
+/// Time of one GEMM `[m, k] · [n, k]ᵀ` repeated `groups` times with `m` total
+/// rows, storage `dtype`, output `out_dtype`.
+pub fn gemm(model: &Model, m: f64, n: u64, k: u64, groups: u64, out_dtype: DType) -> NodeCost {
+    let db = model.dtype.bytes() as f64;
+    let flops = 2.0 * m * n as f64 * k as f64;
+    let bytes = m * k as f64 * db
+        + groups as f64 * n as f64 * k as f64 * db
+        + m * n as f64 * out_dtype.bytes() as f64;
+    NodeCost {
+        compute_us: kernel_us(model, flops, bytes),
+        flops,
+        memory_bytes: bytes,
+        ..NodeCost::default()
+    }
+}
+
+/// A memory-bound kernel moving `bytes`.
+pub fn memory_kernel(model: &Model, bytes: f64) -> NodeCost {
+    NodeCost {
+        compute_us: kernel_us(model, 0.0, bytes),
+        memory_bytes: bytes,
+        ..NodeCost::default()
+    }
+}
+
+/// One leg of a collective: `latency + bytes / bandwidth`, us.
+fn leg_us(bytes: f64, latency: f64, bandwidth: f64) -> f64 {
+    if bytes <= 0.0 {
+        return 0.0;
+    }
+    (latency + bytes / bandwidth) * 1e6
+}
+
+/// Bytes of one row of `cols` elements of `dtype` (fp8 with its block scales).
+pub fn row_bytes(cols: u64, dtype: DType) -> f64 {
+    value_bytes(1, cols, dtype) as f64
+}
+
+/// Shares of a rank's rows that stay on the rank, cross the node's links, and
+/// cross nodes, under uniform routing.
+pub fn destination_shares(model: &Model) -> (f64, f64, f64) {
+    let g = model.group_ranks as f64;
+    let per_node = model.group_ranks_per_node as f64;
+    let local = 1.0 / g;
+    let intra = (per_node - 1.0) / g;
+    let inter = (g - per_node) / g;
+    (local, intra, inter)
+}
+
+/// A flat all-to-all of `rows` rows of `row_bytes` bytes each: intra- and
+/// inter-node legs at once.
+pub fn flat_all_to_all(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
+    let (_, intra, inter) = destination_shares(model);
+    let intra_bytes = rows * intra * row_bytes;
+    let inter_bytes = rows * inter * row_bytes;
+    let intra_link = model.mesh.intra_node;
+    let intra_us = leg_us(intra_bytes, intra_link.latency, intra_link.bandwidth);
+    let inter_us = match model.mesh.inter_node {
+        Some(l) => leg_us(inter_bytes, l.latency, l.bandwidth),
+        // One node: everything goes over the node's links.
+        None => leg_us(inter_bytes, intra_link.latency, intra_link.bandwidth),
+    };
+    NodeCost {
+        network_us: intra_us.max(inter_us),
+        wire_bytes: intra_bytes + inter_bytes,
+        ..NodeCost::default()
+    }
+}
+
+/// `C(n - m, k) / C(n, k)`: the chance that `k` distinct picks out of `n`
+/// items all miss a given set of `m` items.
+fn miss_probability(n: f64, m: f64, k: u64) -> f64 {
+    let mut p = 1.0;
+    for i in 0..k {
+        let i = i as f64;
+        if n - i <= 0.0 {
+            return 0.0;
+        }
+        p *= ((n - m - i) / (n - i)).max(0.0);
+    }
+    p
+}
+
+/// Expected number of nodes other than its own that a token's `k` experts live
+/// on, with experts spread evenly over the EP group's nodes. Group-limited
+/// routing confines the picks to the kept groups, which is what makes
+/// DeepSeek-V3's hierarchical dispatch pay.
+pub fn expected_remote_nodes(model: &Model) -> f64 {
+    let nodes = model.group_nodes as f64;
+    if nodes <= 1.0 {
+        return 0.0;
+    }
+    let e = model.experts as f64;
+    let k = model.top_k;
+    let distinct = match model.layer.router.groups {
+        Some(g) if g.count >= model.group_nodes && g.count % model.group_nodes == 0 => {
+            // Kept groups land on nodes (each node holds count/nodes whole groups) ...
+            let groups = g.count as f64;
+            let nodes_of_groups = nodes * (1.0 - miss_probability(groups, groups / nodes, g.kept));
+            // ... and the k picks spread over those nodes.
+            nodes_of_groups * (1.0 - (1.0 - 1.0 / nodes_of_groups.max(1.0)).powi(k as i32))
+        }
+        _ => nodes * (1.0 - miss_probability(e, e / nodes, k)),
+    };
+    distinct * (nodes - 1.0) / nodes
+}
+
+/// The cost of one IR node, from the metas of its children.
+pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> NodeCost {
+    let h = model.hidden;
+    let e = model.experts as f64;
+    let k = model.top_k as f64;
+    let db = model.dtype.bytes() as f64;
+    let route_bytes = |rows: f64| rows * k * 8.0;
+    match node {
+        MoeIr::Input | MoeIr::Num(_) | MoeIr::Split(_) | MoeIr::Pipeline(_) => NodeCost::default(),
+        MoeIr::Logits(x) => gemm(
+            model,
+            meta(*x).rows_expected,
+            model.experts,
+            h,
+            1,
+            DType::F32,
+        ),
+        MoeIr::Scores(a) | MoeIr::Bias(a) | MoeIr::Groups(a) => {
+            let rows = meta(*a).rows_expected;
+            memory_kernel(model, 2.0 * rows * e * 4.0)
+        }
+        MoeIr::Topk(a) => {
+            let rows = meta(*a).rows_expected;
+            memory_kernel(model, rows * e * 4.0 + route_bytes(rows))
+        }
+        MoeIr::Normalize(a) | MoeIr::Scale(a) => {
+            let rows = meta(*a).rows_expected;
+            memory_kernel(model, 2.0 * route_bytes(rows))
+        }
+        MoeIr::Router(a) => {
+            let rows = meta(*a).rows_expected;
+            memory_kernel(model, rows * e * 4.0 + e * 4.0 + route_bytes(rows))
+        }
+        MoeIr::Assign(r) => assign_cost(model, meta(*r).rows_expected),
+        MoeIr::Permute([x, _]) | MoeIr::PermutePack([x, _]) => {
+            let rows = meta(*x).rows_expected * model.rows_per_token() as f64;
+            memory_kernel(model, 2.0 * rows * h as f64 * db)
+        }
+        MoeIr::Pack(p) => {
+            let v = meta(*p);
+            memory_kernel(model, 2.0 * v.rows_expected * row_bytes(v.cols, v.dtype))
+        }
+        MoeIr::Quant(p) => {
+            let v = meta(*p);
+            let rows = v.rows_expected;
+            memory_kernel(
+                model,
+                rows * row_bytes(v.cols, v.dtype) + rows * row_bytes(v.cols, DType::Fp8E4m3),
+            )
+        }
+        MoeIr::Dequant(r) => {
+            let v = meta(*r);
+            let rows = v.rows_expected;
+            memory_kernel(
+                model,
+                rows * row_bytes(v.cols, v.dtype) + rows * row_bytes(v.cols, model.dtype),
+            )
+        }
+        MoeIr::Dispatch(p) => {
+            let v = meta(*p);
+            flat_all_to_all(model, v.rows_expected, row_bytes(v.cols, v.dtype))
+        }
+        MoeIr::DispatchInter(p) => {
+            let v = meta(*p);
+            let tokens = v.rows_expected / model.rows_per_token().max(1) as f64;
+            inter_leg(
+                model,
+                tokens * expected_remote_nodes(model),
+                row_bytes(v.cols, v.dtype),
+            )
+        }
+        MoeIr::DispatchIntra(s) => {
+            let v = meta(*s);
+            intra_leg(model, v.rows_expected, row_bytes(v.cols, v.dtype))
+        }
+        MoeIr::Combine([y, a]) => {
+            let rows = meta(*a).rows_expected * model.rows_per_token() as f64;
+            let v = meta(*y);
+            flat_all_to_all(model, rows, row_bytes(v.cols, v.dtype))
+        }
+        MoeIr::CombineIntra([y, a]) => {
+            let rows = meta(*a).rows_expected * model.rows_per_token() as f64;
+            let v = meta(*y);
+            intra_leg(model, rows, row_bytes(v.cols, v.dtype))
+        }
+        MoeIr::CombineInter([_, a]) => {
+            // Rows of one token from one node were summed inside that node.
+            let tokens = meta(*a).rows_expected;
+            inter_leg(
+                model,
+                tokens * expected_remote_nodes(model),
+                row_bytes(h, model.dtype),
+            )
+        }
+        MoeIr::Up(r) | MoeIr::UpAct(r) => {
+            let v = meta(*r);
+            let n = if model.gated {
+                2 * model.ffn_local
+            } else {
+                model.ffn_local
+            };
+            let mut c = gemm(
+                model,
+                v.rows_expected,
+                n,
+                h,
+                model.local_experts,
+                model.dtype,
+            );
+            if matches!(node, MoeIr::UpAct(_)) {
+                // The epilogue writes the activated half-width result instead.
+                let saved = v.rows_expected * (n - model.ffn_local) as f64 * db;
+                c.memory_bytes -= saved;
+                c = recost(model, c);
+            }
+            c
+        }
+        MoeIr::Act(u) => {
+            let v = meta(*u);
+            memory_kernel(
+                model,
+                v.rows_expected * (v.cols as f64 + model.ffn_local as f64) * db,
+            )
+        }
+        MoeIr::Down(a) => {
+            let v = meta(*a);
+            gemm(
+                model,
+                v.rows_expected,
+                h,
+                model.ffn_local,
+                model.local_experts,
+                model.dtype,
+            )
+        }
+        MoeIr::Unpermute([c, _]) => {
+            let v = meta(*c);
+            memory_kernel(model, 2.0 * v.rows_expected * h as f64 * db)
+        }
+        MoeIr::Wsum([u, a]) => {
+            let v = meta(*u);
+            let tokens = meta(*a).rows_expected;
+            memory_kernel(
+                model,
+                v.rows_expected * h as f64 * db + route_bytes(tokens) + tokens * h as f64 * db,
+            )
+        }
+        MoeIr::UnpermuteWsum([c, a]) => {
+            let v = meta(*c);
+            let tokens = meta(*a).rows_expected;
+            memory_kernel(
+                model,
+                v.rows_expected * h as f64 * db + route_bytes(tokens) + tokens * h as f64 * db,
+            )
+        }
+        MoeIr::SharedUp(x) | MoeIr::SharedUpAct(x) => {
+            let rows = meta(*x).rows_expected;
+            let (width, gated) = shared_dims(model);
+            let n = if gated { 2 * width } else { width };
+            let mut c = gemm(model, rows, n, h, 1, model.dtype);
+            if matches!(node, MoeIr::SharedUpAct(_)) {
+                c.memory_bytes -= rows * (n - width) as f64 * db;
+                c = recost(model, c);
+            }
+            c
+        }
+        MoeIr::SharedAct(u) => {
+            let v = meta(*u);
+            let (width, _) = shared_dims(model);
+            memory_kernel(model, v.rows_expected * (v.cols + width) as f64 * db)
+        }
+        MoeIr::SharedDown(a) => {
+            let rows = meta(*a).rows_expected;
+            let (width, _) = shared_dims(model);
+            gemm(model, rows, h, width, 1, model.dtype)
+        }
+        MoeIr::SharedGate([x, _]) => {
+            let rows = meta(*x).rows_expected;
+            let mut c = memory_kernel(model, 3.0 * rows * h as f64 * db);
+            c.flops = 2.0 * rows * h as f64;
+            c
+        }
+        MoeIr::Add([r, _]) | MoeIr::AddPar([r, _]) => {
+            let rows = meta(*r).rows_expected;
+            memory_kernel(model, 3.0 * rows * h as f64 * db)
+        }
+    }
+}
+
+fn shared_dims(model: &Model) -> (u64, bool) {
+    model
+        .shared
+        .as_ref()
+        .map(|s| (s.width, s.gated))
+        .unwrap_or((0, false))
+}
+
+fn recost(model: &Model, c: NodeCost) -> NodeCost {
+    NodeCost {
+        compute_us: kernel_us(model, c.flops, c.memory_bytes),
+        ..c
+    }
+}
+
+fn inter_leg(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
+    let bytes = rows * row_bytes;
+    let link = model.mesh.inter_node.unwrap_or(model.mesh.intra_node);
+    NodeCost {
+        network_us: leg_us(bytes, link.latency, link.bandwidth),
+        wire_bytes: bytes,
+        ..NodeCost::default()
+    }
+}
+
+/// The node-local leg of a hierarchical all-to-all: the forwarding rank hands
+/// each row to the rank of its node that holds the expert; the share
+/// `1/g` whose expert is on the forwarding rank itself stays put.
+fn intra_leg(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
+    let per_node = model.group_ranks_per_node.max(1) as f64;
+    let bytes = rows * (per_node - 1.0) / per_node * row_bytes;
+    let link = model.mesh.intra_node;
+    NodeCost {
+        network_us: leg_us(bytes, link.latency, link.bandwidth),
+        wire_bytes: bytes,
+        ..NodeCost::default()
+    }
+}
+
+/// Bytes of the metadata collective of `assign`, per rank sent.
+pub fn assign_exchange_bytes(model: &Model, tokens: f64) -> f64 {
+    let peers = (model.group_ranks.saturating_sub(1)) as f64;
+    match model.layer.capacity {
+        // Per-expert counts to every peer.
+        CapacityConfig::Dropless => peers * model.experts as f64 * 4.0,
+        CapacityConfig::Limited {
+            drop: DropPolicy::Position,
+            ..
+        } => peers * model.experts as f64 * 4.0,
+        // Every assignment's expert and weight, so each rank ranks them all alike.
+        CapacityConfig::Limited {
+            drop: DropPolicy::Probs,
+            ..
+        } => peers * tokens * model.top_k as f64 * 8.0,
+    }
+}
+
+fn assign_cost(model: &Model, tokens: f64) -> NodeCost {
+    let k = model.top_k as f64;
+    // Two passes: count per expert, then place every assignment.
+    let count = memory_kernel(model, tokens * k * 8.0 + model.experts as f64 * 4.0);
+    let place = memory_kernel(model, tokens * k * 8.0 + tokens * k * 12.0);
+    let exchange = if model.group_ranks > 1 {
+        let bytes = assign_exchange_bytes(model, tokens);
+        let link = model.mesh.inter_node.unwrap_or(model.mesh.intra_node);
+        leg_us(
+            bytes,
+            link.latency.max(model.mesh.intra_node.latency),
+            link.bandwidth,
+        )
+    } else {
+        0.0
+    };
+    NodeCost {
+        compute_us: count.compute_us + place.compute_us,
+        network_us: exchange,
+        memory_bytes: count.memory_bytes + place.memory_bytes,
+        wire_bytes: if model.group_ranks > 1 {
+            assign_exchange_bytes(model, tokens)
+        } else {
+            0.0
+        },
+        ..NodeCost::default()
+    }
+}
+
+/// Extraction cost: the time on each resource and the critical path.
+/// Sequential dataflow adds everything; a pipeline of `d` chunks costs one
+/// chunk's critical path plus `d - 1` times the busier resource of a chunk; a
+/// concurrent shared branch costs the larger of the routed critical path and
+/// the compute both need. Compared by critical path, then by total busy time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cost {
+    pub critical_us: f64,
+    pub compute_us: f64,
+    pub network_us: f64,
+}
+
+impl PartialOrd for Cost {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        (self.critical_us, self.compute_us + self.network_us)
+            .partial_cmp(&(other.critical_us, other.compute_us + other.network_us))
+    }
+}
+
+/// egg's cost function for the MoE IR (see [`Cost`]).
+pub struct OverlapCost<'a> {
+    pub egraph: &'a EGraph<MoeIr, MetaAnalysis>,
+}
+
+impl CostFunction<MoeIr> for OverlapCost<'_> {
+    type Cost = Cost;
+
+    fn cost<C>(&mut self, enode: &MoeIr, mut costs: C) -> Cost
+    where
+        C: FnMut(Id) -> Cost,
+    {
+        let model = &self.egraph.analysis.model;
+        let meta = |id: Id| self.egraph[id].data.clone();
+        let own = node_cost(model, enode, &meta);
+        match enode {
+            MoeIr::Pipeline([d, _, _, body]) => {
+                let d = self.egraph[*d].data.num.unwrap_or(1).max(1) as f64;
+                let b = costs(*body);
+                Cost {
+                    critical_us: b.critical_us + (d - 1.0) * b.compute_us.max(b.network_us),
+                    compute_us: d * b.compute_us,
+                    network_us: d * b.network_us,
+                }
+            }
+            MoeIr::AddPar([r, s]) => {
+                let r = costs(*r);
+                let s = costs(*s);
+                Cost {
+                    critical_us: r.critical_us.max(r.compute_us + s.compute_us) + own.time_us(),
+                    compute_us: r.compute_us + s.compute_us + own.compute_us,
+                    network_us: r.network_us + s.network_us,
+                }
+            }
+            _ => {
+                let mut total = Cost {
+                    critical_us: own.time_us(),
+                    compute_us: own.compute_us,
+                    network_us: own.network_us,
+                };
+                for child in enode.children() {
+                    let c = costs(*child);
+                    total.critical_us += c.critical_us;
+                    total.compute_us += c.compute_us;
+                    total.network_us += c.network_us;
+                }
+                total
+            }
+        }
+    }
+}

@@ -1,0 +1,1495 @@
+//! From an extracted expression to a [`Plan`]: ops on streams, the events
+//! between them, kernels with their specialisation constants, and a buffer plan
+//! with lifetimes, arena offsets and the peak memory of a rank.
+//!
+//! Streams: `compute` (router, permute, experts, un-permute, output), `comm`
+//! (every collective) and, when the shared experts overlap the dispatch, a
+//! `shared` stream. A pipeline of `d` chunks is unrolled so that the comm
+//! stream sends chunk i+1 while the compute stream runs chunk i's experts and
+//! the comm stream returns chunk i-1 (compute order `E0 E1 U0 E2 U1 ...`).
+//! Op ids follow one valid sequential order, in the priority the scheduler
+//! wants (the simulator and the backends start the lowest id first).
+
+use crate::cost::{self, node_cost, NodeCost};
+use crate::ir::{value_bytes, Meta, MetaAnalysis, Model, MoeIr};
+use egg::{EGraph, Id, Language, RecExpr};
+use moec_runtime::plan::{
+    A2aAlgorithm, Buffer, BufferRole, CapacityConfig, Choices, CollectiveKind, CollectiveScope,
+    DType, Epilogue, GemmWeight, Kernel, KernelKind, MemoryPlan, Op, OpKind, Phase, Plan, Stream,
+    StreamRole, WeightOn, PLAN_FORMAT_VERSION,
+};
+use std::collections::BTreeMap;
+
+const COMPUTE: usize = 0;
+const COMM: usize = 1;
+const SHARED: usize = 2;
+
+/// Builds the plan of an extracted expression (its root is the last node).
+pub fn schedule(model: &Model, expr: &RecExpr<MoeIr>) -> Result<Plan, String> {
+    let mut b = Builder::new(model, expr)?;
+    b.build()?;
+    b.finish()
+}
+
+struct PendingOp {
+    stream: usize,
+    name: String,
+    phase: Phase,
+    chunk: Option<u64>,
+    kind: OpKind,
+    estimate_us: f64,
+}
+
+/// Ops of one chunk, by pipeline stage.
+#[derive(Default)]
+struct ChunkOps {
+    pre: Vec<PendingOp>,
+    dispatch: Vec<PendingOp>,
+    experts: Vec<PendingOp>,
+    combine: Vec<PendingOp>,
+    post: Vec<PendingOp>,
+}
+
+struct Builder<'a> {
+    model: &'a Model,
+    expr: &'a RecExpr<MoeIr>,
+    metas: Vec<Meta>,
+    kernels: Vec<Kernel>,
+    buffers: Vec<Buffer>,
+    /// Buffer of each (node, chunk) already emitted.
+    values: BTreeMap<(usize, Option<u64>), Value>,
+    /// The global sequence of ops (stream, op) with event ops in place.
+    sequence: Vec<PendingOp>,
+    events: u32,
+    chunks: u64,
+    shared_concurrent: bool,
+    fused: BTreeMap<&'static str, bool>,
+    hierarchical: bool,
+    dispatch_dtype: DType,
+    expert_rows: u64,
+    /// Current stage list being filled for per-chunk nodes.
+    stage_ops: Vec<ChunkOps>,
+    routing: Option<Routing>,
+    output: Option<u32>,
+    /// The chunk whose buffers are being created (`None` outside the pipeline).
+    current_chunk: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Value {
+    /// A buffer.
+    Buf(u32),
+    /// The routing: ids and weights buffers.
+    Route { ids: u32, weights: u32 },
+    /// The assignment: slots buffer plus the routing it came from.
+    Assign { slots: u32 },
+    /// A leaf without storage (a number).
+    Nothing,
+}
+
+#[derive(Clone, Copy)]
+struct Routing {
+    ids: u32,
+    weights: u32,
+    slots: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Pre,
+    Dispatch,
+    Experts,
+    Combine,
+    Post,
+}
+
+impl<'a> Builder<'a> {
+    fn new(model: &'a Model, expr: &'a RecExpr<MoeIr>) -> Result<Builder<'a>, String> {
+        // Recompute the analysis for exactly these nodes.
+        let mut egraph: EGraph<MoeIr, MetaAnalysis> = EGraph::new(MetaAnalysis {
+            model: model.clone(),
+        });
+        let mut ids: Vec<Id> = Vec::with_capacity(expr.as_ref().len());
+        for node in expr.as_ref() {
+            let mapped = node.clone().map_children(|c| ids[usize::from(c)]);
+            ids.push(egraph.add(mapped));
+        }
+        let metas = ids.iter().map(|id| egraph[*id].data.clone()).collect();
+        Ok(Builder {
+            model,
+            expr,
+            metas,
+            kernels: Vec::new(),
+            buffers: Vec::new(),
+            values: BTreeMap::new(),
+            sequence: Vec::new(),
+            events: 0,
+            chunks: 1,
+            shared_concurrent: false,
+            fused: BTreeMap::new(),
+            hierarchical: false,
+            dispatch_dtype: model.dtype,
+            expert_rows: 0,
+            stage_ops: Vec::new(),
+            routing: None,
+            output: None,
+            current_chunk: None,
+        })
+    }
+
+    fn node(&self, id: Id) -> &MoeIr {
+        &self.expr[id]
+    }
+
+    fn meta(&self, id: Id) -> Meta {
+        self.metas[usize::from(id)].clone()
+    }
+
+    fn cost(&self, node: &MoeIr) -> NodeCost {
+        let metas = &self.metas;
+        node_cost(self.model, node, &|id: Id| metas[usize::from(id)].clone())
+    }
+
+    fn buffer(&mut self, name: &str, dtype: DType, shape: Vec<u64>, role: BufferRole) -> u32 {
+        let elements = shape.iter().fold(1u64, |a, &d| a.saturating_mul(d));
+        let bytes = if dtype == DType::Fp8E4m3 {
+            value_bytes(1, elements, dtype)
+        } else {
+            elements.saturating_mul(dtype.bytes())
+        };
+        self.buffers.push(Buffer {
+            name: name.to_string(),
+            dtype,
+            shape,
+            bytes,
+            role,
+            offset: 0,
+            live: (0, 0),
+            chunk: self.current_chunk,
+        });
+        (self.buffers.len() - 1) as u32
+    }
+
+    fn kernel(&mut self, kind: KernelKind, base: &str, mut constants: Vec<(String, i64)>) -> u32 {
+        constants.sort();
+        if let Some(i) = self
+            .kernels
+            .iter()
+            .position(|k| k.kind == kind && k.constants == constants)
+        {
+            return i as u32;
+        }
+        let same = self.kernels.iter().filter(|k| k.kind == kind).count();
+        let name = if same == 0 {
+            base.to_string()
+        } else {
+            format!("{base}_{same}")
+        };
+        self.kernels.push(Kernel {
+            name,
+            kind,
+            constants,
+        });
+        (self.kernels.len() - 1) as u32
+    }
+
+    fn constants(&self, extra: &[(&str, i64)]) -> Vec<(String, i64)> {
+        let m = self.model;
+        let mut c: Vec<(String, i64)> = vec![
+            ("hidden".into(), m.hidden as i64),
+            ("dtype".into(), dtype_code(m.dtype)),
+        ];
+        for (k, v) in extra {
+            c.push(((*k).to_string(), *v));
+        }
+        c
+    }
+
+    fn event(&mut self) -> u32 {
+        self.events += 1;
+        self.events - 1
+    }
+
+    fn push(&mut self, op: PendingOp) {
+        self.sequence.push(op);
+    }
+
+    fn record(&mut self, stream: usize, event: u32) {
+        self.push(PendingOp {
+            stream,
+            name: format!("record e{event}"),
+            phase: Phase::Output,
+            chunk: None,
+            kind: OpKind::Record { event },
+            estimate_us: 0.0,
+        });
+    }
+
+    fn wait(&mut self, stream: usize, event: u32) {
+        self.push(PendingOp {
+            stream,
+            name: format!("wait e{event}"),
+            phase: Phase::Output,
+            chunk: None,
+            kind: OpKind::Wait { event },
+            estimate_us: 0.0,
+        });
+    }
+
+    fn build(&mut self) -> Result<(), String> {
+        let root = Id::from(self.expr.as_ref().len().saturating_sub(1));
+        let (routed, shared) = match self.node(root).clone() {
+            MoeIr::Add([r, s]) => (r, Some((s, false))),
+            MoeIr::AddPar([r, s]) => (r, Some((s, true))),
+            MoeIr::Pipeline(_) => (root, None),
+            other => return Err(format!("internal: unexpected plan root `{other}`")),
+        };
+        let MoeIr::Pipeline([d, x, a, body]) = self.node(routed).clone() else {
+            return Err("internal: the routed part is not a pipeline".into());
+        };
+        self.chunks = self.meta(d).num.unwrap_or(1).max(1);
+        self.shared_concurrent = matches!(shared, Some((_, true)));
+        let t = self.model.tokens;
+        let h = self.model.hidden;
+        let x_buf = self.buffer("x", self.model.dtype, vec![t, h], BufferRole::Input);
+        self.values
+            .insert((usize::from(x), None), Value::Buf(x_buf));
+        let out_buf = self.buffer("out", self.model.dtype, vec![t, h], BufferRole::Output);
+        self.output = Some(out_buf);
+
+        // Router and assignment: whole-layer, before the pipeline.
+        self.emit_global(a)?;
+        let Some(Value::Assign { slots }) = self.values.get(&(usize::from(a), None)).copied()
+        else {
+            return Err("internal: the assignment was not emitted".into());
+        };
+        let _ = slots;
+
+        // The pipeline body, once per chunk.
+        let routed_out = if shared.is_some() {
+            self.buffer("routed", self.model.dtype, vec![t, h], BufferRole::Scratch)
+        } else {
+            out_buf
+        };
+        self.stage_ops = (0..self.chunks).map(|_| ChunkOps::default()).collect();
+        for c in 0..self.chunks {
+            self.emit_chunk(body, c, routed_out)?;
+        }
+        let stages = std::mem::take(&mut self.stage_ops);
+        let comm = stages
+            .iter()
+            .any(|s| !s.dispatch.is_empty() || !s.combine.is_empty());
+
+        // Shared experts, emitted into a side list.
+        let mut shared_ops = Vec::new();
+        let mut shared_buf = None;
+        if let Some((s, _)) = shared {
+            let before = self.sequence.len();
+            let buf = self.emit_shared(s)?;
+            shared_ops = self.sequence.split_off(before);
+            shared_buf = Some(buf);
+        }
+
+        // Assemble the global order.
+        let d = self.chunks as usize;
+        let mut pre_events = Vec::new();
+        let mut disp_events = Vec::new();
+        let mut stages: Vec<ChunkOps> = stages;
+        for ops in stages.iter_mut() {
+            for op in std::mem::take(&mut ops.pre) {
+                self.push(op);
+            }
+            if comm {
+                let e = self.event();
+                self.record(COMPUTE, e);
+                pre_events.push(e);
+                self.wait(COMM, e);
+                for op in std::mem::take(&mut ops.dispatch) {
+                    self.push(op);
+                }
+                let e = self.event();
+                self.record(COMM, e);
+                disp_events.push(e);
+            }
+        }
+        let shared_done = if self.shared_concurrent {
+            if let Some(&last) = pre_events.last() {
+                self.wait(SHARED, last);
+            }
+            for mut op in std::mem::take(&mut shared_ops) {
+                op.stream = SHARED;
+                self.push(op);
+            }
+            let e = self.event();
+            self.record(SHARED, e);
+            Some(e)
+        } else {
+            None
+        };
+        let mut comb_events = Vec::new();
+        for i in 0..d {
+            if comm {
+                self.wait(COMPUTE, disp_events[i]);
+            }
+            for op in std::mem::take(&mut stages[i].experts) {
+                self.push(op);
+            }
+            if comm {
+                let e = self.event();
+                self.record(COMPUTE, e);
+                self.wait(COMM, e);
+                for op in std::mem::take(&mut stages[i].combine) {
+                    self.push(op);
+                }
+                let e = self.event();
+                self.record(COMM, e);
+                comb_events.push(e);
+                if i >= 1 {
+                    self.wait(COMPUTE, comb_events[i - 1]);
+                    for op in std::mem::take(&mut stages[i - 1].post) {
+                        self.push(op);
+                    }
+                }
+            } else {
+                for op in std::mem::take(&mut stages[i].post) {
+                    self.push(op);
+                }
+            }
+        }
+        if comm {
+            if let Some(&e) = comb_events.last() {
+                self.wait(COMPUTE, e);
+            }
+            if let Some(last) = stages.last_mut() {
+                for op in std::mem::take(&mut last.post) {
+                    self.push(op);
+                }
+            }
+        }
+        for op in shared_ops {
+            self.push(op);
+        }
+        if let (Some(shared_buf), Some(out)) = (shared_buf, self.output) {
+            if let Some(e) = shared_done {
+                self.wait(COMPUTE, e);
+            }
+            let k = self.kernel(KernelKind::Add, "add", self.constants(&[]));
+            let c = self.cost(&MoeIr::Add([routed, routed]));
+            self.push(PendingOp {
+                stream: COMPUTE,
+                name: "add shared".into(),
+                phase: Phase::Output,
+                chunk: None,
+                kind: OpKind::Launch {
+                    kernel: k,
+                    inputs: vec![routed_out, shared_buf],
+                    outputs: vec![out],
+                    rows: t,
+                },
+                estimate_us: c.compute_us,
+            });
+        }
+        Ok(())
+    }
+
+    /// Emits the router chain and the assignment (whole layer, compute and comm).
+    fn emit_global(&mut self, id: Id) -> Result<Value, String> {
+        if let Some(v) = self.values.get(&(usize::from(id), None)) {
+            return Ok(*v);
+        }
+        let node = self.node(id).clone();
+        let meta = self.meta(id);
+        let cost = self.cost(&node);
+        let t = self.model.tokens;
+        let e = self.model.experts;
+        let k = self.model.top_k;
+        let value = match &node {
+            MoeIr::Logits(x) => {
+                let Value::Buf(xb) = self.emit_global(*x)? else {
+                    return Err("internal: logits of a non-buffer".into());
+                };
+                let logits = self.buffer("logits", DType::F32, vec![t, e], BufferRole::Scratch);
+                self.push(PendingOp {
+                    stream: COMPUTE,
+                    name: "router gate gemm".into(),
+                    phase: Phase::Router,
+                    chunk: None,
+                    kind: OpKind::Gemm {
+                        weight: GemmWeight::RouterGate,
+                        a: xb,
+                        c: logits,
+                        m: t,
+                        n: e,
+                        k: self.model.hidden,
+                        groups: 1,
+                        epilogue: Epilogue::None,
+                    },
+                    estimate_us: cost.compute_us,
+                });
+                Value::Buf(logits)
+            }
+            MoeIr::Scores(p) | MoeIr::Bias(p) | MoeIr::Groups(p) => {
+                let Value::Buf(input) = self.emit_global(*p)? else {
+                    return Err("internal: router stage over routing".into());
+                };
+                let (kind, name) = match node {
+                    MoeIr::Scores(_) => (KernelKind::RouterScores, "router_scores"),
+                    MoeIr::Bias(_) => (KernelKind::RouterBias, "router_bias"),
+                    _ => (KernelKind::RouterGroupSelect, "router_groups"),
+                };
+                let out = self.buffer(
+                    &format!("{name}_out"),
+                    DType::F32,
+                    vec![t, e],
+                    BufferRole::Scratch,
+                );
+                let kernel = self.kernel(kind, name, self.router_constants());
+                self.launch(
+                    COMPUTE,
+                    name,
+                    Phase::Router,
+                    None,
+                    kernel,
+                    vec![input],
+                    vec![out],
+                    t,
+                    cost.compute_us,
+                );
+                Value::Buf(out)
+            }
+            MoeIr::Topk(p) | MoeIr::Router(p) => {
+                let Value::Buf(input) = self.emit_global(*p)? else {
+                    return Err("internal: top-k over routing".into());
+                };
+                let ids = self.buffer("topk_ids", DType::I32, vec![t, k], BufferRole::Scratch);
+                let weights =
+                    self.buffer("topk_weights", DType::F32, vec![t, k], BufferRole::Scratch);
+                let (kind, name) = if matches!(node, MoeIr::Router(_)) {
+                    (KernelKind::RouterFused, "router_fused")
+                } else {
+                    (KernelKind::RouterTopk, "router_topk")
+                };
+                let kernel = self.kernel(kind, name, self.router_constants());
+                self.launch(
+                    COMPUTE,
+                    name,
+                    Phase::Router,
+                    None,
+                    kernel,
+                    vec![input],
+                    vec![ids, weights],
+                    t,
+                    cost.compute_us,
+                );
+                Value::Route { ids, weights }
+            }
+            MoeIr::Normalize(p) | MoeIr::Scale(p) => {
+                let Value::Route { ids, weights } = self.emit_global(*p)? else {
+                    return Err("internal: normalise before top-k".into());
+                };
+                let (kind, name) = if matches!(node, MoeIr::Normalize(_)) {
+                    (KernelKind::RouterNormalize, "router_normalize")
+                } else {
+                    (KernelKind::RouterScale, "router_scale")
+                };
+                let kernel = self.kernel(kind, name, self.router_constants());
+                self.launch(
+                    COMPUTE,
+                    name,
+                    Phase::Router,
+                    None,
+                    kernel,
+                    vec![weights],
+                    vec![weights],
+                    t,
+                    cost.compute_us,
+                );
+                Value::Route { ids, weights }
+            }
+            MoeIr::Assign(r) => {
+                let Value::Route { ids, weights } = self.emit_global(*r)? else {
+                    return Err("internal: assignment without routing".into());
+                };
+                self.emit_assign(ids, weights, &cost)?
+            }
+            MoeIr::Input => {
+                return self
+                    .values
+                    .get(&(usize::from(id), None))
+                    .copied()
+                    .ok_or_else(|| "internal: input not bound".to_string())
+            }
+            other => return Err(format!("internal: `{other}` outside the pipeline")),
+        };
+        let _ = meta;
+        self.values.insert((usize::from(id), None), value);
+        Ok(value)
+    }
+
+    fn router_constants(&self) -> Vec<(String, i64)> {
+        let m = self.model;
+        let r = &m.layer.router;
+        let (groups, kept) = r
+            .groups
+            .map(|g| (g.count as i64, g.kept as i64))
+            .unwrap_or((1, 1));
+        self.constants(&[
+            ("experts", m.experts as i64),
+            ("top_k", m.top_k as i64),
+            ("groups", groups),
+            ("groups_kept", kept),
+        ])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &mut self,
+        stream: usize,
+        name: &str,
+        phase: Phase,
+        chunk: Option<u64>,
+        kernel: u32,
+        inputs: Vec<u32>,
+        outputs: Vec<u32>,
+        rows: u64,
+        estimate_us: f64,
+    ) {
+        self.push(PendingOp {
+            stream,
+            name: name.to_string(),
+            phase,
+            chunk,
+            kind: OpKind::Launch {
+                kernel,
+                inputs,
+                outputs,
+                rows,
+            },
+            estimate_us,
+        });
+    }
+
+    fn emit_assign(&mut self, ids: u32, weights: u32, cost: &NodeCost) -> Result<Value, String> {
+        let m = self.model;
+        let t = m.tokens;
+        let e = m.experts;
+        let k = m.top_k;
+        let group = m.group_ranks;
+        let probs = matches!(
+            m.layer.capacity,
+            CapacityConfig::Limited {
+                drop: moec_runtime::plan::DropPolicy::Probs,
+                ..
+            }
+        );
+        let (meta_shape, meta_dtype) = if probs {
+            (vec![t, 2 * k], DType::I32)
+        } else {
+            (vec![e], DType::I32)
+        };
+        let counts = self.buffer(
+            "assign_meta",
+            meta_dtype,
+            meta_shape.clone(),
+            BufferRole::Scratch,
+        );
+        let slots = self.buffer("slots", DType::I32, vec![t, k], BufferRole::Scratch);
+        let capacity = m.capacity.map(|c| c as i64).unwrap_or(0);
+        let consts = self.constants(&[
+            ("experts", e as i64),
+            ("top_k", k as i64),
+            ("ep_ranks", group as i64),
+            ("capacity", capacity),
+            ("pass", 0),
+        ]);
+        let count_kernel = self.kernel(KernelKind::Assign, "assign_count", consts);
+        let half = cost.compute_us / 2.0;
+        self.launch(
+            COMPUTE,
+            "assign count",
+            Phase::Router,
+            None,
+            count_kernel,
+            vec![ids, weights],
+            vec![counts],
+            t,
+            half,
+        );
+        let mut gathered = counts;
+        if group > 1 {
+            let mut shape = meta_shape;
+            if let Some(first) = shape.first_mut() {
+                *first = first.saturating_mul(group);
+            }
+            let all = self.buffer("assign_meta_all", meta_dtype, shape, BufferRole::Comm);
+            let e1 = self.event();
+            self.record(COMPUTE, e1);
+            self.wait(COMM, e1);
+            let kind = match m.layer.capacity {
+                CapacityConfig::Dropless => CollectiveKind::CountExchange,
+                CapacityConfig::Limited { .. } => CollectiveKind::AllGather,
+            };
+            let sent = cost::assign_exchange_bytes(m, t as f64).round() as u64;
+            let peers = group - 1;
+            self.push(PendingOp {
+                stream: COMM,
+                name: if probs {
+                    "gather routing".into()
+                } else {
+                    "exchange counts".into()
+                },
+                phase: Phase::Router,
+                chunk: None,
+                kind: OpKind::Collective {
+                    kind,
+                    scope: CollectiveScope::EpGroup,
+                    send: counts,
+                    recv: all,
+                    peers,
+                    bytes_per_peer: sent / peers.max(1),
+                    bytes_sent: sent,
+                },
+                estimate_us: cost.network_us,
+            });
+            let e2 = self.event();
+            self.record(COMM, e2);
+            self.wait(COMPUTE, e2);
+            gathered = all;
+        }
+        let mut outputs = vec![slots];
+        if m.capacity.is_none() {
+            let flag = self.buffer("overflow_flag", DType::U8, vec![1], BufferRole::Scratch);
+            outputs.push(flag);
+        }
+        let consts = self.constants(&[
+            ("experts", e as i64),
+            ("top_k", k as i64),
+            ("ep_ranks", group as i64),
+            ("capacity", capacity),
+            ("pass", 1),
+        ]);
+        let place_kernel = self.kernel(KernelKind::Assign, "assign_place", consts);
+        self.launch(
+            COMPUTE,
+            "assign place",
+            Phase::Router,
+            None,
+            place_kernel,
+            vec![ids, weights, gathered],
+            outputs,
+            t,
+            half,
+        );
+        self.routing = Some(Routing {
+            ids,
+            weights,
+            slots,
+        });
+        Ok(Value::Assign { slots })
+    }
+
+    fn stage_of(node: &MoeIr) -> Stage {
+        match node {
+            MoeIr::Dispatch(_) | MoeIr::DispatchInter(_) | MoeIr::DispatchIntra(_) => {
+                Stage::Dispatch
+            }
+            MoeIr::Dequant(_) | MoeIr::Up(_) | MoeIr::Act(_) | MoeIr::UpAct(_) | MoeIr::Down(_) => {
+                Stage::Experts
+            }
+            MoeIr::Combine(_) | MoeIr::CombineInter(_) | MoeIr::CombineIntra(_) => Stage::Combine,
+            MoeIr::Unpermute(_) | MoeIr::Wsum(_) | MoeIr::UnpermuteWsum(_) => Stage::Post,
+            _ => Stage::Pre,
+        }
+    }
+
+    fn push_stage(&mut self, chunk: u64, op: PendingOp, stage: Stage) {
+        if let Some(ops) = self.stage_ops.get_mut(chunk as usize) {
+            match stage {
+                Stage::Pre => ops.pre.push(op),
+                Stage::Dispatch => ops.dispatch.push(op),
+                Stage::Experts => ops.experts.push(op),
+                Stage::Combine => ops.combine.push(op),
+                Stage::Post => ops.post.push(op),
+            }
+        }
+    }
+
+    /// Emits one chunk of the pipeline body; returns its value.
+    fn emit_chunk(&mut self, body: Id, chunk: u64, routed_out: u32) -> Result<(), String> {
+        self.current_chunk = (self.chunks > 1).then_some(chunk);
+        let result = self.emit_in_chunk(body, chunk, routed_out);
+        self.current_chunk = None;
+        result.map(|_| ())
+    }
+
+    fn emit_in_chunk(&mut self, id: Id, chunk: u64, routed_out: u32) -> Result<Value, String> {
+        let key = (usize::from(id), Some(chunk));
+        if let Some(v) = self.values.get(&key) {
+            return Ok(*v);
+        }
+        if let Some(v) = self.values.get(&(usize::from(id), None)) {
+            return Ok(*v);
+        }
+        let node = self.node(id).clone();
+        let meta = self.meta(id);
+        let cost = self.cost(&node);
+        let d = self.chunks;
+        let c = if d > 1 { Some(chunk) } else { None };
+        let suffix = if d > 1 {
+            format!(".c{chunk}")
+        } else {
+            String::new()
+        };
+        let routing = self
+            .routing
+            .ok_or_else(|| "internal: pipeline before the router".to_string())?;
+        let m = self.model;
+        let h = m.hidden;
+        let stage = Self::stage_of(&node);
+        let buf_of = |b: &mut Self, child: Id| -> Result<u32, String> {
+            match b.emit_in_chunk(child, chunk, routed_out)? {
+                Value::Buf(x) => Ok(x),
+                Value::Assign { slots } => Ok(slots),
+                Value::Route { weights, .. } => Ok(weights),
+                Value::Nothing => Err("internal: a value without storage".into()),
+            }
+        };
+        let value = match &node {
+            MoeIr::Num(_) => Value::Nothing,
+            MoeIr::Split([_, v]) => self.emit_in_chunk(*v, chunk, routed_out)?,
+            MoeIr::Permute([x, _]) | MoeIr::PermutePack([x, _]) => {
+                let xb = buf_of(self, *x)?;
+                let fused = matches!(node, MoeIr::PermutePack(_));
+                let (kind, base, bname) = if fused {
+                    (KernelKind::PermutePack, "permute_pack", "send")
+                } else {
+                    (KernelKind::Permute, "permute", "permuted")
+                };
+                let out = self.buffer(
+                    &format!("{bname}{suffix}"),
+                    m.dtype,
+                    vec![meta.rows, h],
+                    if fused {
+                        BufferRole::Comm
+                    } else {
+                        BufferRole::Scratch
+                    },
+                );
+                let consts = self.constants(&[
+                    ("top_k", m.top_k as i64),
+                    ("rows", meta.rows as i64),
+                    (
+                        "weight_on_input",
+                        i64::from(m.layer.router.weight_on == WeightOn::Input),
+                    ),
+                ]);
+                let kernel = self.kernel(kind, base, consts);
+                let op = self.op_launch(
+                    base,
+                    Phase::Permute,
+                    c,
+                    kernel,
+                    vec![xb, routing.slots, routing.weights],
+                    vec![out],
+                    meta.rows,
+                    cost.compute_us,
+                );
+                self.push_stage(chunk, op, stage);
+                Value::Buf(out)
+            }
+            MoeIr::Pack(p) | MoeIr::Quant(p) | MoeIr::Dequant(p) => {
+                let input = buf_of(self, *p)?;
+                let (kind, base, bname, role, phase) = match node {
+                    MoeIr::Pack(_) => (
+                        KernelKind::Pack,
+                        "pack",
+                        "send",
+                        BufferRole::Comm,
+                        Phase::Permute,
+                    ),
+                    MoeIr::Quant(_) => (
+                        KernelKind::QuantizeFp8,
+                        "quantize_fp8",
+                        "send_fp8",
+                        BufferRole::Comm,
+                        Phase::Permute,
+                    ),
+                    _ => (
+                        KernelKind::DequantizeFp8,
+                        "dequantize_fp8",
+                        "expert_in",
+                        BufferRole::Scratch,
+                        Phase::Experts,
+                    ),
+                };
+                let out = self.buffer(
+                    &format!("{bname}{suffix}"),
+                    meta.dtype,
+                    vec![meta.rows, meta.cols],
+                    role,
+                );
+                let consts = self.constants(&[("rows", meta.rows as i64), ("block", 128)]);
+                let kernel = self.kernel(kind, base, consts);
+                let op = self.op_launch(
+                    base,
+                    phase,
+                    c,
+                    kernel,
+                    vec![input],
+                    vec![out],
+                    meta.rows,
+                    cost.compute_us,
+                );
+                self.push_stage(chunk, op, stage);
+                if matches!(node, MoeIr::Quant(_)) {
+                    self.dispatch_dtype = DType::Fp8E4m3;
+                }
+                Value::Buf(out)
+            }
+            MoeIr::Dispatch(p) | MoeIr::DispatchInter(p) | MoeIr::DispatchIntra(p) => {
+                let send = buf_of(self, *p)?;
+                let (scope, bname, name) = match node {
+                    MoeIr::Dispatch(_) => (CollectiveScope::EpGroup, "recv", "dispatch"),
+                    MoeIr::DispatchInter(_) => (
+                        CollectiveScope::InterNode,
+                        "node_stage",
+                        "dispatch inter-node",
+                    ),
+                    _ => (CollectiveScope::IntraNode, "recv", "dispatch intra-node"),
+                };
+                if !matches!(node, MoeIr::Dispatch(_)) {
+                    self.hierarchical = true;
+                }
+                let recv = self.buffer(
+                    &format!("{bname}{suffix}"),
+                    meta.dtype,
+                    vec![meta.rows, meta.cols],
+                    BufferRole::Comm,
+                );
+                if matches!(node, MoeIr::Dispatch(_) | MoeIr::DispatchIntra(_)) {
+                    self.expert_rows = self.expert_rows.max(meta.rows);
+                }
+                let op = self.op_collective(name, Phase::Dispatch, c, scope, send, recv, &cost);
+                self.push_stage(chunk, op, stage);
+                Value::Buf(recv)
+            }
+            MoeIr::Up(r) | MoeIr::UpAct(r) | MoeIr::Down(r) => {
+                let a = buf_of(self, *r)?;
+                let (weight, n, k, epilogue, bname) = match node {
+                    MoeIr::Up(_) => (
+                        GemmWeight::ExpertUp,
+                        meta.cols,
+                        h,
+                        Epilogue::None,
+                        "expert_up",
+                    ),
+                    MoeIr::UpAct(_) => (
+                        GemmWeight::ExpertUp,
+                        if m.gated { 2 * meta.cols } else { meta.cols },
+                        h,
+                        Epilogue::Activation,
+                        "expert_act",
+                    ),
+                    _ => (
+                        GemmWeight::ExpertDown,
+                        h,
+                        m.ffn_local,
+                        Epilogue::None,
+                        "expert_out",
+                    ),
+                };
+                if matches!(node, MoeIr::UpAct(_)) {
+                    self.fused.insert("activation", true);
+                }
+                let out = self.buffer(
+                    &format!("{bname}{suffix}"),
+                    m.dtype,
+                    vec![meta.rows, meta.cols],
+                    BufferRole::Scratch,
+                );
+                let name = match node {
+                    MoeIr::Down(_) => "experts down gemm",
+                    MoeIr::UpAct(_) => "experts up gemm + activation",
+                    _ => "experts up gemm",
+                };
+                let op = PendingOp {
+                    stream: COMPUTE,
+                    name: name.into(),
+                    phase: Phase::Experts,
+                    chunk: c,
+                    kind: OpKind::Gemm {
+                        weight,
+                        a,
+                        c: out,
+                        m: meta.rows,
+                        n,
+                        k,
+                        groups: m.local_experts,
+                        epilogue,
+                    },
+                    estimate_us: cost.compute_us,
+                };
+                self.push_stage(chunk, op, stage);
+                Value::Buf(out)
+            }
+            MoeIr::Act(u) => {
+                let input = buf_of(self, *u)?;
+                let out = self.buffer(
+                    &format!("expert_act{suffix}"),
+                    m.dtype,
+                    vec![meta.rows, meta.cols],
+                    BufferRole::Scratch,
+                );
+                let consts =
+                    self.constants(&[("ffn", m.ffn_local as i64), ("gated", i64::from(m.gated))]);
+                let kernel = self.kernel(KernelKind::Activation, "activation", consts);
+                let op = self.op_launch(
+                    "activation",
+                    Phase::Experts,
+                    c,
+                    kernel,
+                    vec![input],
+                    vec![out],
+                    meta.rows,
+                    cost.compute_us,
+                );
+                self.push_stage(chunk, op, stage);
+                Value::Buf(out)
+            }
+            MoeIr::Combine([y, _]) | MoeIr::CombineIntra([y, _]) | MoeIr::CombineInter([y, _]) => {
+                let send = buf_of(self, *y)?;
+                let (scope, bname, name) = match node {
+                    MoeIr::Combine(_) => (CollectiveScope::EpGroup, "combined", "combine"),
+                    MoeIr::CombineIntra(_) => {
+                        (CollectiveScope::IntraNode, "node_sum", "combine intra-node")
+                    }
+                    _ => (CollectiveScope::InterNode, "combined", "combine inter-node"),
+                };
+                let recv = self.buffer(
+                    &format!("{bname}{suffix}"),
+                    m.dtype,
+                    vec![meta.rows, h],
+                    BufferRole::Comm,
+                );
+                let op = self.op_collective(name, Phase::Combine, c, scope, send, recv, &cost);
+                self.push_stage(chunk, op, stage);
+                Value::Buf(recv)
+            }
+            MoeIr::Unpermute([cb, _]) => {
+                let input = buf_of(self, *cb)?;
+                let out = self.buffer(
+                    &format!("unpermuted{suffix}"),
+                    m.dtype,
+                    vec![meta.rows, h],
+                    BufferRole::Scratch,
+                );
+                let consts =
+                    self.constants(&[("top_k", m.top_k as i64), ("rows", meta.rows as i64)]);
+                let kernel = self.kernel(KernelKind::Unpermute, "unpermute", consts);
+                let op = self.op_launch(
+                    "unpermute",
+                    Phase::Unpermute,
+                    c,
+                    kernel,
+                    vec![input, routing.slots],
+                    vec![out],
+                    meta.rows,
+                    cost.compute_us,
+                );
+                self.push_stage(chunk, op, stage);
+                Value::Buf(out)
+            }
+            MoeIr::Wsum([u, _]) | MoeIr::UnpermuteWsum([u, _]) => {
+                let input = buf_of(self, *u)?;
+                let fused = matches!(node, MoeIr::UnpermuteWsum(_));
+                let (kind, base) = if fused {
+                    (KernelKind::UnpermuteWeightedSum, "unpermute_weighted_sum")
+                } else {
+                    (KernelKind::WeightedSum, "weighted_sum")
+                };
+                let consts = self.constants(&[
+                    ("top_k", m.top_k as i64),
+                    ("rows", meta.rows as i64),
+                    (
+                        "weight_on_input",
+                        i64::from(m.layer.router.weight_on == WeightOn::Input),
+                    ),
+                    ("accumulate", i64::from(m.capacity.is_some() && d > 1)),
+                ]);
+                let kernel = self.kernel(kind, base, consts);
+                let inputs = if fused {
+                    vec![input, routing.slots, routing.weights]
+                } else {
+                    vec![input, routing.weights]
+                };
+                let op = self.op_launch(
+                    base,
+                    Phase::Unpermute,
+                    c,
+                    kernel,
+                    inputs,
+                    vec![routed_out],
+                    meta.rows,
+                    cost.compute_us,
+                );
+                self.push_stage(chunk, op, stage);
+                Value::Buf(routed_out)
+            }
+            MoeIr::Input => {
+                return self
+                    .values
+                    .get(&(usize::from(id), None))
+                    .copied()
+                    .ok_or_else(|| "internal: input not bound".to_string())
+            }
+            MoeIr::Assign(_) => {
+                return Ok(Value::Assign {
+                    slots: routing.slots,
+                });
+            }
+            other => return Err(format!("internal: `{other}` inside the pipeline")),
+        };
+        let _ = routing.ids;
+        self.values.insert(key, value);
+        Ok(value)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn op_launch(
+        &self,
+        name: &str,
+        phase: Phase,
+        chunk: Option<u64>,
+        kernel: u32,
+        inputs: Vec<u32>,
+        outputs: Vec<u32>,
+        rows: u64,
+        estimate_us: f64,
+    ) -> PendingOp {
+        PendingOp {
+            stream: COMPUTE,
+            name: name.replace('_', " "),
+            phase,
+            chunk,
+            kind: OpKind::Launch {
+                kernel,
+                inputs,
+                outputs,
+                rows,
+            },
+            estimate_us,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn op_collective(
+        &self,
+        name: &str,
+        phase: Phase,
+        chunk: Option<u64>,
+        scope: CollectiveScope,
+        send: u32,
+        recv: u32,
+        cost: &NodeCost,
+    ) -> PendingOp {
+        let m = self.model;
+        let peers = match scope {
+            CollectiveScope::EpGroup => m.group_ranks.saturating_sub(1),
+            CollectiveScope::IntraNode => m.group_ranks_per_node.saturating_sub(1),
+            CollectiveScope::InterNode => m.group_nodes.saturating_sub(1),
+        };
+        let sent = cost.wire_bytes.round().max(0.0) as u64;
+        let kind = if m.capacity.is_some() {
+            CollectiveKind::AllToAll
+        } else {
+            CollectiveKind::AllToAllV
+        };
+        PendingOp {
+            stream: COMM,
+            name: name.into(),
+            phase,
+            chunk,
+            kind: OpKind::Collective {
+                kind,
+                scope,
+                send,
+                recv,
+                peers,
+                bytes_per_peer: sent / peers.max(1),
+                bytes_sent: sent,
+            },
+            estimate_us: cost.network_us,
+        }
+    }
+
+    /// Emits the shared experts (on the compute stream; moved by the caller).
+    fn emit_shared(&mut self, id: Id) -> Result<u32, String> {
+        if let Some(Value::Buf(b)) = self.values.get(&(usize::from(id), None)) {
+            return Ok(*b);
+        }
+        let node = self.node(id).clone();
+        let meta = self.meta(id);
+        let cost = self.cost(&node);
+        let m = self.model;
+        let t = m.tokens;
+        let h = m.hidden;
+        let width = m.shared.as_ref().map(|s| s.width).unwrap_or(0);
+        let gated = m.shared.as_ref().map(|s| s.gated).unwrap_or(false);
+        let buf = match &node {
+            MoeIr::Input => {
+                return match self.values.get(&(usize::from(id), None)) {
+                    Some(Value::Buf(b)) => Ok(*b),
+                    _ => Err("internal: input not bound".into()),
+                }
+            }
+            MoeIr::SharedUp(x) | MoeIr::SharedUpAct(x) | MoeIr::SharedDown(x) => {
+                let a = self.emit_shared(*x)?;
+                let (weight, n, k, epilogue, bname, name) = match node {
+                    MoeIr::SharedUp(_) => (
+                        GemmWeight::SharedUp,
+                        meta.cols,
+                        h,
+                        Epilogue::None,
+                        "shared_up",
+                        "shared up gemm",
+                    ),
+                    MoeIr::SharedUpAct(_) => (
+                        GemmWeight::SharedUp,
+                        if gated { 2 * width } else { width },
+                        h,
+                        Epilogue::Activation,
+                        "shared_act",
+                        "shared up gemm + activation",
+                    ),
+                    _ => (
+                        GemmWeight::SharedDown,
+                        h,
+                        width,
+                        Epilogue::None,
+                        "shared_out",
+                        "shared down gemm",
+                    ),
+                };
+                let out = self.buffer(bname, m.dtype, vec![t, meta.cols], BufferRole::Scratch);
+                self.push(PendingOp {
+                    stream: COMPUTE,
+                    name: name.into(),
+                    phase: Phase::Shared,
+                    chunk: None,
+                    kind: OpKind::Gemm {
+                        weight,
+                        a,
+                        c: out,
+                        m: t,
+                        n,
+                        k,
+                        groups: 1,
+                        epilogue,
+                    },
+                    estimate_us: cost.compute_us,
+                });
+                out
+            }
+            MoeIr::SharedAct(u) => {
+                let input = self.emit_shared(*u)?;
+                let out = self.buffer("shared_act", m.dtype, vec![t, width], BufferRole::Scratch);
+                let consts = self.constants(&[("ffn", width as i64), ("gated", i64::from(gated))]);
+                let kernel = self.kernel(KernelKind::Activation, "activation", consts);
+                self.launch(
+                    COMPUTE,
+                    "shared activation",
+                    Phase::Shared,
+                    None,
+                    kernel,
+                    vec![input],
+                    vec![out],
+                    t,
+                    cost.compute_us,
+                );
+                out
+            }
+            MoeIr::SharedGate([x, y]) => {
+                let xb = self.emit_shared(*x)?;
+                let yb = self.emit_shared(*y)?;
+                let kernel =
+                    self.kernel(KernelKind::SharedGate, "shared_gate", self.constants(&[]));
+                self.launch(
+                    COMPUTE,
+                    "shared gate",
+                    Phase::Shared,
+                    None,
+                    kernel,
+                    vec![xb, yb],
+                    vec![yb],
+                    t,
+                    cost.compute_us,
+                );
+                yb
+            }
+            other => return Err(format!("internal: `{other}` in the shared branch")),
+        };
+        self.values.insert((usize::from(id), None), Value::Buf(buf));
+        Ok(buf)
+    }
+
+    fn finish(mut self) -> Result<Plan, String> {
+        let m = self.model;
+        let mut streams = vec![
+            Stream {
+                name: "compute".into(),
+                role: StreamRole::Compute,
+                ops: Vec::new(),
+            },
+            Stream {
+                name: "comm".into(),
+                role: StreamRole::Comm,
+                ops: Vec::new(),
+            },
+            Stream {
+                name: "shared".into(),
+                role: StreamRole::Compute,
+                ops: Vec::new(),
+            },
+        ];
+        for (i, p) in std::mem::take(&mut self.sequence).into_iter().enumerate() {
+            let id = u32::try_from(i).map_err(|_| "plan too large".to_string())?;
+            // Phase of an event op: the phase of the op it follows on its stream.
+            let phase = match p.kind {
+                OpKind::Record { .. } | OpKind::Wait { .. } => streams[p.stream]
+                    .ops
+                    .last()
+                    .map(|o| o.phase)
+                    .unwrap_or(p.phase),
+                _ => p.phase,
+            };
+            streams[p.stream].ops.push(Op {
+                id,
+                name: p.name,
+                phase,
+                chunk: p.chunk,
+                kind: p.kind,
+                estimate_us: (p.estimate_us * 1000.0).round() / 1000.0,
+            });
+        }
+        let mut streams: Vec<Stream> = streams.into_iter().filter(|s| !s.ops.is_empty()).collect();
+        // Renumber event-less stream indices are implicit (by position); nothing refers to them.
+        let ops: Vec<&Op> = streams.iter().flat_map(|s| s.ops.iter()).collect();
+        for b in self.buffers.iter_mut() {
+            b.live = (u32::MAX, 0);
+        }
+        for op in &ops {
+            for buf in op_buffers(&op.kind) {
+                if let Some(b) = self.buffers.get_mut(buf as usize) {
+                    b.live.0 = b.live.0.min(op.id);
+                    b.live.1 = b.live.1.max(op.id);
+                }
+            }
+        }
+        let last = ops.iter().map(|o| o.id).max().unwrap_or(0);
+        for b in self.buffers.iter_mut() {
+            if matches!(b.role, BufferRole::Input | BufferRole::Output) {
+                b.live = (0, last);
+            }
+            if b.live.0 == u32::MAX {
+                b.live = (0, 0);
+            }
+        }
+        let order = HappensBefore::new(&streams, self.events);
+        let peak = allocate(&mut self.buffers, &order);
+        let total: u64 = self.buffers.iter().map(|b| b.bytes).sum();
+        let weight_bytes = weight_bytes(m);
+        let chunk_tokens = m.chunk_tokens(self.chunks);
+        let has = |k: KernelKind| self.kernels.iter().any(|x| x.kind == k);
+        let choices = Choices {
+            chunks: self.chunks,
+            chunk_tokens,
+            fused_router: has(KernelKind::RouterFused),
+            fused_permute: has(KernelKind::PermutePack),
+            fused_combine: has(KernelKind::UnpermuteWeightedSum),
+            fused_activation: self.fused.get("activation").copied().unwrap_or(false),
+            shared_concurrent: self.shared_concurrent,
+            dispatch: if self.hierarchical {
+                A2aAlgorithm::Hierarchical
+            } else {
+                A2aAlgorithm::Flat
+            },
+            dispatch_dtype: self.dispatch_dtype,
+            expert_rows: self.expert_rows.max(m.expert_rows_max(self.chunks)),
+            overflow_flag: m.capacity.is_none(),
+        };
+        for s in streams.iter_mut() {
+            s.ops.sort_by_key(|o| o.id);
+        }
+        Ok(Plan {
+            version: PLAN_FORMAT_VERSION,
+            layer: m.layer.clone(),
+            mesh: m.mesh.clone(),
+            choices,
+            kernels: self.kernels,
+            buffers: self.buffers,
+            events: self.events,
+            streams,
+            memory: MemoryPlan {
+                peak_activation_bytes: peak,
+                total_buffer_bytes: total,
+                weight_bytes,
+            },
+        })
+    }
+}
+
+/// Dtype code used in kernel constants.
+fn dtype_code(d: DType) -> i64 {
+    match d {
+        DType::F32 => 0,
+        DType::Bf16 => 1,
+        DType::F16 => 2,
+        DType::Fp8E4m3 => 3,
+        DType::I32 => 4,
+        DType::U8 => 5,
+    }
+}
+
+/// The buffers an op touches.
+pub fn op_buffers(kind: &OpKind) -> Vec<u32> {
+    match kind {
+        OpKind::Launch {
+            inputs, outputs, ..
+        } => inputs.iter().chain(outputs).copied().collect(),
+        OpKind::Gemm { a, c, .. } => vec![*a, *c],
+        OpKind::Collective { send, recv, .. } => vec![*send, *recv],
+        OpKind::Record { .. } | OpKind::Wait { .. } => Vec::new(),
+    }
+}
+
+/// Weights one rank holds: router gate, its experts (primaries and replicas),
+/// shared experts.
+fn weight_bytes(m: &Model) -> u64 {
+    let db = m.dtype.bytes();
+    let h = m.hidden;
+    let f = m.ffn_local;
+    let mats = if m.gated { 3 } else { 2 };
+    let bias = if m.layer.expert_bias {
+        (mats - 1) * f + h
+    } else {
+        0
+    };
+    let expert = (mats * h * f + bias).saturating_mul(db);
+    let router = m.experts.saturating_mul(h).saturating_mul(4);
+    let shared = m
+        .shared
+        .as_ref()
+        .map(|s| {
+            let smats = if s.gated { 3 } else { 2 };
+            let gate = if s.sigmoid_gate { h } else { 0 };
+            (smats * h * s.width + gate).saturating_mul(db)
+        })
+        .unwrap_or(0);
+    expert
+        .saturating_mul(m.local_experts)
+        .saturating_add(router)
+        .saturating_add(shared)
+}
+
+/// Happens-before between ops (by id): stream order plus record → wait.
+pub struct HappensBefore {
+    /// For each op id, the set of op ids that happen before it (bitset).
+    before: Vec<Vec<u64>>,
+}
+
+impl HappensBefore {
+    pub fn new(streams: &[Stream], events: u32) -> HappensBefore {
+        let n = streams.iter().map(|s| s.ops.len()).sum::<usize>();
+        let max_id = streams
+            .iter()
+            .flat_map(|s| s.ops.iter().map(|o| o.id as usize))
+            .max()
+            .map(|m| m + 1)
+            .unwrap_or(0)
+            .max(n);
+        let words = max_id.div_ceil(64);
+        let mut before = vec![vec![0u64; words]; max_id];
+        let mut record_of = vec![None; events as usize];
+        let mut preds: Vec<Vec<usize>> = vec![Vec::new(); max_id];
+        for s in streams {
+            for w in s.ops.windows(2) {
+                preds[w[1].id as usize].push(w[0].id as usize);
+            }
+            for op in &s.ops {
+                if let OpKind::Record { event } = op.kind {
+                    if let Some(slot) = record_of.get_mut(event as usize) {
+                        *slot = Some(op.id as usize);
+                    }
+                }
+            }
+        }
+        for s in streams {
+            for op in &s.ops {
+                if let OpKind::Wait { event } = op.kind {
+                    if let Some(Some(r)) = record_of.get(event as usize) {
+                        preds[op.id as usize].push(*r);
+                    }
+                }
+            }
+        }
+        // Ids are a valid sequential order, so predecessors have smaller ids.
+        for (id, ps) in preds.iter().enumerate() {
+            for &p in ps {
+                if p < id {
+                    let (lo, hi) = before.split_at_mut(id);
+                    let target = &mut hi[0];
+                    for (t, s) in target.iter_mut().zip(&lo[p]) {
+                        *t |= *s;
+                    }
+                    target[p / 64] |= 1 << (p % 64);
+                }
+            }
+        }
+        HappensBefore { before }
+    }
+
+    /// True when op `a` finishes before op `b` starts on every legal execution.
+    pub fn before(&self, a: u32, b: u32) -> bool {
+        self.before
+            .get(b as usize)
+            .and_then(|set| set.get(a as usize / 64))
+            .map(|w| w & (1 << (a % 64)) != 0)
+            .unwrap_or(false)
+    }
+}
+
+/// Places the buffers in one arena: two buffers may share memory only when
+/// every use of one happens before every use of the other. Returns the arena
+/// size. Greedy first fit in order of first use, largest first on ties.
+fn allocate(buffers: &mut [Buffer], order: &HappensBefore) -> u64 {
+    const ALIGN: u64 = 256;
+    let mut idx: Vec<usize> = (0..buffers.len()).collect();
+    idx.sort_by_key(|&i| (buffers[i].live.0, std::cmp::Reverse(buffers[i].bytes), i));
+    let mut placed: Vec<usize> = Vec::new();
+    let mut peak = 0u64;
+    for i in idx {
+        let b = &buffers[i];
+        let disjoint = |o: &Buffer| {
+            order.before(o.live.1, b.live.0) && o.live.1 != b.live.0
+                || order.before(b.live.1, o.live.0) && b.live.1 != o.live.0
+        };
+        let mut conflicts: Vec<(u64, u64)> = placed
+            .iter()
+            .map(|&j| &buffers[j])
+            .filter(|o| !disjoint(o))
+            .map(|o| (o.offset, o.offset.saturating_add(o.bytes)))
+            .collect();
+        conflicts.sort();
+        let mut offset = 0u64;
+        for (start, end) in conflicts {
+            if offset.saturating_add(b.bytes) <= start {
+                break;
+            }
+            offset = offset.max(end.div_ceil(ALIGN).saturating_mul(ALIGN));
+        }
+        buffers[i].offset = offset;
+        peak = peak.max(offset.saturating_add(buffers[i].bytes));
+        placed.push(i);
+    }
+    peak
+}
