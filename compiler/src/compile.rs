@@ -6,8 +6,9 @@
 //! then compared exactly: every such candidate is scheduled into a plan and
 //! replayed by the timeline simulator, which knows the streams' concurrency,
 //! and the fastest wins. The candidate with one chunk and the shared experts
-//! in line is the no-overlap baseline kept for reporting, so the chosen plan
-//! never predicts worse than the baseline.
+//! in line is the no-overlap baseline kept for reporting; with `overlap = auto`
+//! it is one of the candidates, so the chosen plan never predicts worse than
+//! the baseline (a forced `overlap = N` is obeyed even when it is slower).
 
 use crate::cost::OverlapCost;
 use crate::ir::{lower, Meta, MetaAnalysis, Model, MoeIr};

@@ -258,13 +258,12 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
             intra_leg(model, rows, row_bytes(v.cols, v.dtype))
         }
         MoeIr::CombineInter([_, a]) => {
-            // Rows of one token from one node were summed inside that node.
-            let tokens = meta(*a).rows_expected;
-            inter_leg(
-                model,
-                tokens * expected_remote_nodes(model),
-                row_bytes(h, model.dtype),
-            )
+            // Every returning row of another node crosses nodes once: the rows
+            // are not summed inside the node (that needs the routing weights on
+            // the expert side, which this plan format does not carry yet).
+            let (_, _, inter) = destination_shares(model);
+            let rows = meta(*a).rows_expected * model.rows_per_token() as f64 * inter;
+            inter_leg(model, rows, row_bytes(h, model.dtype))
         }
         MoeIr::Up(r) | MoeIr::UpAct(r) => {
             let v = meta(*r);

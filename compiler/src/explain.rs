@@ -40,14 +40,15 @@ fn not_applicable(plan: &Plan, family: &str) -> Option<String> {
         "overlap_chunks" if group_ranks <= 1 => {
             Some("one rank: there is no communication to hide".into())
         }
-        "fuse_router"
-            if l.router.scoring == moec_runtime::plan::Scoring::Softmax
-                && !l.router.selection_bias
-                && l.router.groups.is_none()
-                && !l.router.normalize
-                && l.router.scale == 1.0 =>
+        "overlap_chunks"
+            if plan.choices.chunks == 1
+                && l.tokens_per_rank / 2 < crate::compile::MIN_CHUNK_TOKENS =>
         {
-            None
+            Some(format!(
+                "{} tokens per rank: `overlap = auto` keeps chunks of at least {} tokens",
+                l.tokens_per_rank,
+                crate::compile::MIN_CHUNK_TOKENS
+            ))
         }
         _ => None,
     }

@@ -228,6 +228,19 @@ impl Model {
         let mut m = self.clone();
         m.tokens = tokens;
         m.layer.tokens_per_rank = tokens;
+        // A capacity factor scales with the tokens; a fixed slot count does not.
+        if let rt::CapacityConfig::Limited {
+            slots,
+            factor: Some(f),
+            ..
+        } = &mut m.layer.capacity
+        {
+            let c = (*f * (tokens * self.ep * self.top_k) as f64 / self.experts.max(1) as f64)
+                .ceil()
+                .max(1.0);
+            *slots = c as u64;
+            m.capacity = Some(c as u64);
+        }
         m
     }
 
@@ -241,23 +254,21 @@ impl Model {
         self.tokens.div_ceil(chunks.max(1))
     }
 
-    /// Worst-case rows of one rank's expert input for one of `chunks` chunks.
-    ///
-    /// Dropless: every token of the EP group's chunk could send
-    /// `min(top_k, local experts)` rows here. Capacity mode chunks the slot
-    /// dimension (as Tutel does): a chunk holds `ceil(C / chunks)` slots of each
-    /// local expert, all computed (static shapes, no host sync).
+    /// Worst-case rows of one rank's expert input for one of `chunks` token
+    /// chunks: each local expert (shard) can receive a row from every token of
+    /// the EP group's chunk, and in capacity mode at most `C` rows in all.
+    /// Capacity mode computes every slot (static shapes, no host sync), so
+    /// chunking pays there only when `C` is small against a chunk.
     pub fn expert_rows_max(&self, chunks: u64) -> u64 {
-        let per_token = self.top_k.min(self.local_experts).saturating_mul(self.etp);
+        let group_chunk = self.chunk_tokens(chunks).saturating_mul(self.ep);
         match self.capacity {
             Some(c) => c
-                .div_ceil(chunks.max(1))
+                .min(group_chunk)
                 .saturating_mul(self.local_experts)
                 .saturating_mul(self.etp),
-            None => self
-                .chunk_tokens(chunks)
-                .saturating_mul(self.ep)
-                .saturating_mul(per_token),
+            None => group_chunk
+                .saturating_mul(self.top_k.min(self.local_experts))
+                .saturating_mul(self.etp),
         }
     }
 
@@ -536,9 +547,14 @@ impl Analysis<MoeIr> for MetaAnalysis {
                 Meta::value(rows, exp, a.cols, a.dtype, a.flops).in_chunks(a.chunks)
             }
             MoeIr::DispatchInter(a) => {
-                // Rows staged on the forwarding rank: one per token and destination node.
+                // Rows staged on the forwarding rank: at most one per token of
+                // every node of the group (its own node's come straight).
                 let a = x(a);
-                Meta::value(a.rows, a.rows_expected, a.cols, a.dtype, a.flops).in_chunks(a.chunks)
+                let tokens = a.rows / m.rows_per_token().max(1);
+                let rows = tokens.saturating_mul(m.group_nodes);
+                let exp = a.rows_expected / m.rows_per_token().max(1) as f64
+                    * crate::cost::expected_remote_nodes(m);
+                Meta::value(rows, exp, a.cols, a.dtype, a.flops).in_chunks(a.chunks)
             }
             MoeIr::Up(a) => {
                 let a = x(a);

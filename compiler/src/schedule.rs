@@ -1014,7 +1014,6 @@ impl<'a> Builder<'a> {
                         "weight_on_input",
                         i64::from(m.layer.router.weight_on == WeightOn::Input),
                     ),
-                    ("accumulate", i64::from(m.capacity.is_some() && d > 1)),
                 ]);
                 let kernel = self.kernel(kind, base, consts);
                 let inputs = if fused {
@@ -1274,6 +1273,7 @@ impl<'a> Builder<'a> {
         let mut streams: Vec<Stream> = streams.into_iter().filter(|s| !s.ops.is_empty()).collect();
         // Renumber event-less stream indices are implicit (by position); nothing refers to them.
         let ops: Vec<&Op> = streams.iter().flat_map(|s| s.ops.iter()).collect();
+        let mut uses: Vec<Vec<u32>> = vec![Vec::new(); self.buffers.len()];
         for b in self.buffers.iter_mut() {
             b.live = (u32::MAX, 0);
         }
@@ -1282,6 +1282,7 @@ impl<'a> Builder<'a> {
                 if let Some(b) = self.buffers.get_mut(buf as usize) {
                     b.live.0 = b.live.0.min(op.id);
                     b.live.1 = b.live.1.max(op.id);
+                    uses[buf as usize].push(op.id);
                 }
             }
         }
@@ -1295,7 +1296,7 @@ impl<'a> Builder<'a> {
             }
         }
         let order = HappensBefore::new(&streams, self.events);
-        let peak = allocate(&mut self.buffers, &order);
+        let peak = allocate(&mut self.buffers, &uses, &order);
         let total: u64 = self.buffers.iter().map(|b| b.bytes).sum();
         let weight_bytes = weight_bytes(m);
         let chunk_tokens = m.chunk_tokens(self.chunks);
@@ -1461,34 +1462,44 @@ impl HappensBefore {
 /// Places the buffers in one arena: two buffers may share memory only when
 /// every use of one happens before every use of the other. Returns the arena
 /// size. Greedy first fit in order of first use, largest first on ties.
-fn allocate(buffers: &mut [Buffer], order: &HappensBefore) -> u64 {
+fn allocate(buffers: &mut [Buffer], uses: &[Vec<u32>], order: &HappensBefore) -> u64 {
     const ALIGN: u64 = 256;
     let mut idx: Vec<usize> = (0..buffers.len()).collect();
     idx.sort_by_key(|&i| (buffers[i].live.0, std::cmp::Reverse(buffers[i].bytes), i));
+    let pinned = |b: &Buffer| matches!(b.role, BufferRole::Input | BufferRole::Output);
+    // Every use of `a` happens before every use of `b`.
+    let all_before = |a: usize, b: usize| {
+        uses[a]
+            .iter()
+            .all(|&u| uses[b].iter().all(|&v| order.before(u, v)))
+    };
     let mut placed: Vec<usize> = Vec::new();
     let mut peak = 0u64;
     for i in idx {
-        let b = &buffers[i];
-        let disjoint = |o: &Buffer| {
-            order.before(o.live.1, b.live.0) && o.live.1 != b.live.0
-                || order.before(b.live.1, o.live.0) && b.live.1 != o.live.0
+        let disjoint = |j: usize| {
+            !pinned(&buffers[i]) && !pinned(&buffers[j]) && (all_before(j, i) || all_before(i, j))
         };
         let mut conflicts: Vec<(u64, u64)> = placed
             .iter()
-            .map(|&j| &buffers[j])
-            .filter(|o| !disjoint(o))
-            .map(|o| (o.offset, o.offset.saturating_add(o.bytes)))
+            .filter(|&&j| !disjoint(j))
+            .map(|&j| {
+                (
+                    buffers[j].offset,
+                    buffers[j].offset.saturating_add(buffers[j].bytes),
+                )
+            })
             .collect();
         conflicts.sort();
         let mut offset = 0u64;
+        let size = buffers[i].bytes;
         for (start, end) in conflicts {
-            if offset.saturating_add(b.bytes) <= start {
+            if offset.saturating_add(size) <= start {
                 break;
             }
             offset = offset.max(end.div_ceil(ALIGN).saturating_mul(ALIGN));
         }
         buffers[i].offset = offset;
-        peak = peak.max(offset.saturating_add(buffers[i].bytes));
+        peak = peak.max(offset.saturating_add(size));
         placed.push(i);
     }
     peak

@@ -81,7 +81,9 @@ impl DType {
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// `down(silu(gate(x)) * up(x))`; with `limit`, gpt-oss's clamped form.
-    Swiglu { limit: Option<f64> },
+    Swiglu {
+        limit: Option<f64>,
+    },
     /// `down(gelu(up(x)))` with the exact (erf) GELU.
     Gelu,
     /// `down(gelu(up(x)))` with the tanh approximation.
