@@ -11,7 +11,7 @@
 //! the baseline (a forced `overlap = N` is obeyed even when it is slower).
 
 use crate::cost::OverlapCost;
-use crate::ir::{lower, Meta, MetaAnalysis, Model, MoeIr};
+use crate::ir::{lower, MetaAnalysis, Model, MoeIr};
 use crate::rules::{family_of, rules};
 use crate::schedule::schedule;
 use crate::timeline::{simulate, Timeline};
@@ -302,17 +302,4 @@ fn build_expr(
         return Err("internal: empty extraction".into());
     }
     Ok(expr)
-}
-
-/// The analysis data of every node of an expression (for reports and tests).
-pub fn metas(model: &Model, expr: &RecExpr<MoeIr>) -> Vec<Meta> {
-    let mut egraph: EGraph<MoeIr, MetaAnalysis> = EGraph::new(MetaAnalysis {
-        model: model.clone(),
-    });
-    let mut ids: Vec<Id> = Vec::new();
-    for node in expr.as_ref() {
-        let mapped = node.clone().map_children(|c| ids[usize::from(c)]);
-        ids.push(egraph.add(mapped));
-    }
-    ids.iter().map(|id| egraph[*id].data.clone()).collect()
 }

@@ -1,7 +1,7 @@
 //! `moec explain`: why the plan is what it is.
 
 use crate::compile::Compiled;
-use moec_runtime::plan::{A2aAlgorithm, DType, Phase, Plan};
+use moec_runtime::plan::{human_bytes, A2aAlgorithm, DType, Phase, Plan};
 use std::fmt::Write;
 
 /// Whether a rule family shows in the chosen plan.
@@ -183,23 +183,8 @@ pub fn explain(c: &Compiled) -> String {
         best,
         base,
         base / best.max(1e-9),
-        human(p.memory.peak_activation_bytes),
-        human(p.memory.weight_bytes),
+        human_bytes(p.memory.peak_activation_bytes),
+        human_bytes(p.memory.weight_bytes),
     );
     s
-}
-
-fn human(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < UNITS.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.2} {}", UNITS[i])
-    }
 }

@@ -727,8 +727,15 @@ fn lower_shared(e: &mut RecExpr<MoeIr>, model: &Model, x: Id) -> Id {
     }
 }
 
-/// The number of children-free leaves is tiny; this is used by tests and the
-/// explain report to print an expression compactly.
-pub fn node_count(expr: &RecExpr<MoeIr>) -> usize {
-    expr.as_ref().iter().filter(|n| !n.is_leaf()).count()
+/// The analysis data of every node of an expression, in expression order.
+pub fn metas(model: &Model, expr: &RecExpr<MoeIr>) -> Vec<Meta> {
+    let mut egraph: EGraph<MoeIr, MetaAnalysis> = EGraph::new(MetaAnalysis {
+        model: model.clone(),
+    });
+    let mut ids: Vec<Id> = Vec::with_capacity(expr.as_ref().len());
+    for node in expr.as_ref() {
+        let mapped = node.clone().map_children(|c| ids[usize::from(c)]);
+        ids.push(egraph.add(mapped));
+    }
+    ids.iter().map(|id| egraph[*id].data.clone()).collect()
 }

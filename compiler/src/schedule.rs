@@ -11,8 +11,8 @@
 //! wants (the simulator and the backends start the lowest id first).
 
 use crate::cost::{self, node_cost, NodeCost};
-use crate::ir::{value_bytes, Meta, MetaAnalysis, Model, MoeIr};
-use egg::{EGraph, Id, Language, RecExpr};
+use crate::ir::{value_bytes, Meta, Model, MoeIr};
+use egg::{Id, RecExpr};
 use moec_runtime::plan::{
     A2aAlgorithm, Buffer, BufferRole, CapacityConfig, Choices, CollectiveKind, CollectiveScope,
     DType, Epilogue, GemmWeight, Kernel, KernelKind, MemoryPlan, Op, OpKind, Phase, Plan, Stream,
@@ -89,7 +89,6 @@ enum Value {
 
 #[derive(Clone, Copy)]
 struct Routing {
-    ids: u32,
     weights: u32,
     slots: u32,
 }
@@ -105,16 +104,7 @@ enum Stage {
 
 impl<'a> Builder<'a> {
     fn new(model: &'a Model, expr: &'a RecExpr<MoeIr>) -> Result<Builder<'a>, String> {
-        // Recompute the analysis for exactly these nodes.
-        let mut egraph: EGraph<MoeIr, MetaAnalysis> = EGraph::new(MetaAnalysis {
-            model: model.clone(),
-        });
-        let mut ids: Vec<Id> = Vec::with_capacity(expr.as_ref().len());
-        for node in expr.as_ref() {
-            let mapped = node.clone().map_children(|c| ids[usize::from(c)]);
-            ids.push(egraph.add(mapped));
-        }
-        let metas = ids.iter().map(|id| egraph[*id].data.clone()).collect();
+        let metas = crate::ir::metas(model, expr);
         Ok(Builder {
             model,
             expr,
@@ -259,11 +249,9 @@ impl<'a> Builder<'a> {
 
         // Router and assignment: whole-layer, before the pipeline.
         self.emit_global(a)?;
-        let Some(Value::Assign { slots }) = self.values.get(&(usize::from(a), None)).copied()
-        else {
+        if self.routing.is_none() {
             return Err("internal: the assignment was not emitted".into());
-        };
-        let _ = slots;
+        }
 
         // The pipeline body, once per chunk.
         let routed_out = if shared.is_some() {
@@ -398,7 +386,6 @@ impl<'a> Builder<'a> {
             return Ok(*v);
         }
         let node = self.node(id).clone();
-        let meta = self.meta(id);
         let cost = self.cost(&node);
         let t = self.model.tokens;
         let e = self.model.experts;
@@ -521,7 +508,6 @@ impl<'a> Builder<'a> {
             }
             other => return Err(format!("internal: `{other}` outside the pipeline")),
         };
-        let _ = meta;
         self.values.insert((usize::from(id), None), value);
         Ok(value)
     }
@@ -680,11 +666,7 @@ impl<'a> Builder<'a> {
             t,
             half,
         );
-        self.routing = Some(Routing {
-            ids,
-            weights,
-            slots,
-        });
+        self.routing = Some(Routing { weights, slots });
         Ok(Value::Assign { slots })
     }
 
@@ -1048,7 +1030,6 @@ impl<'a> Builder<'a> {
             }
             other => return Err(format!("internal: `{other}` inside the pipeline")),
         };
-        let _ = routing.ids;
         self.values.insert(key, value);
         Ok(value)
     }

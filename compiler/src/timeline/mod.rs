@@ -466,20 +466,7 @@ pub(crate) fn round3(x: f64) -> f64 {
     }
 }
 
-/// `1536` → `1.50 KiB`.
-pub(crate) fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.2} {}", UNITS[unit])
-}
+pub(crate) use moec_runtime::plan::human_bytes;
 
 impl Timeline {
     /// Time where no op runs: `total_us` minus the union of the spans.

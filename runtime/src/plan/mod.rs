@@ -13,6 +13,7 @@
 mod text;
 mod validate;
 
+pub use text::human_bytes;
 pub use validate::{BufferRef, OpRef, PlanError, Stuck};
 
 use serde::{Deserialize, Serialize};

@@ -55,7 +55,7 @@ fn section(f: &mut fmt::Formatter<'_>, label: &str, lines: &[String]) -> fmt::Re
 }
 
 /// `56.00 MiB`: two decimals and a binary prefix; plain bytes below 1 KiB.
-pub(crate) fn human_bytes(b: u64) -> String {
+pub fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     if b < 1024 {
         return format!("{b} B");
