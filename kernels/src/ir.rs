@@ -1,0 +1,328 @@
+//! The kernel description language.
+//!
+//! A [`Kernel`] is a typed, structured program that a launch runs once per
+//! row, `row = 0 .. rows` (the row index is [`ROW`]). Rows are independent:
+//! no row reads an element another row writes, so a backend may run them in
+//! any order or all at once (a CUDA block or thread per row; a plain loop on
+//! the CPU).
+//!
+//! The language is deliberately small: scalar values of three types ([`Ty`]),
+//! mutable scalar variables, small fixed-size local arrays, counted loops,
+//! `if`, and loads and stores of buffer elements with the conversion between
+//! the element type in memory ([`Elem`]) and the value type done by the load
+//! or store. There are no pointers, no recursion and no unbounded loops, so
+//! every kernel terminates and every memory access can be bounds-checked.
+//!
+//! # Semantics every backend implements
+//!
+//! - Every variable and every local array element is zero (or `false`) at the
+//!   start of each row.
+//! - A load or store whose index is outside `0 .. len` of its buffer makes the
+//!   launch fail with [`LaunchError::OutOfBounds`]; nothing is written past
+//!   the end of a buffer. (Rows already run may have written their results.)
+//! - Loads widen: a float element (`f32`, `bf16`, `f16`, `fp8_e4m3`) loads as
+//!   an exact [`Ty::F32`]; an integer element (`i32`, `u8`) as [`Ty::I64`]
+//!   (sign-extended for `i32`, zero-extended for `u8`). fp8 loads are the
+//!   unscaled e4m3 value.
+//! - Stores narrow: `f32` to `bf16`, `f16` and `fp8_e4m3` rounds to nearest,
+//!   ties to even; fp8 saturates to ±448 (NaN stays NaN); `I64` to `i32` or
+//!   `u8` keeps the low bits.
+//! - Float arithmetic is IEEE single precision. [`BinOp::Min`] and
+//!   [`BinOp::Max`] return NaN when either operand is NaN. Comparisons with a
+//!   NaN are false, except [`BinOp::Ne`].
+//! - [`UnOp::Exp`], [`UnOp::Log`], [`UnOp::Sqrt`], [`UnOp::Tanh`] and
+//!   [`UnOp::Erf`] are the correctly-rounded-as-libm single precision
+//!   functions (on the CPU the very functions Rust's `f32` methods call).
+//! - Integer arithmetic is 64-bit, wrapping. Integer division and remainder
+//!   truncate toward zero; a zero divisor makes the launch fail with
+//!   [`LaunchError::DivideByZero`].
+//! - [`UnOp::ToI64`] truncates toward zero and saturates (NaN gives 0), like
+//!   Rust's `as i64`; [`UnOp::ToF32`] rounds to nearest.
+//! - Both arms of [`Expr::Select`] are evaluated (neither has side effects).
+
+use std::fmt;
+
+/// The type of a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ty {
+    F32,
+    I64,
+    Bool,
+}
+
+/// The type of an element in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Elem {
+    F32,
+    Bf16,
+    F16,
+    Fp8E4m3,
+    I32,
+    U8,
+}
+
+impl Elem {
+    /// Bytes of one element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Elem::F32 | Elem::I32 => 4,
+            Elem::Bf16 | Elem::F16 => 2,
+            Elem::Fp8E4m3 | Elem::U8 => 1,
+        }
+    }
+
+    /// The type a load of this element produces (and a store expects).
+    pub fn value_ty(self) -> Ty {
+        match self {
+            Elem::F32 | Elem::Bf16 | Elem::F16 | Elem::Fp8E4m3 => Ty::F32,
+            Elem::I32 | Elem::U8 => Ty::I64,
+        }
+    }
+
+    /// The element of a plan dtype code (`0` f32, `1` bf16, `2` f16,
+    /// `3` fp8_e4m3, `4` i32, `5` u8), as the compiler writes them.
+    pub fn from_code(code: i64) -> Option<Elem> {
+        Some(match code {
+            0 => Elem::F32,
+            1 => Elem::Bf16,
+            2 => Elem::F16,
+            3 => Elem::Fp8E4m3,
+            4 => Elem::I32,
+            5 => Elem::U8,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::Bf16 => "bf16",
+            Elem::F16 => "f16",
+            Elem::Fp8E4m3 => "fp8_e4m3",
+            Elem::I32 => "i32",
+            Elem::U8 => "u8",
+        }
+    }
+}
+
+/// How a kernel uses a buffer parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    Read,
+    Write,
+    /// Read and written in place (the same element of the same row).
+    ReadWrite,
+}
+
+impl Access {
+    pub fn reads(self) -> bool {
+        matches!(self, Access::Read | Access::ReadWrite)
+    }
+    pub fn writes(self) -> bool {
+        matches!(self, Access::Write | Access::ReadWrite)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamKind {
+    /// A buffer of elements; at launch, a base address and a length in elements.
+    Buffer { elem: Elem, access: Access },
+    /// A scalar argument of type `F32` or `I64` (not `Bool`).
+    Scalar(Ty),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Param {
+    pub name: String,
+    pub kind: ParamKind,
+}
+
+/// Index into [`Kernel::params`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ParamId(pub u32);
+
+/// Index into [`Kernel::vars`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VarId(pub u32);
+
+/// Index into [`Kernel::arrays`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ArrayId(pub u32);
+
+/// The row index: variable 0 of every kernel, of type `I64`, set by the launch
+/// (a kernel must not assign it).
+pub const ROW: VarId = VarId(0);
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct VarDecl {
+    pub name: String,
+    pub ty: Ty,
+}
+
+/// A local array of `len` values (registers or stack; `len` is small, at most
+/// [`MAX_ARRAY_LEN`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArrayDecl {
+    pub name: String,
+    pub ty: Ty,
+    pub len: u32,
+}
+
+/// Largest local array a kernel may declare (the router's per-expert scores
+/// of a 65 536-expert layer fit).
+pub const MAX_ARRAY_LEN: u32 = 65_536;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnOp {
+    /// `F32` or `I64`.
+    Neg,
+    /// `F32` or `I64`.
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Tanh,
+    Erf,
+    Floor,
+    /// `Bool`.
+    Not,
+    /// `I64` to `F32`.
+    ToF32,
+    /// `F32` to `I64`, truncating and saturating.
+    ToI64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    /// `I64` only.
+    Rem,
+    Min,
+    Max,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+    /// `Bool` only.
+    And,
+    /// `Bool` only.
+    Or,
+}
+
+impl BinOp {
+    pub fn is_comparison(self) -> bool {
+        matches!(
+            self,
+            BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge | BinOp::Eq | BinOp::Ne
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    F32(f32),
+    I64(i64),
+    Bool(bool),
+    Var(VarId),
+    /// The value of a scalar parameter.
+    Scalar(ParamId),
+    /// Element `index` (an `I64`) of a buffer parameter.
+    Load {
+        buf: ParamId,
+        index: Box<Expr>,
+    },
+    ArrayLoad {
+        array: ArrayId,
+        index: Box<Expr>,
+    },
+    Unary(UnOp, Box<Expr>),
+    Binary(BinOp, Box<Expr>, Box<Expr>),
+    /// `if cond { a } else { b }`; `a` and `b` have the same type.
+    Select(Box<Expr>, Box<Expr>, Box<Expr>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    Set(VarId, Expr),
+    Store {
+        buf: ParamId,
+        index: Expr,
+        value: Expr,
+    },
+    ArrayStore {
+        array: ArrayId,
+        index: Expr,
+        value: Expr,
+    },
+    /// `for var in start..end` (both `I64`, evaluated once, step 1). The loop
+    /// variable must be an `I64` variable the body does not assign.
+    For {
+        var: VarId,
+        start: Expr,
+        end: Expr,
+        body: Vec<Stmt>,
+    },
+    If {
+        cond: Expr,
+        then: Vec<Stmt>,
+        otherwise: Vec<Stmt>,
+    },
+}
+
+/// A kernel description.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    /// A name made of `[a-z0-9_]` only (it becomes a symbol in generated code).
+    pub name: String,
+    pub params: Vec<Param>,
+    /// Scalar variables; `vars[0]` is the row index ([`ROW`], `I64`).
+    pub vars: Vec<VarDecl>,
+    pub arrays: Vec<ArrayDecl>,
+    pub body: Vec<Stmt>,
+}
+
+/// Why a launch failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LaunchError {
+    /// A load or store outside its buffer; the index and the buffer's length.
+    OutOfBounds {
+        param: String,
+        index: i64,
+        len: u64,
+    },
+    DivideByZero,
+    /// The arguments do not match the parameters (count, kind or element type).
+    BadArguments(String),
+}
+
+impl fmt::Display for LaunchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LaunchError::OutOfBounds { param, index, len } => write!(
+                f,
+                "index {index} is outside buffer `{param}` of {len} elements"
+            ),
+            LaunchError::DivideByZero => write!(f, "integer division by zero"),
+            LaunchError::BadArguments(why) => write!(f, "bad launch arguments: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for LaunchError {}
+
+/// One launch argument, in the order of [`Kernel::params`]: a buffer as its
+/// bytes (whose length must be a multiple of the element size), or a scalar.
+#[derive(Debug)]
+pub enum Arg<'a> {
+    /// A buffer the kernel only reads.
+    Read(&'a [u8]),
+    /// A buffer the kernel writes (or reads and writes).
+    Write(&'a mut [u8]),
+    F32(f32),
+    I64(i64),
+}
