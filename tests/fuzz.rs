@@ -17,8 +17,10 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The longest any one step may take on one input, in a debug build.
-const TIME_LIMIT: Duration = Duration::from_secs(2);
+/// The longest any one step may take on one input, in a debug build. This is
+/// a guard against hangs and quadratic blow-ups (which take minutes on these
+/// inputs), not a benchmark: it is generous so a loaded CI machine passes.
+const TIME_LIMIT: Duration = Duration::from_secs(15);
 
 fn cases() -> u32 {
     std::env::var("MOEC_FUZZ_CASES")

@@ -16,7 +16,7 @@ use egg::{Id, RecExpr};
 use moec_runtime::plan::{
     A2aAlgorithm, Buffer, BufferRole, CapacityConfig, Choices, CollectiveKind, CollectiveScope,
     DType, Epilogue, GemmWeight, Kernel, KernelKind, MemoryPlan, Op, OpKind, Phase, Plan, Stream,
-    StreamRole, WeightOn, PLAN_FORMAT_VERSION,
+    StreamRole, WeightOn, PLAN_FORMAT_VERSION, Activation, GroupScore, Scoring, SoftmaxOver,
 };
 use std::collections::BTreeMap;
 
@@ -519,11 +519,37 @@ impl<'a> Builder<'a> {
             .groups
             .map(|g| (g.count as i64, g.kept as i64))
             .unwrap_or((1, 1));
+        let group_score = match r.groups.map(|g| g.score) {
+            Some(GroupScore::Max) => 1,
+            _ => 0,
+        };
         self.constants(&[
             ("experts", m.experts as i64),
             ("top_k", m.top_k as i64),
             ("groups", groups),
             ("groups_kept", kept),
+            ("scoring", i64::from(r.scoring == Scoring::Sigmoid)),
+            ("softmax_over", i64::from(r.softmax_over == SoftmaxOver::Topk)),
+            ("selection_bias", i64::from(r.selection_bias)),
+            ("group_score", group_score),
+            ("normalize", i64::from(r.normalize)),
+        ])
+    }
+
+    /// Constants of an activation kernel for an FFN of `width` columns.
+    fn activation_constants(&self, width: u64, ffn: Activation) -> Vec<(String, i64)> {
+        let act = match ffn {
+            Activation::Swiglu { .. } => 0,
+            Activation::Gelu => 1,
+            Activation::GeluTanh => 2,
+            Activation::Relu => 3,
+        };
+        let clamped = matches!(ffn, Activation::Swiglu { limit: Some(_) });
+        self.constants(&[
+            ("ffn", width as i64),
+            ("gated", i64::from(ffn.gated())),
+            ("act", act),
+            ("clamped", i64::from(clamped)),
         ])
     }
 
@@ -568,10 +594,12 @@ impl<'a> Builder<'a> {
                 ..
             }
         );
+        // Probs drops need every assignment's weight; the other modes need the
+        // per-chunk, per-expert counts (a chunk's dispatch moves only its rows).
         let (meta_shape, meta_dtype) = if probs {
             (vec![t, 2 * k], DType::I32)
         } else {
-            (vec![e], DType::I32)
+            (vec![self.chunks, e], DType::I32)
         };
         let counts = self.buffer(
             "assign_meta",
@@ -615,7 +643,9 @@ impl<'a> Builder<'a> {
                 CapacityConfig::Dropless => CollectiveKind::CountExchange,
                 CapacityConfig::Limited { .. } => CollectiveKind::AllGather,
             };
-            let sent = cost::assign_exchange_bytes(m, t as f64).round() as u64;
+            // Counts travel per chunk (the cost model's figure is for one chunk).
+            let per_chunk = if probs { 1.0 } else { self.chunks as f64 };
+            let sent = (cost::assign_exchange_bytes(m, t as f64) * per_chunk).round() as u64;
             let peers = group - 1;
             self.push(PendingOp {
                 stream: COMM,
@@ -922,8 +952,7 @@ impl<'a> Builder<'a> {
                     vec![meta.rows, meta.cols],
                     BufferRole::Scratch,
                 );
-                let consts =
-                    self.constants(&[("ffn", m.ffn_local as i64), ("gated", i64::from(m.gated))]);
+                let consts = self.activation_constants(m.ffn_local, m.layer.ffn);
                 let kernel = self.kernel(KernelKind::Activation, "activation", consts);
                 let op = self.op_launch(
                     "activation",
@@ -1173,8 +1202,14 @@ impl<'a> Builder<'a> {
             MoeIr::SharedAct(u) => {
                 let input = self.emit_shared(*u)?;
                 let out = self.buffer("shared_act", m.dtype, vec![t, width], BufferRole::Scratch);
-                let consts = self.constants(&[("ffn", width as i64), ("gated", i64::from(gated))]);
-                let kernel = self.kernel(KernelKind::Activation, "activation", consts);
+                let ffn = m
+                    .layer
+                    .shared
+                    .as_ref()
+                    .map(|s| s.ffn)
+                    .unwrap_or(m.layer.ffn);
+                let consts = self.activation_constants(width, ffn);
+                let kernel = self.kernel(KernelKind::Activation, "shared_activation", consts);
                 self.launch(
                     COMPUTE,
                     "shared activation",
