@@ -423,8 +423,8 @@ impl LayerWeights {
     /// then for each expert in order `gate_proj.weight`, `gate_proj.bias`,
     /// `up_proj.weight`, `up_proj.bias`, `down_proj.weight`, `down_proj.bias`
     /// (those the layer has), then the shared experts in the same order, then
-    /// the shared gate. Changing one expert's FFN kind or bias therefore
-    /// changes the values of the experts after it.
+    /// the shared gate. A layer that differs in a size, an FFN kind or a bias
+    /// therefore gets different values from the first tensor that differs on.
     ///
     /// # Panics
     ///
@@ -485,8 +485,10 @@ impl LayerWeights {
     }
 
     /// Checks that every tensor has the length the layer implies and is
-    /// present exactly when the layer has it. For weights built by hand;
-    /// [`LayerWeights::random`] and [`LayerWeights::load`] always pass.
+    /// present exactly when the layer has it, and that the layer's dtype is a
+    /// storage dtype (f32, bf16, f16). For weights built by hand;
+    /// [`LayerWeights::random`] and [`LayerWeights::load`] always pass. The
+    /// values themselves are not looked at.
     pub fn check(&self, layer: &LayerConfig) -> Result<(), WeightsError> {
         storage_dtype(layer)?;
         let d = Dims::of(layer)?;
