@@ -6,5 +6,6 @@
 //! CPU executor and the CUDA backend land here next (see ARCHITECTURE.md).
 
 pub mod plan;
+pub mod weights;
 
 pub use plan::{Plan, PlanError, PLAN_FORMAT_VERSION};
