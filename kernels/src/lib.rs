@@ -13,5 +13,9 @@
 //! and loop bounds in the description, so a backend compiles one kernel per
 //! distinct shape and never branches on them at run time.
 
+pub mod build;
+pub mod check;
+pub mod interp;
 pub mod ir;
+pub mod library;
 pub mod scalar;
