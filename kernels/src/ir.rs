@@ -327,16 +327,6 @@ pub enum Arg<'a> {
     I64(i64),
 }
 
-impl fmt::Display for Ty {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Ty::F32 => "f32",
-            Ty::I64 => "i64",
-            Ty::Bool => "bool",
-        })
-    }
-}
-
 /// Prints a kernel as readable pseudo-code, for debugging and docs (not a
 /// format anything parses). Variables and arrays print by name, with `#id`
 /// added where two share a name.
@@ -357,24 +347,32 @@ impl fmt::Display for Kernel {
                     };
                     write!(f, "{}: {}[] {access}", param.name, elem.name())?;
                 }
-                ParamKind::Scalar(ty) => write!(f, "{}: {ty}", param.name)?,
+                ParamKind::Scalar(ty) => write!(f, "{}: {}", param.name, ty_name(ty))?,
             }
         }
         writeln!(f, ") {{")?;
         for (i, v) in self.vars.iter().enumerate() {
-            writeln!(f, "    var {}: {}", p.var(VarId(i as u32)), v.ty)?;
+            writeln!(f, "    var {}: {}", p.var(VarId(i as u32)), ty_name(v.ty))?;
         }
         for (i, a) in self.arrays.iter().enumerate() {
             writeln!(
                 f,
                 "    array {}: {}[{}]",
                 p.array(ArrayId(i as u32)),
-                a.ty,
+                ty_name(a.ty),
                 a.len
             )?;
         }
         p.block(f, &self.body, 1)?;
         writeln!(f, "}}")
+    }
+}
+
+fn ty_name(t: Ty) -> &'static str {
+    match t {
+        Ty::F32 => "f32",
+        Ty::I64 => "i64",
+        Ty::Bool => "bool",
     }
 }
 

@@ -527,3 +527,33 @@ fn router_constants_are_validated() {
     assert!(describe(Kind::RouterNormalize, &consts(&[("top_k", 2)])).is_ok());
     assert!(describe(Kind::RouterBias, &consts(&[("experts", 2)])).is_ok());
 }
+
+#[test]
+fn random_router_configurations() {
+    let mut rng = Rng::new(9);
+    for _ in 0..60 {
+        let groups = 1 + rng.below(4) as usize;
+        let per_group = 1 + rng.below(5) as usize;
+        let experts = groups * per_group;
+        let kept = 1 + rng.below(groups as u64) as usize;
+        let top_k = 1 + rng.below((kept * per_group) as u64) as usize;
+        let sigmoid = rng.below(2) == 1;
+        let cfg = Cfg {
+            experts,
+            top_k,
+            groups,
+            kept,
+            sigmoid,
+            over_topk: !sigmoid && rng.below(3) == 0,
+            bias: (rng.below(2) == 1).then(|| rng.vec(experts, -0.3, 0.3)),
+            group_max: rng.below(2) == 1,
+            normalize: rng.below(2) == 1,
+            scale: rng.f32(0.5, 3.0),
+        };
+        // Coarse logits make exact ties common.
+        let l: Vec<f32> = (0..4 * experts)
+            .map(|_| (rng.below(5) as f32) - 2.0)
+            .collect();
+        check_fused(&cfg, &l);
+    }
+}
