@@ -326,3 +326,201 @@ pub enum Arg<'a> {
     F32(f32),
     I64(i64),
 }
+
+/// Prints a kernel as readable pseudo-code, for debugging and docs (not a
+/// format anything parses). Variables and arrays print by name, with `#id`
+/// added where two share a name.
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = Printer { k: self };
+        write!(f, "kernel {}(", self.name)?;
+        for (i, param) in self.params.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            match param.kind {
+                ParamKind::Buffer { elem, access } => {
+                    let access = match access {
+                        Access::Read => "read",
+                        Access::Write => "write",
+                        Access::ReadWrite => "read_write",
+                    };
+                    write!(f, "{}: {}[] {access}", param.name, elem.name())?;
+                }
+                ParamKind::Scalar(ty) => write!(f, "{}: {}", param.name, ty_name(ty))?,
+            }
+        }
+        writeln!(f, ") {{")?;
+        for (i, v) in self.vars.iter().enumerate() {
+            writeln!(f, "    var {}: {}", p.var(VarId(i as u32)), ty_name(v.ty))?;
+        }
+        for (i, a) in self.arrays.iter().enumerate() {
+            writeln!(
+                f,
+                "    array {}: {}[{}]",
+                p.array(ArrayId(i as u32)),
+                ty_name(a.ty),
+                a.len
+            )?;
+        }
+        p.block(f, &self.body, 1)?;
+        writeln!(f, "}}")
+    }
+}
+
+fn ty_name(t: Ty) -> &'static str {
+    match t {
+        Ty::F32 => "f32",
+        Ty::I64 => "i64",
+        Ty::Bool => "bool",
+    }
+}
+
+struct Printer<'k> {
+    k: &'k Kernel,
+}
+
+impl Printer<'_> {
+    fn var(&self, v: VarId) -> String {
+        match self.k.vars.get(v.0 as usize) {
+            Some(d) if self.k.vars.iter().filter(|o| o.name == d.name).count() == 1 => {
+                d.name.clone()
+            }
+            Some(d) => format!("{}#{}", d.name, v.0),
+            None => format!("var#{}", v.0),
+        }
+    }
+
+    fn array(&self, a: ArrayId) -> String {
+        match self.k.arrays.get(a.0 as usize) {
+            Some(d) if self.k.arrays.iter().filter(|o| o.name == d.name).count() == 1 => {
+                d.name.clone()
+            }
+            Some(d) => format!("{}#{}", d.name, a.0),
+            None => format!("array#{}", a.0),
+        }
+    }
+
+    fn param(&self, p: ParamId) -> String {
+        self.k
+            .params
+            .get(p.0 as usize)
+            .map_or_else(|| format!("param#{}", p.0), |d| d.name.clone())
+    }
+
+    fn block(&self, f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::Result {
+        let pad = "    ".repeat(depth);
+        for s in body {
+            match s {
+                Stmt::Set(v, e) => writeln!(f, "{pad}{} = {}", self.var(*v), self.expr(e))?,
+                Stmt::Store { buf, index, value } => writeln!(
+                    f,
+                    "{pad}{}[{}] = {}",
+                    self.param(*buf),
+                    self.expr(index),
+                    self.expr(value)
+                )?,
+                Stmt::ArrayStore {
+                    array,
+                    index,
+                    value,
+                } => writeln!(
+                    f,
+                    "{pad}{}[{}] = {}",
+                    self.array(*array),
+                    self.expr(index),
+                    self.expr(value)
+                )?,
+                Stmt::For {
+                    var,
+                    start,
+                    end,
+                    body,
+                } => {
+                    writeln!(
+                        f,
+                        "{pad}for {} in {} .. {} {{",
+                        self.var(*var),
+                        self.expr(start),
+                        self.expr(end)
+                    )?;
+                    self.block(f, body, depth + 1)?;
+                    writeln!(f, "{pad}}}")?;
+                }
+                Stmt::If {
+                    cond,
+                    then,
+                    otherwise,
+                } => {
+                    writeln!(f, "{pad}if {} {{", self.expr(cond))?;
+                    self.block(f, then, depth + 1)?;
+                    if !otherwise.is_empty() {
+                        writeln!(f, "{pad}}} else {{")?;
+                        self.block(f, otherwise, depth + 1)?;
+                    }
+                    writeln!(f, "{pad}}}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn expr(&self, e: &Expr) -> String {
+        match e {
+            Expr::F32(v) if v.is_nan() => "nan".into(),
+            Expr::F32(v) if v.is_infinite() => if *v > 0.0 { "inf" } else { "-inf" }.into(),
+            Expr::F32(v) => format!("{v:?}"),
+            Expr::I64(v) => v.to_string(),
+            Expr::Bool(v) => v.to_string(),
+            Expr::Var(v) => self.var(*v),
+            Expr::Scalar(p) => self.param(*p),
+            Expr::Load { buf, index } => format!("{}[{}]", self.param(*buf), self.expr(index)),
+            Expr::ArrayLoad { array, index } => {
+                format!("{}[{}]", self.array(*array), self.expr(index))
+            }
+            Expr::Unary(op, a) => {
+                let a = self.expr(a);
+                match op {
+                    UnOp::Neg => format!("-{a}"),
+                    UnOp::Not => format!("!{a}"),
+                    UnOp::Abs => format!("abs({a})"),
+                    UnOp::Exp => format!("exp({a})"),
+                    UnOp::Log => format!("log({a})"),
+                    UnOp::Sqrt => format!("sqrt({a})"),
+                    UnOp::Tanh => format!("tanh({a})"),
+                    UnOp::Erf => format!("erf({a})"),
+                    UnOp::Floor => format!("floor({a})"),
+                    UnOp::ToF32 => format!("f32({a})"),
+                    UnOp::ToI64 => format!("i64({a})"),
+                }
+            }
+            Expr::Binary(op, a, b) => {
+                let (a, b) = (self.expr(a), self.expr(b));
+                let sym = match op {
+                    BinOp::Min => return format!("min({a}, {b})"),
+                    BinOp::Max => return format!("max({a}, {b})"),
+                    BinOp::Add => "+",
+                    BinOp::Sub => "-",
+                    BinOp::Mul => "*",
+                    BinOp::Div => "/",
+                    BinOp::Rem => "%",
+                    BinOp::Lt => "<",
+                    BinOp::Le => "<=",
+                    BinOp::Gt => ">",
+                    BinOp::Ge => ">=",
+                    BinOp::Eq => "==",
+                    BinOp::Ne => "!=",
+                    BinOp::And => "&&",
+                    BinOp::Or => "||",
+                };
+                format!("({a} {sym} {b})")
+            }
+            Expr::Select(c, a, b) => format!(
+                "select({}, {}, {})",
+                self.expr(c),
+                self.expr(a),
+                self.expr(b)
+            ),
+        }
+    }
+}

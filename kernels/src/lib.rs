@@ -12,6 +12,26 @@
 //! (hidden size, experts, top-k, dtypes, ...): the constants become literals
 //! and loop bounds in the description, so a backend compiles one kernel per
 //! distinct shape and never branches on them at run time.
+//!
+//! The modules, in the order a kernel meets them:
+//!
+//! - [`ir`]: the language and the semantics every backend implements;
+//!   [`scalar`]: those semantics for single values (rounding, NaN-propagating
+//!   `min`/`max`, `exp` and friends), shared by the interpreter and the
+//!   Cranelift backend so that they agree bit for bit;
+//! - [`build`]: a builder that makes descriptions read like code;
+//! - [`check`]: the type checker every description passes before a backend
+//!   sees it;
+//! - [`library`]: the MoE kernels, written with the builder;
+//! - [`interp`]: the reference interpreter, the oracle of the backends' tests.
+//!
+//! A description prints as pseudo-code with `{}` ([`ir::Kernel`]'s
+//! `Display`), which is the quickest way to see what a kernel does with a
+//! given set of constants.
 
+pub mod build;
+pub mod check;
+pub mod interp;
 pub mod ir;
+pub mod library;
 pub mod scalar;
