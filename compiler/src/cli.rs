@@ -90,6 +90,59 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compile a .moe file and run the layer: on the CPU, every rank a thread.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    file: PathBuf,
+    /// Where to run: `cpu` (every rank a thread of this process).
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
+    /// Ranks (one EP group; nodes keep the file's GPUs per node). Default: the file's mesh.
+    #[arg(long)]
+    ranks: Option<u64>,
+    /// Tokens per rank. Default: the file's `tokens_per_rank`.
+    #[arg(long)]
+    tokens: Option<u64>,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Storage dtype of activations and weights (accumulation is f32).
+    #[arg(long, value_enum)]
+    dtype: Option<RunDtype>,
+    /// Model width, to shrink a real layer for a quick run.
+    #[arg(long)]
+    hidden: Option<u64>,
+    /// Experts' intermediate size (shared experts scale with it).
+    #[arg(long)]
+    ffn: Option<u64>,
+    /// Load the weights from a safetensors checkpoint (Hugging Face names).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Prefix of the layer's tensor names in the checkpoint, e.g. `model.layers.3.`.
+    #[arg(long, default_value = "", requires = "weights")]
+    prefix: String,
+    /// Write `run.safetensors` (inputs, outputs, weights) and `config.json` here.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Also run K times with the streams interleaved in random legal orders and
+    /// fail if any output differs (a race check of the plan's events).
+    #[arg(long, value_name = "K")]
+    shuffle: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Backend {
+    Cpu,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum RunDtype {
+    F32,
+    Bf16,
+    F16,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -159,6 +212,7 @@ where
         Command::Build { file, output, emit } => ctx.build(&file, output.as_deref(), emit),
         Command::Explain { file } => ctx.explain(&file),
         Command::Simulate { file, tokens, json } => ctx.simulate(&file, tokens, json),
+        Command::Run(args) => ctx.run(&args),
     };
     match result {
         Ok(code) => code,
@@ -453,4 +507,208 @@ impl Ctx<'_> {
         }
         Ok(EXIT_OK)
     }
+}
+
+/// Largest total activation memory `moec run` allocates without being told to
+/// shrink the layer.
+const RUN_MEMORY_LIMIT: u64 = 16 << 30;
+
+impl Ctx<'_> {
+    fn run(&mut self, a: &RunArgs) -> Result<i32, Failure> {
+        use moec_runtime::cpu::{CpuBackend, CpuOptions};
+        use moec_runtime::weights::{random_inputs, save_run, LayerWeights};
+        let Backend::Cpu = a.backend;
+        let source = read(&a.file)?;
+        let checked = moec_lang::check_source(&source);
+        self.report(&a.file, &source, &checked)?;
+        let Some((program, _)) = &checked.program else {
+            let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
+            writeln!(self.err, "{}: {errors} error(s)", a.file.display()).map_err(io)?;
+            return Ok(EXIT_REJECTED);
+        };
+        let mut program = program.clone();
+        let overrides = crate::run::Overrides {
+            ranks: a.ranks,
+            tokens: a.tokens,
+            dtype: a.dtype.map(|d| match d {
+                RunDtype::F32 => moec_lang::spec::DType::F32,
+                RunDtype::Bf16 => moec_lang::spec::DType::Bf16,
+                RunDtype::F16 => moec_lang::spec::DType::F16,
+            }),
+            hidden: a.hidden,
+            ffn: a.ffn,
+        };
+        crate::run::apply(&mut program, &overrides).map_err(|e| Failure(EXIT_USAGE, e))?;
+        let compiled = compile(&program, &Options::default())
+            .map_err(|e| Failure(EXIT_REJECTED, format!("{}: {e}", a.file.display())))?;
+        let plan = compiled.plan;
+        let ranks = plan.mesh.world_size();
+        let total = plan.memory.peak_activation_bytes.saturating_mul(ranks);
+        if total > RUN_MEMORY_LIMIT {
+            return Err(Failure(
+                EXIT_USAGE,
+                format!(
+                    "{} ranks need {} of activation memory in this process; shrink the layer with --hidden, --ffn, --tokens or --ranks",
+                    ranks,
+                    moec_runtime::plan::human_bytes(total)
+                ),
+            ));
+        }
+        let layer = plan.layer.clone();
+        let weights = match &a.weights {
+            Some(path) => LayerWeights::load(path, &layer, &a.prefix)
+                .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?,
+            None => LayerWeights::random(&layer, a.seed),
+        };
+        let tokens = layer.tokens_per_rank as usize;
+        let inputs = random_inputs(&layer, ranks as usize, tokens, a.seed);
+        writeln!(
+            self.out,
+            "moec run: layer {} on {} rank(s), cpu backend; {} tokens per rank, hidden {}, {} experts x {}({}), {}, seed {}",
+            layer.name,
+            ranks,
+            tokens,
+            layer.hidden,
+            layer.experts,
+            layer.ffn.name(),
+            layer.intermediate,
+            layer.dtype.name(),
+            a.seed
+        )
+        .map_err(io)?;
+        writeln!(
+            self.out,
+            "plan: {} chunk(s), {} dispatch, {} on the wire{}",
+            plan.choices.chunks,
+            match plan.choices.dispatch {
+                moec_runtime::plan::A2aAlgorithm::Flat => "flat",
+                moec_runtime::plan::A2aAlgorithm::Hierarchical => "hierarchical",
+            },
+            plan.choices.dispatch_dtype.name(),
+            if plan.choices.shared_concurrent {
+                ", shared experts beside the dispatch"
+            } else {
+                ""
+            }
+        )
+        .map_err(io)?;
+        let fail = |e: moec_runtime::cpu::ExecError| Failure(EXIT_REJECTED, e.to_string());
+        let backend = CpuBackend::new(plan, &weights, CpuOptions::default()).map_err(fail)?;
+        let result = backend.forward(&inputs).map_err(fail)?;
+        writeln!(self.out, "\n{:<12} {:>12}", "phase", "time (ms)").map_err(io)?;
+        for (phase, seconds) in &result.phase_seconds {
+            writeln!(self.out, "{:<12} {:>12.3}", phase.name(), seconds * 1e3).map_err(io)?;
+        }
+        writeln!(
+            self.out,
+            "{:<12} {:>12.3}  (phases are means over ranks; streams overlap)",
+            "wall",
+            result.wall_seconds * 1e3
+        )
+        .map_err(io)?;
+        let stats = &result.stats;
+        writeln!(self.out).map_err(io)?;
+        let per = &stats.routed_per_expert;
+        if per.len() <= 32 {
+            let list: Vec<String> = per
+                .iter()
+                .enumerate()
+                .map(|(e, n)| format!("{e}:{n}"))
+                .collect();
+            writeln!(self.out, "tokens per expert: {}", list.join(" ")).map_err(io)?;
+        } else {
+            let min = per.iter().min().copied().unwrap_or(0);
+            let max = per.iter().max().copied().unwrap_or(0);
+            writeln!(
+                self.out,
+                "tokens per expert: min {min}, mean {:.1}, max {max} over {} experts",
+                stats.assignments as f64 / per.len().max(1) as f64,
+                per.len()
+            )
+            .map_err(io)?;
+        }
+        writeln!(
+            self.out,
+            "dropped: {} of {} assignments ({:.2}%)",
+            stats.dropped,
+            stats.assignments,
+            100.0 * stats.dropped as f64 / stats.assignments.max(1) as f64
+        )
+        .map_err(io)?;
+        writeln!(
+            self.out,
+            "load imbalance (max/mean): {:.2}",
+            stats.imbalance()
+        )
+        .map_err(io)?;
+        let values = result.outputs.iter().flatten();
+        let (mut sum, mut max, mut n) = (0.0f64, 0.0f64, 0usize);
+        for v in values {
+            sum += f64::from(v.abs());
+            max = max.max(f64::from(v.abs()));
+            n += 1;
+        }
+        writeln!(
+            self.out,
+            "output: mean |y| {:.4}, max |y| {:.4}",
+            sum / n.max(1) as f64,
+            max
+        )
+        .map_err(io)?;
+        if let Some(k) = a.shuffle {
+            for seed in 0..u64::from(k) {
+                let shuffled = backend.forward_shuffled(&inputs, seed).map_err(fail)?;
+                if let Some((r, i)) = first_difference(&result.outputs, &shuffled.outputs) {
+                    writeln!(
+                        self.err,
+                        "error: race: interleaving {seed} gives a different output at rank {r}, value {i} ({} vs {}); the plan lacks an event",
+                        result.outputs[r][i], shuffled.outputs[r][i]
+                    )
+                    .map_err(io)?;
+                    return Ok(EXIT_REJECTED);
+                }
+            }
+            writeln!(
+                self.out,
+                "shuffle: {k} random interleavings gave identical outputs"
+            )
+            .map_err(io)?;
+        }
+        if let Some(dir) = &a.save {
+            save_run(
+                dir,
+                &layer,
+                &weights,
+                ranks as usize,
+                tokens,
+                &inputs,
+                &result.outputs,
+            )
+            .map_err(|e| Failure(EXIT_USAGE, e.to_string()))?;
+            writeln!(
+                self.out,
+                "saved {}/run.safetensors and config.json",
+                dir.display()
+            )
+            .map_err(io)?;
+        }
+        Ok(EXIT_OK)
+    }
+}
+
+/// The first (rank, index) where two runs' outputs differ bit for bit.
+fn first_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> Option<(usize, usize)> {
+    for (r, (x, y)) in a.iter().zip(b).enumerate() {
+        if x.len() != y.len() {
+            return Some((r, 0));
+        }
+        if let Some(i) = x
+            .iter()
+            .zip(y)
+            .position(|(p, q)| p.to_bits() != q.to_bits())
+        {
+            return Some((r, i));
+        }
+    }
+    None
 }

@@ -434,11 +434,14 @@ impl Meta {
     }
 }
 
-/// Bytes of a `rows × cols` tensor; fp8 carries one f32 scale per 128 elements.
+/// Bytes of a `rows × cols` tensor; fp8 carries one f32 scale per block of
+/// 128 elements of a row (a row's last block may be partial).
 pub fn value_bytes(rows: u64, cols: u64, dtype: DType) -> u64 {
     let elements = rows.saturating_mul(cols);
     match dtype {
-        DType::Fp8E4m3 => elements.saturating_add(elements.div_ceil(128).saturating_mul(4)),
+        DType::Fp8E4m3 => {
+            elements.saturating_add(rows.saturating_mul(cols.div_ceil(128)).saturating_mul(4))
+        }
         d => elements.saturating_mul(d.bytes()),
     }
 }

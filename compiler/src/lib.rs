@@ -12,5 +12,6 @@ pub mod cost;
 pub mod explain;
 pub mod ir;
 pub mod rules;
+pub mod run;
 pub mod schedule;
 pub mod timeline;

@@ -14,9 +14,9 @@ use crate::cost::{self, node_cost, NodeCost};
 use crate::ir::{value_bytes, Meta, Model, MoeIr};
 use egg::{Id, RecExpr};
 use moec_runtime::plan::{
-    A2aAlgorithm, Buffer, BufferRole, CapacityConfig, Choices, CollectiveKind, CollectiveScope,
-    DType, Epilogue, GemmWeight, Kernel, KernelKind, MemoryPlan, Op, OpKind, Phase, Plan, Stream,
-    StreamRole, WeightOn, PLAN_FORMAT_VERSION, Activation, GroupScore, Scoring, SoftmaxOver,
+    A2aAlgorithm, Activation, Buffer, BufferRole, CapacityConfig, Choices, CollectiveKind,
+    CollectiveScope, DType, Epilogue, GemmWeight, GroupScore, Kernel, KernelKind, MemoryPlan, Op,
+    OpKind, Phase, Plan, Scoring, SoftmaxOver, Stream, StreamRole, WeightOn, PLAN_FORMAT_VERSION,
 };
 use std::collections::BTreeMap;
 
@@ -529,7 +529,10 @@ impl<'a> Builder<'a> {
             ("groups", groups),
             ("groups_kept", kept),
             ("scoring", i64::from(r.scoring == Scoring::Sigmoid)),
-            ("softmax_over", i64::from(r.softmax_over == SoftmaxOver::Topk)),
+            (
+                "softmax_over",
+                i64::from(r.softmax_over == SoftmaxOver::Topk),
+            ),
             ("selection_bias", i64::from(r.selection_bias)),
             ("group_score", group_score),
             ("normalize", i64::from(r.normalize)),

@@ -5,6 +5,7 @@
 //! its JSON and text forms and the checks a plan passes when it is loaded. The
 //! CPU executor and the CUDA backend land here next (see ARCHITECTURE.md).
 
+pub mod cpu;
 pub mod plan;
 pub mod weights;
 

@@ -712,15 +712,16 @@ fn bytes_mismatch() {
 #[test]
 fn fp8_bytes_include_block_scales() {
     let mut plan = valid_plan();
-    // 64 x 64 = 4096 elements: 4096 bytes of fp8 plus 32 blocks x 4 bytes of scales.
+    // 64 rows x 64 columns: 4096 bytes of fp8 plus one (partial) 128-element
+    // block per row, 64 x 4 bytes of scales.
     plan.buffers[4].dtype = DType::Fp8E4m3;
     let text = error(&plan);
     assert_mentions(
         &text,
-        &["buffer b4 `send`", "expected 4224 bytes, found 8192"],
+        &["buffer b4 `send`", "expected 4352 bytes, found 8192"],
     );
-    plan.buffers[4].bytes = 4224;
-    plan.memory.total_buffer_bytes -= 8192 - 4224;
+    plan.buffers[4].bytes = 4352;
+    plan.memory.total_buffer_bytes -= 8192 - 4352;
     plan.validate().unwrap();
 }
 

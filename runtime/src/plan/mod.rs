@@ -14,7 +14,7 @@ mod text;
 mod validate;
 
 pub use text::human_bytes;
-pub use validate::{BufferRef, OpRef, PlanError, Stuck};
+pub use validate::{buffer_bytes, BufferRef, OpRef, PlanError, Stuck};
 
 use serde::{Deserialize, Serialize};
 

@@ -468,11 +468,15 @@ fn float_dtype(name: &str, dtype: DType, fp8: bool) -> Result<(), PlanError> {
     }
 }
 
-/// `product(shape) * dtype size`, plus per-128-element f32 scales for fp8.
-pub(crate) fn buffer_bytes(dtype: DType, shape: &[u64]) -> Option<u64> {
+/// `product(shape) * dtype size`; fp8 adds one f32 scale per block of 128
+/// elements of a row (the last dimension; a row's last block may be partial).
+pub fn buffer_bytes(dtype: DType, shape: &[u64]) -> Option<u64> {
     let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))?;
     if dtype == DType::Fp8E4m3 {
-        elements.checked_add(elements.div_ceil(128).checked_mul(4)?)
+        let (cols, rows) = shape.split_last().map_or((1, &[][..]), |(c, r)| (*c, r));
+        let rows = rows.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))?;
+        let scales = rows.checked_mul(cols.div_ceil(128))?.checked_mul(4)?;
+        elements.checked_add(scales)
     } else {
         elements.checked_mul(dtype.bytes())
     }

@@ -1,0 +1,103 @@
+//! `moec run`: compile a layer and execute it on a backend.
+//!
+//! The overrides (`--ranks`, `--tokens`, `--dtype`, `--hidden`, `--ffn`) edit
+//! the checked program before it is compiled, so the plan that runs is the
+//! plan `moec build` would print for the edited layer.
+
+use moec_lang::spec::{DType, Link, Placement, Program};
+
+/// Edits a checked program for a run.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub ranks: Option<u64>,
+    pub tokens: Option<u64>,
+    pub dtype: Option<DType>,
+    pub hidden: Option<u64>,
+    pub ffn: Option<u64>,
+}
+
+/// Applies `o` to `program`, or says why it cannot.
+pub fn apply(program: &mut Program, o: &Overrides) -> Result<(), String> {
+    let layer = &mut program.layer;
+    if let Some(t) = o.tokens {
+        if t == 0 {
+            return Err("--tokens must be at least 1".into());
+        }
+        layer.tokens_per_rank = t;
+    }
+    if let Some(d) = o.dtype {
+        layer.dtype = d;
+    }
+    if let Some(h) = o.hidden {
+        if h == 0 {
+            return Err("--hidden must be at least 1".into());
+        }
+        layer.hidden = h;
+    }
+    if let Some(f) = o.ffn {
+        if f == 0 {
+            return Err("--ffn must be at least 1".into());
+        }
+        // Shared experts keep their size relative to the routed ones
+        // (Qwen2-MoE's shared expert is 8 times wider).
+        if let Some(shared) = layer.shared.as_mut() {
+            let scaled = (shared.intermediate as f64 * f as f64
+                / layer.experts.intermediate.max(1) as f64)
+                .round() as u64;
+            shared.intermediate = scaled.max(1);
+        }
+        layer.experts.intermediate = f;
+    }
+    if let Some(n) = o.ranks {
+        reshape_mesh(program, n)?;
+    }
+    Ok(())
+}
+
+/// `--ranks N`: one EP group of `N` ranks, filling nodes of the file's size.
+fn reshape_mesh(program: &mut Program, ranks: u64) -> Result<(), String> {
+    let experts = program.layer.experts.count;
+    let mesh = &mut program.mesh;
+    if ranks == 0 {
+        return Err("--ranks must be at least 1".into());
+    }
+    if mesh.etp != 1 {
+        return Err(format!(
+            "--ranks reshapes expert parallelism only; this mesh has etp = {}",
+            mesh.etp
+        ));
+    }
+    if matches!(mesh.placement, Placement::Explicit(_)) || !mesh.replicas.is_empty() {
+        return Err(
+            "--ranks cannot reshape an explicit placement or replicas; edit the mesh block instead"
+                .into(),
+        );
+    }
+    if experts % ranks != 0 {
+        return Err(format!(
+            "--ranks {ranks} does not divide the {experts} experts evenly"
+        ));
+    }
+    let gpn = mesh.gpus_per_node.max(1);
+    let (nodes, gpus_per_node) = if ranks % gpn == 0 {
+        (ranks / gpn, gpn)
+    } else {
+        (1, ranks)
+    };
+    if nodes > 1 && mesh.inter_node.is_none() {
+        // A one-node file grown to several nodes: borrow the intra-node link
+        // figures rather than invent new ones.
+        mesh.inter_node = Some(Link {
+            bandwidth: mesh.intra_node.bandwidth,
+            latency: mesh.intra_node.latency,
+        });
+    }
+    if nodes == 1 {
+        mesh.inter_node = None;
+    }
+    mesh.nodes = nodes;
+    mesh.gpus_per_node = gpus_per_node;
+    mesh.ep = ranks;
+    mesh.dp = 1;
+    Ok(())
+}

@@ -1,0 +1,1371 @@
+//! The executor: runs a plan's streams on every rank.
+//!
+//! Two schedules run the same ops:
+//! - **Concurrent** ([`CpuBackend::forward`]): every rank is a group of
+//!   threads, one per stream; a stream is an in-order queue; the plan's events
+//!   are real synchronisation (mutex and condition variable); collectives go
+//!   through a [`Comm`]. A failing rank aborts the comm and the events, so the
+//!   others return an error instead of waiting.
+//! - **Shuffled** ([`CpuBackend::forward_shuffled`]): one thread runs every
+//!   rank's streams, picking at each step a random op among those the plan's
+//!   events and collectives allow. Different seeds give different legal
+//!   interleavings; if the outputs differ, the plan lacks an event (`moec run
+//!   --shuffle K`).
+
+use super::comm::{copy_runs, Comm, CommError, InProcessComm, Incoming, Outgoing, Run, Tag};
+use super::gemm::matmul_wt;
+use super::jit::{JitKernel, RawArg};
+use super::layout::{assign_count, assign_place, ChunkTable, Geometry, Placement, Routing};
+use super::memory::{self, Arena, Region};
+use crate::plan::{
+    Activation, Buffer, BufferRole, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight,
+    KernelKind, Op, OpKind, Phase, Plan,
+};
+use crate::weights::{Ffn, LayerWeights};
+use moec_kernels::library::{self, Kind};
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// An error of one rank, with the op it happened at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecError {
+    pub rank: Option<usize>,
+    pub op: Option<String>,
+    pub message: String,
+}
+
+impl ExecError {
+    fn new(message: impl Into<String>) -> ExecError {
+        ExecError {
+            rank: None,
+            op: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ExecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.rank, &self.op) {
+            (Some(r), Some(op)) => write!(f, "rank {r}, {op}: {}", self.message),
+            (Some(r), None) => write!(f, "rank {r}: {}", self.message),
+            _ => write!(f, "{}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ExecError {}
+
+/// Settings of the CPU backend.
+#[derive(Clone, Debug)]
+pub struct CpuOptions {
+    /// How long a rank waits for an event or a peer before giving up.
+    pub timeout: Duration,
+    /// Threads each GEMM may use (1: the calling stream's thread only).
+    pub gemm_threads: usize,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        CpuOptions {
+            timeout: Duration::from_secs(300),
+            gemm_threads: 1,
+        }
+    }
+}
+
+/// Routing figures of one forward pass, summed over every rank.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoutingStats {
+    /// Assignments routed to each expert (before capacity drops).
+    pub routed_per_expert: Vec<u64>,
+    /// Assignments dropped by capacity.
+    pub dropped: u64,
+    /// Total assignments (tokens × top_k over all ranks).
+    pub assignments: u64,
+}
+
+impl RoutingStats {
+    /// The busiest expert's load over the mean load.
+    pub fn imbalance(&self) -> f64 {
+        let n = self.routed_per_expert.len().max(1) as f64;
+        let total: u64 = self.routed_per_expert.iter().sum();
+        let max = self.routed_per_expert.iter().copied().max().unwrap_or(0);
+        if total == 0 {
+            1.0
+        } else {
+            max as f64 / (total as f64 / n)
+        }
+    }
+}
+
+/// The result of a forward pass.
+#[derive(Clone, Debug)]
+pub struct Forward {
+    /// Per rank, `[tokens, hidden]` as f32 (values rounded to the layer dtype).
+    pub outputs: Vec<Vec<f32>>,
+    pub stats: RoutingStats,
+    /// Seconds spent in ops of each phase, averaged over ranks (streams overlap,
+    /// so the phases may sum to more than the wall time).
+    pub phase_seconds: BTreeMap<Phase, f64>,
+    /// Wall time of the pass.
+    pub wall_seconds: f64,
+}
+
+/// An FFN's weights laid out for the GEMMs: the gate and up projections
+/// stacked (`[gate; up]`, `[2F, H]` for SwiGLU), the down projection `[H, F]`.
+struct PreparedFfn {
+    up: Vec<f32>,
+    up_bias: Option<Vec<f32>>,
+    up_rows: usize,
+    down: Vec<f32>,
+    down_bias: Option<Vec<f32>>,
+    width: usize,
+}
+
+impl PreparedFfn {
+    fn new(ffn: &Ffn, hidden: usize) -> PreparedFfn {
+        let mut up = Vec::with_capacity(ffn.up.len() * 2);
+        let mut up_bias = None;
+        if let Some(gate) = &ffn.gate {
+            up.extend_from_slice(gate);
+            if let (Some(gb), Some(ub)) = (&ffn.gate_bias, &ffn.up_bias) {
+                up_bias = Some(gb.iter().chain(ub).copied().collect());
+            }
+        } else {
+            up_bias = ffn.up_bias.clone();
+        }
+        up.extend_from_slice(&ffn.up);
+        let up_rows = up.len() / hidden.max(1);
+        PreparedFfn {
+            up,
+            up_bias,
+            up_rows,
+            down: ffn.down.clone(),
+            down_bias: ffn.down_bias.clone(),
+            width: ffn.width,
+        }
+    }
+}
+
+/// A plan made ready to run on the CPU: kernels compiled, weights laid out.
+pub struct CpuBackend {
+    plan: Plan,
+    geo: Geometry,
+    regions: Vec<Region>,
+    arena_bytes: usize,
+    /// One compiled kernel per plan kernel (`None` for the native assignment kernels).
+    kernels: Vec<Option<JitKernel>>,
+    /// The activation applied in a GEMM epilogue (reads the f32 GEMM result).
+    expert_epilogue: Option<JitKernel>,
+    shared_epilogue: Option<JitKernel>,
+    router: Vec<f32>,
+    router_bias: Vec<f32>,
+    experts: Vec<PreparedFfn>,
+    shared: Option<PreparedFfn>,
+    shared_gate: Vec<f32>,
+    world: usize,
+    options: CpuOptions,
+    passes: AtomicU64,
+}
+
+fn kind_of(kind: KernelKind) -> Option<Kind> {
+    Some(match kind {
+        KernelKind::RouterFused => Kind::RouterFused,
+        KernelKind::RouterScores => Kind::RouterScores,
+        KernelKind::RouterBias => Kind::RouterBias,
+        KernelKind::RouterGroupSelect => Kind::RouterGroupSelect,
+        KernelKind::RouterTopk => Kind::RouterTopk,
+        KernelKind::RouterNormalize => Kind::RouterNormalize,
+        KernelKind::RouterScale => Kind::RouterScale,
+        KernelKind::Permute => Kind::Permute,
+        KernelKind::Pack => Kind::Pack,
+        KernelKind::PermutePack => Kind::PermutePack,
+        KernelKind::QuantizeFp8 => Kind::QuantizeFp8,
+        KernelKind::DequantizeFp8 => Kind::DequantizeFp8,
+        KernelKind::Activation => Kind::Activation,
+        KernelKind::Unpermute => Kind::Unpermute,
+        KernelKind::WeightedSum => Kind::WeightedSum,
+        KernelKind::UnpermuteWeightedSum => Kind::UnpermuteWeightedSum,
+        KernelKind::SharedGate => Kind::SharedGate,
+        KernelKind::Add => Kind::Add,
+        KernelKind::Assign | KernelKind::ScaleRows => return None,
+    })
+}
+
+fn dtype_code(d: DType) -> i64 {
+    match d {
+        DType::F32 => 0,
+        DType::Bf16 => 1,
+        DType::F16 => 2,
+        DType::Fp8E4m3 => 3,
+        DType::I32 => 4,
+        DType::U8 => 5,
+    }
+}
+
+fn activation_constants(plan: &Plan, width: usize, ffn: Activation) -> Vec<(String, i64)> {
+    let act = match ffn {
+        Activation::Swiglu { .. } => 0,
+        Activation::Gelu => 1,
+        Activation::GeluTanh => 2,
+        Activation::Relu => 3,
+    };
+    vec![
+        ("act".into(), act),
+        (
+            "clamped".into(),
+            i64::from(matches!(ffn, Activation::Swiglu { limit: Some(_) })),
+        ),
+        ("dtype".into(), dtype_code(plan.layer.dtype)),
+        ("ffn".into(), width as i64),
+        ("gated".into(), i64::from(ffn.gated())),
+        ("hidden".into(), plan.layer.hidden as i64),
+        ("in_dtype".into(), 0),
+    ]
+}
+
+fn compile(kind: Kind, constants: &[(String, i64)]) -> Result<JitKernel, ExecError> {
+    let desc = library::describe(kind, constants)
+        .map_err(|e| ExecError::new(format!("kernel `{}`: {e}", kind.name())))?;
+    JitKernel::compile(&desc).map_err(|e| ExecError::new(format!("kernel `{}`: {e}", kind.name())))
+}
+
+impl CpuBackend {
+    /// Prepares `plan` (already validated) with `weights` for `world` ranks.
+    pub fn new(
+        plan: Plan,
+        weights: &LayerWeights,
+        options: CpuOptions,
+    ) -> Result<CpuBackend, ExecError> {
+        let geo = Geometry::new(&plan).map_err(ExecError::new)?;
+        let world = usize::try_from(plan.mesh.world_size())
+            .map_err(|_| ExecError::new("the mesh is too large"))?;
+        let group = geo.group;
+        if world == 0 || world % group != 0 {
+            return Err(ExecError::new(format!(
+                "{world} ranks do not divide into EP groups of {group}"
+            )));
+        }
+        weights
+            .check(&plan.layer)
+            .map_err(|e| ExecError::new(e.to_string()))?;
+        let regions = memory::regions(&plan.buffers, plan.memory.peak_activation_bytes)
+            .map_err(ExecError::new)?;
+        let arena_bytes = usize::try_from(plan.memory.peak_activation_bytes)
+            .map_err(|_| ExecError::new("the arena does not fit this machine"))?;
+        let mut kernels = Vec::with_capacity(plan.kernels.len());
+        for k in &plan.kernels {
+            kernels.push(match kind_of(k.kind) {
+                Some(kind) => Some(compile(kind, &k.constants)?),
+                None if k.kind == KernelKind::Assign => None,
+                None => {
+                    return Err(ExecError::new(format!(
+                        "kernel `{}` of kind {:?} is not supported",
+                        k.name, k.kind
+                    )))
+                }
+            });
+        }
+        let hidden = plan.layer.hidden as usize;
+        let experts: Vec<PreparedFfn> = weights
+            .experts
+            .iter()
+            .map(|f| PreparedFfn::new(f, hidden))
+            .collect();
+        let shared = weights.shared.as_ref().map(|f| PreparedFfn::new(f, hidden));
+        let mut expert_epilogue = None;
+        let mut shared_epilogue = None;
+        for (_, op) in plan.ops() {
+            if let OpKind::Gemm {
+                weight,
+                epilogue: Epilogue::Activation,
+                ..
+            } = op.kind
+            {
+                match weight {
+                    GemmWeight::ExpertUp if expert_epilogue.is_none() => {
+                        let width = experts.first().map_or(0, |f| f.width);
+                        let c = activation_constants(&plan, width, plan.layer.ffn);
+                        expert_epilogue = Some(compile(Kind::Activation, &c)?);
+                    }
+                    GemmWeight::SharedUp if shared_epilogue.is_none() => {
+                        let (width, ffn) = match (&shared, &plan.layer.shared) {
+                            (Some(f), Some(s)) => (f.width, s.ffn),
+                            _ => {
+                                return Err(ExecError::new("a shared GEMM without shared weights"))
+                            }
+                        };
+                        let c = activation_constants(&plan, width, ffn);
+                        shared_epilogue = Some(compile(Kind::Activation, &c)?);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(CpuBackend {
+            router: weights.router.clone(),
+            router_bias: weights.router_bias.clone().unwrap_or_default(),
+            experts,
+            shared,
+            shared_gate: weights.shared_gate.clone().unwrap_or_default(),
+            plan,
+            geo,
+            regions,
+            arena_bytes,
+            kernels,
+            expert_epilogue,
+            shared_epilogue,
+            world,
+            options,
+            passes: AtomicU64::new(0),
+        })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Ranks this backend runs.
+    pub fn ranks(&self) -> usize {
+        self.world
+    }
+
+    fn buffer_index(&self, role: BufferRole) -> Result<usize, ExecError> {
+        self.plan
+            .buffers
+            .iter()
+            .position(|b| b.role == role)
+            .ok_or_else(|| ExecError::new(format!("the plan has no {role:?} buffer")))
+    }
+
+    fn check_inputs(&self, inputs: &[Vec<f32>]) -> Result<(), ExecError> {
+        let per = self.geo.tokens * self.plan.layer.hidden as usize;
+        if inputs.len() != self.world {
+            return Err(ExecError::new(format!(
+                "{} input tensors for {} ranks",
+                inputs.len(),
+                self.world
+            )));
+        }
+        for (r, x) in inputs.iter().enumerate() {
+            if x.len() != per {
+                return Err(ExecError::new(format!(
+                    "rank {r}'s input holds {} values, [{}, {}] needs {per}",
+                    x.len(),
+                    self.geo.tokens,
+                    self.plan.layer.hidden
+                )));
+            }
+            if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+                return Err(ExecError::new(format!(
+                    "rank {r}'s input has a non-finite value {} at token {}, column {}",
+                    x[i],
+                    i / self.plan.layer.hidden as usize,
+                    i % self.plan.layer.hidden as usize
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn new_ranks(&self, inputs: &[Vec<f32>]) -> Result<Vec<RankCtx>, ExecError> {
+        let x = self.buffer_index(BufferRole::Input)?;
+        let mut ranks = Vec::with_capacity(self.world);
+        for (r, input) in inputs.iter().enumerate() {
+            let arena = Arena::new(self.arena_bytes);
+            // SAFETY: the arena was just created; no other thread sees it yet.
+            let bytes = unsafe { arena.bytes_mut(self.regions[x]) };
+            memory::write_f32(input, self.plan.buffers[x].dtype, bytes);
+            ranks.push(RankCtx {
+                rank: r,
+                arena,
+                events: (0..self.plan.events).map(|_| Event::default()).collect(),
+                placement: Mutex::new(None),
+                phase_seconds: Mutex::new(BTreeMap::new()),
+            });
+        }
+        Ok(ranks)
+    }
+
+    fn finish(&self, ranks: &[RankCtx], start: Instant) -> Result<Forward, ExecError> {
+        let out = self.buffer_index(BufferRole::Output)?;
+        let hidden = self.plan.layer.hidden as usize;
+        let mut outputs = Vec::with_capacity(ranks.len());
+        let mut stats = RoutingStats {
+            routed_per_expert: vec![0; self.geo.experts],
+            ..RoutingStats::default()
+        };
+        let mut phase_seconds: BTreeMap<Phase, f64> = BTreeMap::new();
+        for ctx in ranks {
+            // SAFETY: every stream thread of this pass has finished.
+            let bytes = unsafe { ctx.arena.bytes(self.regions[out]) };
+            let mut values = vec![0.0f32; self.geo.tokens * hidden];
+            memory::read_f32(bytes, self.plan.buffers[out].dtype, &mut values);
+            outputs.push(values);
+            let placement = ctx.placement.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(p) = placement.as_ref() {
+                for (acc, n) in stats.routed_per_expert.iter_mut().zip(&p.routed_per_expert) {
+                    *acc += n;
+                }
+                stats.dropped += p.dropped;
+            }
+            for (phase, s) in ctx
+                .phase_seconds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+            {
+                *phase_seconds.entry(*phase).or_default() += s / ranks.len() as f64;
+            }
+        }
+        stats.assignments = stats.routed_per_expert.iter().sum();
+        Ok(Forward {
+            outputs,
+            stats,
+            phase_seconds,
+            wall_seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Runs the layer on `inputs` (one `[tokens, hidden]` tensor per rank),
+    /// every stream of every rank a thread.
+    pub fn forward(&self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
+        self.check_inputs(inputs)?;
+        let start = Instant::now();
+        let ranks = self.new_ranks(inputs)?;
+        let pass = self.passes.fetch_add(1, Ordering::Relaxed);
+        let comm = InProcessComm::new(self.options.timeout);
+        let abort = Abort::default();
+        let errors: Mutex<Vec<ExecError>> = Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for ctx in &ranks {
+                for (s, stream) in self.plan.streams.iter().enumerate() {
+                    let (comm, abort, errors) = (&comm, &abort, &errors);
+                    scope.spawn(move || {
+                        let run = StreamRun {
+                            backend: self,
+                            ctx,
+                            pass,
+                            abort,
+                        };
+                        for op in &stream.ops {
+                            if abort.is_set() {
+                                return;
+                            }
+                            if let Err(mut e) = run.op(op, Some(comm)) {
+                                e.rank = Some(ctx.rank);
+                                e.op = Some(format!("op #{} `{}` on stream {}", op.id, op.name, s));
+                                let text = e.to_string();
+                                errors.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+                                abort.set();
+                                comm.abort(&text);
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !errors.is_empty() {
+            // Report the root cause: the first error that is not a consequence of an abort.
+            let root = errors
+                .iter()
+                .position(|e| !e.message.starts_with("aborted"))
+                .unwrap_or(0);
+            return Err(errors.swap_remove(root));
+        }
+        self.finish(&ranks, start)
+    }
+
+    /// Runs the layer with every rank's streams interleaved, one op at a time,
+    /// in a random order the plan allows (seeded).
+    pub fn forward_shuffled(&self, inputs: &[Vec<f32>], seed: u64) -> Result<Forward, ExecError> {
+        self.check_inputs(inputs)?;
+        let start = Instant::now();
+        let ranks = self.new_ranks(inputs)?;
+        let pass = self.passes.fetch_add(1, Ordering::Relaxed);
+        let abort = Abort::default();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let streams = &self.plan.streams;
+        let mut pos = vec![vec![0usize; streams.len()]; ranks.len()];
+        loop {
+            let mut ready: Vec<(usize, usize)> = Vec::new();
+            let mut pending = false;
+            for (r, ctx) in ranks.iter().enumerate() {
+                for (s, stream) in streams.iter().enumerate() {
+                    let Some(op) = stream.ops.get(pos[r][s]) else {
+                        continue;
+                    };
+                    pending = true;
+                    let runnable = match &op.kind {
+                        OpKind::Wait { event } => {
+                            ctx.events.get(*event as usize).is_some_and(Event::is_set)
+                        }
+                        OpKind::Collective { .. } => {
+                            // Runnable once every group member is at this op.
+                            let base = r - r % self.geo.group;
+                            (base..base + self.geo.group)
+                                .all(|p| streams[s].ops.get(pos[p][s]).map(|o| o.id) == Some(op.id))
+                        }
+                        _ => true,
+                    };
+                    if runnable {
+                        ready.push((r, s));
+                    }
+                }
+            }
+            if !pending {
+                break;
+            }
+            if ready.is_empty() {
+                return Err(ExecError::new(
+                    "no op can run: the plan's streams wait on each other (deadlock)",
+                ));
+            }
+            let (r, s) = ready[rng.random_range(0..ready.len())];
+            let op = &streams[s].ops[pos[r][s]];
+            let tag_err = |mut e: ExecError, rank: usize| {
+                e.rank = Some(rank);
+                e.op = Some(format!("op #{} `{}` on stream {}", op.id, op.name, s));
+                e
+            };
+            if let OpKind::Collective { .. } = op.kind {
+                let base = r - r % self.geo.group;
+                let group: Vec<usize> = (base..base + self.geo.group).collect();
+                self.collective_direct(&ranks, &group, op)
+                    .map_err(|e| tag_err(e, r))?;
+                for p in group {
+                    pos[p][s] += 1;
+                }
+            } else {
+                let run = StreamRun {
+                    backend: self,
+                    ctx: &ranks[r],
+                    pass,
+                    abort: &abort,
+                };
+                run.op(op, None).map_err(|e| tag_err(e, r))?;
+                pos[r][s] += 1;
+            }
+        }
+        self.finish(&ranks, start)
+    }
+
+    /// Runs one collective for every member of `group` at once (shuffled mode).
+    fn collective_direct(
+        &self,
+        ranks: &[RankCtx],
+        group: &[usize],
+        op: &Op,
+    ) -> Result<(), ExecError> {
+        let OpKind::Collective { send, recv, .. } = op.kind else {
+            return Ok(());
+        };
+        let plans: Vec<CollectivePlan> = group
+            .iter()
+            .enumerate()
+            .map(|(me, &r)| self.collective_plan(&ranks[r], me, op))
+            .collect::<Result<_, _>>()?;
+        // Snapshot every send buffer first: a rank may send to itself.
+        let sends: Vec<Vec<u8>> = group
+            .iter()
+            .map(|&r| {
+                // SAFETY: single-threaded mode; nothing else touches the arena.
+                unsafe { ranks[r].arena.bytes(self.regions[send as usize]) }.to_vec()
+            })
+            .collect();
+        for (me, &r) in group.iter().enumerate() {
+            // SAFETY: single-threaded mode; this is the only live slice of the arena.
+            let dst = unsafe { ranks[r].arena.bytes_mut(self.regions[recv as usize]) };
+            for (p, plan_p) in plans.iter().enumerate() {
+                copy_runs(&sends[p], &plan_p.to[me], dst, &plans[me].from[p])
+                    .map_err(|e| ExecError::new(format!("from EP rank {p}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The byte runs one rank sends to and receives from each peer.
+    fn collective_plan(
+        &self,
+        ctx: &RankCtx,
+        me: usize,
+        op: &Op,
+    ) -> Result<CollectivePlan, ExecError> {
+        let OpKind::Collective {
+            kind,
+            scope,
+            send,
+            recv,
+            ..
+        } = op.kind
+        else {
+            return Err(ExecError::new("not a collective"));
+        };
+        if scope != CollectiveScope::EpGroup {
+            return Err(ExecError::new(
+                "hierarchical (intra-/inter-node) collectives are not implemented on the CPU backend yet",
+            ));
+        }
+        let g = self.geo.group;
+        let send_buf = &self.plan.buffers[send as usize];
+        let recv_buf = &self.plan.buffers[recv as usize];
+        match kind {
+            CollectiveKind::CountExchange | CollectiveKind::AllGather => {
+                let len = self.regions[send as usize].bytes;
+                if self.regions[recv as usize].bytes < len * g {
+                    return Err(ExecError::new(format!(
+                        "`{}` is too small to gather {g} blocks of {len} bytes",
+                        recv_buf.name
+                    )));
+                }
+                Ok(CollectivePlan {
+                    to: (0..g).map(|_| vec![Run { offset: 0, len }]).collect(),
+                    from: (0..g)
+                        .map(|p| {
+                            vec![Run {
+                                offset: p * len,
+                                len,
+                            }]
+                        })
+                        .collect(),
+                })
+            }
+            CollectiveKind::AllToAll | CollectiveKind::AllToAllV => {
+                let chunk = op.chunk.unwrap_or(0) as usize;
+                let placement = ctx.placement()?;
+                let table = placement
+                    .tables
+                    .get(chunk)
+                    .ok_or_else(|| ExecError::new(format!("no routing table for chunk {chunk}")))?;
+                let send_rows = RowLayout::of(send_buf)?;
+                let recv_rows = RowLayout::of(recv_buf)?;
+                let dispatch = op.phase != Phase::Combine;
+                // Rows on the token side (send order) and the expert side (receive order).
+                let token_side = |s: usize, e: usize, l: usize| {
+                    table.send_start(s, e, l)..table.send_start(s, e, l) + table.rows(s, e, l)
+                };
+                let expert_side = |s: usize, e: usize, l: usize| {
+                    table.recv_start(s, e, l)..table.recv_start(s, e, l) + table.rows(s, e, l)
+                };
+                let lmax = table.max_local();
+                let mut to = Vec::with_capacity(g);
+                let mut from = Vec::with_capacity(g);
+                for p in 0..g {
+                    let (out_rows, in_rows): (Vec<Range<usize>>, Vec<Range<usize>>) = if dispatch {
+                        (
+                            (0..lmax).map(|l| token_side(me, p, l)).collect(),
+                            (0..lmax).map(|l| expert_side(p, me, l)).collect(),
+                        )
+                    } else {
+                        (
+                            (0..lmax).map(|l| expert_side(p, me, l)).collect(),
+                            (0..lmax).map(|l| token_side(me, p, l)).collect(),
+                        )
+                    };
+                    to.push(send_rows.runs(&out_rows, &send_buf.name)?);
+                    from.push(recv_rows.runs(&in_rows, &recv_buf.name)?);
+                }
+                Ok(CollectivePlan { to, from })
+            }
+        }
+    }
+}
+
+/// Rows of one GEMM group, its weights `[n, k]`, bias and `n`.
+type GemmGroup<'w> = (Range<usize>, &'w [f32], Option<&'w [f32]>, usize);
+
+struct CollectivePlan {
+    to: Vec<Vec<Run>>,
+    from: Vec<Vec<Run>>,
+}
+
+/// Rows of a 2-D buffer as byte runs (fp8 buffers: data rows, then their scales).
+struct RowLayout {
+    rows: usize,
+    row_bytes: usize,
+    /// Byte offset of the scales area and bytes of one row's scales (fp8).
+    scales: Option<(usize, usize)>,
+}
+
+impl RowLayout {
+    fn of(b: &Buffer) -> Result<RowLayout, ExecError> {
+        let (rows, cols) = match b.shape.as_slice() {
+            [r, c] => (*r as usize, *c as usize),
+            [n] => (*n as usize, 1),
+            _ => return Err(ExecError::new(format!("`{}` is not a matrix", b.name))),
+        };
+        let row_bytes = cols * b.dtype.bytes() as usize;
+        let scales = (b.dtype == DType::Fp8E4m3).then(|| (rows * cols, cols.div_ceil(128) * 4));
+        Ok(RowLayout {
+            rows,
+            row_bytes,
+            scales,
+        })
+    }
+
+    fn runs(&self, rows: &[Range<usize>], name: &str) -> Result<Vec<Run>, ExecError> {
+        let mut out = Vec::new();
+        for r in rows {
+            if r.end > self.rows {
+                return Err(ExecError::new(format!(
+                    "routing needs rows {}..{} of `{name}`, which holds {} (buffer overflow)",
+                    r.start, r.end, self.rows
+                )));
+            }
+            if !r.is_empty() {
+                out.push(Run {
+                    offset: r.start * self.row_bytes,
+                    len: r.len() * self.row_bytes,
+                });
+            }
+        }
+        if let Some((base, per_row)) = self.scales {
+            for r in rows.iter().filter(|r| !r.is_empty()) {
+                out.push(Run {
+                    offset: base + r.start * per_row,
+                    len: r.len() * per_row,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A one-shot flag other streams can wait for.
+#[derive(Default)]
+struct Event {
+    set: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Event {
+    fn record(&self) {
+        *self.set.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.changed.notify_all();
+    }
+
+    fn is_set(&self) -> bool {
+        *self.set.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait(&self, abort: &Abort, timeout: Duration) -> Result<(), ExecError> {
+        let deadline = Instant::now() + timeout;
+        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        while !*set {
+            if abort.is_set() {
+                return Err(ExecError::new("aborted because another stream failed"));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ExecError::new(format!(
+                    "timed out after {timeout:?} waiting for an event"
+                )));
+            }
+            // Wake up now and then to notice an abort.
+            let step = (deadline - now).min(Duration::from_millis(20));
+            set = self
+                .changed
+                .wait_timeout(set, step)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Abort(AtomicBool);
+
+impl Abort {
+    fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// One rank's memory and synchronisation for one pass.
+struct RankCtx {
+    rank: usize,
+    arena: Arena,
+    events: Vec<Event>,
+    /// The routing table `assign_place` leaves in rank memory.
+    placement: Mutex<Option<Arc<Placement>>>,
+    phase_seconds: Mutex<BTreeMap<Phase, f64>>,
+}
+
+impl RankCtx {
+    fn placement(&self) -> Result<Arc<Placement>, ExecError> {
+        self.placement
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| ExecError::new("the routing is used before `assign place` ran"))
+    }
+}
+
+/// One stream of one rank, executing ops.
+struct StreamRun<'a> {
+    backend: &'a CpuBackend,
+    ctx: &'a RankCtx,
+    pass: u64,
+    abort: &'a Abort,
+}
+
+impl StreamRun<'_> {
+    fn op(&self, op: &Op, comm: Option<&InProcessComm>) -> Result<(), ExecError> {
+        let start = Instant::now();
+        match &op.kind {
+            OpKind::Record { event } => self.event(*event)?.record(),
+            OpKind::Wait { event } => self
+                .event(*event)?
+                .wait(self.abort, self.backend.options.timeout)?,
+            OpKind::Launch {
+                kernel,
+                inputs,
+                outputs,
+                ..
+            } => self.launch(op, *kernel, inputs, outputs)?,
+            OpKind::Gemm {
+                weight,
+                a,
+                c,
+                epilogue,
+                ..
+            } => self.gemm(op, *weight, *a, *c, *epilogue)?,
+            OpKind::Collective { .. } => {
+                let comm =
+                    comm.ok_or_else(|| ExecError::new("internal: a collective without a comm"))?;
+                self.collective(op, comm)?;
+            }
+        }
+        if !matches!(op.kind, OpKind::Record { .. } | OpKind::Wait { .. }) {
+            let mut phases = self
+                .ctx
+                .phase_seconds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *phases.entry(op.phase).or_default() += start.elapsed().as_secs_f64();
+        }
+        Ok(())
+    }
+
+    fn event(&self, e: u32) -> Result<&Event, ExecError> {
+        self.ctx
+            .events
+            .get(e as usize)
+            .ok_or_else(|| ExecError::new(format!("event e{e} does not exist")))
+    }
+
+    fn me(&self) -> usize {
+        self.ctx.rank % self.backend.geo.group
+    }
+
+    fn collective(&self, op: &Op, comm: &InProcessComm) -> Result<(), ExecError> {
+        let OpKind::Collective { send, recv, .. } = op.kind else {
+            return Ok(());
+        };
+        let b = self.backend;
+        let g = b.geo.group;
+        let base = self.ctx.rank - self.me();
+        let group: Vec<usize> = (base..base + g).collect();
+        let plan = b.collective_plan(self.ctx, self.me(), op)?;
+        // SAFETY: the plan's events order this collective after the ops that
+        // write its send buffer and before those that read its receive buffer;
+        // send and receive are distinct live buffers, so they do not overlap.
+        let (data, dst) = unsafe {
+            (
+                self.ctx.arena.bytes(b.regions[send as usize]),
+                self.ctx.arena.bytes_mut(b.regions[recv as usize]),
+            )
+        };
+        let tag = Tag {
+            group: base,
+            pass: self.pass,
+            op: op.id,
+        };
+        comm.exchange(
+            tag,
+            &group,
+            self.me(),
+            Outgoing { data, to: plan.to },
+            Incoming {
+                data: dst,
+                from: plan.from,
+            },
+        )
+        .map_err(|e| match e {
+            CommError::Aborted(_) => ExecError::new(format!("aborted: {e}")),
+            other => ExecError::new(other.to_string()),
+        })
+    }
+
+    /// The region of `buffer` an op of `chunk` touches: a whole-layer
+    /// per-token buffer is cut to the chunk's tokens.
+    fn region(&self, buffer: u32, chunk: Option<u64>) -> Result<(Region, &Buffer), ExecError> {
+        let b = self.backend;
+        let i = buffer as usize;
+        let buf = b
+            .plan
+            .buffers
+            .get(i)
+            .ok_or_else(|| ExecError::new(format!("buffer b{i} does not exist")))?;
+        let mut region = b.regions[i];
+        if let (Some(c), None) = (chunk, buf.chunk) {
+            if buf.shape.first() == Some(&(b.geo.tokens as u64)) && buf.dtype != DType::Fp8E4m3 {
+                let range = b.geo.chunk_range(c as usize);
+                let row_bytes = region.bytes / b.geo.tokens.max(1);
+                region = Region {
+                    offset: region.offset + range.start * row_bytes,
+                    bytes: range.len() * row_bytes,
+                };
+            }
+        }
+        Ok((region, buf))
+    }
+
+    /// A buffer as kernel arguments: one, or two for fp8 (data, scales).
+    fn raw(&self, buffer: u32, chunk: Option<u64>) -> Result<Vec<RawArg>, ExecError> {
+        let (region, buf) = self.region(buffer, chunk)?;
+        let ptr = self.ctx.arena.ptr(region);
+        if buf.dtype == DType::Fp8E4m3 {
+            let layout = RowLayout::of(buf)?;
+            let (base, per_row) = layout.scales.unwrap_or((0, 0));
+            Ok(vec![
+                RawArg::Buf {
+                    ptr,
+                    len: base as u64,
+                },
+                RawArg::Buf {
+                    ptr: ptr.wrapping_add(base),
+                    len: (layout.rows * per_row / 4) as u64,
+                },
+            ])
+        } else {
+            Ok(vec![RawArg::Buf {
+                ptr,
+                len: (region.bytes / buf.dtype.bytes() as usize) as u64,
+            }])
+        }
+    }
+
+    fn launch(
+        &self,
+        op: &Op,
+        kernel: u32,
+        inputs: &[u32],
+        outputs: &[u32],
+    ) -> Result<(), ExecError> {
+        let b = self.backend;
+        let k = b
+            .plan
+            .kernels
+            .get(kernel as usize)
+            .ok_or_else(|| ExecError::new(format!("kernel k{kernel} does not exist")))?;
+        if k.kind == KernelKind::Assign {
+            return self.assign(k, inputs, outputs);
+        }
+        let Some(Some(jit)) = b.kernels.get(kernel as usize) else {
+            return Err(ExecError::new(format!(
+                "kernel `{}` was not compiled",
+                k.name
+            )));
+        };
+        let chunk = op.chunk;
+        let input = |i: usize| {
+            inputs
+                .get(i)
+                .copied()
+                .ok_or_else(|| ExecError::new(format!("`{}` needs input {i}", k.name)))
+        };
+        let output = |i: usize| {
+            outputs
+                .get(i)
+                .copied()
+                .ok_or_else(|| ExecError::new(format!("`{}` needs output {i}", k.name)))
+        };
+        let bias = || RawArg::Buf {
+            ptr: b.router_bias.as_ptr() as *mut u8,
+            len: b.router_bias.len() as u64,
+        };
+        let scale = RawArg::F32(b.plan.layer.router.scale as f32);
+        let tokens = match chunk {
+            Some(c) => b.geo.chunk_range(c as usize).len(),
+            None => b.geo.tokens,
+        };
+        let mut args: Vec<RawArg> = Vec::new();
+        let rows: usize;
+        match k.kind {
+            KernelKind::RouterFused | KernelKind::RouterTopk => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                args.extend(self.raw(output(1)?, chunk)?);
+                args.push(bias());
+                if k.kind == KernelKind::RouterFused {
+                    args.push(scale);
+                }
+                rows = tokens;
+            }
+            KernelKind::RouterScores | KernelKind::RouterGroupSelect => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = tokens;
+            }
+            KernelKind::RouterBias => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                args.push(bias());
+                rows = tokens;
+            }
+            KernelKind::RouterNormalize => {
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = tokens;
+            }
+            KernelKind::RouterScale => {
+                args.extend(self.raw(output(0)?, chunk)?);
+                args.push(scale);
+                rows = tokens;
+            }
+            KernelKind::Permute | KernelKind::PermutePack => {
+                for i in 0..3 {
+                    args.extend(self.raw(input(i)?, chunk)?);
+                }
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = tokens;
+            }
+            KernelKind::Pack | KernelKind::QuantizeFp8 => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = self.chunk_table(chunk)?.sent(self.me());
+            }
+            KernelKind::DequantizeFp8 => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = self.chunk_table(chunk)?.received(self.me());
+            }
+            KernelKind::Activation => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                let limit = match (op.phase, &b.plan.layer.shared) {
+                    (Phase::Shared, Some(s)) => s.ffn,
+                    _ => b.plan.layer.ffn,
+                };
+                let limit = match limit {
+                    Activation::Swiglu { limit: Some(l) } => l as f32,
+                    _ => 0.0,
+                };
+                args.push(RawArg::F32(limit));
+                rows = if op.phase == Phase::Shared {
+                    b.geo.tokens
+                } else {
+                    self.chunk_table(chunk)?.received(self.me())
+                };
+            }
+            KernelKind::UnpermuteWeightedSum => {
+                for i in 0..3 {
+                    args.extend(self.raw(input(i)?, chunk)?);
+                }
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = tokens;
+            }
+            KernelKind::Unpermute => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(input(1)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = tokens;
+            }
+            KernelKind::WeightedSum => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(input(1)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = tokens;
+            }
+            KernelKind::SharedGate => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                args.push(RawArg::Buf {
+                    ptr: b.shared_gate.as_ptr() as *mut u8,
+                    len: b.shared_gate.len() as u64,
+                });
+                rows = tokens;
+            }
+            KernelKind::Add => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(input(1)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = tokens;
+            }
+            KernelKind::Assign | KernelKind::ScaleRows => {
+                return Err(ExecError::new(format!("`{}` cannot be launched", k.name)))
+            }
+        }
+        // SAFETY: every pointer comes from this rank's arena (a region checked
+        // against the arena at load, `len` elements long) or from the
+        // backend's weight vectors (read-only parameters). The plan's events
+        // give this op exclusive use of the buffers it writes.
+        unsafe { jit.launch_raw(&args, 0..rows as u64) }
+            .map_err(|e| ExecError::new(format!("kernel `{}`: {e}", k.name)))
+    }
+
+    fn chunk_table(&self, chunk: Option<u64>) -> Result<ChunkTableRef, ExecError> {
+        let placement = self.ctx.placement()?;
+        let c = chunk.unwrap_or(0) as usize;
+        if c >= placement.tables.len() {
+            return Err(ExecError::new(format!("no routing table for chunk {c}")));
+        }
+        Ok(ChunkTableRef {
+            placement,
+            chunk: c,
+        })
+    }
+
+    fn assign(
+        &self,
+        k: &crate::plan::Kernel,
+        inputs: &[u32],
+        outputs: &[u32],
+    ) -> Result<(), ExecError> {
+        let b = self.backend;
+        let pass = k
+            .constants
+            .iter()
+            .find(|(n, _)| n == "pass")
+            .map(|(_, v)| *v)
+            .ok_or_else(|| ExecError::new(format!("`{}` has no `pass` constant", k.name)))?;
+        let (Some(&ids), Some(&weights), Some(&out)) =
+            (inputs.first(), inputs.get(1), outputs.first())
+        else {
+            return Err(ExecError::new(format!("`{}` lacks its buffers", k.name)));
+        };
+        // SAFETY: the routing buffers were written by the router before this
+        // op (events or stream order); nothing writes them concurrently.
+        let (ids, weights) = unsafe {
+            (
+                memory::read_i32s(self.ctx.arena.bytes(b.regions[ids as usize])),
+                memory::read_f32s(self.ctx.arena.bytes(b.regions[weights as usize])),
+            )
+        };
+        let routing = Routing {
+            ids: &ids,
+            weights: &weights,
+        };
+        if pass == 0 {
+            let meta = assign_count(&b.geo, &routing).map_err(ExecError::new)?;
+            // SAFETY: this op owns its output buffer (plan events).
+            let dst = unsafe { self.ctx.arena.bytes_mut(b.regions[out as usize]) };
+            if dst.len() < meta.len() * 4 {
+                return Err(ExecError::new(
+                    "the assignment metadata buffer is too small",
+                ));
+            }
+            memory::write_i32s(&meta, dst);
+            return Ok(());
+        }
+        let meta_buf = inputs
+            .get(2)
+            .copied()
+            .ok_or_else(|| ExecError::new(format!("`{}` lacks its metadata input", k.name)))?;
+        // SAFETY: the exchange that filled the metadata finished before this op.
+        let meta_all =
+            unsafe { memory::read_i32s(self.ctx.arena.bytes(b.regions[meta_buf as usize])) };
+        let placement =
+            assign_place(&b.geo, self.me(), &routing, &meta_all).map_err(ExecError::new)?;
+        // SAFETY: this op owns its outputs (plan events).
+        let dst = unsafe { self.ctx.arena.bytes_mut(b.regions[out as usize]) };
+        if dst.len() < placement.slots.len() * 4 {
+            return Err(ExecError::new("the slots buffer is too small"));
+        }
+        memory::write_i32s(&placement.slots, dst);
+        if let Some(&flag) = outputs.get(1) {
+            // Worst-case buffers never overflow; the flag records it for the host.
+            let overflow = placement.tables.iter().any(|t| {
+                let recv_rows = b.plan.choices.expert_rows.min(usize::MAX as u64) as usize;
+                t.received(self.me()) > recv_rows
+            });
+            // SAFETY: as above.
+            let f = unsafe { self.ctx.arena.bytes_mut(b.regions[flag as usize]) };
+            if let Some(first) = f.first_mut() {
+                *first = u8::from(overflow);
+            }
+        }
+        *self.ctx.placement.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(placement));
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        op: &Op,
+        weight: GemmWeight,
+        a: u32,
+        c: u32,
+        epilogue: Epilogue,
+    ) -> Result<(), ExecError> {
+        let b = self.backend;
+        let h = b.plan.layer.hidden as usize;
+        let (a_region, a_buf) = self.region(a, op.chunk)?;
+        let (c_region, c_buf) = self.region(c, op.chunk)?;
+        let threads = b.options.gemm_threads;
+        // Row groups: (rows of a and c, weights).
+        let mut groups: Vec<GemmGroup<'_>> = Vec::new();
+        let (k, n);
+        match weight {
+            GemmWeight::RouterGate => {
+                k = h;
+                n = b.geo.experts;
+                let rows = a_region.bytes / (k * a_buf.dtype.bytes() as usize).max(1);
+                groups.push((0..rows, &b.router, None, n));
+            }
+            GemmWeight::SharedUp | GemmWeight::SharedDown => {
+                let ffn = b
+                    .shared
+                    .as_ref()
+                    .ok_or_else(|| ExecError::new("a shared-expert GEMM without shared weights"))?;
+                let rows = b.geo.tokens;
+                if weight == GemmWeight::SharedUp {
+                    k = h;
+                    n = ffn.up_rows;
+                    groups.push((0..rows, &ffn.up, ffn.up_bias.as_deref(), n));
+                } else {
+                    k = ffn.width;
+                    n = h;
+                    groups.push((0..rows, &ffn.down, ffn.down_bias.as_deref(), n));
+                }
+            }
+            GemmWeight::ExpertUp | GemmWeight::ExpertDown => {
+                let table = self.chunk_table(op.chunk)?;
+                let me = self.me();
+                let local = &b.geo.experts_of[me];
+                let first = local
+                    .first()
+                    .and_then(|&e| b.experts.get(e))
+                    .ok_or_else(|| ExecError::new("this rank holds no experts"))?;
+                if weight == GemmWeight::ExpertUp {
+                    k = h;
+                    n = first.up_rows;
+                } else {
+                    k = first.width;
+                    n = h;
+                }
+                for (l, &e) in local.iter().enumerate() {
+                    let ffn = &b.experts[e];
+                    let t = table.get();
+                    let start = t.expert_start(me, l);
+                    let range = start..start + t.expert_rows(me, l);
+                    if weight == GemmWeight::ExpertUp {
+                        groups.push((range, &ffn.up, ffn.up_bias.as_deref(), n));
+                    } else {
+                        groups.push((range, &ffn.down, ffn.down_bias.as_deref(), n));
+                    }
+                }
+            }
+        }
+        let out_cols = if epilogue == Epilogue::Activation {
+            let width = match weight {
+                GemmWeight::SharedUp => b.shared.as_ref().map_or(0, |f| f.width),
+                _ => b.experts.first().map_or(0, |f| f.width),
+            };
+            width
+        } else {
+            n
+        };
+        let a_elem = a_buf.dtype.bytes() as usize;
+        let c_elem = c_buf.dtype.bytes() as usize;
+        let mut a_f32: Vec<f32> = Vec::new();
+        let mut c_f32: Vec<f32> = Vec::new();
+        for (rows, w, bias, n) in groups {
+            if rows.is_empty() {
+                continue;
+            }
+            let m = rows.len();
+            let a_bytes = Region {
+                offset: a_region.offset + rows.start * k * a_elem,
+                bytes: m * k * a_elem,
+            };
+            let c_bytes = Region {
+                offset: c_region.offset + rows.start * out_cols * c_elem,
+                bytes: m * out_cols * c_elem,
+            };
+            if a_bytes.offset + a_bytes.bytes > a_region.offset + a_region.bytes
+                || c_bytes.offset + c_bytes.bytes > c_region.offset + c_region.bytes
+            {
+                return Err(ExecError::new(format!(
+                    "GEMM rows {}..{} fall outside `{}` or `{}`",
+                    rows.start, rows.end, a_buf.name, c_buf.name
+                )));
+            }
+            // SAFETY: the plan's events give this op the input to read and the
+            // output to write; the two are distinct live buffers.
+            let (a_raw, c_raw) = unsafe {
+                (
+                    self.ctx.arena.bytes(a_bytes),
+                    self.ctx.arena.bytes_mut(c_bytes),
+                )
+            };
+            a_f32.resize(m * k, 0.0);
+            memory::read_f32(a_raw, a_buf.dtype, &mut a_f32);
+            c_f32.resize(m * n, 0.0);
+            matmul_wt(&a_f32, w, bias, &mut c_f32, m, n, k, threads).map_err(ExecError::new)?;
+            match epilogue {
+                Epilogue::None => memory::write_f32(&c_f32, c_buf.dtype, c_raw),
+                Epilogue::Activation => {
+                    let jit = match weight {
+                        GemmWeight::SharedUp => b.shared_epilogue.as_ref(),
+                        _ => b.expert_epilogue.as_ref(),
+                    }
+                    .ok_or_else(|| ExecError::new("no epilogue kernel was compiled"))?;
+                    let limit = match (weight, &b.plan.layer.shared) {
+                        (GemmWeight::SharedUp, Some(s)) => s.ffn,
+                        _ => b.plan.layer.ffn,
+                    };
+                    let limit = match limit {
+                        Activation::Swiglu { limit: Some(l) } => l as f32,
+                        _ => 0.0,
+                    };
+                    let args = [
+                        RawArg::Buf {
+                            ptr: c_f32.as_mut_ptr().cast(),
+                            len: (m * n) as u64,
+                        },
+                        RawArg::Buf {
+                            ptr: c_raw.as_mut_ptr(),
+                            len: (m * out_cols) as u64,
+                        },
+                        RawArg::F32(limit),
+                    ];
+                    // SAFETY: both buffers are live Rust slices of the stated
+                    // lengths owned by this op for its duration.
+                    unsafe { jit.launch_raw(&args, 0..m as u64) }
+                        .map_err(|e| ExecError::new(format!("activation epilogue: {e}")))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A chunk's routing table, kept alive with its placement.
+struct ChunkTableRef {
+    placement: Arc<Placement>,
+    chunk: usize,
+}
+
+impl ChunkTableRef {
+    fn get(&self) -> &ChunkTable {
+        &self.placement.tables[self.chunk]
+    }
+    fn sent(&self, me: usize) -> usize {
+        self.get().sent(me)
+    }
+    fn received(&self, me: usize) -> usize {
+        self.get().received(me)
+    }
+}

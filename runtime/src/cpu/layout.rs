@@ -1,0 +1,511 @@
+//! Where every routed row goes: the assignment kernels and the routing table.
+//!
+//! The layout contract (also in the book, runtime/layouts.md), per EP group of
+//! `G` ranks and per token chunk `c`:
+//!
+//! - A rank's **send** buffer of chunk `c` holds its kept assignments ordered by
+//!   destination EP rank, then the destination's local expert index, then
+//!   token, then slot. `slots[t, j]` is the row of assignment `(t, j)` in the
+//!   send buffer of `t`'s chunk, or `-1` when capacity dropped it.
+//! - A rank's **receive** buffer of chunk `c` holds the rows for its local
+//!   experts ordered by local expert, then source rank, then the source's send
+//!   order, so each local expert's rows are contiguous for the grouped GEMM.
+//! - The combine is the exact reverse: expert outputs travel back into the
+//!   source's `combined` buffer at the same rows as its send buffer, so
+//!   `slots` also indexes the combine.
+//!
+//! Every rank of the group derives the same table from the exchanged
+//! assignment metadata (per-chunk, per-expert counts; or, for `drop = probs`,
+//! every assignment's expert and weight), so no host ever learns a count: the
+//! table lives in rank memory beside `slots`, written by `assign_place` and
+//! read by the collectives and the grouped GEMMs that the plan orders after it.
+
+use crate::plan::{CapacityConfig, DropPolicy, Plan};
+use std::ops::Range;
+
+/// The fixed shape of routing on one rank: who holds which expert, chunk
+/// boundaries, capacity.
+#[derive(Clone, Debug)]
+pub struct Geometry {
+    pub tokens: usize,
+    pub top_k: usize,
+    pub experts: usize,
+    pub chunks: usize,
+    pub chunk_tokens: usize,
+    /// Ranks of one EP group.
+    pub group: usize,
+    /// `experts_of[g]`: the experts EP rank `g` holds, in local-index order.
+    pub experts_of: Vec<Vec<usize>>,
+    /// `copies[e]`: the EP ranks holding expert `e`, ascending.
+    copies: Vec<Vec<usize>>,
+    /// `local_index[g][e]`: the local index of expert `e` on EP rank `g`.
+    local_index: Vec<Vec<Option<usize>>>,
+    pub capacity: Option<(usize, DropPolicy)>,
+}
+
+impl Geometry {
+    pub fn new(plan: &Plan) -> Result<Geometry, String> {
+        let l = &plan.layer;
+        let m = &plan.mesh;
+        let to = |v: u64, what: &str| {
+            usize::try_from(v).map_err(|_| format!("{what} {v} does not fit this machine"))
+        };
+        let tokens = to(l.tokens_per_rank, "tokens per rank")?;
+        let experts = to(l.experts, "experts")?;
+        let top_k = to(l.router.top_k, "top_k")?;
+        let chunks = to(plan.choices.chunks.max(1), "chunks")?;
+        let chunk_tokens = to(plan.choices.chunk_tokens.max(1), "chunk tokens")?;
+        if chunk_tokens.checked_mul(chunks).is_none_or(|c| c < tokens) {
+            return Err(format!(
+                "{chunks} chunks of {chunk_tokens} tokens do not cover {tokens} tokens"
+            ));
+        }
+        if m.etp != 1 {
+            return Err(format!(
+                "the CPU backend does not run expert tensor parallelism yet (etp = {})",
+                m.etp
+            ));
+        }
+        let group = to(m.ep.max(1), "ep")?;
+        if m.experts_of_ep_rank.len() != group {
+            return Err(format!(
+                "the placement lists {} EP ranks, the mesh has ep = {group}",
+                m.experts_of_ep_rank.len()
+            ));
+        }
+        let mut copies = vec![Vec::new(); experts];
+        let mut local_index = vec![vec![None; experts]; group];
+        let mut experts_of = Vec::with_capacity(group);
+        for (g, list) in m.experts_of_ep_rank.iter().enumerate() {
+            let mut mine = Vec::with_capacity(list.len());
+            for (i, &e) in list.iter().enumerate() {
+                let e = to(e, "expert")?;
+                if e >= experts {
+                    return Err(format!("EP rank {g} holds expert {e} of {experts}"));
+                }
+                if local_index[g][e].is_some() {
+                    return Err(format!("EP rank {g} holds expert {e} twice"));
+                }
+                local_index[g][e] = Some(i);
+                copies[e].push(g);
+                mine.push(e);
+            }
+            experts_of.push(mine);
+        }
+        if let Some(e) = copies.iter().position(Vec::is_empty) {
+            return Err(format!("no EP rank holds expert {e}"));
+        }
+        let capacity = match l.capacity {
+            CapacityConfig::Dropless => None,
+            CapacityConfig::Limited { slots, drop, .. } => Some((to(slots, "capacity")?, drop)),
+        };
+        Ok(Geometry {
+            tokens,
+            top_k,
+            experts,
+            chunks,
+            chunk_tokens,
+            group,
+            experts_of,
+            copies,
+            local_index,
+            capacity,
+        })
+    }
+
+    /// Tokens of chunk `c`.
+    pub fn chunk_range(&self, c: usize) -> Range<usize> {
+        let start = (c * self.chunk_tokens).min(self.tokens);
+        let end = ((c + 1) * self.chunk_tokens).min(self.tokens);
+        start..end
+    }
+
+    pub fn chunk_of(&self, t: usize) -> usize {
+        t / self.chunk_tokens
+    }
+
+    /// The EP rank and local index that source EP rank `src` sends expert `e`
+    /// to: replicas are shared out by source rank.
+    pub fn dest(&self, src: usize, e: usize) -> (usize, usize) {
+        let copies = &self.copies[e];
+        let g = copies[src % copies.len()];
+        (g, self.local_index[g][e].unwrap_or(0))
+    }
+
+    pub fn local_experts(&self, g: usize) -> usize {
+        self.experts_of[g].len()
+    }
+
+    /// Metadata elements one rank contributes to the exchange.
+    pub fn meta_len(&self) -> usize {
+        match self.capacity {
+            Some((_, DropPolicy::Probs)) => self.tokens * 2 * self.top_k,
+            _ => self.chunks * self.experts,
+        }
+    }
+}
+
+/// Routing of one rank's tokens: expert ids `[T, k]` and weights `[T, k]`.
+pub struct Routing<'a> {
+    pub ids: &'a [i32],
+    pub weights: &'a [f32],
+}
+
+/// `assign_count`: this rank's metadata for the exchange.
+pub fn assign_count(geo: &Geometry, routing: &Routing<'_>) -> Result<Vec<i32>, String> {
+    check_ids(geo, routing)?;
+    let k = geo.top_k;
+    match geo.capacity {
+        Some((_, DropPolicy::Probs)) => {
+            let mut meta = vec![0i32; geo.meta_len()];
+            for t in 0..geo.tokens {
+                for j in 0..k {
+                    meta[t * 2 * k + j] = routing.ids[t * k + j];
+                    meta[t * 2 * k + k + j] = routing.weights[t * k + j].to_bits() as i32;
+                }
+            }
+            Ok(meta)
+        }
+        _ => {
+            let mut meta = vec![0i32; geo.meta_len()];
+            for t in 0..geo.tokens {
+                let c = geo.chunk_of(t);
+                for j in 0..k {
+                    let e = routing.ids[t * k + j] as usize;
+                    meta[c * geo.experts + e] += 1;
+                }
+            }
+            Ok(meta)
+        }
+    }
+}
+
+fn check_ids(geo: &Geometry, routing: &Routing<'_>) -> Result<(), String> {
+    let n = geo.tokens * geo.top_k;
+    if routing.ids.len() < n || routing.weights.len() < n {
+        return Err("routing buffers are smaller than tokens x top_k".into());
+    }
+    if let Some(bad) = routing.ids[..n]
+        .iter()
+        .find(|&&e| e < 0 || e as usize >= geo.experts)
+    {
+        return Err(format!(
+            "the router produced expert id {bad}, outside 0..{}",
+            geo.experts
+        ));
+    }
+    if let Some(w) = routing.weights[..n].iter().find(|w| !w.is_finite()) {
+        return Err(format!("the router produced a non-finite weight {w}"));
+    }
+    Ok(())
+}
+
+/// The routing table of one chunk for the whole EP group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkTable {
+    /// `rows[(s * group + g) * max_local + l]`: kept rows source `s` sends to
+    /// local expert `l` of EP rank `g`.
+    rows: Vec<usize>,
+    group: usize,
+    max_local: usize,
+}
+
+impl ChunkTable {
+    fn new(group: usize, max_local: usize) -> ChunkTable {
+        ChunkTable {
+            rows: vec![0; group * group * max_local],
+            group,
+            max_local,
+        }
+    }
+
+    fn at(&mut self, s: usize, g: usize, l: usize) -> &mut usize {
+        &mut self.rows[(s * self.group + g) * self.max_local + l]
+    }
+
+    pub fn rows(&self, s: usize, g: usize, l: usize) -> usize {
+        self.rows[(s * self.group + g) * self.max_local + l]
+    }
+
+    /// Rows source `s` sends to EP rank `g` (all local experts).
+    pub fn to_rank(&self, s: usize, g: usize) -> usize {
+        (0..self.max_local).map(|l| self.rows(s, g, l)).sum()
+    }
+
+    /// First send row of source `s` for local expert `l` of rank `g`.
+    pub fn send_start(&self, s: usize, g: usize, l: usize) -> usize {
+        let before: usize = (0..g).map(|g2| self.to_rank(s, g2)).sum();
+        before + (0..l).map(|l2| self.rows(s, g, l2)).sum::<usize>()
+    }
+
+    /// Rows local expert `l` of rank `g` receives from all sources.
+    pub fn expert_rows(&self, g: usize, l: usize) -> usize {
+        (0..self.group).map(|s| self.rows(s, g, l)).sum()
+    }
+
+    /// First receive row of local expert `l` on rank `g`.
+    pub fn expert_start(&self, g: usize, l: usize) -> usize {
+        (0..l).map(|l2| self.expert_rows(g, l2)).sum()
+    }
+
+    /// First receive row on rank `g` of the rows source `s` sends to local expert `l`.
+    pub fn recv_start(&self, s: usize, g: usize, l: usize) -> usize {
+        self.expert_start(g, l) + (0..s).map(|s2| self.rows(s2, g, l)).sum::<usize>()
+    }
+
+    /// Rows rank `g` receives in all.
+    pub fn received(&self, g: usize) -> usize {
+        (0..self.max_local).map(|l| self.expert_rows(g, l)).sum()
+    }
+
+    /// Rows source `s` sends in all.
+    pub fn sent(&self, s: usize) -> usize {
+        (0..self.group).map(|g| self.to_rank(s, g)).sum()
+    }
+
+    pub fn max_local(&self) -> usize {
+        self.max_local
+    }
+}
+
+/// What `assign_place` leaves in rank memory.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    /// `[T, k]`: send row of each assignment in its chunk, `-1` when dropped.
+    pub slots: Vec<i32>,
+    /// One table per chunk.
+    pub tables: Vec<ChunkTable>,
+    /// This rank's assignments per expert (before drops).
+    pub routed_per_expert: Vec<u64>,
+    /// This rank's assignments that capacity dropped.
+    pub dropped: u64,
+}
+
+/// `assign_place`: slots for this rank (EP index `me`) and the group's routing
+/// tables, from every group member's metadata (`meta_all`, EP-rank-major).
+pub fn assign_place(
+    geo: &Geometry,
+    me: usize,
+    routing: &Routing<'_>,
+    meta_all: &[i32],
+) -> Result<Placement, String> {
+    check_ids(geo, routing)?;
+    let per = geo.meta_len();
+    if meta_all.len() < per * geo.group {
+        return Err(format!(
+            "assignment metadata holds {} values, {} ranks need {}",
+            meta_all.len(),
+            geo.group,
+            per * geo.group
+        ));
+    }
+    let k = geo.top_k;
+    let e_count = geo.experts;
+    let max_local = geo
+        .experts_of
+        .iter()
+        .map(Vec::len)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut tables = vec![ChunkTable::new(geo.group, max_local); geo.chunks];
+    // kept[t * k + j] for this rank's own assignments.
+    let mut kept = vec![true; geo.tokens * k];
+
+    match geo.capacity {
+        Some((cap, DropPolicy::Probs)) => {
+            // Rank every assignment of the group per expert: weight descending,
+            // then global order (source rank, token, slot).
+            let mut per_expert: Vec<Vec<(f32, usize, usize, usize)>> = vec![Vec::new(); e_count];
+            for s in 0..geo.group {
+                let meta = &meta_all[s * per..(s + 1) * per];
+                for t in 0..geo.tokens {
+                    for j in 0..k {
+                        let e = meta[t * 2 * k + j];
+                        let w = f32::from_bits(meta[t * 2 * k + k + j] as u32);
+                        if e < 0 || e as usize >= e_count || !w.is_finite() {
+                            return Err(format!(
+                                "corrupt routing metadata from EP rank {s}: expert {e}, weight {w}"
+                            ));
+                        }
+                        per_expert[e as usize].push((w, s, t, j));
+                    }
+                }
+            }
+            for (e, list) in per_expert.iter_mut().enumerate() {
+                list.sort_by(|a, b| {
+                    b.0.total_cmp(&a.0)
+                        .then(a.1.cmp(&b.1))
+                        .then(a.2.cmp(&b.2))
+                        .then(a.3.cmp(&b.3))
+                });
+                for (rank, &(_, s, t, j)) in list.iter().enumerate() {
+                    let keep = rank < cap;
+                    if s == me && !keep {
+                        kept[t * k + j] = false;
+                    }
+                    if keep {
+                        let (g, l) = geo.dest(s, e);
+                        *tables[geo.chunk_of(t)].at(s, g, l) += 1;
+                    }
+                }
+            }
+        }
+        capacity => {
+            // Counts per (source, chunk, expert); position drops keep the first
+            // `cap` assignments of each expert in (source, chunk, token) order.
+            let mut before = vec![0usize; e_count];
+            for s in 0..geo.group {
+                for c in 0..geo.chunks {
+                    let counts = &meta_all[s * per + c * e_count..s * per + (c + 1) * e_count];
+                    for (e, &n) in counts.iter().enumerate() {
+                        let n = usize::try_from(n).map_err(|_| {
+                            format!("corrupt assignment count {n} from EP rank {s}")
+                        })?;
+                        let keep = match capacity {
+                            Some((cap, _)) => n.min(cap.saturating_sub(before[e])),
+                            None => n,
+                        };
+                        if s == me && keep < n {
+                            // Drop this chunk's assignments to `e` after the first `keep`.
+                            let mut seen = 0;
+                            for t in geo.chunk_range(c) {
+                                for j in 0..k {
+                                    if routing.ids[t * k + j] as usize == e {
+                                        if seen >= keep {
+                                            kept[t * k + j] = false;
+                                        }
+                                        seen += 1;
+                                    }
+                                }
+                            }
+                        }
+                        before[e] += n;
+                        let (g, l) = geo.dest(s, e);
+                        *tables[c].at(s, g, l) += keep;
+                    }
+                }
+            }
+        }
+    }
+
+    // Own slots: send order (destination rank, local expert, token, slot).
+    let mut slots = vec![-1i32; geo.tokens * k];
+    let mut routed_per_expert = vec![0u64; e_count];
+    let mut dropped = 0u64;
+    for (c, table) in tables.iter().enumerate() {
+        let mut cursor: Vec<usize> = Vec::with_capacity(geo.group * max_local);
+        for g in 0..geo.group {
+            for l in 0..max_local {
+                cursor.push(table.send_start(me, g, l));
+            }
+        }
+        for t in geo.chunk_range(c) {
+            for j in 0..k {
+                let e = routing.ids[t * k + j] as usize;
+                routed_per_expert[e] += 1;
+                if !kept[t * k + j] {
+                    dropped += 1;
+                    continue;
+                }
+                let (g, l) = geo.dest(me, e);
+                let row = &mut cursor[g * max_local + l];
+                slots[t * k + j] = i32::try_from(*row).map_err(|_| "send row overflows i32")?;
+                *row += 1;
+            }
+        }
+        // The metadata must agree with this rank's own routing.
+        for g in 0..geo.group {
+            for l in 0..max_local {
+                let end = table.send_start(me, g, l) + table.rows(me, g, l);
+                if cursor[g * max_local + l] != end {
+                    return Err(format!(
+                        "the exchanged counts disagree with this rank's routing (chunk {c}, EP rank {g}, local expert {l})"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(Placement {
+        slots,
+        tables,
+        routed_per_expert,
+        dropped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo(group: usize, experts: usize, tokens: usize, chunks: usize) -> Geometry {
+        let per = experts / group;
+        let experts_of: Vec<Vec<usize>> = (0..group)
+            .map(|g| (g * per..(g + 1) * per).collect())
+            .collect();
+        let mut copies = vec![Vec::new(); experts];
+        let mut local_index = vec![vec![None; experts]; group];
+        for (g, list) in experts_of.iter().enumerate() {
+            for (i, &e) in list.iter().enumerate() {
+                copies[e].push(g);
+                local_index[g][e] = Some(i);
+            }
+        }
+        Geometry {
+            tokens,
+            top_k: 2,
+            experts,
+            chunks,
+            chunk_tokens: tokens.div_ceil(chunks),
+            group,
+            experts_of,
+            copies,
+            local_index,
+            capacity: None,
+        }
+    }
+
+    #[test]
+    fn slots_follow_destination_then_expert_then_token() {
+        let g = geo(2, 4, 3, 1);
+        // token 0 -> experts 3, 0; token 1 -> 1, 2; token 2 -> 0, 1
+        let ids = [3, 0, 1, 2, 0, 1];
+        let w = [0.5f32; 6];
+        let r = Routing {
+            ids: &ids,
+            weights: &w,
+        };
+        let meta = assign_count(&g, &r).unwrap();
+        let mut all = meta.clone();
+        all.extend(vec![0; meta.len()]); // rank 1 routes nothing
+        let p = assign_place(&g, 0, &r, &all).unwrap();
+        // Destination 0 holds experts 0,1: expert 0 rows (t0, t2), expert 1 rows (t1, t2);
+        // destination 1: expert 2 (t1), expert 3 (t0).
+        assert_eq!(p.slots, vec![5, 0, 2, 4, 1, 3]);
+        let t = &p.tables[0];
+        assert_eq!(t.rows(0, 0, 0), 2);
+        assert_eq!(t.to_rank(0, 1), 2);
+        assert_eq!(t.recv_start(0, 1, 1), 1);
+    }
+
+    #[test]
+    fn position_capacity_drops_later_ranks_first() {
+        let mut g = geo(2, 2, 2, 1);
+        g.top_k = 1;
+        g.capacity = Some((3, DropPolicy::Position));
+        let ids = [0, 0];
+        let w = [1.0f32; 2];
+        let r = Routing {
+            ids: &ids,
+            weights: &w,
+        };
+        let meta = assign_count(&g, &r).unwrap();
+        let all: Vec<i32> = meta.iter().chain(meta.iter()).copied().collect();
+        let p0 = assign_place(&g, 0, &r, &all).unwrap();
+        let p1 = assign_place(&g, 1, &r, &all).unwrap();
+        assert_eq!(p0.dropped, 0);
+        assert_eq!(p1.dropped, 1);
+        assert_eq!(p1.slots, vec![0, -1]);
+        assert_eq!(p0.tables[0].expert_rows(0, 0), 3);
+    }
+}

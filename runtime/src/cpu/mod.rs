@@ -1,0 +1,12 @@
+//! The CPU backend: every rank a thread, every stream a thread of its rank,
+//! collectives in memory, memory-bound kernels JIT-compiled with Cranelift from
+//! the kernel descriptions, GEMMs through the `gemm` crate.
+
+pub mod comm;
+mod exec;
+mod gemm;
+pub mod jit;
+pub mod layout;
+pub mod memory;
+
+pub use exec::{CpuBackend, CpuOptions, ExecError, Forward, RoutingStats};

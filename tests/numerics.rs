@@ -1,0 +1,199 @@
+//! The CPU runtime against the independent reference (`reference.rs`): every
+//! router variant of MODELS.md, capacity with both drop policies, dropless,
+//! shared experts with and without their gate, biases, the clamped SwiGLU,
+//! the weight on the input, GELU and ReLU experts, chunked (overlapped)
+//! plans, unfused kernel chains, and every example shrunk. In f32 the largest
+//! difference must stay under 1e-5 of the largest output value; the routing
+//! statistics (assignments per expert, drops) must match exactly.
+
+#![allow(clippy::unwrap_used)]
+
+use moec::compile::{compile, Options};
+use moec::run::{apply, Overrides};
+use moec_runtime::cpu::{CpuBackend, CpuOptions};
+use moec_runtime::weights::{random_inputs, LayerWeights};
+use moec_tests::reference::{self, Tensor};
+use std::collections::BTreeMap;
+
+/// Compiles `source` (with `overrides`), runs it on the CPU backend with
+/// random weights and inputs, runs the reference, and returns the relative error.
+fn run_against_reference(name: &str, source: &str, overrides: &Overrides, seed: u64) -> f64 {
+    let checked = moec_lang::check_source(source);
+    let (program, _) = checked
+        .program
+        .unwrap_or_else(|| panic!("{name}: {:?}", checked.diagnostics));
+    let mut program = program.clone();
+    apply(&mut program, overrides).unwrap();
+    let compiled = compile(&program, &Options::default()).unwrap();
+    let plan = compiled.plan;
+    let layer = plan.layer.clone();
+    let ranks = plan.mesh.world_size() as usize;
+    let ep = plan.mesh.ep as usize;
+    let weights = LayerWeights::random(&layer, seed);
+    let inputs = random_inputs(&layer, ranks, layer.tokens_per_rank as usize, seed);
+    let backend = CpuBackend::new(plan, &weights, CpuOptions::default()).unwrap();
+    let got = backend.forward(&inputs).unwrap();
+
+    let tensors: BTreeMap<String, Tensor> = weights
+        .tensors()
+        .into_iter()
+        .map(|(n, shape, data)| (n, Tensor::new(shape, data.to_vec())))
+        .collect();
+    let want = reference::forward(&layer, ep, &inputs, &tensors).unwrap();
+    assert_eq!(
+        got.stats.routed_per_expert, want.tokens_per_expert,
+        "{name}: assignments per expert"
+    );
+    assert_eq!(
+        got.stats.dropped, want.dropped,
+        "{name}: dropped assignments"
+    );
+    let mut max_diff = 0.0f64;
+    let mut max_ref = 0.0f64;
+    for (g, w) in got
+        .outputs
+        .iter()
+        .flatten()
+        .zip(want.outputs.iter().flatten())
+    {
+        max_diff = max_diff.max(f64::from((g - w).abs()));
+        max_ref = max_ref.max(f64::from(w.abs()));
+    }
+    assert!(max_ref > 1e-3, "{name}: the outputs are all (nearly) zero");
+    max_diff / max_ref
+}
+
+fn assert_close(name: &str, source: &str, overrides: Overrides) {
+    for seed in [1, 2] {
+        let err = run_against_reference(name, source, &overrides, seed);
+        assert!(err < 1e-5, "{name} (seed {seed}): relative error {err:e}");
+    }
+}
+
+/// A small layer with the given router, experts and capacity, on 4 ranks.
+fn layer(router: &str, experts: &str, extra: &str, schedule: &str) -> String {
+    format!(
+        "layer t {{\n hidden = 32\n dtype = f32\n tokens_per_rank = 48\n experts {{\n count = 16\n {experts}\n }}\n router {{\n {router}\n }}\n {extra}\n}}\n\nmesh {{\n gpus_per_node = 4\n device = H100\n ep = 4\n}}\n{schedule}\n"
+    )
+}
+
+const SWIGLU: &str = "ffn = swiglu\n intermediate = 24";
+
+#[test]
+fn mixtral_router_softmax_topk2_normalised() {
+    let s = layer(
+        "scoring = softmax\n top_k = 2\n normalize = true",
+        SWIGLU,
+        "",
+        "",
+    );
+    assert_close("mixtral", &s, Overrides::default());
+}
+
+#[test]
+fn deepseek_router_sigmoid_bias_groups_scale_shared() {
+    let s = layer(
+        "scoring = sigmoid\n top_k = 4\n selection_bias = true\n groups = 4\n groups_kept = 2\n group_score = top2_sum\n normalize = true\n scale = 2.5",
+        SWIGLU,
+        "shared_experts {\n intermediate = 24\n }",
+        "",
+    );
+    assert_close("deepseek", &s, Overrides::default());
+}
+
+#[test]
+fn group_score_max() {
+    let s = layer(
+        "scoring = sigmoid\n top_k = 2\n groups = 8\n groups_kept = 3\n group_score = max",
+        SWIGLU,
+        "",
+        "",
+    );
+    assert_close("group max", &s, Overrides::default());
+}
+
+#[test]
+fn qwen2_router_unnormalised_gated_shared() {
+    let s = layer(
+        "scoring = softmax\n top_k = 4",
+        SWIGLU,
+        "shared_experts {\n intermediate = 64\n gate = sigmoid\n }",
+        "",
+    );
+    assert_close("qwen2", &s, Overrides::default());
+}
+
+#[test]
+fn gpt_oss_softmax_over_topk_clamped_swiglu_with_biases() {
+    let s = layer(
+        "scoring = softmax\n top_k = 4\n softmax_over = topk",
+        "ffn = swiglu\n intermediate = 24\n bias = true\n swiglu_limit = 7.0",
+        "",
+        "",
+    );
+    assert_close("gpt-oss", &s, Overrides::default());
+}
+
+#[test]
+fn llama4_sigmoid_top1_weight_on_input_with_shared() {
+    let s = layer(
+        "scoring = sigmoid\n top_k = 1\n weight_on = input",
+        SWIGLU,
+        "shared_experts {\n intermediate = 24\n }",
+        "",
+    );
+    assert_close("llama4", &s, Overrides::default());
+}
+
+#[test]
+fn gelu_and_relu_experts() {
+    for ffn in ["gelu", "gelu_tanh", "relu"] {
+        let experts = format!("ffn = {ffn}\n intermediate = 24\n bias = true");
+        let s = layer("scoring = softmax\n top_k = 2", &experts, "", "");
+        assert_close(ffn, &s, Overrides::default());
+    }
+}
+
+#[test]
+fn capacity_drops_by_position_and_by_probs() {
+    for drop in ["position", "probs"] {
+        let s = layer(
+            "scoring = softmax\n top_k = 1",
+            "ffn = relu\n intermediate = 24",
+            &format!("capacity {{\n factor = 0.5\n drop = {drop}\n }}"),
+            "",
+        );
+        assert_close(drop, &s, Overrides::default());
+    }
+}
+
+#[test]
+fn chunked_plans_match() {
+    for d in [2, 3] {
+        let s = layer(
+            "scoring = softmax\n top_k = 2\n normalize = true",
+            SWIGLU,
+            "shared_experts {\n intermediate = 24\n }",
+            &format!("schedule {{\n overlap = {d}\n }}"),
+        );
+        assert_close("chunked", &s, Overrides::default());
+        let s = layer(
+            "scoring = softmax\n top_k = 2",
+            "ffn = relu\n intermediate = 24",
+            "capacity {\n factor = 0.75\n drop = position\n }",
+            &format!("schedule {{\n overlap = {d}\n }}"),
+        );
+        assert_close("chunked capacity", &s, Overrides::default());
+    }
+}
+
+#[test]
+fn unfused_kernel_chains_match() {
+    let s = layer(
+        "scoring = sigmoid\n top_k = 4\n selection_bias = true\n groups = 4\n groups_kept = 2\n normalize = true\n scale = 2.5",
+        SWIGLU,
+        "shared_experts {\n intermediate = 24\n gate = sigmoid\n }",
+        "schedule {\n allow = []\n }",
+    );
+    assert_close("unfused", &s, Overrides::default());
+}
