@@ -578,3 +578,90 @@ fn import_missing_config_is_a_usage_error() {
     assert_eq!(r.code, 2, "{}", r.err);
     assert!(r.err.contains("cannot read"), "{}", r.err);
 }
+
+#[test]
+fn run_tiny_prints_phases_routing_and_survives_shuffles() {
+    let r = moec(&["run", &example("tiny.moe"), "--shuffle", "3"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    for part in [
+        "layer tiny on 4 rank(s)",
+        "router",
+        "dispatch",
+        "experts",
+        "combine",
+        "tokens per expert: 0:",
+        "dropped: 0 of 256 assignments",
+        "load imbalance (max/mean):",
+        "shuffle: 3 random interleavings gave identical outputs",
+    ] {
+        assert!(r.out.contains(part), "`{part}` missing from:\n{}", r.out);
+    }
+}
+
+#[test]
+fn run_save_writes_safetensors_and_config_with_the_listed_keys() {
+    let dir = TempFile::new("run-save", "d");
+    let r = moec(&[
+        "run",
+        &example("gpt_oss_20b.moe"),
+        "--hidden",
+        "32",
+        "--ffn",
+        "16",
+        "--tokens",
+        "8",
+        "--ranks",
+        "2",
+        "--save",
+        &dir.path(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.0.join("config.json")).unwrap()).unwrap();
+    for key in [
+        "hidden_size",
+        "moe_intermediate_size",
+        "num_experts",
+        "num_experts_per_tok",
+        "scoring_func",
+        "softmax_over",
+        "n_group",
+        "topk_group",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "router_weight_on",
+        "expert_act",
+        "swiglu_limit",
+        "n_shared_experts",
+        "shared_expert_intermediate_size",
+        "capacity_factor",
+        "drop_policy",
+        "ranks",
+        "tokens_per_rank",
+    ] {
+        assert!(config.get(key).is_some(), "config.json lacks `{key}`");
+    }
+    assert_eq!(config["hidden_size"], 32);
+    assert_eq!(config["ranks"], 2);
+    assert_eq!(config["swiglu_limit"], 7.0);
+    let run = moec_runtime::weights::load_run(&dir.0).unwrap();
+    assert_eq!(run.inputs.len(), 2);
+    assert_eq!(run.outputs[1].len(), 8 * 32);
+    assert!(run.weights.experts[0].gate_bias.is_some());
+    let _ = std::fs::remove_dir_all(&dir.0);
+}
+
+#[test]
+fn run_rejects_a_missing_weights_file_and_bad_ranks() {
+    let r = moec(&[
+        "run",
+        &example("tiny.moe"),
+        "--weights",
+        "/nonexistent.safetensors",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert!(r.err.contains("nonexistent.safetensors"), "{}", r.err);
+    let r = moec(&["run", &example("tiny.moe"), "--ranks", "3"]);
+    assert_eq!(r.code, 2);
+    assert!(r.err.contains("does not divide the 8 experts"), "{}", r.err);
+}

@@ -14,9 +14,11 @@
 //!   as JIT symbols), never a native approximation. `bf16` loads (a shift;
 //!   a NaN gets the quiet bit) and stores (round to nearest even) are the
 //!   same bit arithmetic as `half`, inline, so the common activation dtype
-//!   costs no call. `sqrt`,
-//!   `floor`, `+ - * /` are IEEE-exact native instructions. `min` and `max`
-//!   are Cranelift's NaN-propagating `fmin`/`fmax`.
+//!   costs no call. `min` and `max` are inline too and return exactly what
+//!   `scalar::fmin`/`fmax` return (`f32::NAN` if either operand is NaN, the
+//!   first operand of two equal ones, so `max(-0.0, 0.0)` is `-0.0`).
+//!   `sqrt`, `floor`, `+ - * /` and the conversions between `i64` and `f32`
+//!   are IEEE-exact native instructions.
 //! - **Bounds checks stay on.** Every buffer and local-array access is checked
 //!   against its length (`index as u64 < len`, one compare and a branch that
 //!   is never taken). The kernels are memory-bound, so the check costs close
@@ -1358,9 +1360,9 @@ impl Gen<'_, '_> {
             (BinOp::Div, Ty::F32) => self.b.ins().fdiv(x, y),
             (BinOp::Div, Ty::I64) => self.int_div_rem(x, y, false),
             (BinOp::Rem, Ty::I64) => self.int_div_rem(x, y, true),
-            (BinOp::Min, Ty::F32) => self.b.ins().fmin(x, y),
+            (BinOp::Min, Ty::F32) => self.float_min_max(x, y, FloatCC::LessThan),
             (BinOp::Min, Ty::I64) => self.b.ins().smin(x, y),
-            (BinOp::Max, Ty::F32) => self.b.ins().fmax(x, y),
+            (BinOp::Max, Ty::F32) => self.float_min_max(x, y, FloatCC::GreaterThan),
             (BinOp::Max, Ty::I64) => self.b.ins().smax(x, y),
             (BinOp::And, Ty::Bool) => self.b.ins().band(x, y),
             (BinOp::Or, Ty::Bool) => self.b.ins().bor(x, y),
@@ -1392,6 +1394,19 @@ impl Gen<'_, '_> {
             _ => return Err(format!("{op:?} does not apply to {ty:?}")),
         };
         Ok((v, ty))
+    }
+
+    /// `scalar::fmin` (`cc` is `LessThan`) or `scalar::fmax` (`GreaterThan`)
+    /// bit for bit: `f32::NAN` when either operand is NaN, else `y` when it
+    /// is strictly smaller (larger), else `x`, so of two equal operands
+    /// (`0.0` and `-0.0`) the first. Cranelift's `fmin`/`fmax` would order
+    /// `-0.0` below `0.0` and pass NaN payloads through.
+    fn float_min_max(&mut self, x: Value, y: Value, cc: FloatCC) -> Value {
+        let take_y = self.b.ins().fcmp(cc, y, x);
+        let picked = self.b.ins().select(take_y, y, x);
+        let unordered = self.b.ins().fcmp(FloatCC::Unordered, x, y);
+        let nan = self.b.ins().f32const(Ieee32::with_bits(f32::NAN.to_bits()));
+        self.b.ins().select(unordered, nan, picked)
     }
 
     /// Truncating `x / y` or `x % y` on `i64`: a zero divisor exits with
