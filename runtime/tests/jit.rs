@@ -1387,7 +1387,7 @@ fn raw_launches_run_a_row_range() {
     unsafe {
         j.launch_raw(&args, 3..7).unwrap();
         j.launch_raw(&args, 5..5).unwrap();
-        #[allow(clippy::reversed_empty_ranges)] // a reversed range runs no rows
+        #[allow(clippy::reversed_empty_ranges)]
         j.launch_raw(&args, 9..2).unwrap();
     }
     assert_eq!(memory, vec![-1, -1, -1, 9, 16, 25, 36, -1, -1, -1]);
@@ -1576,6 +1576,9 @@ fn compiling_many_kernels_and_dropping_them() {
     }
     let mut kb = KB::new("shown");
     let out = kb.output("out", Elem::F32);
-    let text = JitKernel::clif(&kb.kernel(vec![store(out, row(), f(1.0))])).unwrap();
+    let k = kb.kernel(vec![store(out, row(), f(1.0))]);
+    let text = JitKernel::clif(&k).unwrap();
     assert!(text.contains("function"), "{text}");
+    let code = JitKernel::disassembly(&k).unwrap();
+    assert!(!code.is_empty());
 }
