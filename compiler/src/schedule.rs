@@ -187,7 +187,7 @@ impl<'a> Builder<'a> {
         let m = self.model;
         let mut c: Vec<(String, i64)> = vec![
             ("hidden".into(), m.hidden as i64),
-            ("dtype".into(), dtype_code(m.dtype)),
+            ("dtype".into(), m.dtype.code()),
         ];
         for (k, v) in extra {
             c.push(((*k).to_string(), *v));
@@ -541,18 +541,11 @@ impl<'a> Builder<'a> {
 
     /// Constants of an activation kernel for an FFN of `width` columns.
     fn activation_constants(&self, width: u64, ffn: Activation) -> Vec<(String, i64)> {
-        let act = match ffn {
-            Activation::Swiglu { .. } => 0,
-            Activation::Gelu => 1,
-            Activation::GeluTanh => 2,
-            Activation::Relu => 3,
-        };
-        let clamped = matches!(ffn, Activation::Swiglu { limit: Some(_) });
         self.constants(&[
             ("ffn", width as i64),
             ("gated", i64::from(ffn.gated())),
-            ("act", act),
-            ("clamped", i64::from(clamped)),
+            ("act", ffn.code()),
+            ("clamped", i64::from(ffn.limit().is_some())),
         ])
     }
 
@@ -1355,18 +1348,6 @@ impl<'a> Builder<'a> {
                 weight_bytes,
             },
         })
-    }
-}
-
-/// Dtype code used in kernel constants.
-fn dtype_code(d: DType) -> i64 {
-    match d {
-        DType::F32 => 0,
-        DType::Bf16 => 1,
-        DType::F16 => 2,
-        DType::Fp8E4m3 => 3,
-        DType::I32 => 4,
-        DType::U8 => 5,
     }
 }
 

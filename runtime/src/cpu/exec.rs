@@ -198,31 +198,13 @@ fn kind_of(kind: KernelKind) -> Option<Kind> {
     })
 }
 
-fn dtype_code(d: DType) -> i64 {
-    match d {
-        DType::F32 => 0,
-        DType::Bf16 => 1,
-        DType::F16 => 2,
-        DType::Fp8E4m3 => 3,
-        DType::I32 => 4,
-        DType::U8 => 5,
-    }
-}
-
+/// Constants of the activation a GEMM epilogue applies: it reads the GEMM's
+/// f32 result (`in_dtype` 0) and stores the layer dtype.
 fn activation_constants(plan: &Plan, width: usize, ffn: Activation) -> Vec<(String, i64)> {
-    let act = match ffn {
-        Activation::Swiglu { .. } => 0,
-        Activation::Gelu => 1,
-        Activation::GeluTanh => 2,
-        Activation::Relu => 3,
-    };
     vec![
-        ("act".into(), act),
-        (
-            "clamped".into(),
-            i64::from(matches!(ffn, Activation::Swiglu { limit: Some(_) })),
-        ),
-        ("dtype".into(), dtype_code(plan.layer.dtype)),
+        ("act".into(), ffn.code()),
+        ("clamped".into(), i64::from(ffn.limit().is_some())),
+        ("dtype".into(), plan.layer.dtype.code()),
         ("ffn".into(), width as i64),
         ("gated".into(), i64::from(ffn.gated())),
         ("hidden".into(), plan.layer.hidden as i64),
@@ -329,6 +311,16 @@ impl CpuBackend {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// The `limit` argument of an activation kernel: the SwiGLU clamp of the
+    /// shared or the routed experts (unused, 0, when they are not clamped).
+    fn clamp_limit(&self, shared: bool) -> f32 {
+        let ffn = match (shared, &self.plan.layer.shared) {
+            (true, Some(s)) => s.ffn,
+            _ => self.plan.layer.ffn,
+        };
+        ffn.limit().unwrap_or(0.0) as f32
     }
 
     /// Ranks this backend runs.
@@ -1055,15 +1047,7 @@ impl StreamRun<'_> {
             KernelKind::Activation => {
                 args.extend(self.raw(input(0)?, chunk)?);
                 args.extend(self.raw(output(0)?, chunk)?);
-                let limit = match (op.phase, &b.plan.layer.shared) {
-                    (Phase::Shared, Some(s)) => s.ffn,
-                    _ => b.plan.layer.ffn,
-                };
-                let limit = match limit {
-                    Activation::Swiglu { limit: Some(l) } => l as f32,
-                    _ => 0.0,
-                };
-                args.push(RawArg::F32(limit));
+                args.push(RawArg::F32(b.clamp_limit(op.phase == Phase::Shared)));
                 rows = if op.phase == Phase::Shared {
                     b.geo.tokens
                 } else {
@@ -1187,10 +1171,11 @@ impl StreamRun<'_> {
         memory::write_i32s(&placement.slots, dst);
         if let Some(&flag) = outputs.get(1) {
             // Worst-case buffers never overflow; the flag records it for the host.
-            let overflow = placement.tables.iter().any(|t| {
-                let recv_rows = b.plan.choices.expert_rows.min(usize::MAX as u64) as usize;
-                t.received(self.me()) > recv_rows
-            });
+            let recv_rows = usize::try_from(b.plan.choices.expert_rows).unwrap_or(usize::MAX);
+            let overflow = placement
+                .tables
+                .iter()
+                .any(|t| t.received(self.me()) > recv_rows);
             // SAFETY: as above.
             let f = unsafe { self.ctx.arena.bytes_mut(b.regions[flag as usize]) };
             if let Some(first) = f.first_mut() {
@@ -1322,14 +1307,7 @@ impl StreamRun<'_> {
                         _ => b.expert_epilogue.as_ref(),
                     }
                     .ok_or_else(|| ExecError::new("no epilogue kernel was compiled"))?;
-                    let limit = match (weight, &b.plan.layer.shared) {
-                        (GemmWeight::SharedUp, Some(s)) => s.ffn,
-                        _ => b.plan.layer.ffn,
-                    };
-                    let limit = match limit {
-                        Activation::Swiglu { limit: Some(l) } => l as f32,
-                        _ => 0.0,
-                    };
+                    let limit = b.clamp_limit(weight == GemmWeight::SharedUp);
                     let args = [
                         RawArg::Buf {
                             ptr: c_f32.as_mut_ptr().cast(),

@@ -65,6 +65,18 @@ impl DType {
         }
     }
 
+    /// The code kernels' `dtype` constants use (`moec_kernels::ir::Elem::from_code`).
+    pub fn code(self) -> i64 {
+        match self {
+            DType::F32 => 0,
+            DType::Bf16 => 1,
+            DType::F16 => 2,
+            DType::Fp8E4m3 => 3,
+            DType::I32 => 4,
+            DType::U8 => 5,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
@@ -105,6 +117,24 @@ impl Activation {
     /// True when the FFN has a gate projection beside the up projection.
     pub fn gated(self) -> bool {
         matches!(self, Activation::Swiglu { .. })
+    }
+
+    /// The code of the activation kernel's `act` constant.
+    pub fn code(self) -> i64 {
+        match self {
+            Activation::Swiglu { .. } => 0,
+            Activation::Gelu => 1,
+            Activation::GeluTanh => 2,
+            Activation::Relu => 3,
+        }
+    }
+
+    /// The clamp limit of gpt-oss's SwiGLU, when there is one.
+    pub fn limit(self) -> Option<f64> {
+        match self {
+            Activation::Swiglu { limit } => limit,
+            _ => None,
+        }
     }
 }
 
