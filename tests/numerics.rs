@@ -213,9 +213,8 @@ fn unfused_kernel_chains_match() {
     assert_close("unfused", &s, Overrides::default());
 }
 
-/// Every example, shrunk, in f32, on one node (`--ranks` = its GPUs per node
-/// for multi-node meshes: hierarchical collectives are not on the CPU yet),
-/// against the reference and under three shuffled interleavings.
+/// Every example, shrunk, in f32, on its own mesh, against the reference and
+/// under three shuffled interleavings.
 #[test]
 fn every_example_shrunk_matches_the_reference_and_survives_shuffles() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
@@ -230,10 +229,9 @@ fn every_example_shrunk_matches_the_reference_and_survives_shuffles() {
         let source = std::fs::read_to_string(&path).unwrap();
         let name = path.file_stem().unwrap().to_string_lossy().to_string();
         let (program, _) = moec_lang::check_source(&source).program.unwrap();
-        let ranks = (program.mesh.nodes > 1).then_some(program.mesh.gpus_per_node);
         let fp8 = program.layer.dispatch_dtype == moec_lang::spec::DType::Fp8E4m3;
         let overrides = Overrides {
-            ranks,
+            ranks: None,
             tokens: Some(128),
             dtype: Some(moec_lang::spec::DType::F32),
             hidden: Some(64),
@@ -247,4 +245,66 @@ fn every_example_shrunk_matches_the_reference_and_survives_shuffles() {
             "{name}: relative error {err:e} (bound {bound:e})"
         );
     }
+}
+
+fn deepseek_on_two_nodes(dtype: moec_lang::spec::DType, tokens: u64) -> (String, Overrides) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/deepseek_v3.moe");
+    let source = std::fs::read_to_string(path).unwrap();
+    let overrides = Overrides {
+        ranks: Some(16),
+        tokens: Some(tokens),
+        dtype: Some(dtype),
+        hidden: Some(64),
+        ffn: Some(32),
+    };
+    (source, overrides)
+}
+
+fn compile_with(source: &str, overrides: &Overrides) -> moec_runtime::Plan {
+    let (program, _) = moec_lang::check_source(source).program.unwrap();
+    let mut program = program.clone();
+    apply(&mut program, overrides).unwrap();
+    compile(&program, &Options::default()).unwrap().plan
+}
+
+/// DeepSeek-V3 on two nodes of eight ranks, at a size where the compiler
+/// picks the hierarchical dispatch (one copy of a token per destination node,
+/// forwarded inside the node): the reference's numbers, under shuffled
+/// interleavings.
+#[test]
+fn hierarchical_dispatch_matches_the_reference() {
+    let (source, overrides) = deepseek_on_two_nodes(moec_lang::spec::DType::F32, 256);
+    let plan = compile_with(&source, &overrides);
+    assert_eq!(
+        plan.choices.dispatch,
+        moec_runtime::plan::A2aAlgorithm::Hierarchical,
+        "this size should pick the hierarchical dispatch"
+    );
+    let err = run_against_reference("deepseek_v3 hierarchical", &source, &overrides, 4, 2);
+    assert!(err < 1e-5, "relative error {err:e}");
+}
+
+/// In bf16 (where the reference's f64 router may break near-ties differently)
+/// the hierarchical dispatch must move exactly the bytes the flat one does.
+#[test]
+fn hierarchical_and_flat_dispatch_agree_bit_for_bit() {
+    let (source, overrides) = deepseek_on_two_nodes(moec_lang::spec::DType::Bf16, 512);
+    let flat_source = format!("{source}\nschedule {{\n    deny = [hierarchical_a2a]\n}}\n");
+    let mut outputs = Vec::new();
+    for (src, want) in [
+        (&source, moec_runtime::plan::A2aAlgorithm::Hierarchical),
+        (&flat_source, moec_runtime::plan::A2aAlgorithm::Flat),
+    ] {
+        let plan = compile_with(src, &overrides);
+        assert_eq!(plan.choices.dispatch, want);
+        let layer = plan.layer.clone();
+        let weights = LayerWeights::random(&layer, 5);
+        let inputs = random_inputs(&layer, 16, layer.tokens_per_rank as usize, 5);
+        let backend = CpuBackend::new(plan, &weights, CpuOptions::default()).unwrap();
+        outputs.push(backend.forward(&inputs).unwrap().outputs);
+    }
+    assert!(
+        outputs[0] == outputs[1],
+        "hierarchical and flat outputs differ"
+    );
 }

@@ -580,8 +580,18 @@ impl Analysis<MoeIr> for MetaAnalysis {
             }
             MoeIr::Combine([y, a]) | MoeIr::CombineInter([y, a]) | MoeIr::CombineIntra([y, a]) => {
                 // Back to the senders: one row per assignment of this rank's tokens.
+                // The intra-node leg gathers on the forwarding rank the rows of
+                // the same-index rank of every node (nothing is summed yet).
                 let av = x(a);
-                let rows = av.rows.saturating_mul(m.rows_per_token());
+                let forwarded = if matches!(enode, MoeIr::CombineIntra(_)) {
+                    m.group_nodes
+                } else {
+                    1
+                };
+                let rows = av
+                    .rows
+                    .saturating_mul(m.rows_per_token())
+                    .saturating_mul(forwarded);
                 let exp = av.rows_expected * m.rows_per_token() as f64;
                 Meta::value(rows, exp, h, m.dtype, x(y).flops).in_chunks(av.chunks)
             }

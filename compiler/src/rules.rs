@@ -5,7 +5,7 @@
 
 use crate::ir::{lower_body, MetaAnalysis, Model, MoeIr, RouterStage};
 use egg::{rewrite, Applier, EGraph, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
-use moec_runtime::plan::DType;
+use moec_runtime::plan::{self as rt, DType};
 
 pub type MoeRewrite = Rewrite<MoeIr, MetaAnalysis>;
 
@@ -44,7 +44,16 @@ pub fn rules(model: &Model, allowed: &[&str], degrees: &[u64]) -> Result<Vec<Moe
     if on("overlap_shared") && model.shared.is_some() {
         rules.push(rewrite!("overlap_shared"; "(add ?r ?s)" => "(add_par ?r ?s)"));
     }
-    if on("hierarchical_a2a") && model.group_nodes > 1 && model.group_ranks_per_node > 1 {
+    // The inter-node leg sends one copy of a token per destination node, so
+    // every row of a token must be the same: not so when the router weight
+    // scales each (token, expert) row on the input side with top_k > 1.
+    let rows_of_a_token_equal =
+        model.layer.router.weight_on == rt::WeightOn::Output || model.top_k == 1;
+    if on("hierarchical_a2a")
+        && model.group_nodes > 1
+        && model.group_ranks_per_node > 1
+        && rows_of_a_token_equal
+    {
         rules.push(rewrite!("hierarchical_a2a/dispatch";
             "(dispatch ?p)" => "(dispatch_intra (dispatch_inter ?p))"));
         rules.push(rewrite!("hierarchical_a2a/combine";

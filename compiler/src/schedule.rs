@@ -141,11 +141,14 @@ impl<'a> Builder<'a> {
     }
 
     fn buffer(&mut self, name: &str, dtype: DType, shape: Vec<u64>, role: BufferRole) -> u32 {
-        let elements = shape.iter().fold(1u64, |a, &d| a.saturating_mul(d));
-        let bytes = if dtype == DType::Fp8E4m3 {
-            value_bytes(1, elements, dtype)
-        } else {
-            elements.saturating_mul(dtype.bytes())
+        // fp8 scales are per row (one per 128-element block of each row), so
+        // the size follows the row structure, not the element count alone.
+        let bytes = match shape.as_slice() {
+            [rows, cols] => value_bytes(*rows, *cols, dtype),
+            _ => {
+                let elements = shape.iter().fold(1u64, |a, &d| a.saturating_mul(d));
+                value_bytes(1, elements, dtype)
+            }
         };
         self.buffers.push(Buffer {
             name: name.to_string(),

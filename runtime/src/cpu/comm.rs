@@ -20,12 +20,14 @@ pub struct Run {
 }
 
 /// Identifies one collective call across ranks: the group (its first global
-/// rank), the forward pass and the op.
+/// rank), the forward pass, the op and the exchange within the op (a
+/// hierarchical leg exchanges sizes and routing before the rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Tag {
     pub group: usize,
     pub pass: u64,
     pub op: u32,
+    pub part: u8,
 }
 
 /// What one rank sends: its bytes and, per peer (index in the group), the
@@ -207,15 +209,27 @@ impl Comm for InProcessComm {
         }
         self.changed.notify_all();
         let state = self.wait_for(state, tag, n, |s| s.posted.iter().all(Option::is_some))?;
-        // Pull every peer's runs for me.
-        let result = {
-            let slot = state.slots.get(&tag);
-            match slot {
-                Some(slot) => pull(slot, me, inc),
-                None => Err(CommError::Mismatch("the exchange vanished".into())),
-            }
+        // Note where every peer's runs for me are, then copy without the lock,
+        // so that exchanges of other groups and ranks proceed meanwhile.
+        let sources: Result<Vec<Source>, CommError> = match state.slots.get(&tag) {
+            Some(slot) => slot
+                .posted
+                .iter()
+                .enumerate()
+                .map(|(p, post)| match post {
+                    Some(post) => Ok(Source {
+                        addr: post.addr,
+                        len: post.len,
+                        runs: post.to.get(me).cloned().unwrap_or_default(),
+                    }),
+                    None => Err(CommError::Mismatch(format!("peer {p} did not post"))),
+                })
+                .collect(),
+            None => Err(CommError::Mismatch("the exchange vanished".into())),
         };
-        let mut state = state;
+        drop(state);
+        let result = sources.and_then(|sources| pull(&sources, inc));
+        let mut state = self.lock();
         if let Some(slot) = state.slots.get_mut(&tag) {
             slot.done += 1;
         }
@@ -253,19 +267,26 @@ fn check_runs(runs: &[Vec<Run>], len: usize, side: &str) -> Result<(), CommError
     Ok(())
 }
 
-/// Copies, for each peer, its runs addressed to `me` into `inc`'s runs.
-fn pull(slot: &Slot, me: usize, inc: Incoming<'_>) -> Result<(), CommError> {
+/// A peer's posted send buffer and its runs for the caller.
+struct Source {
+    addr: usize,
+    len: usize,
+    runs: Vec<Run>,
+}
+
+/// Copies, for each peer, its runs addressed to the caller into `inc`'s runs.
+fn pull(sources: &[Source], inc: Incoming<'_>) -> Result<(), CommError> {
     for (p, dst_runs) in inc.from.iter().enumerate() {
-        let Some(Some(post)) = slot.posted.get(p) else {
+        let Some(post) = sources.get(p) else {
             return Err(CommError::Mismatch(format!("peer {p} did not post")));
         };
-        let src_runs = post.to.get(me).map(Vec::as_slice).unwrap_or(&[]);
-        // SAFETY: `addr, len` is the peer's send buffer, posted above and kept
-        // alive and unmodified by the peer until every rank has counted itself
-        // done (the peer waits for `done == n` before returning). The runs
-        // were checked against `len` when they were posted.
+        // SAFETY: `addr, len` is the peer's send buffer, posted for this
+        // exchange and kept alive and unmodified by the peer until every rank
+        // has counted itself done (the peer waits for `done == n` before
+        // returning, and this rank counts itself done only after this copy).
+        // The runs were checked against `len` when they were posted.
         let src = unsafe { std::slice::from_raw_parts(post.addr as *const u8, post.len) };
-        copy_runs(src, src_runs, inc.data, dst_runs)
+        copy_runs(src, &post.runs, inc.data, dst_runs)
             .map_err(|why| CommError::Mismatch(format!("from peer {p}: {why}")))?;
     }
     Ok(())
@@ -336,6 +357,7 @@ mod tests {
                         group: 0,
                         pass: 0,
                         op: 7,
+                        part: 0,
                     };
                     comm.exchange(
                         tag,
@@ -369,6 +391,7 @@ mod tests {
                         group: 0,
                         pass: 0,
                         op: 1,
+                        part: 0,
                     },
                     &[0, 1],
                     0,

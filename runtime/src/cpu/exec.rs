@@ -12,14 +12,15 @@
 //!   interleavings; if the outputs differ, the plan lacks an event (`moec run
 //!   --shuffle K`).
 
-use super::comm::{copy_runs, Comm, CommError, InProcessComm, Incoming, Outgoing, Run, Tag};
+use super::comm::{Comm, CommError, InProcessComm, Incoming, Outgoing, Run, Tag};
 use super::gemm::matmul_wt;
+use super::hier::{self, Staged, Topology};
 use super::jit::{JitKernel, RawArg};
 use super::layout::{assign_count, assign_place, ChunkTable, Geometry, Placement, Routing};
 use super::memory::{self, Arena, Region};
 use crate::plan::{
     Activation, Buffer, BufferRole, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight,
-    KernelKind, Op, OpKind, Phase, Plan,
+    KernelKind, Op, OpKind, Phase, Plan, WeightOn,
 };
 use crate::weights::{Ffn, LayerWeights};
 use moec_kernels::library::{self, Kind};
@@ -157,6 +158,8 @@ impl PreparedFfn {
 pub struct CpuBackend {
     plan: Plan,
     geo: Geometry,
+    /// Nodes of an EP group, for plans with a hierarchical all-to-all.
+    topo: Option<Topology>,
     regions: Vec<Region>,
     arena_bytes: usize,
     /// One compiled kernel per plan kernel (`None` for the native assignment kernels).
@@ -254,6 +257,21 @@ impl CpuBackend {
                 }
             });
         }
+        let hierarchical = plan.ops().any(|(_, op)| {
+            matches!(op.kind, OpKind::Collective { scope, .. } if scope != CollectiveScope::EpGroup)
+        });
+        let topo = if hierarchical {
+            if plan.layer.router.weight_on == WeightOn::Input && geo.top_k > 1 {
+                return Err(ExecError::new(
+                    "a hierarchical dispatch sends one copy per token and node, but with the router weight on the input the rows of a token differ",
+                ));
+            }
+            let gpus_per_node = usize::try_from(plan.mesh.gpus_per_node)
+                .map_err(|_| ExecError::new("gpus_per_node does not fit this machine"))?;
+            Some(Topology::new(group, gpus_per_node).map_err(ExecError::new)?)
+        } else {
+            None
+        };
         let hidden = plan.layer.hidden as usize;
         let experts: Vec<PreparedFfn> = weights
             .experts
@@ -298,6 +316,7 @@ impl CpuBackend {
             shared_gate: weights.shared_gate.clone().unwrap_or_default(),
             plan,
             geo,
+            topo,
             regions,
             arena_bytes,
             kernels,
@@ -379,6 +398,7 @@ impl CpuBackend {
                 arena,
                 events: (0..self.plan.events).map(|_| Event::default()).collect(),
                 placement: Mutex::new(None),
+                staged: Mutex::new(BTreeMap::new()),
                 phase_seconds: Mutex::new(BTreeMap::new()),
             });
         }
@@ -530,9 +550,12 @@ impl CpuBackend {
             };
             if let OpKind::Collective { .. } = op.kind {
                 let base = r - r % self.geo.group;
-                let group: Vec<usize> = (base..base + self.geo.group).collect();
-                self.collective_direct(&ranks, &group, op)
-                    .map_err(|e| tag_err(e, r))?;
+                let group = base..base + self.geo.group;
+                self.collective_together(&ranks, group.clone(), op, pass, &abort)
+                    .map_err(|e| {
+                        let rank = e.rank.unwrap_or(r);
+                        tag_err(e, rank)
+                    })?;
                 for p in group {
                     pos[p][s] += 1;
                 }
@@ -550,38 +573,57 @@ impl CpuBackend {
         self.finish(&ranks, start)
     }
 
-    /// Runs one collective for every member of `group` at once (shuffled mode).
-    fn collective_direct(
+    /// Runs one collective for every member of an EP group at once (shuffled
+    /// mode): each member on a thread of its own, through a fresh comm, so the
+    /// collective runs the very code of the concurrent mode.
+    fn collective_together(
         &self,
         ranks: &[RankCtx],
-        group: &[usize],
+        group: Range<usize>,
         op: &Op,
+        pass: u64,
+        abort: &Abort,
     ) -> Result<(), ExecError> {
-        let OpKind::Collective { send, recv, .. } = op.kind else {
-            return Ok(());
-        };
-        let plans: Vec<CollectivePlan> = group
+        let comm = InProcessComm::new(self.options.timeout);
+        let results: Vec<Result<(), ExecError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ranks[group]
+                .iter()
+                .map(|ctx| {
+                    let comm = &comm;
+                    scope.spawn(move || {
+                        let run = StreamRun {
+                            backend: self,
+                            ctx,
+                            pass,
+                            abort,
+                        };
+                        let result = run.collective(op, comm);
+                        if let Err(e) = &result {
+                            comm.abort(&e.to_string());
+                        }
+                        result.map_err(|mut e| {
+                            e.rank = Some(ctx.rank);
+                            e
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(ExecError::new("a collective thread panicked")))
+                })
+                .collect()
+        });
+        let mut errors: Vec<ExecError> = results.into_iter().filter_map(Result::err).collect();
+        match errors
             .iter()
-            .enumerate()
-            .map(|(me, &r)| self.collective_plan(&ranks[r], me, op))
-            .collect::<Result<_, _>>()?;
-        // Snapshot every send buffer first: a rank may send to itself.
-        let sends: Vec<Vec<u8>> = group
-            .iter()
-            .map(|&r| {
-                // SAFETY: single-threaded mode; nothing else touches the arena.
-                unsafe { ranks[r].arena.bytes(self.regions[send as usize]) }.to_vec()
-            })
-            .collect();
-        for (me, &r) in group.iter().enumerate() {
-            // SAFETY: single-threaded mode; this is the only live slice of the arena.
-            let dst = unsafe { ranks[r].arena.bytes_mut(self.regions[recv as usize]) };
-            for (p, plan_p) in plans.iter().enumerate() {
-                copy_runs(&sends[p], &plan_p.to[me], dst, &plans[me].from[p])
-                    .map_err(|e| ExecError::new(format!("from EP rank {p}: {e}")))?;
-            }
+            .position(|e| !e.message.starts_with("aborted"))
+        {
+            Some(i) => Err(errors.swap_remove(i)),
+            None => errors.into_iter().next().map_or(Ok(()), Err),
         }
-        Ok(())
     }
 
     /// The byte runs one rank sends to and receives from each peer.
@@ -603,7 +645,7 @@ impl CpuBackend {
         };
         if scope != CollectiveScope::EpGroup {
             return Err(ExecError::new(
-                "hierarchical (intra-/inter-node) collectives are not implemented on the CPU backend yet",
+                "internal: a hierarchical leg planned as flat",
             ));
         }
         let g = self.geo.group;
@@ -792,6 +834,8 @@ struct RankCtx {
     events: Vec<Event>,
     /// The routing table `assign_place` leaves in rank memory.
     placement: Mutex<Option<Arc<Placement>>>,
+    /// Routing of the rows a hierarchical dispatch staged, by staging buffer.
+    staged: Mutex<BTreeMap<u32, Arc<Staged>>>,
     phase_seconds: Mutex<BTreeMap<Phase, f64>>,
 }
 
@@ -814,7 +858,7 @@ struct StreamRun<'a> {
 }
 
 impl StreamRun<'_> {
-    fn op(&self, op: &Op, comm: Option<&InProcessComm>) -> Result<(), ExecError> {
+    fn op(&self, op: &Op, comm: Option<&dyn Comm>) -> Result<(), ExecError> {
         let start = Instant::now();
         match &op.kind {
             OpKind::Record { event } => self.event(*event)?.record(),
@@ -862,14 +906,18 @@ impl StreamRun<'_> {
         self.ctx.rank % self.backend.geo.group
     }
 
-    fn collective(&self, op: &Op, comm: &InProcessComm) -> Result<(), ExecError> {
-        let OpKind::Collective { send, recv, .. } = op.kind else {
+    fn collective(&self, op: &Op, comm: &dyn Comm) -> Result<(), ExecError> {
+        let OpKind::Collective {
+            scope, send, recv, ..
+        } = op.kind
+        else {
             return Ok(());
         };
         let b = self.backend;
-        let g = b.geo.group;
-        let base = self.ctx.rank - self.me();
-        let group: Vec<usize> = (base..base + g).collect();
+        if scope != CollectiveScope::EpGroup {
+            return self.hierarchical(op, comm, scope, send, recv);
+        }
+        let group: Vec<usize> = (0..b.geo.group).collect();
         let plan = b.collective_plan(self.ctx, self.me(), op)?;
         // SAFETY: the plan's events order this collective after the ops that
         // write its send buffer and before those that read its receive buffer;
@@ -880,25 +928,253 @@ impl StreamRun<'_> {
                 self.ctx.arena.bytes_mut(b.regions[recv as usize]),
             )
         };
+        self.exchange(comm, op, 0, &group, (data, plan.to), (dst, plan.from))
+    }
+
+    /// One exchange of this rank with the EP ranks `group` (EP indices; this
+    /// rank among them): `out` is what it sends (bytes, runs per peer), `inc`
+    /// where it receives.
+    #[allow(clippy::type_complexity)] // the two sides of an exchange, spelled out
+    fn exchange(
+        &self,
+        comm: &dyn Comm,
+        op: &Op,
+        part: u8,
+        group: &[usize],
+        out: (&[u8], Vec<Vec<Run>>),
+        inc: (&mut [u8], Vec<Vec<Run>>),
+    ) -> Result<(), ExecError> {
+        let base = self.ctx.rank - self.me();
+        let me = group
+            .iter()
+            .position(|&q| q == self.me())
+            .ok_or_else(|| ExecError::new("internal: a rank outside its own group"))?;
+        let global: Vec<usize> = group.iter().map(|q| base + q).collect();
         let tag = Tag {
-            group: base,
+            group: global[0],
             pass: self.pass,
             op: op.id,
+            part,
         };
         comm.exchange(
             tag,
-            &group,
-            self.me(),
-            Outgoing { data, to: plan.to },
+            &global,
+            me,
+            Outgoing {
+                data: out.0,
+                to: out.1,
+            },
             Incoming {
-                data: dst,
-                from: plan.from,
+                data: inc.0,
+                from: inc.1,
             },
         )
         .map_err(|e| match e {
             CommError::Aborted(_) => ExecError::new(format!("aborted: {e}")),
             other => ExecError::new(other.to_string()),
         })
+    }
+
+    /// One leg of the hierarchical all-to-all (see `hier.rs`).
+    fn hierarchical(
+        &self,
+        op: &Op,
+        comm: &dyn Comm,
+        scope: CollectiveScope,
+        send: u32,
+        recv: u32,
+    ) -> Result<(), ExecError> {
+        let b = self.backend;
+        let topo = b
+            .topo
+            .ok_or_else(|| ExecError::new("internal: a hierarchical leg without a topology"))?;
+        let me = self.me();
+        let table = self.chunk_table(op.chunk)?;
+        let table = table.get();
+        let (send_buf, recv_buf) = (
+            &b.plan.buffers[send as usize],
+            &b.plan.buffers[recv as usize],
+        );
+        let (send_rows, recv_rows) = (RowLayout::of(send_buf)?, RowLayout::of(recv_buf)?);
+        let runs = |layout: &RowLayout, rows: &[Range<usize>], name: &str| layout.runs(rows, name);
+        let dispatch = op.phase != Phase::Combine;
+        let (group, to, from) = match (dispatch, scope) {
+            (true, CollectiveScope::InterNode) => {
+                return self.dispatch_inter(op, comm, topo, send, recv);
+            }
+            (true, _) => {
+                let staged = self
+                    .ctx
+                    .staged
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&send)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ExecError::new(
+                            "the intra-node leg runs before the inter-node leg staged its rows",
+                        )
+                    })?;
+                let to = staged.sends(topo.per_node);
+                let from = hier::dispatch_intra_recv(&topo, table, me);
+                (topo.within(me), to, from)
+            }
+            (false, CollectiveScope::IntraNode) => {
+                let (to, from) = hier::combine_intra(&topo, table, me);
+                (topo.within(me), to, from)
+            }
+            (false, _) => {
+                let (to, from) = hier::combine_inter(&topo, table, me);
+                let to = to.into_iter().map(|r| vec![r]).collect();
+                let from = from.into_iter().map(|r| vec![r]).collect();
+                (topo.across(me), to, from)
+            }
+        };
+        let to = to
+            .iter()
+            .map(|rows| runs(&send_rows, rows, &send_buf.name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let from = from
+            .iter()
+            .map(|rows| runs(&recv_rows, rows, &recv_buf.name))
+            .collect::<Result<Vec<_>, _>>()?;
+        // SAFETY: as for the flat collective: the plan's events give this op
+        // its two distinct buffers.
+        let (data, dst) = unsafe {
+            (
+                self.ctx.arena.bytes(b.regions[send as usize]),
+                self.ctx.arena.bytes_mut(b.regions[recv as usize]),
+            )
+        };
+        self.exchange(comm, op, 0, &group, (data, to), (dst, from))
+    }
+
+    /// The inter-node leg of the dispatch: sizes, then each token's routing,
+    /// then the rows (one copy per token and destination node).
+    fn dispatch_inter(
+        &self,
+        op: &Op,
+        comm: &dyn Comm,
+        topo: Topology,
+        send: u32,
+        recv: u32,
+    ) -> Result<(), ExecError> {
+        let b = self.backend;
+        let me = self.me();
+        let chunk = op.chunk.unwrap_or(0) as usize;
+        let placement = self.ctx.placement()?;
+        let table = placement
+            .tables
+            .get(chunk)
+            .ok_or_else(|| ExecError::new(format!("no routing table for chunk {chunk}")))?;
+        let out = hier::dispatch_inter_send(
+            &topo,
+            table,
+            me,
+            &placement.slots,
+            b.geo.top_k,
+            b.geo.chunk_range(chunk),
+        )
+        .map_err(ExecError::new)?;
+        let group = topo.across(me);
+        let nodes = topo.nodes;
+        let runs_each = |sizes: &[usize]| -> Vec<Vec<Run>> {
+            let mut at = 0;
+            sizes
+                .iter()
+                .map(|&len| {
+                    at += len;
+                    vec![Run {
+                        offset: at - len,
+                        len,
+                    }]
+                })
+                .collect()
+        };
+        // 1. How many rows and routing values each node sends this rank.
+        let mut sizes = Vec::with_capacity(nodes * 16);
+        for n in 0..nodes {
+            sizes.extend_from_slice(&(out.rows[n].len() as u64).to_le_bytes());
+            sizes.extend_from_slice(&(out.routing[n].len() as u64).to_le_bytes());
+        }
+        let mut got = vec![0u8; nodes * 16];
+        self.exchange(
+            comm,
+            op,
+            1,
+            &group,
+            (&sizes, runs_each(&vec![16; nodes])),
+            (&mut got, runs_each(&vec![16; nodes])),
+        )?;
+        let word = |i: usize| -> Result<usize, ExecError> {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&got[i * 8..i * 8 + 8]);
+            usize::try_from(u64::from_le_bytes(w))
+                .map_err(|_| ExecError::new("a peer announced an impossible size"))
+        };
+        let counts: Vec<usize> = (0..nodes).map(|m| word(2 * m)).collect::<Result<_, _>>()?;
+        let lens: Vec<usize> = (0..nodes)
+            .map(|m| word(2 * m + 1))
+            .collect::<Result<_, _>>()?;
+        // 2. The routing of every staged token.
+        let routing_out: Vec<u8> = out
+            .routing
+            .iter()
+            .flatten()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let out_lens: Vec<usize> = out.routing.iter().map(|r| r.len() * 4).collect();
+        let in_lens: Vec<usize> = lens.iter().map(|l| l.saturating_mul(4)).collect();
+        let mut routing_in = vec![0u8; in_lens.iter().sum()];
+        self.exchange(
+            comm,
+            op,
+            2,
+            &group,
+            (&routing_out, runs_each(&out_lens)),
+            (&mut routing_in, runs_each(&in_lens)),
+        )?;
+        let routing: Vec<u32> = routing_in
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let staged = Staged::decode(&counts, &routing, topo.per_node).map_err(ExecError::new)?;
+        // 3. The rows, into `node_stage` by source node.
+        let (send_buf, recv_buf) = (
+            &b.plan.buffers[send as usize],
+            &b.plan.buffers[recv as usize],
+        );
+        let (send_rows, recv_rows) = (RowLayout::of(send_buf)?, RowLayout::of(recv_buf)?);
+        let to = out
+            .rows
+            .iter()
+            .map(|rows| {
+                let ranges: Vec<Range<usize>> = rows.iter().map(|&r| r..r + 1).collect();
+                send_rows.runs(&ranges, &send_buf.name)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut at = 0;
+        let from = counts
+            .iter()
+            .map(|&n| {
+                at += n;
+                recv_rows.runs(std::slice::from_ref(&(at - n..at)), &recv_buf.name)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // SAFETY: as for the flat collective.
+        let (data, dst) = unsafe {
+            (
+                self.ctx.arena.bytes(b.regions[send as usize]),
+                self.ctx.arena.bytes_mut(b.regions[recv as usize]),
+            )
+        };
+        self.exchange(comm, op, 3, &group, (data, to), (dst, from))?;
+        self.ctx
+            .staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(recv, Arc::new(staged));
+        Ok(())
     }
 
     /// The region of `buffer` an op of `chunk` touches: a whole-layer
@@ -1295,10 +1571,24 @@ impl StreamRun<'_> {
                     self.ctx.arena.bytes_mut(c_bytes),
                 )
             };
-            a_f32.resize(m * k, 0.0);
-            memory::read_f32(a_raw, a_buf.dtype, &mut a_f32);
+            // f32 operands are used in place; other dtypes are widened into
+            // reused scratch (the GEMM accumulates in f32 either way).
+            let a_in: &[f32] = match (a_buf.dtype, memory::as_f32s(a_raw)) {
+                (DType::F32, Some(a)) => a,
+                _ => {
+                    a_f32.resize(m * k, 0.0);
+                    memory::read_f32(a_raw, a_buf.dtype, &mut a_f32);
+                    &a_f32
+                }
+            };
+            if epilogue == Epilogue::None && c_buf.dtype == DType::F32 {
+                if let Some(c_out) = memory::as_f32s_mut(c_raw) {
+                    matmul_wt(a_in, w, bias, c_out, m, n, k, threads).map_err(ExecError::new)?;
+                    continue;
+                }
+            }
             c_f32.resize(m * n, 0.0);
-            matmul_wt(&a_f32, w, bias, &mut c_f32, m, n, k, threads).map_err(ExecError::new)?;
+            matmul_wt(a_in, w, bias, &mut c_f32, m, n, k, threads).map_err(ExecError::new)?;
             match epilogue {
                 Epilogue::None => memory::write_f32(&c_f32, c_buf.dtype, c_raw),
                 Epilogue::Activation => {

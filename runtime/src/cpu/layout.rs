@@ -435,10 +435,9 @@ pub fn assign_place(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn geo(group: usize, experts: usize, tokens: usize, chunks: usize) -> Geometry {
+impl Geometry {
+    /// `experts / group` consecutive experts per rank, top-2, dropless.
+    pub(crate) fn uniform(group: usize, experts: usize, tokens: usize, chunks: usize) -> Geometry {
         let per = experts / group;
         let experts_of: Vec<Vec<usize>> = (0..group)
             .map(|g| (g * per..(g + 1) * per).collect())
@@ -463,6 +462,15 @@ mod tests {
             local_index,
             capacity: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo(group: usize, experts: usize, tokens: usize, chunks: usize) -> Geometry {
+        Geometry::uniform(group, experts, tokens, chunks)
     }
 
     #[test]

@@ -211,3 +211,25 @@ pub fn read_f32s(bytes: &[u8]) -> Vec<f32> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
 }
+
+/// `bytes` seen as f32 values, when aligned (f32 storage read in place, with
+/// no copy; little-endian hosts only, as every supported target is).
+pub fn as_f32s(bytes: &[u8]) -> Option<&[f32]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid f32; `align_to` puts only
+    // correctly aligned, in-bounds elements in the middle slice.
+    let (head, mid, tail) = unsafe { bytes.align_to::<f32>() };
+    (head.is_empty() && tail.is_empty()).then_some(mid)
+}
+
+/// `bytes` seen as mutable f32 values, when aligned (see [`as_f32s`]).
+pub fn as_f32s_mut(bytes: &mut [u8]) -> Option<&mut [f32]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: as for `as_f32s`; any f32 written is a valid byte pattern.
+    let (head, mid, tail) = unsafe { bytes.align_to_mut::<f32>() };
+    (head.is_empty() && tail.is_empty()).then_some(mid)
+}

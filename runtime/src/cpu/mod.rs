@@ -5,6 +5,7 @@
 pub mod comm;
 mod exec;
 mod gemm;
+mod hier;
 pub mod jit;
 pub mod layout;
 pub mod memory;
