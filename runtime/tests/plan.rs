@@ -922,6 +922,19 @@ fn from_json_validates() {
             expected: 1
         }
     );
+    // The version is checked before the rest: a plan of another format
+    // version whose fields changed still says to rebuild it.
+    let future = plan
+        .to_json()
+        .replacen("\"version\"", "\"colour\": 1, \"version\"", 1);
+    let err = Plan::from_json(&future).unwrap_err();
+    assert_eq!(
+        err,
+        PlanError::Version {
+            found: 2,
+            expected: 1
+        }
+    );
     // serde_json writes a NaN as null, which does not read back as a number.
     plan.version = 1;
     op_mut(&mut plan, 0).estimate_us = f64::NAN;

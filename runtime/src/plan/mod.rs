@@ -577,7 +577,24 @@ pub struct MemoryPlan {
 
 impl Plan {
     /// Parses a JSON plan and validates it (version, every reference, events, cycles).
+    ///
+    /// The format version is read first: a plan of another version is a
+    /// [`PlanError::Version`] even when its other fields no longer parse, since
+    /// "rebuild the plan" is the useful answer then.
     pub fn from_json(text: &str) -> Result<Plan, PlanError> {
+        /// Only the version; every other field is ignored.
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u64,
+        }
+        if let Ok(Versioned { version }) = serde_json::from_str::<Versioned>(text) {
+            if version != u64::from(PLAN_FORMAT_VERSION) {
+                return Err(PlanError::Version {
+                    found: u32::try_from(version).unwrap_or(u32::MAX),
+                    expected: PLAN_FORMAT_VERSION,
+                });
+            }
+        }
         let plan: Plan = serde_json::from_str(text).map_err(|e| PlanError::Json(e.to_string()))?;
         plan.validate()?;
         Ok(plan)
