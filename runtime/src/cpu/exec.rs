@@ -175,6 +175,9 @@ pub struct CpuBackend {
     world: usize,
     options: CpuOptions,
     passes: AtomicU64,
+    /// Arenas of finished passes, reused so a pass does not allocate and
+    /// zero its ranks' memory again (every buffer is written before it is read).
+    spare_arenas: Mutex<Vec<Arena>>,
 }
 
 fn kind_of(kind: KernelKind) -> Option<Kind> {
@@ -325,6 +328,7 @@ impl CpuBackend {
             world,
             options,
             passes: AtomicU64::new(0),
+            spare_arenas: Mutex::new(Vec::new()),
         })
     }
 
@@ -385,11 +389,22 @@ impl CpuBackend {
         Ok(())
     }
 
-    fn new_ranks(&self, inputs: &[Vec<f32>]) -> Result<Vec<RankCtx>, ExecError> {
+    /// Rank contexts holding `inputs`; `reuse` takes arenas of earlier passes
+    /// (never for the race check: stale values of an earlier pass could hide
+    /// a read that the plan does not order after its write).
+    fn new_ranks(&self, inputs: &[Vec<f32>], reuse: bool) -> Result<Vec<RankCtx>, ExecError> {
         let x = self.buffer_index(BufferRole::Input)?;
         let mut ranks = Vec::with_capacity(self.world);
         for (r, input) in inputs.iter().enumerate() {
-            let arena = Arena::new(self.arena_bytes);
+            let spare = if reuse {
+                self.spare_arenas
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop()
+            } else {
+                None
+            };
+            let arena = spare.unwrap_or_else(|| Arena::new(self.arena_bytes));
             // SAFETY: the arena was just created; no other thread sees it yet.
             let bytes = unsafe { arena.bytes_mut(self.regions[x]) };
             memory::write_f32(input, self.plan.buffers[x].dtype, bytes);
@@ -403,6 +418,12 @@ impl CpuBackend {
             });
         }
         Ok(ranks)
+    }
+
+    /// Keeps the arenas of a finished pass for the next one.
+    fn recycle(&self, ranks: Vec<RankCtx>) {
+        let mut spare = self.spare_arenas.lock().unwrap_or_else(|p| p.into_inner());
+        spare.extend(ranks.into_iter().map(|ctx| ctx.arena));
     }
 
     fn finish(&self, ranks: &[RankCtx], start: Instant) -> Result<Forward, ExecError> {
@@ -450,7 +471,7 @@ impl CpuBackend {
     pub fn forward(&self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
         self.check_inputs(inputs)?;
         let start = Instant::now();
-        let ranks = self.new_ranks(inputs)?;
+        let ranks = self.new_ranks(inputs, true)?;
         let pass = self.passes.fetch_add(1, Ordering::Relaxed);
         let comm = InProcessComm::new(self.options.timeout);
         let abort = Abort::default();
@@ -493,7 +514,9 @@ impl CpuBackend {
                 .unwrap_or(0);
             return Err(errors.swap_remove(root));
         }
-        self.finish(&ranks, start)
+        let result = self.finish(&ranks, start);
+        self.recycle(ranks);
+        result
     }
 
     /// Runs the layer with every rank's streams interleaved, one op at a time,
@@ -501,7 +524,7 @@ impl CpuBackend {
     pub fn forward_shuffled(&self, inputs: &[Vec<f32>], seed: u64) -> Result<Forward, ExecError> {
         self.check_inputs(inputs)?;
         let start = Instant::now();
-        let ranks = self.new_ranks(inputs)?;
+        let ranks = self.new_ranks(inputs, false)?;
         let pass = self.passes.fetch_add(1, Ordering::Relaxed);
         let abort = Abort::default();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
