@@ -297,6 +297,7 @@ pub fn lower(kernel: &Kernel) -> Result<CudaKernel, CudaError> {
         temps: 0,
         loops: 0,
         helpers: BTreeSet::new(),
+        ranges: Vec::new(),
     };
     l.helpers.insert(Helper::Fail);
 
@@ -541,6 +542,9 @@ struct Val {
     /// A literal or a temporary: evaluating it again costs nothing and sees
     /// the same value whatever ran in between.
     fixed: bool,
+    /// `lo .. hi`, when the value is known to lie in it (an `i64` literal, or
+    /// the variable of a loop with literal bounds inside that loop).
+    range: Option<(i64, i64)>,
 }
 
 struct Lower<'k> {
@@ -552,6 +556,9 @@ struct Lower<'k> {
     temps: u32,
     loops: u32,
     helpers: BTreeSet<Helper>,
+    /// The variables of the enclosing loops with literal bounds, and those
+    /// bounds (a loop variable is never assigned in its body).
+    ranges: Vec<(VarId, i64, i64)>,
 }
 
 impl Lower<'_> {
@@ -571,6 +578,7 @@ impl Lower<'_> {
             code: name,
             ty,
             fixed: true,
+            range: None,
         }
     }
 
@@ -640,11 +648,14 @@ impl Lower<'_> {
         Ok((format!("{name}[{}]", index.code), elem))
     }
 
-    /// Checks `index` against a local array (unless it is a literal in
-    /// range) and returns the element's lvalue.
+    /// Checks `index` against a local array (unless it is known to be in
+    /// range: a literal, or a loop variable whose literal bounds fit) and
+    /// returns the element's lvalue.
     fn array_element(&mut self, a: ArrayId, index: &Val) -> Result<(String, Ty), String> {
         let (name, ty, len) = self.array(a)?;
-        let in_range = literal_i64(&index.code).is_some_and(|n| n >= 0 && n < i64::from(len));
+        let in_range = index
+            .range
+            .is_some_and(|(lo, hi)| lo >= 0 && hi <= i64::from(len));
         if !in_range {
             self.fail(
                 &format!("(unsigned long long){} >= {len}ull", index.code),
@@ -718,7 +729,19 @@ impl Lower<'_> {
                 if self.is_read(*var) {
                     self.line(&format!("{name} = {l};"));
                 }
+                // The variable is at least the least start and below the
+                // largest end.
+                let bounded = match (start.range, end.range) {
+                    (Some((lo, _)), Some((_, end_hi))) => {
+                        self.ranges.push((*var, lo, end_hi - 1));
+                        true
+                    }
+                    _ => false,
+                };
                 self.stmts(body)?;
+                if bounded {
+                    self.ranges.pop();
+                }
                 self.depth -= 1;
                 self.line("}");
             }
@@ -794,6 +817,7 @@ impl Lower<'_> {
             code: format!("{f}({})", args.join(", ")),
             ty,
             fixed: false,
+            range: None,
         }
     }
 
@@ -802,26 +826,39 @@ impl Lower<'_> {
             code,
             ty,
             fixed: false,
+            range: None,
         };
         Ok(match e {
             Expr::F32(v) => Val {
                 code: f32_literal(*v),
                 ty: Ty::F32,
                 fixed: true,
+                range: None,
             },
             Expr::I64(v) => Val {
                 code: i64_literal(*v),
                 ty: Ty::I64,
                 fixed: true,
+                range: v.checked_add(1).map(|hi| (*v, hi)),
             },
             Expr::Bool(b) => Val {
                 code: b.to_string(),
                 ty: Ty::Bool,
                 fixed: true,
+                range: None,
             },
             Expr::Var(v) => {
                 let (name, ty) = self.var(*v)?;
-                pure(name, ty)
+                let range = self
+                    .ranges
+                    .iter()
+                    .rev()
+                    .find(|(r, _, _)| r == v)
+                    .map(|&(_, lo, hi)| (lo, hi));
+                Val {
+                    range,
+                    ..pure(name, ty)
+                }
             }
             Expr::Scalar(p) => {
                 let d = self
@@ -893,6 +930,7 @@ impl Lower<'_> {
             code: format!("({a} {sym} {b})"),
             ty,
             fixed: false,
+            range: None,
         };
         Ok(match (op, ty) {
             (BinOp::Add, Ty::F32) => infix("+", ty),

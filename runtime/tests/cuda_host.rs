@@ -720,3 +720,39 @@ fn generated_cuda_reports_division_by_zero() {
     assert_eq!(status, [3, 0, 0, 3]);
     assert_eq!(got, want);
 }
+
+#[test]
+fn generated_cuda_reports_local_array_out_of_bounds() {
+    // A loop variable with literal bounds indexes the array unchecked; an
+    // index read from memory is checked.
+    let mut b = Builder::new("arr");
+    let idx = b.buffer("idx", Elem::I32, Access::Read);
+    let out = b.buffer("out", Elem::F32, Access::Write);
+    let t = b.row();
+    let a = b.array("a", Ty::F32, 4);
+    b.for_range(0, 4, |b, i| b.array_set(a, i, to_f32(i.e()) + 0.5f32));
+    b.store(out, &t, a.at(idx.at(&t)));
+    let kernel = b.finish().unwrap();
+    let mut module = Module::new();
+    let i = module.add(&kernel).unwrap();
+    let text = module.kernels()[i].text().to_string();
+    assert_eq!(text.matches(">= 4ull)").count(), 1, "{text}");
+    let Some(host) = compile(&module, "local array out of bounds") else {
+        return;
+    };
+    let idx = interp::encode_i64(Elem::I32, &[3, 0, 4, 1]);
+    let mut want = vec![idx, vec![0u8; 16]];
+    let mut got = want.clone();
+    let r = interp::run(&kernel, &mut interp_args(&kernel, &mut want, &[]), 4);
+    assert_eq!(
+        r,
+        Err(LaunchError::OutOfBounds {
+            param: "a".into(),
+            index: 4,
+            len: 4
+        })
+    );
+    let status = host.run(i, &mut got, &[], 4, 1, 1);
+    assert_eq!(status, [2, 0, 4, 2]);
+    assert_eq!(got, want);
+}
