@@ -505,6 +505,13 @@ mod tests {
     use std::ffi::OsString;
 
     #[test]
+    fn a_loaded_nvrtc_is_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Nvrtc>();
+        send_sync::<super::super::PtxCache>();
+    }
+
+    #[test]
     fn architectures() {
         for ok in ["sm_90", "sm_90a", "compute_90", "sm_100f", "sm_120"] {
             assert_eq!(check_arch(ok), Ok(()), "{ok}");
