@@ -92,6 +92,8 @@ enum Command {
     },
     /// Compile a .moe file and run the layer: on the CPU, every rank a thread.
     Run(RunArgs),
+    /// Print the plan's kernels as CUDA C, or compile them with NVRTC (--check).
+    Kernels(crate::kernels_cmd::KernelsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -213,6 +215,7 @@ where
         Command::Explain { file } => ctx.explain(&file),
         Command::Simulate { file, tokens, json } => ctx.simulate(&file, tokens, json),
         Command::Run(args) => ctx.run(&args),
+        Command::Kernels(args) => ctx.kernels(&args),
     };
     match result {
         Ok(code) => code,
@@ -448,6 +451,14 @@ impl Ctx<'_> {
             None => self.out.write_all(text.as_bytes()).map_err(io)?,
         }
         Ok(EXIT_OK)
+    }
+
+    fn kernels(&mut self, args: &crate::kernels_cmd::KernelsArgs) -> Result<i32, Failure> {
+        let Some(c) = self.compile(&args.file, &Options::default())? else {
+            return Ok(EXIT_REJECTED);
+        };
+        crate::kernels_cmd::kernels(args, &c.plan, self.out, self.err)
+            .map_err(|(code, message)| Failure(code, message))
     }
 
     fn explain(&mut self, path: &Path) -> Result<i32, Failure> {

@@ -11,6 +11,7 @@ pub mod compile;
 pub mod cost;
 pub mod explain;
 pub mod ir;
+pub mod kernels_cmd;
 pub mod rules;
 pub mod run;
 pub mod schedule;

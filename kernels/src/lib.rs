@@ -23,7 +23,9 @@
 //! - [`check`]: the type checker every description passes before a backend
 //!   sees it;
 //! - [`library`]: the MoE kernels, written with the builder;
-//! - [`interp`]: the reference interpreter, the oracle of the backends' tests.
+//! - [`interp`]: the reference interpreter, the oracle of the backends' tests;
+//! - [`cuda`]: the CUDA C code generator (the CPU backend's Cranelift lowering
+//!   lives in the runtime, next to the executor that calls it).
 //!
 //! A description prints as pseudo-code with `{}` ([`ir::Kernel`]'s
 //! `Display`), which is the quickest way to see what a kernel does with a
@@ -31,6 +33,7 @@
 
 pub mod build;
 pub mod check;
+pub mod cuda;
 pub mod interp;
 pub mod ir;
 pub mod library;

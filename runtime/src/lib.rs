@@ -32,9 +32,11 @@
 //! The modules underneath: [`plan`] (the plan type, its JSON and text forms
 //! and its load checks), [`weights`] (a layer's weights: random, from
 //! safetensors, saved runs) and [`cpu`] (the CPU backend that [`Layer`]
-//! wraps). The CUDA backend lands here next (see ARCHITECTURE.md).
+//! wraps), and the first part of the CUDA backend ([`cuda`]: the plan's kernels
+//! as CUDA C, compiled by NVRTC loaded at run time). See ARCHITECTURE.md.
 
 pub mod cpu;
+pub mod cuda;
 pub mod layer;
 pub mod plan;
 pub mod weights;
