@@ -92,6 +92,9 @@ enum Command {
     },
     /// Compile a .moe file and run the layer: on the CPU, every rank a thread.
     Run(RunArgs),
+    /// Time the layer's forward pass on the CPU backend against a loop over
+    /// experts and against its GEMMs alone.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -213,6 +216,8 @@ where
         Command::Explain { file } => ctx.explain(&file),
         Command::Simulate { file, tokens, json } => ctx.simulate(&file, tokens, json),
         Command::Run(args) => ctx.run(&args),
+        Command::Bench(args) => crate::bench::bench(&args, ctx.out, ctx.err, ctx.color)
+            .map_err(|(code, message)| Failure(code, message)),
     };
     match result {
         Ok(code) => code,
