@@ -94,6 +94,9 @@ enum Command {
     Run(RunArgs),
     /// Print the plan's kernels as CUDA C, or compile them with NVRTC (--check).
     Kernels(crate::kernels_cmd::KernelsArgs),
+    /// Time the layer's forward pass on the CPU backend against a loop over
+    /// experts and against its GEMMs alone.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -216,6 +219,8 @@ where
         Command::Simulate { file, tokens, json } => ctx.simulate(&file, tokens, json),
         Command::Run(args) => ctx.run(&args),
         Command::Kernels(args) => ctx.kernels(&args),
+        Command::Bench(args) => crate::bench::bench(&args, ctx.out, ctx.err, ctx.color)
+            .map_err(|(code, message)| Failure(code, message)),
     };
     match result {
         Ok(code) => code,

@@ -6,6 +6,7 @@
 //! ([`schedule`]) and emitted as a runtime [`moec_runtime::Plan`]. The
 //! [`timeline`] simulator replays a plan to predict its time.
 
+pub mod bench;
 pub mod cli;
 pub mod compile;
 pub mod cost;

@@ -4,7 +4,7 @@
 
 pub mod comm;
 mod exec;
-mod gemm;
+pub mod gemm;
 mod hier;
 pub mod jit;
 pub mod layout;
