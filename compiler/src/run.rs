@@ -101,3 +101,33 @@ fn reshape_mesh(program: &mut Program, ranks: u64) -> Result<(), String> {
     mesh.dp = 1;
     Ok(())
 }
+
+/// Checks that `moec run --backend cuda` can run on this machine before the
+/// layer is compiled: a CUDA driver and a GPU (an exit code and a message
+/// otherwise; `no CUDA driver found; use --backend cpu` without a driver).
+pub fn cuda_preflight(shuffle: bool) -> Result<(), (i32, String)> {
+    use crate::cli::{EXIT_REJECTED, EXIT_USAGE};
+    if shuffle {
+        return Err((
+            EXIT_USAGE,
+            "--shuffle is the CPU backend's race check of the plan; drop --backend cuda to use it"
+                .into(),
+        ));
+    }
+    moec_runtime::cuda::device::probe()
+        .map(|_| ())
+        .map_err(|e| (EXIT_REJECTED, e.to_string()))
+}
+
+/// Runs `plan` on the CUDA backend.
+pub fn cuda_forward(
+    _plan: moec_runtime::Plan,
+    _weights: &moec_runtime::weights::LayerWeights,
+    _inputs: &[Vec<f32>],
+    _out: &mut dyn std::io::Write,
+) -> Result<moec_runtime::Forward, (i32, String)> {
+    Err((
+        crate::cli::EXIT_REJECTED,
+        "the CUDA executor is not built yet".into(),
+    ))
+}

@@ -13,6 +13,9 @@
 //! plan), cuBLAS grouped GEMMs, virtual ranks on one GPU and NCCL.
 
 pub mod cache;
+pub mod device;
+#[cfg(feature = "cuda")]
+pub mod driver;
 pub mod nvrtc;
 pub mod plan;
 
