@@ -703,6 +703,13 @@ impl Ctx<'_> {
             .map_err(io)?;
         }
         if let Some(dir) = &a.save {
+            if result.outputs.len() != ranks as usize {
+                return Err(Failure(
+                    EXIT_USAGE,
+                    "--save needs every rank's output; with one process per rank, run without it"
+                        .into(),
+                ));
+            }
             save_run(
                 dir,
                 &layer,

@@ -119,15 +119,20 @@ pub fn cuda_preflight(shuffle: bool) -> Result<(), (i32, String)> {
         .map_err(|e| (EXIT_REJECTED, e.to_string()))
 }
 
-/// Runs `plan` on the CUDA backend.
+/// Runs `plan` on the CUDA backend: every rank a virtual rank of one GPU,
+/// or, under torchrun (`WORLD_SIZE` > 1), this process's rank over NCCL
+/// (the outputs are then this rank's only). Prints where it runs.
 pub fn cuda_forward(
-    _plan: moec_runtime::Plan,
-    _weights: &moec_runtime::weights::LayerWeights,
-    _inputs: &[Vec<f32>],
-    _out: &mut dyn std::io::Write,
+    plan: moec_runtime::Plan,
+    weights: &moec_runtime::weights::LayerWeights,
+    inputs: &[Vec<f32>],
+    out: &mut dyn std::io::Write,
 ) -> Result<moec_runtime::Forward, (i32, String)> {
-    Err((
-        crate::cli::EXIT_REJECTED,
-        "the CUDA executor is not built yet".into(),
-    ))
+    use crate::cli::{EXIT_REJECTED, EXIT_USAGE};
+    use moec_runtime::cuda::{CudaBackend, CudaOptions};
+    let rejected = |e: moec_runtime::cpu::ExecError| (EXIT_REJECTED, e.to_string());
+    let mut backend = CudaBackend::new(plan, weights, CudaOptions::default()).map_err(rejected)?;
+    writeln!(out, "device: {}", backend.describe())
+        .map_err(|e| (EXIT_USAGE, format!("cannot write output: {e}")))?;
+    backend.forward(inputs).map_err(rejected)
 }

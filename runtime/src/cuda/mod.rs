@@ -18,22 +18,31 @@
 //!   turns collectives into device-to-device copies between virtual ranks
 //!   (or NCCL sends and receives) and status blocks into errors, against a
 //!   [`issue::Target`];
+//! - [`rdzv`]: the torchrun/SLURM rendezvous that hands out NCCL's id;
 //! - [`device`]: the driver probe (`no CUDA driver found; use --backend cpu`).
 //!
 //! What needs a GPU (the `cuda` feature, on by default; compiled everywhere,
 //! run only where a GPU is):
 //!
-//! - [`driver`]: the [`issue::Target`] on cudarc (next).
+//! - [`driver`]: the [`issue::Target`] on cudarc (streams, events, memory,
+//!   module loading, launches, cuBLAS, NCCL);
+//! - [`exec`]: [`CudaBackend`], which puts it all together.
 
 pub mod cache;
 pub mod device;
 #[cfg(feature = "cuda")]
 pub mod driver;
+#[cfg(feature = "cuda")]
+pub mod exec;
 pub mod issue;
 pub mod nvrtc;
 pub mod plan;
 pub mod program;
+pub mod rdzv;
 pub mod route;
+
+#[cfg(feature = "cuda")]
+pub use exec::{CommChoice, CudaBackend, CudaOptions};
 
 pub use cache::PtxCache;
 pub use nvrtc::{Nvrtc, NvrtcError, Ptx};
