@@ -283,14 +283,15 @@ impl Nccl {
     }
 }
 
-/// One rank's device state.
+/// One rank's device state (fields drop in order: the cuBLAS handles before
+/// the streams they are bound to).
 struct RankDev {
+    blas: Vec<Blas>,
+    events: BTreeMap<(u32, bool), CudaEvent>,
+    streams: Vec<Arc<CudaStream>>,
     arena: Alloc,
     weights: Alloc,
     work: Alloc,
-    streams: Vec<Arc<CudaStream>>,
-    blas: Vec<Blas>,
-    events: BTreeMap<(u32, bool), CudaEvent>,
     readback: Pinned,
     readback_len: usize,
     readback_done: Option<CudaEvent>,
@@ -308,10 +309,11 @@ impl RankDev {
 
 /// How the GPU executes: the device, the modules, the local ranks.
 pub struct CudaTarget {
+    // Fields drop in order: the communicator first, the context last.
+    nccl: Option<Nccl>,
     ranks: BTreeMap<usize, RankDev>,
     generated: Module,
     native: Module,
-    nccl: Option<Nccl>,
     timeout: Duration,
     // Last: everything above is released while the context is alive.
     ctx: Arc<CudaContext>,
