@@ -156,6 +156,26 @@ fn nvrtc_compiles_every_example() {
     }
 }
 
+/// The hand-written assignment kernels compile for sm_90, every symbol is
+/// in the PTX, and NVRTC has nothing to warn about.
+#[test]
+fn nvrtc_compiles_the_native_kernels() {
+    let Some(nvrtc) = nvrtc("nvrtc_compiles_the_native_kernels") else {
+        return;
+    };
+    use moec_kernels::native::{NativeKernel, SOURCE};
+    let ptx = nvrtc
+        .compile(SOURCE, "assign.cu", "sm_90", &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ptx.log.trim().is_empty(), "{}", ptx.log);
+    let sizes = entry_sizes(&ptx.text);
+    for k in NativeKernel::ALL {
+        let size = sizes.iter().find(|(n, _)| n == k.symbol()).map(|(_, s)| *s);
+        assert!(size.is_some_and(|s| s > 100), "{}", k.symbol());
+    }
+    assert_eq!(sizes.len(), NativeKernel::ALL.len());
+}
+
 #[test]
 fn nvrtc_reports_the_log_of_a_broken_source() {
     let Some(nvrtc) = nvrtc("nvrtc_reports_the_log_of_a_broken_source") else {
@@ -293,21 +313,27 @@ fn moec_kernels_check() {
         return;
     }
     assert_eq!(r.code, 0, "{}", r.err);
-    // One line per kernel (8: seven from the table, two epilogues sharing
-    // one activation kernel, less the two native assignment kernels), then
-    // the summary.
+    // One line per kernel (10: the table's eight less the two native
+    // assignment kernels, the two bf16 down projections' stores sharing one
+    // `gemm_store`, two epilogues sharing one activation kernel), then the
+    // summary.
     let lines: Vec<&str> = r.out.lines().collect();
-    assert_eq!(lines.len(), 9, "{}", r.out);
-    for l in &lines[..8] {
+    assert_eq!(lines.len(), 11, "{}", r.out);
+    for l in &lines[..10] {
         assert!(l.ends_with(" B PTX"), "{l}");
         assert!(l.contains(" moec_"), "{l}");
     }
     assert!(lines[0].starts_with("k0   router_fused "), "{}", lines[0]);
     assert!(
-        lines[8].starts_with("8 kernels (7 distinct) in "),
+        lines[6].starts_with("--   expert_down_store "),
         "{}",
-        lines[8]
+        lines[6]
     );
-    assert!(lines[8].contains("for sm_90 with NVRTC"), "{}", lines[8]);
-    assert!(lines[8].ends_with("native, not generated: assign_count, assign_place_1"));
+    assert!(
+        lines[10].starts_with("10 kernels (8 distinct) in "),
+        "{}",
+        lines[10]
+    );
+    assert!(lines[10].contains("for sm_90 with NVRTC"), "{}", lines[10]);
+    assert!(lines[10].ends_with("native, not generated: assign_count, assign_place_1"));
 }

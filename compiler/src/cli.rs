@@ -90,7 +90,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Compile a .moe file and run the layer: on the CPU, every rank a thread.
+    /// Compile a .moe file and run the layer: on the CPU (every rank a
+    /// thread) or on NVIDIA GPUs.
     Run(RunArgs),
     /// Print the plan's kernels as CUDA C, or compile them with NVRTC (--check).
     Kernels(crate::kernels_cmd::KernelsArgs),
@@ -102,7 +103,8 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     file: PathBuf,
-    /// Where to run: `cpu` (every rank a thread of this process).
+    /// Where to run: `cpu` (every rank a thread of this process) or `cuda`
+    /// (every rank a virtual rank of GPU 0, or one GPU per process under torchrun).
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
     /// Ranks (one EP group; nodes keep the file's GPUs per node). Default: the file's mesh.
@@ -141,6 +143,7 @@ struct RunArgs {
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Backend {
     Cpu,
+    Cuda,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -533,7 +536,10 @@ impl Ctx<'_> {
     fn run(&mut self, a: &RunArgs) -> Result<i32, Failure> {
         use moec_runtime::cpu::{CpuBackend, CpuOptions};
         use moec_runtime::weights::{random_inputs, save_run, LayerWeights};
-        let Backend::Cpu = a.backend;
+        if a.backend == Backend::Cuda {
+            crate::run::cuda_preflight(a.shuffle.is_some())
+                .map_err(|(code, e)| Failure(code, e))?;
+        }
         let source = read(&a.file)?;
         let checked = moec_lang::check_source(&source);
         self.report(&a.file, &source, &checked)?;
@@ -580,9 +586,10 @@ impl Ctx<'_> {
         let inputs = random_inputs(&layer, ranks as usize, tokens, a.seed);
         writeln!(
             self.out,
-            "moec run: layer {} on {} rank(s), cpu backend; {} tokens per rank, hidden {}, {} experts x {}({}), {}, seed {}",
+            "moec run: layer {} on {} rank(s), {} backend; {} tokens per rank, hidden {}, {} experts x {}({}), {}, seed {}",
             layer.name,
             ranks,
+            if a.backend == Backend::Cuda { "cuda" } else { "cpu" },
             tokens,
             layer.hidden,
             layer.experts,
@@ -609,8 +616,18 @@ impl Ctx<'_> {
         )
         .map_err(io)?;
         let fail = |e: moec_runtime::cpu::ExecError| Failure(EXIT_REJECTED, e.to_string());
-        let backend = CpuBackend::new(plan, &weights, CpuOptions::default()).map_err(fail)?;
-        let result = backend.forward(&inputs).map_err(fail)?;
+        let (result, cpu) = match a.backend {
+            Backend::Cpu => {
+                let backend =
+                    CpuBackend::new(plan, &weights, CpuOptions::default()).map_err(fail)?;
+                (backend.forward(&inputs).map_err(fail)?, Some(backend))
+            }
+            Backend::Cuda => {
+                let result = crate::run::cuda_forward(plan, &weights, &inputs, self.out)
+                    .map_err(|(code, e)| Failure(code, e))?;
+                (result, None)
+            }
+        };
         writeln!(self.out, "\n{:<12} {:>12}", "phase", "time (ms)").map_err(io)?;
         for (phase, seconds) in &result.phase_seconds {
             writeln!(self.out, "{:<12} {:>12.3}", phase.name(), seconds * 1e3).map_err(io)?;
@@ -671,7 +688,7 @@ impl Ctx<'_> {
             max
         )
         .map_err(io)?;
-        if let Some(k) = a.shuffle {
+        if let (Some(k), Some(backend)) = (a.shuffle, &cpu) {
             for seed in 0..u64::from(k) {
                 let shuffled = backend.forward_shuffled(&inputs, seed).map_err(fail)?;
                 if let Some((r, i)) = first_difference(&result.outputs, &shuffled.outputs) {
@@ -691,6 +708,13 @@ impl Ctx<'_> {
             .map_err(io)?;
         }
         if let Some(dir) = &a.save {
+            if result.outputs.len() != ranks as usize {
+                return Err(Failure(
+                    EXIT_USAGE,
+                    "--save needs every rank's output; with one process per rank, run without it"
+                        .into(),
+                ));
+            }
             save_run(
                 dir,
                 &layer,

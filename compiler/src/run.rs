@@ -101,3 +101,38 @@ fn reshape_mesh(program: &mut Program, ranks: u64) -> Result<(), String> {
     mesh.dp = 1;
     Ok(())
 }
+
+/// Checks that `moec run --backend cuda` can run on this machine before the
+/// layer is compiled: a CUDA driver and a GPU (an exit code and a message
+/// otherwise; `no CUDA driver found; use --backend cpu` without a driver).
+pub fn cuda_preflight(shuffle: bool) -> Result<(), (i32, String)> {
+    use crate::cli::{EXIT_REJECTED, EXIT_USAGE};
+    if shuffle {
+        return Err((
+            EXIT_USAGE,
+            "--shuffle is the CPU backend's race check of the plan; drop --backend cuda to use it"
+                .into(),
+        ));
+    }
+    moec_runtime::cuda::device::probe()
+        .map(|_| ())
+        .map_err(|e| (EXIT_REJECTED, e.to_string()))
+}
+
+/// Runs `plan` on the CUDA backend: every rank a virtual rank of one GPU,
+/// or, under torchrun (`WORLD_SIZE` > 1), this process's rank over NCCL
+/// (the outputs are then this rank's only). Prints where it runs.
+pub fn cuda_forward(
+    plan: moec_runtime::Plan,
+    weights: &moec_runtime::weights::LayerWeights,
+    inputs: &[Vec<f32>],
+    out: &mut dyn std::io::Write,
+) -> Result<moec_runtime::Forward, (i32, String)> {
+    use crate::cli::{EXIT_REJECTED, EXIT_USAGE};
+    use moec_runtime::cuda::{CudaBackend, CudaOptions};
+    let rejected = |e: moec_runtime::cpu::ExecError| (EXIT_REJECTED, e.to_string());
+    let mut backend = CudaBackend::new(plan, weights, CudaOptions::default()).map_err(rejected)?;
+    writeln!(out, "device: {}", backend.describe())
+        .map_err(|e| (EXIT_USAGE, format!("cannot write output: {e}")))?;
+    backend.forward(inputs).map_err(rejected)
+}

@@ -25,7 +25,9 @@
 //! - [`library`]: the MoE kernels, written with the builder;
 //! - [`interp`]: the reference interpreter, the oracle of the backends' tests;
 //! - [`cuda`]: the CUDA C code generator (the CPU backend's Cranelift lowering
-//!   lives in the runtime, next to the executor that calls it).
+//!   lives in the runtime, next to the executor that calls it);
+//! - [`native`]: the hand-written CUDA C of the assignment kernels, which
+//!   scan across tokens and so are no per-row descriptions.
 //!
 //! A description prints as pseudo-code with `{}` ([`ir::Kernel`]'s
 //! `Display`), which is the quickest way to see what a kernel does with a
@@ -37,4 +39,5 @@ pub mod cuda;
 pub mod interp;
 pub mod ir;
 pub mod library;
+pub mod native;
 pub mod scalar;

@@ -158,11 +158,20 @@ pub enum Kind {
     /// `add`: `a dt [T,H] Read`, `b dt [T,H] Read`, `out dt [T,H] Write`.
     /// `out = a + b`.
     Add,
+    /// `gemm_store`: `acc f32 [T,H] Read`, `bias f32 [H] Read`,
+    /// `out dt [T,H] Write`, where `H` = `hidden` is the row width (a GEMM's
+    /// `n`, not necessarily the layer's hidden size).
+    ///
+    /// `out = acc + bias` with `bias = 1` (`bias` is read only then), else
+    /// `out = acc`, rounded to `dt` on the store: what a backend whose GEMM
+    /// leaves an `f32` product (cuBLAS with an `f32` output) does to finish
+    /// it as the CPU backend does (bias added in `f32`, then rounded once).
+    GemmStore,
 }
 
 impl Kind {
     /// Every kind, in the order of the book's table (router first).
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 19] = [
         Kind::RouterFused,
         Kind::RouterScores,
         Kind::RouterBias,
@@ -181,6 +190,7 @@ impl Kind {
         Kind::UnpermuteWeightedSum,
         Kind::SharedGate,
         Kind::Add,
+        Kind::GemmStore,
     ];
 
     /// The kernel's name in the book's table and in plans (also the name of
@@ -205,6 +215,7 @@ impl Kind {
             Kind::UnpermuteWeightedSum => "unpermute_weighted_sum",
             Kind::SharedGate => "shared_gate",
             Kind::Add => "add",
+            Kind::GemmStore => "gemm_store",
         }
     }
 
@@ -301,6 +312,7 @@ pub fn describe(kind: Kind, constants: &[(String, i64)]) -> Result<Kernel, Descr
         Kind::UnpermuteWeightedSum => unpermute_weighted_sum(&c),
         Kind::SharedGate => shared_gate(&c),
         Kind::Add => add(&c),
+        Kind::GemmStore => gemm_store(&c),
     }
 }
 
@@ -719,6 +731,25 @@ fn add(c: &Consts<'_>) -> Res<Kernel> {
     let base = b.local("base", b.row() * h);
     b.for_range(0, h, |b, i| {
         b.store(out, base + i, x.at(base + i) + y.at(base + i));
+    });
+    Ok(b.finish()?)
+}
+
+/// `gemm_store`.
+fn gemm_store(c: &Consts<'_>) -> Res<Kernel> {
+    let (dt, h) = (c.dtype()?, c.hidden()?);
+    let with_bias = c.switch("bias")?;
+    let mut b = Builder::new(Kind::GemmStore.name());
+    let acc = b.buffer("acc", Elem::F32, Access::Read);
+    let bias = b.buffer("bias", Elem::F32, Access::Read);
+    let out = b.buffer("out", dt, Access::Write);
+    let base = b.local("base", b.row() * h);
+    b.for_range(0, h, |b, i| {
+        if with_bias {
+            b.store(out, base + i, acc.at(base + i) + bias.at(i));
+        } else {
+            b.store(out, base + i, acc.at(base + i));
+        }
     });
     Ok(b.finish()?)
 }

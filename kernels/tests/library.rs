@@ -436,6 +436,44 @@ fn add_rounds_the_f32_sum_once() {
 }
 
 #[test]
+fn gemm_store_adds_the_bias_in_f32_and_rounds_once() {
+    let mut rng = Rng::new(23);
+    for dt in DTYPES {
+        for (t, h) in [(1, 1), (4, 9), (3, 40)] {
+            let acc = rng.vec(t * h, -5.0, 5.0);
+            let bias = rng.vec(h, -1.0, 1.0);
+            for with_bias in [0, 1] {
+                let kern = kernel(
+                    Kind::GemmStore,
+                    &[
+                        ("dtype", code(dt)),
+                        ("hidden", h as i64),
+                        ("bias", with_bias),
+                    ],
+                );
+                let b = if with_bias == 1 {
+                    bias.clone()
+                } else {
+                    Vec::new()
+                };
+                let mut bufs = vec![
+                    Buf::f(Elem::F32, &acc),
+                    Buf::f(Elem::F32, &b),
+                    Buf::out(dt, t * h),
+                ];
+                launch(&kern, &mut bufs, t as u64).unwrap();
+                let want: Vec<f32> = acc
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| round(dt, if with_bias == 1 { x + bias[i % h] } else { *x }))
+                    .collect();
+                assert_same("out", &bufs[2].floats(dt), &want);
+            }
+        }
+    }
+}
+
+#[test]
 fn every_kind_describes_a_checked_kernel_named_after_it() {
     let all = [
         ("dtype", 1),

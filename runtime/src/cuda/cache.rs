@@ -53,6 +53,39 @@ impl PtxCache {
         format!("{}-{arch}-nvrtc{}.{}", module.hash(), version.0, version.1)
     }
 
+    /// The PTX of a hand-written translation unit (`name`, `source`) for
+    /// `arch`, cached like a module under
+    /// `<name>-<fnv64 of source>-<arch>-nvrtc<major>.<minor>`.
+    pub fn get_or_compile_source(
+        &self,
+        nvrtc: &Nvrtc,
+        name: &str,
+        source: &str,
+        arch: &str,
+    ) -> Result<(Arc<Ptx>, Source), NvrtcError> {
+        super::nvrtc::check_arch(arch)?;
+        let (major, minor) = nvrtc.version();
+        let key = format!(
+            "{name}-{:016x}-{arch}-nvrtc{major}.{minor}",
+            super::rdzv::fnv64(source.as_bytes())
+        );
+        if let Some(p) = self
+            .memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .cloned()
+        {
+            return Ok((p, Source::Memory));
+        }
+        let ptx = Arc::new(nvrtc.compile(source, &format!("{name}.cu"), arch, &[])?);
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, Arc::clone(&ptx));
+        Ok((ptx, Source::Compiled))
+    }
+
     /// The PTX of `module` for `arch`, compiled by `nvrtc` unless cached.
     pub fn get_or_compile(
         &self,

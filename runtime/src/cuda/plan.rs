@@ -4,14 +4,17 @@
 //! kernel library describes, in table order, and then the activation each
 //! GEMM with an activation epilogue needs (the expert and shared-expert up
 //! projections read the GEMM's `f32` result and store the layer dtype; the
-//! CPU backend JIT-compiles the same kernels for its epilogues). Equal
-//! kernels are generated once. The assignment kernels (`assign`) and
-//! `scale_rows` are written natively per backend and are listed apart.
+//! CPU backend JIT-compiles the same kernels for its epilogues), and the
+//! `gemm_store` each GEMM needs whose `f32` product cuBLAS cannot leave in
+//! place: an output in another dtype than `f32`, or a bias (labelled
+//! `<weight>_store`: `expert_down_store`, ...). Equal kernels are generated
+//! once. The assignment kernels (`assign`) and `scale_rows` are written
+//! natively per backend and are listed apart.
 
 use moec_kernels::cuda::{CudaError, Module};
 use moec_kernels::library::{self, Kind};
 
-use crate::plan::{Epilogue, GemmWeight, KernelKind, OpKind, Plan};
+use crate::plan::{DType, Epilogue, GemmWeight, KernelKind, OpKind, Plan};
 
 /// One generated kernel of a plan.
 #[derive(Clone, Debug, PartialEq)]
@@ -117,6 +120,34 @@ pub fn plan_kernels(plan: &Plan) -> Result<PlanKernels, PlanKernelsError> {
         }
     }
     let (mut expert, mut shared) = (false, false);
+    let mut stores: Vec<(String, Vec<(String, i64)>)> = Vec::new();
+    for (_, op) in plan.ops() {
+        if let OpKind::Gemm {
+            weight,
+            n,
+            c,
+            epilogue,
+            ..
+        } = op.kind
+        {
+            if let Some(constants) = store_constants(plan, weight, n, c, epilogue) {
+                let label = format!("{}_store", weight_label(weight));
+                match stores.iter().find(|(l, _)| *l == label) {
+                    Some((_, prev)) if *prev != constants => {
+                        return Err(PlanKernelsError::Describe {
+                            kernel: label,
+                            message: "two GEMMs of this weight need different stores".into(),
+                        })
+                    }
+                    Some(_) => {}
+                    None => stores.push((label, constants)),
+                }
+            }
+        }
+    }
+    for (label, constants) in &stores {
+        add(&mut out, label, None, Kind::GemmStore, constants)?;
+    }
     for (_, op) in plan.ops() {
         let OpKind::Gemm {
             weight,
@@ -155,4 +186,52 @@ pub fn plan_kernels(plan: &Plan) -> Result<PlanKernels, PlanKernelsError> {
         add(&mut out, label, None, Kind::Activation, &constants)?;
     }
     Ok(out)
+}
+
+/// The name of a GEMM weight in kernel labels.
+fn weight_label(w: GemmWeight) -> &'static str {
+    match w {
+        GemmWeight::RouterGate => "router_gate",
+        GemmWeight::ExpertUp => "expert_up",
+        GemmWeight::ExpertDown => "expert_down",
+        GemmWeight::SharedUp => "shared_up",
+        GemmWeight::SharedDown => "shared_down",
+    }
+}
+
+/// Whether a GEMM's weights come with a bias (the layer's expert or shared
+/// expert biases; the router has none).
+pub fn gemm_has_bias(plan: &Plan, weight: GemmWeight) -> bool {
+    match weight {
+        GemmWeight::RouterGate => false,
+        GemmWeight::ExpertUp | GemmWeight::ExpertDown => plan.layer.expert_bias,
+        GemmWeight::SharedUp | GemmWeight::SharedDown => {
+            plan.layer.shared.as_ref().is_some_and(|s| s.bias)
+        }
+    }
+}
+
+/// The constants of the `gemm_store` a GEMM needs, if any: with an
+/// activation epilogue, only to add a bias (into an `f32` copy the
+/// activation reads); otherwise for a bias or an output that is not `f32`.
+fn store_constants(
+    plan: &Plan,
+    weight: GemmWeight,
+    n: u64,
+    c: u32,
+    epilogue: Epilogue,
+) -> Option<Vec<(String, i64)>> {
+    let bias = gemm_has_bias(plan, weight);
+    let c_dtype = plan.buffers.get(c as usize).map_or(DType::F32, |b| b.dtype);
+    let dtype = match epilogue {
+        Epilogue::Activation if bias => DType::F32,
+        Epilogue::Activation => return None,
+        Epilogue::None if bias || c_dtype != DType::F32 => c_dtype,
+        Epilogue::None => return None,
+    };
+    Some(vec![
+        ("bias".to_string(), i64::from(bias)),
+        ("dtype".to_string(), dtype.code()),
+        ("hidden".to_string(), i64::try_from(n).unwrap_or(i64::MAX)),
+    ])
 }

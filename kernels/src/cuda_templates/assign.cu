@@ -1,0 +1,318 @@
+// moec's native assignment kernels: where every routed row goes.
+//
+// The layout contract (moec book, "The runtime" > "Where routed rows go";
+// runtime/src/cpu/layout.rs is the reference implementation these kernels
+// are tested against), per EP group of G ranks and per token chunk c:
+//   - a rank's send buffer holds its kept assignments ordered by destination
+//     EP rank, then the destination's local expert, then token, then slot;
+//     slots[t, j] is the send row of assignment (t, j), or -1 when dropped;
+//   - the routing table table[c][s][g][l] counts the rows source s sends to
+//     local expert l of EP rank g (every rank of the group derives the same
+//     table from the exchanged metadata).
+//
+// Launch contract: as the generated kernels' (a buffer is a pointer and its
+// length in elements, scalars are long long, then `rows` and a four-word
+// `status`), one row per thread over a grid-stride loop, every buffer access
+// checked. Codes in status[0]: 1 buffer index out of bounds (status[1] the
+// parameter, [2] the index, [3] the row); 4 an expert id outside 0..E
+// ([1] the id, [2] its index); 5 a non-finite routing weight ([2] its
+// index); 6 corrupt metadata from a peer ([1] the peer, [2] the value);
+// 7 the exchanged counts disagree with this rank's own routing ([1] the
+// chunk, [2] the destination rank, [3] the local expert).
+//
+// Dest tables: dest_rank[s * E + e] and dest_local[s * E + e] are the EP
+// rank and local index that source s sends expert e to (replicas are shared
+// out by source rank); max_local is the most experts any rank holds.
+//
+// No header is included: the source compiles with NVRTC alone, and for the
+// host with a few lines of shim (runtime tests).
+
+static __device__ void moec_native_fail(long long* status, long long code, long long which,
+                                        long long index, long long row)
+{
+    if (atomicCAS((unsigned long long*)status, 0ull, (unsigned long long)code) == 0ull) {
+        status[1] = which;
+        status[2] = index;
+        status[3] = row;
+    }
+}
+
+// A bounds check of parameter `p` (its index in the launch) at index `i`.
+#define MOEC_IN(p, len, i) \
+    if ((unsigned long long)(i) >= (len)) { moec_native_fail(moec_status, 1, (p), (long long)(i), moec_row); return; }
+
+#define MOEC_ROWS_BEGIN \
+    const long long moec_step = (long long)gridDim.x * (long long)blockDim.x; \
+    for (long long moec_row = (long long)blockIdx.x * (long long)blockDim.x + (long long)threadIdx.x; \
+         moec_row < moec_rows; moec_row += moec_step) {
+#define MOEC_ROWS_END }
+
+static __device__ __forceinline__ bool moec_finite(float w)
+{
+    return (__float_as_uint(w) & 0x7f800000u) != 0x7f800000u;
+}
+
+// The key `total_cmp` orders f32 by: ascending keys, ascending values
+// (-NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN).
+static __device__ __forceinline__ unsigned int moec_total_key(unsigned int bits)
+{
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// assign_count: this rank's metadata for the exchange. One row per token t.
+// Counts (dropless, drop = position): meta[c * E + e] += 1 for each
+// assignment (meta zeroed before the launch). drop = probs (probs = 1):
+// meta[t * 2k + j] = e, meta[t * 2k + k + j] = the weight's bits.
+extern "C" __global__ void moec_assign_count(
+    const int* __restrict__ p0_ids, unsigned long long p0_ids_len,
+    const float* __restrict__ p1_weights, unsigned long long p1_weights_len,
+    int* __restrict__ p2_meta, unsigned long long p2_meta_len,
+    long long tokens, long long top_k, long long experts, long long chunk_tokens, long long probs,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    (void)tokens;
+    MOEC_ROWS_BEGIN
+        const long long t = moec_row;
+        for (long long j = 0; j < top_k; ++j) {
+            const long long i = t * top_k + j;
+            MOEC_IN(0, p0_ids_len, i);
+            const int e = p0_ids[i];
+            if (e < 0 || (long long)e >= experts) { moec_native_fail(moec_status, 4, e, i, moec_row); return; }
+            MOEC_IN(1, p1_weights_len, i);
+            const float w = p1_weights[i];
+            if (!moec_finite(w)) { moec_native_fail(moec_status, 5, 1, i, moec_row); return; }
+            if (probs) {
+                const long long a = t * 2 * top_k + j;
+                const long long b = a + top_k;
+                MOEC_IN(2, p2_meta_len, a);
+                MOEC_IN(2, p2_meta_len, b);
+                p2_meta[a] = e;
+                p2_meta[b] = (int)__float_as_uint(w);
+            } else {
+                const long long c = chunk_tokens > 0 ? t / chunk_tokens : 0;
+                const long long m = c * experts + e;
+                MOEC_IN(2, p2_meta_len, m);
+                atomicAdd(&p2_meta[m], 1);
+            }
+        }
+    MOEC_ROWS_END
+}
+
+// assign_keep_counts (dropless and drop = position): one row per expert e.
+// Walks the group's counts in (source, chunk) order, keeps the first
+// `capacity` assignments of e (all with capacity < 0), adds the kept rows to
+// table[c][s][dest(s, e)] (zeroed before) and writes this rank's kept count
+// per chunk to keep_own[c * E + e].
+extern "C" __global__ void moec_assign_keep_counts(
+    const int* __restrict__ p0_meta_all, unsigned long long p0_meta_all_len,
+    const int* __restrict__ p1_dest_rank, unsigned long long p1_dest_rank_len,
+    const int* __restrict__ p2_dest_local, unsigned long long p2_dest_local_len,
+    int* __restrict__ p3_table, unsigned long long p3_table_len,
+    int* __restrict__ p4_keep_own, unsigned long long p4_keep_own_len,
+    long long group, long long me, long long experts, long long chunks, long long max_local,
+    long long capacity,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    MOEC_ROWS_BEGIN
+        const long long e = moec_row;
+        const long long per = chunks * experts;
+        long long before = 0;
+        for (long long s = 0; s < group; ++s) {
+            MOEC_IN(1, p1_dest_rank_len, s * experts + e);
+            MOEC_IN(2, p2_dest_local_len, s * experts + e);
+            const long long g = p1_dest_rank[s * experts + e];
+            const long long l = p2_dest_local[s * experts + e];
+            for (long long c = 0; c < chunks; ++c) {
+                MOEC_IN(0, p0_meta_all_len, s * per + c * experts + e);
+                const long long n = p0_meta_all[s * per + c * experts + e];
+                if (n < 0) { moec_native_fail(moec_status, 6, s, n, moec_row); return; }
+                long long keep = n;
+                if (capacity >= 0) {
+                    const long long room = capacity > before ? capacity - before : 0;
+                    keep = n < room ? n : room;
+                }
+                before += n;
+                if (s == me) {
+                    MOEC_IN(4, p4_keep_own_len, c * experts + e);
+                    p4_keep_own[c * experts + e] = (int)keep;
+                }
+                const long long cell = ((c * group + s) * group + g) * max_local + l;
+                MOEC_IN(3, p3_table_len, cell);
+                p3_table[cell] += (int)keep;
+            }
+        }
+    MOEC_ROWS_END
+}
+
+// assign_keep_probs (drop = probs): one row per assignment (s, t, j) of the
+// group, s-major. An assignment to e is kept when fewer than `capacity`
+// assignments to e rank before it: a larger weight (f32 total order), or an
+// equal one earlier in (source, token, slot) order. Kept rows are counted
+// into table (zeroed before); this rank's own decisions go to
+// kept_own[t * k + j]. Every row reads every other: O(n^2 / E) work, the
+// first version (a segmented sort per expert is the next step).
+extern "C" __global__ void moec_assign_keep_probs(
+    const int* __restrict__ p0_meta_all, unsigned long long p0_meta_all_len,
+    const int* __restrict__ p1_dest_rank, unsigned long long p1_dest_rank_len,
+    const int* __restrict__ p2_dest_local, unsigned long long p2_dest_local_len,
+    int* __restrict__ p3_table, unsigned long long p3_table_len,
+    unsigned char* __restrict__ p4_kept_own, unsigned long long p4_kept_own_len,
+    long long group, long long me, long long tokens, long long top_k, long long experts,
+    long long chunk_tokens, long long max_local, long long capacity,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    MOEC_ROWS_BEGIN
+        const long long per = tokens * 2 * top_k;
+        const long long n_all = group * tokens * top_k;
+        const long long s = moec_row / (tokens * top_k);
+        const long long t = (moec_row / top_k) % tokens;
+        const long long j = moec_row % top_k;
+        const long long ia = s * per + t * 2 * top_k + j;
+        MOEC_IN(0, p0_meta_all_len, ia);
+        MOEC_IN(0, p0_meta_all_len, ia + top_k);
+        const int e = p0_meta_all[ia];
+        const unsigned int wb = (unsigned int)p0_meta_all[ia + top_k];
+        if (e < 0 || (long long)e >= experts) { moec_native_fail(moec_status, 6, s, e, moec_row); return; }
+        if (!moec_finite(__uint_as_float(wb))) { moec_native_fail(moec_status, 6, s, (long long)wb, moec_row); return; }
+        const unsigned int key = moec_total_key(wb);
+        long long rank = 0;
+        for (long long o = 0; o < n_all; ++o) {
+            if (o == moec_row) continue;
+            const long long s2 = o / (tokens * top_k);
+            const long long t2 = (o / top_k) % tokens;
+            const long long j2 = o % top_k;
+            const long long ib = s2 * per + t2 * 2 * top_k + j2;
+            MOEC_IN(0, p0_meta_all_len, ib + top_k);
+            if (p0_meta_all[ib] != e) continue;
+            const unsigned int key2 = moec_total_key((unsigned int)p0_meta_all[ib + top_k]);
+            // Earlier in the ranking: a larger weight, or an equal one earlier
+            // in (source, token, slot) order, which is row order.
+            if (key2 > key || (key2 == key && o < moec_row)) rank += 1;
+        }
+        const bool keep = capacity < 0 || rank < capacity;
+        if (keep) {
+            MOEC_IN(1, p1_dest_rank_len, s * experts + e);
+            MOEC_IN(2, p2_dest_local_len, s * experts + e);
+            const long long g = p1_dest_rank[s * experts + e];
+            const long long l = p2_dest_local[s * experts + e];
+            const long long c = chunk_tokens > 0 ? t / chunk_tokens : 0;
+            const long long cell = ((c * group + s) * group + g) * max_local + l;
+            MOEC_IN(3, p3_table_len, cell);
+            atomicAdd(&p3_table[cell], 1);
+        }
+        if (s == me) {
+            MOEC_IN(4, p4_kept_own_len, t * top_k + j);
+            p4_kept_own[t * top_k + j] = keep ? 1 : 0;
+        }
+    MOEC_ROWS_END
+}
+
+// assign_slots: one row per (chunk c, destination g, local expert l) of this
+// rank (EP index `me`). The row's expert e is the one this rank sends to
+// (g, l); its assignments in chunk c, in token then slot order, get
+// consecutive send rows from send_start(me, g, l), the kept ones (position:
+// the first keep_own[c * E + e]; probs: kept_own[t * k + j]), the others stay
+// -1 (slots is all -1 before the launch). stats[e] counts this rank's
+// assignments to e, stats[E] its dropped ones (zeroed before).
+extern "C" __global__ void moec_assign_slots(
+    const int* __restrict__ p0_ids, unsigned long long p0_ids_len,
+    const int* __restrict__ p1_table, unsigned long long p1_table_len,
+    const int* __restrict__ p2_keep_own, unsigned long long p2_keep_own_len,
+    const unsigned char* __restrict__ p3_kept_own, unsigned long long p3_kept_own_len,
+    const int* __restrict__ p4_dest_rank, unsigned long long p4_dest_rank_len,
+    const int* __restrict__ p5_dest_local, unsigned long long p5_dest_local_len,
+    int* __restrict__ p6_slots, unsigned long long p6_slots_len,
+    int* __restrict__ p7_stats, unsigned long long p7_stats_len,
+    long long group, long long me, long long tokens, long long top_k, long long experts,
+    long long chunk_tokens, long long chunks, long long max_local, long long probs,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    (void)chunks;
+    MOEC_ROWS_BEGIN
+        const long long c = moec_row / (group * max_local);
+        const long long g = (moec_row / max_local) % group;
+        const long long l = moec_row % max_local;
+        const long long base = (c * group + me) * group * max_local;
+        long long start = 0;
+        for (long long x = 0; x < g * max_local + l; ++x) {
+            MOEC_IN(1, p1_table_len, base + x);
+            start += p1_table[base + x];
+        }
+        MOEC_IN(1, p1_table_len, base + g * max_local + l);
+        const long long end = start + p1_table[base + g * max_local + l];
+        long long e = -1;
+        for (long long x = 0; x < experts; ++x) {
+            MOEC_IN(4, p4_dest_rank_len, me * experts + x);
+            MOEC_IN(5, p5_dest_local_len, me * experts + x);
+            if (p4_dest_rank[me * experts + x] == g && p5_dest_local[me * experts + x] == l) { e = x; break; }
+        }
+        long long cursor = start;
+        if (e >= 0) {
+            long long keep = 0;
+            if (!probs) {
+                MOEC_IN(2, p2_keep_own_len, c * experts + e);
+                keep = p2_keep_own[c * experts + e];
+            }
+            const long long t0 = c * chunk_tokens;
+            const long long t1 = t0 + chunk_tokens < tokens ? t0 + chunk_tokens : tokens;
+            long long seen = 0, routed = 0, dropped = 0;
+            for (long long t = t0; t < t1; ++t) {
+                for (long long j = 0; j < top_k; ++j) {
+                    const long long i = t * top_k + j;
+                    MOEC_IN(0, p0_ids_len, i);
+                    if (p0_ids[i] != e) continue;
+                    routed += 1;
+                    bool kept;
+                    if (probs) {
+                        MOEC_IN(3, p3_kept_own_len, i);
+                        kept = p3_kept_own[i] != 0;
+                    } else {
+                        kept = seen < keep;
+                        seen += 1;
+                    }
+                    if (!kept) { dropped += 1; continue; }
+                    MOEC_IN(6, p6_slots_len, i);
+                    p6_slots[i] = (int)cursor;
+                    cursor += 1;
+                }
+            }
+            MOEC_IN(7, p7_stats_len, e);
+            MOEC_IN(7, p7_stats_len, experts);
+            atomicAdd(&p7_stats[e], (int)routed);
+            atomicAdd(&p7_stats[experts], (int)dropped);
+        }
+        if (cursor != end) { moec_native_fail(moec_status, 7, c, g, l); return; }
+    MOEC_ROWS_END
+}
+
+// assign_overflow: one row. flag[0] = 1 when this rank receives more rows in
+// some chunk than its expert buffers hold (never, with the worst-case
+// buffers of dropless plans; the flag tells the host).
+extern "C" __global__ void moec_assign_overflow(
+    const int* __restrict__ p0_table, unsigned long long p0_table_len,
+    unsigned char* __restrict__ p1_flag, unsigned long long p1_flag_len,
+    long long group, long long me, long long chunks, long long max_local, long long expert_rows,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    MOEC_ROWS_BEGIN
+        unsigned char over = 0;
+        for (long long c = 0; c < chunks; ++c) {
+            long long received = 0;
+            for (long long s = 0; s < group; ++s) {
+                for (long long l = 0; l < max_local; ++l) {
+                    const long long cell = ((c * group + s) * group + me) * max_local + l;
+                    MOEC_IN(0, p0_table_len, cell);
+                    received += p0_table[cell];
+                }
+            }
+            if (received > expert_rows) over = 1;
+        }
+        MOEC_IN(1, p1_flag_len, 0);
+        p1_flag[0] = over;
+    MOEC_ROWS_END
+}

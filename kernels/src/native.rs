@@ -1,0 +1,197 @@
+//! Hand-written CUDA kernels: the assignment kernels that count, exchange
+//! and place routed rows across tokens (the CPU backend runs the same
+//! contract natively in `moec_runtime::cpu::layout`).
+//!
+//! [`SOURCE`] is one translation unit (`cuda_templates/assign.cu`, no header
+//! included) that NVRTC compiles with [`crate::cuda::NVRTC_OPTIONS`]. Its
+//! kernels follow the generated kernels' launch contract: the parameters of
+//! [`NativeKernel::params`] in order (a buffer is a pointer and its length in
+//! elements, a scalar a `long long`), then `long long rows` and a four-word
+//! `long long* status`; one row per thread over a grid-stride loop; every
+//! buffer access checked. The status codes are those of
+//! [`crate::cuda`] plus the ones [`NativeKernel`] documents.
+
+use crate::ir::{Access, Elem, Param, ParamKind, Ty};
+
+/// The CUDA C of the native kernels.
+pub const SOURCE: &str = include_str!("cuda_templates/assign.cu");
+
+/// `status[0]` when an expert id lies outside `0..E` (`status[1]` the id,
+/// `status[2]` its index in the routing).
+pub const STATUS_BAD_EXPERT: i64 = 4;
+/// `status[0]` when a routing weight is not finite (`status[2]` its index).
+pub const STATUS_BAD_WEIGHT: i64 = 5;
+/// `status[0]` when a peer's metadata is corrupt (`status[1]` the peer).
+pub const STATUS_BAD_METADATA: i64 = 6;
+/// `status[0]` when the exchanged counts disagree with this rank's own
+/// routing (`status[1]` the chunk, `[2]` the destination rank, `[3]` the
+/// local expert).
+pub const STATUS_COUNTS_DISAGREE: i64 = 7;
+
+/// A native kernel of [`SOURCE`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NativeKernel {
+    /// One row per token: this rank's metadata (per-chunk, per-expert counts
+    /// added into a zeroed `meta`; or, for `drop = probs`, every
+    /// assignment's expert and weight bits).
+    AssignCount,
+    /// One row per expert: the kept rows of the group into the zeroed routing
+    /// table, this rank's kept counts per chunk (dropless, `drop = position`).
+    AssignKeepCounts,
+    /// One row per assignment of the group: whether it is kept
+    /// (`drop = probs`), counted into the zeroed table.
+    AssignKeepProbs,
+    /// One row per (chunk, destination, local expert): this rank's send rows
+    /// into `slots` (all `-1` before), its routed and dropped counts.
+    AssignSlots,
+    /// One row: the dropless overflow flag.
+    AssignOverflow,
+}
+
+fn buf(name: &str, elem: Elem, access: Access) -> Param {
+    Param {
+        name: name.to_string(),
+        kind: ParamKind::Buffer { elem, access },
+    }
+}
+
+fn int(name: &str) -> Param {
+    Param {
+        name: name.to_string(),
+        kind: ParamKind::Scalar(Ty::I64),
+    }
+}
+
+impl NativeKernel {
+    pub const ALL: [NativeKernel; 5] = [
+        NativeKernel::AssignCount,
+        NativeKernel::AssignKeepCounts,
+        NativeKernel::AssignKeepProbs,
+        NativeKernel::AssignSlots,
+        NativeKernel::AssignOverflow,
+    ];
+
+    /// The `extern "C"` symbol in [`SOURCE`].
+    pub fn symbol(self) -> &'static str {
+        match self {
+            NativeKernel::AssignCount => "moec_assign_count",
+            NativeKernel::AssignKeepCounts => "moec_assign_keep_counts",
+            NativeKernel::AssignKeepProbs => "moec_assign_keep_probs",
+            NativeKernel::AssignSlots => "moec_assign_slots",
+            NativeKernel::AssignOverflow => "moec_assign_overflow",
+        }
+    }
+
+    /// The parameters before `rows` and `status`, in launch order.
+    pub fn params(self) -> Vec<Param> {
+        use Access::{Read, ReadWrite, Write};
+        match self {
+            NativeKernel::AssignCount => vec![
+                buf("ids", Elem::I32, Read),
+                buf("weights", Elem::F32, Read),
+                buf("meta", Elem::I32, ReadWrite),
+                int("tokens"),
+                int("top_k"),
+                int("experts"),
+                int("chunk_tokens"),
+                int("probs"),
+            ],
+            NativeKernel::AssignKeepCounts => vec![
+                buf("meta_all", Elem::I32, Read),
+                buf("dest_rank", Elem::I32, Read),
+                buf("dest_local", Elem::I32, Read),
+                buf("table", Elem::I32, ReadWrite),
+                buf("keep_own", Elem::I32, Write),
+                int("group"),
+                int("me"),
+                int("experts"),
+                int("chunks"),
+                int("max_local"),
+                int("capacity"),
+            ],
+            NativeKernel::AssignKeepProbs => vec![
+                buf("meta_all", Elem::I32, Read),
+                buf("dest_rank", Elem::I32, Read),
+                buf("dest_local", Elem::I32, Read),
+                buf("table", Elem::I32, ReadWrite),
+                buf("kept_own", Elem::U8, Write),
+                int("group"),
+                int("me"),
+                int("tokens"),
+                int("top_k"),
+                int("experts"),
+                int("chunk_tokens"),
+                int("max_local"),
+                int("capacity"),
+            ],
+            NativeKernel::AssignSlots => vec![
+                buf("ids", Elem::I32, Read),
+                buf("table", Elem::I32, Read),
+                buf("keep_own", Elem::I32, Read),
+                buf("kept_own", Elem::U8, Read),
+                buf("dest_rank", Elem::I32, Read),
+                buf("dest_local", Elem::I32, Read),
+                buf("slots", Elem::I32, Write),
+                buf("stats", Elem::I32, ReadWrite),
+                int("group"),
+                int("me"),
+                int("tokens"),
+                int("top_k"),
+                int("experts"),
+                int("chunk_tokens"),
+                int("chunks"),
+                int("max_local"),
+                int("probs"),
+            ],
+            NativeKernel::AssignOverflow => vec![
+                buf("table", Elem::I32, Read),
+                buf("flag", Elem::U8, Write),
+                int("group"),
+                int("me"),
+                int("chunks"),
+                int("max_local"),
+                int("expert_rows"),
+            ],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parameter lists here are the ones in the source, in order.
+    #[test]
+    fn params_match_the_source() {
+        for k in NativeKernel::ALL {
+            let sym = format!("extern \"C\" __global__ void {}(", k.symbol());
+            let at = SOURCE.find(&sym).unwrap_or_else(|| panic!("{sym} missing"));
+            let rest = &SOURCE[at + sym.len()..];
+            let sig = &rest[..rest.find(')').unwrap_or(rest.len())];
+            let names: Vec<String> = sig
+                .split(',')
+                .map(|p| {
+                    let p = p.trim();
+                    let name = p.rsplit([' ', '*']).next().unwrap_or("");
+                    name.to_string()
+                })
+                .filter(|n| !n.ends_with("_len"))
+                .collect();
+            let mut want: Vec<String> = Vec::new();
+            for (i, p) in k.params().iter().enumerate() {
+                match p.kind {
+                    ParamKind::Buffer { .. } => want.push(format!("p{i}_{}", p.name)),
+                    ParamKind::Scalar(_) => want.push(p.name.clone()),
+                }
+            }
+            want.push("moec_rows".into());
+            want.push("moec_status".into());
+            assert_eq!(names, want, "{}", k.symbol());
+        }
+    }
+
+    #[test]
+    fn the_source_includes_no_header() {
+        assert!(!SOURCE.contains("#include"));
+    }
+}

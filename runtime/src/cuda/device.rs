@@ -1,0 +1,169 @@
+//! Finding a GPU before touching the CUDA driver.
+//!
+//! cudarc loads `libcuda` on its first driver call and panics when the
+//! library is missing. [`probe`] therefore asks first whether the library can
+//! be opened at all (`cudarc::driver::sys::is_culib_present`, which only tries
+//! `dlopen` on the candidate names and cannot panic on a 64-bit target), and
+//! only then initialises the driver and counts the devices, with any panic
+//! inside cudarc caught and turned into an error. A machine without CUDA gets
+//! [`NO_DRIVER`], never a panic.
+
+use std::fmt;
+
+/// What `moec run --backend cuda` prints on a machine without a CUDA driver.
+pub const NO_DRIVER: &str = "no CUDA driver found; use --backend cpu";
+
+/// Why no GPU can be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceError {
+    /// `libcuda` cannot be opened: no NVIDIA driver on this machine.
+    NoDriver,
+    /// The driver is there but reports no device (or `cuInit` failed).
+    NoDevice(String),
+    /// A driver call failed.
+    Driver(String),
+    /// This build of the runtime has no CUDA executor (the `cuda` feature
+    /// of `moec-runtime` is off).
+    NotBuilt,
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceError::NoDriver => f.write_str(NO_DRIVER),
+            DeviceError::NoDevice(why) => {
+                write!(f, "the CUDA driver reports no usable GPU ({why}); use --backend cpu")
+            }
+            DeviceError::Driver(why) => write!(f, "CUDA driver error: {why}"),
+            DeviceError::NotBuilt => f.write_str(
+                "this build has no CUDA backend (moec-runtime's `cuda` feature is off); use --backend cpu",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for DeviceError {}
+
+/// The GPUs the driver reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Devices visible to this process.
+    pub count: usize,
+    /// Name and compute capability of device 0.
+    pub name: String,
+    pub capability: (i32, i32),
+}
+
+impl DeviceInfo {
+    /// The NVRTC architecture of device 0 (`sm_90` for an H100/H200).
+    pub fn arch(&self) -> String {
+        arch_of(self.capability)
+    }
+}
+
+/// `sm_<major><minor>` for a compute capability.
+pub fn arch_of(capability: (i32, i32)) -> String {
+    format!("sm_{}{}", capability.0, capability.1)
+}
+
+/// Whether `libcuda` can be opened, without initialising anything.
+pub fn driver_present() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        // SAFETY: `is_culib_present` only calls `dlopen` on candidate names
+        // and drops the handles; opening libcuda runs its initialisers,
+        // which set up only the library's own state.
+        unsafe { cudarc::driver::sys::is_culib_present() }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+/// Finds the driver and the GPUs (see the module docs).
+pub fn probe() -> Result<DeviceInfo, DeviceError> {
+    #[cfg(feature = "cuda")]
+    {
+        if !driver_present() {
+            return Err(DeviceError::NoDriver);
+        }
+        guarded(|| {
+            use cudarc::driver::{result, sys};
+            result::init().map_err(|e| DeviceError::NoDevice(super::driver::describe(e)))?;
+            let count = result::device::get_count()
+                .map_err(|e| DeviceError::NoDevice(super::driver::describe(e)))?;
+            if count <= 0 {
+                return Err(DeviceError::NoDevice("0 devices".into()));
+            }
+            let dev = result::device::get(0)
+                .map_err(|e| DeviceError::Driver(super::driver::describe(e)))?;
+            let name = result::device::get_name(dev).unwrap_or_else(|_| "GPU 0".into());
+            let attr = |a| {
+                // SAFETY: `dev` is a device handle the driver just returned.
+                unsafe { result::device::get_attribute(dev, a) }
+                    .map_err(|e| DeviceError::Driver(super::driver::describe(e)))
+            };
+            let major =
+                attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+            let minor =
+                attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+            Ok(DeviceInfo {
+                count: usize::try_from(count).unwrap_or(0),
+                name,
+                capability: (major, minor),
+            })
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(DeviceError::NotBuilt)
+    }
+}
+
+/// Runs `f`, turning a panic inside cudarc (a symbol missing from an old
+/// driver, say) into an error instead of unwinding through the caller.
+#[cfg(feature = "cuda")]
+pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, DeviceError>) -> Result<T, DeviceError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let why = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic inside cudarc".into());
+            Err(DeviceError::Driver(why))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_answers_without_panicking() {
+        match probe() {
+            Ok(info) => {
+                assert!(info.count >= 1);
+                assert!(info.arch().starts_with("sm_"));
+            }
+            Err(DeviceError::NoDriver) => {
+                assert!(!driver_present());
+                assert_eq!(DeviceError::NoDriver.to_string(), NO_DRIVER);
+            }
+            Err(e) => {
+                // A driver without a GPU (or a build without CUDA): an error
+                // that says what to do.
+                assert!(e.to_string().contains("--backend cpu"), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn architectures_follow_the_capability() {
+        assert_eq!(arch_of((9, 0)), "sm_90");
+        assert_eq!(arch_of((12, 0)), "sm_120");
+    }
+}

@@ -1,0 +1,815 @@
+//! The thin driver layer: the issuer's [`Target`] on a GPU, through cudarc.
+//!
+//! Everything here is a direct translation of one [`Command`] into driver,
+//! cuBLAS or NCCL calls; the decisions (what runs where, in which order,
+//! with which arguments) were made by the lowering and the issuer, which the
+//! tests run on a host emulation. This file is what a GPU is needed for.
+//!
+//! - One `CudaContext` (the primary context of the chosen device), with
+//!   cudarc's automatic event tracking off: the plan's events order the
+//!   work, and nothing here uses cudarc's tracked `CudaSlice`s.
+//! - Per rank: three raw device allocations (arena, weights, workspace,
+//!   sizes from the [`Program`]), one non-blocking CUDA stream per plan
+//!   stream, a cuBLAS handle per stream, the plan's events and the
+//!   collectives' events (created on first use, timing disabled), and a
+//!   pinned host buffer for the routing read-back.
+//! - Two modules: the plan's generated kernels and the native assignment
+//!   kernels, compiled by NVRTC for the device's architecture (queried
+//!   here), cached by [`PtxCache`], loaded with `cuModuleLoadData`.
+//! - GEMMs: `cublasGemmEx` per row group (`f32` output and compute; the
+//!   row-major `c = a · wᵀ` is the column-major `cᵀ = w · aᵀ`). A grouped
+//!   `cublasGemmGroupedBatchedEx` over the local experts is the next step.
+//! - NCCL: a communicator per process, initialised non-blocking with the id
+//!   from the rendezvous ([`super::rdzv`]) and polled with a deadline; an
+//!   exchange is one `ncclGroupStart` / sends / receives / `ncclGroupEnd`.
+
+use std::collections::BTreeMap;
+use std::ffi::{c_int, c_void, CStr, CString};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream, DriverError};
+use cudarc::nccl::{result as nccl_result, sys as nccl_sys};
+use moec_kernels::native::NativeKernel;
+
+use super::issue::{Addr, Arg, Command, EventId, Target};
+use super::program::{KernelRef, Program, Space};
+use super::rdzv::{self, Launch, ID_BYTES};
+use crate::plan::DType;
+
+/// A driver error as `NAME: description`.
+pub fn describe(e: DriverError) -> String {
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("{:?}", e.0));
+    match e.error_string() {
+        Ok(s) => format!("{name}: {}", s.to_string_lossy()),
+        Err(_) => name,
+    }
+}
+
+fn drv<T>(what: &str, r: Result<T, DriverError>) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: {}", describe(e)))
+}
+
+fn blas_err<T>(what: &str, r: Result<T, blas::CublasError>) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: cuBLAS {:?}", e.0))
+}
+
+fn nccl_message(r: nccl_sys::ncclResult_t) -> String {
+    // SAFETY: ncclGetErrorString returns a static NUL-terminated string for
+    // any result code.
+    let s = unsafe { nccl_sys::ncclGetErrorString(r) };
+    if s.is_null() {
+        return format!("{r:?}");
+    }
+    // SAFETY: non-null, NUL-terminated, static (see above).
+    unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+}
+
+fn nccl_err<T>(what: &str, r: Result<T, nccl_result::NcclError>) -> Result<T, String> {
+    r.map_err(|e| format!("{what}: NCCL {}", nccl_message(e.0)))
+}
+
+/// One raw device allocation, freed on drop.
+struct Alloc {
+    ptr: sys::CUdeviceptr,
+    bytes: u64,
+}
+
+impl Alloc {
+    fn new(bytes: u64, what: &str) -> Result<Alloc, String> {
+        let n = usize::try_from(bytes.max(256)).map_err(|_| format!("{what} is too large"))?;
+        // SAFETY: a plain allocation of `n` bytes in the current context
+        // (bound by the caller); the memory is zeroed before any use below.
+        let ptr = drv(what, unsafe { result::malloc_sync(n) })?;
+        // SAFETY: `ptr` was just allocated with `n` bytes.
+        drv(what, unsafe { result::memset_d8_sync(ptr, 0, n) })?;
+        Ok(Alloc { ptr, bytes })
+    }
+}
+
+impl Drop for Alloc {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `malloc_sync` and is freed once, here;
+        // the owner synchronised the device before dropping (errors are
+        // ignored: nothing can be done about them in a drop).
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
+}
+
+/// Page-locked host memory for read-backs, freed on drop.
+struct Pinned {
+    ptr: *mut c_void,
+    bytes: usize,
+}
+
+impl Pinned {
+    fn new(bytes: usize) -> Result<Pinned, String> {
+        // SAFETY: a plain page-locked allocation in the current context.
+        let ptr = drv("pinned host memory", unsafe {
+            result::malloc_host(bytes.max(1), 0)
+        })?;
+        Ok(Pinned { ptr, bytes })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `malloc_host`, freed once, after the
+        // device finished with it (the owner synchronised).
+        let _ = unsafe { result::free_host(self.ptr) };
+    }
+}
+
+/// A loaded module and its functions, unloaded on drop.
+struct Module {
+    handle: sys::CUmodule,
+    functions: Vec<sys::CUfunction>,
+}
+
+impl Module {
+    fn load(ptx: &str, symbols: &[String], what: &str) -> Result<Module, String> {
+        let image = CString::new(ptx).map_err(|_| format!("{what}: the PTX holds a NUL byte"))?;
+        // SAFETY: `image` is a NUL-terminated PTX text that outlives the call.
+        let handle = drv(what, unsafe {
+            result::module::load_data(image.as_ptr().cast::<c_void>())
+        })?;
+        let mut module = Module {
+            handle,
+            functions: Vec::new(),
+        };
+        for s in symbols {
+            let name = CString::new(s.as_str()).map_err(|_| format!("{what}: bad symbol {s}"))?;
+            // SAFETY: `handle` is a loaded module; `name` is NUL-terminated.
+            let f = drv(&format!("{what}: {s}"), unsafe {
+                result::module::get_function(module.handle, name)
+            })?;
+            module.functions.push(f);
+        }
+        Ok(module)
+    }
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        // SAFETY: the module was loaded once and is unloaded once, after the
+        // device finished every launch of its functions.
+        let _ = unsafe { result::module::unload(self.handle) };
+    }
+}
+
+/// A cuBLAS handle bound to one stream, destroyed on drop.
+struct Blas(blas_sys::cublasHandle_t);
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_handle`, destroyed once.
+        let _ = unsafe { blas::destroy_handle(self.0) };
+    }
+}
+
+/// The NCCL communicator of this process, aborted on drop.
+struct Nccl {
+    comm: nccl_sys::ncclComm_t,
+    timeout: Duration,
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        // SAFETY: the communicator was initialised once and is torn down
+        // once (abort never blocks on peers).
+        let _ = unsafe { nccl_sys::ncclCommAbort(self.comm) };
+    }
+}
+
+impl Nccl {
+    /// Creates the world communicator of `launch` (non-blocking init,
+    /// polled until `timeout`).
+    fn new(launch: &Launch, plan_hash: u64, timeout: Duration) -> Result<Nccl, String> {
+        // SAFETY: probing only dlopens candidate names.
+        if !unsafe { nccl_sys::is_culib_present() } {
+            return Err(
+                "libnccl not found (cudarc opens `libnccl.so`; pip's nvidia-nccl wheel has only libnccl.so.2: link libnccl.so to it in a folder on LD_LIBRARY_PATH)"
+                    .into(),
+            );
+        }
+        let id = if launch.rank == 0 {
+            let id = nccl_err("ncclGetUniqueId", nccl_result::get_uniqueid())?;
+            Some(id.internal.map(|c| c as u8))
+        } else {
+            None
+        };
+        let id = rdzv::exchange(launch, id, plan_hash, timeout)?;
+        let mut unique = nccl_sys::ncclUniqueId {
+            internal: [0; ID_BYTES],
+        };
+        for (d, s) in unique.internal.iter_mut().zip(id) {
+            *d = s as _;
+        }
+        let version = nccl_err("ncclGetVersion", nccl_result::get_nccl_version())?;
+        let undef = i32::MIN;
+        let mut config = nccl_sys::ncclConfig_t {
+            size: std::mem::size_of::<nccl_sys::ncclConfig_t>(),
+            magic: 0xcafe_beef,
+            version: version as u32,
+            blocking: 0,
+            cgaClusterSize: undef,
+            minCTAs: undef,
+            maxCTAs: undef,
+            netName: std::ptr::null(),
+            splitShare: undef,
+            trafficClass: undef,
+            commName: std::ptr::null(),
+            collnetEnable: undef,
+            CTAPolicy: undef,
+            shrinkShare: undef,
+            nvlsCTAs: undef,
+            nChannelsPerNetPeer: undef,
+            nvlinkCentricSched: undef,
+            graphUsageMode: undef,
+            numRmaCtx: undef,
+            maxP2pPeers: undef,
+        };
+        let mut comm: nccl_sys::ncclComm_t = std::ptr::null_mut();
+        let (world, rank) = (
+            c_int::try_from(launch.world).map_err(|_| "too many ranks")?,
+            c_int::try_from(launch.rank).map_err(|_| "rank too large")?,
+        );
+        // SAFETY: `comm` and `config` are valid out/in pointers for the call;
+        // the id is the one every rank received.
+        let r = unsafe {
+            nccl_sys::ncclCommInitRankConfig(&mut comm, world, unique, rank, &mut config)
+        };
+        nccl_err("ncclCommInitRankConfig", r.result())?;
+        let nccl = Nccl { comm, timeout };
+        nccl.settle("ncclCommInitRank (a peer is missing?)")?;
+        Ok(nccl)
+    }
+
+    /// Polls the communicator until no operation is in progress, or fails
+    /// (aborting it) after the timeout.
+    fn settle(&self, what: &str) -> Result<(), String> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let mut state = nccl_sys::ncclResult_t::ncclSuccess;
+            // SAFETY: `comm` is a live communicator; `state` an out-pointer.
+            let r = unsafe { nccl_sys::ncclCommGetAsyncError(self.comm, &mut state) };
+            nccl_err(what, r.result())?;
+            match state {
+                nccl_sys::ncclResult_t::ncclSuccess => return Ok(()),
+                nccl_sys::ncclResult_t::ncclInProgress => {}
+                other => return Err(format!("{what}: NCCL {}", nccl_message(other))),
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("{what}: timed out after {:?}", self.timeout));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// The first asynchronous error of the communicator, if any.
+    fn check(&self) -> Result<(), String> {
+        let mut state = nccl_sys::ncclResult_t::ncclSuccess;
+        // SAFETY: as in `settle`.
+        let r = unsafe { nccl_sys::ncclCommGetAsyncError(self.comm, &mut state) };
+        nccl_err("ncclCommGetAsyncError", r.result())?;
+        match state {
+            nccl_sys::ncclResult_t::ncclSuccess | nccl_sys::ncclResult_t::ncclInProgress => Ok(()),
+            other => Err(format!("NCCL: {}", nccl_message(other))),
+        }
+    }
+}
+
+/// One rank's device state (fields drop in order: the cuBLAS handles before
+/// the streams they are bound to).
+struct RankDev {
+    blas: Vec<Blas>,
+    events: BTreeMap<(u32, bool), CudaEvent>,
+    streams: Vec<Arc<CudaStream>>,
+    arena: Alloc,
+    weights: Alloc,
+    work: Alloc,
+    readback: Pinned,
+    readback_len: usize,
+    readback_done: Option<CudaEvent>,
+}
+
+impl RankDev {
+    fn base(&self, space: Space) -> &Alloc {
+        match space {
+            Space::Arena => &self.arena,
+            Space::Weights => &self.weights,
+            Space::Work => &self.work,
+        }
+    }
+}
+
+/// How the GPU executes: the device, the modules, the local ranks.
+pub struct CudaTarget {
+    // Fields drop in order: the communicator first, the context last.
+    nccl: Option<Nccl>,
+    ranks: BTreeMap<usize, RankDev>,
+    generated: Module,
+    native: Module,
+    timeout: Duration,
+    // Last: everything above is released while the context is alive.
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for CudaTarget {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.ctx.synchronize();
+    }
+}
+
+/// What [`CudaTarget::new`] needs besides the program.
+pub struct TargetSetup<'a> {
+    pub local: &'a [usize],
+    /// PTX of the generated module and of the native kernels, for this device.
+    pub ptx: (&'a str, &'a str),
+    pub launch: Option<&'a Launch>,
+    pub plan_hash: u64,
+    pub timeout: Duration,
+}
+
+impl CudaTarget {
+    /// The primary context of device `ordinal`, with cudarc's event tracking off.
+    pub fn context(ordinal: usize) -> Result<Arc<CudaContext>, String> {
+        let ctx = drv("cuDevicePrimaryCtxRetain", CudaContext::new(ordinal))?;
+        // SAFETY: no CudaSlice is ever allocated by this backend; the plan's
+        // events order every use of its raw allocations.
+        unsafe { ctx.disable_event_tracking() };
+        Ok(ctx)
+    }
+
+    /// The compute capability of the context's device.
+    pub fn capability(ctx: &Arc<CudaContext>) -> Result<(i32, i32), String> {
+        drv("compute capability", ctx.compute_capability())
+    }
+
+    pub fn new(
+        ctx: Arc<CudaContext>,
+        program: &Program,
+        setup: TargetSetup<'_>,
+    ) -> Result<CudaTarget, String> {
+        drv("bind the context", ctx.bind_to_thread())?;
+        // SAFETY: probing only dlopens candidate names.
+        if !unsafe { blas_sys::is_culib_present() } {
+            return Err(
+                "libcublas not found: add the CUDA toolkit's lib64 folder (or pip's nvidia/cu13/lib) to LD_LIBRARY_PATH"
+                    .into(),
+            );
+        }
+        let generated_symbols: Vec<String> = program
+            .kernels
+            .module
+            .kernels()
+            .iter()
+            .map(|k| k.name().to_string())
+            .collect();
+        let generated = Module::load(setup.ptx.0, &generated_symbols, "the plan's kernels")?;
+        let native_symbols: Vec<String> = NativeKernel::ALL
+            .iter()
+            .map(|k| k.symbol().to_string())
+            .collect();
+        let native = Module::load(setup.ptx.1, &native_symbols, "the native kernels")?;
+        let readback_len = program.work.readback().bytes as usize;
+        let mut ranks = BTreeMap::new();
+        for &r in setup.local {
+            let mut streams = Vec::with_capacity(program.streams);
+            let mut handles = Vec::with_capacity(program.streams);
+            for _ in 0..program.streams {
+                let s = drv("cuStreamCreate", ctx.new_stream())?;
+                let h = Blas(blas_err("cublasCreate", blas::create_handle())?);
+                // SAFETY: a live handle and a live stream of this context.
+                blas_err("cublasSetStream", unsafe {
+                    blas::set_stream(h.0, s.cu_stream() as _)
+                })?;
+                streams.push(s);
+                handles.push(h);
+            }
+            ranks.insert(
+                r,
+                RankDev {
+                    arena: Alloc::new(program.arena_bytes, "the arena")?,
+                    weights: Alloc::new(program.weights.bytes, "the weights")?,
+                    work: Alloc::new(program.work.bytes, "the workspace")?,
+                    streams,
+                    blas: handles,
+                    events: BTreeMap::new(),
+                    readback: Pinned::new(readback_len)?,
+                    readback_len,
+                    readback_done: None,
+                },
+            );
+        }
+        let nccl = match setup.launch {
+            Some(l) => Some(Nccl::new(l, setup.plan_hash, setup.timeout)?),
+            None => None,
+        };
+        Ok(CudaTarget {
+            ranks,
+            generated,
+            native,
+            nccl,
+            timeout: setup.timeout,
+            ctx,
+        })
+    }
+
+    fn rank(&self, r: usize) -> Result<&RankDev, String> {
+        self.ranks
+            .get(&r)
+            .ok_or_else(|| format!("rank {r} is not on this process"))
+    }
+
+    /// The device address of `bytes` bytes at `at`, checked against its allocation.
+    fn ptr(&self, at: Addr, bytes: u64) -> Result<sys::CUdeviceptr, String> {
+        let a = self.rank(at.rank)?.base(at.space);
+        if at
+            .offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > a.bytes.max(256))
+        {
+            return Err(format!(
+                "{bytes} bytes at {:?}+{} fall outside its {} bytes",
+                at.space, at.offset, a.bytes
+            ));
+        }
+        Ok(a.ptr + at.offset)
+    }
+
+    fn stream(&self, rank: usize, stream: usize) -> Result<&Arc<CudaStream>, String> {
+        self.rank(rank)?
+            .streams
+            .get(stream)
+            .ok_or_else(|| format!("stream {stream} does not exist"))
+    }
+
+    fn event(&mut self, e: EventId) -> Result<&CudaEvent, String> {
+        let ctx = self.ctx.clone();
+        let rank = self
+            .ranks
+            .get_mut(&e.rank)
+            .ok_or_else(|| format!("rank {} is not on this process", e.rank))?;
+        match rank.events.entry((e.id, e.comm)) {
+            std::collections::btree_map::Entry::Occupied(o) => Ok(o.into_mut()),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                Ok(v.insert(drv("cuEventCreate", ctx.new_event(None))?))
+            }
+        }
+    }
+
+    fn function(&self, k: KernelRef) -> Result<sys::CUfunction, String> {
+        match k {
+            KernelRef::Generated(i) => self.generated.functions.get(i).copied(),
+            KernelRef::Native(n) => NativeKernel::ALL
+                .iter()
+                .position(|&x| x == n)
+                .and_then(|i| self.native.functions.get(i).copied()),
+        }
+        .ok_or_else(|| format!("kernel {k:?} is not loaded"))
+    }
+
+    #[allow(clippy::too_many_arguments)] // a launch, spelled out
+    fn launch(
+        &self,
+        rank: usize,
+        stream: usize,
+        kernel: KernelRef,
+        args: &[Arg],
+        rows: u64,
+        (grid, block): (u32, u32),
+        status: Addr,
+        scratch: Option<Addr>,
+    ) -> Result<(), String> {
+        // Every parameter in an 8-byte slot (an `f32` in the low half:
+        // little-endian), then a pointer to each slot.
+        let mut slots: Vec<u64> = Vec::with_capacity(args.len() * 2 + 3);
+        for a in args {
+            match *a {
+                Arg::Buf { addr, len } => {
+                    slots.push(self.ptr(addr, 0)?);
+                    slots.push(len);
+                }
+                Arg::F32(v) => slots.push(u64::from(v.to_bits())),
+                Arg::I64(v) => slots.push(v as u64),
+            }
+        }
+        slots.push(rows);
+        slots.push(self.ptr(status, 32)?);
+        if let Some(s) = scratch {
+            slots.push(self.ptr(s, 0)?);
+        }
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| (s as *mut u64).cast::<c_void>())
+            .collect();
+        let f = self.function(kernel)?;
+        let s = self.stream(rank, stream)?;
+        // SAFETY: `f` is a function of a loaded module whose parameter list
+        // is the one these slots follow (the issuer checked the arguments
+        // against the kernel's description; buffer lengths bound every
+        // access the kernel makes); the slots outlive the call, which copies
+        // them; the stream belongs to this context.
+        drv("cuLaunchKernel", unsafe {
+            result::launch_kernel(
+                f,
+                (grid, 1, 1),
+                (block, 1, 1),
+                0,
+                s.cu_stream(),
+                &mut params,
+            )
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)] // a GEMM, spelled out
+    fn gemm(
+        &self,
+        rank: usize,
+        stream: usize,
+        (a, w, c): (Addr, Addr, Addr),
+        dtype: DType,
+        m: u64,
+        n: u64,
+        k: u64,
+    ) -> Result<(), String> {
+        let ty = match dtype {
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+            DType::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+            other => return Err(format!("no GEMM for {} inputs", other.name())),
+        };
+        let int = |v: u64, what: &str| {
+            c_int::try_from(v).map_err(|_| format!("GEMM {what} = {v} does not fit cuBLAS's int"))
+        };
+        let (mi, ni, ki) = (int(m, "m")?, int(n, "n")?, int(k, "k")?);
+        let el = dtype.bytes();
+        let a_ptr = self.ptr(a, m * k * el)?;
+        let w_ptr = self.ptr(w, n * k * el)?;
+        let c_ptr = self.ptr(c, m * n * 4)?;
+        let h = self
+            .rank(rank)?
+            .blas
+            .get(stream)
+            .ok_or("no cuBLAS handle for this stream")?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let ld = ki.max(1);
+        // Row-major c[m,n] = a[m,k] · w[n,k]ᵀ is column-major
+        // cᵀ[n,m] = (w as k×n)ᵀ · (a as k×m).
+        // SAFETY: the three pointers address `n·k`, `m·k` and `m·n` elements
+        // inside their allocations (checked by `ptr`); alpha and beta are
+        // host scalars (the handle's default pointer mode); the handle is
+        // bound to this rank's stream.
+        blas_err("cublasGemmEx", unsafe {
+            blas::gemm_ex(
+                h.0,
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                (&alpha as *const f32).cast::<c_void>(),
+                w_ptr as *const c_void,
+                ty,
+                ld,
+                a_ptr as *const c_void,
+                ty,
+                ld,
+                (&beta as *const f32).cast::<c_void>(),
+                c_ptr as *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                ni,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+        })
+    }
+
+    fn exchange(
+        &self,
+        rank: usize,
+        stream: usize,
+        sends: &[(usize, Addr, u64)],
+        recvs: &[(usize, Addr, u64)],
+    ) -> Result<(), String> {
+        let nccl = self
+            .nccl
+            .as_ref()
+            .ok_or("a collective with ranks of other processes, but no NCCL communicator")?;
+        let s = self.stream(rank, stream)?.cu_stream();
+        let peer = |p: usize| c_int::try_from(p).map_err(|_| "peer rank too large".to_string());
+        nccl_err("ncclGroupStart", nccl_result::group_start())?;
+        let issue = || -> Result<(), String> {
+            for &(p, at, bytes) in sends {
+                let ptr = self.ptr(at, bytes)?;
+                // SAFETY: `bytes` bytes at `ptr` lie in this rank's
+                // allocation; the send is ordered on the rank's stream.
+                nccl_err("ncclSend", unsafe {
+                    nccl_result::send(
+                        ptr as *const c_void,
+                        bytes as usize,
+                        nccl_sys::ncclDataType_t::ncclUint8,
+                        peer(p)?,
+                        nccl.comm,
+                        s as _,
+                    )
+                })?;
+            }
+            for &(p, at, bytes) in recvs {
+                let ptr = self.ptr(at, bytes)?;
+                // SAFETY: as for the sends.
+                nccl_err("ncclRecv", unsafe {
+                    nccl_result::recv(
+                        ptr as *mut c_void,
+                        bytes as usize,
+                        nccl_sys::ncclDataType_t::ncclUint8,
+                        peer(p)?,
+                        nccl.comm,
+                        s as _,
+                    )
+                })?;
+            }
+            Ok(())
+        };
+        let issued = issue();
+        let ended = nccl_err("ncclGroupEnd", nccl_result::group_end());
+        issued?;
+        ended?;
+        nccl.settle("an NCCL exchange")
+    }
+}
+
+impl Target for CudaTarget {
+    fn submit(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String> {
+        match cmd {
+            Command::Launch {
+                kernel,
+                args,
+                rows,
+                grid,
+                block,
+                status,
+                scratch,
+            } => self.launch(
+                rank,
+                stream,
+                kernel,
+                &args,
+                rows,
+                (grid, block),
+                status,
+                scratch,
+            ),
+            Command::Gemm {
+                a,
+                w,
+                c,
+                dtype,
+                m,
+                n,
+                k,
+            } => self.gemm(rank, stream, (a, w, c), dtype, m, n, k),
+            Command::Copy { src, dst, bytes } => {
+                let (s, d) = (self.ptr(src, bytes)?, self.ptr(dst, bytes)?);
+                let st = self.stream(rank, stream)?.cu_stream();
+                // SAFETY: both ranges lie in live allocations of this
+                // context (checked by `ptr`); the plan's and the
+                // collectives' events order the copy against their users.
+                drv("cuMemcpyDtoDAsync", unsafe {
+                    result::memcpy_dtod_async(d, s, bytes as usize, st)
+                })
+            }
+            Command::Memset { dst, bytes, value } => {
+                let d = self.ptr(dst, bytes)?;
+                let st = self.stream(rank, stream)?.cu_stream();
+                // SAFETY: the range lies in a live allocation (checked).
+                drv("cuMemsetD8Async", unsafe {
+                    result::memset_d8_async(d, value, bytes as usize, st)
+                })
+            }
+            Command::Record(e) => {
+                let s = self.stream(rank, stream)?.clone();
+                let ev = self.event(e)?;
+                drv("cuEventRecord", ev.record(&s))
+            }
+            Command::Wait(e) => {
+                let s = self.stream(rank, stream)?.clone();
+                let ev = self.event(e)?;
+                drv("cuStreamWaitEvent", s.wait(ev))
+            }
+            Command::ReadBack { src, bytes } => {
+                let p = self.ptr(src, bytes)?;
+                let s = self.stream(rank, stream)?.clone();
+                let ctx = self.ctx.clone();
+                let dev = self
+                    .ranks
+                    .get_mut(&rank)
+                    .ok_or_else(|| format!("rank {rank} is not on this process"))?;
+                let n = (bytes as usize).min(dev.readback.bytes);
+                // SAFETY: the pinned buffer holds `n` bytes and stays alive
+                // (and untouched by the host) until `fetch` synchronises on
+                // the event recorded after the copy.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(dev.readback.ptr.cast::<u8>(), n) };
+                // SAFETY: the source range lies in a live allocation; the
+                // destination is page-locked host memory.
+                drv("cuMemcpyDtoHAsync", unsafe {
+                    result::memcpy_dtoh_async(dst, p, s.cu_stream())
+                })?;
+                let done = drv("cuEventCreate", ctx.new_event(None))?;
+                drv("cuEventRecord", done.record(&s))?;
+                dev.readback_len = n;
+                dev.readback_done = Some(done);
+                Ok(())
+            }
+            Command::Nccl { sends, recvs } => self.exchange(rank, stream, &sends, &recvs),
+        }
+    }
+
+    fn fetch(&mut self, rank: usize) -> Result<Vec<u8>, String> {
+        let deadline = Instant::now() + self.timeout;
+        let dev = self.rank(rank)?;
+        let done = dev
+            .readback_done
+            .as_ref()
+            .ok_or_else(|| format!("rank {rank} has no read-back queued"))?;
+        loop {
+            if drv("cuEventQuery", done.try_is_complete())? {
+                break;
+            }
+            if let Some(n) = &self.nccl {
+                n.check()?;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "timed out after {:?} waiting for the routing of rank {rank}",
+                    self.timeout
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        // SAFETY: the copy into the pinned buffer has completed (the event
+        // after it is complete); nothing else writes it now.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(dev.readback.ptr.cast::<u8>(), dev.readback_len) };
+        Ok(bytes.to_vec())
+    }
+
+    fn write(&mut self, at: Addr, bytes: &[u8]) -> Result<(), String> {
+        drv("bind the context", self.ctx.bind_to_thread())?;
+        let p = self.ptr(at, bytes.len() as u64)?;
+        // SAFETY: the range lies in a live allocation; no queued work uses
+        // it (writes happen between passes, after `synchronize`).
+        drv("cuMemcpyHtoD", unsafe {
+            result::memcpy_htod_sync(p, bytes)
+        })
+    }
+
+    fn synchronize(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + self.timeout;
+        let ctx = self.ctx.clone();
+        let mut marks = Vec::new();
+        for dev in self.ranks.values() {
+            for s in &dev.streams {
+                let ev = drv("cuEventCreate", ctx.new_event(None))?;
+                drv("cuEventRecord", ev.record(s))?;
+                marks.push(ev);
+            }
+        }
+        for ev in &marks {
+            loop {
+                if drv("the device", ev.try_is_complete())? {
+                    break;
+                }
+                if let Some(n) = &self.nccl {
+                    n.check()?;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "the device did not finish within {:?} (a peer stopped, or a kernel hangs)",
+                        self.timeout
+                    ));
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        drv("the device", ctx.check_err())
+    }
+
+    fn read(&mut self, at: Addr, bytes: u64) -> Result<Vec<u8>, String> {
+        let p = self.ptr(at, bytes)?;
+        let mut out = vec![0u8; bytes as usize];
+        // SAFETY: the range lies in a live allocation; the device is idle
+        // (read follows `synchronize`).
+        drv("cuMemcpyDtoH", unsafe {
+            result::memcpy_dtoh_sync(&mut out, p)
+        })?;
+        Ok(out)
+    }
+}

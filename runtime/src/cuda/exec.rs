@@ -1,0 +1,249 @@
+//! The CUDA executor: a plan on one GPU (every rank a virtual rank) or on
+//! one GPU per process (NCCL, under torchrun or SLURM).
+//!
+//! [`CudaBackend::new`] probes the driver, lowers the plan
+//! ([`Program::lower`]), compiles the kernels with NVRTC for the device's
+//! architecture, allocates every local rank's memory once and uploads the
+//! weights; [`CudaBackend::forward`] issues one pass through the
+//! [`issue`](super::issue) module onto the [`driver`](super::driver) layer.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::device::{self, DeviceInfo};
+use super::driver::{CudaTarget, TargetSetup};
+use super::issue::{run_pass, upload_weights};
+use super::program::Program;
+use super::rdzv::{self, Launch};
+use super::{Nvrtc, PtxCache};
+use crate::cpu::{ExecError, Forward};
+use crate::plan::Plan;
+use crate::weights::LayerWeights;
+
+/// How ranks talk to each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CommChoice {
+    /// NCCL when the environment describes a multi-process launch
+    /// (`WORLD_SIZE` > 1), virtual ranks otherwise; `MOEC_COMM=virtual` or
+    /// `MOEC_COMM=nccl` decides instead (`nccl` in a single process is a
+    /// world of one: a smoke test of the NCCL path on one GPU).
+    #[default]
+    Auto,
+    /// Every rank of the plan in this process, on one GPU.
+    Virtual,
+    /// NCCL, with the launch from the environment (a world of one without).
+    Nccl,
+}
+
+/// The launch `choice` asks for.
+fn launch_for(choice: CommChoice) -> Result<Option<Launch>, String> {
+    let choice = match (choice, std::env::var("MOEC_COMM").ok().as_deref()) {
+        (CommChoice::Auto, Some("virtual")) => CommChoice::Virtual,
+        (CommChoice::Auto, Some("nccl")) => CommChoice::Nccl,
+        (CommChoice::Auto, Some(other)) if !other.is_empty() => {
+            return Err(format!("MOEC_COMM={other}: expected `virtual` or `nccl`"))
+        }
+        (c, _) => c,
+    };
+    match choice {
+        CommChoice::Virtual => Ok(None),
+        CommChoice::Auto => Launch::from_env(),
+        CommChoice::Nccl => Ok(Some(match Launch::from_env()? {
+            Some(l) => l,
+            None => Launch {
+                rank: 0,
+                world: 1,
+                local_rank: 0,
+                master_addr: "127.0.0.1".into(),
+                port: std::env::var("MOEC_RDZV_PORT")
+                    .ok()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(29_501),
+            },
+        })),
+    }
+}
+
+/// Settings of the CUDA backend.
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    /// How long a rank waits for the device, a peer or the rendezvous.
+    pub timeout: Duration,
+    /// The GPU (default: `LOCAL_RANK` under a multi-process launch, else
+    /// `MOEC_CUDA_DEVICE` or 0).
+    pub device: Option<usize>,
+    pub comm: CommChoice,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            timeout: Duration::from_secs(300),
+            device: None,
+            comm: CommChoice::Auto,
+        }
+    }
+}
+
+/// A plan made ready to run on a GPU.
+pub struct CudaBackend {
+    program: Program,
+    target: CudaTarget,
+    local: Vec<usize>,
+    info: DeviceInfo,
+    arch: String,
+    launch: Option<Launch>,
+}
+
+fn fail(message: impl Into<String>) -> ExecError {
+    ExecError {
+        rank: None,
+        op: None,
+        message: message.into(),
+    }
+}
+
+impl CudaBackend {
+    /// Prepares `plan` (validated) with `weights` on the GPU.
+    pub fn new(
+        plan: Plan,
+        weights: &LayerWeights,
+        options: CudaOptions,
+    ) -> Result<CudaBackend, ExecError> {
+        let info = device::probe().map_err(|e| fail(e.to_string()))?;
+        weights
+            .check(&plan.layer)
+            .map_err(|e| fail(e.to_string()))?;
+        let program = Program::lower(&plan).map_err(fail)?;
+        let launch = launch_for(options.comm).map_err(fail)?;
+        let local: Vec<usize> = match &launch {
+            Some(l) => {
+                if l.world != program.ranks {
+                    return Err(fail(format!(
+                        "the launch has {} processes but the plan has {} ranks; run one process per rank",
+                        l.world, program.ranks
+                    )));
+                }
+                vec![l.rank]
+            }
+            None => (0..program.ranks).collect(),
+        };
+        let ordinal = match (options.device, &launch) {
+            (Some(d), _) => d,
+            (None, Some(l)) => l.local_rank,
+            (None, None) => std::env::var("MOEC_CUDA_DEVICE")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0),
+        };
+        if ordinal >= info.count {
+            return Err(fail(format!(
+                "GPU {ordinal} does not exist ({} visible)",
+                info.count
+            )));
+        }
+        let nvrtc = Nvrtc::load().map_err(|e| fail(e.to_string()))?;
+        let cache = PtxCache::from_env();
+        let setup = device::guarded(|| {
+            let ctx = CudaTarget::context(ordinal).map_err(device::DeviceError::Driver)?;
+            let capability = CudaTarget::capability(&ctx).map_err(device::DeviceError::Driver)?;
+            Ok((ctx, capability))
+        });
+        let (ctx, capability) = setup.map_err(|e| fail(e.to_string()))?;
+        let arch = device::arch_of(capability);
+        let (generated, _) = cache
+            .get_or_compile(&nvrtc, &program.kernels.module, &arch)
+            .map_err(|e| fail(e.to_string()))?;
+        let (native, _) = cache
+            .get_or_compile_source(&nvrtc, "moec_native", moec_kernels::native::SOURCE, &arch)
+            .map_err(|e| fail(e.to_string()))?;
+        let plan_hash = rdzv::fnv64(plan.to_json().as_bytes());
+        let target = device::guarded(|| {
+            CudaTarget::new(
+                ctx,
+                &program,
+                TargetSetup {
+                    local: &local,
+                    ptx: (&generated.text, &native.text),
+                    launch: launch.as_ref(),
+                    plan_hash,
+                    timeout: options.timeout,
+                },
+            )
+            .map_err(device::DeviceError::Driver)
+        })
+        .map_err(|e| fail(e.to_string()))?;
+        let mut backend = CudaBackend {
+            program,
+            target,
+            local,
+            info,
+            arch,
+            launch,
+        };
+        upload_weights(
+            &backend.program,
+            &mut backend.target,
+            &backend.local,
+            weights,
+        )?;
+        Ok(backend)
+    }
+
+    /// The global ranks this process runs (all of them with virtual ranks).
+    pub fn local_ranks(&self) -> &[usize] {
+        &self.local
+    }
+
+    /// Ranks of the plan.
+    pub fn ranks(&self) -> usize {
+        self.program.ranks
+    }
+
+    /// One line about where the plan runs.
+    pub fn describe(&self) -> String {
+        match &self.launch {
+            Some(l) => format!(
+                "{} ({}), rank {} of {} over NCCL",
+                self.info.name, self.arch, l.rank, l.world
+            ),
+            None => format!(
+                "{} ({}), {} virtual rank(s) on one GPU",
+                self.info.name,
+                self.arch,
+                self.local.len()
+            ),
+        }
+    }
+
+    /// Runs the layer on `inputs` (one `[tokens, hidden]` tensor per rank
+    /// of the plan; a process of a multi-process launch uses its own). The
+    /// outputs are the local ranks' (all of them with virtual ranks).
+    /// `phase_seconds` is empty: per-phase GPU times are not measured yet.
+    pub fn forward(&mut self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
+        if inputs.len() != self.program.ranks {
+            return Err(fail(format!(
+                "{} input tensors for {} ranks",
+                inputs.len(),
+                self.program.ranks
+            )));
+        }
+        let mine: Vec<Vec<f32>> = self.local.iter().map(|&r| inputs[r].clone()).collect();
+        let start = Instant::now();
+        let result = device::guarded(|| {
+            Ok(run_pass(
+                &self.program,
+                &mut self.target,
+                &self.local,
+                &mine,
+            ))
+        });
+        let pass = result.map_err(|e| fail(e.to_string()))??;
+        Ok(Forward {
+            outputs: pass.outputs,
+            stats: pass.stats,
+            phase_seconds: BTreeMap::new(),
+            wall_seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}

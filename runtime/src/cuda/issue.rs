@@ -1,0 +1,1093 @@
+//! The issuer: walks a [`Program`] and hands concrete commands to a
+//! [`Target`].
+//!
+//! The issuer is everything of the CUDA executor that is not a driver call:
+//! it resolves the routing-dependent steps (rows of a `pack`, the row groups
+//! of an expert GEMM, the byte runs of an all-to-all) from the routing table
+//! read back after `assign_place`, turns a collective into device-to-device
+//! copies between virtual ranks (or NCCL sends and receives when the group's
+//! ranks live in other processes), and turns status blocks into errors. The
+//! driver layer (`driver.rs`) implements [`Target`] with cudarc; the tests
+//! implement it on host memory and run every example through the very same
+//! issuer, so all of this is checked without a GPU.
+//!
+//! Commands are issued in the program's order (op-id order, ranks in turn),
+//! onto per-rank, per-stream queues; only the plan's events and the
+//! collectives' own events order the queues, as on a GPU.
+
+use super::program::{
+    launch_shape, ArgT, CollectiveStep, GemmStep, Groups, KernelRef, LaunchStep, Program, Rows,
+    Space, Span, StepKind, Tail, STATUS_BYTES,
+};
+use super::route::{RouteTable, Routes};
+use crate::cpu::comm::Run;
+use crate::cpu::memory;
+use crate::cpu::{ExecError, RoutingStats};
+use crate::plan::{CollectiveKind, DType, GemmWeight};
+use crate::weights::{Ffn, LayerWeights};
+use moec_kernels::cuda::{STATUS_DIV_ZERO, STATUS_OOB_ARRAY, STATUS_OOB_BUFFER};
+use moec_kernels::ir::Param;
+use moec_kernels::native::{
+    STATUS_BAD_EXPERT, STATUS_BAD_METADATA, STATUS_BAD_WEIGHT, STATUS_COUNTS_DISAGREE,
+};
+use std::ops::Range;
+
+/// Byte runs per peer of a group.
+pub type PeerRuns = Vec<Vec<Run>>;
+
+/// A device address: a rank's space and a byte offset in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Addr {
+    pub rank: usize,
+    pub space: Space,
+    pub offset: u64,
+}
+
+impl Addr {
+    pub fn of(rank: usize, span: Span) -> Addr {
+        Addr {
+            rank,
+            space: span.space,
+            offset: span.offset,
+        }
+    }
+
+    pub fn plus(self, bytes: u64) -> Addr {
+        Addr {
+            offset: self.offset + bytes,
+            ..self
+        }
+    }
+}
+
+/// A launch argument.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    /// A buffer: its address and its length in elements.
+    Buf {
+        addr: Addr,
+        len: u64,
+    },
+    F32(f32),
+    I64(i64),
+}
+
+/// An event of a rank: one of the plan's, or one the collectives use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    pub rank: usize,
+    pub id: u32,
+    pub comm: bool,
+}
+
+/// One piece of device work, on one stream of one rank.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Launch {
+        kernel: KernelRef,
+        args: Vec<Arg>,
+        rows: u64,
+        grid: u32,
+        block: u32,
+        status: Addr,
+        scratch: Option<Addr>,
+    },
+    /// `c[m, n] = a[m, k] · w[n, k]ᵀ` in `f32` (row-major; `a` and `w` in
+    /// `dtype`, `c` in `f32`).
+    Gemm {
+        a: Addr,
+        w: Addr,
+        c: Addr,
+        dtype: DType,
+        m: u64,
+        n: u64,
+        k: u64,
+    },
+    Copy {
+        src: Addr,
+        dst: Addr,
+        bytes: u64,
+    },
+    Memset {
+        dst: Addr,
+        bytes: u64,
+        value: u8,
+    },
+    Record(EventId),
+    Wait(EventId),
+    /// Copy to the host; [`Target::fetch`] waits for it.
+    ReadBack {
+        src: Addr,
+        bytes: u64,
+    },
+    /// One grouped NCCL exchange: sends and receives of byte runs, with
+    /// the peers' global ranks.
+    Nccl {
+        sends: Vec<(usize, Addr, u64)>,
+        recvs: Vec<(usize, Addr, u64)>,
+    },
+}
+
+/// What executes commands: the GPU (driver layer) or a host emulation.
+pub trait Target {
+    /// Enqueues `cmd` on `stream` of global rank `rank`.
+    fn submit(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String>;
+    /// Waits for the rank's latest [`Command::ReadBack`] and returns its bytes.
+    fn fetch(&mut self, rank: usize) -> Result<Vec<u8>, String>;
+    /// Copies host bytes to the device now (nothing is queued).
+    fn write(&mut self, at: Addr, bytes: &[u8]) -> Result<(), String>;
+    /// Waits until every queue of every rank is idle.
+    fn synchronize(&mut self) -> Result<(), String>;
+    /// Copies device bytes to the host (after [`Target::synchronize`]).
+    fn read(&mut self, at: Addr, bytes: u64) -> Result<Vec<u8>, String>;
+}
+
+/// The result of one pass on the local ranks.
+#[derive(Clone, Debug)]
+pub struct Pass {
+    /// Per local rank, `[tokens, hidden]` as f32.
+    pub outputs: Vec<Vec<f32>>,
+    pub stats: RoutingStats,
+}
+
+fn err(rank: usize, op: Option<String>, message: impl Into<String>) -> ExecError {
+    ExecError {
+        rank: Some(rank),
+        op,
+        message: message.into(),
+    }
+}
+
+/// The weights of one FFN as the GEMMs read them: `[gate; up]`, its bias
+/// (gate and up biases side by side, only when both exist, as on the CPU),
+/// the down projection and its bias.
+#[allow(clippy::type_complexity)] // the four tensors of an FFN, spelled out
+fn stacked(ffn: &Ffn) -> (Vec<f32>, Option<Vec<f32>>, &[f32], Option<&[f32]>) {
+    let mut up = Vec::with_capacity(ffn.up.len() * 2);
+    let mut up_bias = None;
+    if let Some(gate) = &ffn.gate {
+        up.extend_from_slice(gate);
+        if let (Some(gb), Some(ub)) = (&ffn.gate_bias, &ffn.up_bias) {
+            up_bias = Some(gb.iter().chain(ub).copied().collect());
+        }
+    } else {
+        up_bias = ffn.up_bias.clone();
+    }
+    up.extend_from_slice(&ffn.up);
+    (up, up_bias, &ffn.down, ffn.down_bias.as_deref())
+}
+
+/// The bytes of rank `rank`'s weights allocation.
+pub fn weight_image(
+    program: &Program,
+    rank: usize,
+    weights: &LayerWeights,
+) -> Result<Vec<u8>, String> {
+    let wl = &program.weights;
+    let geo = &program.geometry;
+    let mut image = vec![0u8; usize::try_from(wl.bytes).map_err(|_| "weights too large")?];
+    let put = |image: &mut Vec<u8>, span: Span, values: &[f32], dtype: DType, what: &str| {
+        let need = values.len() as u64 * dtype.bytes();
+        if need != span.bytes {
+            return Err(format!(
+                "{what}: {} values in {} do not fill its {} bytes",
+                values.len(),
+                dtype.name(),
+                span.bytes
+            ));
+        }
+        let (a, b) = (span.offset as usize, span.end() as usize);
+        memory::write_f32(values, dtype, &mut image[a..b]);
+        Ok(())
+    };
+    let dt = |name: &str| wl.dtypes.get(name).copied().unwrap_or(program.layer_dtype);
+    put(
+        &mut image,
+        wl.router,
+        &weights.router,
+        dt("router_gate"),
+        "the router",
+    )?;
+    if wl.router_bias.bytes > 0 {
+        let b = weights
+            .router_bias
+            .as_deref()
+            .ok_or("the layer has a selection bias but the weights lack it")?;
+        put(
+            &mut image,
+            wl.router_bias,
+            b,
+            DType::F32,
+            "the selection bias",
+        )?;
+    }
+    if wl.shared_gate.bytes > 0 {
+        let g = weights
+            .shared_gate
+            .as_deref()
+            .ok_or("the layer has a shared gate but the weights lack it")?;
+        put(&mut image, wl.shared_gate, g, DType::F32, "the shared gate")?;
+    }
+    let (mut ranks, mut locals) = (Vec::new(), Vec::new());
+    for s in 0..geo.group {
+        for e in 0..geo.experts {
+            let (g, l) = geo.dest(s, e);
+            ranks.push(g as f32);
+            locals.push(l as f32);
+        }
+    }
+    // i32 tables: written as i32 through the f32 path is exact for these
+    // small integers.
+    put(&mut image, wl.dest_rank, &ranks, DType::I32, "dest ranks")?;
+    put(&mut image, wl.dest_local, &locals, DType::I32, "dest local")?;
+    let ffn = |image: &mut Vec<u8>,
+               spans: &super::program::FfnSpans,
+               f: &Ffn,
+               up_dt: DType,
+               down_dt: DType,
+               what: &str|
+     -> Result<(), String> {
+        let (up, up_bias, down, down_bias) = stacked(f);
+        put(image, spans.up, &up, up_dt, what)?;
+        put(image, spans.down, down, down_dt, what)?;
+        match (spans.up_bias, up_bias) {
+            (Some(s), Some(b)) => put(image, s, &b, DType::F32, what)?,
+            (None, None) => {}
+            _ => return Err(format!("{what}: the up bias and the plan disagree")),
+        }
+        match (spans.down_bias, down_bias) {
+            (Some(s), Some(b)) => put(image, s, b, DType::F32, what)?,
+            (None, None) => {}
+            _ => return Err(format!("{what}: the down bias and the plan disagree")),
+        }
+        Ok(())
+    };
+    let me = program.me(rank);
+    for (l, &e) in geo.experts_of[me].iter().enumerate() {
+        let f = weights
+            .experts
+            .get(e)
+            .ok_or_else(|| format!("no weights for expert {e}"))?;
+        let spans = wl
+            .experts
+            .get(l)
+            .ok_or_else(|| format!("no weight slot for local expert {l}"))?;
+        ffn(
+            &mut image,
+            spans,
+            f,
+            dt("expert_up"),
+            dt("expert_down"),
+            &format!("expert {e}"),
+        )?;
+    }
+    match (&wl.shared, &weights.shared) {
+        (Some(spans), Some(f)) => ffn(
+            &mut image,
+            spans,
+            f,
+            dt("shared_up"),
+            dt("shared_down"),
+            "the shared experts",
+        )?,
+        (None, _) => {}
+        (Some(_), None) => {
+            return Err("the layer has shared experts but the weights lack them".into())
+        }
+    }
+    Ok(image)
+}
+
+/// Pairs two run lists of equal total length into copies
+/// `(source offset, destination offset, bytes)`, cutting at both lists'
+/// boundaries (as `copy_runs` streams the bytes on the CPU).
+pub fn pair_runs(src: &[Run], dst: &[Run]) -> Result<Vec<(u64, u64, u64)>, String> {
+    let total_src: usize = src.iter().map(|r| r.len).sum();
+    let total_dst: usize = dst.iter().map(|r| r.len).sum();
+    if total_src != total_dst {
+        return Err(format!(
+            "{total_src} bytes sent but {total_dst} bytes expected"
+        ));
+    }
+    let mut out = Vec::new();
+    let (mut si, mut s_off) = (0usize, 0usize);
+    for d in dst {
+        let mut filled = 0;
+        while filled < d.len {
+            let Some(s) = src.get(si) else {
+                return Err("ran out of send runs".into());
+            };
+            let take = (s.len - s_off).min(d.len - filled);
+            if take > 0 {
+                out.push((
+                    (s.offset + s_off) as u64,
+                    (d.offset + filled) as u64,
+                    take as u64,
+                ));
+            }
+            filled += take;
+            s_off += take;
+            if s_off == s.len {
+                si += 1;
+                s_off = 0;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Byte runs of row ranges of a buffer (fp8: the rows' scales after them).
+pub fn row_runs(
+    layout: &super::program::RowLayout,
+    rows: &[Range<usize>],
+    name: &str,
+) -> Result<Vec<Run>, String> {
+    let mut out = Vec::new();
+    let row_bytes = layout.row_bytes as usize;
+    for r in rows {
+        if r.end as u64 > layout.rows {
+            return Err(format!(
+                "routing needs rows {}..{} of `{name}`, which holds {} (buffer overflow)",
+                r.start, r.end, layout.rows
+            ));
+        }
+        if !r.is_empty() {
+            out.push(Run {
+                offset: r.start * row_bytes,
+                len: r.len() * row_bytes,
+            });
+        }
+    }
+    if let Some((base, per_row)) = layout.scales {
+        let (base, per_row) = (base as usize, per_row as usize);
+        for r in rows.iter().filter(|r| !r.is_empty()) {
+            out.push(Run {
+                offset: base + r.start * per_row,
+                len: r.len() * per_row,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The byte runs EP rank `me` sends to and receives from each peer in a
+/// collective, as the CPU backend's `collective_plan` computes them.
+pub fn collective_runs(
+    c: &CollectiveStep,
+    group: usize,
+    me: usize,
+    table: Option<&RouteTable>,
+) -> Result<(PeerRuns, PeerRuns), String> {
+    match c.kind {
+        CollectiveKind::CountExchange | CollectiveKind::AllGather => {
+            let len = c.send.bytes as usize;
+            Ok((
+                (0..group).map(|_| vec![Run { offset: 0, len }]).collect(),
+                (0..group)
+                    .map(|p| {
+                        vec![Run {
+                            offset: p * len,
+                            len,
+                        }]
+                    })
+                    .collect(),
+            ))
+        }
+        CollectiveKind::AllToAll | CollectiveKind::AllToAllV => {
+            let table = table.ok_or("the routing is used before `assign place` ran")?;
+            let lmax = table.max_local();
+            let mut to = Vec::with_capacity(group);
+            let mut from = Vec::with_capacity(group);
+            for p in 0..group {
+                let (out_rows, in_rows): (Vec<Range<usize>>, Vec<Range<usize>>) = if c.dispatch {
+                    (
+                        (0..lmax).map(|l| table.send_rows(me, p, l)).collect(),
+                        (0..lmax).map(|l| table.recv_rows(p, me, l)).collect(),
+                    )
+                } else {
+                    (
+                        (0..lmax).map(|l| table.recv_rows(p, me, l)).collect(),
+                        (0..lmax).map(|l| table.send_rows(me, p, l)).collect(),
+                    )
+                };
+                to.push(row_runs(&c.send_rows, &out_rows, &c.send_name)?);
+                from.push(row_runs(&c.recv_rows, &in_rows, &c.recv_name)?);
+            }
+            Ok((to, from))
+        }
+    }
+}
+
+/// Uploads every local rank's weights.
+pub fn upload_weights(
+    program: &Program,
+    target: &mut dyn Target,
+    local: &[usize],
+    weights: &LayerWeights,
+) -> Result<(), ExecError> {
+    for &r in local {
+        let image = weight_image(program, r, weights).map_err(|e| err(r, None, e))?;
+        target
+            .write(
+                Addr {
+                    rank: r,
+                    space: Space::Weights,
+                    offset: 0,
+                },
+                &image,
+            )
+            .map_err(|e| err(r, None, e))?;
+    }
+    Ok(())
+}
+
+/// Runs one forward pass of `program` on the ranks `local` (global ranks,
+/// ascending) with `inputs` (one `[tokens, hidden]` tensor per local rank).
+pub fn run_pass(
+    program: &Program,
+    target: &mut dyn Target,
+    local: &[usize],
+    inputs: &[Vec<f32>],
+) -> Result<Pass, ExecError> {
+    Issuer::new(program, target, local)?.run(inputs)
+}
+
+struct Issuer<'a> {
+    p: &'a Program,
+    t: &'a mut dyn Target,
+    local: &'a [usize],
+    /// Per local rank: the routing once read back; whether a read-back is queued.
+    routes: Vec<Option<Routes>>,
+    pending: Vec<bool>,
+    collectives: u32,
+}
+
+impl<'a> Issuer<'a> {
+    fn new(
+        p: &'a Program,
+        t: &'a mut dyn Target,
+        local: &'a [usize],
+    ) -> Result<Issuer<'a>, ExecError> {
+        if let Some(&bad) = local.iter().find(|&&r| r >= p.ranks) {
+            return Err(err(bad, None, format!("the plan has {} ranks", p.ranks)));
+        }
+        Ok(Issuer {
+            p,
+            t,
+            local,
+            routes: vec![None; local.len()],
+            pending: vec![false; local.len()],
+            collectives: 0,
+        })
+    }
+
+    fn op_label(&self, op: usize) -> Option<String> {
+        self.p
+            .ops
+            .get(op)
+            .map(|o| format!("op #{} `{}` on stream {}", o.id, o.name, o.stream))
+    }
+
+    fn run(mut self, inputs: &[Vec<f32>]) -> Result<Pass, ExecError> {
+        let p = self.p;
+        if inputs.len() != self.local.len() {
+            return Err(ExecError {
+                rank: None,
+                op: None,
+                message: format!(
+                    "{} input tensors for {} ranks",
+                    inputs.len(),
+                    self.local.len()
+                ),
+            });
+        }
+        let per = p.geometry.tokens * p.hidden as usize;
+        for (i, &r) in self.local.iter().enumerate() {
+            let x = &inputs[i];
+            if x.len() != per {
+                return Err(err(
+                    r,
+                    None,
+                    format!("the input holds {} values, {per} expected", x.len()),
+                ));
+            }
+            if let Some(bad) = x.iter().position(|v| !v.is_finite()) {
+                return Err(err(
+                    r,
+                    None,
+                    format!("the input has a non-finite value at element {bad}"),
+                ));
+            }
+            let mut bytes = vec![0u8; p.x.bytes as usize];
+            memory::write_f32(x, p.x_dtype, &mut bytes);
+            self.t
+                .write(Addr::of(r, p.x), &bytes)
+                .map_err(|e| err(r, None, e))?;
+            let zeros = vec![0u8; p.work.status.bytes as usize];
+            self.t
+                .write(Addr::of(r, p.work.status), &zeros)
+                .map_err(|e| err(r, None, e))?;
+        }
+        for step in &p.steps {
+            let label = self.op_label(step.op);
+            self.step(step.stream, &step.kind)
+                .map_err(|mut e: ExecError| {
+                    if e.op.is_none() {
+                        e.op = label.clone();
+                    }
+                    e
+                })?;
+        }
+        let local = self.local;
+        self.t.synchronize().map_err(|e| ExecError {
+            rank: None,
+            op: None,
+            message: e,
+        })?;
+        let mut outputs = Vec::with_capacity(local.len());
+        for &r in local {
+            let status = self
+                .t
+                .read(Addr::of(r, p.work.status), p.work.status.bytes)
+                .map_err(|e| err(r, None, e))?;
+            self.check_status(r, &status, false)?;
+            let bytes = self
+                .t
+                .read(Addr::of(r, p.out), p.out.bytes)
+                .map_err(|e| err(r, None, e))?;
+            let mut values = vec![0.0f32; (p.out.bytes / p.out_dtype.bytes()) as usize];
+            memory::read_f32(&bytes, p.out_dtype, &mut values);
+            values.truncate(per);
+            outputs.push(values);
+        }
+        let mut stats = RoutingStats {
+            routed_per_expert: vec![0; p.geometry.experts],
+            ..RoutingStats::default()
+        };
+        for r in self.routes.iter().flatten() {
+            for (acc, n) in stats.routed_per_expert.iter_mut().zip(&r.routed_per_expert) {
+                *acc += n;
+            }
+            stats.dropped += r.dropped;
+        }
+        stats.assignments = stats.routed_per_expert.iter().sum();
+        Ok(Pass { outputs, stats })
+    }
+
+    /// Turns the first failed status block into an error (only the
+    /// assignment kernels' with `assign_only`).
+    fn check_status(&self, rank: usize, status: &[u8], assign_only: bool) -> Result<(), ExecError> {
+        for (i, slot) in self.p.status.iter().enumerate() {
+            if assign_only && !slot.assign {
+                continue;
+            }
+            let at = i * STATUS_BYTES as usize;
+            let Some(words) = status.get(at..at + STATUS_BYTES as usize) else {
+                continue;
+            };
+            let word = |w: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&words[w * 8..w * 8 + 8]);
+                i64::from_le_bytes(b)
+            };
+            let code = word(0);
+            if code == 0 {
+                continue;
+            }
+            let message =
+                describe_status(&slot.label, &slot.params, code, word(1), word(2), word(3));
+            return Err(err(rank, self.op_label(slot.op), message));
+        }
+        Ok(())
+    }
+
+    /// The routing of local rank index `i`, read back at its first use.
+    fn routes(&mut self, i: usize) -> Result<&Routes, ExecError> {
+        let r = self.local[i];
+        if self.routes[i].is_none() {
+            if !self.pending[i] {
+                return Err(err(
+                    r,
+                    None,
+                    "the routing is used before `assign place` ran",
+                ));
+            }
+            let bytes = self.t.fetch(r).map_err(|e| err(r, None, e))?;
+            let p = self.p;
+            let status_len = p.work.status.bytes as usize;
+            let rel = |s: Span| (s.offset - p.work.status.offset) as usize;
+            let (t0, s0) = (rel(p.work.table), rel(p.work.stats));
+            if bytes.len() < s0 + p.work.stats.bytes as usize {
+                return Err(err(r, None, "the routing read back is short"));
+            }
+            self.check_status(r, &bytes[..status_len], true)?;
+            let routes = p
+                .route
+                .parse(
+                    &bytes[t0..t0 + p.work.table.bytes as usize],
+                    &bytes[s0..s0 + p.work.stats.bytes as usize],
+                )
+                .map_err(|e| err(r, None, e))?;
+            self.routes[i] = Some(routes);
+        }
+        self.routes[i]
+            .as_ref()
+            .ok_or_else(|| err(r, None, "the routing is missing"))
+    }
+
+    fn table(&mut self, i: usize, chunk: usize) -> Result<RouteTable, ExecError> {
+        let r = self.local[i];
+        self.routes(i)?
+            .tables
+            .get(chunk)
+            .cloned()
+            .ok_or_else(|| err(r, None, format!("no routing table for chunk {chunk}")))
+    }
+
+    fn submit(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), ExecError> {
+        self.t
+            .submit(rank, stream, cmd)
+            .map_err(|e| err(rank, None, e))
+    }
+
+    fn step(&mut self, stream: usize, kind: &StepKind) -> Result<(), ExecError> {
+        let local = self.local;
+        match kind {
+            StepKind::Record(e) | StepKind::Wait(e) => {
+                for &r in local {
+                    let id = EventId {
+                        rank: r,
+                        id: *e,
+                        comm: false,
+                    };
+                    let cmd = if matches!(kind, StepKind::Record(_)) {
+                        Command::Record(id)
+                    } else {
+                        Command::Wait(id)
+                    };
+                    self.submit(r, stream, cmd)?;
+                }
+            }
+            StepKind::Memset { span, value } => {
+                for &r in local {
+                    let cmd = Command::Memset {
+                        dst: Addr::of(r, *span),
+                        bytes: span.bytes,
+                        value: *value,
+                    };
+                    self.submit(r, stream, cmd)?;
+                }
+            }
+            StepKind::Launch(l) => {
+                for i in 0..local.len() {
+                    self.launch(i, stream, l)?;
+                }
+            }
+            StepKind::Gemm(g) => {
+                for i in 0..local.len() {
+                    self.gemm(i, stream, g)?;
+                }
+            }
+            StepKind::Collective(c) => self.collective(stream, c)?,
+            StepKind::ReadRoute => {
+                let span = self.p.work.readback();
+                for (i, &r) in local.iter().enumerate() {
+                    self.submit(
+                        r,
+                        stream,
+                        Command::ReadBack {
+                            src: Addr::of(r, span),
+                            bytes: span.bytes,
+                        },
+                    )?;
+                    self.pending[i] = true;
+                    self.routes[i] = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn rows(&mut self, i: usize, rows: Rows) -> Result<u64, ExecError> {
+        let me = self.p.me(self.local[i]);
+        Ok(match rows {
+            Rows::Fixed(n) => n,
+            Rows::Sent(c) => self.table(i, c)?.sent(me) as u64,
+            Rows::Received(c) => self.table(i, c)?.received(me) as u64,
+        })
+    }
+
+    fn launch(&mut self, i: usize, stream: usize, l: &LaunchStep) -> Result<(), ExecError> {
+        let r = self.local[i];
+        let rows = self.rows(i, l.rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let me = self.p.me(r) as i64;
+        let args = l
+            .args
+            .iter()
+            .map(|a| match *a {
+                ArgT::Buf { span, len } => Arg::Buf {
+                    addr: Addr::of(r, span),
+                    len,
+                },
+                ArgT::F32(v) => Arg::F32(v),
+                ArgT::I64(v) => Arg::I64(v),
+                ArgT::Me => Arg::I64(me),
+            })
+            .collect();
+        let cmd = self.launch_cmd(r, stream, l.kernel, args, rows, l.status)?;
+        self.submit(r, stream, cmd)
+    }
+
+    fn launch_cmd(
+        &self,
+        r: usize,
+        stream: usize,
+        kernel: KernelRef,
+        args: Vec<Arg>,
+        rows: u64,
+        status: usize,
+    ) -> Result<Command, ExecError> {
+        let p = self.p;
+        let scratch = p.scratch_per_thread(kernel) > 0;
+        let (grid, block) = launch_shape(rows, scratch);
+        let status = Addr::of(r, p.work.status).plus(status as u64 * STATUS_BYTES);
+        let scratch = if scratch {
+            let sw = p
+                .work
+                .streams
+                .get(stream)
+                .ok_or_else(|| err(r, None, format!("no workspace for stream {stream}")))?;
+            Some(Addr::of(r, sw.scratch))
+        } else {
+            None
+        };
+        Ok(Command::Launch {
+            kernel,
+            args,
+            rows,
+            grid,
+            block,
+            status,
+            scratch,
+        })
+    }
+
+    fn gemm(&mut self, i: usize, stream: usize, g: &GemmStep) -> Result<(), ExecError> {
+        let p = self.p;
+        let r = self.local[i];
+        let me = p.me(r);
+        // Row groups: (first row, rows, local expert slot).
+        let groups: Vec<(u64, u64, Option<usize>)> = match g.groups {
+            Groups::Fixed(rows) => vec![(0, rows, None)],
+            Groups::Experts(c) => {
+                let table = self.table(i, c)?;
+                (0..p.geometry.local_experts(me))
+                    .map(|l| {
+                        (
+                            table.expert_start(me, l) as u64,
+                            table.expert_rows(me, l) as u64,
+                            Some(l),
+                        )
+                    })
+                    .collect()
+            }
+        };
+        let (a_elem, c_elem) = (g.a_dtype.bytes(), g.c_dtype.bytes());
+        for (start, m, slot) in groups {
+            if m == 0 {
+                continue;
+            }
+            let a =
+                g.a.sub(start * g.k * a_elem, m * g.k * a_elem, "the GEMM input")
+                    .and_then(|a| {
+                        g.c.sub(
+                            start * g.out_cols * c_elem,
+                            m * g.out_cols * c_elem,
+                            "the GEMM output",
+                        )
+                        .map(|c| (a, c))
+                    });
+            let (a, c) =
+                a.map_err(|e| err(r, None, format!("GEMM rows {start}..{}: {e}", start + m)))?;
+            let (w, bias) = self
+                .gemm_weights(g.weight, slot)
+                .map_err(|e| err(r, None, e))?;
+            let acc = g
+                .acc
+                .sub(start * g.n * 4, m * g.n * 4, "the GEMM accumulator")
+                .map_err(|e| err(r, None, e))?;
+            let biased = g
+                .biased
+                .sub(start * g.n * 4, m * g.n * 4, "the GEMM accumulator")
+                .map_err(|e| err(r, None, e))?;
+            let product = if g.tail == Tail::Direct { c } else { acc };
+            self.submit(
+                r,
+                stream,
+                Command::Gemm {
+                    a: Addr::of(r, a),
+                    w: Addr::of(r, w),
+                    c: Addr::of(r, product),
+                    dtype: g.a_dtype,
+                    m,
+                    n: g.n,
+                    k: g.k,
+                },
+            )?;
+            let buf = |s: Span, elem: u64| Arg::Buf {
+                addr: Addr::of(r, s),
+                len: s.bytes / elem,
+            };
+            let bias_arg = match bias {
+                Some(b) => buf(b, 4),
+                None => Arg::Buf {
+                    addr: Addr::of(r, w),
+                    len: 0,
+                },
+            };
+            match g.tail {
+                Tail::Direct => {}
+                Tail::Store { kernel } => {
+                    let args = vec![buf(acc, 4), bias_arg, buf(c, c_elem)];
+                    let cmd = self.launch_cmd(
+                        r,
+                        stream,
+                        KernelRef::Generated(kernel),
+                        args,
+                        m,
+                        g.status,
+                    )?;
+                    self.submit(r, stream, cmd)?;
+                }
+                Tail::Activation {
+                    store,
+                    kernel,
+                    limit,
+                } => {
+                    let input = match store {
+                        Some(s) => {
+                            let args = vec![buf(acc, 4), bias_arg, buf(biased, 4)];
+                            let cmd = self.launch_cmd(
+                                r,
+                                stream,
+                                KernelRef::Generated(s),
+                                args,
+                                m,
+                                g.status,
+                            )?;
+                            self.submit(r, stream, cmd)?;
+                            biased
+                        }
+                        None => acc,
+                    };
+                    let args = vec![buf(input, 4), buf(c, c_elem), Arg::F32(limit)];
+                    let cmd = self.launch_cmd(
+                        r,
+                        stream,
+                        KernelRef::Generated(kernel),
+                        args,
+                        m,
+                        g.status,
+                    )?;
+                    self.submit(r, stream, cmd)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The weight matrix and bias of a GEMM (of local expert `slot`).
+    fn gemm_weights(
+        &self,
+        w: GemmWeight,
+        slot: Option<usize>,
+    ) -> Result<(Span, Option<Span>), String> {
+        let wl = &self.p.weights;
+        let ffn = |f: Option<&super::program::FfnSpans>, up: bool| {
+            let f = f.ok_or("no weights for this GEMM")?;
+            Ok(if up {
+                (f.up, f.up_bias)
+            } else {
+                (f.down, f.down_bias)
+            })
+        };
+        match w {
+            GemmWeight::RouterGate => Ok((wl.router, None)),
+            GemmWeight::SharedUp => ffn(wl.shared.as_ref(), true),
+            GemmWeight::SharedDown => ffn(wl.shared.as_ref(), false),
+            GemmWeight::ExpertUp => ffn(slot.and_then(|l| wl.experts.get(l)), true),
+            GemmWeight::ExpertDown => ffn(slot.and_then(|l| wl.experts.get(l)), false),
+        }
+    }
+
+    fn collective(&mut self, stream: usize, c: &CollectiveStep) -> Result<(), ExecError> {
+        let p = self.p;
+        let group = p.group;
+        let ordinal = self.collectives;
+        self.collectives += 1;
+        // Runs of every local rank.
+        let mut runs: Vec<(usize, PeerRuns, PeerRuns)> = Vec::new();
+        for i in 0..self.local.len() {
+            let r = self.local[i];
+            let me = p.me(r);
+            let table = match c.kind {
+                CollectiveKind::AllToAll | CollectiveKind::AllToAllV => {
+                    Some(self.table(i, c.chunk)?)
+                }
+                _ => None,
+            };
+            let (to, from) =
+                collective_runs(c, group, me, table.as_ref()).map_err(|e| err(r, None, e))?;
+            runs.push((r, to, from));
+        }
+        // Group the local ranks by EP group.
+        let mut at = 0;
+        while at < runs.len() {
+            let base = runs[at].0 - p.me(runs[at].0);
+            let end = at + runs[at..].partition_point(|(r, _, _)| *r < base + group);
+            let members = &runs[at..end];
+            if members.len() == group {
+                self.virtual_exchange(stream, c, members, ordinal)?;
+            } else {
+                for (r, to, from) in members {
+                    self.nccl_exchange(stream, c, *r, base, to, from)?;
+                }
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// A collective between virtual ranks of this process: every rank pulls
+    /// its peers' runs into its receive buffer with device-to-device copies
+    /// on its own stream, after every peer reached the collective (its send
+    /// buffer is written, its receive buffer free), and goes on only when
+    /// every peer has pulled from it (so it may reuse its send buffer).
+    fn virtual_exchange(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        members: &[(usize, PeerRuns, PeerRuns)],
+        ordinal: u32,
+    ) -> Result<(), ExecError> {
+        let arrive = |r: usize| EventId {
+            rank: r,
+            id: 2 * ordinal,
+            comm: true,
+        };
+        let done = |r: usize| EventId {
+            rank: r,
+            id: 2 * ordinal + 1,
+            comm: true,
+        };
+        for (r, _, _) in members {
+            self.submit(*r, stream, Command::Record(arrive(*r)))?;
+        }
+        for (q, (r, _, from)) in members.iter().enumerate() {
+            for (p, (peer, to, _)) in members.iter().enumerate() {
+                if p != q {
+                    self.submit(*r, stream, Command::Wait(arrive(*peer)))?;
+                }
+                let copies = pair_runs(&to[q], &from[p])
+                    .map_err(|e| err(*r, None, format!("from EP rank {p}: {e}")))?;
+                for (s, d, bytes) in copies {
+                    let src = Addr::of(*peer, c.send).plus(s);
+                    let dst = Addr::of(*r, c.recv).plus(d);
+                    self.submit(*r, stream, Command::Copy { src, dst, bytes })?;
+                }
+            }
+            self.submit(*r, stream, Command::Record(done(*r)))?;
+        }
+        for (q, (r, _, _)) in members.iter().enumerate() {
+            for (p, (peer, _, _)) in members.iter().enumerate() {
+                if p != q {
+                    self.submit(*r, stream, Command::Wait(done(*peer)))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A collective with peers in other processes: NCCL sends and receives
+    /// of the same runs (each pair of ranks cuts its bytes at the same
+    /// boundaries: one run per local expert, then the fp8 scales), the
+    /// rank's own share copied locally.
+    fn nccl_exchange(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        r: usize,
+        base: usize,
+        to: &[Vec<Run>],
+        from: &[Vec<Run>],
+    ) -> Result<(), ExecError> {
+        let me = self.p.me(r);
+        let (mut sends, mut recvs) = (Vec::new(), Vec::new());
+        for (p, (out, inc)) in to.iter().zip(from).enumerate() {
+            if p == me {
+                for (s, d, bytes) in pair_runs(out, inc).map_err(|e| err(r, None, e))? {
+                    let src = Addr::of(r, c.send).plus(s);
+                    let dst = Addr::of(r, c.recv).plus(d);
+                    self.submit(r, stream, Command::Copy { src, dst, bytes })?;
+                }
+                continue;
+            }
+            for run in out {
+                sends.push((
+                    base + p,
+                    Addr::of(r, c.send).plus(run.offset as u64),
+                    run.len as u64,
+                ));
+            }
+            for run in inc {
+                recvs.push((
+                    base + p,
+                    Addr::of(r, c.recv).plus(run.offset as u64),
+                    run.len as u64,
+                ));
+            }
+        }
+        self.submit(r, stream, Command::Nccl { sends, recvs })
+    }
+}
+
+/// A failed status block as a message.
+pub fn describe_status(
+    label: &str,
+    params: &[Param],
+    code: i64,
+    which: i64,
+    index: i64,
+    row: i64,
+) -> String {
+    let param = |i: i64| {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| params.get(i))
+            .map_or_else(|| format!("#{i}"), |p| format!("`{}`", p.name))
+    };
+    match code {
+        STATUS_OOB_BUFFER => format!(
+            "kernel `{label}`: index {index} of {} out of bounds at row {row}",
+            param(which)
+        ),
+        STATUS_OOB_ARRAY => format!(
+            "kernel `{label}`: local array #{which} index {index} out of bounds at row {row}"
+        ),
+        STATUS_DIV_ZERO => format!("kernel `{label}`: integer division by zero at row {row}"),
+        STATUS_BAD_EXPERT => format!(
+            "the router produced expert id {which} (assignment {index}), outside the layer's experts"
+        ),
+        STATUS_BAD_WEIGHT => format!("the router produced a non-finite weight (assignment {index})"),
+        STATUS_BAD_METADATA => {
+            format!("corrupt routing metadata from EP rank {which}: value {index}")
+        }
+        STATUS_COUNTS_DISAGREE => format!(
+            "the exchanged counts disagree with this rank's routing (chunk {which}, EP rank {index}, local expert {row})"
+        ),
+        other => format!("kernel `{label}` failed with status {other} ({which}, {index}, {row})"),
+    }
+}

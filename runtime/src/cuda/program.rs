@@ -1,0 +1,1565 @@
+//! The lowering: a plan as a device program, computed without a GPU.
+//!
+//! [`Program::lower`] turns a validated plan into the ordered list of
+//! [`Step`]s every rank runs: per plan op, in op-id order (one valid
+//! sequential order of all ops, so an event is always recorded before a wait
+//! on it is issued), the device work on the op's stream. Every buffer is a
+//! [`Span`] of one of a rank's three device allocations:
+//!
+//! - the **arena** (`Space::Arena`): the plan's buffers at the plan's offsets,
+//!   `peak_activation_bytes` long, as on the CPU;
+//! - the **weights** (`Space::Weights`): router, biases, shared gate, one slot
+//!   per local expert (the most any rank holds) and the shared experts, each
+//!   in the dtype of the GEMM input it multiplies ([`WeightLayout`]), plus the
+//!   tables the assignment kernels read;
+//! - the **workspace** (`Space::Work`): one status block per launch, the
+//!   routing table and statistics `assign_place` writes, and per stream the
+//!   `f32` GEMM accumulator and the scratch of large-array kernels
+//!   ([`WorkLayout`]).
+//!
+//! What depends on the routing (the rows of a `pack`, the row groups of an
+//! expert GEMM, the byte runs of an all-to-all) stays symbolic here
+//! ([`Rows`], [`Groups`], [`CollectiveStep`]) and is resolved by the issuer
+//! from the routing table the host reads back after `assign_place`.
+//!
+//! The argument lists follow the CPU backend's bindings (`cpu/exec.rs`,
+//! `launch`) exactly, and every one is checked against the kernel's
+//! description when the program is built.
+
+use std::collections::BTreeMap;
+
+use moec_kernels::ir::{Param, ParamKind, Ty};
+use moec_kernels::library::Kind;
+use moec_kernels::native::NativeKernel;
+
+use super::plan::{plan_kernels, PlanKernels};
+use super::route::RouteShape;
+use crate::cpu::layout::Geometry;
+use crate::plan::{
+    Buffer, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight, KernelKind, OpKind,
+    Phase, Plan,
+};
+
+/// Threads per block of a launch (the grid-stride loop covers any row count).
+pub const BLOCK: u32 = 256;
+/// Most blocks of a launch.
+pub const MAX_GRID: u32 = 4096;
+/// Threads per block and most blocks of a kernel that keeps its arrays in
+/// the scratch block (the scratch is sized for all of them).
+pub const SCRATCH_BLOCK: u32 = 128;
+pub const SCRATCH_GRID: u32 = 32;
+/// Alignment of every span the lowering places in the weights and the workspace.
+pub const ALIGN: u64 = 256;
+/// Bytes of one launch's status block (four `i64` words).
+pub const STATUS_BYTES: u64 = 32;
+
+/// One of a rank's device allocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Space {
+    Arena,
+    Weights,
+    Work,
+}
+
+/// Bytes of one space of a rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub space: Space,
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+impl Span {
+    pub fn end(&self) -> u64 {
+        self.offset + self.bytes
+    }
+
+    /// `bytes` bytes at `offset` inside this span, or an error naming `what`.
+    pub fn sub(&self, offset: u64, bytes: u64, what: &str) -> Result<Span, String> {
+        match offset.checked_add(bytes) {
+            Some(end) if end <= self.bytes => Ok(Span {
+                space: self.space,
+                offset: self.offset + offset,
+                bytes,
+            }),
+            _ => Err(format!(
+                "{what}: {bytes} bytes at {offset} fall outside its {} bytes",
+                self.bytes
+            )),
+        }
+    }
+}
+
+/// A kernel of the plan's generated module (by index) or a native one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelRef {
+    Generated(usize),
+    Native(NativeKernel),
+}
+
+/// One launch argument before a rank is known.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ArgT {
+    /// A buffer: its span and its length in elements.
+    Buf {
+        span: Span,
+        len: u64,
+    },
+    F32(f32),
+    I64(i64),
+    /// The rank's index in its EP group, as an `i64`.
+    Me,
+}
+
+/// Rows of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    Fixed(u64),
+    /// The rows this rank sends in the chunk (routing-dependent).
+    Sent(usize),
+    /// The rows this rank receives in the chunk (routing-dependent).
+    Received(usize),
+}
+
+/// A kernel launch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchStep {
+    pub kernel: KernelRef,
+    /// The plan's name for the kernel (or the epilogue's label), for errors.
+    pub label: String,
+    pub args: Vec<ArgT>,
+    pub rows: Rows,
+    /// Index of the launch's status block in the workspace.
+    pub status: usize,
+    /// Bytes of scratch per thread (0: none; see [`SCRATCH_GRID`]).
+    pub scratch_per_thread: u64,
+}
+
+/// The row groups of a GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Groups {
+    /// One group of this many rows (router and shared experts).
+    Fixed(u64),
+    /// One group per local expert, rows from the chunk's routing table.
+    Experts(usize),
+}
+
+/// What happens to a GEMM's `f32` product.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Tail {
+    /// cuBLAS writes the output itself (`f32`, no bias, no activation).
+    Direct,
+    /// `gemm_store` (module kernel) adds the bias and rounds into the output.
+    Store { kernel: usize },
+    /// The activation (module kernel) reads the product, after a
+    /// `gemm_store` into the second accumulator when there is a bias.
+    Activation {
+        store: Option<usize>,
+        kernel: usize,
+        limit: f32,
+    },
+}
+
+/// `c = a · wᵀ` per row group, as the CPU backend computes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmStep {
+    pub weight: GemmWeight,
+    pub a: Span,
+    pub a_dtype: DType,
+    pub c: Span,
+    pub c_dtype: DType,
+    pub k: u64,
+    pub n: u64,
+    /// Columns of `c` (the activation's width with an activation, else `n`).
+    pub out_cols: u64,
+    pub groups: Groups,
+    pub tail: Tail,
+    /// The `f32` accumulator (rows × `n`) and the biased copy, in the
+    /// stream's workspace.
+    pub acc: Span,
+    pub biased: Span,
+    /// Status block of the tail launches.
+    pub status: usize,
+    pub label: String,
+}
+
+/// Rows of a 2-D buffer as byte runs (fp8: data rows, then their scales).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowLayout {
+    pub rows: u64,
+    pub row_bytes: u64,
+    /// Byte offset of the scales and bytes of one row's scales (fp8).
+    pub scales: Option<(u64, u64)>,
+}
+
+impl RowLayout {
+    pub fn of(b: &Buffer) -> Result<RowLayout, String> {
+        let (rows, cols) = match b.shape.as_slice() {
+            [r, c] => (*r, *c),
+            [n] => (*n, 1),
+            _ => return Err(format!("`{}` is not a matrix", b.name)),
+        };
+        let row_bytes = cols * b.dtype.bytes();
+        let scales = (b.dtype == DType::Fp8E4m3).then(|| (rows * cols, cols.div_ceil(128) * 4));
+        Ok(RowLayout {
+            rows,
+            row_bytes,
+            scales,
+        })
+    }
+}
+
+/// A collective of one EP group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CollectiveStep {
+    pub kind: CollectiveKind,
+    pub send: Span,
+    pub recv: Span,
+    pub send_rows: RowLayout,
+    pub recv_rows: RowLayout,
+    pub send_name: String,
+    pub recv_name: String,
+    /// Token side to expert side (dispatch), or back (combine).
+    pub dispatch: bool,
+    pub chunk: usize,
+}
+
+/// One piece of device work on one stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepKind {
+    Record(u32),
+    Wait(u32),
+    Memset {
+        span: Span,
+        value: u8,
+    },
+    Launch(LaunchStep),
+    Gemm(GemmStep),
+    Collective(CollectiveStep),
+    /// Copy the status blocks and the routing `assign_place` wrote to the
+    /// host (the routing-dependent steps after it wait for the copy).
+    ReadRoute,
+}
+
+/// A step and where it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    /// Index into [`Program::ops`].
+    pub op: usize,
+    pub stream: usize,
+    pub kind: StepKind,
+}
+
+/// A plan op, for messages.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpInfo {
+    pub id: u32,
+    pub name: String,
+    pub stream: usize,
+    pub phase: Phase,
+}
+
+/// Who owns a status block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusSlot {
+    pub op: usize,
+    pub label: String,
+    /// The kernel's parameters (to name the one a failure points at).
+    pub params: Vec<Param>,
+    /// Whether it belongs to an assignment kernel (checked when the routing
+    /// is read back).
+    pub assign: bool,
+}
+
+/// Weights of one FFN slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FfnSpans {
+    /// `[up_rows, hidden]` (`[gate; up]` when gated).
+    pub up: Span,
+    pub up_bias: Option<Span>,
+    /// `[hidden, width]`.
+    pub down: Span,
+    pub down_bias: Option<Span>,
+    pub width: u64,
+    pub up_rows: u64,
+}
+
+/// Where a rank's weights live (the same for every rank: one slot per local
+/// expert, the most any rank holds).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightLayout {
+    pub router: Span,
+    pub router_bias: Span,
+    pub shared_gate: Span,
+    pub dest_rank: Span,
+    pub dest_local: Span,
+    pub experts: Vec<FfnSpans>,
+    pub shared: Option<FfnSpans>,
+    /// Storage dtype of each GEMM weight (the dtype of its GEMM's input).
+    pub dtypes: BTreeMap<&'static str, DType>,
+    pub bytes: u64,
+}
+
+/// Per-stream workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamWork {
+    pub acc: Span,
+    pub biased: Span,
+    pub scratch: Span,
+}
+
+/// Where a rank's workspace lives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkLayout {
+    pub status: Span,
+    pub table: Span,
+    pub stats: Span,
+    pub keep_own: Span,
+    pub kept_own: Span,
+    pub streams: Vec<StreamWork>,
+    pub bytes: u64,
+}
+
+impl WorkLayout {
+    /// What [`StepKind::ReadRoute`] copies: the status blocks, the table and
+    /// the statistics (contiguous).
+    pub fn readback(&self) -> Span {
+        Span {
+            space: Space::Work,
+            offset: self.status.offset,
+            bytes: self.stats.end() - self.status.offset,
+        }
+    }
+}
+
+/// A plan lowered for the device.
+#[derive(Clone, Debug)]
+pub struct Program {
+    pub kernels: PlanKernels,
+    pub ops: Vec<OpInfo>,
+    pub steps: Vec<Step>,
+    pub streams: usize,
+    pub events: u32,
+    pub ranks: usize,
+    pub group: usize,
+    pub geometry: Geometry,
+    pub route: RouteShape,
+    pub arena_bytes: u64,
+    pub weights: WeightLayout,
+    pub work: WorkLayout,
+    pub x: Span,
+    pub x_dtype: DType,
+    pub out: Span,
+    pub out_dtype: DType,
+    pub status: Vec<StatusSlot>,
+    pub layer_dtype: DType,
+    pub hidden: u64,
+}
+
+fn kind_of(kind: KernelKind) -> Option<Kind> {
+    super::plan::library_kind(kind)
+}
+
+/// The name of a GEMM weight, as [`WeightLayout::dtypes`] keys it.
+pub fn weight_name(w: GemmWeight) -> &'static str {
+    match w {
+        GemmWeight::RouterGate => "router_gate",
+        GemmWeight::ExpertUp => "expert_up",
+        GemmWeight::ExpertDown => "expert_down",
+        GemmWeight::SharedUp => "shared_up",
+        GemmWeight::SharedDown => "shared_down",
+    }
+}
+
+/// Places spans one after the other, aligned.
+struct Placer {
+    space: Space,
+    at: u64,
+}
+
+impl Placer {
+    fn new(space: Space) -> Placer {
+        Placer { space, at: 0 }
+    }
+
+    fn take(&mut self, bytes: u64) -> Result<Span, String> {
+        let offset = self.at.next_multiple_of(ALIGN);
+        self.at = offset
+            .checked_add(bytes)
+            .ok_or_else(|| "the device memory layout overflows".to_string())?;
+        Ok(Span {
+            space: self.space,
+            offset,
+            bytes,
+        })
+    }
+
+    fn total(&self) -> u64 {
+        self.at.next_multiple_of(ALIGN)
+    }
+}
+
+/// Checked `a * b * c` for sizes.
+fn mul(parts: &[u64]) -> Result<u64, String> {
+    parts
+        .iter()
+        .try_fold(1u64, |acc, &p| acc.checked_mul(p))
+        .ok_or_else(|| "a size overflows".to_string())
+}
+
+/// The launch shape for `rows` rows: `(grid, block)`.
+pub fn launch_shape(rows: u64, scratch: bool) -> (u32, u32) {
+    let (block, max) = if scratch {
+        (SCRATCH_BLOCK, SCRATCH_GRID)
+    } else {
+        (BLOCK, MAX_GRID)
+    };
+    let grid = rows.div_ceil(u64::from(block)).clamp(1, u64::from(max));
+    (grid as u32, block)
+}
+
+impl Program {
+    /// Lowers `plan` (validated) for the CUDA backend.
+    pub fn lower(plan: &Plan) -> Result<Program, String> {
+        Lowering::new(plan)?.run()
+    }
+
+    /// The parameters of a kernel.
+    pub fn params(&self, k: KernelRef) -> Vec<Param> {
+        match k {
+            KernelRef::Generated(i) => self
+                .kernels
+                .module
+                .kernels()
+                .get(i)
+                .map(|k| k.params().to_vec())
+                .unwrap_or_default(),
+            KernelRef::Native(n) => n.params(),
+        }
+    }
+
+    /// The symbol a kernel has in its module.
+    pub fn symbol(&self, k: KernelRef) -> String {
+        match k {
+            KernelRef::Generated(i) => self
+                .kernels
+                .module
+                .kernels()
+                .get(i)
+                .map(|k| k.name().to_string())
+                .unwrap_or_default(),
+            KernelRef::Native(n) => n.symbol().to_string(),
+        }
+    }
+
+    /// Scratch bytes per thread of a generated kernel.
+    pub fn scratch_per_thread(&self, k: KernelRef) -> u64 {
+        match k {
+            KernelRef::Generated(i) => self
+                .kernels
+                .module
+                .kernels()
+                .get(i)
+                .map_or(0, |k| k.scratch_bytes_per_thread()),
+            KernelRef::Native(_) => 0,
+        }
+    }
+
+    /// The EP index of global rank `rank`.
+    pub fn me(&self, rank: usize) -> usize {
+        rank % self.group
+    }
+}
+
+struct Lowering<'p> {
+    plan: &'p Plan,
+    geo: Geometry,
+    kernels: PlanKernels,
+    regions: Vec<Span>,
+    weights: WeightLayout,
+    status: Vec<StatusSlot>,
+    steps: Vec<Step>,
+    ops: Vec<OpInfo>,
+    /// Per stream: most accumulator bytes and scratch bytes needed.
+    acc_need: Vec<u64>,
+    scratch_need: Vec<u64>,
+    /// Placeholders of the workspace spans that do not depend on the
+    /// streams (table, statistics, own keeps), patched in `finish`.
+    work_fixed: (Span, Span, Span, Span),
+}
+
+impl<'p> Lowering<'p> {
+    fn new(plan: &'p Plan) -> Result<Lowering<'p>, String> {
+        let geo = Geometry::new(plan)?;
+        let group = geo.group;
+        let world = usize::try_from(plan.mesh.world_size())
+            .map_err(|_| "the mesh is too large".to_string())?;
+        if world == 0 || world % group != 0 {
+            return Err(format!(
+                "{world} ranks do not divide into EP groups of {group}"
+            ));
+        }
+        for (_, op) in plan.ops() {
+            if let OpKind::Collective { scope, .. } = op.kind {
+                if scope != CollectiveScope::EpGroup {
+                    return Err(
+                        "the CUDA backend does not run the hierarchical all-to-all yet; deny it in the schedule (`deny = [hierarchical_a2a]`) or use --backend cpu"
+                            .into(),
+                    );
+                }
+            }
+        }
+        let kernels = plan_kernels(plan).map_err(|e| e.to_string())?;
+        let regions = plan
+            .buffers
+            .iter()
+            .map(|b| {
+                let end = b.offset.checked_add(b.bytes);
+                if end.is_none_or(|e| e > plan.memory.peak_activation_bytes) {
+                    return Err(format!(
+                        "buffer `{}` ({} bytes at offset {}) lies outside the {}-byte arena",
+                        b.name, b.bytes, b.offset, plan.memory.peak_activation_bytes
+                    ));
+                }
+                let align = b.dtype.bytes().min(8);
+                if b.offset % align != 0 {
+                    return Err(format!(
+                        "buffer `{}` at offset {} is not aligned for {}",
+                        b.name,
+                        b.offset,
+                        b.dtype.name()
+                    ));
+                }
+                Ok(Span {
+                    space: Space::Arena,
+                    offset: b.offset,
+                    bytes: b.bytes,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let weights = weight_layout(plan, &geo)?;
+        // The workspace's fixed part (routing table, statistics, own keeps):
+        // placeholders at offsets no real span has, placed in `finish`.
+        let shape = route_shape(&geo);
+        let tokens = geo.tokens as u64;
+        let k = geo.top_k as u64;
+        let placeholder = |i: u64, bytes: u64| Span {
+            space: Space::Work,
+            offset: u64::MAX - i,
+            bytes,
+        };
+        let fixed = (
+            placeholder(1, mul(&[shape.table_len() as u64, 4])?),
+            placeholder(2, mul(&[shape.stats_len() as u64, 4])?),
+            placeholder(3, mul(&[geo.chunks as u64, geo.experts as u64, 4])?),
+            placeholder(4, mul(&[tokens, k])?),
+        );
+        let streams = plan.streams.len();
+        Ok(Lowering {
+            plan,
+            geo,
+            kernels,
+            regions,
+            weights,
+            status: Vec::new(),
+            steps: Vec::new(),
+            ops: Vec::new(),
+            acc_need: vec![0; streams],
+            scratch_need: vec![0; streams],
+            work_fixed: fixed,
+        })
+    }
+
+    /// Lowers every op in op-id order. Workspace spans are placed after
+    /// every step is known (the status area is sized by the launches, the
+    /// accumulators by the GEMMs): steps refer to placeholders until `finish`.
+    fn run(mut self) -> Result<Program, String> {
+        let mut all: Vec<(usize, &crate::plan::Op)> = self.plan.ops().collect();
+        all.sort_by_key(|(_, op)| op.id);
+        for (stream, op) in all {
+            let index = self.ops.len();
+            self.ops.push(OpInfo {
+                id: op.id,
+                name: op.name.clone(),
+                stream,
+                phase: op.phase,
+            });
+            self.op(index, stream, op)
+                .map_err(|e| format!("op #{} `{}`: {e}", op.id, op.name))?;
+        }
+        self.finish()
+    }
+
+    fn push(&mut self, op: usize, stream: usize, kind: StepKind) {
+        self.steps.push(Step { op, stream, kind });
+    }
+
+    fn slot(&mut self, op: usize, label: &str, params: Vec<Param>, assign: bool) -> usize {
+        self.status.push(StatusSlot {
+            op,
+            label: label.to_string(),
+            params,
+            assign,
+        });
+        self.status.len() - 1
+    }
+
+    fn buffer(&self, i: u32) -> Result<&'p Buffer, String> {
+        self.plan
+            .buffers
+            .get(i as usize)
+            .ok_or_else(|| format!("buffer b{i} does not exist"))
+    }
+
+    /// The span of `buffer` an op of `chunk` touches: a whole-layer
+    /// per-token buffer is cut to the chunk's tokens (as on the CPU).
+    fn region(&self, buffer: u32, chunk: Option<u64>) -> Result<(Span, &'p Buffer), String> {
+        let buf = self.buffer(buffer)?;
+        let mut span = self.regions[buffer as usize];
+        if let (Some(c), None) = (chunk, buf.chunk) {
+            if buf.shape.first() == Some(&(self.geo.tokens as u64)) && buf.dtype != DType::Fp8E4m3 {
+                let range = self.geo.chunk_range(c as usize);
+                let row_bytes = span.bytes / (self.geo.tokens as u64).max(1);
+                span = Span {
+                    space: Space::Arena,
+                    offset: span.offset + range.start as u64 * row_bytes,
+                    bytes: range.len() as u64 * row_bytes,
+                };
+            }
+        }
+        Ok((span, buf))
+    }
+
+    /// A buffer as kernel arguments: one, or two for fp8 (data, scales).
+    fn raw(&self, buffer: u32, chunk: Option<u64>) -> Result<Vec<ArgT>, String> {
+        let (span, buf) = self.region(buffer, chunk)?;
+        if buf.dtype == DType::Fp8E4m3 {
+            let layout = RowLayout::of(buf)?;
+            let (base, per_row) = layout.scales.unwrap_or((0, 0));
+            Ok(vec![
+                ArgT::Buf {
+                    span: span.sub(0, base, &buf.name)?,
+                    len: base,
+                },
+                ArgT::Buf {
+                    span: span.sub(base, layout.rows * per_row, &buf.name)?,
+                    len: layout.rows * per_row / 4,
+                },
+            ])
+        } else {
+            Ok(vec![ArgT::Buf {
+                span,
+                len: span.bytes / buf.dtype.bytes(),
+            }])
+        }
+    }
+
+    fn op(&mut self, index: usize, stream: usize, op: &crate::plan::Op) -> Result<(), String> {
+        match &op.kind {
+            OpKind::Record { event } => self.push(index, stream, StepKind::Record(*event)),
+            OpKind::Wait { event } => self.push(index, stream, StepKind::Wait(*event)),
+            OpKind::Launch {
+                kernel,
+                inputs,
+                outputs,
+                ..
+            } => self.launch(index, stream, op, *kernel, inputs, outputs)?,
+            OpKind::Gemm {
+                weight,
+                a,
+                c,
+                epilogue,
+                n,
+                ..
+            } => self.gemm(index, stream, op, *weight, (*a, *c, *n), *epilogue)?,
+            OpKind::Collective {
+                kind, send, recv, ..
+            } => {
+                let (send_span, send_buf) = (self.regions[*send as usize], self.buffer(*send)?);
+                let (recv_span, recv_buf) = (self.regions[*recv as usize], self.buffer(*recv)?);
+                if matches!(
+                    kind,
+                    CollectiveKind::CountExchange | CollectiveKind::AllGather
+                ) && recv_span.bytes < send_span.bytes * self.geo.group as u64
+                {
+                    return Err(format!(
+                        "`{}` is too small to gather {} blocks of {} bytes",
+                        recv_buf.name, self.geo.group, send_span.bytes
+                    ));
+                }
+                let step = CollectiveStep {
+                    kind: *kind,
+                    send: send_span,
+                    recv: recv_span,
+                    send_rows: RowLayout::of(send_buf)?,
+                    recv_rows: RowLayout::of(recv_buf)?,
+                    send_name: send_buf.name.clone(),
+                    recv_name: recv_buf.name.clone(),
+                    dispatch: op.phase != Phase::Combine,
+                    chunk: op.chunk.unwrap_or(0) as usize,
+                };
+                self.push(index, stream, StepKind::Collective(step));
+            }
+        }
+        Ok(())
+    }
+
+    fn module_index(&self, table_index: usize) -> Result<usize, String> {
+        self.kernels
+            .kernels
+            .iter()
+            .find(|k| k.table_index == Some(table_index))
+            .map(|k| k.module_index)
+            .ok_or_else(|| format!("kernel k{table_index} has no CUDA kernel"))
+    }
+
+    fn labelled(&self, label: &str) -> Result<usize, String> {
+        self.kernels
+            .kernels
+            .iter()
+            .find(|k| k.table_index.is_none() && k.label == label)
+            .map(|k| k.module_index)
+            .ok_or_else(|| format!("the CUDA module has no `{label}` kernel"))
+    }
+
+    fn launch(
+        &mut self,
+        index: usize,
+        stream: usize,
+        op: &crate::plan::Op,
+        kernel: u32,
+        inputs: &[u32],
+        outputs: &[u32],
+    ) -> Result<(), String> {
+        let plan = self.plan;
+        let k = plan
+            .kernels
+            .get(kernel as usize)
+            .ok_or_else(|| format!("kernel k{kernel} does not exist"))?;
+        if k.kind == KernelKind::Assign {
+            return self.assign(index, stream, k, inputs, outputs);
+        }
+        if kind_of(k.kind).is_none() {
+            return Err(format!("`{}` cannot be launched", k.name));
+        }
+        let module = self.module_index(kernel as usize)?;
+        let chunk = op.chunk;
+        let input = |i: usize| {
+            inputs
+                .get(i)
+                .copied()
+                .ok_or_else(|| format!("`{}` needs input {i}", k.name))
+        };
+        let output = |i: usize| {
+            outputs
+                .get(i)
+                .copied()
+                .ok_or_else(|| format!("`{}` needs output {i}", k.name))
+        };
+        let bias = ArgT::Buf {
+            span: self.weights.router_bias,
+            len: self.weights.router_bias.bytes / 4,
+        };
+        let scale = ArgT::F32(plan.layer.router.scale as f32);
+        let tokens = match chunk {
+            Some(c) => self.geo.chunk_range(c as usize).len() as u64,
+            None => self.geo.tokens as u64,
+        };
+        let c = chunk.unwrap_or(0) as usize;
+        let mut args: Vec<ArgT> = Vec::new();
+        let rows: Rows;
+        match k.kind {
+            KernelKind::RouterFused | KernelKind::RouterTopk => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                args.extend(self.raw(output(1)?, chunk)?);
+                args.push(bias);
+                if k.kind == KernelKind::RouterFused {
+                    args.push(scale);
+                }
+                rows = Rows::Fixed(tokens);
+            }
+            KernelKind::RouterScores | KernelKind::RouterGroupSelect => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = Rows::Fixed(tokens);
+            }
+            KernelKind::RouterBias => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                args.push(bias);
+                rows = Rows::Fixed(tokens);
+            }
+            KernelKind::RouterNormalize => {
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = Rows::Fixed(tokens);
+            }
+            KernelKind::RouterScale => {
+                args.extend(self.raw(output(0)?, chunk)?);
+                args.push(scale);
+                rows = Rows::Fixed(tokens);
+            }
+            KernelKind::Permute | KernelKind::PermutePack => {
+                for i in 0..3 {
+                    args.extend(self.raw(input(i)?, chunk)?);
+                }
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = Rows::Fixed(tokens);
+            }
+            KernelKind::Pack | KernelKind::QuantizeFp8 => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = Rows::Sent(c);
+            }
+            KernelKind::DequantizeFp8 => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = Rows::Received(c);
+            }
+            KernelKind::Activation => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                args.push(ArgT::F32(self.clamp_limit(op.phase == Phase::Shared)));
+                rows = if op.phase == Phase::Shared {
+                    Rows::Fixed(self.geo.tokens as u64)
+                } else {
+                    Rows::Received(c)
+                };
+            }
+            KernelKind::UnpermuteWeightedSum => {
+                for i in 0..3 {
+                    args.extend(self.raw(input(i)?, chunk)?);
+                }
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = Rows::Fixed(tokens);
+            }
+            KernelKind::Unpermute | KernelKind::WeightedSum | KernelKind::Add => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(input(1)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                rows = Rows::Fixed(tokens);
+            }
+            KernelKind::SharedGate => {
+                args.extend(self.raw(input(0)?, chunk)?);
+                args.extend(self.raw(output(0)?, chunk)?);
+                args.push(ArgT::Buf {
+                    span: self.weights.shared_gate,
+                    len: self.weights.shared_gate.bytes / 4,
+                });
+                rows = Rows::Fixed(tokens);
+            }
+            KernelKind::Assign | KernelKind::ScaleRows => {
+                return Err(format!("`{}` cannot be launched", k.name))
+            }
+        }
+        let kref = KernelRef::Generated(module);
+        self.add_launch(index, stream, kref, &k.name, args, rows, false)
+    }
+
+    /// Checks `args` against the kernel's parameters and pushes the launch.
+    #[allow(clippy::too_many_arguments)] // a launch, spelled out
+    fn add_launch(
+        &mut self,
+        index: usize,
+        stream: usize,
+        kernel: KernelRef,
+        label: &str,
+        args: Vec<ArgT>,
+        rows: Rows,
+        assign: bool,
+    ) -> Result<(), String> {
+        let params = self.params_of(kernel);
+        check_args(label, &params, &args)?;
+        let scratch_per_thread = match kernel {
+            KernelRef::Generated(i) => self
+                .kernels
+                .module
+                .kernels()
+                .get(i)
+                .map_or(0, |k| k.scratch_bytes_per_thread()),
+            KernelRef::Native(_) => 0,
+        };
+        if scratch_per_thread > 0 {
+            let need = mul(&[
+                u64::from(SCRATCH_GRID),
+                u64::from(SCRATCH_BLOCK),
+                scratch_per_thread,
+            ])?;
+            self.scratch_need[stream] = self.scratch_need[stream].max(need);
+        }
+        let status = self.slot(index, label, params, assign);
+        self.push(
+            index,
+            stream,
+            StepKind::Launch(LaunchStep {
+                kernel,
+                label: label.to_string(),
+                args,
+                rows,
+                status,
+                scratch_per_thread,
+            }),
+        );
+        Ok(())
+    }
+
+    fn params_of(&self, kernel: KernelRef) -> Vec<Param> {
+        match kernel {
+            KernelRef::Generated(i) => self
+                .kernels
+                .module
+                .kernels()
+                .get(i)
+                .map(|k| k.params().to_vec())
+                .unwrap_or_default(),
+            KernelRef::Native(n) => n.params(),
+        }
+    }
+
+    fn clamp_limit(&self, shared: bool) -> f32 {
+        let ffn = match (shared, &self.plan.layer.shared) {
+            (true, Some(s)) => s.ffn,
+            _ => self.plan.layer.ffn,
+        };
+        ffn.limit().unwrap_or(0.0) as f32
+    }
+
+    fn work(&self, which: u8) -> Span {
+        // Placeholders in the fixed workspace part; offsets patched in `finish`.
+        match which {
+            0 => self.work_fixed.0,
+            1 => self.work_fixed.1,
+            2 => self.work_fixed.2,
+            _ => self.work_fixed.3,
+        }
+    }
+
+    /// The assignment kernels (see `kernels/src/cuda_templates/assign.cu`).
+    fn assign(
+        &mut self,
+        index: usize,
+        stream: usize,
+        k: &crate::plan::Kernel,
+        inputs: &[u32],
+        outputs: &[u32],
+    ) -> Result<(), String> {
+        let pass = k
+            .constants
+            .iter()
+            .find(|(n, _)| n == "pass")
+            .map(|(_, v)| *v)
+            .ok_or_else(|| format!("`{}` has no `pass` constant", k.name))?;
+        let (Some(&ids), Some(&weights), Some(&out)) =
+            (inputs.first(), inputs.get(1), outputs.first())
+        else {
+            return Err(format!("`{}` lacks its buffers", k.name));
+        };
+        let geo = self.geo.clone();
+        let geo = &geo;
+        let i64v = |v: usize| ArgT::I64(v as i64);
+        let whole = |l: &Self, b: u32| -> Result<ArgT, String> {
+            let buf = l.buffer(b)?;
+            let span = l.regions[b as usize];
+            Ok(ArgT::Buf {
+                span,
+                len: span.bytes / buf.dtype.bytes(),
+            })
+        };
+        let probs = matches!(geo.capacity, Some((_, crate::plan::DropPolicy::Probs)));
+        let ids_arg = whole(self, ids)?;
+        let weights_arg = whole(self, weights)?;
+        let n = (geo.tokens * geo.top_k) as u64;
+        for (b, what) in [(ids, "expert ids"), (weights, "routing weights")] {
+            if self.regions[b as usize].bytes < n * 4 {
+                return Err(format!("the {what} buffer is smaller than tokens x top_k"));
+            }
+        }
+        if pass == 0 {
+            let meta = self.regions[out as usize];
+            if meta.bytes < geo.meta_len() as u64 * 4 {
+                return Err("the assignment metadata buffer is too small".into());
+            }
+            self.push(
+                index,
+                stream,
+                StepKind::Memset {
+                    span: meta,
+                    value: 0,
+                },
+            );
+            let args = vec![
+                ids_arg,
+                weights_arg,
+                whole(self, out)?,
+                i64v(geo.tokens),
+                i64v(geo.top_k),
+                i64v(geo.experts),
+                i64v(geo.chunk_tokens),
+                ArgT::I64(i64::from(probs)),
+            ];
+            let rows = Rows::Fixed(geo.tokens as u64);
+            return self.add_launch(
+                index,
+                stream,
+                KernelRef::Native(NativeKernel::AssignCount),
+                &k.name,
+                args,
+                rows,
+                true,
+            );
+        }
+        let meta_all = inputs
+            .get(2)
+            .copied()
+            .ok_or_else(|| format!("`{}` lacks its metadata input", k.name))?;
+        if self.regions[meta_all as usize].bytes < (geo.meta_len() * geo.group) as u64 * 4 {
+            return Err(format!(
+                "the gathered metadata holds less than {} ranks' worth",
+                geo.group
+            ));
+        }
+        let slots = self.regions[out as usize];
+        if slots.bytes < n * 4 {
+            return Err("the slots buffer is too small".into());
+        }
+        let max_local = self.route_max_local();
+        let (table, stats, keep_own, kept_own) =
+            (self.work(0), self.work(1), self.work(2), self.work(3));
+        let buf = |span: Span, elem: u64| ArgT::Buf {
+            span,
+            len: span.bytes / elem,
+        };
+        let dest_rank = buf(self.weights.dest_rank, 4);
+        let dest_local = buf(self.weights.dest_local, 4);
+        for (span, value) in [
+            (table, 0u8),
+            (stats, 0),
+            (keep_own, 0),
+            (kept_own, 0),
+            (slots, 0xff),
+        ] {
+            self.push(index, stream, StepKind::Memset { span, value });
+        }
+        let capacity = match geo.capacity {
+            Some((cap, _)) => cap as i64,
+            None => -1,
+        };
+        let meta_arg = whole(self, meta_all)?;
+        let (group, me_arg) = (i64v(geo.group), ArgT::Me);
+        if probs {
+            let args = vec![
+                meta_arg,
+                dest_rank,
+                dest_local,
+                buf(table, 4),
+                buf(kept_own, 1),
+                group,
+                me_arg,
+                i64v(geo.tokens),
+                i64v(geo.top_k),
+                i64v(geo.experts),
+                i64v(geo.chunk_tokens),
+                i64v(max_local),
+                ArgT::I64(capacity),
+            ];
+            let rows = Rows::Fixed((geo.group * geo.tokens * geo.top_k) as u64);
+            self.add_launch(
+                index,
+                stream,
+                KernelRef::Native(NativeKernel::AssignKeepProbs),
+                &k.name,
+                args,
+                rows,
+                true,
+            )?;
+        } else {
+            let args = vec![
+                meta_arg,
+                dest_rank,
+                dest_local,
+                buf(table, 4),
+                buf(keep_own, 4),
+                group,
+                me_arg,
+                i64v(geo.experts),
+                i64v(geo.chunks),
+                i64v(max_local),
+                ArgT::I64(capacity),
+            ];
+            let rows = Rows::Fixed(geo.experts as u64);
+            self.add_launch(
+                index,
+                stream,
+                KernelRef::Native(NativeKernel::AssignKeepCounts),
+                &k.name,
+                args,
+                rows,
+                true,
+            )?;
+        }
+        let args = vec![
+            ids_arg,
+            buf(table, 4),
+            buf(keep_own, 4),
+            buf(kept_own, 1),
+            dest_rank,
+            dest_local,
+            ArgT::Buf {
+                span: slots,
+                len: slots.bytes / 4,
+            },
+            buf(stats, 4),
+            i64v(geo.group),
+            ArgT::Me,
+            i64v(geo.tokens),
+            i64v(geo.top_k),
+            i64v(geo.experts),
+            i64v(geo.chunk_tokens),
+            i64v(geo.chunks),
+            i64v(max_local),
+            ArgT::I64(i64::from(probs)),
+        ];
+        let rows = Rows::Fixed((geo.chunks * geo.group * max_local) as u64);
+        self.add_launch(
+            index,
+            stream,
+            KernelRef::Native(NativeKernel::AssignSlots),
+            &k.name,
+            args,
+            rows,
+            true,
+        )?;
+        if let Some(&flag) = outputs.get(1) {
+            let f = self.regions[flag as usize];
+            let args = vec![
+                buf(table, 4),
+                ArgT::Buf {
+                    span: f,
+                    len: f.bytes,
+                },
+                i64v(geo.group),
+                ArgT::Me,
+                i64v(geo.chunks),
+                i64v(max_local),
+                ArgT::I64(i64::try_from(self.plan.choices.expert_rows).unwrap_or(i64::MAX)),
+            ];
+            self.add_launch(
+                index,
+                stream,
+                KernelRef::Native(NativeKernel::AssignOverflow),
+                &k.name,
+                args,
+                Rows::Fixed(1),
+                true,
+            )?;
+        }
+        self.push(index, stream, StepKind::ReadRoute);
+        Ok(())
+    }
+
+    fn route_max_local(&self) -> usize {
+        route_shape(&self.geo).max_local
+    }
+
+    fn gemm(
+        &mut self,
+        index: usize,
+        stream: usize,
+        op: &crate::plan::Op,
+        weight: GemmWeight,
+        (a, c, plan_n): (u32, u32, u64),
+        epilogue: Epilogue,
+    ) -> Result<(), String> {
+        let plan = self.plan;
+        let h = plan.layer.hidden;
+        let (a_span, a_buf) = self.region(a, op.chunk)?;
+        let (c_span, c_buf) = self.region(c, op.chunk)?;
+        let (k, n, groups, ffn) = match weight {
+            GemmWeight::RouterGate => {
+                let k = h;
+                let rows = a_span.bytes / (k * a_buf.dtype.bytes()).max(1);
+                (k, plan.layer.experts, Groups::Fixed(rows), None)
+            }
+            GemmWeight::SharedUp | GemmWeight::SharedDown => {
+                let f = self
+                    .weights
+                    .shared
+                    .ok_or_else(|| "a shared-expert GEMM without shared experts".to_string())?;
+                let rows = Groups::Fixed(self.geo.tokens as u64);
+                if weight == GemmWeight::SharedUp {
+                    (h, f.up_rows, rows, Some(f))
+                } else {
+                    (f.width, h, rows, Some(f))
+                }
+            }
+            GemmWeight::ExpertUp | GemmWeight::ExpertDown => {
+                let f = *self
+                    .weights
+                    .experts
+                    .first()
+                    .ok_or_else(|| "this plan places no experts".to_string())?;
+                let rows = Groups::Experts(op.chunk.unwrap_or(0) as usize);
+                if weight == GemmWeight::ExpertUp {
+                    (h, f.up_rows, rows, Some(f))
+                } else {
+                    (f.width, h, rows, Some(f))
+                }
+            }
+        };
+        if !matches!(a_buf.dtype, DType::F32 | DType::Bf16 | DType::F16) {
+            return Err(format!(
+                "a GEMM input in {} (`{}`) is not supported",
+                a_buf.dtype.name(),
+                a_buf.name
+            ));
+        }
+        if n != plan_n {
+            return Err(format!(
+                "the plan says n = {plan_n}, the weights give n = {n}"
+            ));
+        }
+        let has_bias = super::plan::gemm_has_bias(plan, weight);
+        let name = weight_name(weight);
+        let out_cols = match (epilogue, ffn) {
+            (Epilogue::Activation, Some(f)) => f.width,
+            (Epilogue::Activation, None) => {
+                return Err("an activation epilogue on the router GEMM".into())
+            }
+            (Epilogue::None, _) => n,
+        };
+        let tail = match epilogue {
+            Epilogue::None if c_buf.dtype == DType::F32 && !has_bias => Tail::Direct,
+            Epilogue::None => Tail::Store {
+                kernel: self.labelled(&format!("{name}_store"))?,
+            },
+            Epilogue::Activation => {
+                let label = if weight == GemmWeight::SharedUp {
+                    "shared_activation"
+                } else {
+                    "expert_activation"
+                };
+                Tail::Activation {
+                    store: if has_bias {
+                        Some(self.labelled(&format!("{name}_store"))?)
+                    } else {
+                        None
+                    },
+                    kernel: self.labelled(label)?,
+                    limit: self.clamp_limit(weight == GemmWeight::SharedUp),
+                }
+            }
+        };
+        // Accumulator rows: every row `a` holds.
+        let a_rows = a_span.bytes / (k * a_buf.dtype.bytes()).max(1);
+        let acc_bytes = mul(&[a_rows, n, 4])?;
+        self.acc_need[stream] = self.acc_need[stream].max(acc_bytes);
+        let params = match tail {
+            Tail::Direct => Vec::new(),
+            Tail::Store { kernel } => self.params_of(KernelRef::Generated(kernel)),
+            Tail::Activation { kernel, .. } => self.params_of(KernelRef::Generated(kernel)),
+        };
+        let label = format!("{name} gemm");
+        let status = self.slot(index, &label, params, false);
+        let placeholder = Span {
+            space: Space::Work,
+            offset: u64::MAX,
+            bytes: acc_bytes,
+        };
+        self.push(
+            index,
+            stream,
+            StepKind::Gemm(GemmStep {
+                weight,
+                a: a_span,
+                a_dtype: a_buf.dtype,
+                c: c_span,
+                c_dtype: c_buf.dtype,
+                k,
+                n,
+                out_cols,
+                groups,
+                tail,
+                acc: placeholder,
+                biased: placeholder,
+                status,
+                label,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Places the workspace and patches the steps' workspace spans.
+    fn finish(self) -> Result<Program, String> {
+        let Lowering {
+            plan,
+            geo,
+            kernels,
+            weights,
+            status,
+            mut steps,
+            ops,
+            acc_need,
+            scratch_need,
+            work_fixed,
+            ..
+        } = self;
+        let mut w = Placer::new(Space::Work);
+        let status_span = w.take(mul(&[status.len() as u64, STATUS_BYTES])?)?;
+        let table = w.take(work_fixed.0.bytes)?;
+        let stats = w.take(work_fixed.1.bytes)?;
+        let keep_own = w.take(work_fixed.2.bytes)?;
+        let kept_own = w.take(work_fixed.3.bytes)?;
+        let mut streams = Vec::with_capacity(acc_need.len());
+        for (acc, scratch) in acc_need.iter().zip(&scratch_need) {
+            streams.push(StreamWork {
+                acc: w.take(*acc)?,
+                biased: w.take(*acc)?,
+                scratch: w.take(*scratch)?,
+            });
+        }
+        let work = WorkLayout {
+            status: status_span,
+            table,
+            stats,
+            keep_own,
+            kept_own,
+            streams,
+            bytes: w.total(),
+        };
+        // Patch: the fixed placeholders sit at offset 0 of the work space.
+        let patch = |span: &mut Span| {
+            if span.space != Space::Work {
+                return;
+            }
+            let fixed = [
+                (work_fixed.0, table),
+                (work_fixed.1, stats),
+                (work_fixed.2, keep_own),
+                (work_fixed.3, kept_own),
+            ];
+            if let Some((_, real)) = fixed.iter().find(|(p, _)| p == span) {
+                *span = *real;
+            }
+        };
+        for step in &mut steps {
+            match &mut step.kind {
+                StepKind::Memset { span, .. } => patch(span),
+                StepKind::Launch(l) => {
+                    for a in &mut l.args {
+                        if let ArgT::Buf { span, .. } = a {
+                            patch(span);
+                        }
+                    }
+                }
+                StepKind::Gemm(g) => {
+                    let sw = work.streams[step.stream];
+                    g.acc = Span {
+                        bytes: g.acc.bytes,
+                        ..sw.acc
+                    };
+                    g.biased = Span {
+                        bytes: g.biased.bytes,
+                        ..sw.biased
+                    };
+                }
+                _ => {}
+            }
+        }
+        let x_index = plan
+            .buffers
+            .iter()
+            .position(|b| b.role == crate::plan::BufferRole::Input)
+            .ok_or("the plan has no input buffer")?;
+        let out_index = plan
+            .buffers
+            .iter()
+            .position(|b| b.role == crate::plan::BufferRole::Output)
+            .ok_or("the plan has no output buffer")?;
+        let span_of = |i: usize| Span {
+            space: Space::Arena,
+            offset: plan.buffers[i].offset,
+            bytes: plan.buffers[i].bytes,
+        };
+        let route = route_shape(&geo);
+        let group = geo.group;
+        let ranks = usize::try_from(plan.mesh.world_size()).map_err(|_| "the mesh is too large")?;
+        Ok(Program {
+            kernels,
+            ops,
+            steps,
+            streams: plan.streams.len(),
+            events: plan.events,
+            ranks,
+            group,
+            geometry: geo,
+            route,
+            arena_bytes: plan.memory.peak_activation_bytes,
+            weights,
+            work,
+            x: span_of(x_index),
+            x_dtype: plan.buffers[x_index].dtype,
+            out: span_of(out_index),
+            out_dtype: plan.buffers[out_index].dtype,
+            status,
+            layer_dtype: plan.layer.dtype,
+            hidden: plan.layer.hidden,
+        })
+    }
+}
+
+/// The routing data's shape for a plan's geometry.
+pub fn route_shape(geo: &Geometry) -> RouteShape {
+    RouteShape {
+        chunks: geo.chunks,
+        group: geo.group,
+        max_local: geo
+            .experts_of
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(1)
+            .max(1),
+        experts: geo.experts,
+    }
+}
+
+/// Checks launch arguments against a kernel's parameters: one argument per
+/// parameter, buffers for buffers (a whole number of elements), `f32` and
+/// `i64` scalars for theirs.
+pub fn check_args(label: &str, params: &[Param], args: &[ArgT]) -> Result<(), String> {
+    if params.len() != args.len() {
+        return Err(format!(
+            "`{label}`: {} arguments for {} parameters",
+            args.len(),
+            params.len()
+        ));
+    }
+    for (p, a) in params.iter().zip(args) {
+        let ok = match (p.kind, a) {
+            (ParamKind::Buffer { elem, .. }, ArgT::Buf { span, len }) => {
+                span.bytes == len * elem.bytes() as u64
+            }
+            (ParamKind::Scalar(Ty::F32), ArgT::F32(_)) => true,
+            (ParamKind::Scalar(Ty::I64), ArgT::I64(_) | ArgT::Me) => true,
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "`{label}`: argument {a:?} does not fit parameter `{}` ({:?})",
+                p.name, p.kind
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The weight layout of a plan (see [`WeightLayout`]).
+fn weight_layout(plan: &Plan, geo: &Geometry) -> Result<WeightLayout, String> {
+    let l = &plan.layer;
+    // Each GEMM weight is stored in its GEMM input's dtype.
+    let mut dtypes: BTreeMap<&'static str, DType> = BTreeMap::new();
+    for (_, op) in plan.ops() {
+        if let OpKind::Gemm { weight, a, .. } = op.kind {
+            let a_dtype = plan
+                .buffers
+                .get(a as usize)
+                .map(|b| b.dtype)
+                .ok_or_else(|| format!("buffer b{a} does not exist"))?;
+            let name = weight_name(weight);
+            match dtypes.insert(name, a_dtype) {
+                Some(prev) if prev != a_dtype => {
+                    return Err(format!(
+                        "the {name} weights multiply inputs in {} and in {}",
+                        prev.name(),
+                        a_dtype.name()
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    let dt = |w: GemmWeight| dtypes.get(weight_name(w)).copied().unwrap_or(l.dtype);
+    let (h, e, g) = (l.hidden, l.experts, geo.group as u64);
+    let mut p = Placer::new(Space::Weights);
+    let router = p.take(mul(&[e, h, dt(GemmWeight::RouterGate).bytes()])?)?;
+    let router_bias = p.take(if l.router.selection_bias {
+        mul(&[e, 4])?
+    } else {
+        0
+    })?;
+    let shared_gate = p.take(match &l.shared {
+        Some(s) if s.sigmoid_gate => mul(&[h, 4])?,
+        _ => 0,
+    })?;
+    let dest_rank = p.take(mul(&[g, e, 4])?)?;
+    let dest_local = p.take(mul(&[g, e, 4])?)?;
+    let ffn = |p: &mut Placer,
+               width: u64,
+               gated: bool,
+               bias: bool,
+               up: GemmWeight,
+               down: GemmWeight|
+     -> Result<FfnSpans, String> {
+        let up_rows = if gated { 2 * width } else { width };
+        Ok(FfnSpans {
+            up: p.take(mul(&[up_rows, h, dt(up).bytes()])?)?,
+            up_bias: if bias {
+                Some(p.take(mul(&[up_rows, 4])?)?)
+            } else {
+                None
+            },
+            down: p.take(mul(&[h, width, dt(down).bytes()])?)?,
+            down_bias: if bias {
+                Some(p.take(mul(&[h, 4])?)?)
+            } else {
+                None
+            },
+            width,
+            up_rows,
+        })
+    };
+    let max_local = geo.experts_of.iter().map(Vec::len).max().unwrap_or(0);
+    let mut experts = Vec::with_capacity(max_local);
+    for _ in 0..max_local {
+        experts.push(ffn(
+            &mut p,
+            l.intermediate,
+            l.ffn.gated(),
+            l.expert_bias,
+            GemmWeight::ExpertUp,
+            GemmWeight::ExpertDown,
+        )?);
+    }
+    let shared = match &l.shared {
+        Some(s) => Some(ffn(
+            &mut p,
+            mul(&[s.count, s.intermediate])?,
+            s.ffn.gated(),
+            s.bias,
+            GemmWeight::SharedUp,
+            GemmWeight::SharedDown,
+        )?),
+        None => None,
+    };
+    let mut dtypes_out = BTreeMap::new();
+    for w in [
+        GemmWeight::RouterGate,
+        GemmWeight::ExpertUp,
+        GemmWeight::ExpertDown,
+        GemmWeight::SharedUp,
+        GemmWeight::SharedDown,
+    ] {
+        dtypes_out.insert(weight_name(w), dt(w));
+    }
+    Ok(WeightLayout {
+        router,
+        router_bias,
+        shared_gate,
+        dest_rank,
+        dest_local,
+        experts,
+        shared,
+        dtypes: dtypes_out,
+        bytes: p.total(),
+    })
+}

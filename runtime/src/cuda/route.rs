@@ -1,0 +1,201 @@
+//! The routing table as the GPU leaves it, read back by the host.
+//!
+//! `assign_place` on the device writes, per token chunk, the group's routing
+//! table `rows[c][s][g][l]` (the rows source `s` sends to local expert `l` of
+//! EP rank `g`, as `i32`) and this rank's routing statistics into its
+//! workspace; the executor copies them to the host once per pass, after
+//! `assign_place` (see the book's CUDA chapter for what that host
+//! synchronisation costs). [`RouteTable`] answers the same questions as the
+//! CPU backend's `ChunkTable` (`cpu::layout`), with the same formulas, so the
+//! collectives and grouped GEMMs follow the same layout contract.
+
+use std::ops::Range;
+
+/// The routing table of one chunk for the whole EP group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteTable {
+    /// `rows[(s * group + g) * max_local + l]`.
+    rows: Vec<usize>,
+    group: usize,
+    max_local: usize,
+}
+
+impl RouteTable {
+    /// A table from its counts (`group * group * max_local` of them, in
+    /// `(s, g, l)` order).
+    pub fn new(group: usize, max_local: usize, rows: Vec<usize>) -> Result<RouteTable, String> {
+        if rows.len() != group * group * max_local {
+            return Err(format!(
+                "a routing table of {} entries for {group} ranks of {max_local} local experts",
+                rows.len()
+            ));
+        }
+        Ok(RouteTable {
+            rows,
+            group,
+            max_local,
+        })
+    }
+
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    pub fn max_local(&self) -> usize {
+        self.max_local
+    }
+
+    /// Rows source `s` sends to local expert `l` of EP rank `g`.
+    pub fn rows(&self, s: usize, g: usize, l: usize) -> usize {
+        self.rows[(s * self.group + g) * self.max_local + l]
+    }
+
+    /// Rows source `s` sends to EP rank `g` (all local experts).
+    pub fn to_rank(&self, s: usize, g: usize) -> usize {
+        (0..self.max_local).map(|l| self.rows(s, g, l)).sum()
+    }
+
+    /// First send row of source `s` for local expert `l` of rank `g`.
+    pub fn send_start(&self, s: usize, g: usize, l: usize) -> usize {
+        let before: usize = (0..g).map(|g2| self.to_rank(s, g2)).sum();
+        before + (0..l).map(|l2| self.rows(s, g, l2)).sum::<usize>()
+    }
+
+    /// Rows local expert `l` of rank `g` receives from all sources.
+    pub fn expert_rows(&self, g: usize, l: usize) -> usize {
+        (0..self.group).map(|s| self.rows(s, g, l)).sum()
+    }
+
+    /// First receive row of local expert `l` on rank `g`.
+    pub fn expert_start(&self, g: usize, l: usize) -> usize {
+        (0..l).map(|l2| self.expert_rows(g, l2)).sum()
+    }
+
+    /// First receive row on rank `g` of the rows source `s` sends to local expert `l`.
+    pub fn recv_start(&self, s: usize, g: usize, l: usize) -> usize {
+        self.expert_start(g, l) + (0..s).map(|s2| self.rows(s2, g, l)).sum::<usize>()
+    }
+
+    /// Rows rank `g` receives in all.
+    pub fn received(&self, g: usize) -> usize {
+        (0..self.max_local).map(|l| self.expert_rows(g, l)).sum()
+    }
+
+    /// Rows source `s` sends in all.
+    pub fn sent(&self, s: usize) -> usize {
+        (0..self.group).map(|g| self.to_rank(s, g)).sum()
+    }
+
+    /// Send rows of source `s` for local expert `l` of rank `g` (token side).
+    pub fn send_rows(&self, s: usize, g: usize, l: usize) -> Range<usize> {
+        let start = self.send_start(s, g, l);
+        start..start + self.rows(s, g, l)
+    }
+
+    /// Receive rows on rank `g` of the rows source `s` sends to local expert `l` (expert side).
+    pub fn recv_rows(&self, s: usize, g: usize, l: usize) -> Range<usize> {
+        let start = self.recv_start(s, g, l);
+        start..start + self.rows(s, g, l)
+    }
+}
+
+/// What one rank's `assign_place` left: a table per chunk and its statistics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routes {
+    pub tables: Vec<RouteTable>,
+    /// This rank's assignments per expert (before drops).
+    pub routed_per_expert: Vec<u64>,
+    /// This rank's assignments that capacity dropped.
+    pub dropped: u64,
+}
+
+/// The shape of the routing data in a rank's workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteShape {
+    pub chunks: usize,
+    pub group: usize,
+    pub max_local: usize,
+    pub experts: usize,
+}
+
+impl RouteShape {
+    /// `i32` entries of the tables (`chunks * group * group * max_local`).
+    pub fn table_len(&self) -> usize {
+        self.chunks * self.group * self.group * self.max_local
+    }
+
+    /// `i32` entries of the statistics (`experts` routed counts, then the dropped count).
+    pub fn stats_len(&self) -> usize {
+        self.experts + 1
+    }
+
+    /// Parses the tables and the statistics (`i32`, little-endian) as the
+    /// device wrote them.
+    pub fn parse(&self, table: &[u8], stats: &[u8]) -> Result<Routes, String> {
+        let ints = |b: &[u8], n: usize, what: &str| -> Result<Vec<usize>, String> {
+            if b.len() < n * 4 {
+                return Err(format!("{what}: {} bytes, {n} values expected", b.len()));
+            }
+            b.chunks_exact(4)
+                .take(n)
+                .map(|c| {
+                    let v = i32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    usize::try_from(v).map_err(|_| format!("{what}: a negative count {v}"))
+                })
+                .collect()
+        };
+        let counts = ints(table, self.table_len(), "the routing table")?;
+        let stats = ints(stats, self.stats_len(), "the routing statistics")?;
+        let per = self.group * self.group * self.max_local;
+        let tables = (0..self.chunks)
+            .map(|c| {
+                RouteTable::new(
+                    self.group,
+                    self.max_local,
+                    counts[c * per..(c + 1) * per].to_vec(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Routes {
+            tables,
+            routed_per_expert: stats[..self.experts].iter().map(|&v| v as u64).collect(),
+            dropped: stats[self.experts] as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_follow_the_layout_contract() {
+        // Two ranks, two local experts each; source-major counts.
+        // s0 -> (g0: 1, 2), (g1: 0, 3); s1 -> (g0: 4, 0), (g1: 1, 1)
+        let t = RouteTable::new(2, 2, vec![1, 2, 0, 3, 4, 0, 1, 1]).unwrap();
+        assert_eq!(t.sent(0), 6);
+        assert_eq!(t.send_start(0, 1, 1), 3);
+        assert_eq!(t.received(0), 7);
+        assert_eq!(t.expert_rows(0, 0), 5);
+        assert_eq!(t.recv_start(1, 0, 0), 1);
+        assert_eq!(t.recv_start(0, 0, 1), 5);
+        assert_eq!(t.recv_rows(1, 1, 1), 4..5);
+        assert!(RouteTable::new(2, 2, vec![0; 7]).is_err());
+    }
+
+    #[test]
+    fn parsing_rejects_negative_counts_and_short_input() {
+        let shape = RouteShape {
+            chunks: 1,
+            group: 1,
+            max_local: 1,
+            experts: 2,
+        };
+        let le = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let r = shape.parse(&le(&[3]), &le(&[2, 1, 0])).unwrap();
+        assert_eq!(r.routed_per_expert, vec![2, 1]);
+        assert_eq!(r.dropped, 0);
+        assert!(shape.parse(&le(&[-1]), &le(&[0, 0, 0])).is_err());
+        assert!(shape.parse(&le(&[1]), &le(&[0, 0])).is_err());
+    }
+}
