@@ -97,3 +97,48 @@ fn unknown_backends_are_usage_errors() {
     let (code, _, _) = moec(&["run", &example("tiny"), "--backend", "tpu"]);
     assert_eq!(code, 2);
 }
+
+#[test]
+fn bench_on_cuda_without_a_driver_says_so_and_exits_1() {
+    let (code, stdout, stderr) = moec(&[
+        "bench",
+        &example("tiny"),
+        "--backend",
+        "cuda",
+        "--tokens",
+        "64",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    match device::probe() {
+        Err(DeviceError::NoDriver) => {
+            assert_eq!(Some(code), Some(1), "{stdout}{stderr}");
+            assert_eq!(stderr.trim(), format!("error: {NO_DRIVER}"));
+            assert!(stdout.is_empty(), "{stdout}");
+        }
+        Err(e) => {
+            assert_eq!(Some(code), Some(1), "{stdout}{stderr}");
+            assert!(stderr.contains(&e.to_string()), "{stderr}");
+        }
+        Ok(_) => {
+            // On a GPU: the JSON report has every figure, each measured.
+            assert_eq!(Some(code), Some(0), "{stdout}{stderr}");
+            let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            assert!(v["total_ms"]["median"].as_f64().unwrap() > 0.0, "{stdout}");
+            assert!(
+                v["expert_gemm"]["tflops"].as_f64().unwrap() > 0.0,
+                "{stdout}"
+            );
+            assert!(v["expert_gemm"]["calls"].as_u64().unwrap() > 0, "{stdout}");
+            let phases = v["phases"].as_array().unwrap();
+            assert!(phases.iter().any(|p| p["phase"] == "experts"), "{stdout}");
+            for m in v["memory_bound"].as_array().unwrap() {
+                assert!(m["rate"].as_f64().unwrap() > 0.0, "{stdout}");
+            }
+        }
+    }
+}

@@ -390,6 +390,8 @@ struct Emu<'k> {
     launches: usize,
     /// NCCL between emulated processes (one rank per `Emu`, one thread each).
     mailbox: Option<Arc<Mailbox>>,
+    /// The emulated clock (commands executed so far) at each stamp.
+    stamps: BTreeMap<u32, usize>,
 }
 
 /// Per (source, destination), the messages not received yet.
@@ -452,6 +454,7 @@ impl<'k> Emu<'k> {
             executed: 0,
             launches: 0,
             mailbox: None,
+            stamps: BTreeMap::new(),
         }
     }
 
@@ -608,6 +611,9 @@ impl<'k> Emu<'k> {
                 let data = self.bytes(*src, *bytes)?;
                 self.readbacks.insert(rank, data);
             }
+            Command::Stamp(n) => {
+                self.stamps.insert(*n, self.executed);
+            }
             Command::Nccl { sends, recvs } => {
                 let mailbox = self.mailbox.clone().ok_or("NCCL without a mailbox")?;
                 for &(peer, at, bytes) in sends {
@@ -712,6 +718,20 @@ impl Target for Emu<'_> {
     fn read(&mut self, at: Addr, bytes: u64) -> Result<Vec<u8>, String> {
         self.bytes(at, bytes)
     }
+
+    /// One emulated microsecond per command executed.
+    fn stamp_seconds(&mut self, count: u32) -> Result<Vec<f64>, String> {
+        let clock = |n: u32| {
+            self.stamps
+                .get(&n)
+                .copied()
+                .ok_or(format!("stamp {n} never ran"))
+        };
+        let first = clock(0)?;
+        (0..count)
+            .map(|n| clock(n).map(|t| (t as f64 - first as f64) * 1e-6))
+            .collect()
+    }
 }
 
 // --------------------------------------------------------------- runs
@@ -752,7 +772,8 @@ fn emu_run(
     let mut emu = Emu::new(program, kernels, shuffle);
     let local: Vec<usize> = (0..ranks).collect();
     upload_weights(program, &mut emu, &local, &weights).unwrap();
-    let pass = run_pass(program, &mut emu, &local, &inputs).unwrap_or_else(|e| panic!("{e}"));
+    let pass =
+        run_pass(program, &mut emu, &local, &inputs, false).unwrap_or_else(|e| panic!("{e}"));
     assert!(emu.launches > 0);
     Outcome {
         outputs: pass.outputs,
@@ -985,6 +1006,91 @@ fn examples_survive_shuffled_device_queues() {
     }
 }
 
+/// A profiled pass (a stamp before and after every step and every cuBLAS
+/// GEMM, in order and shuffled) gives the same outputs as a plain one, and a
+/// timing for every timed step of every rank: each GEMM with its shape and
+/// rows summing to what the routing sent, and every step that issued work
+/// taking time on the emulated clock.
+#[test]
+fn profiled_passes_time_every_step_and_change_nothing() {
+    if !have_cxx("profiled_passes_time_every_step_and_change_nothing") {
+        return;
+    }
+    let plans = shrunk_examples(moec_lang::spec::DType::F32);
+    for (name, plan) in plans
+        .iter()
+        .filter(|(n, _)| ["tiny", "qwen2_57b_a14b", "gpt_oss_20b"].contains(&n.as_str()))
+    {
+        let program = Program::lower(plan).unwrap();
+        let kernels = HostKernels::new(&program);
+        let plain = emu_run(plan, &program, &kernels, 3, None);
+        let ranks = plan.mesh.world_size() as usize;
+        let weights = LayerWeights::random(&plan.layer, 3);
+        let inputs = random_inputs(&plan.layer, ranks, plan.layer.tokens_per_rank as usize, 3);
+        let local: Vec<usize> = (0..ranks).collect();
+        for shuffle in [None, Some(5)] {
+            let mut emu = Emu::new(&program, &kernels, shuffle);
+            upload_weights(&program, &mut emu, &local, &weights).unwrap();
+            let pass = run_pass(&program, &mut emu, &local, &inputs, true)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                pass.outputs == plain.outputs,
+                "{name}: profiling changed the output"
+            );
+            let timed_steps = program
+                .steps
+                .iter()
+                .filter(|s| {
+                    !matches!(
+                        s.kind,
+                        StepKind::Record(_) | StepKind::Wait(_) | StepKind::ReadRoute
+                    )
+                })
+                .count();
+            let steps: Vec<_> = pass.timings.iter().filter(|t| t.gemm.is_none()).collect();
+            assert_eq!(
+                steps.len(),
+                timed_steps * ranks,
+                "{name}: one timing per step and rank"
+            );
+            for &r in &local {
+                let mine = steps.iter().filter(|t| t.rank == r).count();
+                assert_eq!(mine, timed_steps, "{name}: rank {r}");
+            }
+            assert!(
+                steps.iter().any(|t| t.seconds > 0.0),
+                "{name}: no step took time"
+            );
+            let gemms: Vec<_> = pass
+                .timings
+                .iter()
+                .filter_map(|t| t.gemm.map(|g| (t, g)))
+                .collect();
+            assert!(!gemms.is_empty(), "{name}: no GEMM was timed");
+            for (t, (m, n, k)) in &gemms {
+                assert!(*m > 0 && *n > 0 && *k > 0, "{name}: GEMM {m}x{n}x{k}");
+                assert!(t.seconds > 0.0, "{name}: a GEMM took no time");
+                assert!(program.ops.get(t.op).is_some(), "{name}: op {}", t.op);
+            }
+            // The expert down projections ([m, F] · [H, F]ᵀ) cover every row
+            // the routing kept, once.
+            let (hidden, ffn) = (plan.layer.hidden, plan.layer.intermediate);
+            let down_rows: u64 = gemms
+                .iter()
+                .filter(|(t, (_, n, k))| {
+                    *n == hidden
+                        && *k == ffn
+                        && program.ops[t.op].phase == moec_runtime::plan::Phase::Experts
+                })
+                .map(|(_, (m, _, _))| *m)
+                .sum();
+            let kept: u64 = pass.stats.routed_per_expert.iter().sum::<u64>() - pass.stats.dropped;
+            assert_eq!(down_rows, kept, "{name}: rows of the expert down GEMMs");
+        }
+        eprintln!("{name}: profiled passes time every step");
+    }
+}
+
 /// One emulated process per rank, the collectives as NCCL send and receive
 /// lists through a mailbox (sizes checked pair by pair): the issuer's NCCL
 /// path gives the CPU backend's outputs too.
@@ -1021,7 +1127,7 @@ fn the_nccl_path_matches_the_cpu() {
                         let mut emu = Emu::new(program, kernels, None);
                         emu.mailbox = Some(mailbox);
                         upload_weights(program, &mut emu, &[r], weights).unwrap();
-                        run_pass(program, &mut emu, &[r], &input)
+                        run_pass(program, &mut emu, &[r], &input, false)
                     })
                 })
                 .collect();
@@ -1460,4 +1566,47 @@ fn native_assignment_kernels_match_layout_rs() {
         1,
     );
     assert_eq!(st[0], moec_kernels::native::STATUS_BAD_WEIGHT);
+}
+
+/// The GPU benchmark's layers (`runtime/gpu/layers/`, run by
+/// `runtime/gpu/bench.sh`) lower for the device, and every rank's memory
+/// together fits on the GPU the benchmark is meant for, so a benchmark call
+/// cannot fail on allocation: the Mixtral layer on an H100 (80 GB), the
+/// DeepSeek-V3 layer's eight virtual ranks, whose dropless buffers are
+/// sized for the worst case, on an H200 (141 GB).
+#[test]
+fn the_gpu_benchmark_layers_fit_on_one_gpu() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/gpu/layers");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "moe"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    for f in files {
+        let gpu_bytes: u64 = if f.ends_with("deepseek_v3.moe") {
+            141_000_000_000
+        } else {
+            80_000_000_000
+        };
+        let plan = plan_of(&std::fs::read_to_string(&f).unwrap(), &Overrides::default());
+        let p = Program::lower(&plan).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let per_rank = p.arena_bytes + p.weights.bytes + p.work.bytes;
+        let total = per_rank * p.ranks as u64;
+        eprintln!(
+            "{}: {} rank(s) x ({} arena + {} weights + {} workspace) = {:.1} GB",
+            f.display(),
+            p.ranks,
+            p.arena_bytes,
+            p.weights.bytes,
+            p.work.bytes,
+            total as f64 / 1e9
+        );
+        assert!(
+            total < gpu_bytes / 10 * 9,
+            "{}: {total} bytes do not fit {gpu_bytes} with room to spare",
+            f.display()
+        );
+    }
 }

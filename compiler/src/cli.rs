@@ -140,8 +140,9 @@ struct RunArgs {
     shuffle: Option<u32>,
 }
 
+/// Where `moec run` and `moec bench` execute a plan.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum Backend {
+pub enum Backend {
     Cpu,
     Cuda,
 }

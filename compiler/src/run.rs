@@ -121,7 +121,8 @@ pub fn cuda_preflight(shuffle: bool) -> Result<(), (i32, String)> {
 
 /// Runs `plan` on the CUDA backend: every rank a virtual rank of one GPU,
 /// or, under torchrun (`WORLD_SIZE` > 1), this process's rank over NCCL
-/// (the outputs are then this rank's only). Prints where it runs.
+/// (the outputs are then this rank's only). Prints where it runs. The pass
+/// is profiled, so the phases hold their device times.
 pub fn cuda_forward(
     plan: moec_runtime::Plan,
     weights: &moec_runtime::weights::LayerWeights,
@@ -134,5 +135,8 @@ pub fn cuda_forward(
     let mut backend = CudaBackend::new(plan, weights, CudaOptions::default()).map_err(rejected)?;
     writeln!(out, "device: {}", backend.describe())
         .map_err(|e| (EXIT_USAGE, format!("cannot write output: {e}")))?;
-    backend.forward(inputs).map_err(rejected)
+    backend
+        .forward_profiled(inputs)
+        .map(|(forward, _)| forward)
+        .map_err(rejected)
 }

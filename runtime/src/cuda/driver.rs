@@ -73,6 +73,19 @@ fn nccl_err<T>(what: &str, r: Result<T, nccl_result::NcclError>) -> Result<T, St
     r.map_err(|e| format!("{what}: NCCL {}", nccl_message(e.0)))
 }
 
+/// Between two polls of the device: spin (yielding) for the first two
+/// milliseconds, since a routing read-back or the end of a pass usually
+/// lands within tens of microseconds and a sleep would add its own
+/// granularity to the layer's time; then sleep, so a long wait does not
+/// burn a core.
+fn backoff(started: Instant) {
+    if started.elapsed() < Duration::from_millis(2) {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
 /// One raw device allocation, freed on drop.
 struct Alloc {
     ptr: sys::CUdeviceptr,
@@ -312,6 +325,8 @@ pub struct CudaTarget {
     // Fields drop in order: the communicator first, the context last.
     nccl: Option<Nccl>,
     ranks: BTreeMap<usize, RankDev>,
+    /// Timing events of profiled passes, by stamp number (made on first use).
+    stamps: Vec<CudaEvent>,
     generated: Module,
     native: Module,
     timeout: Duration,
@@ -416,6 +431,7 @@ impl CudaTarget {
             generated,
             native,
             nccl,
+            stamps: Vec::new(),
             timeout: setup.timeout,
             ctx,
         })
@@ -729,11 +745,39 @@ impl Target for CudaTarget {
                 Ok(())
             }
             Command::Nccl { sends, recvs } => self.exchange(rank, stream, &sends, &recvs),
+            Command::Stamp(n) => {
+                let s = self.stream(rank, stream)?.clone();
+                let n = n as usize;
+                while self.stamps.len() <= n {
+                    let timed = sys::CUevent_flags::CU_EVENT_DEFAULT;
+                    let ev = drv("cuEventCreate", self.ctx.new_event(Some(timed)))?;
+                    self.stamps.push(ev);
+                }
+                drv("cuEventRecord", self.stamps[n].record(&s))
+            }
         }
     }
 
+    fn stamp_seconds(&mut self, count: u32) -> Result<Vec<f64>, String> {
+        let count = count as usize;
+        if count > self.stamps.len() {
+            return Err(format!(
+                "{count} stamps asked for, {} recorded",
+                self.stamps.len()
+            ));
+        }
+        let Some(first) = self.stamps.first() else {
+            return Ok(Vec::new());
+        };
+        self.stamps[..count]
+            .iter()
+            .map(|ev| drv("cuEventElapsedTime", first.elapsed_ms(ev)).map(|ms| f64::from(ms) / 1e3))
+            .collect()
+    }
+
     fn fetch(&mut self, rank: usize) -> Result<Vec<u8>, String> {
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
         let dev = self.rank(rank)?;
         let done = dev
             .readback_done
@@ -752,7 +796,7 @@ impl Target for CudaTarget {
                     self.timeout
                 ));
             }
-            std::thread::sleep(Duration::from_micros(50));
+            backoff(started);
         }
         // SAFETY: the copy into the pinned buffer has completed (the event
         // after it is complete); nothing else writes it now.
@@ -772,7 +816,8 @@ impl Target for CudaTarget {
     }
 
     fn synchronize(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
         let ctx = self.ctx.clone();
         let mut marks = Vec::new();
         for dev in self.ranks.values() {
@@ -796,7 +841,7 @@ impl Target for CudaTarget {
                         self.timeout
                     ));
                 }
-                std::thread::sleep(Duration::from_micros(100));
+                backoff(started);
             }
         }
         drv("the device", ctx.check_err())

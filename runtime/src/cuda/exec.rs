@@ -8,16 +8,16 @@
 //! [`issue`](super::issue) module onto the [`driver`](super::driver) layer.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::device::{self, DeviceInfo};
 use super::driver::{CudaTarget, TargetSetup};
-use super::issue::{run_pass, upload_weights};
+use super::issue::{run_pass, upload_weights, Timing};
 use super::program::Program;
 use super::rdzv::{self, Launch};
 use super::{Nvrtc, PtxCache};
 use crate::cpu::{ExecError, Forward};
-use crate::plan::Plan;
+use crate::plan::{Phase, Plan};
 use crate::weights::LayerWeights;
 
 /// How ranks talk to each other.
@@ -219,8 +219,44 @@ impl CudaBackend {
     /// Runs the layer on `inputs` (one `[tokens, hidden]` tensor per rank
     /// of the plan; a process of a multi-process launch uses its own). The
     /// outputs are the local ranks' (all of them with virtual ranks).
-    /// `phase_seconds` is empty: per-phase GPU times are not measured yet.
+    /// `wall_seconds` is the layer's time with its inputs on the device:
+    /// from the first command issued to the device going idle (the upload of
+    /// the inputs and the read-back of the outputs are not in it).
+    /// `phase_seconds` is empty: [`CudaBackend::forward_profiled`] measures
+    /// phases.
     pub fn forward(&mut self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
+        Ok(self.pass(inputs, false)?.0)
+    }
+
+    /// [`CudaBackend::forward`] with a timing event before and after every
+    /// step on every rank: `phase_seconds` holds each phase's device time
+    /// (the sum of its steps' intervals, the mean over the local ranks), and
+    /// the timings every step's and every cuBLAS GEMM's. The events cost a
+    /// little: time layers with `forward`, phases with this.
+    pub fn forward_profiled(
+        &mut self,
+        inputs: &[Vec<f32>],
+    ) -> Result<(Forward, Vec<Timing>), ExecError> {
+        let (mut forward, timings) = self.pass(inputs, true)?;
+        let ranks = self.local.len().max(1) as f64;
+        for t in timings.iter().filter(|t| t.gemm.is_none()) {
+            if let Some(op) = self.program.ops.get(t.op) {
+                *forward.phase_seconds.entry(op.phase).or_default() += t.seconds / ranks;
+            }
+        }
+        Ok((forward, timings))
+    }
+
+    /// The phase of op `op` (an index of [`Timing::op`]).
+    pub fn op_phase(&self, op: usize) -> Option<Phase> {
+        self.program.ops.get(op).map(|o| o.phase)
+    }
+
+    fn pass(
+        &mut self,
+        inputs: &[Vec<f32>],
+        profile: bool,
+    ) -> Result<(Forward, Vec<Timing>), ExecError> {
         if inputs.len() != self.program.ranks {
             return Err(fail(format!(
                 "{} input tensors for {} ranks",
@@ -229,21 +265,24 @@ impl CudaBackend {
             )));
         }
         let mine: Vec<Vec<f32>> = self.local.iter().map(|&r| inputs[r].clone()).collect();
-        let start = Instant::now();
         let result = device::guarded(|| {
             Ok(run_pass(
                 &self.program,
                 &mut self.target,
                 &self.local,
                 &mine,
+                profile,
             ))
         });
         let pass = result.map_err(|e| fail(e.to_string()))??;
-        Ok(Forward {
-            outputs: pass.outputs,
-            stats: pass.stats,
-            phase_seconds: BTreeMap::new(),
-            wall_seconds: start.elapsed().as_secs_f64(),
-        })
+        Ok((
+            Forward {
+                outputs: pass.outputs,
+                stats: pass.stats,
+                phase_seconds: BTreeMap::new(),
+                wall_seconds: pass.seconds,
+            },
+            pass.timings,
+        ))
     }
 }

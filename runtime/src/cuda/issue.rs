@@ -126,6 +126,9 @@ pub enum Command {
         sends: Vec<(usize, Addr, u64)>,
         recvs: Vec<(usize, Addr, u64)>,
     },
+    /// A timing mark, numbered from 0 in each pass: the time the stream
+    /// reaches it (a timing event on a GPU). Only profiled passes have them.
+    Stamp(u32),
 }
 
 /// What executes commands: the GPU (driver layer) or a host emulation.
@@ -140,6 +143,27 @@ pub trait Target {
     fn synchronize(&mut self) -> Result<(), String>;
     /// Copies device bytes to the host (after [`Target::synchronize`]).
     fn read(&mut self, at: Addr, bytes: u64) -> Result<Vec<u8>, String>;
+    /// The times of stamps `0..count` of this pass in seconds after stamp 0
+    /// (negative for a stamp that ran before it on another stream), after
+    /// [`Target::synchronize`].
+    fn stamp_seconds(&mut self, count: u32) -> Result<Vec<f64>, String>;
+}
+
+/// The device time of one step of one op on one rank, from a profiled pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timing {
+    /// Global rank.
+    pub rank: usize,
+    /// Index into [`Program::ops`].
+    pub op: usize,
+    /// `Some((m, n, k))` for one cuBLAS GEMM inside the step (`[m, k] ·
+    /// [n, k]ᵀ`), `None` for the whole step (launches, GEMMs with their
+    /// epilogues, a collective with its waits for peers, a memset).
+    pub gemm: Option<(u64, u64, u64)>,
+    /// When it started, in seconds after the pass's first stamp (negative
+    /// if it started before that stamp, on another stream).
+    pub start: f64,
+    pub seconds: f64,
 }
 
 /// The result of one pass on the local ranks.
@@ -148,6 +172,12 @@ pub struct Pass {
     /// Per local rank, `[tokens, hidden]` as f32.
     pub outputs: Vec<Vec<f32>>,
     pub stats: RoutingStats,
+    /// Host wall time from the first command issued to the device going
+    /// idle: the layer's time with its inputs already on the device (the
+    /// upload of the inputs and the read-back of the outputs excluded).
+    pub seconds: f64,
+    /// Per-step device times (profiled passes only; empty otherwise).
+    pub timings: Vec<Timing>,
 }
 
 fn err(rank: usize, op: Option<String>, message: impl Into<String>) -> ExecError {
@@ -443,13 +473,34 @@ pub fn upload_weights(
 
 /// Runs one forward pass of `program` on the ranks `local` (global ranks,
 /// ascending) with `inputs` (one `[tokens, hidden]` tensor per local rank).
+///
+/// A `profile`d pass puts a [`Command::Stamp`] before and after every step
+/// (and every cuBLAS GEMM) on each rank's stream and returns their device
+/// times in [`Pass::timings`]. It reads the routing back as soon as it is
+/// queued rather than at its first use, so that no step's interval holds the
+/// host's wait for it: its outputs are the same, its [`Pass::seconds`] a
+/// little longer.
 pub fn run_pass(
     program: &Program,
     target: &mut dyn Target,
     local: &[usize],
     inputs: &[Vec<f32>],
+    profile: bool,
 ) -> Result<Pass, ExecError> {
-    Issuer::new(program, target, local)?.run(inputs)
+    let mut issuer = Issuer::new(program, target, local)?;
+    if profile {
+        issuer.marks = Some(Vec::new());
+    }
+    issuer.run(inputs)
+}
+
+/// A step's (or a GEMM's) stamps in a profiled pass.
+struct Mark {
+    rank: usize,
+    op: usize,
+    gemm: Option<(u64, u64, u64)>,
+    start: u32,
+    end: u32,
 }
 
 struct Issuer<'a> {
@@ -460,6 +511,11 @@ struct Issuer<'a> {
     routes: Vec<Option<Routes>>,
     pending: Vec<bool>,
     collectives: u32,
+    /// Profiled passes: the marks so far, and the next stamp's number.
+    marks: Option<Vec<Mark>>,
+    stamps: u32,
+    /// The op of the step being issued.
+    current_op: usize,
 }
 
 impl<'a> Issuer<'a> {
@@ -478,6 +534,9 @@ impl<'a> Issuer<'a> {
             routes: vec![None; local.len()],
             pending: vec![false; local.len()],
             collectives: 0,
+            marks: None,
+            stamps: 0,
+            current_op: 0,
         })
     }
 
@@ -528,9 +587,11 @@ impl<'a> Issuer<'a> {
                 .write(Addr::of(r, p.work.status), &zeros)
                 .map_err(|e| err(r, None, e))?;
         }
+        let start = std::time::Instant::now();
         for step in &p.steps {
             let label = self.op_label(step.op);
-            self.step(step.stream, &step.kind)
+            self.current_op = step.op;
+            self.profiled_step(step.stream, &step.kind)
                 .map_err(|mut e: ExecError| {
                     if e.op.is_none() {
                         e.op = label.clone();
@@ -544,6 +605,8 @@ impl<'a> Issuer<'a> {
             op: None,
             message: e,
         })?;
+        let seconds = start.elapsed().as_secs_f64();
+        let timings = self.timings()?;
         let mut outputs = Vec::with_capacity(local.len());
         for &r in local {
             let status = self
@@ -571,7 +634,92 @@ impl<'a> Issuer<'a> {
             stats.dropped += r.dropped;
         }
         stats.assignments = stats.routed_per_expert.iter().sum();
-        Ok(Pass { outputs, stats })
+        Ok(Pass {
+            outputs,
+            stats,
+            seconds,
+            timings,
+        })
+    }
+
+    /// Issues a step, between two stamps on every local rank's stream when
+    /// profiling (events and read-backs are not timed).
+    fn profiled_step(&mut self, stream: usize, kind: &StepKind) -> Result<(), ExecError> {
+        if self.marks.is_none() || matches!(kind, StepKind::Record(_) | StepKind::Wait(_)) {
+            return self.step(stream, kind);
+        }
+        if matches!(kind, StepKind::ReadRoute) {
+            self.step(stream, kind)?;
+            // Wait for the routing now, with nothing timed in flight.
+            for i in 0..self.local.len() {
+                self.routes(i)?;
+            }
+            return Ok(());
+        }
+        let local = self.local;
+        let mut starts = Vec::with_capacity(local.len());
+        for &r in local {
+            starts.push(self.stamp(r, stream)?);
+        }
+        self.step(stream, kind)?;
+        for (&r, start) in local.iter().zip(starts) {
+            self.close_mark(r, stream, start, None)?;
+        }
+        Ok(())
+    }
+
+    /// Queues the stamp that ends the interval from stamp `start` on
+    /// `stream` of `rank`, and keeps the interval.
+    fn close_mark(
+        &mut self,
+        rank: usize,
+        stream: usize,
+        start: u32,
+        gemm: Option<(u64, u64, u64)>,
+    ) -> Result<(), ExecError> {
+        let end = self.stamp(rank, stream)?;
+        let op = self.current_op;
+        if let Some(marks) = self.marks.as_mut() {
+            marks.push(Mark {
+                rank,
+                op,
+                gemm,
+                start,
+                end,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues the next stamp on `stream` of `rank` (profiled passes only).
+    fn stamp(&mut self, rank: usize, stream: usize) -> Result<u32, ExecError> {
+        let n = self.stamps;
+        self.stamps += 1;
+        self.submit(rank, stream, Command::Stamp(n))?;
+        Ok(n)
+    }
+
+    /// The marks' device times (after the pass finished).
+    fn timings(&mut self) -> Result<Vec<Timing>, ExecError> {
+        let Some(marks) = self.marks.take() else {
+            return Ok(Vec::new());
+        };
+        let at = self.t.stamp_seconds(self.stamps).map_err(|e| ExecError {
+            rank: None,
+            op: None,
+            message: format!("reading the profile: {e}"),
+        })?;
+        let time = |i: u32| at.get(i as usize).copied().unwrap_or(0.0);
+        Ok(marks
+            .into_iter()
+            .map(|m| Timing {
+                rank: m.rank,
+                op: m.op,
+                gemm: m.gemm,
+                start: time(m.start),
+                seconds: (time(m.end) - time(m.start)).max(0.0),
+            })
+            .collect())
     }
 
     /// Turns the first failed status block into an error (only the
@@ -824,6 +972,11 @@ impl<'a> Issuer<'a> {
                 .sub(start * g.n * 4, m * g.n * 4, "the GEMM accumulator")
                 .map_err(|e| err(r, None, e))?;
             let product = if g.tail == Tail::Direct { c } else { acc };
+            let timed = if self.marks.is_some() {
+                Some(self.stamp(r, stream)?)
+            } else {
+                None
+            };
             self.submit(
                 r,
                 stream,
@@ -837,6 +990,9 @@ impl<'a> Issuer<'a> {
                     k: g.k,
                 },
             )?;
+            if let Some(start) = timed {
+                self.close_mark(r, stream, start, Some((m, g.n, g.k)))?;
+            }
             let buf = |s: Span, elem: u64| Arg::Buf {
                 addr: Addr::of(r, s),
                 len: s.bytes / elem,

@@ -28,6 +28,8 @@
 //! three in turn (interleaved, so that a change in the machine's load falls
 //! on all three alike). The report gives the median and the minimum.
 
+mod cuda;
+
 use crate::cli::{EXIT_OK, EXIT_REJECTED, EXIT_USAGE, MAX_SHOWN_DIAGNOSTICS};
 use crate::compile::{compile, Options};
 use clap::ValueEnum;
@@ -76,6 +78,11 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Where to run: `cpu` (against a loop over experts and the GEMMs
+    /// alone) or `cuda` (the layer's time on the GPU, its phases and what
+    /// its GEMMs and memory-bound kernels achieve).
+    #[arg(long, value_enum, default_value_t = crate::cli::Backend::Cpu)]
+    backend: crate::cli::Backend,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -125,6 +132,24 @@ pub fn bench(
     if a.gemm_threads == 0 {
         return Err((EXIT_USAGE, "--gemm-threads must be at least 1".into()));
     }
+    if a.backend == crate::cli::Backend::Cuda {
+        // Before compiling: a machine without a GPU learns it at once.
+        crate::run::cuda_preflight(false)?;
+    }
+    let plan = match plan_of(a, err, color)? {
+        Ok(plan) => plan,
+        Err(code) => return Ok(code),
+    };
+    match a.backend {
+        crate::cli::Backend::Cpu => bench_cpu(a, plan, out, err),
+        crate::cli::Backend::Cuda => cuda::bench_cuda(a, plan, out, err),
+    }
+}
+
+/// The plan of the benchmarked layer: the file with the size overrides,
+/// compiled (`Ok(Err(code))` when the file is rejected, its diagnostics
+/// printed).
+fn plan_of(a: &BenchArgs, err: &mut dyn Write, color: bool) -> Result<Result<Plan, i32>, Failure> {
     let source = std::fs::read_to_string(&a.file).map_err(|e| {
         (
             EXIT_USAGE,
@@ -145,7 +170,7 @@ pub fn bench(
     let Some((program, _)) = &checked.program else {
         let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
         writeln!(err, "{}: {errors} error(s)", a.file.display()).map_err(io)?;
-        return Ok(EXIT_REJECTED);
+        return Ok(Err(EXIT_REJECTED));
     };
     let mut program = program.clone();
     let overrides = crate::run::Overrides {
@@ -162,7 +187,16 @@ pub fn bench(
     crate::run::apply(&mut program, &overrides).map_err(|e| (EXIT_USAGE, e))?;
     let compiled = compile(&program, &Options::default())
         .map_err(|e| (EXIT_REJECTED, format!("{}: {e}", a.file.display())))?;
-    let plan = compiled.plan;
+    Ok(Ok(compiled.plan))
+}
+
+/// `moec bench --backend cpu`.
+fn bench_cpu(
+    a: &BenchArgs,
+    plan: Plan,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32, Failure> {
     let layer = plan.layer.clone();
     supported(&layer)?;
     let dims = Dims::of(&plan)?;
