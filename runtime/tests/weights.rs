@@ -1192,3 +1192,33 @@ fn load_run_reports_bad_configs() {
         "{msg}"
     );
 }
+
+/// `random` draws large tensors on several threads, each from its own
+/// position in the stream: the values are exactly those of one sequential
+/// `random_range` per value, tensor after tensor, as documented. The layer's
+/// tensors span several million values, so the threaded path runs.
+#[test]
+fn random_draws_the_documented_sequential_stream() {
+    use rand::{Rng, SeedableRng};
+    let mut l = base();
+    l.hidden = 1024;
+    l.intermediate = 1536;
+    l.experts = 3;
+    let w = LayerWeights::random(&l, 11);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut checked = 0usize;
+    for (name, _, values) in w.tensors() {
+        let fan_in = if name.contains("down_proj") {
+            l.intermediate
+        } else {
+            l.hidden
+        };
+        let bound = (1.0 / (fan_in as f64).sqrt()) as f32;
+        for (i, v) in values.iter().enumerate() {
+            let want: f32 = rng.random_range(-bound..bound);
+            assert_eq!(v.to_bits(), want.to_bits(), "{name}[{i}]");
+        }
+        checked += values.len();
+    }
+    assert!(checked > 4_000_000, "{checked}");
+}
