@@ -105,6 +105,29 @@ fn both(name: &str, plan: &Plan, seed: u64) -> f64 {
         again.outputs == got.outputs,
         "{name}: a second pass differs"
     );
+    // A profiled pass (timing events around every step) gives the same bits
+    // and a device time for every phase it ran.
+    let (profiled, timings) = gpu
+        .forward_profiled(&inputs)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(
+        profiled.outputs == got.outputs,
+        "{name}: the profiled pass differs"
+    );
+    assert!(!timings.is_empty(), "{name}: no timings");
+    assert!(
+        timings
+            .iter()
+            .all(|t| t.seconds.is_finite() && t.seconds >= 0.0),
+        "{name}: {timings:?}"
+    );
+    assert!(
+        profiled
+            .phase_seconds
+            .contains_key(&moec_runtime::plan::Phase::Experts),
+        "{name}: {:?}",
+        profiled.phase_seconds
+    );
     assert_eq!(
         got.stats.routed_per_expert, want.stats.routed_per_expert,
         "{name}: assignments per expert"

@@ -44,25 +44,8 @@ fail() { echo "FAILED: $1"; failures+=("$1"); }
 
 step "GPU and libraries"
 nvidia-smi -L || fail "nvidia-smi"
-for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [ -d "$dir" ] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-done
-# pip's NVIDIA wheels (PyTorch brings cuBLAS and NCCL): nvidia/*/lib.
-nvidia_py="$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null || true)"
-if [ -n "$nvidia_py" ]; then
-    for dir in "$nvidia_py"/*/lib; do
-        [ -d "$dir" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:$dir"
-    done
-fi
-[ -d /usr/local/cuda ] && export MOEC_CUDA_HOME="${MOEC_CUDA_HOME:-/usr/local/cuda}"
-echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
-echo "MOEC_CUDA_HOME=${MOEC_CUDA_HOME:-}"
-# cudarc opens libnccl.so by that name; wheels ship libnccl.so.2 only.
-nccl2="$(ls "$nvidia_py"/nccl/lib/libnccl.so.2 2>/dev/null | head -1)"
-if [ -n "$nccl2" ]; then
-    mkdir -p "$here/lib" && ln -sf "$nccl2" "$here/lib/libnccl.so"
-    export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:$here/lib"
-fi
+# shellcheck source=runtime/gpu/env.sh
+source "$here/env.sh"
 [ -x "$bin/moec" ] || { echo "no $bin/moec: run 'runtime/gpu/check.sh build' on a machine with Rust and carry runtime/gpu/bin"; exit 2; }
 
 step "moec run --backend cuda on every example (shrunk, bf16), beside --backend cpu"

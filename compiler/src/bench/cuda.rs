@@ -90,13 +90,21 @@ struct Profile {
     memory: Vec<Rate>,
 }
 
-fn profile(backend: &CudaBackend, timings: &[Timing], plan: &Plan, kept_rows: f64) -> Profile {
-    let ranks = backend.local_ranks().len().max(1) as f64;
+/// The figures of a profiled pass of `plan` on `ranks` ranks whose routing
+/// kept `kept_rows` rows; `phase_of` gives an op's phase.
+fn profile(
+    timings: &[Timing],
+    phase_of: impl Fn(usize) -> Option<Phase>,
+    ranks: usize,
+    plan: &Plan,
+    kept_rows: f64,
+) -> Profile {
+    let ranks = ranks.max(1) as f64;
     let mut by_phase: BTreeMap<Phase, Vec<(f64, f64)>> = BTreeMap::new();
     let mut gemm_intervals = Vec::new();
     let mut gemm_flops = 0.0;
     for t in timings {
-        let Some(phase) = backend.op_phase(t.op) else {
+        let Some(phase) = phase_of(t.op) else {
             continue;
         };
         match t.gemm {
@@ -232,7 +240,13 @@ pub fn bench_cuda(
     }
     let (profiled, timings) = backend.forward_profiled(&inputs).map_err(rejected)?;
     let kept: u64 = stats.routed_per_expert.iter().sum::<u64>() - stats.dropped;
-    let prof = profile(&backend, &timings, &plan, kept as f64);
+    let prof = profile(
+        &timings,
+        |op| backend.op_phase(op),
+        backend.local_ranks().len(),
+        &plan,
+        kept as f64,
+    );
     let flops = dims.flops(&stats.routed_per_expert);
     let total = Row::new("moec cuda backend", &times, flops);
     let report = CudaReport {
@@ -396,7 +410,73 @@ impl CudaReport<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::busy_seconds;
+    use super::*;
+
+    /// A plan of a small layer (the figures only read its sizes).
+    fn plan() -> Plan {
+        let source =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tiny.moe"))
+                .expect("examples/tiny.moe");
+        let checked = moec_lang::check_source(&source);
+        let (program, _) = checked.program.expect("tiny.moe checks");
+        crate::compile::compile(&program, &crate::compile::Options::default())
+            .expect("tiny.moe compiles")
+            .plan
+    }
+
+    fn step(rank: usize, op: usize, start: f64, seconds: f64) -> Timing {
+        Timing {
+            rank,
+            op,
+            gemm: None,
+            start,
+            seconds,
+        }
+    }
+
+    /// Phases are unions over ranks, GEMM rates count only the experts'
+    /// GEMMs over their busy time, bandwidths use the routed rows.
+    #[test]
+    fn a_profile_adds_up() {
+        let plan = plan();
+        let phase_of = |op: usize| match op {
+            0 => Some(Phase::Router),
+            1 => Some(Phase::Experts),
+            2 => Some(Phase::Permute),
+            _ => None,
+        };
+        let gemm = |rank, op, start, seconds, m| Timing {
+            gemm: Some((m, 10, 20)),
+            ..step(rank, op, start, seconds)
+        };
+        let timings = vec![
+            step(0, 0, 0.0, 1.0),
+            step(1, 0, 0.5, 1.0),
+            step(0, 1, 2.0, 2.0),
+            step(1, 1, 5.0, 1.0),
+            gemm(0, 1, 2.0, 1.0, 4),
+            gemm(1, 1, 5.0, 0.5, 6),
+            gemm(0, 0, 0.0, 1.0, 100), // the router's GEMM: not an expert GEMM
+            step(0, 2, 7.0, 0.25),
+            step(0, 9, 0.0, 100.0), // an op without a phase: ignored
+        ];
+        let p = profile(&timings, phase_of, 2, &plan, 64.0);
+        let router = p.phases.iter().find(|x| x.phase == Phase::Router).unwrap();
+        assert_eq!(router.busy, 1.5);
+        assert_eq!(router.per_rank, 1.0);
+        let experts = p.phases.iter().find(|x| x.phase == Phase::Experts).unwrap();
+        assert_eq!(experts.busy, 3.0);
+        assert_eq!(p.gemm_calls, 2);
+        assert_eq!(p.gemm.amount, 2.0 * 10.0 * 20.0 * 10.0);
+        assert_eq!(p.gemm.seconds, 1.5);
+        let permute = &p.memory[0];
+        let l = &plan.layer;
+        let bytes =
+            64.0 * l.hidden as f64 * (l.dtype.bytes() + plan.choices.dispatch_dtype.bytes()) as f64;
+        assert_eq!(permute.amount, bytes);
+        assert_eq!(permute.per_second(), bytes / 0.25);
+        assert_eq!(p.memory[1].per_second(), 0.0, "no unpermute step ran");
+    }
 
     #[test]
     fn busy_time_is_the_union_of_intervals() {
