@@ -131,6 +131,15 @@ fn small_layers() -> Vec<(String, Plan)> {
         ),
     );
     add(
+        "capacity with fp8 dispatch",
+        small_layer(
+            "scoring = softmax\n top_k = 2",
+            swiglu,
+            "dispatch_dtype = fp8_e4m3\n capacity {\n factor = 0.75\n drop = probs\n }",
+            "",
+        ),
+    );
+    add(
         "chunked capacity",
         small_layer(
             "scoring = softmax\n top_k = 2",
@@ -392,6 +401,8 @@ struct Emu<'k> {
     mailbox: Option<Arc<Mailbox>>,
     /// The emulated clock (commands executed so far) at each stamp.
     stamps: BTreeMap<u32, usize>,
+    /// Read-backs the host waited for during passes.
+    fetches: usize,
 }
 
 /// Per (source, destination), the messages not received yet.
@@ -455,6 +466,7 @@ impl<'k> Emu<'k> {
             launches: 0,
             mailbox: None,
             stamps: BTreeMap::new(),
+            fetches: 0,
         }
     }
 
@@ -507,7 +519,12 @@ impl<'k> Emu<'k> {
                 for (a, p) in args.iter().zip(&params) {
                     match (*a, p.kind) {
                         (Arg::Buf { addr, len }, ParamKind::Buffer { elem, .. }) => {
-                            if addr.rank != rank {
+                            // Only the all-to-all copy between virtual ranks
+                            // reads a peer's memory (one GPU, one address
+                            // space), and only its source.
+                            let pull = *kernel == KernelRef::Native(NativeKernel::RouteCopy)
+                                && p.name == "src";
+                            if addr.rank != rank && !pull {
                                 return Err("a launch reads another rank's memory".into());
                             }
                             let ptr = self.ptr(addr, len * elem.bytes() as u64)?;
@@ -696,6 +713,7 @@ impl Target for Emu<'_> {
     }
 
     fn fetch(&mut self, rank: usize) -> Result<Vec<u8>, String> {
+        self.fetches += 1;
         while !self.readbacks.contains_key(&rank) {
             if self.shuffle.is_none() || !self.step_random()? {
                 return Err(format!("rank {rank} has no read-back queued"));
@@ -775,6 +793,14 @@ fn emu_run(
     let pass =
         run_pass(program, &mut emu, &local, &inputs, false).unwrap_or_else(|e| panic!("{e}"));
     assert!(emu.launches > 0);
+    // Capacity plans with every rank here need nothing from the device
+    // during the pass (no host synchronisation); dropless plans read the
+    // routing back once per rank.
+    if program.padded > 0 {
+        assert_eq!(emu.fetches, 0, "a capacity plan waited for the routing");
+    } else {
+        assert_eq!(emu.fetches, ranks, "one routing read-back per rank");
+    }
     Outcome {
         outputs: pass.outputs,
         routed: pass.stats.routed_per_expert,
@@ -932,6 +958,14 @@ fn every_example_lowers_to_a_consistent_program() {
                 StepKind::Collective(c) => {
                     inside(&c.send);
                     inside(&c.recv);
+                    // The all-to-alls' copy kernels have a block of their own.
+                    let routed = matches!(
+                        c.kind,
+                        moec_runtime::plan::CollectiveKind::AllToAll
+                            | moec_runtime::plan::CollectiveKind::AllToAllV
+                    );
+                    assert_eq!(c.status.is_some(), routed, "{name}: {c:?}");
+                    slots.extend(c.status);
                 }
                 _ => {}
             }
@@ -947,9 +981,17 @@ fn every_example_lowers_to_a_consistent_program() {
             p.work.stats,
             p.work.keep_own,
             p.work.kept_own,
+            p.work.send_off,
+            p.work.recv_off,
         ] {
             inside(&span);
         }
+        // Capacity plans pad the expert side, dropless ones pack it.
+        let capacity = matches!(
+            plan.layer.capacity,
+            moec_runtime::plan::CapacityConfig::Limited { .. }
+        );
+        assert_eq!(p.padded > 0, capacity, "{name}: padded {}", p.padded);
         assert!(p.weights.router.end() <= p.weights.bytes);
     }
 }
@@ -1252,7 +1294,7 @@ fn every_all_to_all_pairs_run_for_run() {
             };
             let table = tables.get(c.chunk);
             let runs: Vec<(PeerRuns, PeerRuns)> = (0..g)
-                .map(|me| collective_runs(c, g, me, table).unwrap())
+                .map(|me| collective_runs(c, g, me, table, p.padded as usize).unwrap())
                 .collect();
             for src in 0..g {
                 for dst in 0..g {

@@ -1,6 +1,8 @@
 //! Hand-written CUDA kernels: the assignment kernels that count, exchange
 //! and place routed rows across tokens (the CPU backend runs the same
-//! contract natively in `moec_runtime::cpu::layout`).
+//! contract natively in `moec_runtime::cpu::layout`), and the routing's
+//! offsets and the all-to-all copy between virtual ranks, which read the
+//! routing table on the device.
 //!
 //! [`SOURCE`] is one translation unit (`cuda_templates/assign.cu`, no header
 //! included) that NVRTC compiles with [`crate::cuda::NVRTC_OPTIONS`]. Its
@@ -46,6 +48,13 @@ pub enum NativeKernel {
     AssignSlots,
     /// One row: the dropless overflow flag.
     AssignOverflow,
+    /// One row per (chunk, source, EP rank): where each table cell's rows
+    /// start in the source's send buffer and in the rank's expert buffer
+    /// (packed, or `padded` rows per local expert in capacity plans).
+    RouteOffsets,
+    /// An all-to-all's rows from one peer, pulled by the receiving rank
+    /// (virtual ranks of one GPU): one block per (local expert, row) unit.
+    RouteCopy,
 }
 
 fn buf(name: &str, elem: Elem, access: Access) -> Param {
@@ -63,12 +72,14 @@ fn int(name: &str) -> Param {
 }
 
 impl NativeKernel {
-    pub const ALL: [NativeKernel; 5] = [
+    pub const ALL: [NativeKernel; 7] = [
         NativeKernel::AssignCount,
         NativeKernel::AssignKeepCounts,
         NativeKernel::AssignKeepProbs,
         NativeKernel::AssignSlots,
         NativeKernel::AssignOverflow,
+        NativeKernel::RouteOffsets,
+        NativeKernel::RouteCopy,
     ];
 
     /// The `extern "C"` symbol in [`SOURCE`].
@@ -79,6 +90,8 @@ impl NativeKernel {
             NativeKernel::AssignKeepProbs => "moec_assign_keep_probs",
             NativeKernel::AssignSlots => "moec_assign_slots",
             NativeKernel::AssignOverflow => "moec_assign_overflow",
+            NativeKernel::RouteOffsets => "moec_route_offsets",
+            NativeKernel::RouteCopy => "moec_route_copy",
         }
     }
 
@@ -151,6 +164,32 @@ impl NativeKernel {
                 int("chunks"),
                 int("max_local"),
                 int("expert_rows"),
+            ],
+            NativeKernel::RouteOffsets => vec![
+                buf("table", Elem::I32, Read),
+                buf("send_off", Elem::I32, Write),
+                buf("recv_off", Elem::I32, Write),
+                int("group"),
+                int("max_local"),
+                int("padded"),
+            ],
+            NativeKernel::RouteCopy => vec![
+                buf("src", Elem::U8, Read),
+                buf("dst", Elem::U8, Write),
+                buf("table", Elem::I32, Read),
+                buf("send_off", Elem::I32, Read),
+                buf("recv_off", Elem::I32, Read),
+                int("group"),
+                int("me"),
+                int("peer"),
+                int("chunk"),
+                int("max_local"),
+                int("dispatch"),
+                int("unit_rows"),
+                int("row_bytes"),
+                int("scale_bytes"),
+                int("src_scales"),
+                int("dst_scales"),
             ],
         }
     }

@@ -316,3 +316,140 @@ extern "C" __global__ void moec_assign_overflow(
         p1_flag[0] = over;
     MOEC_ROWS_END
 }
+
+// route_offsets: where the rows of every (source s, EP rank g, local expert
+// l) cell of chunk c's table start. One row per (c, s, g):
+//   send_off[cell] = the first row of those rows in source s's send buffer
+//                    (destination rank, then local expert order);
+//   recv_off[cell] = the first row of those rows in rank g's expert buffer:
+//                    packed (padded = 0): expert l's rows follow expert
+//                    l - 1's, sources in order; padded (capacity plans):
+//                    local expert l owns rows l * padded .. (l + 1) * padded.
+// A cell's count above `padded` (padded > 0) is corrupt routing (code 6).
+extern "C" __global__ void moec_route_offsets(
+    const int* __restrict__ p0_table, unsigned long long p0_table_len,
+    int* __restrict__ p1_send_off, unsigned long long p1_send_off_len,
+    int* __restrict__ p2_recv_off, unsigned long long p2_recv_off_len,
+    long long group, long long max_local, long long padded,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    MOEC_ROWS_BEGIN
+        const long long c = moec_row / (group * group);
+        const long long s = (moec_row / group) % group;
+        const long long g = moec_row % group;
+        const long long base = c * group * group * max_local;
+        // Rows s sends to ranks before g.
+        long long send = 0;
+        for (long long g2 = 0; g2 < g; ++g2) {
+            for (long long l = 0; l < max_local; ++l) {
+                const long long cell = base + (s * group + g2) * max_local + l;
+                MOEC_IN(0, p0_table_len, cell);
+                send += p0_table[cell];
+            }
+        }
+        // Rows of rank g's experts before l (packed), over every source.
+        long long before_expert = 0;
+        for (long long l = 0; l < max_local; ++l) {
+            long long from_earlier_sources = 0;
+            long long expert_rows = 0;
+            for (long long s2 = 0; s2 < group; ++s2) {
+                const long long cell = base + (s2 * group + g) * max_local + l;
+                MOEC_IN(0, p0_table_len, cell);
+                const long long n = p0_table[cell];
+                if (n < 0) { moec_native_fail(moec_status, 6, s2, n, moec_row); return; }
+                if (s2 < s) from_earlier_sources += n;
+                expert_rows += n;
+            }
+            if (padded > 0 && expert_rows > padded) {
+                moec_native_fail(moec_status, 6, g, expert_rows, moec_row);
+                return;
+            }
+            const long long cell = base + (s * group + g) * max_local + l;
+            MOEC_IN(1, p1_send_off_len, cell);
+            MOEC_IN(2, p2_recv_off_len, cell);
+            p1_send_off[cell] = (int)send;
+            const long long first = padded > 0 ? l * padded : before_expert;
+            p2_recv_off[cell] = (int)(first + from_earlier_sources);
+            send += p0_table[cell];
+            before_expert += expert_rows;
+        }
+    MOEC_ROWS_END
+}
+
+// 16 bytes, for copies of aligned rows.
+struct moec_u128 {
+    unsigned long long lo, hi;
+};
+
+// Copies `bytes` bytes from src + from to dst + to over the threads of one
+// block: 16-byte words when everything is 16-byte aligned, 4-byte words when
+// 4-byte aligned, bytes otherwise. Bounds are checked by the caller.
+static __device__ __forceinline__ void moec_block_copy(
+    unsigned char* __restrict__ dst, const unsigned char* __restrict__ src, long long bytes)
+{
+    const unsigned long long align =
+        (unsigned long long)dst | (unsigned long long)src | (unsigned long long)bytes;
+    if ((align & 15ull) == 0) {
+        moec_u128* d = (moec_u128*)dst;
+        const moec_u128* s = (const moec_u128*)src;
+        for (long long w = threadIdx.x; w < bytes / 16; w += blockDim.x) d[w] = s[w];
+    } else if ((align & 3ull) == 0) {
+        unsigned int* d = (unsigned int*)dst;
+        const unsigned int* s = (const unsigned int*)src;
+        for (long long w = threadIdx.x; w < bytes / 4; w += blockDim.x) d[w] = s[w];
+    } else {
+        for (long long w = threadIdx.x; w < bytes; w += blockDim.x) dst[w] = src[w];
+    }
+}
+
+// route_copy: one rank's share of an all-to-all between virtual ranks of one
+// GPU, pulled by the receiving rank `me` from one peer, by the routing table
+// and the offsets of route_offsets (this rank's copies; every rank of the
+// group holds the same). dispatch = 1: the rows `peer` sends to `me`, from
+// the peer's send buffer (src) into this rank's expert buffer (dst);
+// dispatch = 0 (combine): the rows `me` sent to `peer`, back from the
+// peer's expert buffer (src) into this rank's send-ordered buffer (dst).
+// A row is `row_bytes` bytes; with scale_bytes > 0 (fp8) each row's scales
+// follow too, at byte offsets src_scales / dst_scales + row * scale_bytes.
+// Rows: units (l, i) = (moec_row / unit_rows, moec_row % unit_rows), the
+// i-th row of local expert l, skipped when i is past the cell's count; one
+// block per unit at a time (a grid-stride loop over blocks), its threads
+// copying the row's bytes.
+extern "C" __global__ void moec_route_copy(
+    const unsigned char* __restrict__ p0_src, unsigned long long p0_src_len,
+    unsigned char* __restrict__ p1_dst, unsigned long long p1_dst_len,
+    const int* __restrict__ p2_table, unsigned long long p2_table_len,
+    const int* __restrict__ p3_send_off, unsigned long long p3_send_off_len,
+    const int* __restrict__ p4_recv_off, unsigned long long p4_recv_off_len,
+    long long group, long long me, long long peer, long long chunk, long long max_local,
+    long long dispatch, long long unit_rows, long long row_bytes, long long scale_bytes,
+    long long src_scales, long long dst_scales,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    const long long s = dispatch ? peer : me;
+    const long long g = dispatch ? me : peer;
+    for (long long moec_row = blockIdx.x; moec_row < moec_rows; moec_row += gridDim.x) {
+        const long long l = moec_row / unit_rows;
+        const long long i = moec_row % unit_rows;
+        const long long cell = ((chunk * group + s) * group + g) * max_local + l;
+        MOEC_IN(2, p2_table_len, cell);
+        if (i >= (long long)p2_table[cell]) continue;
+        MOEC_IN(3, p3_send_off_len, cell);
+        MOEC_IN(4, p4_recv_off_len, cell);
+        const long long send_row = (long long)p3_send_off[cell] + i;
+        const long long expert_row = (long long)p4_recv_off[cell] + i;
+        const long long from = dispatch ? send_row : expert_row;
+        const long long to = dispatch ? expert_row : send_row;
+        MOEC_IN(0, p0_src_len, (from + 1) * row_bytes - 1);
+        MOEC_IN(1, p1_dst_len, (to + 1) * row_bytes - 1);
+        moec_block_copy(p1_dst + to * row_bytes, p0_src + from * row_bytes, row_bytes);
+        if (scale_bytes > 0) {
+            MOEC_IN(0, p0_src_len, src_scales + (from + 1) * scale_bytes - 1);
+            MOEC_IN(1, p1_dst_len, dst_scales + (to + 1) * scale_bytes - 1);
+            moec_block_copy(p1_dst + dst_scales + to * scale_bytes,
+                            p0_src + src_scales + from * scale_bytes, scale_bytes);
+        }
+    }
+}

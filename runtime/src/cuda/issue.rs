@@ -28,7 +28,8 @@ use crate::weights::{Ffn, LayerWeights};
 use moec_kernels::cuda::{STATUS_DIV_ZERO, STATUS_OOB_ARRAY, STATUS_OOB_BUFFER};
 use moec_kernels::ir::Param;
 use moec_kernels::native::{
-    STATUS_BAD_EXPERT, STATUS_BAD_METADATA, STATUS_BAD_WEIGHT, STATUS_COUNTS_DISAGREE,
+    NativeKernel, STATUS_BAD_EXPERT, STATUS_BAD_METADATA, STATUS_BAD_WEIGHT,
+    STATUS_COUNTS_DISAGREE,
 };
 use std::ops::Range;
 
@@ -424,11 +425,14 @@ pub fn row_runs(
 
 /// The byte runs EP rank `me` sends to and receives from each peer in a
 /// collective, as the CPU backend's `collective_plan` computes them.
+///
+/// `padded` is the expert side's layout ([`Program::padded`]).
 pub fn collective_runs(
     c: &CollectiveStep,
     group: usize,
     me: usize,
     table: Option<&RouteTable>,
+    padded: usize,
 ) -> Result<(PeerRuns, PeerRuns), String> {
     match c.kind {
         CollectiveKind::CountExchange | CollectiveKind::AllGather => {
@@ -454,11 +458,15 @@ pub fn collective_runs(
                 let (out_rows, in_rows): (Vec<Range<usize>>, Vec<Range<usize>>) = if c.dispatch {
                     (
                         (0..lmax).map(|l| table.send_rows(me, p, l)).collect(),
-                        (0..lmax).map(|l| table.recv_rows(p, me, l)).collect(),
+                        (0..lmax)
+                            .map(|l| table.expert_side_rows(p, me, l, padded))
+                            .collect(),
                     )
                 } else {
                     (
-                        (0..lmax).map(|l| table.recv_rows(p, me, l)).collect(),
+                        (0..lmax)
+                            .map(|l| table.expert_side_rows(p, me, l, padded))
+                            .collect(),
                         (0..lmax).map(|l| table.send_rows(me, p, l)).collect(),
                     )
                 };
@@ -538,6 +546,10 @@ struct Issuer<'a> {
     stamps: u32,
     /// The op of the step being issued.
     current_op: usize,
+    /// Nothing of the pass needs the routing on the host: a capacity plan
+    /// (padded expert slots) whose EP groups are all in this process. The
+    /// routing is read once the pass is done, for the statistics.
+    device_routed: bool,
 }
 
 impl<'a> Issuer<'a> {
@@ -549,6 +561,11 @@ impl<'a> Issuer<'a> {
         if let Some(&bad) = local.iter().find(|&&r| r >= p.ranks) {
             return Err(err(bad, None, format!("the plan has {} ranks", p.ranks)));
         }
+        let whole_groups = local.len() % p.group == 0
+            && local
+                .chunks(p.group)
+                .all(|g| g.iter().enumerate().all(|(q, &r)| r == g[0] + q && p.me(g[0]) == 0));
+        let device_routed = p.padded > 0 && whole_groups;
         Ok(Issuer {
             p,
             t,
@@ -559,6 +576,7 @@ impl<'a> Issuer<'a> {
             marks: None,
             stamps: 0,
             current_op: 0,
+            device_routed,
         })
     }
 
@@ -629,6 +647,17 @@ impl<'a> Issuer<'a> {
         })?;
         let seconds = start.elapsed().as_secs_f64();
         let timings = self.timings()?;
+        if self.device_routed {
+            // The routing, for the statistics (and its kernels' status).
+            let span = p.work.readback();
+            for (i, &r) in local.iter().enumerate() {
+                let bytes = self
+                    .t
+                    .read(Addr::of(r, span), span.bytes)
+                    .map_err(|e| err(r, None, e))?;
+                self.routes[i] = Some(self.parse_routes(r, &bytes)?);
+            }
+        }
         let mut outputs = Vec::with_capacity(local.len());
         for &r in local {
             let status = self
@@ -674,7 +703,9 @@ impl<'a> Issuer<'a> {
             self.step(stream, kind)?;
             // Wait for the routing now, with nothing timed in flight.
             for i in 0..self.local.len() {
-                self.routes(i)?;
+                if self.pending[i] {
+                    self.routes(i)?;
+                }
             }
             return Ok(());
         }
@@ -783,26 +814,31 @@ impl<'a> Issuer<'a> {
                 ));
             }
             let bytes = self.t.fetch(r).map_err(|e| err(r, None, e))?;
-            let p = self.p;
-            let status_len = p.work.status.bytes as usize;
-            let rel = |s: Span| (s.offset - p.work.status.offset) as usize;
-            let (t0, s0) = (rel(p.work.table), rel(p.work.stats));
-            if bytes.len() < s0 + p.work.stats.bytes as usize {
-                return Err(err(r, None, "the routing read back is short"));
-            }
-            self.check_status(r, &bytes[..status_len], true)?;
-            let routes = p
-                .route
-                .parse(
-                    &bytes[t0..t0 + p.work.table.bytes as usize],
-                    &bytes[s0..s0 + p.work.stats.bytes as usize],
-                )
-                .map_err(|e| err(r, None, e))?;
+            let routes = self.parse_routes(r, &bytes)?;
             self.routes[i] = Some(routes);
         }
         self.routes[i]
             .as_ref()
             .ok_or_else(|| err(r, None, "the routing is missing"))
+    }
+
+    /// The routing in rank `r`'s read-back bytes (status blocks, table,
+    /// statistics), after checking the assignment kernels' status.
+    fn parse_routes(&self, r: usize, bytes: &[u8]) -> Result<Routes, ExecError> {
+        let p = self.p;
+        let status_len = p.work.status.bytes as usize;
+        let rel = |s: Span| (s.offset - p.work.status.offset) as usize;
+        let (t0, s0) = (rel(p.work.table), rel(p.work.stats));
+        if bytes.len() < s0 + p.work.stats.bytes as usize {
+            return Err(err(r, None, "the routing read back is short"));
+        }
+        self.check_status(r, &bytes[..status_len], true)?;
+        p.route
+            .parse(
+                &bytes[t0..t0 + p.work.table.bytes as usize],
+                &bytes[s0..s0 + p.work.stats.bytes as usize],
+            )
+            .map_err(|e| err(r, None, e))
     }
 
     fn table(&mut self, i: usize, chunk: usize) -> Result<RouteTable, ExecError> {
@@ -859,6 +895,7 @@ impl<'a> Issuer<'a> {
                 }
             }
             StepKind::Collective(c) => self.collective(stream, c)?,
+            StepKind::ReadRoute if self.device_routed => {}
             StepKind::ReadRoute => {
                 let span = self.p.work.readback();
                 for (i, &r) in local.iter().enumerate() {
@@ -882,8 +919,13 @@ impl<'a> Issuer<'a> {
         let me = self.p.me(self.local[i]);
         Ok(match rows {
             Rows::Fixed(n) => n,
-            Rows::Sent(c) => self.table(i, c)?.sent(me) as u64,
-            Rows::Received(c) => self.table(i, c)?.received(me) as u64,
+            // Without the routing on the host: every row the buffers hold
+            // (the rows past the routed ones are never sent nor combined).
+            Rows::Sent(_, max) if self.device_routed => max,
+            Rows::Sent(c, _) => self.table(i, c)?.sent(me) as u64,
+            // Padded expert slots: every slot.
+            Rows::Received(_, max) if self.p.padded > 0 => max,
+            Rows::Received(c, _) => self.table(i, c)?.received(me) as u64,
         })
     }
 
@@ -952,12 +994,17 @@ impl<'a> Issuer<'a> {
         // Row groups: (first row, rows, local expert slot).
         let groups: Vec<(u64, u64, Option<usize>)> = match g.groups {
             Groups::Fixed(rows) => vec![(0, rows, None)],
+            // Padded slots and no routing on the host: every slot in full.
+            Groups::Experts(_) if self.device_routed => (0..p.geometry.local_experts(me))
+                .map(|l| (l as u64 * p.padded, p.padded, Some(l)))
+                .collect(),
             Groups::Experts(c) => {
                 let table = self.table(i, c)?;
+                let padded = p.padded as usize;
                 (0..p.geometry.local_experts(me))
                     .map(|l| {
                         (
-                            table.expert_start(me, l) as u64,
+                            table.slot_start(me, l, padded) as u64,
                             table.expert_rows(me, l) as u64,
                             Some(l),
                         )
@@ -1106,35 +1153,126 @@ impl<'a> Issuer<'a> {
         let group = p.group;
         let ordinal = self.collectives;
         self.collectives += 1;
-        // Runs of every local rank.
-        let mut runs: Vec<(usize, PeerRuns, PeerRuns)> = Vec::new();
-        for i in 0..self.local.len() {
-            let r = self.local[i];
-            let me = p.me(r);
-            let table = match c.kind {
-                CollectiveKind::AllToAll | CollectiveKind::AllToAllV => {
-                    Some(self.table(i, c.chunk)?)
-                }
-                _ => None,
-            };
-            let (to, from) =
-                collective_runs(c, group, me, table.as_ref()).map_err(|e| err(r, None, e))?;
-            runs.push((r, to, from));
-        }
-        // Group the local ranks by EP group.
+        let local = self.local;
+        // The local ranks by EP group: a whole group is virtual ranks.
         let mut at = 0;
-        while at < runs.len() {
-            let base = runs[at].0 - p.me(runs[at].0);
-            let end = at + runs[at..].partition_point(|(r, _, _)| *r < base + group);
-            let members = &runs[at..end];
-            if members.len() == group {
-                self.virtual_exchange(stream, c, members, ordinal)?;
+        while at < local.len() {
+            let base = local[at] - p.me(local[at]);
+            let end = at + local[at..].partition_point(|r| *r < base + group);
+            if end - at == group {
+                if let Some(status) = c.status {
+                    self.virtual_route_copy(stream, c, &local[at..end], ordinal, status)?;
+                } else {
+                    let runs = (at..end)
+                        .map(|i| self.runs(i, c))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    self.virtual_exchange(stream, c, &runs, ordinal)?;
+                }
             } else {
-                for (r, to, from) in members {
-                    self.nccl_exchange(stream, c, *r, base, to, from)?;
+                for i in at..end {
+                    let (r, to, from) = self.runs(i, c)?;
+                    self.nccl_exchange(stream, c, r, base, &to, &from)?;
                 }
             }
             at = end;
+        }
+        Ok(())
+    }
+
+    /// The byte runs local rank index `i` sends and receives in `c`.
+    fn runs(
+        &mut self,
+        i: usize,
+        c: &CollectiveStep,
+    ) -> Result<(usize, PeerRuns, PeerRuns), ExecError> {
+        let p = self.p;
+        let r = self.local[i];
+        let table = match c.kind {
+            CollectiveKind::AllToAll | CollectiveKind::AllToAllV => Some(self.table(i, c.chunk)?),
+            _ => None,
+        };
+        let (to, from) = collective_runs(c, p.group, p.me(r), table.as_ref(), p.padded as usize)
+            .map_err(|e| err(r, None, e))?;
+        Ok((r, to, from))
+    }
+
+    /// An all-to-all between the virtual ranks `ranks` (a whole EP group):
+    /// every rank pulls the rows each peer has for it with one `route_copy`
+    /// launch per peer on its own stream, which finds the rows by the
+    /// routing table on the device; the events are those of
+    /// [`Issuer::virtual_exchange`].
+    fn virtual_route_copy(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        ranks: &[usize],
+        ordinal: u32,
+        status: usize,
+    ) -> Result<(), ExecError> {
+        let p = self.p;
+        let (arrive, done) = collective_events(ordinal);
+        let padded = p.padded;
+        let chunk_tokens = p.geometry.chunk_tokens as u64;
+        let unit_rows = if padded > 0 {
+            chunk_tokens.min(padded)
+        } else {
+            chunk_tokens
+        };
+        let rows = unit_rows * p.route.max_local as u64;
+        let (scale_bytes, src_scales, dst_scales) = match (c.send_rows.scales, c.recv_rows.scales) {
+            (Some((sb, per)), Some((db, _))) => (per, sb, db),
+            _ => (0, 0, 0),
+        };
+        let whole = |r: usize, span: Span, elem: u64| Arg::Buf {
+            addr: Addr::of(r, span),
+            len: span.bytes / elem,
+        };
+        let int = |v: u64| Arg::I64(i64::try_from(v).unwrap_or(i64::MAX));
+        for &r in ranks {
+            self.submit(r, stream, Command::Record(arrive(r)))?;
+        }
+        for (q, &r) in ranks.iter().enumerate() {
+            for (peer, &from) in ranks.iter().enumerate() {
+                if peer != q {
+                    self.submit(r, stream, Command::Wait(arrive(from)))?;
+                }
+                let args = vec![
+                    whole(from, c.send, 1),
+                    whole(r, c.recv, 1),
+                    whole(r, p.work.table, 4),
+                    whole(r, p.work.send_off, 4),
+                    whole(r, p.work.recv_off, 4),
+                    int(p.group as u64),
+                    int(q as u64),
+                    int(peer as u64),
+                    int(c.chunk as u64),
+                    int(p.route.max_local as u64),
+                    int(u64::from(c.dispatch)),
+                    int(unit_rows),
+                    int(c.send_rows.row_bytes),
+                    int(scale_bytes),
+                    int(src_scales),
+                    int(dst_scales),
+                ];
+                let cmd = Command::Launch {
+                    kernel: KernelRef::Native(NativeKernel::RouteCopy),
+                    args,
+                    rows,
+                    grid: u32::try_from(rows.clamp(1, ROUTE_COPY_GRID)).unwrap_or(1),
+                    block: ROUTE_COPY_BLOCK,
+                    status: Addr::of(r, p.work.status).plus(status as u64 * STATUS_BYTES),
+                    scratch: None,
+                };
+                self.submit(r, stream, cmd)?;
+            }
+            self.submit(r, stream, Command::Record(done(r)))?;
+        }
+        for (q, &r) in ranks.iter().enumerate() {
+            for (peer, &from) in ranks.iter().enumerate() {
+                if peer != q {
+                    self.submit(r, stream, Command::Wait(done(from)))?;
+                }
+            }
         }
         Ok(())
     }
@@ -1151,16 +1289,7 @@ impl<'a> Issuer<'a> {
         members: &[(usize, PeerRuns, PeerRuns)],
         ordinal: u32,
     ) -> Result<(), ExecError> {
-        let arrive = |r: usize| EventId {
-            rank: r,
-            id: 2 * ordinal,
-            comm: true,
-        };
-        let done = |r: usize| EventId {
-            rank: r,
-            id: 2 * ordinal + 1,
-            comm: true,
-        };
+        let (arrive, done) = collective_events(ordinal);
         for (r, _, _) in members {
             self.submit(*r, stream, Command::Record(arrive(*r)))?;
         }
@@ -1230,6 +1359,30 @@ impl<'a> Issuer<'a> {
         }
         self.submit(r, stream, Command::Nccl { sends, recvs })
     }
+}
+
+/// Blocks and threads per block of a `route_copy` launch: one block per
+/// routed row at a time, its threads over the row's bytes.
+const ROUTE_COPY_GRID: u64 = 4096;
+const ROUTE_COPY_BLOCK: u32 = 64;
+
+/// The events of collective number `ordinal` of a pass, per rank: *arrive*
+/// (its send buffer is written and its receive buffer free) and *done* (it
+/// has pulled from every peer).
+#[allow(clippy::type_complexity)] // two constructors, spelled out
+fn collective_events(ordinal: u32) -> (impl Fn(usize) -> EventId, impl Fn(usize) -> EventId) {
+    (
+        move |r| EventId {
+            rank: r,
+            id: 2 * ordinal,
+            comm: true,
+        },
+        move |r| EventId {
+            rank: r,
+            id: 2 * ordinal + 1,
+            comm: true,
+        },
+    )
 }
 
 /// A failed status block as a message.

@@ -115,10 +115,12 @@ pub enum ArgT {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rows {
     Fixed(u64),
-    /// The rows this rank sends in the chunk (routing-dependent).
-    Sent(usize),
-    /// The rows this rank receives in the chunk (routing-dependent).
-    Received(usize),
+    /// The rows this rank sends in the chunk (routing-dependent), and the
+    /// most there can be (the buffer's rows).
+    Sent(usize, u64),
+    /// The rows this rank receives in the chunk (routing-dependent), and the
+    /// most there can be (the buffer's rows; every slot of a padded layout).
+    Received(usize, u64),
 }
 
 /// A kernel launch.
@@ -222,6 +224,9 @@ pub struct CollectiveStep {
     /// Token side to expert side (dispatch), or back (combine).
     pub dispatch: bool,
     pub chunk: usize,
+    /// The status block of the copy kernels of an all-to-all between
+    /// virtual ranks (`route_copy`); `None` for the fixed-size collectives.
+    pub status: Option<usize>,
 }
 
 /// One piece of device work on one stream.
@@ -316,6 +321,10 @@ pub struct WorkLayout {
     pub stats: Span,
     pub keep_own: Span,
     pub kept_own: Span,
+    /// Where each routing table cell's rows start on the send side and on
+    /// the expert side (`route_offsets`, read by `route_copy`).
+    pub send_off: Span,
+    pub recv_off: Span,
     pub streams: Vec<StreamWork>,
     pub bytes: u64,
 }
@@ -354,6 +363,12 @@ pub struct Program {
     pub status: Vec<StatusSlot>,
     pub layer_dtype: DType,
     pub hidden: u64,
+    /// Capacity plans: the rows each local expert owns on the expert side
+    /// (local expert `l` at rows `l · padded ..`, whatever the routing), so
+    /// that the expert GEMMs, the launches over received rows and the
+    /// all-to-all between virtual ranks need no routing on the host. 0:
+    /// the packed layout of dropless plans (the CPU backend's).
+    pub padded: u64,
 }
 
 fn kind_of(kind: KernelKind) -> Option<Kind> {
@@ -484,8 +499,10 @@ struct Lowering<'p> {
     acc_need: Vec<u64>,
     scratch_need: Vec<u64>,
     /// Placeholders of the workspace spans that do not depend on the
-    /// streams (table, statistics, own keeps), patched in `finish`.
-    work_fixed: (Span, Span, Span, Span),
+    /// streams (table, statistics, own keeps, send and receive offsets),
+    /// patched in `finish`.
+    work_fixed: [Span; 6],
+    padded: u64,
 }
 
 impl<'p> Lowering<'p> {
@@ -548,12 +565,30 @@ impl<'p> Lowering<'p> {
             offset: u64::MAX - i,
             bytes,
         };
-        let fixed = (
+        let fixed = [
             placeholder(1, mul(&[shape.table_len() as u64, 4])?),
             placeholder(2, mul(&[shape.stats_len() as u64, 4])?),
             placeholder(3, mul(&[geo.chunks as u64, geo.experts as u64, 4])?),
             placeholder(4, mul(&[tokens, k])?),
-        );
+            placeholder(5, mul(&[shape.table_len() as u64, 4])?),
+            placeholder(6, mul(&[shape.table_len() as u64, 4])?),
+        ];
+        // Capacity plans: an expert gets at most `capacity` rows in all, and
+        // in a chunk at most one per token of the group; its expert-side
+        // slot holds that many, when the plan's expert buffers hold a slot
+        // for every local expert.
+        let padded = match geo.capacity {
+            Some((cap, _)) => {
+                let slot = (cap as u64).min(mul(&[geo.chunk_tokens as u64, geo.group as u64])?);
+                let need = mul(&[slot, shape.max_local as u64])?;
+                if need <= plan.choices.expert_rows {
+                    slot
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        };
         let streams = plan.streams.len();
         Ok(Lowering {
             plan,
@@ -567,6 +602,7 @@ impl<'p> Lowering<'p> {
             acc_need: vec![0; streams],
             scratch_need: vec![0; streams],
             work_fixed: fixed,
+            padded,
         })
     }
 
@@ -602,6 +638,12 @@ impl<'p> Lowering<'p> {
             assign,
         });
         self.status.len() - 1
+    }
+
+    /// The rows both buffers hold: the most a launch over them may cover.
+    fn common_rows(&self, a: u32, b: u32) -> Result<u64, String> {
+        let rows = |i: u32| self.buffer(i).and_then(RowLayout::of).map(|l| l.rows);
+        Ok(rows(a)?.min(rows(b)?))
     }
 
     fn buffer(&self, i: u32) -> Result<&'p Buffer, String> {
@@ -687,16 +729,43 @@ impl<'p> Lowering<'p> {
                         recv_buf.name, self.geo.group, send_span.bytes
                     ));
                 }
+                let dispatch = op.phase != Phase::Combine;
+                let (send_rows, recv_rows) = (RowLayout::of(send_buf)?, RowLayout::of(recv_buf)?);
+                let status = if matches!(kind, CollectiveKind::AllToAll | CollectiveKind::AllToAllV)
+                {
+                    if send_rows.row_bytes != recv_rows.row_bytes
+                        || send_rows.scales.map(|s| s.1) != recv_rows.scales.map(|s| s.1)
+                    {
+                        return Err(format!(
+                            "`{}` and `{}` have rows of different sizes",
+                            send_buf.name, recv_buf.name
+                        ));
+                    }
+                    let expert_side = if dispatch { recv_rows } else { send_rows };
+                    let slots = self.padded * self.route_max_local() as u64;
+                    if expert_side.rows < slots {
+                        return Err(format!(
+                            "`{}` holds {} rows, fewer than the {slots} expert slots of the capacity",
+                            if dispatch { &recv_buf.name } else { &send_buf.name },
+                            expert_side.rows
+                        ));
+                    }
+                    let params = NativeKernel::RouteCopy.params();
+                    Some(self.slot(index, &format!("{} (route_copy)", op.name), params, false))
+                } else {
+                    None
+                };
                 let step = CollectiveStep {
                     kind: *kind,
                     send: send_span,
                     recv: recv_span,
-                    send_rows: RowLayout::of(send_buf)?,
-                    recv_rows: RowLayout::of(recv_buf)?,
+                    send_rows,
+                    recv_rows,
                     send_name: send_buf.name.clone(),
                     recv_name: recv_buf.name.clone(),
-                    dispatch: op.phase != Phase::Combine,
+                    dispatch,
                     chunk: op.chunk.unwrap_or(0) as usize,
+                    status,
                 };
                 self.push(index, stream, StepKind::Collective(step));
             }
@@ -809,12 +878,12 @@ impl<'p> Lowering<'p> {
             KernelKind::Pack | KernelKind::QuantizeFp8 => {
                 args.extend(self.raw(input(0)?, chunk)?);
                 args.extend(self.raw(output(0)?, chunk)?);
-                rows = Rows::Sent(c);
+                rows = Rows::Sent(c, self.common_rows(input(0)?, output(0)?)?);
             }
             KernelKind::DequantizeFp8 => {
                 args.extend(self.raw(input(0)?, chunk)?);
                 args.extend(self.raw(output(0)?, chunk)?);
-                rows = Rows::Received(c);
+                rows = Rows::Received(c, self.common_rows(input(0)?, output(0)?)?);
             }
             KernelKind::Activation => {
                 args.extend(self.raw(input(0)?, chunk)?);
@@ -823,7 +892,7 @@ impl<'p> Lowering<'p> {
                 rows = if op.phase == Phase::Shared {
                     Rows::Fixed(self.geo.tokens as u64)
                 } else {
-                    Rows::Received(c)
+                    Rows::Received(c, self.common_rows(input(0)?, output(0)?)?)
                 };
             }
             KernelKind::UnpermuteWeightedSum => {
@@ -924,14 +993,11 @@ impl<'p> Lowering<'p> {
         ffn.limit().unwrap_or(0.0) as f32
     }
 
-    fn work(&self, which: u8) -> Span {
-        // Placeholders in the fixed workspace part; offsets patched in `finish`.
-        match which {
-            0 => self.work_fixed.0,
-            1 => self.work_fixed.1,
-            2 => self.work_fixed.2,
-            _ => self.work_fixed.3,
-        }
+    /// A placeholder of the fixed workspace part (0 table, 1 statistics,
+    /// 2 and 3 own keeps, 4 send offsets, 5 receive offsets); offsets are
+    /// patched in `finish`.
+    fn work(&self, which: usize) -> Span {
+        self.work_fixed[which.min(5)]
     }
 
     /// The assignment kernels (see `kernels/src/cuda_templates/assign.cu`).
@@ -1153,6 +1219,25 @@ impl<'p> Lowering<'p> {
                 true,
             )?;
         }
+        // Where every cell's rows start, for the copies between virtual
+        // ranks (and checked against the padded slots of capacity plans).
+        let args = vec![
+            buf(table, 4),
+            buf(self.work(4), 4),
+            buf(self.work(5), 4),
+            i64v(geo.group),
+            i64v(max_local),
+            ArgT::I64(i64::try_from(self.padded).unwrap_or(i64::MAX)),
+        ];
+        self.add_launch(
+            index,
+            stream,
+            KernelRef::Native(NativeKernel::RouteOffsets),
+            &k.name,
+            args,
+            Rows::Fixed((geo.chunks * geo.group * geo.group) as u64),
+            true,
+        )?;
         self.push(index, stream, StepKind::ReadRoute);
         Ok(())
     }
@@ -1301,14 +1386,17 @@ impl<'p> Lowering<'p> {
             acc_need,
             scratch_need,
             work_fixed,
+            padded,
             ..
         } = self;
         let mut w = Placer::new(Space::Work);
         let status_span = w.take(mul(&[status.len() as u64, STATUS_BYTES])?)?;
-        let table = w.take(work_fixed.0.bytes)?;
-        let stats = w.take(work_fixed.1.bytes)?;
-        let keep_own = w.take(work_fixed.2.bytes)?;
-        let kept_own = w.take(work_fixed.3.bytes)?;
+        let table = w.take(work_fixed[0].bytes)?;
+        let stats = w.take(work_fixed[1].bytes)?;
+        let keep_own = w.take(work_fixed[2].bytes)?;
+        let kept_own = w.take(work_fixed[3].bytes)?;
+        let send_off = w.take(work_fixed[4].bytes)?;
+        let recv_off = w.take(work_fixed[5].bytes)?;
         let mut streams = Vec::with_capacity(acc_need.len());
         for (acc, scratch) in acc_need.iter().zip(&scratch_need) {
             streams.push(StreamWork {
@@ -1323,6 +1411,8 @@ impl<'p> Lowering<'p> {
             stats,
             keep_own,
             kept_own,
+            send_off,
+            recv_off,
             streams,
             bytes: w.total(),
         };
@@ -1332,10 +1422,12 @@ impl<'p> Lowering<'p> {
                 return;
             }
             let fixed = [
-                (work_fixed.0, table),
-                (work_fixed.1, stats),
-                (work_fixed.2, keep_own),
-                (work_fixed.3, kept_own),
+                (work_fixed[0], table),
+                (work_fixed[1], stats),
+                (work_fixed[2], keep_own),
+                (work_fixed[3], kept_own),
+                (work_fixed[4], send_off),
+                (work_fixed[5], recv_off),
             ];
             if let Some((_, real)) = fixed.iter().find(|(p, _)| p == span) {
                 *span = *real;
@@ -1403,6 +1495,7 @@ impl<'p> Lowering<'p> {
             status,
             layer_dtype: plan.layer.dtype,
             hidden: plan.layer.hidden,
+            padded,
         })
     }
 }

@@ -97,6 +97,22 @@ impl RouteTable {
         let start = self.recv_start(s, g, l);
         start..start + self.rows(s, g, l)
     }
+
+    /// First row of local expert `l` on rank `g` on the expert side: packed
+    /// (`padded` 0), or its slot of `padded` rows.
+    pub fn slot_start(&self, g: usize, l: usize, padded: usize) -> usize {
+        if padded == 0 {
+            self.expert_start(g, l)
+        } else {
+            l * padded
+        }
+    }
+
+    /// [`RouteTable::recv_rows`] in the expert-side layout of `padded`.
+    pub fn expert_side_rows(&self, s: usize, g: usize, l: usize, padded: usize) -> Range<usize> {
+        let start = self.slot_start(g, l, padded) + (0..s).map(|s2| self.rows(s2, g, l)).sum::<usize>();
+        start..start + self.rows(s, g, l)
+    }
 }
 
 /// What one rank's `assign_place` left: a table per chunk and its statistics.
@@ -180,6 +196,10 @@ mod tests {
         assert_eq!(t.recv_start(1, 0, 0), 1);
         assert_eq!(t.recv_start(0, 0, 1), 5);
         assert_eq!(t.recv_rows(1, 1, 1), 4..5);
+        assert_eq!(t.expert_side_rows(1, 1, 1, 0), 4..5);
+        // Padded slots of 8 rows: local expert 1 of rank 1 starts at row 8.
+        assert_eq!(t.expert_side_rows(1, 1, 1, 8), 11..12);
+        assert_eq!(t.expert_side_rows(1, 0, 0, 8), 1..5);
         assert!(RouteTable::new(2, 2, vec![0; 7]).is_err());
     }
 
