@@ -37,8 +37,8 @@ use moec_runtime::cpu::layout::{assign_count, assign_place, Geometry, Routing};
 use moec_runtime::cpu::memory;
 use moec_runtime::cpu::{CpuBackend, CpuOptions};
 use moec_runtime::cuda::issue::{
-    collective_runs, pair_runs, run_pass, upload_weights, Addr, Arg, Command, EventId, PeerRuns,
-    Target,
+    collective_runs, pair_runs, run_pass, upload_weights, Addr, Arg, Command, EventId, PassMode,
+    PeerRuns, Target,
 };
 use moec_runtime::cuda::program::{check_args, ArgT, KernelRef, Program, Space, Span, StepKind};
 use moec_runtime::cuda::route::RouteTable;
@@ -403,6 +403,71 @@ struct Emu<'k> {
     stamps: BTreeMap<u32, usize>,
     /// Read-backs the host waited for during passes.
     fetches: usize,
+    /// A capture in progress, and the graph of the last one.
+    capture: Option<Capture>,
+    graph: Option<Vec<(usize, usize, Command)>>,
+}
+
+/// A stream capture as CUDA runs one: it starts on one stream; a stream
+/// joins when it waits for an event recorded on a joined stream; work on
+/// any other stream is an error; at the end every joined stream must have
+/// been waited on by the first one after its last command.
+struct Capture {
+    origin: (usize, usize),
+    joined: BTreeMap<(usize, usize), bool>,
+    /// The stream each event was last recorded on during the capture.
+    recorded_on: BTreeMap<EventId, (usize, usize)>,
+    commands: Vec<(usize, usize, Command)>,
+}
+
+impl Capture {
+    fn record(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String> {
+        let at = (rank, stream);
+        if let Command::Wait(e) = &cmd {
+            if let Some(&from) = self.recorded_on.get(e) {
+                if self.joined.contains_key(&from) {
+                    self.joined.entry(at).or_insert(false);
+                }
+            }
+        }
+        if !self.joined.contains_key(&at) {
+            return Err(format!(
+                "{cmd:?} on stream {stream} of rank {rank}, which is not part of the capture"
+            ));
+        }
+        if matches!(
+            cmd,
+            Command::ReadBack { .. } | Command::Stamp(_) | Command::Nccl { .. }
+        ) {
+            return Err(format!("{cmd:?} cannot be captured"));
+        }
+        // A stream is joined back when the origin waits on its latest record.
+        if let Command::Record(e) = &cmd {
+            self.recorded_on.insert(*e, at);
+        }
+        for (s, back) in self.joined.iter_mut() {
+            if *s == at && at != self.origin {
+                *back = false;
+            }
+        }
+        if at == self.origin {
+            if let Command::Wait(e) = &cmd {
+                if let Some(&from) = self.recorded_on.get(e) {
+                    let last_is_record = self
+                        .commands
+                        .iter()
+                        .rev()
+                        .find(|(r, s, _)| (*r, *s) == from)
+                        .is_some_and(|(_, _, c)| c == &Command::Record(*e));
+                    if last_is_record {
+                        self.joined.insert(from, true);
+                    }
+                }
+            }
+        }
+        self.commands.push((rank, stream, cmd));
+        Ok(())
+    }
 }
 
 /// Per (source, destination), the messages not received yet.
@@ -467,6 +532,8 @@ impl<'k> Emu<'k> {
             mailbox: None,
             stamps: BTreeMap::new(),
             fetches: 0,
+            capture: None,
+            graph: None,
         }
     }
 
@@ -688,8 +755,9 @@ impl<'k> Emu<'k> {
     }
 }
 
-impl Target for Emu<'_> {
-    fn submit(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String> {
+impl Emu<'_> {
+    /// Runs `cmd` now, or queues it (shuffled mode).
+    fn enqueue(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String> {
         let gen = match &cmd {
             Command::Record(e) => {
                 let ev = self.events.entry(*e).or_default();
@@ -709,6 +777,45 @@ impl Target for Emu<'_> {
             .entry((rank, stream))
             .or_default()
             .push_back(Queued { cmd, gen });
+        Ok(())
+    }
+}
+
+impl Target for Emu<'_> {
+    fn submit(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String> {
+        match self.capture.as_mut() {
+            Some(c) => c.record(rank, stream, cmd),
+            None => self.enqueue(rank, stream, cmd),
+        }
+    }
+
+    fn begin_capture(&mut self, rank: usize, stream: usize) -> Result<(), String> {
+        if self.capture.is_some() {
+            return Err("a capture is already in progress".into());
+        }
+        self.capture = Some(Capture {
+            origin: (rank, stream),
+            joined: BTreeMap::from([((rank, stream), true)]),
+            recorded_on: BTreeMap::new(),
+            commands: Vec::new(),
+        });
+        Ok(())
+    }
+
+    fn end_capture(&mut self) -> Result<(), String> {
+        let c = self.capture.take().ok_or("no capture is in progress")?;
+        if let Some((s, _)) = c.joined.iter().find(|(_, back)| !**back) {
+            return Err(format!("stream {s:?} was not joined back into the capture"));
+        }
+        self.graph = Some(c.commands);
+        Ok(())
+    }
+
+    fn launch_graph(&mut self) -> Result<(), String> {
+        let graph = self.graph.clone().ok_or("no graph has been captured")?;
+        for (rank, stream, cmd) in graph {
+            self.enqueue(rank, stream, cmd)?;
+        }
         Ok(())
     }
 
@@ -790,8 +897,8 @@ fn emu_run(
     let mut emu = Emu::new(program, kernels, shuffle);
     let local: Vec<usize> = (0..ranks).collect();
     upload_weights(program, &mut emu, &local, &weights).unwrap();
-    let pass =
-        run_pass(program, &mut emu, &local, &inputs, false).unwrap_or_else(|e| panic!("{e}"));
+    let pass = run_pass(program, &mut emu, &local, &inputs, PassMode::Eager)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(emu.launches > 0);
     // Capacity plans with every rank here need nothing from the device
     // during the pass (no host synchronisation); dropless plans read the
@@ -1073,7 +1180,7 @@ fn profiled_passes_time_every_step_and_change_nothing() {
         for shuffle in [None, Some(5)] {
             let mut emu = Emu::new(&program, &kernels, shuffle);
             upload_weights(&program, &mut emu, &local, &weights).unwrap();
-            let pass = run_pass(&program, &mut emu, &local, &inputs, true)
+            let pass = run_pass(&program, &mut emu, &local, &inputs, PassMode::Profiled)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(
                 pass.outputs == plain.outputs,
@@ -1133,6 +1240,80 @@ fn profiled_passes_time_every_step_and_change_nothing() {
     }
 }
 
+/// Capacity plans run as a graph: a captured pass (every stream forked from
+/// the first rank's first stream and joined back, nothing on another
+/// stream, no read-back, stamp or NCCL call inside) and two replays give
+/// the eager pass's outputs and statistics, in order and shuffled; dropless
+/// plans refuse to be captured, with the reason.
+#[test]
+fn capacity_plans_run_as_a_graph() {
+    if !have_cxx("capacity_plans_run_as_a_graph") {
+        return;
+    }
+    let mut plans: Vec<(String, Plan)> = small_layers()
+        .into_iter()
+        .filter(|(n, _)| n.contains("capacity"))
+        .collect();
+    plans.extend(
+        shrunk_examples(moec_lang::spec::DType::Bf16)
+            .into_iter()
+            .filter(|(n, _)| n == "switch_base_128"),
+    );
+    assert!(plans.len() >= 5, "{}", plans.len());
+    for (name, plan) in &plans {
+        let program = Program::lower(plan).unwrap();
+        assert!(program.padded > 0, "{name}");
+        let kernels = HostKernels::new(&program);
+        let eager = emu_run(plan, &program, &kernels, 3, None);
+        let ranks = plan.mesh.world_size() as usize;
+        let weights = LayerWeights::random(&plan.layer, 3);
+        let inputs = random_inputs(&plan.layer, ranks, plan.layer.tokens_per_rank as usize, 3);
+        let local: Vec<usize> = (0..ranks).collect();
+        for shuffle in [None, Some(9)] {
+            let mut emu = Emu::new(&program, &kernels, shuffle);
+            upload_weights(&program, &mut emu, &local, &weights).unwrap();
+            for mode in [PassMode::Capture, PassMode::Replay, PassMode::Replay] {
+                let pass = run_pass(&program, &mut emu, &local, &inputs, mode)
+                    .unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
+                assert!(
+                    pass.outputs == eager.outputs,
+                    "{name} {mode:?}: outputs differ"
+                );
+                assert_eq!(
+                    pass.stats.routed_per_expert, eager.routed,
+                    "{name} {mode:?}"
+                );
+                assert_eq!(pass.stats.dropped, eager.dropped, "{name} {mode:?}");
+            }
+            assert_eq!(emu.fetches, 0, "{name}");
+            let graph = emu.graph.as_ref().unwrap();
+            assert!(graph
+                .iter()
+                .any(|(_, _, c)| matches!(c, Command::Gemm { .. })));
+        }
+        eprintln!("{name}: captured and replayed");
+    }
+    let dropless = shrunk_examples(moec_lang::spec::DType::F32)
+        .into_iter()
+        .find(|(n, _)| n == "tiny")
+        .unwrap()
+        .1;
+    let program = Program::lower(&dropless).unwrap();
+    let kernels = HostKernels::new(&program);
+    let mut emu = Emu::new(&program, &kernels, None);
+    let ranks = dropless.mesh.world_size() as usize;
+    let inputs = random_inputs(
+        &dropless.layer,
+        ranks,
+        dropless.layer.tokens_per_rank as usize,
+        3,
+    );
+    let local: Vec<usize> = (0..ranks).collect();
+    let e = run_pass(&program, &mut emu, &local, &inputs, PassMode::Capture).unwrap_err();
+    assert!(e.to_string().contains("only capacity plans"), "{e}");
+    assert!(emu.graph.is_none());
+}
+
 /// One emulated process per rank, the collectives as NCCL send and receive
 /// lists through a mailbox (sizes checked pair by pair): the issuer's NCCL
 /// path gives the CPU backend's outputs too.
@@ -1169,7 +1350,7 @@ fn the_nccl_path_matches_the_cpu() {
                         let mut emu = Emu::new(program, kernels, None);
                         emu.mailbox = Some(mailbox);
                         upload_weights(program, &mut emu, &[r], weights).unwrap();
-                        run_pass(program, &mut emu, &[r], &input, false)
+                        run_pass(program, &mut emu, &[r], &input, PassMode::Eager)
                     })
                 })
                 .collect();

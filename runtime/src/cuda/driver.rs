@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cudarc::cublas::{result as blas, sys as blas_sys};
-use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream, DriverError};
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaGraph, CudaStream, DriverError};
 use cudarc::nccl::{result as nccl_result, sys as nccl_sys};
 use moec_kernels::native::NativeKernel;
 
@@ -85,6 +85,10 @@ fn backoff(started: Instant) {
         std::thread::sleep(Duration::from_micros(50));
     }
 }
+
+/// Bytes of each cuBLAS handle's workspace (what NVIDIA recommends for
+/// Hopper).
+const CUBLAS_WORKSPACE: u64 = 32 << 20;
 
 /// One raw device allocation, freed on drop.
 struct Alloc {
@@ -300,6 +304,8 @@ impl Nccl {
 /// the streams they are bound to).
 struct RankDev {
     blas: Vec<Blas>,
+    /// Each handle's workspace, held (and freed after the handles).
+    _blas_work: Vec<Alloc>,
     events: BTreeMap<(u32, bool), CudaEvent>,
     streams: Vec<Arc<CudaStream>>,
     arena: Alloc,
@@ -322,7 +328,11 @@ impl RankDev {
 
 /// How the GPU executes: the device, the modules, the local ranks.
 pub struct CudaTarget {
-    // Fields drop in order: the communicator first, the context last.
+    // Fields drop in order: the graph and the communicator first, the
+    // context last.
+    graph: Option<CudaGraph>,
+    /// The stream a capture began on (rank, stream), until it ends.
+    capturing: Option<(usize, usize)>,
     nccl: Option<Nccl>,
     ranks: BTreeMap<usize, RankDev>,
     /// Timing events of profiled passes, by stamp number (made on first use).
@@ -397,6 +407,7 @@ impl CudaTarget {
         for &r in setup.local {
             let mut streams = Vec::with_capacity(program.streams);
             let mut handles = Vec::with_capacity(program.streams);
+            let mut blas_work = Vec::with_capacity(program.streams);
             for _ in 0..program.streams {
                 let s = drv("cuStreamCreate", ctx.new_stream())?;
                 let h = Blas(blas_err("cublasCreate", blas::create_handle())?);
@@ -404,8 +415,18 @@ impl CudaTarget {
                 blas_err("cublasSetStream", unsafe {
                     blas::set_stream(h.0, s.cu_stream() as _)
                 })?;
+                // A workspace of its own, so that cuBLAS allocates nothing
+                // while a pass is captured into a graph.
+                let w = Alloc::new(CUBLAS_WORKSPACE, "a cuBLAS workspace")?;
+                // SAFETY: a live handle; the workspace outlives it (dropped
+                // after the handles, see `RankDev`).
+                blas_err("cublasSetWorkspace", unsafe {
+                    blas_sys::cublasSetWorkspace_v2(h.0, w.ptr as *mut c_void, w.bytes as usize)
+                        .result()
+                })?;
                 streams.push(s);
                 handles.push(h);
+                blas_work.push(w);
             }
             ranks.insert(
                 r,
@@ -415,6 +436,7 @@ impl CudaTarget {
                     work: Alloc::new(program.work.bytes, "the workspace")?,
                     streams,
                     blas: handles,
+                    _blas_work: blas_work,
                     events: BTreeMap::new(),
                     readback: Pinned::new(readback_len)?,
                     readback_len,
@@ -430,6 +452,8 @@ impl CudaTarget {
             ranks,
             generated,
             native,
+            graph: None,
+            capturing: None,
             nccl,
             stamps: Vec::new(),
             timeout: setup.timeout,
@@ -756,6 +780,35 @@ impl Target for CudaTarget {
                 drv("cuEventRecord", self.stamps[n].record(&s))
             }
         }
+    }
+
+    fn begin_capture(&mut self, rank: usize, stream: usize) -> Result<(), String> {
+        if self.capturing.is_some() {
+            return Err("a capture is already in progress".into());
+        }
+        let s = self.stream(rank, stream)?.clone();
+        // Relaxed: the lazily created events of a first capture may call
+        // the driver from this thread while it captures.
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        drv("cuStreamBeginCapture", s.begin_capture(mode))?;
+        self.capturing = Some((rank, stream));
+        Ok(())
+    }
+
+    fn end_capture(&mut self) -> Result<(), String> {
+        let (rank, stream) = self.capturing.take().ok_or("no capture is in progress")?;
+        let s = self.stream(rank, stream)?.clone();
+        let graph = drv(
+            "cuStreamEndCapture",
+            s.end_capture(sys::CUgraphInstantiate_flags(0)),
+        )?;
+        self.graph = Some(graph.ok_or("the capture recorded nothing")?);
+        Ok(())
+    }
+
+    fn launch_graph(&mut self) -> Result<(), String> {
+        let graph = self.graph.as_ref().ok_or("no graph has been captured")?;
+        drv("cuGraphLaunch", graph.launch())
     }
 
     fn stamp_seconds(&mut self, count: u32) -> Result<Vec<f64>, String> {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::device::{self, DeviceInfo};
 use super::driver::{CudaTarget, TargetSetup};
-use super::issue::{run_pass, upload_weights, Timing};
+use super::issue::{capturable, run_pass, upload_weights, PassMode, Timing};
 use super::program::Program;
 use super::rdzv::{self, Launch};
 use super::{Nvrtc, PtxCache};
@@ -93,6 +93,8 @@ pub struct CudaBackend {
     info: DeviceInfo,
     arch: String,
     launch: Option<Launch>,
+    /// Whether the target holds the graph of a captured pass.
+    captured: bool,
 }
 
 fn fail(message: impl Into<String>) -> ExecError {
@@ -180,6 +182,7 @@ impl CudaBackend {
             info,
             arch,
             launch,
+            captured: false,
         };
         upload_weights(
             &backend.program,
@@ -225,7 +228,29 @@ impl CudaBackend {
     /// `phase_seconds` is empty: [`CudaBackend::forward_profiled`] measures
     /// phases.
     pub fn forward(&mut self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
-        Ok(self.pass(inputs, false)?.0)
+        Ok(self.pass(inputs, PassMode::Eager)?.0)
+    }
+
+    /// [`CudaBackend::forward`] through a CUDA graph: the first call
+    /// records the pass into a graph (and runs it), later calls only write
+    /// the inputs and launch the graph, so the host issues one launch per
+    /// pass instead of every kernel, GEMM, copy and event. Only plans that
+    /// need nothing of the host during a pass can ([`CudaBackend::graph_capable`]):
+    /// capacity plans, with every rank on this GPU; others are an error.
+    pub fn forward_graph(&mut self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
+        let mode = if self.captured {
+            PassMode::Replay
+        } else {
+            PassMode::Capture
+        };
+        let forward = self.pass(inputs, mode)?.0;
+        self.captured = true;
+        Ok(forward)
+    }
+
+    /// Whether [`CudaBackend::forward_graph`] can run this plan here.
+    pub fn graph_capable(&self) -> bool {
+        capturable(&self.program, &self.local)
     }
 
     /// [`CudaBackend::forward`] with a timing event before and after every
@@ -237,7 +262,7 @@ impl CudaBackend {
         &mut self,
         inputs: &[Vec<f32>],
     ) -> Result<(Forward, Vec<Timing>), ExecError> {
-        let (mut forward, timings) = self.pass(inputs, true)?;
+        let (mut forward, timings) = self.pass(inputs, PassMode::Profiled)?;
         let ranks = self.local.len().max(1) as f64;
         for t in timings.iter().filter(|t| t.gemm.is_none()) {
             if let Some(op) = self.program.ops.get(t.op) {
@@ -255,7 +280,7 @@ impl CudaBackend {
     fn pass(
         &mut self,
         inputs: &[Vec<f32>],
-        profile: bool,
+        mode: PassMode,
     ) -> Result<(Forward, Vec<Timing>), ExecError> {
         if inputs.len() != self.program.ranks {
             return Err(fail(format!(
@@ -271,7 +296,7 @@ impl CudaBackend {
                 &mut self.target,
                 &self.local,
                 &mine,
-                profile,
+                mode,
             ))
         });
         let pass = result.map_err(|e| fail(e.to_string()))??;

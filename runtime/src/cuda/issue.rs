@@ -28,8 +28,7 @@ use crate::weights::{Ffn, LayerWeights};
 use moec_kernels::cuda::{STATUS_DIV_ZERO, STATUS_OOB_ARRAY, STATUS_OOB_BUFFER};
 use moec_kernels::ir::Param;
 use moec_kernels::native::{
-    NativeKernel, STATUS_BAD_EXPERT, STATUS_BAD_METADATA, STATUS_BAD_WEIGHT,
-    STATUS_COUNTS_DISAGREE,
+    NativeKernel, STATUS_BAD_EXPERT, STATUS_BAD_METADATA, STATUS_BAD_WEIGHT, STATUS_COUNTS_DISAGREE,
 };
 use std::ops::Range;
 
@@ -148,6 +147,30 @@ pub trait Target {
     /// (negative for a stamp that ran before it on another stream), after
     /// [`Target::synchronize`].
     fn stamp_seconds(&mut self, count: u32) -> Result<Vec<f64>, String>;
+    /// From now on, records what is submitted to `stream` of `rank`, and to
+    /// every stream that waits on an event recorded there (and so on), into
+    /// a graph instead of running it.
+    fn begin_capture(&mut self, rank: usize, stream: usize) -> Result<(), String>;
+    /// Ends the recording (every stream has joined the first one again) and
+    /// keeps the graph, replacing an earlier one.
+    fn end_capture(&mut self) -> Result<(), String>;
+    /// Enqueues one run of the kept graph ([`Target::synchronize`] waits for it).
+    fn launch_graph(&mut self) -> Result<(), String>;
+}
+
+/// How [`run_pass`] issues a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassMode {
+    /// Command by command, as the program says.
+    Eager,
+    /// Eager, with a [`Command::Stamp`] before and after every step and
+    /// every cuBLAS GEMM; the pass returns their device times.
+    Profiled,
+    /// Records the pass into a graph (capacity plans whose EP groups are
+    /// all in this process: nothing in them needs the host), then runs it.
+    Capture,
+    /// Runs the graph an earlier `Capture` pass recorded.
+    Replay,
 }
 
 /// The device time of one step of one op on one rank, from a profiled pass.
@@ -504,24 +527,66 @@ pub fn upload_weights(
 /// Runs one forward pass of `program` on the ranks `local` (global ranks,
 /// ascending) with `inputs` (one `[tokens, hidden]` tensor per local rank).
 ///
-/// A `profile`d pass puts a [`Command::Stamp`] before and after every step
-/// (and every cuBLAS GEMM) on each rank's stream and returns their device
-/// times in [`Pass::timings`]. It reads the routing back as soon as it is
-/// queued rather than at its first use, so that no step's interval holds the
-/// host's wait for it: its outputs are the same, its [`Pass::seconds`] a
-/// little longer.
+/// A [`PassMode::Profiled`] pass puts a [`Command::Stamp`] before and after
+/// every step (and every cuBLAS GEMM) on each rank's stream and returns
+/// their device times in [`Pass::timings`]. It reads the routing back as
+/// soon as it is queued rather than at its first use, so that no step's
+/// interval holds the host's wait for it: its outputs are the same, its
+/// [`Pass::seconds`] a little longer.
+///
+/// A [`PassMode::Capture`] pass forks every local rank's streams from the
+/// first rank's first stream with an event, issues the program, joins them
+/// back, and runs the recorded graph; a [`PassMode::Replay`] pass only
+/// writes the inputs, clears the status blocks and runs the graph again.
+/// Both need a plan that asks nothing of the host during the pass
+/// ([`capturable`]).
 pub fn run_pass(
     program: &Program,
     target: &mut dyn Target,
     local: &[usize],
     inputs: &[Vec<f32>],
-    profile: bool,
+    mode: PassMode,
 ) -> Result<Pass, ExecError> {
     let mut issuer = Issuer::new(program, target, local)?;
-    if profile {
+    if mode == PassMode::Profiled {
         issuer.marks = Some(Vec::new());
     }
+    if matches!(mode, PassMode::Capture | PassMode::Replay) && !issuer.device_routed {
+        return Err(ExecError {
+            rank: None,
+            op: None,
+            message: not_capturable(program, local),
+        });
+    }
+    issuer.mode = mode;
     issuer.run(inputs)
+}
+
+/// Whether a pass of `program` on the ranks `local` can be captured in a
+/// graph: a capacity plan (padded expert slots) whose EP groups are all
+/// among `local`, so that no step waits for the routing on the host.
+pub fn capturable(program: &Program, local: &[usize]) -> bool {
+    program.padded > 0 && whole_groups(program, local)
+}
+
+fn whole_groups(p: &Program, local: &[usize]) -> bool {
+    local.len() % p.group == 0
+        && local.chunks(p.group).all(|g| {
+            g.iter()
+                .enumerate()
+                .all(|(q, &r)| r == g[0] + q && p.me(g[0]) == 0)
+        })
+}
+
+fn not_capturable(p: &Program, local: &[usize]) -> String {
+    if p.padded == 0 {
+        "only capacity plans can run as a CUDA graph: a dropless plan sizes its expert GEMMs from the routing, which the host reads back during the pass (give the layer a `capacity`)".into()
+    } else {
+        format!(
+            "this process runs ranks {local:?} of EP groups of {}: a collective over NCCL needs the routing on the host, so only whole groups of virtual ranks run as a CUDA graph",
+            p.group
+        )
+    }
 }
 
 /// A step's (or a GEMM's) stamps in a profiled pass.
@@ -550,6 +615,7 @@ struct Issuer<'a> {
     /// (padded expert slots) whose EP groups are all in this process. The
     /// routing is read once the pass is done, for the statistics.
     device_routed: bool,
+    mode: PassMode,
 }
 
 impl<'a> Issuer<'a> {
@@ -561,11 +627,7 @@ impl<'a> Issuer<'a> {
         if let Some(&bad) = local.iter().find(|&&r| r >= p.ranks) {
             return Err(err(bad, None, format!("the plan has {} ranks", p.ranks)));
         }
-        let whole_groups = local.len() % p.group == 0
-            && local
-                .chunks(p.group)
-                .all(|g| g.iter().enumerate().all(|(q, &r)| r == g[0] + q && p.me(g[0]) == 0));
-        let device_routed = p.padded > 0 && whole_groups;
+        let device_routed = capturable(p, local);
         Ok(Issuer {
             p,
             t,
@@ -577,6 +639,7 @@ impl<'a> Issuer<'a> {
             stamps: 0,
             current_op: 0,
             device_routed,
+            mode: PassMode::Eager,
         })
     }
 
@@ -628,16 +691,23 @@ impl<'a> Issuer<'a> {
                 .map_err(|e| err(r, None, e))?;
         }
         let start = std::time::Instant::now();
-        for step in &p.steps {
-            let label = self.op_label(step.op);
-            self.current_op = step.op;
-            self.profiled_step(step.stream, &step.kind)
-                .map_err(|mut e: ExecError| {
-                    if e.op.is_none() {
-                        e.op = label.clone();
-                    }
-                    e
-                })?;
+        let graph_err = |e: String| ExecError {
+            rank: None,
+            op: None,
+            message: format!("CUDA graph: {e}"),
+        };
+        match self.mode {
+            PassMode::Replay => self.t.launch_graph().map_err(graph_err)?,
+            PassMode::Capture => {
+                let origin = self.local.first().copied().unwrap_or(0);
+                self.t.begin_capture(origin, 0).map_err(graph_err)?;
+                self.fork_join(origin, true)?;
+                self.issue_steps()?;
+                self.fork_join(origin, false)?;
+                self.t.end_capture().map_err(graph_err)?;
+                self.t.launch_graph().map_err(graph_err)?;
+            }
+            PassMode::Eager | PassMode::Profiled => self.issue_steps()?,
         }
         let local = self.local;
         self.t.synchronize().map_err(|e| ExecError {
@@ -691,6 +761,55 @@ impl<'a> Issuer<'a> {
             seconds,
             timings,
         })
+    }
+
+    /// Issues every step of the program, in order.
+    fn issue_steps(&mut self) -> Result<(), ExecError> {
+        let p = self.p;
+        for step in &p.steps {
+            let label = self.op_label(step.op);
+            self.current_op = step.op;
+            self.profiled_step(step.stream, &step.kind)
+                .map_err(|mut e: ExecError| {
+                    if e.op.is_none() {
+                        e.op = label.clone();
+                    }
+                    e
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Capture: every other stream of every local rank waits for an event
+    /// of stream 0 of rank `origin` (`fork`), or stream 0 of `origin` waits
+    /// for an event of every other stream (the join), so that one stream's
+    /// capture takes in all of them.
+    fn fork_join(&mut self, origin: usize, fork: bool) -> Result<(), ExecError> {
+        let local = self.local;
+        let streams = self.p.streams;
+        // Ids no collective uses (theirs count up from 0).
+        let event = |rank: usize, stream: usize| EventId {
+            rank,
+            id: u32::MAX - stream as u32,
+            comm: true,
+        };
+        if fork {
+            self.submit(origin, 0, Command::Record(event(origin, 0)))?;
+        }
+        for &r in local {
+            for s in 0..streams {
+                if (r, s) == (origin, 0) {
+                    continue;
+                }
+                if fork {
+                    self.submit(r, s, Command::Wait(event(origin, 0)))?;
+                } else {
+                    self.submit(r, s, Command::Record(event(r, s)))?;
+                    self.submit(origin, 0, Command::Wait(event(r, s)))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Issues a step, between two stamps on every local rank's stream when

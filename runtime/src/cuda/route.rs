@@ -110,7 +110,8 @@ impl RouteTable {
 
     /// [`RouteTable::recv_rows`] in the expert-side layout of `padded`.
     pub fn expert_side_rows(&self, s: usize, g: usize, l: usize, padded: usize) -> Range<usize> {
-        let start = self.slot_start(g, l, padded) + (0..s).map(|s2| self.rows(s2, g, l)).sum::<usize>();
+        let start =
+            self.slot_start(g, l, padded) + (0..s).map(|s2| self.rows(s2, g, l)).sum::<usize>();
         start..start + self.rows(s, g, l)
     }
 }
