@@ -142,3 +142,12 @@ fn bench_on_cuda_without_a_driver_says_so_and_exits_1() {
         }
     }
 }
+
+#[test]
+fn graph_needs_the_cuda_backend() {
+    for cmd in ["run", "bench"] {
+        let (code, _, stderr) = moec(&[cmd, &example("tiny"), "--graph"]);
+        assert_eq!(code, 2, "{cmd}: {stderr}");
+        assert!(stderr.contains("--backend cuda"), "{cmd}: {stderr}");
+    }
+}

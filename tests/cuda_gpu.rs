@@ -128,6 +128,22 @@ fn both(name: &str, plan: &Plan, seed: u64) -> f64 {
         "{name}: {:?}",
         profiled.phase_seconds
     );
+    // Capacity plans also run as a CUDA graph: captured, then replayed,
+    // each with the eager pass's bits and statistics.
+    if gpu.graph_capable() {
+        for what in ["captured", "replayed"] {
+            let g = gpu
+                .forward_graph(&inputs)
+                .unwrap_or_else(|e| panic!("{name}: graph {what}: {e}"));
+            assert!(g.outputs == got.outputs, "{name}: the {what} graph differs");
+            assert_eq!(
+                g.stats.routed_per_expert, got.stats.routed_per_expert,
+                "{name}"
+            );
+            assert_eq!(g.stats.dropped, got.stats.dropped, "{name}");
+        }
+        eprintln!("{name}: the CUDA graph matches the eager pass");
+    }
     assert_eq!(
         got.stats.routed_per_expert, want.stats.routed_per_expert,
         "{name}: assignments per expert"

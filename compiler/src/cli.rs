@@ -138,6 +138,10 @@ struct RunArgs {
     /// fail if any output differs (a race check of the plan's events).
     #[arg(long, value_name = "K")]
     shuffle: Option<u32>,
+    /// With `--backend cuda`: run the pass as a CUDA graph (capacity plans
+    /// with every rank on this GPU; dropless plans read the routing on the host).
+    #[arg(long)]
+    graph: bool,
 }
 
 /// Where `moec run` and `moec bench` execute a plan.
@@ -537,6 +541,12 @@ impl Ctx<'_> {
     fn run(&mut self, a: &RunArgs) -> Result<i32, Failure> {
         use moec_runtime::cpu::{CpuBackend, CpuOptions};
         use moec_runtime::weights::{random_inputs, save_run, LayerWeights};
+        if a.graph && a.backend != Backend::Cuda {
+            return Err(Failure(
+                EXIT_USAGE,
+                "--graph runs the pass as a CUDA graph; it needs --backend cuda".into(),
+            ));
+        }
         if a.backend == Backend::Cuda {
             crate::run::cuda_preflight(a.shuffle.is_some())
                 .map_err(|(code, e)| Failure(code, e))?;
@@ -624,7 +634,7 @@ impl Ctx<'_> {
                 (backend.forward(&inputs).map_err(fail)?, Some(backend))
             }
             Backend::Cuda => {
-                let result = crate::run::cuda_forward(plan, &weights, &inputs, self.out)
+                let result = crate::run::cuda_forward(plan, &weights, &inputs, a.graph, self.out)
                     .map_err(|(code, e)| Failure(code, e))?;
                 (result, None)
             }

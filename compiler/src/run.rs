@@ -122,19 +122,25 @@ pub fn cuda_preflight(shuffle: bool) -> Result<(), (i32, String)> {
 /// Runs `plan` on the CUDA backend: every rank a virtual rank of one GPU,
 /// or, under torchrun (`WORLD_SIZE` > 1), this process's rank over NCCL
 /// (the outputs are then this rank's only). Prints where it runs. The pass
-/// is profiled, so the phases hold their device times.
+/// is profiled, so the phases hold their device times; with `graph` it
+/// runs as a CUDA graph instead (no phases).
 pub fn cuda_forward(
     plan: moec_runtime::Plan,
     weights: &moec_runtime::weights::LayerWeights,
     inputs: &[Vec<f32>],
+    graph: bool,
     out: &mut dyn std::io::Write,
 ) -> Result<moec_runtime::Forward, (i32, String)> {
     use crate::cli::{EXIT_REJECTED, EXIT_USAGE};
     use moec_runtime::cuda::{CudaBackend, CudaOptions};
     let rejected = |e: moec_runtime::cpu::ExecError| (EXIT_REJECTED, e.to_string());
     let mut backend = CudaBackend::new(plan, weights, CudaOptions::default()).map_err(rejected)?;
-    writeln!(out, "device: {}", backend.describe())
+    let how = if graph { ", as a CUDA graph" } else { "" };
+    writeln!(out, "device: {}{how}", backend.describe())
         .map_err(|e| (EXIT_USAGE, format!("cannot write output: {e}")))?;
+    if graph {
+        return backend.forward_graph(inputs).map_err(rejected);
+    }
     backend
         .forward_profiled(inputs)
         .map(|(forward, _)| forward)

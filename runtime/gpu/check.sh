@@ -13,9 +13,11 @@
 #   2. `moec run --backend cuda` on every example, shrunk (hidden 64, ffn 32,
 #      128 tokens per rank, bf16), beside `--backend cpu`: the routing lines
 #      (tokens per expert, drops) must be equal, the output lines are shown;
-#   3. the ignored GPU tests (tests/cuda_gpu.rs): every example in bf16 and
-#      f32 against the CPU backend, capacity, chunks, replicas;
-#   4. a one-rank NCCL smoke test (MOEC_COMM=nccl); NCCL needs a GPU per
+#   3. a capacity plan (switch_base_128, shrunk) as a CUDA graph;
+#   4. the ignored GPU tests (tests/cuda_gpu.rs): every example in bf16 and
+#      f32 against the CPU backend, capacity (eager and as a graph), chunks,
+#      replicas, profiled passes;
+#   5. a one-rank NCCL smoke test (MOEC_COMM=nccl); NCCL needs a GPU per
 #      rank, so multi-rank NCCL runs need a multi-GPU host (torchrun).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -70,6 +72,17 @@ for example in examples/*.moe; do
         b="$(echo "$gpu" | grep "^$line")"
         [ "$a" = "$b" ] || { echo "cpu: $a"; echo "gpu: $b"; fail "$name: $line differs"; }
     done
+done
+
+step "a capacity plan as a CUDA graph (moec run --graph), beside the CPU"
+graph_args=(examples/switch_base_128.moe --hidden 64 --ffn 32 --tokens 128 --dtype bf16 --seed 3)
+cpu="$("$bin/moec" run "${graph_args[@]}" --backend cpu 2>&1)"
+gpu="$("$bin/moec" run "${graph_args[@]}" --backend cuda --graph 2>&1)" || fail "moec run --graph"
+echo "$gpu" | grep -E '^(device|output|error|wall)' || true
+for line in 'tokens per expert' 'dropped'; do
+    a="$(echo "$cpu" | grep "^$line")"
+    b="$(echo "$gpu" | grep "^$line")"
+    [ "$a" = "$b" ] || { echo "cpu: $a"; echo "gpu: $b"; fail "--graph: $line differs"; }
 done
 
 step "the GPU tests (tests/cuda_gpu.rs, ignored elsewhere)"

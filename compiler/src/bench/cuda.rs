@@ -210,6 +210,12 @@ pub fn bench_cuda(
             "moec bench --backend cuda runs every rank in one process (virtual ranks); unset WORLD_SIZE and MOEC_COMM".into(),
         ));
     }
+    if a.graph && !backend.graph_capable() {
+        return Err((
+            EXIT_REJECTED,
+            "--graph: only capacity plans run as a CUDA graph (a dropless plan reads the routing on the host during the pass); give the layer a `capacity`".into(),
+        ));
+    }
 
     let first = backend.forward(&inputs).map_err(rejected)?;
     let values = first.outputs.iter().flatten();
@@ -238,6 +244,48 @@ pub fn bench_cuda(
             times.push(f.wall_seconds);
         }
     }
+    let graph = if a.graph {
+        let captured = backend.forward_graph(&inputs).map_err(rejected)?;
+        if captured.outputs.iter().flatten().any(|v| !v.is_finite()) {
+            return Err((
+                EXIT_REJECTED,
+                "the CUDA graph's output is not finite".into(),
+            ));
+        }
+        let eager = backend.forward(&inputs).map_err(rejected)?;
+        let (mut diff, mut max) = (0.0f64, 0.0f64);
+        for (g, e) in captured
+            .outputs
+            .iter()
+            .flatten()
+            .zip(eager.outputs.iter().flatten())
+        {
+            diff = diff.max(f64::from((g - e).abs()));
+            max = max.max(f64::from(e.abs()));
+        }
+        if diff.is_nan() || diff > 1e-2 * max {
+            return Err((
+                EXIT_REJECTED,
+                format!("the CUDA graph's output differs from the eager pass's (max difference {diff:.3e} of {max:.3e})"),
+            ));
+        }
+        writeln!(
+            err,
+            "CUDA graph captured: {:.3} ms (output max difference to the eager pass {diff:.1e})",
+            captured.wall_seconds * 1e3
+        )
+        .map_err(io)?;
+        let mut graph_times = Vec::with_capacity(a.iters);
+        for round in 0..a.warmup + a.iters {
+            let f = backend.forward_graph(&inputs).map_err(rejected)?;
+            if round >= a.warmup {
+                graph_times.push(f.wall_seconds);
+            }
+        }
+        Some(Row::new("moec cuda backend, CUDA graph", &graph_times, 0.0))
+    } else {
+        None
+    };
     let (profiled, timings) = backend.forward_profiled(&inputs).map_err(rejected)?;
     let kept: u64 = stats.routed_per_expert.iter().sum::<u64>() - stats.dropped;
     let prof = profile(
@@ -255,6 +303,7 @@ pub fn bench_cuda(
         dims: &dims,
         plan: &plan,
         total,
+        graph,
         profiled_seconds: profiled.wall_seconds,
         prof,
         stats: &stats,
@@ -275,6 +324,8 @@ struct CudaReport<'a> {
     dims: &'a Dims,
     plan: &'a Plan,
     total: Row,
+    /// Passes run as a CUDA graph (`--graph`).
+    graph: Option<Row>,
     profiled_seconds: f64,
     prof: Profile,
     stats: &'a moec_runtime::RoutingStats,
@@ -314,6 +365,7 @@ impl CudaReport<'_> {
             "seed": self.a.seed,
             "flops": self.total.gflops * self.total.median * 1e9,
             "total_ms": { "median": self.total.median * 1e3, "min": self.total.min * 1e3 },
+            "graph_total_ms": self.graph.as_ref().map(|g| serde_json::json!({ "median": g.median * 1e3, "min": g.min * 1e3 })),
             "tflops": self.total.gflops / 1e3,
             "tokens_per_s": if self.total.median > 0.0 { self.tokens() / self.total.median } else { 0.0 },
             "profiled_pass_ms": self.profiled_seconds * 1e3,
@@ -366,6 +418,13 @@ impl CudaReport<'_> {
                 0.0
             }
         );
+        if let Some(g) = &self.graph {
+            s += &format!(
+                "as a CUDA graph: median {:.3} ms, min {:.3} ms\n",
+                g.median * 1e3,
+                g.min * 1e3
+            );
+        }
         s += &format!(
             "profiled pass: {:.3} ms (a timing event around every step)\n\n",
             self.profiled_seconds * 1e3

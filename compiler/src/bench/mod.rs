@@ -83,6 +83,10 @@ pub struct BenchArgs {
     /// its GEMMs and memory-bound kernels achieve).
     #[arg(long, value_enum, default_value_t = crate::cli::Backend::Cpu)]
     backend: crate::cli::Backend,
+    /// With `--backend cuda`: time passes run as a CUDA graph (capacity
+    /// plans), beside the eager ones.
+    #[arg(long)]
+    graph: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -131,6 +135,9 @@ pub fn bench(
     }
     if a.gemm_threads == 0 {
         return Err((EXIT_USAGE, "--gemm-threads must be at least 1".into()));
+    }
+    if a.graph && a.backend != crate::cli::Backend::Cuda {
+        return Err((EXIT_USAGE, "--graph needs --backend cuda".into()));
     }
     if a.backend == crate::cli::Backend::Cuda {
         // Before compiling: a machine without a GPU learns it at once.
