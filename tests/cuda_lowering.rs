@@ -276,7 +276,10 @@ fn wrapper(i: usize, symbol: &str, params: &[Param], scratch: bool) -> String {
          \x20   unsigned char* scratch, unsigned int grid, unsigned int block) {{\n\
          \x20   (void)scratch;\n\
          \x20   gridDim.x = grid; blockDim.x = block;\n\
-         \x20   for (unsigned int b = 0; b < grid; ++b) for (unsigned int t = 0; t < block; ++t) {{\n\
+         \x20   for (unsigned int b = 0; b < grid; ++b) for (unsigned int i = 0; i < block; ++i) {{\n\
+         \x20       // Odd blocks run their threads backwards: a kernel whose\n\
+         \x20       // threads depend on each other's order shows it.\n\
+         \x20       const unsigned int t = (b & 1u) ? block - 1u - i : i;\n\
          \x20       blockIdx.x = b; threadIdx.x = t;\n\
          \x20       {symbol}({});\n\
          \x20   }}\n}}\n",

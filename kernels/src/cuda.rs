@@ -165,11 +165,20 @@ pub struct CudaKernel {
     kind: String,
     params: Vec<Param>,
     scratch_bytes_per_thread: u64,
+    block_per_row: bool,
     helpers: BTreeSet<Helper>,
     text: String,
 }
 
 impl CudaKernel {
+    /// The launch shape: a block per row (its threads share the row's
+    /// parallel loops; see [`crate::parallel`]) rather than a thread per
+    /// row. Any grid and block size computes the same result either way;
+    /// this says which one is fast.
+    pub fn block_per_row(&self) -> bool {
+        self.block_per_row
+    }
+
     /// The `extern "C"` symbol: `moec_<kind>_<hash>`.
     pub fn name(&self) -> &str {
         &self.name
@@ -298,6 +307,7 @@ pub fn lower(kernel: &Kernel) -> Result<CudaKernel, CudaError> {
         loops: 0,
         helpers: BTreeSet::new(),
         ranges: Vec::new(),
+        shared: BTreeSet::new(),
     };
     l.helpers.insert(Helper::Fail);
 
@@ -309,6 +319,9 @@ pub fn lower(kernel: &Kernel) -> Result<CudaKernel, CudaError> {
         total += (u64::from(a.len) * elem_bytes(a.ty)).next_multiple_of(16);
     }
     let scratch = if total > LOCAL_ARRAY_BYTES { total } else { 0 };
+    let shared = crate::parallel::parallel_loops(kernel, scratch > 0);
+    let block_per_row = shared.is_some();
+    l.shared = shared.unwrap_or_default();
 
     l.stmts(&kernel.body).map_err(err)?;
     let body = std::mem::take(&mut l.out);
@@ -343,10 +356,12 @@ pub fn lower(kernel: &Kernel) -> Result<CudaKernel, CudaError> {
     let _ = writeln!(sig, "(\n    {})\n{{", params.join(",\n    "));
     let i1 = "    ";
     let i2 = "        ";
-    let _ = writeln!(
-        sig,
-        "{i1}const long long moec_step = (long long)gridDim.x * (long long)blockDim.x;"
-    );
+    if !block_per_row {
+        let _ = writeln!(
+            sig,
+            "{i1}const long long moec_step = (long long)gridDim.x * (long long)blockDim.x;"
+        );
+    }
     if scratch > 0 {
         let _ = writeln!(
             sig,
@@ -362,10 +377,18 @@ pub fn lower(kernel: &Kernel) -> Result<CudaKernel, CudaError> {
             );
         }
     }
-    let _ = writeln!(
-        sig,
-        "{i1}for (long long moec_row = (long long)blockIdx.x * (long long)blockDim.x + (long long)threadIdx.x;\n{i1}     moec_row < moec_rows; moec_row += moec_step) {{"
-    );
+    if block_per_row {
+        // A block per row; the shared loops hand out their iterations.
+        let _ = writeln!(
+            sig,
+            "{i1}for (long long moec_row = (long long)blockIdx.x; moec_row < moec_rows; moec_row += (long long)gridDim.x) {{"
+        );
+    } else {
+        let _ = writeln!(
+            sig,
+            "{i1}for (long long moec_row = (long long)blockIdx.x * (long long)blockDim.x + (long long)threadIdx.x;\n{i1}     moec_row < moec_rows; moec_row += moec_step) {{"
+        );
+    }
 
     for (i, v) in kernel.vars.iter().enumerate() {
         let id = VarId(i as u32);
@@ -407,6 +430,7 @@ pub fn lower(kernel: &Kernel) -> Result<CudaKernel, CudaError> {
         kind: kernel.name.clone(),
         params: kernel.params.clone(),
         scratch_bytes_per_thread: scratch,
+        block_per_row,
         helpers: l.helpers,
         text,
     })
@@ -559,6 +583,9 @@ struct Lower<'k> {
     /// The variables of the enclosing loops with literal bounds, and those
     /// bounds (a loop variable is never assigned in its body).
     ranges: Vec<(VarId, i64, i64)>,
+    /// Block-per-row shape: the loops (by pre-order number) whose
+    /// iterations the block's threads share.
+    shared: BTreeSet<u32>,
 }
 
 impl Lower<'_> {
@@ -719,12 +746,20 @@ impl Lower<'_> {
                 } else {
                     self.temp(Ty::I64, &end.code)
                 };
+                let shared = self.shared.contains(&self.loops);
                 let l = format!("l{}", self.loops);
                 self.loops += 1;
-                self.line(&format!(
-                    "for (long long {l} = {}; {l} < {}; ++{l}) {{",
-                    start.code, end.code
-                ));
+                if shared {
+                    self.line(&format!(
+                        "for (long long {l} = {} + (long long)threadIdx.x; {l} < {}; {l} += (long long)blockDim.x) {{",
+                        start.code, end.code
+                    ));
+                } else {
+                    self.line(&format!(
+                        "for (long long {l} = {}; {l} < {}; ++{l}) {{",
+                        start.code, end.code
+                    ));
+                }
                 self.depth += 1;
                 if self.is_read(*var) {
                     self.line(&format!("{name} = {l};"));
@@ -1692,7 +1727,13 @@ mod tests {
                 }
             }
             assert!(text.contains("long long moec_rows"), "{kind}");
-            assert!(text.contains("moec_row += moec_step"), "{kind}");
+            if k.block_per_row() {
+                assert!(text.contains("moec_row += (long long)gridDim.x"), "{kind}");
+                assert!(text.contains("+= (long long)blockDim.x)"), "{kind}");
+                assert!(!text.contains("moec_step"), "{kind}");
+            } else {
+                assert!(text.contains("moec_row += moec_step"), "{kind}");
+            }
             assert!(!text.contains("moec_scratch"), "{kind}: small arrays");
             // The description rides along as a comment.
             assert!(

@@ -25,7 +25,8 @@
 //! - [`library`]: the MoE kernels, written with the builder;
 //! - [`interp`]: the reference interpreter, the oracle of the backends' tests;
 //! - [`cuda`]: the CUDA C code generator (the CPU backend's Cranelift lowering
-//!   lives in the runtime, next to the executor that calls it);
+//!   lives in the runtime, next to the executor that calls it), with
+//!   [`parallel`], which finds the loops a block's threads can share;
 //! - [`native`]: the hand-written CUDA C of the assignment kernels, which
 //!   scan across tokens and so are no per-row descriptions.
 //!
@@ -40,4 +41,5 @@ pub mod interp;
 pub mod ir;
 pub mod library;
 pub mod native;
+pub mod parallel;
 pub mod scalar;

@@ -104,7 +104,10 @@ fn wrapper(i: usize, k: &CudaKernel) -> String {
          \x20   unsigned char* scratch, unsigned int grid, unsigned int block) {{\n\
          \x20   (void)scratch;\n\
          \x20   gridDim.x = grid; blockDim.x = block;\n\
-         \x20   for (unsigned int b = 0; b < grid; ++b) for (unsigned int t = 0; t < block; ++t) {{\n\
+         \x20   for (unsigned int b = 0; b < grid; ++b) for (unsigned int i = 0; i < block; ++i) {{\n\
+         \x20       // Odd blocks run their threads backwards: a kernel whose\n\
+         \x20       // threads depend on each other's order shows it.\n\
+         \x20       const unsigned int t = (b & 1u) ? block - 1u - i : i;\n\
          \x20       blockIdx.x = b; threadIdx.x = t;\n\
          \x20       {}({});\n\
          \x20   }}\n}}\n",
@@ -400,26 +403,34 @@ fn generated_cuda_matches_the_interpreter_on_library_kernels() {
         return;
     };
     let scalars = [Arg::F32(2.5)];
+    let mut block_per_row = 0;
     for (k, &i) in kernels.iter().zip(&index) {
         let rows = 5u64;
         let mut want = fill(k, rows as usize, 7);
-        let mut got = want.clone();
         interp::run(k, &mut interp_args(k, &mut want, &scalars), rows)
             .unwrap_or_else(|e| panic!("{}: {e}", k.name));
-        // 3 blocks of 2 threads: rows 0 and 1 by the first block, 2 and 3 by
-        // the second, 4 by the third.
-        let status = host.run(i, &mut got, &scalars, rows, 3, 2);
-        assert_eq!(status, [0; STATUS_WORDS], "{}: status", k.name);
-        for (p, (g, w)) in k.params.iter().zip(got.iter().zip(&want)) {
-            assert!(
-                same_bits(g, w),
-                "{} ({}): buffer `{}` differs from the interpreter",
-                k.name,
-                module.kernels()[i].name(),
-                p.name
-            );
+        if module.kernels()[i].block_per_row() {
+            block_per_row += 1;
+        }
+        // Launch shapes that cut rows (thread per row) or a row's shared
+        // loops (block per row) differently, threads of odd blocks run
+        // backwards: 3 blocks of 2 threads, 2 of 7, one of 1.
+        for (grid, block) in [(3, 2), (2, 7), (1, 1)] {
+            let mut got = fill(k, rows as usize, 7);
+            let status = host.run(i, &mut got, &scalars, rows, grid, block);
+            assert_eq!(status, [0; STATUS_WORDS], "{}: status", k.name);
+            for (p, (g, w)) in k.params.iter().zip(got.iter().zip(&want)) {
+                assert!(
+                    same_bits(g, w),
+                    "{} ({}, {grid} x {block}): buffer `{}` differs from the interpreter",
+                    k.name,
+                    module.kernels()[i].name(),
+                    p.name
+                );
+            }
         }
     }
+    assert!(block_per_row >= 10, "{block_per_row} block-per-row kernels");
 }
 
 #[test]

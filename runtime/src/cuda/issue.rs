@@ -1083,7 +1083,7 @@ impl<'a> Issuer<'a> {
     ) -> Result<Command, ExecError> {
         let p = self.p;
         let scratch = p.scratch_per_thread(kernel) > 0;
-        let (grid, block) = launch_shape(rows, scratch);
+        let (grid, block) = launch_shape(rows, p.shape(kernel));
         let status = Addr::of(r, p.work.status).plus(status as u64 * STATUS_BYTES);
         let scratch = if scratch {
             let sw = p

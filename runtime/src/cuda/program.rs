@@ -44,6 +44,10 @@ use crate::plan::{
 pub const BLOCK: u32 = 256;
 /// Most blocks of a launch.
 pub const MAX_GRID: u32 = 4096;
+/// Threads per block and most blocks of a block-per-row kernel (a row's
+/// `hidden` elements in 128-thread strides; rows past the grid loop).
+pub const ROW_BLOCK: u32 = 128;
+pub const MAX_ROW_GRID: u32 = 16384;
 /// Threads per block and most blocks of a kernel that keeps its arrays in
 /// the scratch block (the scratch is sized for all of them).
 pub const SCRATCH_BLOCK: u32 = 128;
@@ -422,14 +426,26 @@ fn mul(parts: &[u64]) -> Result<u64, String> {
         .ok_or_else(|| "a size overflows".to_string())
 }
 
+/// How a kernel spreads over a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// One thread per row (grid-stride over threads).
+    ThreadPerRow,
+    /// One thread per row, with local arrays in the scratch block.
+    Scratch,
+    /// One block per row, its threads sharing the row's parallel loops
+    /// (`moec_kernels::parallel`).
+    BlockPerRow,
+}
+
 /// The launch shape for `rows` rows: `(grid, block)`.
-pub fn launch_shape(rows: u64, scratch: bool) -> (u32, u32) {
-    let (block, max) = if scratch {
-        (SCRATCH_BLOCK, SCRATCH_GRID)
-    } else {
-        (BLOCK, MAX_GRID)
+pub fn launch_shape(rows: u64, shape: Shape) -> (u32, u32) {
+    let (per_block, block, max) = match shape {
+        Shape::Scratch => (SCRATCH_BLOCK, SCRATCH_BLOCK, SCRATCH_GRID),
+        Shape::ThreadPerRow => (BLOCK, BLOCK, MAX_GRID),
+        Shape::BlockPerRow => (1, ROW_BLOCK, MAX_ROW_GRID),
     };
-    let grid = rows.div_ceil(u64::from(block)).clamp(1, u64::from(max));
+    let grid = rows.div_ceil(u64::from(per_block)).clamp(1, u64::from(max));
     (grid as u32, block)
 }
 
@@ -464,6 +480,18 @@ impl Program {
                 .map(|k| k.name().to_string())
                 .unwrap_or_default(),
             KernelRef::Native(n) => n.symbol().to_string(),
+        }
+    }
+
+    /// How a kernel spreads over a launch.
+    pub fn shape(&self, k: KernelRef) -> Shape {
+        match k {
+            KernelRef::Generated(i) => match self.kernels.module.kernels().get(i) {
+                Some(g) if g.scratch_bytes_per_thread() > 0 => Shape::Scratch,
+                Some(g) if g.block_per_row() => Shape::BlockPerRow,
+                _ => Shape::ThreadPerRow,
+            },
+            KernelRef::Native(_) => Shape::ThreadPerRow,
         }
     }
 
