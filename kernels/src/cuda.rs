@@ -52,9 +52,14 @@
 //! writes overlaps no other buffer of the launch (the pointers are
 //! `__restrict__`).
 //!
-//! One thread runs one row at a time, over rows `blockIdx.x · blockDim.x +
-//! threadIdx.x` stepping by `gridDim.x · blockDim.x` (a grid-stride loop), so
-//! any one-dimensional launch shape covers all rows. Every buffer and local
+//! In the thread-per-row shape one thread runs one row at a time, over rows
+//! `blockIdx.x · blockDim.x + threadIdx.x` stepping by `gridDim.x ·
+//! blockDim.x` (a grid-stride loop). In the block-per-row shape
+//! ([`CudaKernel::block_per_row`], chosen by [`crate::parallel`]) a block runs
+//! one row at a time (rows `blockIdx.x` stepping by `gridDim.x`) and the
+//! row's shared loops hand iteration `start + threadIdx.x + n · blockDim.x`
+//! to each thread. Either way any one-dimensional launch shape covers all
+//! rows and computes the same bits. Every buffer and local
 //! array access is bounds-checked. A failing access (or an integer division by
 //! zero) writes nothing, records the failure in `status` if none is recorded
 //! yet (an `atomicCAS` on word 0) and stops that thread; other threads finish
@@ -75,14 +80,10 @@
 //! kernel with larger arrays (a router over thousands of experts) keeps them
 //! in the `scratch` block instead, `scratch_bytes_per_thread` per thread.
 //!
-//! **What to tune on a GPU:** one thread per row is the first, correct
-//! lowering; a row's inner loops over `hidden` then run in one thread and
-//! neighbouring threads read addresses `hidden` elements apart, which does not
-//! coalesce. The next step is a block (or warp) per row with the loops whose
-//! iterations are independent (no variable carried across iterations, no
-//! local-array store, stores indexed by the loop variable) strided over the
-//! block's threads; the hardware `cvt` instructions for `bf16` where NaN
-//! payloads need not be kept; and vector loads.
+//! **What to tune on a GPU:** the block-per-row shape coalesces the
+//! streaming kernels; next are vector loads, the hardware `cvt` instructions
+//! for `bf16` where NaN payloads need not be kept, and a per-kernel block
+//! size, each to be measured on a GPU first.
 //!
 //! # Names
 //!
