@@ -1044,21 +1044,7 @@ fn mark_vars(body: &[Stmt], used: &mut [bool]) {
         }
     }
     fn expr(e: &Expr, used: &mut [bool]) {
-        match e {
-            Expr::Var(v) => mark(*v, used),
-            Expr::Load { index, .. } | Expr::ArrayLoad { index, .. } => expr(index, used),
-            Expr::Unary(_, a) => expr(a, used),
-            Expr::Binary(_, a, b) => {
-                expr(a, used);
-                expr(b, used);
-            }
-            Expr::Select(c, a, b) => {
-                expr(c, used);
-                expr(a, used);
-                expr(b, used);
-            }
-            Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Scalar(_) => {}
-        }
+        e.visit_vars(&mut |v| mark(v, used));
     }
     for s in body {
         match s {

@@ -246,6 +246,27 @@ pub enum Expr {
     Select(Box<Expr>, Box<Expr>, Box<Expr>),
 }
 
+impl Expr {
+    /// Calls `f` with every variable the expression reads, depth first.
+    pub fn visit_vars(&self, f: &mut impl FnMut(VarId)) {
+        match self {
+            Expr::Var(v) => f(*v),
+            Expr::Load { index, .. } | Expr::ArrayLoad { index, .. } => index.visit_vars(f),
+            Expr::Unary(_, a) => a.visit_vars(f),
+            Expr::Binary(_, a, b) => {
+                a.visit_vars(f);
+                b.visit_vars(f);
+            }
+            Expr::Select(c, a, b) => {
+                c.visit_vars(f);
+                a.visit_vars(f);
+                b.visit_vars(f);
+            }
+            Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Scalar(_) => {}
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stmt {
     Set(VarId, Expr),

@@ -196,23 +196,9 @@ fn assigned(body: &[Stmt], out: &mut BTreeSet<VarId>, array_store: &mut bool) {
 }
 
 fn expr_vars(e: &Expr, out: &mut BTreeSet<VarId>) {
-    match e {
-        Expr::Var(v) => {
-            out.insert(*v);
-        }
-        Expr::Load { index, .. } | Expr::ArrayLoad { index, .. } => expr_vars(index, out),
-        Expr::Unary(_, a) => expr_vars(a, out),
-        Expr::Binary(_, a, b) => {
-            expr_vars(a, out);
-            expr_vars(b, out);
-        }
-        Expr::Select(c, a, b) => {
-            expr_vars(c, out);
-            expr_vars(a, out);
-            expr_vars(b, out);
-        }
-        Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Scalar(_) => {}
-    }
+    e.visit_vars(&mut |v| {
+        out.insert(v);
+    });
 }
 
 /// Variables read by the statements of `body` other than `skip` (compared by

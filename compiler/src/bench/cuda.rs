@@ -168,16 +168,8 @@ pub fn bench_cuda(
     let dims = Dims::of(&plan)?;
     writeln!(
         err,
-        "moec bench --backend cuda: layer {} on {} rank(s) x {} tokens, hidden {}, {} experts x {}({}), top-{}, {}; warmup {}, iters {}",
-        layer.name,
-        dims.world,
-        dims.tokens,
-        dims.hidden,
-        dims.experts,
-        layer.ffn.name(),
-        dims.width,
-        layer.router.top_k,
-        layer.dtype.name(),
+        "moec bench --backend cuda: {}; warmup {}, iters {}",
+        dims.describe(&layer),
         a.warmup,
         a.iters
     )

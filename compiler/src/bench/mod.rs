@@ -221,16 +221,8 @@ fn bench_cpu(
 
     writeln!(
         err,
-        "moec bench: layer {} on {} rank(s) x {} tokens, hidden {}, {} experts x {}({}), top-{}, {}; {} core(s), gemm threads {}; warmup {}, iters {}",
-        layer.name,
-        dims.world,
-        dims.tokens,
-        dims.hidden,
-        dims.experts,
-        layer.ffn.name(),
-        dims.width,
-        layer.router.top_k,
-        layer.dtype.name(),
+        "moec bench: {}; {} core(s), gemm threads {}; warmup {}, iters {}",
+        dims.describe(&layer),
         cores,
         a.gemm_threads,
         a.warmup,
@@ -429,6 +421,22 @@ impl Dims {
             gated: l.ffn.gated(),
             shared,
         })
+    }
+
+    /// `layer NAME on R rank(s) x T tokens, hidden H, E experts x FFN(F), top-k, DTYPE`.
+    fn describe(&self, layer: &LayerConfig) -> String {
+        format!(
+            "layer {} on {} rank(s) x {} tokens, hidden {}, {} experts x {}({}), top-{}, {}",
+            layer.name,
+            self.world,
+            self.tokens,
+            self.hidden,
+            self.experts,
+            layer.ffn.name(),
+            self.width,
+            layer.router.top_k,
+            layer.dtype.name()
+        )
     }
 
     /// Rows of the stacked up projection of the routed experts (`2F` gated, `F` not).
