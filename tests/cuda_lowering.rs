@@ -571,6 +571,61 @@ impl<'k> Emu<'k> {
         Ok(())
     }
 
+    /// `c[m, n] = a[m, k] · w[n, k]ᵀ` in `f32`, through the `gemm` crate
+    /// as the CPU backend computes it.
+    fn gemm(
+        &mut self,
+        a: Addr,
+        w: Addr,
+        c: Addr,
+        dtype: DType,
+        (m, n, k): (u64, u64, u64),
+    ) -> Result<(), String> {
+        let (m, n, k) = (m as usize, n as usize, k as usize);
+        let el = dtype.bytes();
+        let a_bytes = self.bytes(a, (m * k) as u64 * el)?;
+        let w_bytes = self.bytes(w, (n * k) as u64 * el)?;
+        let mut av = vec![0f32; m * k];
+        let mut wv = vec![0f32; n * k];
+        memory::read_f32(&a_bytes, dtype, &mut av);
+        memory::read_f32(&w_bytes, dtype, &mut wv);
+        let mut cv = vec![0f32; m * n];
+        if k == 0 {
+            cv.fill(0.0);
+        } else {
+            // SAFETY: `av` holds m*k, `wv` n*k and `cv` m*n values;
+            // the strides below stay inside them (as in the CPU
+            // backend's `matmul_wt`).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    cv.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    av.as_ptr(),
+                    1,
+                    k as isize,
+                    wv.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+        let mut out = vec![0u8; m * n * 4];
+        memory::write_f32(&cv, DType::F32, &mut out);
+        self.put(c, &out)?;
+        Ok(())
+    }
+
     fn execute(&mut self, rank: usize, cmd: &Command, gen: u64) -> Result<(), String> {
         self.executed += 1;
         match cmd {
@@ -639,49 +694,27 @@ impl<'k> Emu<'k> {
                 m,
                 n,
                 k,
+            } => self.gemm(*a, *w, *c, *dtype, (*m, *n, *k))?,
+            Command::GemmBatched {
+                a,
+                w,
+                c,
+                dtype,
+                m,
+                n,
+                k,
+                batch,
+                strides,
             } => {
-                let (m, n, k) = (*m as usize, *n as usize, *k as usize);
-                let el = dtype.bytes();
-                let a_bytes = self.bytes(*a, (m * k) as u64 * el)?;
-                let w_bytes = self.bytes(*w, (n * k) as u64 * el)?;
-                let mut av = vec![0f32; m * k];
-                let mut wv = vec![0f32; n * k];
-                memory::read_f32(&a_bytes, *dtype, &mut av);
-                memory::read_f32(&w_bytes, *dtype, &mut wv);
-                let mut cv = vec![0f32; m * n];
-                if k == 0 {
-                    cv.fill(0.0);
-                } else {
-                    // SAFETY: `av` holds m*k, `wv` n*k and `cv` m*n values;
-                    // the strides below stay inside them (as in the CPU
-                    // backend's `matmul_wt`).
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            n,
-                            k,
-                            cv.as_mut_ptr(),
-                            1,
-                            n as isize,
-                            false,
-                            av.as_ptr(),
-                            1,
-                            k as isize,
-                            wv.as_ptr(),
-                            k as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+                for i in 0..*batch {
+                    self.gemm(
+                        a.plus(i * strides.0),
+                        w.plus(i * strides.1),
+                        c.plus(i * strides.2),
+                        *dtype,
+                        (*m, *n, *k),
+                    )?;
                 }
-                let mut out = vec![0u8; m * n * 4];
-                memory::write_f32(&cv, DType::F32, &mut out);
-                self.put(*c, &out)?;
             }
             Command::Copy { src, dst, bytes } => {
                 let data = self.bytes(*src, *bytes)?;
@@ -1289,10 +1322,14 @@ fn capacity_plans_run_as_a_graph() {
                 assert_eq!(pass.stats.dropped, eager.dropped, "{name} {mode:?}");
             }
             assert_eq!(emu.fetches, 0, "{name}");
+            // The experts' slots are equal and their weights evenly spaced:
+            // one strided-batched GEMM per projection and rank.
             let graph = emu.graph.as_ref().unwrap();
-            assert!(graph
+            let batched = graph
                 .iter()
-                .any(|(_, _, c)| matches!(c, Command::Gemm { .. })));
+                .filter(|(_, _, c)| matches!(c, Command::GemmBatched { .. }))
+                .count();
+            assert!(batched >= 2 * ranks, "{name}: {batched} batched GEMMs");
         }
         eprintln!("{name}: captured and replayed");
     }

@@ -569,15 +569,17 @@ impl CudaTarget {
     }
 
     #[allow(clippy::too_many_arguments)] // a GEMM, spelled out
+    /// `batch` GEMMs `c_i = a_i · w_iᵀ` (row-major, `f32` output and
+    /// compute), operand `i` at `i · strides` bytes: `cublasGemmEx` for one,
+    /// `cublasGemmStridedBatchedEx` for more.
     fn gemm(
         &self,
         rank: usize,
         stream: usize,
         (a, w, c): (Addr, Addr, Addr),
         dtype: DType,
-        m: u64,
-        n: u64,
-        k: u64,
+        (m, n, k): (u64, u64, u64),
+        (batch, strides): (u64, (u64, u64, u64)),
     ) -> Result<(), String> {
         let ty = match dtype {
             DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
@@ -590,9 +592,16 @@ impl CudaTarget {
         };
         let (mi, ni, ki) = (int(m, "m")?, int(n, "n")?, int(k, "k")?);
         let el = dtype.bytes();
-        let a_ptr = self.ptr(a, m * k * el)?;
-        let w_ptr = self.ptr(w, n * k * el)?;
-        let c_ptr = self.ptr(c, m * n * 4)?;
+        // The last operands' ends lie inside their allocations, so all do.
+        let last = batch.saturating_sub(1);
+        let span = |stride: u64, bytes: u64| {
+            last.checked_mul(stride)
+                .and_then(|s| s.checked_add(bytes))
+                .ok_or_else(|| "a batched GEMM's extent overflows".to_string())
+        };
+        let a_ptr = self.ptr(a, span(strides.0, m * k * el)?)?;
+        let w_ptr = self.ptr(w, span(strides.1, n * k * el)?)?;
+        let c_ptr = self.ptr(c, span(strides.2, m * n * 4)?)?;
         let h = self
             .rank(rank)?
             .blas
@@ -600,33 +609,89 @@ impl CudaTarget {
             .ok_or("no cuBLAS handle for this stream")?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let ld = ki.max(1);
+        let (op_w, op_a) = (
+            blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            blas_sys::cublasOperation_t::CUBLAS_OP_N,
+        );
+        let alpha = (&alpha as *const f32).cast::<c_void>();
+        let beta = (&beta as *const f32).cast::<c_void>();
+        let (f32_out, compute, algo) = (
+            blas_sys::cudaDataType::CUDA_R_32F,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+        );
         // Row-major c[m,n] = a[m,k] · w[n,k]ᵀ is column-major
         // cᵀ[n,m] = (w as k×n)ᵀ · (a as k×m).
-        // SAFETY: the three pointers address `n·k`, `m·k` and `m·n` elements
-        // inside their allocations (checked by `ptr`); alpha and beta are
-        // host scalars (the handle's default pointer mode); the handle is
-        // bound to this rank's stream.
-        blas_err("cublasGemmEx", unsafe {
-            blas::gemm_ex(
+        if batch <= 1 {
+            // SAFETY: the three pointers address `n·k`, `m·k` and `m·n`
+            // elements inside their allocations (checked by `ptr`); alpha
+            // and beta are host scalars (the handle's default pointer mode);
+            // the handle is bound to this rank's stream.
+            return blas_err("cublasGemmEx", unsafe {
+                blas::gemm_ex(
+                    h.0,
+                    op_w,
+                    op_a,
+                    ni,
+                    mi,
+                    ki,
+                    alpha,
+                    w_ptr as *const c_void,
+                    ty,
+                    ld,
+                    a_ptr as *const c_void,
+                    ty,
+                    ld,
+                    beta,
+                    c_ptr as *mut c_void,
+                    f32_out,
+                    ni,
+                    compute,
+                    algo,
+                )
+            });
+        }
+        let elems = |bytes: u64, size: u64| {
+            if bytes % size != 0 {
+                return Err(format!(
+                    "a GEMM stride of {bytes} bytes is no whole element"
+                ));
+            }
+            i64::try_from(bytes / size).map_err(|_| "a GEMM stride is too large".to_string())
+        };
+        let (sa, sw, sc) = (
+            elems(strides.0, el)?,
+            elems(strides.1, el)?,
+            elems(strides.2, 4)?,
+        );
+        let count = int(batch, "batch")?;
+        // SAFETY: as above, for each of the `batch` operand triples, the
+        // last of which was checked to end inside its allocation.
+        blas_err("cublasGemmStridedBatchedEx", unsafe {
+            blas::gemm_strided_batched_ex(
                 h.0,
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                op_w,
+                op_a,
                 ni,
                 mi,
                 ki,
-                (&alpha as *const f32).cast::<c_void>(),
+                alpha,
                 w_ptr as *const c_void,
                 ty,
                 ld,
+                sw,
                 a_ptr as *const c_void,
                 ty,
                 ld,
-                (&beta as *const f32).cast::<c_void>(),
+                sa,
+                beta,
                 c_ptr as *mut c_void,
-                blas_sys::cudaDataType::CUDA_R_32F,
+                f32_out,
                 ni,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                sc,
+                count,
+                compute,
+                algo,
             )
         })
     }
@@ -714,7 +779,18 @@ impl Target for CudaTarget {
                 m,
                 n,
                 k,
-            } => self.gemm(rank, stream, (a, w, c), dtype, m, n, k),
+            } => self.gemm(rank, stream, (a, w, c), dtype, (m, n, k), (1, (0, 0, 0))),
+            Command::GemmBatched {
+                a,
+                w,
+                c,
+                dtype,
+                m,
+                n,
+                k,
+                batch,
+                strides,
+            } => self.gemm(rank, stream, (a, w, c), dtype, (m, n, k), (batch, strides)),
             Command::Copy { src, dst, bytes } => {
                 let (s, d) = (self.ptr(src, bytes)?, self.ptr(dst, bytes)?);
                 let st = self.stream(rank, stream)?.cu_stream();

@@ -103,6 +103,20 @@ pub enum Command {
         n: u64,
         k: u64,
     },
+    /// `batch` GEMMs like [`Command::Gemm`], the `i`-th one's operands
+    /// `i · stride` bytes after the first's (`strides` of `a`, `w`, `c`):
+    /// one strided-batched cuBLAS call.
+    GemmBatched {
+        a: Addr,
+        w: Addr,
+        c: Addr,
+        dtype: DType,
+        m: u64,
+        n: u64,
+        k: u64,
+        batch: u64,
+        strides: (u64, u64, u64),
+    },
     Copy {
         src: Addr,
         dst: Addr,
@@ -1132,6 +1146,21 @@ impl<'a> Issuer<'a> {
             }
         };
         let (a_elem, c_elem) = (g.a_dtype.bytes(), g.c_dtype.bytes());
+        // Equal slots and evenly spaced weights: one strided-batched GEMM,
+        // then each expert's epilogue.
+        let batched = self.batched_gemm(r, g, &groups)?;
+        if let Some(cmd) = batched.clone() {
+            let timed = if self.marks.is_some() {
+                Some(self.stamp(r, stream)?)
+            } else {
+                None
+            };
+            self.submit(r, stream, cmd)?;
+            if let (Some(start), Some(&(_, m, _))) = (timed, groups.first()) {
+                let rows = m * groups.len() as u64;
+                self.close_mark(r, stream, start, Some((rows, g.n, g.k)))?;
+            }
+        }
         for (start, m, slot) in groups {
             if m == 0 {
                 continue;
@@ -1160,26 +1189,28 @@ impl<'a> Issuer<'a> {
                 .sub(start * g.n * 4, m * g.n * 4, "the GEMM accumulator")
                 .map_err(|e| err(r, None, e))?;
             let product = if g.tail == Tail::Direct { c } else { acc };
-            let timed = if self.marks.is_some() {
-                Some(self.stamp(r, stream)?)
-            } else {
-                None
-            };
-            self.submit(
-                r,
-                stream,
-                Command::Gemm {
-                    a: Addr::of(r, a),
-                    w: Addr::of(r, w),
-                    c: Addr::of(r, product),
-                    dtype: g.a_dtype,
-                    m,
-                    n: g.n,
-                    k: g.k,
-                },
-            )?;
-            if let Some(start) = timed {
-                self.close_mark(r, stream, start, Some((m, g.n, g.k)))?;
+            if batched.is_none() {
+                let timed = if self.marks.is_some() {
+                    Some(self.stamp(r, stream)?)
+                } else {
+                    None
+                };
+                self.submit(
+                    r,
+                    stream,
+                    Command::Gemm {
+                        a: Addr::of(r, a),
+                        w: Addr::of(r, w),
+                        c: Addr::of(r, product),
+                        dtype: g.a_dtype,
+                        m,
+                        n: g.n,
+                        k: g.k,
+                    },
+                )?;
+                if let Some(start) = timed {
+                    self.close_mark(r, stream, start, Some((m, g.n, g.k)))?;
+                }
             }
             let buf = |s: Span, elem: u64| Arg::Buf {
                 addr: Addr::of(r, s),
@@ -1241,6 +1272,67 @@ impl<'a> Issuer<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The strided-batched GEMM of `groups`, when they are experts' slots
+    /// of equal rows one after the other (padded capacity plans) and their
+    /// weights lie evenly spaced; `None` otherwise.
+    fn batched_gemm(
+        &self,
+        r: usize,
+        g: &GemmStep,
+        groups: &[(u64, u64, Option<usize>)],
+    ) -> Result<Option<Command>, ExecError> {
+        if !self.device_routed || groups.len() < 2 {
+            return Ok(None);
+        }
+        let &(first, m, _) = &groups[0];
+        let even_rows = groups.iter().enumerate().all(|(i, &(start, rows, slot))| {
+            rows == m && start == first + i as u64 * m && slot == Some(i)
+        });
+        if !even_rows || m == 0 {
+            return Ok(None);
+        }
+        let weights = groups
+            .iter()
+            .map(|&(_, _, slot)| self.gemm_weights(g.weight, slot).map(|(w, _)| w))
+            .collect::<Result<Vec<Span>, String>>()
+            .map_err(|e| err(r, None, e))?;
+        let step = |a: &Span, b: &Span| b.offset.checked_sub(a.offset).filter(|&d| d > 0);
+        let stride_w = step(&weights[0], &weights[1]).unwrap_or(0);
+        let even_weights = stride_w > 0
+            && weights
+                .windows(2)
+                .all(|w| step(&w[0], &w[1]) == Some(stride_w) && w[1].space == w[0].space);
+        if !even_weights {
+            return Ok(None);
+        }
+        let a_elem = g.a_dtype.bytes();
+        let batch = groups.len() as u64;
+        let total = m * batch;
+        let a =
+            g.a.sub(first * g.k * a_elem, total * g.k * a_elem, "the GEMM input")
+                .map_err(|e| err(r, None, e))?;
+        // The product: the output itself (`f32`, no epilogue) or the
+        // stream's accumulator, `n` columns of `f32` either way.
+        let product = if g.tail == Tail::Direct {
+            g.c.sub(first * g.n * 4, total * g.n * 4, "the GEMM output")
+        } else {
+            g.acc
+                .sub(first * g.n * 4, total * g.n * 4, "the GEMM accumulator")
+        }
+        .map_err(|e| err(r, None, e))?;
+        Ok(Some(Command::GemmBatched {
+            a: Addr::of(r, a),
+            w: Addr::of(r, weights[0]),
+            c: Addr::of(r, product),
+            dtype: g.a_dtype,
+            m,
+            n: g.n,
+            k: g.k,
+            batch,
+            strides: (m * g.k * a_elem, stride_w, m * g.n * 4),
+        }))
     }
 
     /// The weight matrix and bias of a GEMM (of local expert `slot`).
