@@ -4,7 +4,7 @@
 //! the same timeline; simulating one rank is simulating the layer. [`simulate`]
 //! is a discrete-event list scheduler:
 //!
-//! * every op lasts its [`Op::estimate_us`]; `Record` and `Wait` last nothing and
+//! * every op lasts its [`Op::estimate_us`](moec_runtime::plan::Op::estimate_us); `Record` and `Wait` last nothing and
 //!   produce no [`Span`];
 //! * a rank has two resources: **compute** (the SMs), held by every `Launch` and
 //!   `Gemm`, and **network**, held by every `Collective`. An op holds its

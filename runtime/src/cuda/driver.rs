@@ -15,7 +15,7 @@
 //!   pinned host buffer for the routing read-back.
 //! - Two modules: the plan's generated kernels and the native assignment
 //!   kernels, compiled by NVRTC for the device's architecture (queried
-//!   here), cached by [`PtxCache`], loaded with `cuModuleLoadData`.
+//!   here), cached by [`PtxCache`](super::PtxCache), loaded with `cuModuleLoadData`.
 //! - GEMMs: `cublasGemmEx` per row group (`f32` output and compute; the
 //!   row-major `c = a · wᵀ` is the column-major `cᵀ = w · aᵀ`). A grouped
 //!   `cublasGemmGroupedBatchedEx` over the local experts is the next step.
