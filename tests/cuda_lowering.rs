@@ -1834,9 +1834,10 @@ fn native_assignment_kernels_match_layout_rs() {
 /// The GPU benchmark's layers (`runtime/gpu/layers/`, run by
 /// `runtime/gpu/bench.sh`) lower for the device, and every rank's memory
 /// together fits on the GPU the benchmark is meant for, so a benchmark call
-/// cannot fail on allocation: the Mixtral layer on an H100 (80 GB), the
-/// DeepSeek-V3 layer's eight virtual ranks, whose dropless buffers are
-/// sized for the worst case, on an H200 (141 GB).
+/// cannot fail on allocation: the Mixtral and Qwen3 layers on an H100 (80
+/// GB), the DeepSeek-V3 layer's eight virtual ranks, whose dropless buffers
+/// are sized for the worst case, on an H200 (141 GB). The Qwen3 layer is a
+/// capacity plan, so it can run as a CUDA graph.
 #[test]
 fn the_gpu_benchmark_layers_fit_on_one_gpu() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/gpu/layers");
@@ -1846,7 +1847,7 @@ fn the_gpu_benchmark_layers_fit_on_one_gpu() {
         .filter(|p| p.extension().is_some_and(|x| x == "moe"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(files.len(), 3, "{files:?}");
     for f in files {
         let gpu_bytes: u64 = if f.ends_with("deepseek_v3.moe") {
             141_000_000_000
@@ -1855,6 +1856,10 @@ fn the_gpu_benchmark_layers_fit_on_one_gpu() {
         };
         let plan = plan_of(&std::fs::read_to_string(&f).unwrap(), &Overrides::default());
         let p = Program::lower(&plan).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        if f.ends_with("qwen3_capacity.moe") {
+            let local: Vec<usize> = (0..p.ranks).collect();
+            assert!(moec_runtime::cuda::issue::capturable(&p, &local));
+        }
         let per_rank = p.arena_bytes + p.weights.bytes + p.work.bytes;
         let total = per_rank * p.ranks as u64;
         eprintln!(

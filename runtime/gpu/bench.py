@@ -299,6 +299,20 @@ def markdown(report):
         if "error" in r["grouped_mm"]:
             items.append(f"  `_grouped_mm`: {r['grouped_mm']['error']}")
         details.append("\n".join(items))
+    graphs = [
+        m for m in report.get("moec_only", []) + [r.get("moec") for r in report["layers"]]
+        if m and m.get("graph_total_ms")
+    ]
+    if graphs:
+        details.append("")
+        details.append("CUDA graphs (capacity plans; moec only):")
+        for m in graphs:
+            eager, graph = m["total_ms"]["median"], m["graph_total_ms"]["median"]
+            details.append(
+                f"- {m['layer']} ({m['ranks']} rank(s) x {m['tokens_per_rank']} tokens, "
+                f"{m['experts']} experts, top-{m['top_k']}): eager {eager:.3f} ms, "
+                f"as a graph {graph:.3f} ms ({eager / graph:.2f}x)"
+            )
     return "\n".join(lines + [""] + details) + "\n"
 
 
@@ -345,7 +359,9 @@ def main():
         r["moec"] = moec.get(key)
         layers.append(r)
 
+    known = set(LAYERS)
     report = {
+        "moec_only": [m for key, m in moec.items() if key not in known],
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "small": small,

@@ -7,8 +7,9 @@
 #
 # 1. `moec bench --backend cuda --json` on each layer of runtime/gpu/layers/
 #    (Mixtral size on one rank; DeepSeek-V3 size on eight virtual ranks,
-#    which needs about 93 GB: an H200): the layer's time, its phases, the
-#    expert GEMMs' TFLOP/s and the permute/unpermute kernels' GB/s;
+#    which needs about 93 GB: an H200; a Qwen3 capacity layer, timed eager
+#    and as a CUDA graph): the layer's time, its phases, the expert GEMMs'
+#    TFLOP/s and the permute/unpermute kernels' GB/s;
 # 2. runtime/gpu/bench.py: the dense bf16 GEMM rate and the device-to-device
 #    copy bandwidth, and the same layers in PyTorch (a loop over experts,
 #    and torch._grouped_mm), then the comparison.
@@ -37,7 +38,10 @@ for layer in "$here"/layers/*.moe; do
     name="$(basename "$layer" .moe)"
     echo "=== moec bench --backend cuda $layer"
     start=$SECONDS
-    if timeout 300 "$bin/moec" bench "$layer" --backend cuda --iters "$iters" --warmup 2 --json \
+    graph=()
+    # Capacity plans run as a CUDA graph too (timed beside the eager passes).
+    grep -q '^    capacity {' "$layer" && graph=(--graph)
+    if timeout 300 "$bin/moec" bench "$layer" --backend cuda "${graph[@]}" --iters "$iters" --warmup 2 --json \
         >"$out/moec-$name.json" 2>"$out/moec-$name.log"; then
         reports+=(--moec "$out/moec-$name.json")
         cat "$out/moec-$name.log"
