@@ -715,9 +715,16 @@ impl<'a> Issuer<'a> {
             PassMode::Capture => {
                 let origin = self.local.first().copied().unwrap_or(0);
                 self.t.begin_capture(origin, 0).map_err(graph_err)?;
-                self.fork_join(origin, true)?;
-                self.issue_steps()?;
-                self.fork_join(origin, false)?;
+                let issued = self
+                    .fork_join(origin, true)
+                    .and_then(|()| self.issue_steps())
+                    .and_then(|()| self.fork_join(origin, false));
+                if let Err(e) = issued {
+                    // End the capture so the streams work again; the error
+                    // that stopped it is the one to report.
+                    let _ = self.t.end_capture();
+                    return Err(e);
+                }
                 self.t.end_capture().map_err(graph_err)?;
                 self.t.launch_graph().map_err(graph_err)?;
             }
