@@ -1878,3 +1878,46 @@ fn the_gpu_benchmark_layers_fit_on_one_gpu() {
         );
     }
 }
+
+/// The GPU benchmark's layers, shrunk (hidden 64, ffn 32, 128 tokens per
+/// rank, bf16), run on the emulated device with the CPU backend's outputs
+/// (within bf16's bound), so a benchmark call on a GPU cannot fail for a
+/// reason this machine can see; the capacity layer also as a graph.
+#[test]
+fn the_gpu_benchmark_layers_run_shrunk_on_the_emulated_device() {
+    if !have_cxx("the_gpu_benchmark_layers_run_shrunk_on_the_emulated_device") {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/gpu/layers");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "moe"))
+        .collect();
+    files.sort();
+    for f in files {
+        let name = f.file_stem().unwrap().to_string_lossy().into_owned();
+        let plan = plan_of(
+            &std::fs::read_to_string(&f).unwrap(),
+            &shrunk(moec_lang::spec::DType::Bf16),
+        );
+        compare(&name, &plan, &[], 1e-2);
+        let program = Program::lower(&plan).unwrap();
+        let ranks = plan.mesh.world_size() as usize;
+        let local: Vec<usize> = (0..ranks).collect();
+        if moec_runtime::cuda::issue::capturable(&program, &local) {
+            let kernels = HostKernels::new(&program);
+            let eager = emu_run(&plan, &program, &kernels, 3, None);
+            let weights = LayerWeights::random(&plan.layer, 3);
+            let inputs = random_inputs(&plan.layer, ranks, plan.layer.tokens_per_rank as usize, 3);
+            let mut emu = Emu::new(&program, &kernels, None);
+            upload_weights(&program, &mut emu, &local, &weights).unwrap();
+            for mode in [PassMode::Capture, PassMode::Replay] {
+                let pass = run_pass(&program, &mut emu, &local, &inputs, mode)
+                    .unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
+                assert!(pass.outputs == eager.outputs, "{name} {mode:?}");
+            }
+            eprintln!("{name}: captured and replayed");
+        }
+    }
+}
