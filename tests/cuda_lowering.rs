@@ -179,6 +179,12 @@ fn small_layers() -> Vec<(String, Plan)> {
         "replicas",
         "layer t {\n hidden = 32\n dtype = f32\n tokens_per_rank = 40\n experts {\n count = 8\n ffn = relu\n intermediate = 16\n }\n router {\n scoring = softmax\n top_k = 2\n }\n}\n\nmesh {\n gpus_per_node = 4\n device = H100\n ep = 4\n replicas {\n 0 = [2, 3]\n 5 = [0]\n }\n}\n".to_string(),
     );
+    // Replicas give ranks different numbers of local experts: the padded
+    // slots follow the most any rank holds.
+    add(
+        "capacity with replicas",
+        "layer t {\n hidden = 32\n dtype = f32\n tokens_per_rank = 40\n experts {\n count = 8\n ffn = relu\n intermediate = 16\n }\n router {\n scoring = softmax\n top_k = 2\n }\n capacity {\n factor = 1.0\n drop = position\n }\n}\n\nmesh {\n gpus_per_node = 4\n device = H100\n ep = 4\n replicas {\n 0 = [2, 3]\n 5 = [0]\n }\n}\n".to_string(),
+    );
     out.push((
         "one rank".to_string(),
         plan_of(
