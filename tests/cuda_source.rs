@@ -324,6 +324,15 @@ fn moec_kernels_check() {
         assert!(l.contains(" moec_"), "{l}");
     }
     assert!(lines[0].starts_with("k0   router_fused "), "{}", lines[0]);
+    // The router keeps a thread per row; the streaming kernels a block.
+    assert!(lines[0].contains(" thread/row "), "{}", lines[0]);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(" permute_pack ") && l.contains(" block/row ")),
+        "{}",
+        r.out
+    );
     assert!(
         lines[6].starts_with("--   expert_down_store "),
         "{}",

@@ -4,7 +4,8 @@
 //! Without `--check` it prints the plan's CUDA module (or writes
 //! `DIR/<module-hash>.cu`). With `--check` it compiles the module for `ARCH`
 //! (`sm_90` by default) with NVRTC, loaded at run time, and prints one line
-//! per kernel: the plan's name for it, its symbol and its PTX size. No GPU is
+//! per kernel: the plan's name for it, its symbol, its launch shape (a
+//! thread or a block per row) and its PTX size. No GPU is
 //! needed, only `libnvrtc` (see `moec_runtime::cuda::nvrtc` for where it is
 //! looked for). Exit codes: 0 success; 1 the module does not compile (NVRTC's
 //! log is printed) or NVRTC is missing; 2 usage (a bad `--arch`, an
@@ -127,9 +128,14 @@ pub fn kernels(
         let bytes = sizes
             .get(symbol)
             .map_or_else(|| "?".to_string(), |b| b.to_string());
+        // How the executor spreads it over a launch.
+        let shape = match kernels.get(k.module_index) {
+            Some(m) if m.block_per_row() => "block/row",
+            _ => "thread/row",
+        };
         writeln!(
             out,
-            "{index:<4} {:<label_width$}  {symbol:<symbol_width$}  {bytes:>7} B PTX",
+            "{index:<4} {:<label_width$}  {symbol:<symbol_width$}  {shape:<10}  {bytes:>7} B PTX",
             k.label
         )
         .map_err(io)?;
