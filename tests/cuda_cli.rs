@@ -24,6 +24,28 @@ fn moec(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// On a machine without a usable GPU, checks that a `--backend cuda`
+/// command said why and exited with 1 (never a panic) and returns true;
+/// returns false where a GPU is present.
+fn refused_without_a_gpu(code: i32, stdout: &str, stderr: &str) -> bool {
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    match device::probe() {
+        Err(DeviceError::NoDriver) => {
+            assert_eq!(Some(code), Some(1), "{stdout}{stderr}");
+            assert_eq!(stderr.trim(), format!("error: {NO_DRIVER}"));
+            assert!(stdout.is_empty(), "{stdout}");
+            true
+        }
+        Err(e) => {
+            // A driver without a GPU, or a build without the CUDA backend.
+            assert_eq!(Some(code), Some(1), "{stdout}{stderr}");
+            assert!(stderr.contains(&e.to_string()), "{stderr}");
+            true
+        }
+        Ok(_) => false,
+    }
+}
+
 fn example(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples")
@@ -42,28 +64,18 @@ fn run_on_cuda_without_a_driver_says_so_and_exits_1() {
         "--tokens",
         "16",
     ]);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    match device::probe() {
-        Err(DeviceError::NoDriver) => {
-            assert_eq!(Some(code), Some(1), "{stdout}{stderr}");
-            assert_eq!(stderr.trim(), format!("error: {NO_DRIVER}"));
-            assert!(stdout.is_empty(), "{stdout}");
-        }
-        Err(e) => {
-            // A driver without a GPU, or a build without the CUDA backend.
-            assert_eq!(Some(code), Some(1), "{stdout}{stderr}");
-            assert!(stderr.contains(&e.to_string()), "{stderr}");
-        }
-        Ok(info) => {
-            eprintln!(
-                "a GPU is present ({}, {}): checking that the run succeeds instead",
-                info.name,
-                info.arch()
-            );
-            assert_eq!(Some(code), Some(0), "{stdout}{stderr}");
-            assert!(stdout.contains("cuda backend"), "{stdout}");
-        }
+    if refused_without_a_gpu(code, &stdout, &stderr) {
+        return;
     }
+    if let Ok(info) = device::probe() {
+        eprintln!(
+            "a GPU is present ({}, {}): checking that the run succeeds instead",
+            info.name,
+            info.arch()
+        );
+    }
+    assert_eq!(Some(code), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("cuda backend"), "{stdout}");
 }
 
 #[test]
@@ -113,33 +125,22 @@ fn bench_on_cuda_without_a_driver_says_so_and_exits_1() {
         "1",
         "--json",
     ]);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    match device::probe() {
-        Err(DeviceError::NoDriver) => {
-            assert_eq!(Some(code), Some(1), "{stdout}{stderr}");
-            assert_eq!(stderr.trim(), format!("error: {NO_DRIVER}"));
-            assert!(stdout.is_empty(), "{stdout}");
-        }
-        Err(e) => {
-            assert_eq!(Some(code), Some(1), "{stdout}{stderr}");
-            assert!(stderr.contains(&e.to_string()), "{stderr}");
-        }
-        Ok(_) => {
-            // On a GPU: the JSON report has every figure, each measured.
-            assert_eq!(Some(code), Some(0), "{stdout}{stderr}");
-            let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-            assert!(v["total_ms"]["median"].as_f64().unwrap() > 0.0, "{stdout}");
-            assert!(
-                v["expert_gemm"]["tflops"].as_f64().unwrap() > 0.0,
-                "{stdout}"
-            );
-            assert!(v["expert_gemm"]["calls"].as_u64().unwrap() > 0, "{stdout}");
-            let phases = v["phases"].as_array().unwrap();
-            assert!(phases.iter().any(|p| p["phase"] == "experts"), "{stdout}");
-            for m in v["memory_bound"].as_array().unwrap() {
-                assert!(m["rate"].as_f64().unwrap() > 0.0, "{stdout}");
-            }
-        }
+    if refused_without_a_gpu(code, &stdout, &stderr) {
+        return;
+    }
+    // On a GPU: the JSON report has every figure, each measured.
+    assert_eq!(Some(code), Some(0), "{stdout}{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(v["total_ms"]["median"].as_f64().unwrap() > 0.0, "{stdout}");
+    assert!(
+        v["expert_gemm"]["tflops"].as_f64().unwrap() > 0.0,
+        "{stdout}"
+    );
+    assert!(v["expert_gemm"]["calls"].as_u64().unwrap() > 0, "{stdout}");
+    let phases = v["phases"].as_array().unwrap();
+    assert!(phases.iter().any(|p| p["phase"] == "experts"), "{stdout}");
+    for m in v["memory_bound"].as_array().unwrap() {
+        assert!(m["rate"].as_f64().unwrap() > 0.0, "{stdout}");
     }
 }
 

@@ -37,8 +37,8 @@ use moec_runtime::cpu::layout::{assign_count, assign_place, Geometry, Routing};
 use moec_runtime::cpu::memory;
 use moec_runtime::cpu::{CpuBackend, CpuOptions};
 use moec_runtime::cuda::issue::{
-    collective_runs, pair_runs, run_pass, upload_weights, Addr, Arg, Command, EventId, PassMode,
-    PeerRuns, Target,
+    collective_runs, pair_runs, run_pass, upload_weights, Addr, Arg, Command, EventId, Pass,
+    PassMode, PeerRuns, Target,
 };
 use moec_runtime::cuda::program::{check_args, ArgT, KernelRef, Program, Space, Span, StepKind};
 use moec_runtime::cuda::route::RouteTable;
@@ -925,6 +925,34 @@ fn cpu_run(plan: &Plan, seed: u64) -> Outcome {
     }
 }
 
+/// One emulated device holding every rank of `plan`, the weights and inputs
+/// of `seed` uploaded, after passes in each of `modes` in turn (a failing
+/// pass panics, naming its mode).
+fn emu_passes<'k>(
+    plan: &Plan,
+    program: &'k Program,
+    kernels: &'k HostKernels,
+    seed: u64,
+    shuffle: Option<u64>,
+    modes: &[PassMode],
+) -> (Emu<'k>, Vec<Pass>) {
+    let layer = &plan.layer;
+    let ranks = plan.mesh.world_size() as usize;
+    let weights = LayerWeights::random(layer, seed);
+    let inputs = random_inputs(layer, ranks, layer.tokens_per_rank as usize, seed);
+    let mut emu = Emu::new(program, kernels, shuffle);
+    let local: Vec<usize> = (0..ranks).collect();
+    upload_weights(program, &mut emu, &local, &weights).unwrap();
+    let passes = modes
+        .iter()
+        .map(|&mode| {
+            run_pass(program, &mut emu, &local, &inputs, mode)
+                .unwrap_or_else(|e| panic!("{} {mode:?}: {e}", layer.name))
+        })
+        .collect();
+    (emu, passes)
+}
+
 fn emu_run(
     plan: &Plan,
     program: &Program,
@@ -932,15 +960,9 @@ fn emu_run(
     seed: u64,
     shuffle: Option<u64>,
 ) -> Outcome {
-    let layer = plan.layer.clone();
     let ranks = plan.mesh.world_size() as usize;
-    let weights = LayerWeights::random(&layer, seed);
-    let inputs = random_inputs(&layer, ranks, layer.tokens_per_rank as usize, seed);
-    let mut emu = Emu::new(program, kernels, shuffle);
-    let local: Vec<usize> = (0..ranks).collect();
-    upload_weights(program, &mut emu, &local, &weights).unwrap();
-    let pass = run_pass(program, &mut emu, &local, &inputs, PassMode::Eager)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (emu, mut passes) = emu_passes(plan, program, kernels, seed, shuffle, &[PassMode::Eager]);
+    let pass = passes.remove(0);
     assert!(emu.launches > 0);
     // Capacity plans with every rank here need nothing from the device
     // during the pass (no host synchronisation); dropless plans read the
@@ -1216,14 +1238,11 @@ fn profiled_passes_time_every_step_and_change_nothing() {
         let kernels = HostKernels::new(&program);
         let plain = emu_run(plan, &program, &kernels, 3, None);
         let ranks = plan.mesh.world_size() as usize;
-        let weights = LayerWeights::random(&plan.layer, 3);
-        let inputs = random_inputs(&plan.layer, ranks, plan.layer.tokens_per_rank as usize, 3);
         let local: Vec<usize> = (0..ranks).collect();
         for shuffle in [None, Some(5)] {
-            let mut emu = Emu::new(&program, &kernels, shuffle);
-            upload_weights(&program, &mut emu, &local, &weights).unwrap();
-            let pass = run_pass(&program, &mut emu, &local, &inputs, PassMode::Profiled)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let (_, mut passes) =
+                emu_passes(plan, &program, &kernels, 3, shuffle, &[PassMode::Profiled]);
+            let pass = passes.remove(0);
             assert!(
                 pass.outputs == plain.outputs,
                 "{name}: profiling changed the output"
@@ -1308,15 +1327,10 @@ fn capacity_plans_run_as_a_graph() {
         let kernels = HostKernels::new(&program);
         let eager = emu_run(plan, &program, &kernels, 3, None);
         let ranks = plan.mesh.world_size() as usize;
-        let weights = LayerWeights::random(&plan.layer, 3);
-        let inputs = random_inputs(&plan.layer, ranks, plan.layer.tokens_per_rank as usize, 3);
-        let local: Vec<usize> = (0..ranks).collect();
+        let modes = [PassMode::Capture, PassMode::Replay, PassMode::Replay];
         for shuffle in [None, Some(9)] {
-            let mut emu = Emu::new(&program, &kernels, shuffle);
-            upload_weights(&program, &mut emu, &local, &weights).unwrap();
-            for mode in [PassMode::Capture, PassMode::Replay, PassMode::Replay] {
-                let pass = run_pass(&program, &mut emu, &local, &inputs, mode)
-                    .unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
+            let (emu, passes) = emu_passes(plan, &program, &kernels, 3, shuffle, &modes);
+            for (mode, pass) in modes.iter().zip(passes) {
                 assert!(
                     pass.outputs == eager.outputs,
                     "{name} {mode:?}: outputs differ"
@@ -1914,13 +1928,9 @@ fn the_gpu_benchmark_layers_run_shrunk_on_the_emulated_device() {
         if moec_runtime::cuda::issue::capturable(&program, &local) {
             let kernels = HostKernels::new(&program);
             let eager = emu_run(&plan, &program, &kernels, 3, None);
-            let weights = LayerWeights::random(&plan.layer, 3);
-            let inputs = random_inputs(&plan.layer, ranks, plan.layer.tokens_per_rank as usize, 3);
-            let mut emu = Emu::new(&program, &kernels, None);
-            upload_weights(&program, &mut emu, &local, &weights).unwrap();
-            for mode in [PassMode::Capture, PassMode::Replay] {
-                let pass = run_pass(&program, &mut emu, &local, &inputs, mode)
-                    .unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
+            let modes = [PassMode::Capture, PassMode::Replay];
+            let (_, passes) = emu_passes(&plan, &program, &kernels, 3, None, &modes);
+            for (mode, pass) in modes.iter().zip(passes) {
                 assert!(pass.outputs == eager.outputs, "{name} {mode:?}");
             }
             eprintln!("{name}: captured and replayed");

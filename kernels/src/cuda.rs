@@ -1038,39 +1038,11 @@ fn literal_i64(code: &str) -> Option<i64> {
 /// Marks every variable `body` reads (a variable that is only assigned is
 /// never declared, and its assignments are dropped).
 fn mark_vars(body: &[Stmt], used: &mut [bool]) {
-    fn mark(v: VarId, used: &mut [bool]) {
+    crate::ir::visit_reads(body, None, &mut |v| {
         if let Some(u) = used.get_mut(v.0 as usize) {
             *u = true;
         }
-    }
-    fn expr(e: &Expr, used: &mut [bool]) {
-        e.visit_vars(&mut |v| mark(v, used));
-    }
-    for s in body {
-        match s {
-            Stmt::Set(_, e) => expr(e, used),
-            Stmt::Store { index, value, .. } | Stmt::ArrayStore { index, value, .. } => {
-                expr(index, used);
-                expr(value, used);
-            }
-            Stmt::For {
-                start, end, body, ..
-            } => {
-                expr(start, used);
-                expr(end, used);
-                mark_vars(body, used);
-            }
-            Stmt::If {
-                cond,
-                then,
-                otherwise,
-            } => {
-                expr(cond, used);
-                mark_vars(then, used);
-                mark_vars(otherwise, used);
-            }
-        }
-    }
+    });
 }
 
 /// `s` without one pair of enclosing parentheses, when they enclose all of it.

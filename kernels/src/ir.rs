@@ -267,6 +267,40 @@ impl Expr {
     }
 }
 
+/// Calls `f` with every variable the statements of `body` read (in their
+/// expressions and loop bounds), depth first, leaving out the statement
+/// `skip` (compared by address) and what it contains.
+pub fn visit_reads(body: &[Stmt], skip: Option<&Stmt>, f: &mut impl FnMut(VarId)) {
+    for s in body {
+        if skip.is_some_and(|k| std::ptr::eq(s, k)) {
+            continue;
+        }
+        match s {
+            Stmt::Set(_, e) => e.visit_vars(f),
+            Stmt::Store { index, value, .. } | Stmt::ArrayStore { index, value, .. } => {
+                index.visit_vars(f);
+                value.visit_vars(f);
+            }
+            Stmt::For {
+                start, end, body, ..
+            } => {
+                start.visit_vars(f);
+                end.visit_vars(f);
+                visit_reads(body, skip, f);
+            }
+            Stmt::If {
+                cond,
+                then,
+                otherwise,
+            } => {
+                cond.visit_vars(f);
+                visit_reads(then, skip, f);
+                visit_reads(otherwise, skip, f);
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stmt {
     Set(VarId, Expr),

@@ -157,7 +157,9 @@ fn is_parallel(s: &Stmt, kernel: &[Stmt]) -> bool {
     }
     // Read nowhere outside the loop.
     let mut outside = BTreeSet::new();
-    reads_outside(kernel, s, &mut outside);
+    crate::ir::visit_reads(kernel, Some(s), &mut |v| {
+        outside.insert(v);
+    });
     if written.iter().any(|v| outside.contains(v)) {
         return false;
     }
@@ -199,39 +201,6 @@ fn expr_vars(e: &Expr, out: &mut BTreeSet<VarId>) {
     e.visit_vars(&mut |v| {
         out.insert(v);
     });
-}
-
-/// Variables read by the statements of `body` other than `skip` (compared by
-/// address) and what it contains.
-fn reads_outside(body: &[Stmt], skip: &Stmt, out: &mut BTreeSet<VarId>) {
-    for s in body {
-        if std::ptr::eq(s, skip) {
-            continue;
-        }
-        match s {
-            Stmt::Set(_, e) => expr_vars(e, out),
-            Stmt::Store { index, value, .. } | Stmt::ArrayStore { index, value, .. } => {
-                expr_vars(index, out);
-                expr_vars(value, out);
-            }
-            Stmt::For {
-                start, end, body, ..
-            } => {
-                expr_vars(start, out);
-                expr_vars(end, out);
-                reads_outside(body, skip, out);
-            }
-            Stmt::If {
-                cond,
-                then,
-                otherwise,
-            } => {
-                expr_vars(cond, out);
-                reads_outside(then, skip, out);
-                reads_outside(otherwise, skip, out);
-            }
-        }
-    }
 }
 
 /// Whether every read in `body` of a variable of `written` comes after an

@@ -24,9 +24,10 @@
 //! compared with the CPU backend here (at benchmark sizes it would take
 //! minutes): `runtime/gpu/check.sh` does that at reduced sizes.
 
-use super::{io, BenchArgs, Dims, Failure, Row};
-use crate::cli::{EXIT_OK, EXIT_REJECTED, EXIT_USAGE};
-use moec_runtime::cuda::issue::Timing;
+use super::{io, print_report, BenchArgs, Dims, Failure, Row};
+use crate::cli::{EXIT_REJECTED, EXIT_USAGE};
+use moec_runtime::cuda::issue::{capturable, Timing};
+use moec_runtime::cuda::program::Program;
 use moec_runtime::cuda::{CudaBackend, CudaOptions};
 use moec_runtime::plan::{Phase, Plan};
 use moec_runtime::weights::{random_inputs, LayerWeights};
@@ -174,6 +175,17 @@ pub fn bench_cuda(
         a.iters
     )
     .map_err(io)?;
+    if a.graph {
+        // Before minutes of weights: can this plan run as a graph at all?
+        let program = Program::lower(&plan).map_err(|e| (EXIT_REJECTED, e))?;
+        let every_rank: Vec<usize> = (0..dims.world).collect();
+        if !capturable(&program, &every_rank) {
+            return Err((
+                EXIT_REJECTED,
+                "--graph: only capacity plans run as a CUDA graph (a dropless plan reads the routing on the host during the pass); give the layer a `capacity`".into(),
+            ));
+        }
+    }
     let clock = Instant::now();
     writeln!(err, "drawing weights and inputs (seed {})", a.seed).map_err(io)?;
     let weights = LayerWeights::random(&layer, a.seed);
@@ -202,12 +214,6 @@ pub fn bench_cuda(
             "moec bench --backend cuda runs every rank in one process (virtual ranks); unset WORLD_SIZE and MOEC_COMM".into(),
         ));
     }
-    if a.graph && !backend.graph_capable() {
-        return Err((
-            EXIT_REJECTED,
-            "--graph: only capacity plans run as a CUDA graph (a dropless plan reads the routing on the host during the pass); give the layer a `capacity`".into(),
-        ));
-    }
 
     let first = backend.forward(&inputs).map_err(rejected)?;
     let values = first.outputs.iter().flatten();
@@ -226,8 +232,9 @@ pub fn bench_cuda(
         ));
     }
     writeln!(err, "first pass: {:.3} ms", first.wall_seconds * 1e3).map_err(io)?;
-    let stats = first.stats.clone();
-    drop(first);
+    let stats = first.stats;
+    // The eager output the graph's must equal.
+    let eager_outputs = if a.graph { first.outputs } else { Vec::new() };
 
     let mut times = Vec::with_capacity(a.iters);
     for round in 0..a.warmup + a.iters {
@@ -244,13 +251,12 @@ pub fn bench_cuda(
                 "the CUDA graph's output is not finite".into(),
             ));
         }
-        let eager = backend.forward(&inputs).map_err(rejected)?;
         let (mut diff, mut max) = (0.0f64, 0.0f64);
         for (g, e) in captured
             .outputs
             .iter()
             .flatten()
-            .zip(eager.outputs.iter().flatten())
+            .zip(eager_outputs.iter().flatten())
         {
             diff = diff.max(f64::from((g - e).abs()));
             max = max.max(f64::from(e.abs()));
@@ -300,14 +306,7 @@ pub fn bench_cuda(
         prof,
         stats: &stats,
     };
-    if a.json {
-        let text = serde_json::to_string_pretty(&report.json())
-            .map_err(|e| (EXIT_USAGE, format!("cannot print JSON: {e}")))?;
-        writeln!(out, "{text}").map_err(io)?;
-    } else {
-        out.write_all(report.text().as_bytes()).map_err(io)?;
-    }
-    Ok(EXIT_OK)
+    print_report(out, a.json, || report.json(), || report.text())
 }
 
 struct CudaReport<'a> {

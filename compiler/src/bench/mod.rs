@@ -350,12 +350,22 @@ fn bench_cpu(
         max_rel,
         tol,
     };
-    if a.json {
-        let text = serde_json::to_string_pretty(&report.json())
+    print_report(out, a.json, || report.json(), || report.text())
+}
+
+/// Prints a report: one JSON object with `--json`, else the table.
+fn print_report(
+    out: &mut dyn Write,
+    json: bool,
+    as_json: impl FnOnce() -> serde_json::Value,
+    as_text: impl FnOnce() -> String,
+) -> Result<i32, Failure> {
+    if json {
+        let text = serde_json::to_string_pretty(&as_json())
             .map_err(|e| (EXIT_USAGE, format!("cannot print JSON: {e}")))?;
         writeln!(out, "{text}").map_err(io)?;
     } else {
-        out.write_all(report.text().as_bytes()).map_err(io)?;
+        out.write_all(as_text().as_bytes()).map_err(io)?;
     }
     Ok(EXIT_OK)
 }

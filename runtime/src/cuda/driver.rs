@@ -568,7 +568,6 @@ impl CudaTarget {
         })
     }
 
-    #[allow(clippy::too_many_arguments)] // a GEMM, spelled out
     /// `batch` GEMMs `c_i = a_i · w_iᵀ` (row-major, `f32` output and
     /// compute), operand `i` at `i · strides` bytes: `cublasGemmEx` for one,
     /// `cublasGemmStridedBatchedEx` for more.

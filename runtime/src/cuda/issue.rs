@@ -583,13 +583,12 @@ pub fn capturable(program: &Program, local: &[usize]) -> bool {
     program.padded > 0 && whole_groups(program, local)
 }
 
+/// Whether `local` (ascending) is whole EP groups, each rank of each.
 fn whole_groups(p: &Program, local: &[usize]) -> bool {
     local.len() % p.group == 0
-        && local.chunks(p.group).all(|g| {
-            g.iter()
-                .enumerate()
-                .all(|(q, &r)| r == g[0] + q && p.me(g[0]) == 0)
-        })
+        && local
+            .chunks(p.group)
+            .all(|g| p.me(g[0]) == 0 && g.iter().enumerate().all(|(q, &r)| r == g[0] + q))
 }
 
 fn not_capturable(p: &Program, local: &[usize]) -> String {
@@ -788,12 +787,13 @@ impl<'a> Issuer<'a> {
     fn issue_steps(&mut self) -> Result<(), ExecError> {
         let p = self.p;
         for step in &p.steps {
-            let label = self.op_label(step.op);
             self.current_op = step.op;
+            // The op's label only for an error (formatting it per step
+            // would cost every pass).
             self.profiled_step(step.stream, &step.kind)
                 .map_err(|mut e: ExecError| {
                     if e.op.is_none() {
-                        e.op = label.clone();
+                        e.op = self.op_label(step.op);
                     }
                     e
                 })?;
@@ -1156,17 +1156,10 @@ impl<'a> Issuer<'a> {
         // Equal slots and evenly spaced weights: one strided-batched GEMM,
         // then each expert's epilogue.
         let batched = self.batched_gemm(r, g, &groups)?;
-        if let Some(cmd) = batched.clone() {
-            let timed = if self.marks.is_some() {
-                Some(self.stamp(r, stream)?)
-            } else {
-                None
-            };
-            self.submit(r, stream, cmd)?;
-            if let (Some(start), Some(&(_, m, _))) = (timed, groups.first()) {
-                let rows = m * groups.len() as u64;
-                self.close_mark(r, stream, start, Some((rows, g.n, g.k)))?;
-            }
+        let is_batched = batched.is_some();
+        if let (Some(cmd), Some(&(_, m, _))) = (batched, groups.first()) {
+            let rows = m * groups.len() as u64;
+            self.submit_gemm(r, stream, cmd, (rows, g.n, g.k))?;
         }
         for (start, m, slot) in groups {
             if m == 0 {
@@ -1196,28 +1189,17 @@ impl<'a> Issuer<'a> {
                 .sub(start * g.n * 4, m * g.n * 4, "the GEMM accumulator")
                 .map_err(|e| err(r, None, e))?;
             let product = if g.tail == Tail::Direct { c } else { acc };
-            if batched.is_none() {
-                let timed = if self.marks.is_some() {
-                    Some(self.stamp(r, stream)?)
-                } else {
-                    None
+            if !is_batched {
+                let cmd = Command::Gemm {
+                    a: Addr::of(r, a),
+                    w: Addr::of(r, w),
+                    c: Addr::of(r, product),
+                    dtype: g.a_dtype,
+                    m,
+                    n: g.n,
+                    k: g.k,
                 };
-                self.submit(
-                    r,
-                    stream,
-                    Command::Gemm {
-                        a: Addr::of(r, a),
-                        w: Addr::of(r, w),
-                        c: Addr::of(r, product),
-                        dtype: g.a_dtype,
-                        m,
-                        n: g.n,
-                        k: g.k,
-                    },
-                )?;
-                if let Some(start) = timed {
-                    self.close_mark(r, stream, start, Some((m, g.n, g.k)))?;
-                }
+                self.submit_gemm(r, stream, cmd, (m, g.n, g.k))?;
             }
             let buf = |s: Span, elem: u64| Arg::Buf {
                 addr: Addr::of(r, s),
@@ -1279,6 +1261,27 @@ impl<'a> Issuer<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Submits a cuBLAS GEMM command of shape `(m, n, k)` (all of a batch's
+    /// rows in `m`), between two stamps when profiling.
+    fn submit_gemm(
+        &mut self,
+        r: usize,
+        stream: usize,
+        cmd: Command,
+        shape: (u64, u64, u64),
+    ) -> Result<(), ExecError> {
+        let timed = if self.marks.is_some() {
+            Some(self.stamp(r, stream)?)
+        } else {
+            None
+        };
+        self.submit(r, stream, cmd)?;
+        match timed {
+            Some(start) => self.close_mark(r, stream, start, Some(shape)),
+            None => Ok(()),
+        }
     }
 
     /// The strided-batched GEMM of `groups`, when they are experts' slots
@@ -1417,8 +1420,8 @@ impl<'a> Issuer<'a> {
     /// An all-to-all between the virtual ranks `ranks` (a whole EP group):
     /// every rank pulls the rows each peer has for it with one `route_copy`
     /// launch per peer on its own stream, which finds the rows by the
-    /// routing table on the device; the events are those of
-    /// [`Issuer::virtual_exchange`].
+    /// routing table on the device, between the events of
+    /// [`Issuer::pull_from_peers`].
     fn virtual_route_copy(
         &mut self,
         stream: usize,
@@ -1428,7 +1431,6 @@ impl<'a> Issuer<'a> {
         status: usize,
     ) -> Result<(), ExecError> {
         let p = self.p;
-        let (arrive, done) = collective_events(ordinal);
         let padded = p.padded;
         let chunk_tokens = p.geometry.chunk_tokens as u64;
         let unit_rows = if padded > 0 {
@@ -1446,53 +1448,37 @@ impl<'a> Issuer<'a> {
             len: span.bytes / elem,
         };
         let int = |v: u64| Arg::I64(i64::try_from(v).unwrap_or(i64::MAX));
-        for &r in ranks {
-            self.submit(r, stream, Command::Record(arrive(r)))?;
-        }
-        for (q, &r) in ranks.iter().enumerate() {
-            for (peer, &from) in ranks.iter().enumerate() {
-                if peer != q {
-                    self.submit(r, stream, Command::Wait(arrive(from)))?;
-                }
-                let args = vec![
-                    whole(from, c.send, 1),
-                    whole(r, c.recv, 1),
-                    whole(r, p.work.table, 4),
-                    whole(r, p.work.send_off, 4),
-                    whole(r, p.work.recv_off, 4),
-                    int(p.group as u64),
-                    int(q as u64),
-                    int(peer as u64),
-                    int(c.chunk as u64),
-                    int(p.route.max_local as u64),
-                    int(u64::from(c.dispatch)),
-                    int(unit_rows),
-                    int(c.send_rows.row_bytes),
-                    int(scale_bytes),
-                    int(src_scales),
-                    int(dst_scales),
-                ];
-                let cmd = Command::Launch {
-                    kernel: KernelRef::Native(NativeKernel::RouteCopy),
-                    args,
-                    rows,
-                    grid: u32::try_from(rows.clamp(1, ROUTE_COPY_GRID)).unwrap_or(1),
-                    block: ROUTE_COPY_BLOCK,
-                    status: Addr::of(r, p.work.status).plus(status as u64 * STATUS_BYTES),
-                    scratch: None,
-                };
-                self.submit(r, stream, cmd)?;
-            }
-            self.submit(r, stream, Command::Record(done(r)))?;
-        }
-        for (q, &r) in ranks.iter().enumerate() {
-            for (peer, &from) in ranks.iter().enumerate() {
-                if peer != q {
-                    self.submit(r, stream, Command::Wait(done(from)))?;
-                }
-            }
-        }
-        Ok(())
+        self.pull_from_peers(stream, ranks, ordinal, |issuer, q, peer| {
+            let (r, from) = (ranks[q], ranks[peer]);
+            let args = vec![
+                whole(from, c.send, 1),
+                whole(r, c.recv, 1),
+                whole(r, p.work.table, 4),
+                whole(r, p.work.send_off, 4),
+                whole(r, p.work.recv_off, 4),
+                int(p.group as u64),
+                int(q as u64),
+                int(peer as u64),
+                int(c.chunk as u64),
+                int(p.route.max_local as u64),
+                int(u64::from(c.dispatch)),
+                int(unit_rows),
+                int(c.send_rows.row_bytes),
+                int(scale_bytes),
+                int(src_scales),
+                int(dst_scales),
+            ];
+            let cmd = Command::Launch {
+                kernel: KernelRef::Native(NativeKernel::RouteCopy),
+                args,
+                rows,
+                grid: u32::try_from(rows.clamp(1, ROUTE_COPY_GRID)).unwrap_or(1),
+                block: ROUTE_COPY_BLOCK,
+                status: Addr::of(r, p.work.status).plus(status as u64 * STATUS_BYTES),
+                scratch: None,
+            };
+            issuer.submit(r, stream, cmd)
+        })
     }
 
     /// A collective between virtual ranks of this process: every rank pulls
@@ -1507,29 +1493,51 @@ impl<'a> Issuer<'a> {
         members: &[(usize, PeerRuns, PeerRuns)],
         ordinal: u32,
     ) -> Result<(), ExecError> {
-        let (arrive, done) = collective_events(ordinal);
-        for (r, _, _) in members {
-            self.submit(*r, stream, Command::Record(arrive(*r)))?;
-        }
-        for (q, (r, _, from)) in members.iter().enumerate() {
-            for (p, (peer, to, _)) in members.iter().enumerate() {
-                if p != q {
-                    self.submit(*r, stream, Command::Wait(arrive(*peer)))?;
-                }
-                let copies = pair_runs(&to[q], &from[p])
-                    .map_err(|e| err(*r, None, format!("from EP rank {p}: {e}")))?;
-                for (s, d, bytes) in copies {
-                    let src = Addr::of(*peer, c.send).plus(s);
-                    let dst = Addr::of(*r, c.recv).plus(d);
-                    self.submit(*r, stream, Command::Copy { src, dst, bytes })?;
-                }
+        let ranks: Vec<usize> = members.iter().map(|m| m.0).collect();
+        self.pull_from_peers(stream, &ranks, ordinal, |issuer, q, p| {
+            let ((r, _, from), (peer, to, _)) = (&members[q], &members[p]);
+            let copies = pair_runs(&to[q], &from[p])
+                .map_err(|e| err(*r, None, format!("from EP rank {p}: {e}")))?;
+            for (s, d, bytes) in copies {
+                let src = Addr::of(*peer, c.send).plus(s);
+                let dst = Addr::of(*r, c.recv).plus(d);
+                issuer.submit(*r, stream, Command::Copy { src, dst, bytes })?;
             }
-            self.submit(*r, stream, Command::Record(done(*r)))?;
+            Ok(())
+        })
+    }
+
+    /// The events around a collective between the virtual ranks `ranks` (a
+    /// whole EP group), each on its own `stream`: every rank records
+    /// *arrive* (its send buffer is written, its receive buffer free); then,
+    /// for each peer `p` in turn, it waits for the peer's *arrive* and
+    /// `pull(self, q, p)` issues what rank `q` takes from it; it records
+    /// *done*, and goes on only when every peer is done (no rank reuses its
+    /// send buffer while a peer still reads it).
+    fn pull_from_peers(
+        &mut self,
+        stream: usize,
+        ranks: &[usize],
+        ordinal: u32,
+        mut pull: impl FnMut(&mut Self, usize, usize) -> Result<(), ExecError>,
+    ) -> Result<(), ExecError> {
+        let (arrive, done) = collective_events(ordinal);
+        for &r in ranks {
+            self.submit(r, stream, Command::Record(arrive(r)))?;
         }
-        for (q, (r, _, _)) in members.iter().enumerate() {
-            for (p, (peer, _, _)) in members.iter().enumerate() {
+        for (q, &r) in ranks.iter().enumerate() {
+            for (p, &peer) in ranks.iter().enumerate() {
                 if p != q {
-                    self.submit(*r, stream, Command::Wait(done(*peer)))?;
+                    self.submit(r, stream, Command::Wait(arrive(peer)))?;
+                }
+                pull(self, q, p)?;
+            }
+            self.submit(r, stream, Command::Record(done(r)))?;
+        }
+        for (q, &r) in ranks.iter().enumerate() {
+            for (p, &peer) in ranks.iter().enumerate() {
+                if p != q {
+                    self.submit(r, stream, Command::Wait(done(peer)))?;
                 }
             }
         }
