@@ -405,9 +405,14 @@ impl Ctx<'_> {
         let checked = moec_lang::check_source(&source);
         self.report(path, &source, &checked)?;
         match &checked.program {
-            Some((program, _)) => compile(program, options)
-                .map(Some)
-                .map_err(|e| Failure(EXIT_REJECTED, format!("{}: {e}", path.display()))),
+            Some((program, _)) => {
+                let compiled = compile(program, options)
+                    .map_err(|e| Failure(EXIT_REJECTED, format!("{}: {e}", path.display())))?;
+                for warning in &compiled.report.warnings {
+                    writeln!(self.err, "warning: {}: {warning}", path.display()).map_err(io)?;
+                }
+                Ok(Some(compiled))
+            }
             None => {
                 let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
                 writeln!(self.err, "{}: {errors} error(s)", path.display()).map_err(io)?;
@@ -626,6 +631,7 @@ impl Ctx<'_> {
             }
         )
         .map_err(io)?;
+        let expected_traffic = crate::run::expected_traffic(&plan);
         let fail = |e: moec_runtime::cpu::ExecError| Failure(EXIT_REJECTED, e.to_string());
         let (result, cpu) = match a.backend {
             Backend::Cpu => {
@@ -650,6 +656,16 @@ impl Ctx<'_> {
             result.wall_seconds * 1e3
         )
         .map_err(io)?;
+        if !expected_traffic.is_empty() && !result.traffic.is_empty() {
+            writeln!(
+                self.out,
+                "\ntraffic per rank, counted at the collectives (plan: the cost model's \
+                 expectation for uniform routing)"
+            )
+            .map_err(io)?;
+            let table = crate::run::traffic_table(&expected_traffic, &result.traffic);
+            self.out.write_all(table.as_bytes()).map_err(io)?;
+        }
         let stats = &result.stats;
         writeln!(self.out).map_err(io)?;
         let per = &stats.routed_per_expert;

@@ -9,6 +9,11 @@
 //! in line is the no-overlap baseline kept for reporting; with `overlap = auto`
 //! it is one of the candidates, so the chosen plan never predicts worse than
 //! the baseline (a forced `overlap = N` is obeyed even when it is slower).
+//!
+//! Memory comes before time: a candidate whose activations and weights do not
+//! fit the device's memory loses to any that fits (more chunks mean more
+//! worst-case receive buffers). When none fits, the smallest is chosen and
+//! [`Report::warnings`] says by how much it misses.
 
 use crate::cost::OverlapCost;
 use crate::ir::{lower, MetaAnalysis, Model, MoeIr};
@@ -45,6 +50,8 @@ pub struct Candidate {
     pub chunks: u64,
     pub shared_concurrent: bool,
     pub total_us: f64,
+    /// Activations and weights of one rank, bytes.
+    pub memory_bytes: u64,
 }
 
 /// What the rewrites did.
@@ -63,6 +70,9 @@ pub struct Report {
     pub candidates: Vec<Candidate>,
     /// The extracted expression of the chosen plan, as an s-expression.
     pub chosen_expr: String,
+    /// What the user should know about the chosen plan (`moec` prints these
+    /// on stderr): today, a plan that does not fit the device's memory.
+    pub warnings: Vec<String>,
 }
 
 pub struct Compiled {
@@ -186,7 +196,7 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
         Overlap::Auto => None,
     };
 
-    let mut best: Option<(f64, u64, bool, Plan, Timeline, String)> = None;
+    let mut best: Option<Best> = None;
     let mut baseline: Option<(Plan, Timeline)> = None;
     let mut candidates = Vec::new();
     for join in &joins {
@@ -209,10 +219,13 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
                 .map_err(|e| format!("internal: the scheduler made an invalid plan: {e}"))?;
             let timeline = simulate(&plan)?;
             let total = timeline.total_us;
+            let memory = rank_memory_bytes(&plan);
+            let fits = memory as f64 <= model.mesh.device.memory;
             candidates.push(Candidate {
                 chunks,
                 shared_concurrent: concurrent,
                 total_us: total,
+                memory_bytes: memory,
             });
             if is_baseline {
                 baseline = Some((plan.clone(), timeline.clone()));
@@ -222,29 +235,41 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
             }
             let better = match &best {
                 None => true,
-                Some((t, c, p, ..)) => {
+                Some(b) if fits != b.fits => fits,
+                // Neither fits: the one that needs the least memory.
+                Some(b) if !fits => {
+                    (memory, chunks, concurrent) < (b.memory, b.chunks, b.concurrent)
+                }
+                Some(b) => {
                     // Strictly faster by more than rounding, or as fast and simpler.
-                    total < t - 1e-6
-                        || ((total - t).abs() <= 1e-6 && (chunks, concurrent) < (*c, *p))
+                    total < b.total - 1e-6
+                        || ((total - b.total).abs() <= 1e-6
+                            && (chunks, concurrent) < (b.chunks, b.concurrent))
                 }
             };
             if better {
-                best = Some((
+                best = Some(Best {
                     total,
                     chunks,
                     concurrent,
+                    memory,
+                    fits,
                     plan,
                     timeline,
-                    chosen.to_string(),
-                ));
+                    expr: chosen.to_string(),
+                });
             }
         }
     }
     let (baseline, baseline_timeline) =
         baseline.ok_or("internal: no baseline candidate was extracted")?;
-    let (_, _, _, plan, timeline, chosen_expr) =
-        best.ok_or("internal: no candidate plan was extracted")?;
+    let best = best.ok_or("internal: no candidate plan was extracted")?;
     candidates.sort_by_key(|c| (c.chunks, c.shared_concurrent));
+    let mut warnings = Vec::new();
+    if !best.fits {
+        warnings.push(memory_warning(&best.plan));
+    }
+    let (plan, timeline, chosen_expr) = (best.plan, best.timeline, best.expr);
     Ok(Compiled {
         plan,
         timeline,
@@ -260,8 +285,50 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
             denied,
             candidates,
             chosen_expr,
+            warnings,
         },
     })
+}
+
+/// The best candidate so far, and what it is compared by.
+struct Best {
+    total: f64,
+    chunks: u64,
+    concurrent: bool,
+    memory: u64,
+    /// Activations and weights fit the device's memory.
+    fits: bool,
+    plan: Plan,
+    timeline: Timeline,
+    expr: String,
+}
+
+/// What one rank of a plan holds: its activation arena and its weights.
+pub fn rank_memory_bytes(plan: &Plan) -> u64 {
+    plan.memory
+        .peak_activation_bytes
+        .saturating_add(plan.memory.weight_bytes)
+}
+
+fn memory_warning(plan: &Plan) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let m = &plan.memory;
+    let mut text = format!(
+        "the plan needs {:.2} GiB per rank ({:.2} GiB of activations, {:.2} GiB of weights), \
+         more than the {:.2} GiB of the {}; no overlap candidate fits, this is the smallest",
+        rank_memory_bytes(plan) as f64 / GIB,
+        m.peak_activation_bytes as f64 / GIB,
+        m.weight_bytes as f64 / GIB,
+        plan.mesh.device.memory / GIB,
+        plan.mesh.device.name,
+    );
+    if plan.layer.capacity == moec_runtime::plan::CapacityConfig::Dropless {
+        text.push_str(
+            " (a dropless plan reserves the worst case: every token of the EP group \
+             routed to this rank; a capacity limit bounds it)",
+        );
+    }
+    text
 }
 
 /// The expression rooted at `root`, taking the extractor's best node in every

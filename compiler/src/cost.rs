@@ -11,7 +11,8 @@
 //!   `etp` shards); the share `1/G` for its own rank stays home (G = ranks of
 //!   the EP group), `(g-1)/G` crosses the node's links (g = the group's ranks
 //!   per node) and the rest crosses nodes. The hierarchical all-to-all sends a
-//!   token once per destination node ([`expected_remote_nodes`]).
+//!   token once per destination node ([`expected_remote_nodes`], measured on
+//!   the layer's own selection rule by [`crate::destinations`]).
 //!
 //! The same numbers serve egg's extraction ([`OverlapCost`]) and the estimates
 //! the scheduler writes into each op of the plan, which the timeline simulator
@@ -19,7 +20,10 @@
 
 use crate::ir::{value_bytes, Meta, MetaAnalysis, Model, MoeIr};
 use egg::{CostFunction, EGraph, Id, Language};
-use moec_runtime::plan::{CapacityConfig, DType, DropPolicy};
+use moec_runtime::plan::{
+    CapacityConfig, DType, DropPolicy, LinkConfig, HIER_ROUTING_BYTES_PER_ASSIGNMENT,
+    HIER_ROUTING_BYTES_PER_TOKEN, HIER_SIZE_BYTES_PER_PEER,
+};
 
 /// Fixed cost of launching one kernel, in microseconds. A modelling constant
 /// (typical CUDA launch latency), not fitted to any benchmark; it is what makes
@@ -134,42 +138,15 @@ pub fn flat_all_to_all(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
     }
 }
 
-/// `C(n - m, k) / C(n, k)`: the chance that `k` distinct picks out of `n`
-/// items all miss a given set of `m` items.
-fn miss_probability(n: f64, m: f64, k: u64) -> f64 {
-    let mut p = 1.0;
-    for i in 0..k {
-        let i = i as f64;
-        if n - i <= 0.0 {
-            return 0.0;
-        }
-        p *= ((n - m - i) / (n - i)).max(0.0);
-    }
-    p
-}
-
 /// Expected number of nodes other than its own that a token's `k` experts live
-/// on, with experts spread evenly over the EP group's nodes. Group-limited
+/// on, under the layer's routing ([`crate::destinations`]: group-limited
 /// routing confines the picks to the kept groups, which is what makes
-/// DeepSeek-V3's hierarchical dispatch pay.
+/// DeepSeek-V3's hierarchical dispatch pay).
 pub fn expected_remote_nodes(model: &Model) -> f64 {
-    let nodes = model.group_nodes as f64;
-    if nodes <= 1.0 {
+    if model.group_nodes <= 1 {
         return 0.0;
     }
-    let e = model.experts as f64;
-    let k = model.top_k;
-    let distinct = match model.layer.router.groups {
-        Some(g) if g.count >= model.group_nodes && g.count % model.group_nodes == 0 => {
-            // Kept groups land on nodes (each node holds count/nodes whole groups) ...
-            let groups = g.count as f64;
-            let nodes_of_groups = nodes * (1.0 - miss_probability(groups, groups / nodes, g.kept));
-            // ... and the k picks spread over those nodes.
-            nodes_of_groups * (1.0 - (1.0 - 1.0 / nodes_of_groups.max(1.0)).powi(k as i32))
-        }
-        _ => nodes * (1.0 - miss_probability(e, e / nodes, k)),
-    };
-    distinct * (nodes - 1.0) / nodes
+    model.destinations.remote_nodes
 }
 
 /// The cost of one IR node, from the metas of its children.
@@ -207,7 +184,7 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
         }
         MoeIr::Assign(r) => assign_cost(model, meta(*r).rows_expected),
         MoeIr::Permute([x, _]) | MoeIr::PermutePack([x, _]) => {
-            let rows = meta(*x).rows_expected * model.rows_per_token() as f64;
+            let rows = model.routed_rows_expected(meta(*x).rows_expected);
             memory_kernel(model, 2.0 * rows * h as f64 * db)
         }
         MoeIr::Pack(p) => {
@@ -237,23 +214,37 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
         MoeIr::DispatchInter(p) => {
             let v = meta(*p);
             let tokens = v.rows_expected / model.rows_per_token().max(1) as f64;
+            let staged = tokens * expected_remote_nodes(model);
+            let (_, _, inter) = destination_shares(model);
+            // Each staged token's routing travels beside it.
+            let routing = staged * HIER_ROUTING_BYTES_PER_TOKEN as f64
+                + v.rows_expected * inter * HIER_ROUTING_BYTES_PER_ASSIGNMENT as f64
+                + (model.group_nodes - 1) as f64 * HIER_SIZE_BYTES_PER_PEER as f64;
             inter_leg(
                 model,
-                tokens * expected_remote_nodes(model),
-                row_bytes(v.cols, v.dtype),
+                staged,
+                row_bytes(v.cols, v.dtype) + routing / staged.max(1e-9),
             )
         }
         MoeIr::DispatchIntra(s) => {
+            // The forwarder hands every kept assignment of the tokens it staged
+            // to the rank of its node that holds the expert: by symmetry as
+            // many rows as one rank routes, not one per staged token.
             let v = meta(*s);
-            intra_leg(model, v.rows_expected, row_bytes(v.cols, v.dtype))
+            let tokens = model.tokens as f64 / v.chunks.max(1) as f64;
+            intra_leg(
+                model,
+                model.routed_rows_expected(tokens),
+                row_bytes(v.cols, v.dtype),
+            )
         }
         MoeIr::Combine([y, a]) => {
-            let rows = meta(*a).rows_expected * model.rows_per_token() as f64;
+            let rows = model.routed_rows_expected(meta(*a).rows_expected);
             let v = meta(*y);
             flat_all_to_all(model, rows, row_bytes(v.cols, v.dtype))
         }
         MoeIr::CombineIntra([y, a]) => {
-            let rows = meta(*a).rows_expected * model.rows_per_token() as f64;
+            let rows = model.routed_rows_expected(meta(*a).rows_expected);
             let v = meta(*y);
             intra_leg(model, rows, row_bytes(v.cols, v.dtype))
         }
@@ -262,7 +253,7 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
             // are not summed inside the node (that needs the routing weights on
             // the expert side, which this plan format does not carry yet).
             let (_, _, inter) = destination_shares(model);
-            let rows = meta(*a).rows_expected * model.rows_per_token() as f64 * inter;
+            let rows = model.routed_rows_expected(meta(*a).rows_expected) * inter;
             inter_leg(model, rows, row_bytes(h, model.dtype))
         }
         MoeIr::Up(r) | MoeIr::UpAct(r) => {
@@ -375,6 +366,17 @@ fn recost(model: &Model, c: NodeCost) -> NodeCost {
     }
 }
 
+/// The slowest link a collective over the whole EP group crosses: the
+/// inter-node link when the group spans nodes, the node's links otherwise
+/// (a group inside one node never touches the network, even when `dp`
+/// replicas make the mesh span several nodes).
+pub fn group_link(model: &Model) -> LinkConfig {
+    match model.mesh.inter_node {
+        Some(inter) if model.group_nodes > 1 => inter,
+        _ => model.mesh.intra_node,
+    }
+}
+
 fn inter_leg(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
     let bytes = rows * row_bytes;
     let link = model.mesh.inter_node.unwrap_or(model.mesh.intra_node);
@@ -424,7 +426,7 @@ fn assign_cost(model: &Model, tokens: f64) -> NodeCost {
     let place = memory_kernel(model, tokens * k * 8.0 + tokens * k * 12.0);
     let exchange = if model.group_ranks > 1 {
         let bytes = assign_exchange_bytes(model, tokens);
-        let link = model.mesh.inter_node.unwrap_or(model.mesh.intra_node);
+        let link = group_link(model);
         leg_us(
             bytes,
             link.latency.max(model.mesh.intra_node.latency),

@@ -141,6 +141,9 @@ pub struct Model {
     pub capacity: Option<u64>,
     pub router_stages: Vec<RouterStage>,
     pub shared: Option<SharedModel>,
+    /// Where one token's picks land under uniform routing (distinct ranks
+    /// and nodes), measured once per model on the layer's selection rule.
+    pub destinations: crate::destinations::Destinations,
 }
 
 impl Model {
@@ -200,7 +203,16 @@ impl Model {
             gated: matches!(s.ffn, Ffn::SwiGlu { .. }),
             sigmoid_gate: s.sigmoid_gate,
         });
+        let destinations = crate::destinations::expected(
+            l.experts.count,
+            &layer.router,
+            &crate::destinations::Mesh {
+                experts_of_ep_rank: &mesh.experts_of_ep_rank,
+                ranks_per_node: (group_ranks_per_node / m.etp.max(1)).max(1),
+            },
+        );
         Ok(Model {
+            destinations,
             tokens: l.tokens_per_rank,
             hidden: l.hidden,
             experts: l.experts.count,
@@ -247,6 +259,30 @@ impl Model {
     /// Token rows that one rank sends per token (one per slot and expert shard).
     pub fn rows_per_token(&self) -> u64 {
         self.top_k.saturating_mul(self.etp)
+    }
+
+    /// The expected share of assignments that capacity keeps, under uniform
+    /// routing: an expert expects `T · ep · k / E` assignments of its EP group
+    /// and keeps at most `C` of them. Dropped assignments never travel, so the
+    /// wire and the permute carry only this share of `T · k` rows.
+    pub fn kept_fraction(&self) -> f64 {
+        match self.capacity {
+            None => 1.0,
+            Some(c) => {
+                let load = self.tokens as f64 * self.ep as f64 * self.top_k as f64
+                    / self.experts.max(1) as f64;
+                if load <= 0.0 {
+                    1.0
+                } else {
+                    (c as f64 / load).min(1.0)
+                }
+            }
+        }
+    }
+
+    /// Expected routed rows (kept assignments × expert shards) of `tokens` tokens.
+    pub fn routed_rows_expected(&self, tokens: f64) -> f64 {
+        tokens * self.rows_per_token() as f64 * self.kept_fraction()
     }
 
     /// Tokens of one chunk when the rank's tokens are cut into `chunks`.
@@ -524,7 +560,7 @@ impl Analysis<MoeIr> for MetaAnalysis {
             MoeIr::Permute([xi, a]) | MoeIr::PermutePack([xi, a]) => {
                 let xv = x(xi);
                 let rows = xv.rows.saturating_mul(m.rows_per_token());
-                let exp = xv.rows_expected * m.rows_per_token() as f64;
+                let exp = m.routed_rows_expected(xv.rows_expected);
                 Meta::value(rows, exp, h, xv.dtype, flops_of(&[*xi, *a])).in_chunks(xv.chunks)
             }
             MoeIr::Pack(a) | MoeIr::Dequant(a) => {
@@ -592,13 +628,13 @@ impl Analysis<MoeIr> for MetaAnalysis {
                     .rows
                     .saturating_mul(m.rows_per_token())
                     .saturating_mul(forwarded);
-                let exp = av.rows_expected * m.rows_per_token() as f64;
+                let exp = m.routed_rows_expected(av.rows_expected);
                 Meta::value(rows, exp, h, m.dtype, x(y).flops).in_chunks(av.chunks)
             }
             MoeIr::Unpermute([c, a]) => {
                 let av = x(a);
                 let rows = av.rows.saturating_mul(m.rows_per_token());
-                let exp = av.rows_expected * m.rows_per_token() as f64;
+                let exp = m.routed_rows_expected(av.rows_expected);
                 Meta::value(rows, exp, h, m.dtype, flops_of(&[*c])).in_chunks(av.chunks)
             }
             MoeIr::Wsum([u, a]) | MoeIr::UnpermuteWsum([u, a]) => {

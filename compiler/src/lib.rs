@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cli;
 pub mod compile;
 pub mod cost;
+pub mod destinations;
 pub mod explain;
 pub mod ir;
 pub mod kernels_cmd;

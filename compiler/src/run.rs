@@ -146,3 +146,77 @@ pub fn cuda_forward(
         .map(|(forward, _)| forward)
         .map_err(rejected)
 }
+
+/// Each collective of a plan (op name, every chunk together) with the bytes the
+/// plan expects one rank to send in it (the cost model's figure for uniform
+/// routing), in the order the plan first runs them.
+pub fn expected_traffic(plan: &moec_runtime::Plan) -> Vec<(String, u64)> {
+    let mut ops: Vec<_> = plan.ops().map(|(_, op)| op).collect();
+    ops.sort_by_key(|op| op.id);
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for op in ops {
+        if let moec_runtime::plan::OpKind::Collective { bytes_sent, .. } = op.kind {
+            match out.iter_mut().find(|(name, _)| *name == op.name) {
+                Some((_, bytes)) => *bytes = bytes.saturating_add(bytes_sent),
+                None => out.push((op.name.clone(), bytes_sent)),
+            }
+        }
+    }
+    out
+}
+
+/// The traffic table `moec run` prints: per collective and link class, the
+/// rows and bytes each rank sent (mean and max over ranks), and beside each
+/// collective the bytes over links (local copies excluded) against the plan's
+/// expectation.
+pub fn traffic_table(
+    expected: &[(String, u64)],
+    traffic: &[moec_runtime::cpu::traffic::RankTraffic],
+) -> String {
+    use moec_runtime::cpu::traffic::LinkClass;
+    use moec_runtime::plan::human_bytes;
+    use std::fmt::Write as _;
+    let ranks = traffic.len().max(1) as f64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<22} {:<11} {:>10} {:>12} {:>12} {:>12}",
+        "collective", "link", "rows/rank", "bytes/rank", "max bytes", "plan"
+    );
+    for (name, plan_bytes) in expected {
+        let mut over_links = 0u64;
+        for link in LinkClass::ALL {
+            let key = (name.clone(), link);
+            let per_rank: Vec<_> = traffic.iter().filter_map(|t| t.get(&key)).collect();
+            if per_rank.is_empty() {
+                continue;
+            }
+            let rows: u64 = per_rank.iter().map(|m| m.rows).sum();
+            let bytes: u64 = per_rank.iter().map(|m| m.bytes).sum();
+            let max = per_rank.iter().map(|m| m.bytes).max().unwrap_or(0);
+            if link != LinkClass::Local {
+                over_links += bytes;
+            }
+            let _ = writeln!(
+                s,
+                "{:<22} {:<11} {:>10.1} {:>12} {:>12}",
+                name,
+                link.name(),
+                rows as f64 / ranks,
+                human_bytes((bytes as f64 / ranks).round() as u64),
+                human_bytes(max),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:<22} {:<11} {:>10} {:>12} {:>12} {:>12}",
+            name,
+            "all links",
+            "",
+            human_bytes((over_links as f64 / ranks).round() as u64),
+            "",
+            human_bytes(*plan_bytes),
+        );
+    }
+    s
+}

@@ -73,6 +73,9 @@ struct Builder<'a> {
     output: Option<u32>,
     /// The chunk whose buffers are being created (`None` outside the pipeline).
     current_chunk: Option<u64>,
+    /// Buffers the caller reads after the layer (the dropless overflow flag):
+    /// live to the last op, so no later buffer reuses their bytes.
+    read_after_layer: Vec<u32>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -124,6 +127,7 @@ impl<'a> Builder<'a> {
             routing: None,
             output: None,
             current_chunk: None,
+            read_after_layer: Vec::new(),
         })
     }
 
@@ -674,6 +678,7 @@ impl<'a> Builder<'a> {
         let mut outputs = vec![slots];
         if m.capacity.is_none() {
             let flag = self.buffer("overflow_flag", DType::U8, vec![1], BufferRole::Scratch);
+            self.read_after_layer.push(flag);
             outputs.push(flag);
         }
         let consts = self.constants(&[
@@ -1308,6 +1313,14 @@ impl<'a> Builder<'a> {
             }
             if b.live.0 == u32::MAX {
                 b.live = (0, 0);
+            }
+        }
+        for &flag in &self.read_after_layer {
+            if let Some(b) = self.buffers.get_mut(flag as usize) {
+                b.live.1 = last;
+                // A use at the last op: `allocate` shares bytes only between
+                // buffers whose uses are ordered, and nothing follows the last op.
+                uses[flag as usize].push(last);
             }
         }
         let order = HappensBefore::new(&streams, self.events);

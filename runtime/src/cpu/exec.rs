@@ -18,6 +18,7 @@ use super::hier::{self, Staged, Topology};
 use super::jit::{JitKernel, RawArg};
 use super::layout::{assign_count, assign_place, ChunkTable, Geometry, Placement, Routing};
 use super::memory::{self, Arena, Region};
+use super::traffic::{LinkClass, Moved, RankTraffic};
 use crate::plan::{
     Activation, Buffer, BufferRole, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight,
     KernelKind, Op, OpKind, Phase, Plan, WeightOn,
@@ -116,6 +117,10 @@ pub struct Forward {
     pub phase_seconds: BTreeMap<Phase, f64>,
     /// Wall time of the pass.
     pub wall_seconds: f64,
+    /// Per rank, what its collectives sent, by collective and link class
+    /// (the CPU backend counts every exchange; empty where a backend does not
+    /// count, today the CUDA backend).
+    pub traffic: Vec<RankTraffic>,
 }
 
 /// An FFN's weights laid out for the GEMMs: the gate and up projections
@@ -415,6 +420,7 @@ impl CpuBackend {
                 placement: Mutex::new(None),
                 staged: Mutex::new(BTreeMap::new()),
                 phase_seconds: Mutex::new(BTreeMap::new()),
+                traffic: Mutex::new(RankTraffic::new()),
             });
         }
         Ok(ranks)
@@ -435,7 +441,14 @@ impl CpuBackend {
             ..RoutingStats::default()
         };
         let mut phase_seconds: BTreeMap<Phase, f64> = BTreeMap::new();
+        let mut traffic = Vec::with_capacity(ranks.len());
         for ctx in ranks {
+            traffic.push(
+                ctx.traffic
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            );
             // SAFETY: every stream thread of this pass has finished.
             let bytes = unsafe { ctx.arena.bytes(self.regions[out]) };
             let mut values = vec![0.0f32; self.geo.tokens * hidden];
@@ -463,6 +476,7 @@ impl CpuBackend {
             stats,
             phase_seconds,
             wall_seconds: start.elapsed().as_secs_f64(),
+            traffic,
         })
     }
 
@@ -768,6 +782,11 @@ impl RowLayout {
         })
     }
 
+    /// Bytes one row occupies on the wire (fp8: its data and its scales).
+    fn bytes_per_row(&self) -> usize {
+        self.row_bytes + self.scales.map_or(0, |(_, per_row)| per_row)
+    }
+
     fn runs(&self, rows: &[Range<usize>], name: &str) -> Result<Vec<Run>, ExecError> {
         let mut out = Vec::new();
         for r in rows {
@@ -860,6 +879,8 @@ struct RankCtx {
     /// Routing of the rows a hierarchical dispatch staged, by staging buffer.
     staged: Mutex<BTreeMap<u32, Arc<Staged>>>,
     phase_seconds: Mutex<BTreeMap<Phase, f64>>,
+    /// What this rank's collectives sent, counted at the `Comm`.
+    traffic: Mutex<RankTraffic>,
 }
 
 impl RankCtx {
@@ -942,6 +963,13 @@ impl StreamRun<'_> {
         }
         let group: Vec<usize> = (0..b.geo.group).collect();
         let plan = b.collective_plan(self.ctx, self.me(), op)?;
+        let rows = match op.kind {
+            OpKind::Collective {
+                kind: CollectiveKind::AllToAll | CollectiveKind::AllToAllV,
+                ..
+            } => Some(RowLayout::of(&b.plan.buffers[send as usize])?.bytes_per_row()),
+            _ => None,
+        };
         // SAFETY: the plan's events order this collective after the ops that
         // write its send buffer and before those that read its receive buffer;
         // send and receive are distinct live buffers, so they do not overlap.
@@ -951,18 +979,27 @@ impl StreamRun<'_> {
                 self.ctx.arena.bytes_mut(b.regions[recv as usize]),
             )
         };
-        self.exchange(comm, op, 0, &group, (data, plan.to), (dst, plan.from))
+        self.exchange(
+            comm,
+            op,
+            (0, rows),
+            &group,
+            (data, plan.to),
+            (dst, plan.from),
+        )
     }
 
     /// One exchange of this rank with the EP ranks `group` (EP indices; this
     /// rank among them): `out` is what it sends (bytes, runs per peer), `inc`
-    /// where it receives.
+    /// where it receives. `part` numbers the exchanges of one op, with the
+    /// bytes of one token row when they are rows (`None`: metadata), for the
+    /// traffic count.
     #[allow(clippy::type_complexity)] // the two sides of an exchange, spelled out
     fn exchange(
         &self,
         comm: &dyn Comm,
         op: &Op,
-        part: u8,
+        (part, row_bytes): (u8, Option<usize>),
         group: &[usize],
         out: (&[u8], Vec<Vec<Run>>),
         inc: (&mut [u8], Vec<Vec<Run>>),
@@ -973,6 +1010,11 @@ impl StreamRun<'_> {
             .position(|&q| q == self.me())
             .ok_or_else(|| ExecError::new("internal: a rank outside its own group"))?;
         let global: Vec<usize> = group.iter().map(|q| base + q).collect();
+        let sent: Vec<usize> = out
+            .1
+            .iter()
+            .map(|runs| runs.iter().map(|r| r.len).sum())
+            .collect();
         let tag = Tag {
             group: global[0],
             pass: self.pass,
@@ -995,7 +1037,31 @@ impl StreamRun<'_> {
         .map_err(|e| match e {
             CommError::Aborted(_) => ExecError::new(format!("aborted: {e}")),
             other => ExecError::new(other.to_string()),
-        })
+        })?;
+        self.count_traffic(op, &global, me, &sent, row_bytes);
+        Ok(())
+    }
+
+    /// Adds what this rank sent to each peer of an exchange to its traffic.
+    fn count_traffic(
+        &self,
+        op: &Op,
+        global: &[usize],
+        me: usize,
+        sent: &[usize],
+        row_bytes: Option<usize>,
+    ) {
+        let per_node = self.backend.plan.mesh.gpus_per_node as usize;
+        let mut traffic = self.ctx.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        for (&peer, &bytes) in global.iter().zip(sent).filter(|(_, &b)| b > 0) {
+            let link = LinkClass::between(global[me], peer, per_node);
+            let moved = traffic.entry((op.name.clone(), link)).or_default();
+            moved.add(Moved {
+                rows: row_bytes.map_or(0, |r| (bytes / r.max(1)) as u64),
+                bytes: bytes as u64,
+                messages: 1,
+            });
+        }
     }
 
     /// One leg of the hierarchical all-to-all (see `hier.rs`).
@@ -1069,7 +1135,8 @@ impl StreamRun<'_> {
                 self.ctx.arena.bytes_mut(b.regions[recv as usize]),
             )
         };
-        self.exchange(comm, op, 0, &group, (data, to), (dst, from))
+        let rows = Some(send_rows.bytes_per_row());
+        self.exchange(comm, op, (0, rows), &group, (data, to), (dst, from))
     }
 
     /// The inter-node leg of the dispatch: sizes, then each token's routing,
@@ -1124,7 +1191,7 @@ impl StreamRun<'_> {
         self.exchange(
             comm,
             op,
-            1,
+            (1, None),
             &group,
             (&sizes, runs_each(&vec![16; nodes])),
             (&mut got, runs_each(&vec![16; nodes])),
@@ -1152,7 +1219,7 @@ impl StreamRun<'_> {
         self.exchange(
             comm,
             op,
-            2,
+            (2, None),
             &group,
             (&routing_out, runs_each(&out_lens)),
             (&mut routing_in, runs_each(&in_lens)),
@@ -1191,7 +1258,8 @@ impl StreamRun<'_> {
                 self.ctx.arena.bytes_mut(b.regions[recv as usize]),
             )
         };
-        self.exchange(comm, op, 3, &group, (data, to), (dst, from))?;
+        let rows = Some(send_rows.bytes_per_row());
+        self.exchange(comm, op, (3, rows), &group, (data, to), (dst, from))?;
         self.ctx
             .staged
             .lock()

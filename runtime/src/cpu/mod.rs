@@ -9,5 +9,6 @@ mod hier;
 pub mod jit;
 pub mod layout;
 pub mod memory;
+pub mod traffic;
 
 pub use exec::{CpuBackend, CpuOptions, ExecError, Forward, RoutingStats};

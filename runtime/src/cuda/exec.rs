@@ -306,6 +306,8 @@ impl CudaBackend {
                 stats: pass.stats,
                 phase_seconds: BTreeMap::new(),
                 wall_seconds: pass.seconds,
+                // The device's copies are not counted yet.
+                traffic: Vec::new(),
             },
             pass.timings,
         ))

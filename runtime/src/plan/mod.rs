@@ -292,6 +292,18 @@ impl MeshConfig {
     }
 }
 
+/// The metadata the inter-node leg of the hierarchical dispatch sends beside
+/// its rows (the forwarder cannot derive a token's routing inside its node
+/// from the exchanged counts, so it travels with the token, as DeepEP sends
+/// `topk_idx`): per destination node, the row and routing counts
+/// ([`HIER_SIZE_BYTES_PER_PEER`]); per staged token, its assignment count;
+/// per assignment, the destination's local index and receive row (u32 each).
+pub const HIER_SIZE_BYTES_PER_PEER: u64 = 16;
+/// See [`HIER_SIZE_BYTES_PER_PEER`].
+pub const HIER_ROUTING_BYTES_PER_TOKEN: u64 = 4;
+/// See [`HIER_SIZE_BYTES_PER_PEER`].
+pub const HIER_ROUTING_BYTES_PER_ASSIGNMENT: u64 = 8;
+
 /// How the tokens travel in an all-to-all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
