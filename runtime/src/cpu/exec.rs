@@ -19,6 +19,7 @@ use super::jit::{JitKernel, RawArg};
 use super::layout::{assign_count, assign_place, ChunkTable, Geometry, Placement, Routing};
 use super::memory::{self, Arena, Region};
 use super::traffic::{LinkClass, Moved, RankTraffic};
+use crate::plan::binding::{binding, library_kind, Arg, LaunchRows};
 use crate::plan::{
     Activation, Buffer, BufferRole, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight,
     KernelKind, Op, OpKind, Phase, Plan, WeightOn,
@@ -185,30 +186,6 @@ pub struct CpuBackend {
     spare_arenas: Mutex<Vec<Arena>>,
 }
 
-fn kind_of(kind: KernelKind) -> Option<Kind> {
-    Some(match kind {
-        KernelKind::RouterFused => Kind::RouterFused,
-        KernelKind::RouterScores => Kind::RouterScores,
-        KernelKind::RouterBias => Kind::RouterBias,
-        KernelKind::RouterGroupSelect => Kind::RouterGroupSelect,
-        KernelKind::RouterTopk => Kind::RouterTopk,
-        KernelKind::RouterNormalize => Kind::RouterNormalize,
-        KernelKind::RouterScale => Kind::RouterScale,
-        KernelKind::Permute => Kind::Permute,
-        KernelKind::Pack => Kind::Pack,
-        KernelKind::PermutePack => Kind::PermutePack,
-        KernelKind::QuantizeFp8 => Kind::QuantizeFp8,
-        KernelKind::DequantizeFp8 => Kind::DequantizeFp8,
-        KernelKind::Activation => Kind::Activation,
-        KernelKind::Unpermute => Kind::Unpermute,
-        KernelKind::WeightedSum => Kind::WeightedSum,
-        KernelKind::UnpermuteWeightedSum => Kind::UnpermuteWeightedSum,
-        KernelKind::SharedGate => Kind::SharedGate,
-        KernelKind::Add => Kind::Add,
-        KernelKind::Assign | KernelKind::ScaleRows => return None,
-    })
-}
-
 /// Constants of the activation a GEMM epilogue applies: it reads the GEMM's
 /// f32 result (`in_dtype` 0) and stores the layer dtype.
 fn activation_constants(plan: &Plan, width: usize, ffn: Activation) -> Vec<(String, i64)> {
@@ -254,7 +231,7 @@ impl CpuBackend {
             .map_err(|_| ExecError::new("the arena does not fit this machine"))?;
         let mut kernels = Vec::with_capacity(plan.kernels.len());
         for k in &plan.kernels {
-            kernels.push(match kind_of(k.kind) {
+            kernels.push(match library_kind(k.kind) {
                 Some(kind) => Some(compile(kind, &k.constants)?),
                 None if k.kind == KernelKind::Assign => None,
                 None => {
@@ -759,6 +736,7 @@ struct CollectivePlan {
 }
 
 /// Rows of a 2-D buffer as byte runs (fp8 buffers: data rows, then their scales).
+#[derive(Clone, Copy)]
 struct RowLayout {
     rows: usize,
     row_bytes: usize,
@@ -767,18 +745,20 @@ struct RowLayout {
 }
 
 impl RowLayout {
+    /// The plan's row layout of `b` ([`crate::plan::rows`]) in this machine's sizes.
     fn of(b: &Buffer) -> Result<RowLayout, ExecError> {
-        let (rows, cols) = match b.shape.as_slice() {
-            [r, c] => (*r as usize, *c as usize),
-            [n] => (*n as usize, 1),
-            _ => return Err(ExecError::new(format!("`{}` is not a matrix", b.name))),
+        let layout = crate::plan::rows::RowLayout::of(b).map_err(ExecError::new)?;
+        let size = |v: u64| {
+            usize::try_from(v)
+                .map_err(|_| ExecError::new(format!("`{}` does not fit this machine", b.name)))
         };
-        let row_bytes = cols * b.dtype.bytes() as usize;
-        let scales = (b.dtype == DType::Fp8E4m3).then(|| (rows * cols, cols.div_ceil(128) * 4));
         Ok(RowLayout {
-            rows,
-            row_bytes,
-            scales,
+            rows: size(layout.rows)?,
+            row_bytes: size(layout.row_bytes)?,
+            scales: match layout.scales {
+                Some((base, per_row)) => Some((size(base)?, size(per_row)?)),
+                None => None,
+            },
         })
     }
 
@@ -1352,113 +1332,34 @@ impl StreamRun<'_> {
                 .copied()
                 .ok_or_else(|| ExecError::new(format!("`{}` needs output {i}", k.name)))
         };
-        let bias = || RawArg::Buf {
-            ptr: b.router_bias.as_ptr() as *mut u8,
-            len: b.router_bias.len() as u64,
-        };
-        let scale = RawArg::F32(b.plan.layer.router.scale as f32);
-        let tokens = match chunk {
-            Some(c) => b.geo.chunk_range(c as usize).len(),
-            None => b.geo.tokens,
-        };
+        let binding = binding(k.kind, op.phase)
+            .ok_or_else(|| ExecError::new(format!("`{}` cannot be launched", k.name)))?;
         let mut args: Vec<RawArg> = Vec::new();
-        let rows: usize;
-        match k.kind {
-            KernelKind::RouterFused | KernelKind::RouterTopk => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                args.extend(self.raw(output(1)?, chunk)?);
-                args.push(bias());
-                if k.kind == KernelKind::RouterFused {
-                    args.push(scale);
-                }
-                rows = tokens;
-            }
-            KernelKind::RouterScores | KernelKind::RouterGroupSelect => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = tokens;
-            }
-            KernelKind::RouterBias => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                args.push(bias());
-                rows = tokens;
-            }
-            KernelKind::RouterNormalize => {
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = tokens;
-            }
-            KernelKind::RouterScale => {
-                args.extend(self.raw(output(0)?, chunk)?);
-                args.push(scale);
-                rows = tokens;
-            }
-            KernelKind::Permute | KernelKind::PermutePack => {
-                for i in 0..3 {
-                    args.extend(self.raw(input(i)?, chunk)?);
-                }
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = tokens;
-            }
-            KernelKind::Pack | KernelKind::QuantizeFp8 => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = self.chunk_table(chunk)?.sent(self.me());
-            }
-            KernelKind::DequantizeFp8 => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = self.chunk_table(chunk)?.received(self.me());
-            }
-            KernelKind::Activation => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                args.push(RawArg::F32(b.clamp_limit(op.phase == Phase::Shared)));
-                rows = if op.phase == Phase::Shared {
-                    b.geo.tokens
-                } else {
-                    self.chunk_table(chunk)?.received(self.me())
-                };
-            }
-            KernelKind::UnpermuteWeightedSum => {
-                for i in 0..3 {
-                    args.extend(self.raw(input(i)?, chunk)?);
-                }
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = tokens;
-            }
-            KernelKind::Unpermute => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(input(1)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = tokens;
-            }
-            KernelKind::WeightedSum => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(input(1)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = tokens;
-            }
-            KernelKind::SharedGate => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                args.push(RawArg::Buf {
+        for arg in binding.args {
+            match *arg {
+                Arg::Input(i) => args.extend(self.raw(input(i)?, chunk)?),
+                Arg::Output(i) => args.extend(self.raw(output(i)?, chunk)?),
+                Arg::RouterBias => args.push(RawArg::Buf {
+                    ptr: b.router_bias.as_ptr() as *mut u8,
+                    len: b.router_bias.len() as u64,
+                }),
+                Arg::RouterScale => args.push(RawArg::F32(b.plan.layer.router.scale as f32)),
+                Arg::SharedGate => args.push(RawArg::Buf {
                     ptr: b.shared_gate.as_ptr() as *mut u8,
                     len: b.shared_gate.len() as u64,
-                });
-                rows = tokens;
-            }
-            KernelKind::Add => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(input(1)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = tokens;
-            }
-            KernelKind::Assign | KernelKind::ScaleRows => {
-                return Err(ExecError::new(format!("`{}` cannot be launched", k.name)))
+                }),
+                Arg::ClampLimit => args.push(RawArg::F32(b.clamp_limit(op.phase == Phase::Shared))),
             }
         }
+        let rows = match binding.rows {
+            LaunchRows::ChunkTokens => match chunk {
+                Some(c) => b.geo.chunk_range(c as usize).len(),
+                None => b.geo.tokens,
+            },
+            LaunchRows::LayerTokens => b.geo.tokens,
+            LaunchRows::Sent => self.chunk_table(chunk)?.sent(self.me()),
+            LaunchRows::Received => self.chunk_table(chunk)?.received(self.me()),
+        };
         // SAFETY: every pointer comes from this rank's arena (a region checked
         // against the arena at load, `len` elements long) or from the
         // backend's weight vectors (read-only parameters). The plan's events

@@ -63,30 +63,7 @@ impl std::fmt::Display for PlanKernelsError {
 
 impl std::error::Error for PlanKernelsError {}
 
-/// The library kind of a plan kernel, or `None` for a native one.
-pub fn library_kind(kind: KernelKind) -> Option<Kind> {
-    Some(match kind {
-        KernelKind::RouterFused => Kind::RouterFused,
-        KernelKind::RouterScores => Kind::RouterScores,
-        KernelKind::RouterBias => Kind::RouterBias,
-        KernelKind::RouterGroupSelect => Kind::RouterGroupSelect,
-        KernelKind::RouterTopk => Kind::RouterTopk,
-        KernelKind::RouterNormalize => Kind::RouterNormalize,
-        KernelKind::RouterScale => Kind::RouterScale,
-        KernelKind::Permute => Kind::Permute,
-        KernelKind::Pack => Kind::Pack,
-        KernelKind::PermutePack => Kind::PermutePack,
-        KernelKind::QuantizeFp8 => Kind::QuantizeFp8,
-        KernelKind::DequantizeFp8 => Kind::DequantizeFp8,
-        KernelKind::Activation => Kind::Activation,
-        KernelKind::Unpermute => Kind::Unpermute,
-        KernelKind::WeightedSum => Kind::WeightedSum,
-        KernelKind::UnpermuteWeightedSum => Kind::UnpermuteWeightedSum,
-        KernelKind::SharedGate => Kind::SharedGate,
-        KernelKind::Add => Kind::Add,
-        KernelKind::Assign | KernelKind::ScaleRows => return None,
-    })
-}
+pub use crate::plan::binding::library_kind;
 
 /// Lowers the kernels of `plan` into one module (see the module docs).
 pub fn plan_kernels(plan: &Plan) -> Result<PlanKernels, PlanKernelsError> {

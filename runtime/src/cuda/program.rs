@@ -26,10 +26,10 @@
 //! `launch`) exactly, and every one is checked against the kernel's
 //! description when the program is built.
 
+use crate::plan::binding::{binding, Arg, LaunchRows};
 use std::collections::BTreeMap;
 
 use moec_kernels::ir::{Param, ParamKind, Ty};
-use moec_kernels::library::Kind;
 use moec_kernels::native::NativeKernel;
 
 use super::plan::{plan_kernels, PlanKernels};
@@ -189,31 +189,7 @@ pub struct GemmStep {
     pub label: String,
 }
 
-/// Rows of a 2-D buffer as byte runs (fp8: data rows, then their scales).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RowLayout {
-    pub rows: u64,
-    pub row_bytes: u64,
-    /// Byte offset of the scales and bytes of one row's scales (fp8).
-    pub scales: Option<(u64, u64)>,
-}
-
-impl RowLayout {
-    pub fn of(b: &Buffer) -> Result<RowLayout, String> {
-        let (rows, cols) = match b.shape.as_slice() {
-            [r, c] => (*r, *c),
-            [n] => (*n, 1),
-            _ => return Err(format!("`{}` is not a matrix", b.name)),
-        };
-        let row_bytes = cols * b.dtype.bytes();
-        let scales = (b.dtype == DType::Fp8E4m3).then(|| (rows * cols, cols.div_ceil(128) * 4));
-        Ok(RowLayout {
-            rows,
-            row_bytes,
-            scales,
-        })
-    }
-}
+pub use crate::plan::rows::RowLayout;
 
 /// A collective of one EP group.
 #[derive(Clone, Debug, PartialEq)]
@@ -373,10 +349,6 @@ pub struct Program {
     /// all-to-all between virtual ranks need no routing on the host. 0:
     /// the packed layout of dropless plans (the CPU backend's).
     pub padded: u64,
-}
-
-fn kind_of(kind: KernelKind) -> Option<Kind> {
-    super::plan::library_kind(kind)
 }
 
 /// The name of a GEMM weight, as [`WeightLayout::dtypes`] keys it.
@@ -836,9 +808,6 @@ impl<'p> Lowering<'p> {
         if k.kind == KernelKind::Assign {
             return self.assign(index, stream, k, inputs, outputs);
         }
-        if kind_of(k.kind).is_none() {
-            return Err(format!("`{}` cannot be launched", k.name));
-        }
         let module = self.module_index(kernel as usize)?;
         let chunk = op.chunk;
         let input = |i: usize| {
@@ -853,102 +822,38 @@ impl<'p> Lowering<'p> {
                 .copied()
                 .ok_or_else(|| format!("`{}` needs output {i}", k.name))
         };
-        let bias = ArgT::Buf {
-            span: self.weights.router_bias,
-            len: self.weights.router_bias.bytes / 4,
-        };
-        let scale = ArgT::F32(plan.layer.router.scale as f32);
+        let binding =
+            binding(k.kind, op.phase).ok_or_else(|| format!("`{}` cannot be launched", k.name))?;
         let tokens = match chunk {
             Some(c) => self.geo.chunk_range(c as usize).len() as u64,
             None => self.geo.tokens as u64,
         };
         let c = chunk.unwrap_or(0) as usize;
         let mut args: Vec<ArgT> = Vec::new();
-        let rows: Rows;
-        match k.kind {
-            KernelKind::RouterFused | KernelKind::RouterTopk => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                args.extend(self.raw(output(1)?, chunk)?);
-                args.push(bias);
-                if k.kind == KernelKind::RouterFused {
-                    args.push(scale);
-                }
-                rows = Rows::Fixed(tokens);
-            }
-            KernelKind::RouterScores | KernelKind::RouterGroupSelect => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = Rows::Fixed(tokens);
-            }
-            KernelKind::RouterBias => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                args.push(bias);
-                rows = Rows::Fixed(tokens);
-            }
-            KernelKind::RouterNormalize => {
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = Rows::Fixed(tokens);
-            }
-            KernelKind::RouterScale => {
-                args.extend(self.raw(output(0)?, chunk)?);
-                args.push(scale);
-                rows = Rows::Fixed(tokens);
-            }
-            KernelKind::Permute | KernelKind::PermutePack => {
-                for i in 0..3 {
-                    args.extend(self.raw(input(i)?, chunk)?);
-                }
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = Rows::Fixed(tokens);
-            }
-            KernelKind::Pack | KernelKind::QuantizeFp8 => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = Rows::Sent(c, self.common_rows(input(0)?, output(0)?)?);
-            }
-            KernelKind::DequantizeFp8 => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = Rows::Received(c, self.common_rows(input(0)?, output(0)?)?);
-            }
-            KernelKind::Activation => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                args.push(ArgT::F32(self.clamp_limit(op.phase == Phase::Shared)));
-                rows = if op.phase == Phase::Shared {
-                    Rows::Fixed(self.geo.tokens as u64)
-                } else {
-                    Rows::Received(c, self.common_rows(input(0)?, output(0)?)?)
-                };
-            }
-            KernelKind::UnpermuteWeightedSum => {
-                for i in 0..3 {
-                    args.extend(self.raw(input(i)?, chunk)?);
-                }
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = Rows::Fixed(tokens);
-            }
-            KernelKind::Unpermute | KernelKind::WeightedSum | KernelKind::Add => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(input(1)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                rows = Rows::Fixed(tokens);
-            }
-            KernelKind::SharedGate => {
-                args.extend(self.raw(input(0)?, chunk)?);
-                args.extend(self.raw(output(0)?, chunk)?);
-                args.push(ArgT::Buf {
+        for arg in binding.args {
+            match *arg {
+                Arg::Input(i) => args.extend(self.raw(input(i)?, chunk)?),
+                Arg::Output(i) => args.extend(self.raw(output(i)?, chunk)?),
+                Arg::RouterBias => args.push(ArgT::Buf {
+                    span: self.weights.router_bias,
+                    len: self.weights.router_bias.bytes / 4,
+                }),
+                Arg::RouterScale => args.push(ArgT::F32(plan.layer.router.scale as f32)),
+                Arg::SharedGate => args.push(ArgT::Buf {
                     span: self.weights.shared_gate,
                     len: self.weights.shared_gate.bytes / 4,
-                });
-                rows = Rows::Fixed(tokens);
-            }
-            KernelKind::Assign | KernelKind::ScaleRows => {
-                return Err(format!("`{}` cannot be launched", k.name))
+                }),
+                Arg::ClampLimit => {
+                    args.push(ArgT::F32(self.clamp_limit(op.phase == Phase::Shared)))
+                }
             }
         }
+        let rows = match binding.rows {
+            LaunchRows::ChunkTokens => Rows::Fixed(tokens),
+            LaunchRows::LayerTokens => Rows::Fixed(self.geo.tokens as u64),
+            LaunchRows::Sent => Rows::Sent(c, self.common_rows(input(0)?, output(0)?)?),
+            LaunchRows::Received => Rows::Received(c, self.common_rows(input(0)?, output(0)?)?),
+        };
         let kref = KernelRef::Generated(module);
         self.add_launch(index, stream, kref, &k.name, args, rows, false)
     }

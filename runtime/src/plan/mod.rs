@@ -10,6 +10,8 @@
 //! [`Plan::from_json`] checks the version and every reference before a backend
 //! sees it. Its [`std::fmt::Display`] is the stable text form `moec build` prints.
 
+pub mod binding;
+pub mod rows;
 mod text;
 mod validate;
 
@@ -377,6 +379,32 @@ pub enum KernelKind {
     SharedGate,
     /// Output = routed + shared.
     Add,
+}
+
+impl KernelKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [KernelKind; 20] = [
+        KernelKind::RouterFused,
+        KernelKind::RouterScores,
+        KernelKind::RouterBias,
+        KernelKind::RouterGroupSelect,
+        KernelKind::RouterTopk,
+        KernelKind::RouterNormalize,
+        KernelKind::RouterScale,
+        KernelKind::Assign,
+        KernelKind::Permute,
+        KernelKind::Pack,
+        KernelKind::PermutePack,
+        KernelKind::ScaleRows,
+        KernelKind::QuantizeFp8,
+        KernelKind::DequantizeFp8,
+        KernelKind::Activation,
+        KernelKind::Unpermute,
+        KernelKind::WeightedSum,
+        KernelKind::UnpermuteWeightedSum,
+        KernelKind::SharedGate,
+        KernelKind::Add,
+    ];
 }
 
 /// A specialised kernel: its kind plus the constants it is compiled with.
