@@ -996,3 +996,37 @@ fn a_plan_too_large_for_the_device_is_reported() {
     let smallest = c.report.candidates.iter().map(|k| k.memory_bytes).min();
     assert_eq!(Some(need), smallest, "the smallest candidate is chosen");
 }
+
+/// The layers of DeepEP's published normal-kernel benchmark (BENCHMARKS.md
+/// compares their predicted dispatch and combine with DeepEP's figures)
+/// compile in one chunk, fit their devices and cross nodes hierarchically
+/// when they span several.
+#[test]
+fn the_deepep_benchmark_layers_compile() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compiler/benches/deepep");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "moe"))
+        .collect();
+    paths.sort();
+    assert_eq!(paths.len(), 4, "{paths:?}");
+    for path in paths {
+        let name = stem(&path);
+        let c = compiled(&name, &read(&path));
+        check_invariants(&name, &c, false);
+        assert_eq!(c.plan.choices.chunks, 1, "{name}");
+        assert!(
+            c.report.warnings.is_empty(),
+            "{name}: {:?}",
+            c.report.warnings
+        );
+        let multi_node = c.plan.mesh.nodes > 1;
+        assert_eq!(
+            c.plan.choices.dispatch == A2aAlgorithm::Hierarchical,
+            multi_node,
+            "{name}: {:?}",
+            c.plan.choices.dispatch
+        );
+    }
+}

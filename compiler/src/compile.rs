@@ -18,7 +18,7 @@
 use crate::cost::OverlapCost;
 use crate::ir::{lower, MetaAnalysis, Model, MoeIr};
 use crate::rules::{family_of, rules};
-use crate::schedule::schedule;
+use crate::schedule::{schedule_with, Order};
 use crate::timeline::{simulate, Timeline};
 use egg::{EGraph, Extractor, Id, Language, RecExpr, Runner, SimpleScheduler, StopReason};
 use moec_lang::spec::{Overlap, Program};
@@ -52,6 +52,8 @@ pub struct Candidate {
     pub total_us: f64,
     /// Activations and weights of one rank, bytes.
     pub memory_bytes: u64,
+    /// The chunk order kept for this candidate ([`Order::combine_lag`]).
+    pub combine_lag: u64,
 }
 
 /// What the rewrites did.
@@ -214,10 +216,7 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
             }
             overrides.insert(routed_class, pipeline.clone());
             let chosen = build_expr(egraph, &extractor, root, &overrides)?;
-            let plan = schedule(&model, &chosen)?;
-            plan.validate()
-                .map_err(|e| format!("internal: the scheduler made an invalid plan: {e}"))?;
-            let timeline = simulate(&plan)?;
+            let (plan, timeline, combine_lag) = order_chunks(&model, &chosen, chunks, is_baseline)?;
             let total = timeline.total_us;
             let memory = rank_memory_bytes(&plan);
             let fits = memory as f64 <= model.mesh.device.memory;
@@ -226,6 +225,7 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
                 shared_concurrent: concurrent,
                 total_us: total,
                 memory_bytes: memory,
+                combine_lag,
             });
             if is_baseline {
                 baseline = Some((plan.clone(), timeline.clone()));
@@ -289,6 +289,45 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
         },
     })
 }
+
+/// Schedules one candidate in every chunk order worth trying (the lags of
+/// [`Order::combine_lag`], 1 to the chunk count, at most
+/// [`MAX_COMBINE_LAG`]) and keeps the fastest by the simulator; ties keep the
+/// smaller lag, so the choice is deterministic; a lag whose plan does not fit
+/// the device loses to one that does. The baseline keeps lag 1.
+fn order_chunks(
+    model: &Model,
+    expr: &RecExpr<MoeIr>,
+    chunks: u64,
+    is_baseline: bool,
+) -> Result<(Plan, Timeline, u64), String> {
+    let lags = if is_baseline {
+        1
+    } else {
+        chunks.clamp(1, MAX_COMBINE_LAG)
+    };
+    let mut best: Option<(Plan, Timeline, u64)> = None;
+    for lag in 1..=lags {
+        let plan = schedule_with(model, expr, &Order { combine_lag: lag })?;
+        plan.validate()
+            .map_err(|e| format!("internal: the scheduler made an invalid plan: {e}"))?;
+        let timeline = simulate(&plan)?;
+        let fits = |p: &Plan| rank_memory_bytes(p) as f64 <= model.mesh.device.memory;
+        let better = match &best {
+            None => true,
+            // A lag that keeps more buffers alive must not push the plan out of memory.
+            Some((p, ..)) if fits(&plan) != fits(p) => fits(&plan),
+            Some((_, t, _)) => timeline.total_us < t.total_us - 1e-6,
+        };
+        if better {
+            best = Some((plan, timeline, lag));
+        }
+    }
+    best.ok_or_else(|| "internal: no chunk order was scheduled".into())
+}
+
+/// The most chunks' experts a chunk's un-permute may wait behind.
+pub const MAX_COMBINE_LAG: u64 = 4;
 
 /// The best candidate so far, and what it is compared by.
 struct Best {

@@ -101,7 +101,11 @@ pub fn explain(c: &Compiled) -> String {
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "overlap candidates (each scheduled and simulated):");
-    let _ = writeln!(s, "  {:>6}  {:<14} {:>12}", "chunks", "shared", "total us");
+    let _ = writeln!(
+        s,
+        "  {:>6}  {:<14} {:>5} {:>12}",
+        "chunks", "shared", "lag", "total us"
+    );
     let best = c.timeline.total_us;
     for cand in &r.candidates {
         let shared = if p.layer.shared.is_none() {
@@ -123,8 +127,8 @@ pub fn explain(c: &Compiled) -> String {
         }
         let _ = writeln!(
             s,
-            "  {:>6}  {:<14} {:>12.1}{mark}",
-            cand.chunks, shared, cand.total_us
+            "  {:>6}  {:<14} {:>5} {:>12.1}{mark}",
+            cand.chunks, shared, cand.combine_lag, cand.total_us
         );
     }
     let _ = writeln!(s);

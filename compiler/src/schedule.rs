@@ -24,9 +24,34 @@ const COMPUTE: usize = 0;
 const COMM: usize = 1;
 const SHARED: usize = 2;
 
-/// Builds the plan of an extracted expression (its root is the last node).
+/// Builds the plan of an extracted expression (its root is the last node),
+/// with the un-permute of chunk `i` right after the experts of chunk `i + 1`.
 pub fn schedule(model: &Model, expr: &RecExpr<MoeIr>) -> Result<Plan, String> {
+    schedule_with(model, expr, &Order::default())
+}
+
+/// The order of the chunked pipeline on the compute stream: how many
+/// chunks' experts run before a chunk's un-permute (the op that waits for
+/// its combine). `combine_lag = 1` puts the un-permute of chunk `i` after
+/// the experts of chunk `i + 1`; a larger lag lets the experts of later
+/// chunks, whose input arrived, run while a combine is still in flight, at
+/// the price of keeping more combine buffers alive. The compiler simulates
+/// the lags and keeps the fastest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Order {
+    pub combine_lag: u64,
+}
+
+impl Default for Order {
+    fn default() -> Order {
+        Order { combine_lag: 1 }
+    }
+}
+
+/// Builds the plan of an extracted expression in the given chunk order.
+pub fn schedule_with(model: &Model, expr: &RecExpr<MoeIr>, order: &Order) -> Result<Plan, String> {
     let mut b = Builder::new(model, expr)?;
+    b.combine_lag = order.combine_lag.max(1) as usize;
     b.build()?;
     b.finish()
 }
@@ -76,6 +101,8 @@ struct Builder<'a> {
     /// Buffers the caller reads after the layer (the dropless overflow flag):
     /// live to the last op, so no later buffer reuses their bytes.
     read_after_layer: Vec<u32>,
+    /// See [`Order::combine_lag`].
+    combine_lag: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -128,6 +155,7 @@ impl<'a> Builder<'a> {
             output: None,
             current_chunk: None,
             read_after_layer: Vec::new(),
+            combine_lag: 1,
         })
     }
 
@@ -339,9 +367,10 @@ impl<'a> Builder<'a> {
                 let e = self.event();
                 self.record(COMM, e);
                 comb_events.push(e);
-                if i >= 1 {
-                    self.wait(COMPUTE, comb_events[i - 1]);
-                    for op in std::mem::take(&mut stages[i - 1].post) {
+                if i >= self.combine_lag {
+                    let j = i - self.combine_lag;
+                    self.wait(COMPUTE, comb_events[j]);
+                    for op in std::mem::take(&mut stages[j].post) {
                         self.push(op);
                     }
                 }
@@ -352,11 +381,10 @@ impl<'a> Builder<'a> {
             }
         }
         if comm {
-            if let Some(&e) = comb_events.last() {
-                self.wait(COMPUTE, e);
-            }
-            if let Some(last) = stages.last_mut() {
-                for op in std::mem::take(&mut last.post) {
+            // The un-permutes the lag left for after the last experts, in order.
+            for j in d.saturating_sub(self.combine_lag)..d {
+                self.wait(COMPUTE, comb_events[j]);
+                for op in std::mem::take(&mut stages[j].post) {
                     self.push(op);
                 }
             }
