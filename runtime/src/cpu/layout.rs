@@ -219,6 +219,26 @@ impl ChunkTable {
         }
     }
 
+    /// A table from its counts, in `(s, g, l)` order (`group * group *
+    /// max_local` of them), as another backend read them back.
+    pub fn from_counts(
+        group: usize,
+        max_local: usize,
+        rows: Vec<usize>,
+    ) -> Result<ChunkTable, String> {
+        if rows.len() != group * group * max_local {
+            return Err(format!(
+                "a routing table of {} entries for {group} ranks of {max_local} local experts",
+                rows.len()
+            ));
+        }
+        Ok(ChunkTable {
+            rows,
+            group,
+            max_local,
+        })
+    }
+
     fn at(&mut self, s: usize, g: usize, l: usize) -> &mut usize {
         &mut self.rows[(s * self.group + g) * self.max_local + l]
     }

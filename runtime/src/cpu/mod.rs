@@ -5,7 +5,7 @@
 pub mod comm;
 mod exec;
 pub mod gemm;
-mod hier;
+pub(crate) mod hier;
 pub mod jit;
 pub mod layout;
 pub mod memory;

@@ -978,8 +978,9 @@ impl Target for CudaTarget {
     fn read(&mut self, at: Addr, bytes: u64) -> Result<Vec<u8>, String> {
         let p = self.ptr(at, bytes)?;
         let mut out = vec![0u8; bytes as usize];
-        // SAFETY: the range lies in a live allocation; the device is idle
-        // (read follows `synchronize`).
+        // SAFETY: the range lies in a live allocation, and no queued work
+        // writes it: `read` follows `synchronize`, or a `fetch` that waited
+        // for everything its stream wrote there (the `Target::read` contract).
         drv("cuMemcpyDtoH", unsafe {
             result::memcpy_dtoh_sync(&mut out, p)
         })?;

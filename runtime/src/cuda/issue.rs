@@ -21,15 +21,19 @@ use super::program::{
 };
 use super::route::{RouteTable, Routes};
 use crate::cpu::comm::Run;
+use crate::cpu::hier::{self, PeerRows, Staged, Topology};
+use crate::cpu::layout::ChunkTable;
 use crate::cpu::memory;
 use crate::cpu::{ExecError, RoutingStats};
-use crate::plan::{CollectiveKind, DType, GemmWeight};
+use crate::plan::rows::RowLayout;
+use crate::plan::{CollectiveKind, CollectiveScope, DType, GemmWeight};
 use crate::weights::{Ffn, LayerWeights};
 use moec_kernels::cuda::{STATUS_DIV_ZERO, STATUS_OOB_ARRAY, STATUS_OOB_BUFFER};
 use moec_kernels::ir::Param;
 use moec_kernels::native::{
     NativeKernel, STATUS_BAD_EXPERT, STATUS_BAD_METADATA, STATUS_BAD_WEIGHT, STATUS_COUNTS_DISAGREE,
 };
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 /// Byte runs per peer of a group.
@@ -155,7 +159,10 @@ pub trait Target {
     fn write(&mut self, at: Addr, bytes: &[u8]) -> Result<(), String>;
     /// Waits until every queue of every rank is idle.
     fn synchronize(&mut self) -> Result<(), String>;
-    /// Copies device bytes to the host (after [`Target::synchronize`]).
+    /// Copies device bytes to the host now: after [`Target::synchronize`],
+    /// or bytes that a rank's stream wrote before a [`Command::ReadBack`]
+    /// whose [`Target::fetch`] has returned (the fetch waited for them; the
+    /// hierarchical all-to-all reads the `slots` table so).
     fn read(&mut self, at: Addr, bytes: u64) -> Result<Vec<u8>, String>;
     /// The times of stamps `0..count` of this pass in seconds after stamp 0
     /// (negative for a stamp that ran before it on another stream), after
@@ -629,6 +636,12 @@ struct Issuer<'a> {
     /// routing is read once the pass is done, for the statistics.
     device_routed: bool,
     mode: PassMode,
+    /// Per local rank: its `slots` table, read back at the first
+    /// hierarchical leg that needs it.
+    slots: Vec<Option<Vec<i32>>>,
+    /// The routing of the rows each forwarder staged in the inter-node leg,
+    /// by local rank index and staging span, for the intra-node leg.
+    staged: BTreeMap<(usize, u64), Staged>,
 }
 
 impl<'a> Issuer<'a> {
@@ -647,6 +660,8 @@ impl<'a> Issuer<'a> {
             local,
             routes: vec![None; local.len()],
             pending: vec![false; local.len()],
+            slots: vec![None; local.len()],
+            staged: BTreeMap::new(),
             collectives: 0,
             marks: None,
             stamps: 0,
@@ -1049,6 +1064,7 @@ impl<'a> Issuer<'a> {
                     )?;
                     self.pending[i] = true;
                     self.routes[i] = None;
+                    self.slots[i] = None;
                 }
             }
         }
@@ -1380,7 +1396,16 @@ impl<'a> Issuer<'a> {
         while at < local.len() {
             let base = local[at] - p.me(local[at]);
             let end = at + local[at..].partition_point(|r| *r < base + group);
-            if end - at == group {
+            if c.scope != CollectiveScope::EpGroup {
+                if end - at != group {
+                    return Err(err(
+                        local[at],
+                        None,
+                        "the CUDA backend runs the hierarchical all-to-all between virtual ranks of one process only (its NCCL legs do not exchange the staged routing yet); deny it in the schedule (`deny = [hierarchical_a2a]`)",
+                    ));
+                }
+                self.hierarchical(stream, c, at, ordinal)?;
+            } else if end - at == group {
                 if let Some(status) = c.status {
                     self.virtual_route_copy(stream, c, &local[at..end], ordinal, status)?;
                 } else {
@@ -1398,6 +1423,169 @@ impl<'a> Issuer<'a> {
             at = end;
         }
         Ok(())
+    }
+
+    /// One leg of the hierarchical all-to-all between the virtual ranks of
+    /// one EP group (local rank indices `first..first + group`, in EP
+    /// order): the rows each rank sends and receives are those of the CPU
+    /// backend (`cpu::hier`, on the routing read back), moved as
+    /// device-to-device copies between the collective's events.
+    fn hierarchical(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        first: usize,
+        ordinal: u32,
+    ) -> Result<(), ExecError> {
+        let p = self.p;
+        let group = p.group;
+        let r0 = self.local[first];
+        let topo = Topology::new(group, p.gpus_per_node).map_err(|e| err(r0, None, e))?;
+        let mut tables = Vec::with_capacity(group);
+        for q in 0..group {
+            let r = self.local[first + q];
+            let table = self.table(first + q, c.chunk)?;
+            tables.push(table.chunk_table().map_err(|e| err(r, None, e))?);
+        }
+        // Rows per rank and peer (EP indices), then as byte runs.
+        let rows: Vec<(PeerRows, PeerRows)> = match (c.dispatch, c.scope) {
+            (true, CollectiveScope::InterNode) => {
+                self.dispatch_inter_rows(c, first, &topo, &tables)?
+            }
+            (true, _) => (0..group)
+                .map(|q| {
+                    let key = (first + q, c.send.offset);
+                    let staged = self.staged.get(&key).ok_or_else(|| {
+                        err(
+                            self.local[first + q],
+                            None,
+                            "the intra-node leg runs before the inter-node leg staged its rows",
+                        )
+                    })?;
+                    let within = topo.within(q);
+                    Ok((
+                        spread(group, &within, staged.sends(topo.per_node)),
+                        spread(
+                            group,
+                            &within,
+                            hier::dispatch_intra_recv(&topo, &tables[q], q),
+                        ),
+                    ))
+                })
+                .collect::<Result<_, ExecError>>()?,
+            (false, CollectiveScope::IntraNode) => (0..group)
+                .map(|q| {
+                    let (to, from) = hier::combine_intra(&topo, &tables[q], q);
+                    let within = topo.within(q);
+                    (spread(group, &within, to), spread(group, &within, from))
+                })
+                .collect(),
+            (false, _) => (0..group)
+                .map(|q| {
+                    let (to, from) = hier::combine_inter(&topo, &tables[q], q);
+                    let across = topo.across(q);
+                    let one = |v: Vec<Range<usize>>| v.into_iter().map(|r| vec![r]).collect();
+                    (
+                        spread(group, &across, one(to)),
+                        spread(group, &across, one(from)),
+                    )
+                })
+                .collect(),
+        };
+        let mut members = Vec::with_capacity(group);
+        for (q, (to, from)) in rows.into_iter().enumerate() {
+            let r = self.local[first + q];
+            let bytes = |layout: &RowLayout, name: &str, peers: PeerRows| {
+                peers
+                    .iter()
+                    .map(|rows| row_runs(layout, rows, name))
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_err(|e| err(r, None, e))
+            };
+            let to = bytes(&c.send_rows, &c.send_name, to)?;
+            let from = bytes(&c.recv_rows, &c.recv_name, from)?;
+            members.push((r, to, from));
+        }
+        self.virtual_exchange(stream, c, &members, ordinal)
+    }
+
+    /// The inter-node leg of the hierarchical dispatch: each source sends one
+    /// row per token and destination node to the rank of its local index
+    /// there, and each forwarder keeps the tokens' routing in its node for
+    /// the intra-node leg.
+    fn dispatch_inter_rows(
+        &mut self,
+        c: &CollectiveStep,
+        first: usize,
+        topo: &Topology,
+        tables: &[ChunkTable],
+    ) -> Result<Vec<(PeerRows, PeerRows)>, ExecError> {
+        let p = self.p;
+        let group = p.group;
+        let tokens = p.geometry.chunk_range(c.chunk);
+        let mut sends = Vec::with_capacity(group);
+        for (q, table) in tables.iter().enumerate() {
+            let r = self.local[first + q];
+            let slots = self.slots(first + q)?;
+            let out =
+                hier::dispatch_inter_send(topo, table, q, &slots, p.geometry.top_k, tokens.clone())
+                    .map_err(|e| err(r, None, e))?;
+            sends.push(out);
+        }
+        let mut rows = Vec::with_capacity(group);
+        for f in 0..group {
+            let (n, across) = (topo.node(f), topo.across(f));
+            // What f sends: its rows for each node, to that node's rank at its index.
+            let to: PeerRows = sends[f]
+                .rows
+                .iter()
+                .map(|rows_to_m| rows_to_m.iter().map(|&row| row..row + 1).collect())
+                .collect();
+            // What f receives as a forwarder: from the rank at its index on
+            // every node, in node order, staged one after the other.
+            let mut from = Vec::with_capacity(topo.nodes);
+            let (mut counts, mut routing) = (Vec::new(), Vec::new());
+            let mut at = 0;
+            for &s in &across {
+                let count = sends[s].rows[n].len();
+                let staged_rows: Range<usize> = at..at + count;
+                from.push(std::iter::once(staged_rows).collect::<Vec<_>>());
+                at += count;
+                counts.push(count);
+                routing.extend_from_slice(&sends[s].routing[n]);
+            }
+            let staged = Staged::decode(&counts, &routing, topo.per_node)
+                .map_err(|e| err(self.local[first + f], None, e))?;
+            self.staged.insert((first + f, c.recv.offset), staged);
+            rows.push((spread(group, &across, to), spread(group, &across, from)));
+        }
+        Ok(rows)
+    }
+
+    /// The `slots` table of local rank index `i`, read back once per pass,
+    /// after its routing (the read-back it waited for follows `assign_place`
+    /// on the same stream, so the table is complete).
+    fn slots(&mut self, i: usize) -> Result<Vec<i32>, ExecError> {
+        let r = self.local[i];
+        self.routes(i)?;
+        if self.slots[i].is_none() {
+            let span = self
+                .p
+                .slots
+                .ok_or_else(|| err(r, None, "the plan has no `slots` table"))?;
+            let bytes = self
+                .t
+                .read(Addr::of(r, span), span.bytes)
+                .map_err(|e| err(r, None, e))?;
+            let values = bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            self.slots[i] = Some(values);
+        }
+        self.slots[i]
+            .clone()
+            .ok_or_else(|| err(r, None, "the slots table is missing"))
     }
 
     /// The byte runs local rank index `i` sends and receives in `c`.
@@ -1585,6 +1773,18 @@ impl<'a> Issuer<'a> {
         }
         self.submit(r, stream, Command::Nccl { sends, recvs })
     }
+}
+
+/// Rows per peer of a sub-group (`members`, EP indices, in the order of
+/// `rows`) spread over the whole EP group: the other peers get nothing.
+fn spread(group: usize, members: &[usize], rows: PeerRows) -> PeerRows {
+    let mut all: PeerRows = vec![Vec::new(); group];
+    for (&q, r) in members.iter().zip(rows) {
+        if let Some(slot) = all.get_mut(q) {
+            *slot = r;
+        }
+    }
+    all
 }
 
 /// Blocks and threads per block of a `route_copy` launch: one block per

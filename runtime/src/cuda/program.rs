@@ -205,8 +205,11 @@ pub struct CollectiveStep {
     pub dispatch: bool,
     pub chunk: usize,
     /// The status block of the copy kernels of an all-to-all between
-    /// virtual ranks (`route_copy`); `None` for the fixed-size collectives.
+    /// virtual ranks (`route_copy`); `None` for the fixed-size collectives
+    /// and the legs of the hierarchical all-to-all.
     pub status: Option<usize>,
+    /// The EP group (flat), or one leg of the hierarchical all-to-all.
+    pub scope: CollectiveScope,
 }
 
 /// One piece of device work on one stream.
@@ -349,6 +352,11 @@ pub struct Program {
     /// all-to-all between virtual ranks need no routing on the host. 0:
     /// the packed layout of dropless plans (the CPU backend's).
     pub padded: u64,
+    /// The `slots` table `assign_place` writes (`[tokens, top_k]` i32: the
+    /// send row of each assignment), which the host reads back for the
+    /// hierarchical all-to-all's inter-node leg.
+    pub slots: Option<Span>,
+    pub gpus_per_node: usize,
 }
 
 /// The name of a GEMM weight, as [`WeightLayout::dtypes`] keys it.
@@ -503,6 +511,8 @@ struct Lowering<'p> {
     /// patched in `finish`.
     work_fixed: [Span; 6],
     padded: u64,
+    /// The `slots` buffer `assign_place` writes.
+    slots: Option<Span>,
 }
 
 impl<'p> Lowering<'p> {
@@ -516,15 +526,14 @@ impl<'p> Lowering<'p> {
                 "{world} ranks do not divide into EP groups of {group}"
             ));
         }
-        for (_, op) in plan.ops() {
-            if let OpKind::Collective { scope, .. } = op.kind {
-                if scope != CollectiveScope::EpGroup {
-                    return Err(
-                        "the CUDA backend does not run the hierarchical all-to-all yet; deny it in the schedule (`deny = [hierarchical_a2a]`) or use --backend cpu"
-                            .into(),
-                    );
-                }
-            }
+        let hierarchical = plan.ops().any(|(_, op)| {
+            matches!(op.kind, OpKind::Collective { scope, .. } if scope != CollectiveScope::EpGroup)
+        });
+        if hierarchical && geo.capacity.is_some() {
+            return Err(
+                "the CUDA backend runs the hierarchical all-to-all for dropless layers only (a capacity plan keeps its expert slots padded on the device, which the legs' host-side routing does not follow yet); deny it in the schedule (`deny = [hierarchical_a2a]`) or use --backend cpu"
+                    .into(),
+            );
         }
         let kernels = plan_kernels(plan).map_err(|e| e.to_string())?;
         let regions = plan
@@ -603,6 +612,7 @@ impl<'p> Lowering<'p> {
             scratch_need: vec![0; streams],
             work_fixed: fixed,
             padded,
+            slots: None,
         })
     }
 
@@ -715,7 +725,11 @@ impl<'p> Lowering<'p> {
                 ..
             } => self.gemm(index, stream, op, *weight, (*a, *c, *n), *epilogue)?,
             OpKind::Collective {
-                kind, send, recv, ..
+                kind,
+                send,
+                recv,
+                scope,
+                ..
             } => {
                 let (send_span, send_buf) = (self.regions[*send as usize], self.buffer(*send)?);
                 let (recv_span, recv_buf) = (self.regions[*recv as usize], self.buffer(*recv)?);
@@ -731,8 +745,12 @@ impl<'p> Lowering<'p> {
                 }
                 let dispatch = op.phase != Phase::Combine;
                 let (send_rows, recv_rows) = (RowLayout::of(send_buf)?, RowLayout::of(recv_buf)?);
-                let status = if matches!(kind, CollectiveKind::AllToAll | CollectiveKind::AllToAllV)
-                {
+                let hierarchical = *scope != CollectiveScope::EpGroup;
+                let status = if hierarchical {
+                    // The legs move rows the host finds from the routing it
+                    // read back (`cpu::hier`), as device-to-device copies.
+                    None
+                } else if matches!(kind, CollectiveKind::AllToAll | CollectiveKind::AllToAllV) {
                     if send_rows.row_bytes != recv_rows.row_bytes
                         || send_rows.scales.map(|s| s.1) != recv_rows.scales.map(|s| s.1)
                     {
@@ -766,6 +784,7 @@ impl<'p> Lowering<'p> {
                     dispatch,
                     chunk: op.chunk.unwrap_or(0) as usize,
                     status,
+                    scope: *scope,
                 };
                 self.push(index, stream, StepKind::Collective(step));
             }
@@ -1021,6 +1040,7 @@ impl<'p> Lowering<'p> {
         if slots.bytes < n * 4 {
             return Err("the slots buffer is too small".into());
         }
+        self.slots = Some(slots);
         let max_local = self.route_max_local();
         let (table, stats, keep_own, kept_own) =
             (self.work(0), self.work(1), self.work(2), self.work(3));
@@ -1429,6 +1449,9 @@ impl<'p> Lowering<'p> {
             layer_dtype: plan.layer.dtype,
             hidden: plan.layer.hidden,
             padded,
+            slots: self.slots,
+            gpus_per_node: usize::try_from(plan.mesh.gpus_per_node)
+                .map_err(|_| "gpus_per_node does not fit this machine")?,
         })
     }
 }

@@ -21,6 +21,12 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// The same table as the CPU backend holds it, for the hierarchical
+    /// all-to-all's legs (`cpu::hier`), which both backends share.
+    pub fn chunk_table(&self) -> Result<crate::cpu::layout::ChunkTable, String> {
+        crate::cpu::layout::ChunkTable::from_counts(self.group, self.max_local, self.rows.clone())
+    }
+
     /// A table from its counts (`group * group * max_local` of them, in
     /// `(s, g, l)` order).
     pub fn new(group: usize, max_local: usize, rows: Vec<usize>) -> Result<RouteTable, String> {
