@@ -131,6 +131,15 @@ struct RunArgs {
     /// Prefix of the layer's tensor names in the checkpoint, e.g. `model.layers.3.`.
     #[arg(long, default_value = "", requires = "weights")]
     prefix: String,
+    /// MoE layer N of the checkpoint: its prefix is found in the file
+    /// (`model.layers.N.`, `language_model.model.layers.N.`, ...).
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "weights",
+        conflicts_with = "prefix"
+    )]
+    layer: Option<u64>,
     /// Write `run.safetensors` (inputs, outputs, weights) and `config.json` here.
     #[arg(long)]
     save: Option<PathBuf>,
@@ -537,10 +546,32 @@ impl Ctx<'_> {
 /// shrink the layer.
 const RUN_MEMORY_LIMIT: u64 = 16 << 30;
 
+/// What `moec run` says about loaded weights: where the layer was, in which
+/// layout, and what was dequantised.
+fn weights_line(path: &Path, report: &moec_runtime::weights::LoadReport) -> String {
+    let mut line = format!(
+        "weights: {}, prefix `{}`, {}",
+        path.display(),
+        report.prefix,
+        report.family.describe()
+    );
+    if !report.dequantised.is_empty() {
+        let parts: Vec<String> = report
+            .dequantised
+            .iter()
+            .map(|(format, n)| format!("{n} {format}"))
+            .collect();
+        line.push_str(&format!("; dequantised on the CPU: {}", parts.join(", ")));
+    }
+    line
+}
+
 impl Ctx<'_> {
     fn run(&mut self, a: &RunArgs) -> Result<i32, Failure> {
         use moec_runtime::cpu::{CpuBackend, CpuOptions};
-        use moec_runtime::weights::{random_inputs, save_run, LayerWeights};
+        use moec_runtime::weights::{
+            load_checkpoint, random_inputs, save_run, LayerWeights, Select,
+        };
         if a.graph && a.backend != Backend::Cuda {
             return Err(Failure(
                 EXIT_USAGE,
@@ -588,10 +619,17 @@ impl Ctx<'_> {
             ));
         }
         let layer = plan.layer.clone();
-        let weights = match &a.weights {
-            Some(path) => LayerWeights::load(path, &layer, &a.prefix)
-                .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?,
-            None => LayerWeights::random(&layer, a.seed),
+        let (weights, report) = match &a.weights {
+            Some(path) => {
+                let select = match a.layer {
+                    Some(n) => Select::Layer(n),
+                    None => Select::Prefix(a.prefix.clone()),
+                };
+                let (w, report) = load_checkpoint(path, &layer, &select)
+                    .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?;
+                (w, Some(report))
+            }
+            None => (LayerWeights::random(&layer, a.seed), None),
         };
         let tokens = layer.tokens_per_rank as usize;
         let inputs = random_inputs(&layer, ranks as usize, tokens, a.seed);
@@ -610,6 +648,9 @@ impl Ctx<'_> {
             a.seed
         )
         .map_err(io)?;
+        if let (Some(report), Some(path)) = (&report, &a.weights) {
+            writeln!(self.out, "{}", weights_line(path, report)).map_err(io)?;
+        }
         writeln!(
             self.out,
             "plan: {} chunk(s), {} dispatch, {} on the wire{}",

@@ -30,10 +30,13 @@
 //! `[experts, hidden]`.
 
 mod error;
+mod layout;
 mod load;
+mod quant;
 mod run;
 
 pub use error::WeightsError;
+pub use layout::{Family, LoadReport};
 pub use run::{load_run, save_run, RunConfig, SavedRun};
 
 use std::convert::Infallible;
@@ -154,7 +157,7 @@ pub(crate) enum Proj {
 }
 
 impl Proj {
-    fn hf(self) -> &'static str {
+    pub(crate) fn hf(self) -> &'static str {
         match self {
             Proj::Gate => "gate_proj",
             Proj::Up => "up_proj",
@@ -491,26 +494,45 @@ impl LayerWeights {
     ///
     /// `path` is a `.safetensors` file, a sharded checkpoint's
     /// `model.safetensors.index.json`, or a directory holding either. Tensor
-    /// names are `{prefix}` followed by the Hugging Face names of
-    /// [`LayerWeights::tensors`] (e.g. prefix `model.layers.3.`). Mixtral's
-    /// names are recognised when `{prefix}mlp.gate.weight` is absent and
-    /// `{prefix}block_sparse_moe.gate.weight` exists: the module is
-    /// `block_sparse_moe` and the experts' projections are `w1` (gate), `w3`
-    /// (up) and `w2` (down). Qwen2-MoE's `mlp.shared_expert.` (singular) is
-    /// accepted for `mlp.shared_experts.`.
+    /// names are `{prefix}` followed by the names of the model family whose
+    /// router is under the prefix (e.g. prefix `model.layers.3.`): per-expert
+    /// `mlp.experts.{e}.{gate,up,down}_proj` (DeepSeek, Qwen, GLM, OLMoE),
+    /// Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2`, the fused 3-D
+    /// tensors of gpt-oss, Llama-4 and transformers 5, or Switch
+    /// Transformers' `mlp.experts.expert_{e}.wi/wo`; the book's weights page
+    /// has the table. [`LayerWeights::load_layer`] finds the prefix from a
+    /// layer number.
     ///
     /// F32, BF16, F16 and F64 tensors are read and rounded to the layer's
-    /// dtype (the selection bias and shared gate stay f32). A missing tensor,
-    /// a wrong shape, another dtype, a NaN or infinite value (also after
-    /// rounding) or a corrupt file is an error naming the file and tensor.
-    /// Only the header and the tensors the layer needs are read, so a shard
-    /// of many gigabytes costs the size of one layer.
+    /// dtype (the selection bias and shared gate stay f32); fp8 e4m3 weights
+    /// with 128 x 128 block scales (`weight_scale_inv`) and MXFP4 experts
+    /// (`_blocks` + `_scales`) are dequantised exactly on the CPU first. A
+    /// missing tensor, a wrong shape, another dtype, a NaN or infinite value
+    /// (also after rounding), a router logit bias (which moec's layers cannot
+    /// express) or a corrupt file is an error naming the file and tensor.
+    /// Only the header and the tensors the layer needs are read (one expert
+    /// of a fused tensor at a time), so a shard of many gigabytes costs the
+    /// size of one layer.
     pub fn load(
         path: &std::path::Path,
         layer: &LayerConfig,
         prefix: &str,
     ) -> Result<LayerWeights, WeightsError> {
-        load::load(path, layer, prefix)
+        layout::load(path, layer, prefix).map(|(w, _)| w)
+    }
+
+    /// [`LayerWeights::load`] of MoE layer `number`: the prefix is the one
+    /// under which the checkpoint has a router numbered so
+    /// (`model.layers.{number}.`, `language_model.model.layers.{number}.`,
+    /// `encoder.block.{number}.layer.1.`). An error lists the router names
+    /// looked for and the MoE layers the checkpoint has, or, when an encoder
+    /// and a decoder both have layer `number`, both prefixes.
+    pub fn load_layer(
+        path: &std::path::Path,
+        layer: &LayerConfig,
+        number: u64,
+    ) -> Result<LayerWeights, WeightsError> {
+        layout::load_layer(path, layer, number).map(|(w, _)| w)
     }
 
     /// Checks that every tensor has the length the layer implies and is
@@ -672,6 +694,28 @@ fn push_ffn<'a>(
     out.push((tensor(Proj::Down, false).hf_name(), vec![h, w], &f.down));
     if let Some(b) = &f.down_bias {
         out.push((tensor(Proj::Down, true).hf_name(), vec![b.len()], b));
+    }
+}
+
+/// Which layer of a checkpoint to read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Select {
+    /// The layer whose tensor names start with this prefix.
+    Prefix(String),
+    /// MoE layer `N`, its prefix found in the checkpoint.
+    Layer(u64),
+}
+
+/// [`LayerWeights::load`] or [`LayerWeights::load_layer`], with what the
+/// load found and converted (for a tool to report).
+pub fn load_checkpoint(
+    path: &std::path::Path,
+    layer: &LayerConfig,
+    select: &Select,
+) -> Result<(LayerWeights, LoadReport), WeightsError> {
+    match select {
+        Select::Prefix(prefix) => layout::load(path, layer, prefix),
+        Select::Layer(number) => layout::load_layer(path, layer, *number),
     }
 }
 

@@ -14,7 +14,8 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use super::load::{load_from, Checkpoint, Decode};
+use super::layout::load_from;
+use super::load::{Checkpoint, Decode};
 use super::{storage_dtype, LayerWeights, WeightsError};
 use crate::plan::{
     Activation, CapacityConfig, DType, DropPolicy, GroupConfig, GroupScore, LayerConfig,
@@ -431,7 +432,7 @@ pub fn load_run(dir: &Path) -> Result<SavedRun, WeightsError> {
         .ok_or_else(|| corrupt("tokens_per_rank * hidden_size overflows".to_string()))?;
 
     let mut ck = Checkpoint::open(&tensors_file)?;
-    let weights = load_from(&mut ck, &layer, "")?;
+    let (weights, _) = load_from(&mut ck, &layer, "")?;
     let mut read = |name: &str| -> Result<Vec<Vec<f32>>, WeightsError> {
         let decode = Decode {
             round: None,
