@@ -97,6 +97,11 @@ struct DevicePreset {
     nvlink: f64,
 }
 
+/// The device presets' names, in the order the book lists them.
+pub(crate) fn device_names() -> impl Iterator<Item = &'static str> {
+    DEVICES.iter().map(|d| d.name)
+}
+
 /// Vendor datasheet figures (dense bf16, HBM, NVLink per direction); a mesh can override each.
 const DEVICES: &[DevicePreset] = &[
     DevicePreset {
