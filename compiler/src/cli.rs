@@ -63,6 +63,10 @@ enum Command {
         output: Option<PathBuf>,
         #[command(flatten)]
         mesh: ImportMesh,
+        /// Import a model moec does not know even when its config has fields
+        /// that may change the layer's meaning (they are ignored, with a warning).
+        #[arg(long)]
+        generic: bool,
     },
     /// Compile a .moe file into an execution plan.
     Build {
@@ -230,7 +234,8 @@ where
             config,
             output,
             mesh,
-        } => ctx.import(&config, output.as_deref(), &mesh),
+            generic,
+        } => ctx.import(&config, output.as_deref(), &mesh, generic),
         Command::Build { file, output, emit } => ctx.build(&file, output.as_deref(), emit),
         Command::Explain { file } => ctx.explain(&file),
         Command::Simulate { file, tokens, json } => ctx.simulate(&file, tokens, json),
@@ -378,6 +383,7 @@ impl Ctx<'_> {
         config: &Path,
         output: Option<&Path>,
         mesh: &ImportMesh,
+        generic: bool,
     ) -> Result<i32, Failure> {
         let json = read(config)?;
         let options = moec_lang::import::ImportOptions {
@@ -388,11 +394,16 @@ impl Ctx<'_> {
             tokens_per_rank: mesh.tokens_per_rank,
             dtype: mesh.dtype.clone(),
             source_name: config.display().to_string(),
+            generic,
         };
-        let text = match moec_lang::import::import_config(&json, &options) {
-            Ok(t) => t,
+        let imported = match moec_lang::import::import(&json, &options) {
+            Ok(i) => i,
             Err(e) => return Err(Failure(EXIT_REJECTED, format!("{}: {e}", config.display()))),
         };
+        for warning in &imported.warnings {
+            writeln!(self.err, "warning: {}: {warning}", config.display()).map_err(io)?;
+        }
+        let text = imported.text;
         match output {
             Some(path) => {
                 std::fs::write(path, &text).map_err(|e| {

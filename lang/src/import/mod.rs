@@ -43,16 +43,34 @@ pub struct ImportOptions {
     pub dtype: String,
     /// How to name the config file in the generated comments.
     pub source_name: String,
+    /// Import a model the importer does not know even when its config has
+    /// fields that may change the layer's meaning (`--generic`); a generic
+    /// import always comes with a warning.
+    pub generic: bool,
+}
+
+/// An imported layer: the `.moe` text, and warnings for the user (a generic
+/// import says what it assumed and ignored).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Imported {
+    pub text: String,
+    pub warnings: Vec<String>,
 }
 
 /// Turns the text of a Hugging Face `config.json` into a `.moe` file.
 ///
 /// Returns the text of the file, which passes [`crate::check_source`] without
-/// diagnostics, or a sentence saying why the config cannot be imported.
+/// diagnostics, or a sentence saying why the config cannot be imported. The
+/// warnings of [`import`] are dropped: tools should call that instead.
 pub fn import_config(json: &str, options: &ImportOptions) -> Result<String, String> {
+    import(json, options).map(|i| i.text)
+}
+
+/// [`import_config`] with the warnings a user must see.
+pub fn import(json: &str, options: &ImportOptions) -> Result<Imported, String> {
     let root = parse_json(json)?;
     let mesh = mesh_plan(options)?;
-    let model = read_model(&root)?;
+    let (model, warnings) = read_model(&root, options.generic)?;
     let text = render(&model, &mesh, options)?;
     let checked = crate::check_source(&text);
     if checked.has_errors() {
@@ -62,5 +80,5 @@ pub fn import_config(json: &str, options: &ImportOptions) -> Result<String, Stri
             crate::render(&shown, &text, &checked.diagnostics, false)
         ));
     }
-    Ok(text)
+    Ok(Imported { text, warnings })
 }

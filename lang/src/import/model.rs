@@ -2,6 +2,7 @@
 //! the comment that says where it came from.
 
 /// A value with the comment written after it on its line.
+#[derive(Clone)]
 pub(super) struct Noted<T> {
     pub(super) value: T,
     pub(super) note: Option<String>,

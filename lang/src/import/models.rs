@@ -12,25 +12,47 @@ use super::render::{clean_comment, decimal, plural, short_number};
 pub(super) enum Kind {
     Mixtral,
     DeepseekV3,
+    KimiK2,
+    Glm4Moe,
     DeepseekV2,
     Qwen3Moe,
     Qwen2Moe,
+    Qwen3Next,
     Llama4,
     GptOss,
     Switch,
+    GraniteMoe,
+    Olmoe,
+    Dbrx,
+    Ernie45Moe,
+    Minimax,
+    Jamba,
+    PhiMoe,
 }
 
 impl Kind {
+    /// The kind of a `model_type` (or of an architecture name turned into one
+    /// by [`arch_to_type`]).
     pub(super) fn from_type(model_type: &str) -> Option<Kind> {
         Some(match model_type {
             "mixtral" => Kind::Mixtral,
             "deepseek_v3" => Kind::DeepseekV3,
+            "kimi_k2" => Kind::KimiK2,
+            "glm4_moe" => Kind::Glm4Moe,
             "deepseek_v2" => Kind::DeepseekV2,
             "qwen3_moe" => Kind::Qwen3Moe,
             "qwen2_moe" => Kind::Qwen2Moe,
+            "qwen3_next" => Kind::Qwen3Next,
             "llama4" | "llama4_text" => Kind::Llama4,
             "gpt_oss" => Kind::GptOss,
             "switch_transformers" => Kind::Switch,
+            "granitemoe" | "granite_moe" => Kind::GraniteMoe,
+            "olmoe" => Kind::Olmoe,
+            "dbrx" => Kind::Dbrx,
+            "ernie4_5_moe" => Kind::Ernie45Moe,
+            "minimax" | "mini_max" => Kind::Minimax,
+            "jamba" => Kind::Jamba,
+            "phimoe" | "phi_mo_e" => Kind::PhiMoe,
             _ => return None,
         })
     }
@@ -39,13 +61,52 @@ impl Kind {
         match self {
             Kind::Mixtral => "Mixtral",
             Kind::DeepseekV3 => "DeepSeek-V3",
+            Kind::KimiK2 => "Kimi-K2",
+            Kind::Glm4Moe => "GLM-4.5 MoE",
             Kind::DeepseekV2 => "DeepSeek-V2",
             Kind::Qwen3Moe => "Qwen3-MoE",
             Kind::Qwen2Moe => "Qwen2-MoE",
+            Kind::Qwen3Next => "Qwen3-Next",
             Kind::Llama4 => "Llama-4",
             Kind::GptOss => "gpt-oss",
             Kind::Switch => "Switch Transformers",
+            Kind::GraniteMoe => "Granite MoE",
+            Kind::Olmoe => "OLMoE",
+            Kind::Dbrx => "DBRX",
+            Kind::Ernie45Moe => "ERNIE-4.5 MoE",
+            Kind::Minimax => "MiniMax",
+            Kind::Jamba => "Jamba",
+            Kind::PhiMoe => "Phi-3.5-MoE",
         }
+    }
+
+    /// The reader of this kind's configs.
+    fn reader(self) -> fn(Cfg, String, String) -> Result<Model, String> {
+        match self {
+            Kind::Mixtral => mixtral,
+            Kind::DeepseekV3 | Kind::KimiK2 => deepseek_v3,
+            Kind::Glm4Moe => glm4_moe,
+            Kind::DeepseekV2 => deepseek_v2,
+            Kind::Qwen3Moe => qwen3_moe,
+            Kind::Qwen2Moe => qwen2_moe,
+            Kind::Qwen3Next => qwen3_next,
+            Kind::Llama4 => llama4,
+            Kind::GptOss => gpt_oss,
+            Kind::Switch => switch,
+            Kind::GraniteMoe => granitemoe,
+            Kind::Olmoe => olmoe,
+            Kind::Dbrx => dbrx,
+            Kind::Ernie45Moe => ernie4_5_moe,
+            Kind::Minimax => minimax,
+            Kind::Jamba => jamba,
+            Kind::PhiMoe => phimoe,
+        }
+    }
+
+    /// Whether the experts are SwiGLU with `hidden_act` as the gate's
+    /// activation (everything but Switch's ReLU/GELU and DBRX's own field).
+    fn swiglu_from_hidden_act(self) -> bool {
+        !matches!(self, Kind::Switch | Kind::Dbrx | Kind::PhiMoe)
     }
 }
 
@@ -98,9 +159,11 @@ pub(super) fn layer_name(raw: &str) -> String {
     }
 }
 
-/// Text safe to put in a `//` comment: one line, no control characters.
 /// Reads the config and works out the layer it describes.
-pub(super) fn read_model(root: &Map<String, Value>) -> Result<Model, String> {
+pub(super) fn read_model(
+    root: &Map<String, Value>,
+    generic_allowed: bool,
+) -> Result<(Model, Vec<String>), String> {
     let top = Cfg {
         obj: root,
         prefix: "",
@@ -157,7 +220,7 @@ pub(super) fn read_model(root: &Map<String, Value>) -> Result<Model, String> {
 
     let shown_type = clean_comment(&name_source);
     let mut title = match kind {
-        Some(k) => format!("a {} model", k.label()),
+        Some(k) => format!("{} {} model", article(k.label()), k.label()),
         None => format!("a `{shown_type}` model"),
     };
     if let Some(a) = arch {
@@ -177,13 +240,7 @@ pub(super) fn read_model(root: &Map<String, Value>) -> Result<Model, String> {
             prefix,
             label: "MoE",
         };
-        if !cfg.has_expert_count() {
-            return Err(format!(
-                "`{shown_type}` is not a Mixture-of-Experts model: it has none of {}.",
-                EXPERT_COUNT_FIELDS.join(", ")
-            ));
-        }
-        return generic(cfg, name, title);
+        return generic(cfg, name, title, &shown_type, generic_allowed);
     };
     let cfg = Cfg {
         obj,
@@ -196,17 +253,42 @@ pub(super) fn read_model(root: &Map<String, Value>) -> Result<Model, String> {
                 .to_string(),
         );
     }
-    let build = match kind {
-        Kind::Mixtral => mixtral,
-        Kind::DeepseekV3 => deepseek_v3,
-        Kind::DeepseekV2 => deepseek_v2,
-        Kind::Qwen3Moe => qwen3_moe,
-        Kind::Qwen2Moe => qwen2_moe,
-        Kind::Llama4 => llama4,
-        Kind::GptOss => gpt_oss,
-        Kind::Switch => switch,
-    };
-    build(cfg, name, title)
+    if kind.swiglu_from_hidden_act() {
+        check_silu(cfg, "hidden_act")?;
+    }
+    let model = kind.reader()(cfg, name, title)?;
+    Ok((model, Vec::new()))
+}
+
+/// "a" or "an" before a model's name, by its first letter as spoken
+/// ("an OLMoE", "an ERNIE-4.5", "a Mixtral").
+fn article(label: &str) -> &'static str {
+    match label.chars().next() {
+        Some('A' | 'E' | 'I' | 'O' | 'a' | 'e' | 'i' | 'o') => "an",
+        _ => "a",
+    }
+}
+
+/// SwiGLU experts gate with SiLU: any other activation is refused.
+fn check_silu(c: Cfg, field: &str) -> Result<(), String> {
+    match c.opt_str(field)? {
+        None | Some("silu") | Some("swish") => Ok(()),
+        Some(other) => Err(format!(
+            "`{}` is {other:?}, but {} experts are SwiGLU with SiLU; moec does not guess \
+             another gated activation.",
+            c.path(field),
+            c.label
+        )),
+    }
+}
+
+/// The routed experts' count from the first of `fields` present
+/// (transformers 5 writes some families' counts as `num_local_experts`).
+fn expert_count(c: Cfg, fields: &[&'static str]) -> Result<Noted<u64>, String> {
+    match c.first_int(fields, 1)? {
+        Some((n, field)) => Ok(noted(n, field)),
+        None => Err(c.missing(fields[0])),
+    }
 }
 
 /// `top_k` must not exceed the expert count.
@@ -274,7 +356,7 @@ pub(super) fn mixtral(c: Cfg, name: String, title: String) -> Result<Model, Stri
             softmax_over: Some("all"),
             selection_bias: None,
             groups: None,
-            normalize: Some(noted(true, "Mixtral always renormalises")),
+            normalize: Some(noted(true, format!("{} always renormalises", c.label))),
             scale: None,
             weight_on_input: false,
         },
@@ -326,6 +408,11 @@ pub(super) fn deepseek_base(c: Cfg, shared_default: Option<u64>) -> Result<Deeps
         c.info_int("num_hidden_layers"),
         c.info_int("first_k_dense_replace"),
     ) {
+        (Some(n), Some(1)) if n > 1 => about.push(format!(
+            "The first of its {n} layers is dense (first_k_dense_replace); \
+             this is one of the other {}.",
+            n - 1
+        )),
         (Some(n), Some(k)) if k > 0 && k < n => about.push(format!(
             "The first {k} of its {n} layers are dense (first_k_dense_replace); \
              this is one of the other {}.",
@@ -425,16 +512,54 @@ pub(super) fn choice<'a>(
     }
 }
 
+/// The values transformers' config class gives the fields of DeepSeek-V3's
+/// routing that a config leaves out.
+pub(super) struct NoauxDefaults {
+    shared: u64,
+    groups: (u64, u64),
+    scale: f64,
+}
+
+/// `DeepseekV3Config`'s defaults (also Kimi-K2's, which uses that class).
+const DEEPSEEK_V3_DEFAULTS: NoauxDefaults = NoauxDefaults {
+    shared: 1,
+    groups: (8, 4),
+    scale: 2.5,
+};
+
+/// `Glm4MoeConfig`'s defaults.
+const GLM4_MOE_DEFAULTS: NoauxDefaults = NoauxDefaults {
+    shared: 1,
+    groups: (1, 1),
+    scale: 1.0,
+};
+
 pub(super) fn deepseek_v3(c: Cfg, name: String, title: String) -> Result<Model, String> {
-    // Transformers' DeepseekV3Config defaults, for fields a config leaves out.
-    let base = deepseek_base(c, Some(1))?;
+    noaux_tc(c, name, title, &DEEPSEEK_V3_DEFAULTS)
+}
+
+/// GLM-4.5 routes as DeepSeek-V3 does (its router is transformers'
+/// `DeepseekV3TopkRouter`), under the same field names.
+pub(super) fn glm4_moe(c: Cfg, name: String, title: String) -> Result<Model, String> {
+    noaux_tc(c, name, title, &GLM4_MOE_DEFAULTS)
+}
+
+/// DeepSeek-V3's `noaux_tc` routing: sigmoid scores, a selection-only
+/// correction bias, group-limited selection, renormalised and scaled weights.
+pub(super) fn noaux_tc(
+    c: Cfg,
+    name: String,
+    title: String,
+    defaults: &NoauxDefaults,
+) -> Result<Model, String> {
+    let base = deepseek_base(c, Some(defaults.shared))?;
     choice(c, "scoring_func", "sigmoid", &["sigmoid"])?;
     choice(c, "topk_method", "noaux_tc", &["noaux_tc"])?;
     let groups = deepseek_groups(
         c,
         base.count.value,
         base.top_k.value,
-        Some((8, 4)),
+        Some(defaults.groups),
         "top2_sum",
     )?;
     let norm = match c.opt_bool("norm_topk_prob")? {
@@ -443,7 +568,10 @@ pub(super) fn deepseek_v3(c: Cfg, name: String, title: String) -> Result<Model, 
     };
     let scale = match c.opt_positive("routed_scaling_factor")? {
         Some(x) => noted(x, c.path("routed_scaling_factor")),
-        None => noted(2.5, default_note(&c.path("routed_scaling_factor"))),
+        None => noted(
+            defaults.scale,
+            default_note(&c.path("routed_scaling_factor")),
+        ),
     };
     // The reference code renormalises only when more than one expert is chosen.
     let normalize = Noted {
@@ -490,7 +618,11 @@ pub(super) fn deepseek_v3(c: Cfg, name: String, title: String) -> Result<Model, 
         shared: base.shared,
         router: RouterOut {
             comment,
-            scoring: noted("sigmoid", c.path("scoring_func")),
+            scoring: if c.has("scoring_func") {
+                noted("sigmoid", c.path("scoring_func"))
+            } else {
+                plain("sigmoid")
+            },
             top_k: base.top_k,
             softmax_over: None,
             selection_bias: Some(noted(true, "e_score_correction_bias")),
@@ -586,10 +718,15 @@ pub(super) fn deepseek_v2(c: Cfg, name: String, title: String) -> Result<Model, 
 }
 
 /// The parts Qwen2-MoE and Qwen3-MoE share.
-pub(super) fn qwen_router(c: Cfg, count: u64, top_k: Noted<u64>) -> Result<RouterOut, String> {
+pub(super) fn qwen_router(
+    c: Cfg,
+    count: u64,
+    top_k: Noted<u64>,
+    norm_default: bool,
+) -> Result<RouterOut, String> {
     let norm = match c.opt_bool("norm_topk_prob")? {
         Some(b) => noted(b, c.path("norm_topk_prob")),
-        None => noted(false, default_note(&c.path("norm_topk_prob"))),
+        None => noted(norm_default, default_note(&c.path("norm_topk_prob"))),
     };
     Ok(RouterOut {
         comment: vec![format!(
@@ -635,73 +772,183 @@ pub(super) fn qwen_about(c: Cfg) -> Vec<String> {
     about
 }
 
+/// What a reader works out for a dropless layer of SwiGLU experts without
+/// biases.
+struct SwigluLayer {
+    about: Vec<String>,
+    count: Noted<u64>,
+    intermediate: Noted<u64>,
+    shared: Option<SharedOut>,
+    router: RouterOut,
+}
+
+impl SwigluLayer {
+    fn into_model(self, c: Cfg, name: String, title: String) -> Result<Model, String> {
+        Ok(Model {
+            name,
+            title,
+            about: self.about,
+            hidden: noted(c.int("hidden_size", 1)?, c.path("hidden_size")),
+            experts: ExpertsOut {
+                comment: Vec::new(),
+                count: self.count,
+                ffn: plain("swiglu"),
+                intermediate: self.intermediate,
+                bias: false,
+                swiglu_limit: None,
+            },
+            shared: self.shared,
+            router: self.router,
+            capacity: CapacityOut::Dropless,
+        })
+    }
+}
+
+/// The top-k of a config under its usual field.
+fn top_k(c: Cfg, field: &'static str, count: &Noted<u64>) -> Result<Noted<u64>, String> {
+    let top_k = noted(c.int(field, 1)?, c.path(field));
+    check_top_k(&top_k, count, c.label)?;
+    Ok(top_k)
+}
+
+/// The expert counts transformers' Qwen, OLMoE and Jamba configs use.
+const NUM_EXPERTS: [&str; 2] = ["num_experts", "num_local_experts"];
+
 pub(super) fn qwen3_moe(c: Cfg, name: String, title: String) -> Result<Model, String> {
-    let hidden = c.int("hidden_size", 1)?;
-    let count = noted(c.int("num_experts", 1)?, c.path("num_experts"));
-    let top_k = noted(
-        c.int("num_experts_per_tok", 1)?,
-        c.path("num_experts_per_tok"),
+    let count = expert_count(c, &NUM_EXPERTS)?;
+    let top_k = top_k(c, "num_experts_per_tok", &count)?;
+    let inter = noted(
+        c.int("moe_intermediate_size", 1)?,
+        c.path("moe_intermediate_size"),
     );
-    let inter = c.int("moe_intermediate_size", 1)?;
-    check_top_k(&top_k, &count, c.label)?;
     let mut about = qwen_about(c);
     about.push("No shared expert.".to_string());
-    let router = qwen_router(c, count.value, top_k)?;
-    Ok(Model {
-        name,
-        title,
+    let router = qwen_router(c, count.value, top_k, false)?;
+    SwigluLayer {
         about,
-        hidden: noted(hidden, c.path("hidden_size")),
-        experts: ExpertsOut {
-            comment: Vec::new(),
-            count,
-            ffn: plain("swiglu"),
-            intermediate: noted(inter, c.path("moe_intermediate_size")),
-            bias: false,
-            swiglu_limit: None,
-        },
+        count,
+        intermediate: inter,
         shared: None,
         router,
-        capacity: CapacityOut::Dropless,
-    })
+    }
+    .into_model(c, name, title)
+}
+
+/// OLMoE: Qwen3-MoE's routing (softmax over all, top-k, `norm_topk_prob`,
+/// false by default) with the experts' size in `intermediate_size`.
+pub(super) fn olmoe(c: Cfg, name: String, title: String) -> Result<Model, String> {
+    let count = expert_count(c, &NUM_EXPERTS)?;
+    let top_k = top_k(c, "num_experts_per_tok", &count)?;
+    let inter = noted(c.int("intermediate_size", 1)?, c.path("intermediate_size"));
+    let mut about = every_layer(c);
+    about.push("No shared expert.".to_string());
+    let router = qwen_router(c, count.value, top_k, false)?;
+    SwigluLayer {
+        about,
+        count,
+        intermediate: inter,
+        shared: None,
+        router,
+    }
+    .into_model(c, name, title)
+}
+
+/// "One of its N MoE layers (every layer is MoE)", when the config says N.
+fn every_layer(c: Cfg) -> Vec<String> {
+    c.info_int("num_hidden_layers")
+        .map(|n| {
+            format!(
+                "One of its {} (every layer is MoE).",
+                plural(n, "MoE layer", "MoE layers")
+            )
+        })
+        .into_iter()
+        .collect()
+}
+
+/// Jamba: softmax over all experts, top-k, and the chosen probabilities as
+/// they are (its `JambaSparseMoeBlock` never renormalises).
+pub(super) fn jamba(c: Cfg, name: String, title: String) -> Result<Model, String> {
+    let count = expert_count(c, &NUM_EXPERTS)?;
+    let top_k = top_k(c, "num_experts_per_tok", &count)?;
+    let inter = noted(c.int("intermediate_size", 1)?, c.path("intermediate_size"));
+    let mut about = Vec::new();
+    if let (Some(n), Some(period)) = (
+        c.info_int("num_hidden_layers"),
+        c.info_int("expert_layer_period"),
+    ) {
+        about.push(format!(
+            "One of the MoE layers among its {n}: one layer in {period} is MoE \
+             (expert_layer_period), from layer {} (expert_layer_offset).",
+            c.info_int("expert_layer_offset").unwrap_or(1)
+        ));
+    }
+    let router = RouterOut {
+        comment: vec![format!(
+            "Softmax over all {} logits, top-{}, without renormalisation.",
+            count.value, top_k.value
+        )],
+        scoring: plain("softmax"),
+        top_k,
+        softmax_over: None,
+        selection_bias: None,
+        groups: None,
+        normalize: Some(noted(false, "Jamba does not renormalise")),
+        scale: None,
+        weight_on_input: false,
+    };
+    SwigluLayer {
+        about,
+        count,
+        intermediate: inter,
+        shared: None,
+        router,
+    }
+    .into_model(c, name, title)
+}
+
+/// Qwen2-MoE and Qwen3-Next: Qwen routing plus one shared expert whose
+/// output is multiplied by `sigmoid(shared_expert_gate(x))`.
+fn qwen_with_gated_shared(
+    c: Cfg,
+    name: String,
+    title: String,
+    norm_default: bool,
+) -> Result<Model, String> {
+    let count = expert_count(c, &NUM_EXPERTS)?;
+    let top_k = top_k(c, "num_experts_per_tok", &count)?;
+    let inter = noted(
+        c.int("moe_intermediate_size", 1)?,
+        c.path("moe_intermediate_size"),
+    );
+    let shared_inter = c.int("shared_expert_intermediate_size", 1)?;
+    let router = qwen_router(c, count.value, top_k, norm_default)?;
+    let shared = SharedOut {
+        comment: vec![
+            "One shared expert, its output multiplied by sigmoid(shared_expert_gate(x))."
+                .to_string(),
+        ],
+        count: plain(1),
+        intermediate: noted(shared_inter, c.path("shared_expert_intermediate_size")),
+        sigmoid_gate: true,
+    };
+    SwigluLayer {
+        about: qwen_about(c),
+        count,
+        intermediate: inter,
+        shared: Some(shared),
+        router,
+    }
+    .into_model(c, name, title)
 }
 
 pub(super) fn qwen2_moe(c: Cfg, name: String, title: String) -> Result<Model, String> {
-    let hidden = c.int("hidden_size", 1)?;
-    let count = noted(c.int("num_experts", 1)?, c.path("num_experts"));
-    let top_k = noted(
-        c.int("num_experts_per_tok", 1)?,
-        c.path("num_experts_per_tok"),
-    );
-    let inter = c.int("moe_intermediate_size", 1)?;
-    let shared_inter = c.int("shared_expert_intermediate_size", 1)?;
-    check_top_k(&top_k, &count, c.label)?;
-    let router = qwen_router(c, count.value, top_k)?;
-    Ok(Model {
-        name,
-        title,
-        about: qwen_about(c),
-        hidden: noted(hidden, c.path("hidden_size")),
-        experts: ExpertsOut {
-            comment: Vec::new(),
-            count,
-            ffn: plain("swiglu"),
-            intermediate: noted(inter, c.path("moe_intermediate_size")),
-            bias: false,
-            swiglu_limit: None,
-        },
-        shared: Some(SharedOut {
-            comment: vec![
-                "One shared expert, its output multiplied by sigmoid(shared_expert_gate(x))."
-                    .to_string(),
-            ],
-            count: plain(1),
-            intermediate: noted(shared_inter, c.path("shared_expert_intermediate_size")),
-            sigmoid_gate: true,
-        }),
-        router,
-        capacity: CapacityOut::Dropless,
-    })
+    qwen_with_gated_shared(c, name, title, false)
+}
+
+/// Qwen3-Next: Qwen2-MoE's layer (`norm_topk_prob` true by default).
+pub(super) fn qwen3_next(c: Cfg, name: String, title: String) -> Result<Model, String> {
+    qwen_with_gated_shared(c, name, title, true)
 }
 
 pub(super) fn llama4(c: Cfg, name: String, title: String) -> Result<Model, String> {
@@ -888,8 +1135,401 @@ pub(super) fn switch(c: Cfg, name: String, title: String) -> Result<Model, Strin
     })
 }
 
-/// An unknown model that nevertheless names an expert count and a top-k.
-pub(super) fn generic(c: Cfg, name: String, title: String) -> Result<Model, String> {
+/// MiniMax (MiniMax-Text-01): Mixtral's sparse MoE block, under Mixtral's
+/// field names. A shared expert (`shared_intermediate_size` above 0, which
+/// transformers' MiniMax does not have) is refused.
+pub(super) fn minimax(c: Cfg, name: String, title: String) -> Result<Model, String> {
+    if let Some(n) = c.opt_int("shared_intermediate_size", 0)?.filter(|n| *n > 0) {
+        return Err(format!(
+            "`{}` is {n}: a MiniMax shared expert, which transformers' MiniMax layer does not \
+             have and whose gating moec does not know; moec does not guess it.",
+            c.path("shared_intermediate_size")
+        ));
+    }
+    mixtral(c, name, title)
+}
+
+/// Granite MoE: a softmax over the top-k logits (`GraniteMoeTopKGating`),
+/// SwiGLU experts (`input_linear` holds gate then up).
+pub(super) fn granitemoe(c: Cfg, name: String, title: String) -> Result<Model, String> {
+    if let Some(n) = c.opt_int("shared_intermediate_size", 0)?.filter(|n| *n > 0) {
+        return Err(format!(
+            "`{}` is {n}: a shared expert, which `granitemoe` layers do not have (it is \
+             `granitemoeshared`'s field); moec does not guess which model this is.",
+            c.path("shared_intermediate_size")
+        ));
+    }
+    let count = expert_count(c, &["num_local_experts", "num_experts"])?;
+    let top_k = top_k(c, "num_experts_per_tok", &count)?;
+    let inter = noted(c.int("intermediate_size", 1)?, c.path("intermediate_size"));
+    let mut about = every_layer(c);
+    if let Some(Value::Number(m)) = c.get("residual_multiplier") {
+        about.push(format!(
+            "The decoder layer scales this layer's output by residual_multiplier ({m}) \
+             before adding it to the residual stream; that is outside the MoE layer."
+        ));
+    }
+    let router = RouterOut {
+        comment: vec![format!(
+            "Top-{} logits, then a softmax over the chosen ones (the weights sum to 1).",
+            top_k.value
+        )],
+        scoring: plain("softmax"),
+        top_k,
+        softmax_over: Some("topk"),
+        selection_bias: None,
+        groups: None,
+        normalize: None,
+        scale: None,
+        weight_on_input: false,
+    };
+    SwigluLayer {
+        about,
+        count,
+        intermediate: inter,
+        shared: None,
+        router,
+    }
+    .into_model(c, name, title)
+}
+
+/// DBRX: the MoE fields are under `ffn_config`; a softmax over all experts,
+/// top-k, and the chosen weights divided by their `p`-norm with `p =
+/// moe_normalize_expert_weights` (1 by default: the sum, as the weights are
+/// positive; `null`: not normalised).
+pub(super) fn dbrx(c: Cfg, name: String, title: String) -> Result<Model, String> {
+    let ffn_obj = match c.get("ffn_config") {
+        Some(Value::Object(o)) => o,
+        Some(v) => {
+            return Err(format!(
+                "`{}` must be an object, but the config gives {}.",
+                c.path("ffn_config"),
+                describe(v)
+            ))
+        }
+        None => return Err(c.missing("ffn_config")),
+    };
+    let f = Cfg {
+        obj: ffn_obj,
+        prefix: "ffn_config.",
+        label: c.label,
+    };
+    match f.get("ffn_act_fn") {
+        None => {}
+        Some(Value::Object(act)) => {
+            let act = Cfg {
+                obj: act,
+                prefix: "ffn_config.ffn_act_fn.",
+                label: c.label,
+            };
+            check_silu(act, "name")?;
+        }
+        Some(v) => {
+            return Err(format!(
+                "`ffn_config.ffn_act_fn` must be an object, but the config gives {}.",
+                describe(v)
+            ))
+        }
+    }
+    if f.opt_bool("uniform_expert_assignment")? == Some(true) {
+        return Err(
+            "`ffn_config.uniform_expert_assignment` is true: DBRX then assigns experts \
+             round-robin, ignoring the router, which moec cannot express."
+                .to_string(),
+        );
+    }
+    let count = noted(f.int("moe_num_experts", 1)?, f.path("moe_num_experts"));
+    let top_k = top_k(f, "moe_top_k", &count)?;
+    let inter = noted(f.int("ffn_hidden_size", 1)?, f.path("ffn_hidden_size"));
+    let field = "moe_normalize_expert_weights";
+    let normalize = match ffn_obj.get(field) {
+        Some(Value::Null) => noted(false, format!("{} is null", f.path(field))),
+        None => noted(true, default_note(&f.path(field))),
+        Some(v) => match v.as_f64() {
+            Some(1.0) => noted(true, f.path(field)),
+            _ => {
+                return Err(format!(
+                    "`{}` is {}: DBRX divides the chosen weights by their p-norm with that p; \
+                     moec can renormalise by the sum (p = 1) or not at all (null), nothing else.",
+                    f.path(field),
+                    describe(v)
+                ))
+            }
+        },
+    };
+    let mut about = Vec::new();
+    if let Some(n) = c.info_int("n_layers") {
+        about.push(format!(
+            "One of its {} (every layer is MoE).",
+            plural(n, "MoE layer", "MoE layers")
+        ));
+    }
+    let router = RouterOut {
+        comment: vec![format!(
+            "Softmax over all {} logits, top-{}{}.",
+            count.value,
+            top_k.value,
+            if normalize.value {
+                ", renormalised over the chosen experts"
+            } else {
+                ", without renormalisation"
+            }
+        )],
+        scoring: plain("softmax"),
+        top_k,
+        softmax_over: None,
+        selection_bias: None,
+        groups: None,
+        normalize: Some(normalize),
+        scale: None,
+        weight_on_input: false,
+    };
+    Ok(Model {
+        name,
+        title,
+        about,
+        hidden: noted(c.int("d_model", 1)?, c.path("d_model")),
+        experts: ExpertsOut {
+            comment: vec!["SwiGLU experts: w1 = gate, v1 = up, w2 = down.".to_string()],
+            count,
+            ffn: plain("swiglu"),
+            intermediate: inter,
+            bias: false,
+            swiglu_limit: None,
+        },
+        shared: None,
+        router,
+        capacity: CapacityOut::Dropless,
+    })
+}
+
+/// ERNIE-4.5 MoE: a softmax over all experts; the experts are chosen by the
+/// probabilities plus a per-expert correction bias (`moe_statics`), the
+/// weights are the unbiased probabilities of the chosen, renormalised;
+/// `moe_num_shared_experts` shared experts added unweighted.
+pub(super) fn ernie4_5_moe(c: Cfg, name: String, title: String) -> Result<Model, String> {
+    let count = noted(c.int("moe_num_experts", 1)?, c.path("moe_num_experts"));
+    let top_k = top_k(c, "moe_k", &count)?;
+    let inter = noted(
+        c.int("moe_intermediate_size", 1)?,
+        c.path("moe_intermediate_size"),
+    );
+    let shared = match c.opt_int("moe_num_shared_experts", 0)? {
+        Some(n) if n > 0 => Some(SharedOut {
+            comment: vec![format!(
+                "{}, added unweighted to the routed output.",
+                if n == 1 {
+                    "One shared expert".to_string()
+                } else {
+                    format!("{n} shared experts (one SwiGLU of {n} x moe_intermediate_size)")
+                }
+            )],
+            count: noted(n, c.path("moe_num_shared_experts")),
+            intermediate: inter.clone(),
+            sigmoid_gate: false,
+        }),
+        _ => None,
+    };
+    let mut about = Vec::new();
+    if let Some(n) = c.info_int("num_hidden_layers") {
+        about.push(format!(
+            "One of the MoE layers among its {n} (from moe_layer_start_index = {}, \
+             every moe_layer_interval = {}).",
+            c.info_int("moe_layer_start_index").unwrap_or(0),
+            c.info_int("moe_layer_interval").unwrap_or(1)
+        ));
+    }
+    let router = RouterOut {
+        comment: vec![format!(
+            "Softmax over all {} logits; the probabilities plus a correction bias \
+             (moe_statics.e_score_correction_bias) choose the top-{}; the weights are the \
+             unbiased probabilities, renormalised.",
+            count.value, top_k.value
+        )],
+        scoring: plain("softmax"),
+        top_k,
+        softmax_over: None,
+        selection_bias: Some(noted(true, "moe_statics.e_score_correction_bias")),
+        groups: None,
+        normalize: Some(noted(true, "ERNIE-4.5 always renormalises")),
+        scale: None,
+        weight_on_input: false,
+    };
+    SwigluLayer {
+        about,
+        count,
+        intermediate: inter,
+        shared,
+        router,
+    }
+    .into_model(c, name, title)
+}
+
+/// Phi-3.5-MoE is refused: its sparsemixer routing has no `.moe` form.
+pub(super) fn phimoe(c: Cfg, _name: String, _title: String) -> Result<Model, String> {
+    Err(format!(
+        "{} routes with sparsemixer, which the .moe language cannot express: each of its two \
+         experts is chosen from the logits left after masking those further than a relative \
+         threshold (`{}`) from the best, and weighted by a softmax over that masked set, not \
+         over all experts or the chosen ones.",
+        c.label,
+        c.path("router_jitter_noise")
+    ))
+}
+
+/// Words in a field's name that say it may concern the MoE layer.
+const MOE_WORDS: [&str; 15] = [
+    "expert",
+    "router",
+    "routing",
+    "moe",
+    "topk",
+    "top_k",
+    "scor",
+    "group",
+    "gate",
+    "scaling_factor",
+    "capacity",
+    "swiglu",
+    "shared",
+    "ffn",
+    "jitter",
+];
+
+/// Fields with such words that the generic import reads, or that do not
+/// change what one MoE layer computes at inference (training losses, which
+/// layers are MoE).
+const GENERIC_UNDERSTOOD: [&str; 24] = [
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "output_router_logits",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "aux_loss_alpha",
+    "seq_aux",
+    "moe_aux_loss_coeff",
+    "moe_z_loss_coeff",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "first_k_dense_replace",
+    "moe_layer_freq",
+    "interleave_moe_layer_step",
+    "expert_layer_period",
+    "expert_layer_offset",
+    "moe_layer_start_index",
+    "moe_layer_end_index",
+    "moe_layer_interval",
+    "num_experts_offload",
+];
+
+/// The fields of an unknown model that may change the layer's meaning and
+/// that the generic import would ignore: names with one of [`MOE_WORDS`]
+/// not in [`GENERIC_UNDERSTOOD`], and a `hidden_act` other than SiLU.
+fn unread_moe_fields(c: Cfg) -> Vec<String> {
+    let mut fields: Vec<String> = c
+        .obj
+        .iter()
+        .filter(|(k, v)| !v.is_null() && !GENERIC_UNDERSTOOD.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            MOE_WORDS.iter().any(|w| k.contains(w))
+        })
+        .map(|(k, _)| c.path(k))
+        .collect();
+    if let Some(Value::String(act)) = c.get("hidden_act") {
+        if act != "silu" && act != "swish" {
+            fields.push(c.path("hidden_act"));
+        }
+    }
+    fields.sort();
+    fields
+}
+
+/// A list of field names in backticks.
+fn field_list(fields: &[String]) -> String {
+    fields
+        .iter()
+        .map(|f| format!("`{f}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A model the importer does not know. Without `allowed` (`--generic`) it
+/// is refused when it has fields that may change the layer's meaning;
+/// otherwise it is imported as softmax routing over all experts with SwiGLU
+/// experts, with a warning that names the fields ignored.
+pub(super) fn generic(
+    c: Cfg,
+    name: String,
+    title: String,
+    shown_type: &str,
+    allowed: bool,
+) -> Result<(Model, Vec<String>), String> {
+    if !c.has_expert_count() {
+        let moe_like = unread_moe_fields(c);
+        return Err(if moe_like.is_empty() {
+            format!(
+                "`{shown_type}` is not a Mixture-of-Experts model: it has none of {}.",
+                EXPERT_COUNT_FIELDS.join(", ")
+            )
+        } else {
+            format!(
+                "`{shown_type}` is not a model moec knows, and it names its experts in fields \
+                 moec does not read ({}); moec imports {} and generic configs with one of {}.",
+                field_list(&moe_like),
+                KNOWN_TYPES.join(", "),
+                EXPERT_COUNT_FIELDS.join(", ")
+            )
+        });
+    }
+    let unread = unread_moe_fields(c);
+    if !unread.is_empty() && !allowed {
+        return Err(format!(
+            "`{shown_type}` is not a model moec knows, and its config has fields that may \
+             change what its MoE layer computes, which a generic import would ignore: {}. \
+             Pass --generic to import it anyway as softmax routing over all experts with \
+             SwiGLU experts.",
+            field_list(&unread)
+        ));
+    }
+    let mut warning = format!(
+        "`{shown_type}` is not a model moec knows: imported generically (softmax over all \
+         experts, top-k, SwiGLU experts); check the layer against the model's code"
+    );
+    if !unread.is_empty() {
+        warning.push_str(&format!("; ignored: {}", field_list(&unread)));
+    }
+    let model = generic_model(c, name, title, &unread)?;
+    Ok((model, vec![warning]))
+}
+
+/// The `model_type`s the importer reads exactly.
+const KNOWN_TYPES: [&str; 18] = [
+    "mixtral",
+    "deepseek_v3",
+    "kimi_k2",
+    "glm4_moe",
+    "deepseek_v2",
+    "qwen3_moe",
+    "qwen2_moe",
+    "qwen3_next",
+    "llama4",
+    "gpt_oss",
+    "switch_transformers",
+    "granitemoe",
+    "olmoe",
+    "dbrx",
+    "ernie4_5_moe",
+    "minimax",
+    "jamba",
+    "phimoe (refused)",
+];
+
+fn generic_model(c: Cfg, name: String, title: String, unread: &[String]) -> Result<Model, String> {
     let c = Cfg {
         label: "Mixture-of-Experts",
         ..c
@@ -922,27 +1562,8 @@ pub(super) fn generic(c: Cfg, name: String, title: String) -> Result<Model, Stri
          check them against the model's code."
             .to_string(),
     ];
-    let ignored: Vec<&str> = [
-        "n_shared_experts",
-        "shared_expert_intermediate_size",
-        "num_shared_experts",
-        "scoring_func",
-        "topk_method",
-        "n_group",
-        "routed_scaling_factor",
-    ]
-    .into_iter()
-    .filter(|f| c.has(f))
-    .collect();
-    if !ignored.is_empty() {
-        about.push(format!(
-            "Not imported: {}.",
-            ignored
-                .iter()
-                .map(|f| c.path(f))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+    if !unread.is_empty() {
+        about.push(format!("Not imported: {}.", unread.join(", ")));
     }
     let router_comment = if normalize.is_none() {
         vec!["The config has no norm_topk_prob: the weights are not renormalised.".to_string()]

@@ -14,6 +14,18 @@ const LLAMA4: &str = include_str!("../../../tests/configs/llama4_maverick.json")
 const GPT_OSS: &str = include_str!("../../../tests/configs/gpt_oss_20b.json");
 const SWITCH: &str = include_str!("../../../tests/configs/switch_base_128.json");
 const LLAMA_DENSE: &str = include_str!("../../../tests/configs/llama_dense.json");
+const GLM4_5: &str = include_str!("../../../tests/configs/glm4_5.json");
+const KIMI_K2: &str = include_str!("../../../tests/configs/kimi_k2.json");
+const DEEPSEEK_V2: &str = include_str!("../../../tests/configs/deepseek_v2.json");
+const QWEN3_NEXT: &str = include_str!("../../../tests/configs/qwen3_next_80b_a3b.json");
+const QWEN3_T5: &str = include_str!("../../../tests/configs/qwen3_30b_a3b_transformers5.json");
+const GRANITE: &str = include_str!("../../../tests/configs/granite_3_0_3b_a800m.json");
+const OLMOE: &str = include_str!("../../../tests/configs/olmoe_1b_7b.json");
+const DBRX: &str = include_str!("../../../tests/configs/dbrx_instruct.json");
+const ERNIE: &str = include_str!("../../../tests/configs/ernie4_5_21b_a3b.json");
+const MINIMAX: &str = include_str!("../../../tests/configs/minimax_text_01.json");
+const JAMBA: &str = include_str!("../../../tests/configs/jamba_v0_1.json");
+const PHI_MOE: &str = include_str!("../../../tests/configs/phi_3_5_moe.json");
 
 /// Every MoE fixture with its expert count.
 const MOE_FIXTURES: [(&str, &str, u64); 7] = [
@@ -35,6 +47,7 @@ fn opts() -> ImportOptions {
         tokens_per_rank: 4096,
         dtype: "bf16".to_string(),
         source_name: "config.json".to_string(),
+        generic: false,
     }
 }
 
@@ -682,26 +695,34 @@ fn missing_and_inconsistent_fields_are_refused() {
 }
 
 #[test]
-fn unknown_moe_model_is_imported_generically() {
+fn unknown_moe_model_is_imported_generically_with_a_warning() {
     let json = r#"{
-        "architectures": ["OlmoeForCausalLM"],
-        "model_type": "olmoe",
+        "architectures": ["NewMoeForCausalLM"],
+        "model_type": "new_moe",
         "hidden_size": 2048,
         "intermediate_size": 1024,
         "num_experts": 64,
         "num_experts_per_tok": 8,
         "norm_topk_prob": false,
-        "num_hidden_layers": 16
+        "num_hidden_layers": 16,
+        "router_aux_loss_coef": 0.01
     }"#;
     let (text, p) = import_ok(json, &opts());
     assert!(text.contains("// imported generically"), "{text}");
-    assert_eq!(p.layer.name, "olmoe");
+    assert_eq!(p.layer.name, "new_moe");
     assert_eq!((p.layer.hidden, p.layer.experts.count), (2048, 64));
     assert_eq!(p.layer.experts.intermediate, 1024);
     assert_eq!(p.layer.experts.ffn, swiglu());
     assert_eq!(p.layer.router.scoring, Scoring::Softmax);
     assert_eq!(p.layer.router.top_k, 8);
     assert!(!p.layer.router.normalize);
+    let imported = import(json, &opts()).expect("imports");
+    assert_eq!(imported.warnings.len(), 1, "{:?}", imported.warnings);
+    assert!(
+        imported.warnings[0].contains("`new_moe` is not a model moec knows: imported generically"),
+        "{:?}",
+        imported.warnings
+    );
     // moe_intermediate_size wins over intermediate_size; a missing top-k is named.
     let json = r#"{"model_type": "some-new MoE", "hidden_size": 64, "intermediate_size": 256,
                    "moe_intermediate_size": 32, "n_routed_experts": 16}"#;
@@ -714,6 +735,60 @@ fn unknown_moe_model_is_imported_generically() {
     assert_eq!(p.layer.name, "some_new_moe");
     assert_eq!(p.layer.experts.intermediate, 32);
     assert!(p.layer.router.normalize);
+}
+
+#[test]
+fn unknown_model_with_fields_that_change_the_layer_is_refused_unless_generic() {
+    let json = r#"{
+        "model_type": "minimax_m2",
+        "hidden_size": 3072,
+        "intermediate_size": 1536,
+        "num_local_experts": 256,
+        "num_experts_per_tok": 8,
+        "scoring_func": "sigmoid",
+        "use_routing_bias": true,
+        "shared_intermediate_size": 0,
+        "hidden_act": "silu",
+        "router_aux_loss_coef": 0.001
+    }"#;
+    let err = import_err(json, &opts());
+    assert!(
+        err.contains(
+            "fields that may change what its MoE layer computes, which a generic import would \
+             ignore: `scoring_func`, `shared_intermediate_size`, `use_routing_bias`"
+        ) && err.contains("--generic"),
+        "{err}"
+    );
+    let options = ImportOptions {
+        generic: true,
+        ..opts()
+    };
+    let imported = import(json, &options).expect("imports with --generic");
+    assert!(
+        imported.warnings[0]
+            .contains("ignored: `scoring_func`, `shared_intermediate_size`, `use_routing_bias`"),
+        "{:?}",
+        imported.warnings
+    );
+    assert!(
+        imported.text.contains("// Not imported: scoring_func"),
+        "{}",
+        imported.text
+    );
+    // An activation other than SiLU changes SwiGLU experts too.
+    let gelu = json
+        .replace("\"scoring_func\": \"sigmoid\",", "")
+        .replace("\"use_routing_bias\": true,", "")
+        .replace("\"shared_intermediate_size\": 0,", "")
+        .replace("silu", "gelu");
+    assert!(import_err(&gelu, &opts()).contains("`hidden_act`"));
+    // Experts counted in fields moec does not read: not "not an MoE model".
+    let json = r#"{"model_type": "future_moe", "hidden_size": 64, "moe_num_routed": 8}"#;
+    let err = import_err(json, &opts());
+    assert!(
+        err.contains("names its experts in fields moec does not read (`moe_num_routed`)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -818,7 +893,21 @@ fn odd_values() -> Vec<Value> {
 #[test]
 fn never_panics_on_mutated_fixtures() {
     let mut imported = 0;
-    for (_, json, _) in MOE_FIXTURES {
+    let newer = [
+        GLM4_5,
+        KIMI_K2,
+        DEEPSEEK_V2,
+        QWEN3_NEXT,
+        GRANITE,
+        OLMOE,
+        DBRX,
+        ERNIE,
+        MINIMAX,
+        JAMBA,
+        PHI_MOE,
+    ];
+    let all = MOE_FIXTURES.iter().map(|(_, json, _)| *json).chain(newer);
+    for json in all {
         let root: Value = serde_json::from_str(json).expect("JSON");
         let Value::Object(top) = root else {
             panic!("fixture is not an object")
@@ -834,13 +923,16 @@ fn never_panics_on_mutated_fixtures() {
             m.remove(key);
             cases.push(m);
         }
-        if let Some(Value::Object(tc)) = top.get("text_config") {
+        for nested in ["text_config", "ffn_config"] {
+            let Some(Value::Object(tc)) = top.get(nested) else {
+                continue;
+            };
             for key in tc.keys() {
                 for v in odd_values() {
                     let mut inner = tc.clone();
                     inner.insert(key.clone(), v);
                     let mut m = top.clone();
-                    m.insert("text_config".into(), Value::Object(inner));
+                    m.insert(nested.into(), Value::Object(inner));
                     cases.push(m);
                 }
             }
@@ -861,4 +953,287 @@ fn never_panics_on_mutated_fixtures() {
         }
     }
     assert!(imported > 100, "only {imported} variants imported");
+}
+
+/// What one imported layer must be, field by field (bf16, dropless, output
+/// weighting and SwiGLU experts without biases in every case below).
+struct Expected {
+    name: &'static str,
+    hidden: u64,
+    experts: (u64, u64),
+    shared: Option<(u64, u64, bool)>,
+    router: Router,
+}
+
+fn router(scoring: Scoring, top_k: u64) -> Router {
+    Router {
+        scoring,
+        top_k,
+        softmax_over: SoftmaxOver::All,
+        selection_bias: false,
+        groups: None,
+        normalize: false,
+        scale: 1.0,
+        weight_on: WeightOn::Output,
+    }
+}
+
+fn check_expected(json: &str, want: Expected) {
+    let (text, p) = import_ok(json, &opts());
+    let l = &p.layer;
+    assert_eq!(l.name, want.name, "{text}");
+    assert_eq!(l.hidden, want.hidden, "{}", want.name);
+    assert_eq!(
+        l.experts,
+        Experts {
+            count: want.experts.0,
+            ffn: swiglu(),
+            intermediate: want.experts.1,
+            bias: false
+        },
+        "{}",
+        want.name
+    );
+    let shared = want
+        .shared
+        .map(|(count, intermediate, sigmoid_gate)| SharedExperts {
+            count,
+            intermediate,
+            ffn: swiglu(),
+            bias: false,
+            sigmoid_gate,
+        });
+    assert_eq!(l.shared, shared, "{}", want.name);
+    assert_eq!(l.router, want.router, "{}", want.name);
+    assert_eq!(l.capacity, Capacity::Dropless, "{}", want.name);
+    assert_eq!(l.dtype, DType::Bf16);
+}
+
+#[test]
+fn glm4_5_imports_with_deepseek_v3_routing() {
+    check_expected(
+        GLM4_5,
+        Expected {
+            name: "glm4_moe",
+            hidden: 5120,
+            experts: (160, 1536),
+            shared: Some((1, 1536, false)),
+            router: Router {
+                selection_bias: true,
+                normalize: true,
+                scale: 2.5,
+                ..router(Scoring::Sigmoid, 8)
+            },
+        },
+    );
+    // GLM's own defaults when the routing fields are left out: one group, no scale.
+    let bare = edited(GLM4_5, |m| {
+        for f in ["n_group", "topk_group", "routed_scaling_factor"] {
+            m.remove(f);
+        }
+    });
+    let (_, p) = import_ok(&bare, &opts());
+    assert_eq!(p.layer.router.groups, None);
+    assert_eq!(p.layer.router.scale, 1.0);
+}
+
+#[test]
+fn kimi_k2_imports_with_384_experts_and_one_group() {
+    check_expected(
+        KIMI_K2,
+        Expected {
+            name: "kimi_k2",
+            hidden: 7168,
+            experts: (384, 2048),
+            shared: Some((1, 2048, false)),
+            router: Router {
+                selection_bias: true,
+                normalize: true,
+                scale: 2.827,
+                ..router(Scoring::Sigmoid, 8)
+            },
+        },
+    );
+}
+
+#[test]
+fn deepseek_v2_imports_with_group_limited_greedy() {
+    check_expected(
+        DEEPSEEK_V2,
+        Expected {
+            name: "deepseek_v2",
+            hidden: 5120,
+            experts: (160, 1536),
+            shared: Some((2, 1536, false)),
+            router: Router {
+                groups: Some(Groups {
+                    count: 8,
+                    kept: 3,
+                    score: GroupScore::Max,
+                }),
+                scale: 16.0,
+                ..router(Scoring::Softmax, 6)
+            },
+        },
+    );
+}
+
+#[test]
+fn qwen3_next_imports_with_its_gated_shared_expert() {
+    check_expected(
+        QWEN3_NEXT,
+        Expected {
+            name: "qwen3_next",
+            hidden: 2048,
+            experts: (512, 512),
+            shared: Some((1, 512, true)),
+            router: Router {
+                normalize: true,
+                ..router(Scoring::Softmax, 10)
+            },
+        },
+    );
+}
+
+#[test]
+fn qwen3_moe_saved_by_transformers_5_imports_with_num_local_experts() {
+    let (_, old) = import_ok(QWEN3, &opts());
+    let (text, new) = import_ok(QWEN3_T5, &opts());
+    assert_eq!(old.layer.experts, new.layer.experts);
+    assert_eq!(old.layer.router, new.layer.router);
+    assert!(text.contains("count = 128 // num_local_experts"), "{text}");
+}
+
+#[test]
+fn granitemoe_imports_with_a_softmax_over_the_top_k() {
+    check_expected(
+        GRANITE,
+        Expected {
+            name: "granitemoe",
+            hidden: 1536,
+            experts: (40, 512),
+            shared: None,
+            router: Router {
+                softmax_over: SoftmaxOver::TopK,
+                ..router(Scoring::Softmax, 8)
+            },
+        },
+    );
+}
+
+#[test]
+fn olmoe_imports_without_renormalisation() {
+    check_expected(
+        OLMOE,
+        Expected {
+            name: "olmoe",
+            hidden: 2048,
+            experts: (64, 1024),
+            shared: None,
+            router: router(Scoring::Softmax, 8),
+        },
+    );
+}
+
+#[test]
+fn dbrx_imports_from_ffn_config() {
+    check_expected(
+        DBRX,
+        Expected {
+            name: "dbrx",
+            hidden: 6144,
+            experts: (16, 10752),
+            shared: None,
+            router: Router {
+                normalize: true,
+                ..router(Scoring::Softmax, 4)
+            },
+        },
+    );
+    let no_norm = edited(DBRX, |m| {
+        m["ffn_config"]["moe_normalize_expert_weights"] = Value::Null;
+    });
+    let (_, p) = import_ok(&no_norm, &opts());
+    assert!(!p.layer.router.normalize);
+    let p2 = edited(DBRX, |m| {
+        m["ffn_config"]["moe_normalize_expert_weights"] = 2.into();
+    });
+    assert!(import_err(&p2, &opts()).contains("p-norm"));
+    let gelu = edited(DBRX, |m| {
+        m["ffn_config"]["ffn_act_fn"] = serde_json::json!({"name": "gelu"});
+    });
+    assert!(import_err(&gelu, &opts()).contains("`ffn_config.ffn_act_fn.name`"));
+}
+
+#[test]
+fn ernie4_5_moe_imports_with_its_selection_bias_and_shared_experts() {
+    check_expected(
+        ERNIE,
+        Expected {
+            name: "ernie4_5_moe",
+            hidden: 2560,
+            experts: (64, 1536),
+            shared: Some((2, 1536, false)),
+            router: Router {
+                selection_bias: true,
+                normalize: true,
+                ..router(Scoring::Softmax, 6)
+            },
+        },
+    );
+}
+
+#[test]
+fn minimax_imports_as_mixtral_routing() {
+    check_expected(
+        MINIMAX,
+        Expected {
+            name: "minimax",
+            hidden: 6144,
+            experts: (32, 9216),
+            shared: None,
+            router: Router {
+                normalize: true,
+                ..router(Scoring::Softmax, 2)
+            },
+        },
+    );
+    let shared = edited(MINIMAX, |m| {
+        m.insert("shared_intermediate_size".into(), 4096.into());
+    });
+    assert!(import_err(&shared, &opts()).contains("`shared_intermediate_size` is 4096"));
+}
+
+#[test]
+fn jamba_imports_without_renormalisation() {
+    check_expected(
+        JAMBA,
+        Expected {
+            name: "jamba",
+            hidden: 4096,
+            experts: (16, 14336),
+            shared: None,
+            router: router(Scoring::Softmax, 2),
+        },
+    );
+}
+
+#[test]
+fn phi_3_5_moe_is_refused_for_its_sparsemixer_routing() {
+    let err = import_err(PHI_MOE, &opts());
+    assert!(
+        err.starts_with(
+            "Phi-3.5-MoE routes with sparsemixer, which the .moe language cannot express"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_gated_activation_other_than_silu_is_refused() {
+    let gelu = edited(OLMOE, |m| {
+        m.insert("hidden_act".into(), "gelu".into());
+    });
+    let err = import_err(&gelu, &opts());
+    assert!(err.contains("`hidden_act` is \"gelu\""), "{err}");
 }
