@@ -503,3 +503,87 @@ pub fn deepseek_fp8(w: &mut LayerWeights, prefix: &str, seed: u64) -> Vec<Entry>
     }
     out
 }
+
+/// Jamba: `feed_forward.router.weight` and per-expert
+/// `feed_forward.experts.{e}.{gate,up,down}_proj.weight`.
+pub fn jamba(w: &LayerWeights, prefix: &str) -> Vec<Entry> {
+    per_expert(w, prefix)
+        .into_iter()
+        .map(|(name, dtype, shape, bytes)| {
+            let name = name
+                .replace("mlp.gate.weight", "feed_forward.router.weight")
+                .replace("mlp.experts.", "feed_forward.experts.");
+            (name, dtype, shape, bytes)
+        })
+        .collect()
+}
+
+/// Granite MoE: `block_sparse_moe.router.layer.weight`,
+/// `block_sparse_moe.input_linear.weight` `[E, 2F, H]` (gate rows first) and
+/// `output_linear.weight` `[E, H, F]`.
+pub fn granite(w: &LayerWeights, prefix: &str) -> Vec<Entry> {
+    let (e, h) = (w.experts.len(), w.hidden);
+    let ((gu_shape, gu), (down_shape, down)) = fused_experts(w, Pairing::Concatenated, false);
+    vec![
+        f32_entry(
+            format!("{prefix}block_sparse_moe.router.layer.weight"),
+            vec![e, h],
+            &w.router,
+        ),
+        f32_entry(
+            format!("{prefix}block_sparse_moe.input_linear.weight"),
+            gu_shape,
+            &gu,
+        ),
+        f32_entry(
+            format!("{prefix}block_sparse_moe.output_linear.weight"),
+            down_shape,
+            &down,
+        ),
+    ]
+}
+
+/// DBRX: `ffn.router.layer.weight`, `ffn.experts.mlp.w1` and `v1` (every
+/// expert's gate and up `[F, H]` stacked to `[E*F, H]`) and `w2` (every
+/// expert's down projection transposed to `[F, H]`, stacked).
+pub fn dbrx(w: &LayerWeights, prefix: &str) -> Vec<Entry> {
+    let (e, h) = (w.experts.len(), w.hidden);
+    let f = w.experts[0].width;
+    let (mut w1, mut v1, mut w2) = (Vec::new(), Vec::new(), Vec::new());
+    for x in &w.experts {
+        w1.extend_from_slice(gate(x));
+        v1.extend_from_slice(&x.up);
+        w2.extend(transpose(&x.down, h, f));
+    }
+    vec![
+        f32_entry(
+            format!("{prefix}ffn.router.layer.weight"),
+            vec![e, h],
+            &w.router,
+        ),
+        f32_entry(format!("{prefix}ffn.experts.mlp.w1"), vec![e * f, h], &w1),
+        f32_entry(format!("{prefix}ffn.experts.mlp.v1"), vec![e * f, h], &v1),
+        f32_entry(format!("{prefix}ffn.experts.mlp.w2"), vec![e * f, h], &w2),
+    ]
+}
+
+/// ERNIE-4.5: per-expert names, with the selection bias as
+/// `mlp.moe_statics.e_score_correction_bias` `[1, E]`.
+pub fn ernie(w: &LayerWeights, prefix: &str) -> Vec<Entry> {
+    per_expert(w, prefix)
+        .into_iter()
+        .map(|(name, dtype, shape, bytes)| {
+            if name.ends_with("mlp.gate.e_score_correction_bias") {
+                let e = shape[0];
+                (
+                    format!("{prefix}mlp.moe_statics.e_score_correction_bias"),
+                    dtype,
+                    vec![1, e],
+                    bytes,
+                )
+            } else {
+                (name, dtype, shape, bytes)
+            }
+        })
+        .collect()
+}

@@ -533,7 +533,7 @@ fn moec_run_finds_the_layer_and_says_what_it_dequantised() {
     assert_eq!(code, 1);
     assert!(
         err.contains(
-            "no MoE layer 1: looked for a router named `{layers|block|h}.1.mlp.gate.weight`"
+            "no MoE layer 1: looked for a router named `*.{layers|blocks|block|h}.1.mlp.gate.weight`"
         ) && err.contains("the MoE layers are 2"),
         "{err}"
     );
@@ -550,4 +550,76 @@ fn moec_run_finds_the_layer_and_says_what_it_dequantised() {
     assert_eq!(code, 2, "{err}");
     let (code, _, err) = moec(&["run", &file, "--layer", "2"]);
     assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn jamba_granite_dbrx_and_ernie_checkpoints_load_as_their_families_write_them() {
+    let dir = tmp("more_families");
+    let qwen = plan(&source(QWEN3));
+    let w = LayerWeights::random(&qwen.layer, 21);
+    let path = dir.join("model.safetensors");
+    for (entries, prefix, family) in [
+        (
+            ck::jamba(&w, "model.layers.1."),
+            "model.layers.1.",
+            Family::Jamba,
+        ),
+        (
+            ck::granite(&w, "model.layers.0."),
+            "model.layers.0.",
+            Family::Granite,
+        ),
+        (
+            ck::dbrx(&w, "transformer.blocks.2."),
+            "transformer.blocks.2.",
+            Family::Dbrx,
+        ),
+    ] {
+        ck::write(&path, &entries);
+        let n: u64 = prefix
+            .trim_end_matches('.')
+            .rsplit('.')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let (got, report) = load_checkpoint(&path, &qwen.layer, &Select::Layer(n))
+            .unwrap_or_else(|e| panic!("{family:?}: {e}"));
+        assert_eq!(report.family, family);
+        assert_eq!(report.prefix, prefix);
+        assert_same(&got, &w);
+    }
+    // DBRX's stacked tensors are checked against E * F rows.
+    let mut e = ck::dbrx(&w, "");
+    e[3] = ck::f32_entry(
+        "ffn.experts.mlp.w2".into(),
+        vec![60, 64],
+        &vec![0.0; 60 * 64],
+    );
+    ck::write(&path, &e);
+    let msg = load_err(&path, &qwen.layer, Select::Prefix(String::new())).to_string();
+    assert!(
+        msg.contains("`ffn.experts.mlp.w2` has shape [60, 64], expected [64, 64]"),
+        "{msg}"
+    );
+
+    // ERNIE-4.5: DeepSeek-style names with its own selection bias.
+    let ds = deepseek_plan();
+    let w = LayerWeights::random(&ds.layer, 22);
+    ck::write(&path, &ck::ernie(&w, "model.layers.1."));
+    let got = load(&path, &ds.layer, Select::Layer(1));
+    assert_same(&got, &w);
+    ck::write(
+        &path,
+        &ck::ernie(&w, "")
+            .into_iter()
+            .filter(|e| !e.0.contains("moe_statics"))
+            .collect::<Vec<_>>(),
+    );
+    let msg = load_err(&path, &ds.layer, Select::Prefix(String::new())).to_string();
+    assert!(
+        msg.contains("`mlp.gate.e_score_correction_bias` not found")
+            && msg.contains("`mlp.moe_statics.e_score_correction_bias`"),
+        "{msg}"
+    );
 }

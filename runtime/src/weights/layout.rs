@@ -13,10 +13,15 @@
 //! | gpt-oss | `mlp.router.weight` (+ `mlp.router.bias`) | `mlp.experts.gate_up_proj` `[E, H, 2F]`, gate = columns `0::2`, up = `1::2`; `gate_up_proj_bias` `[E, 2F]` likewise; `down_proj` `[E, F, H]`, `down_proj_bias` `[E, H]`; or MXFP4 `*_blocks` + `*_scales` |
 //! | Llama-4 | `feed_forward.router.weight` | `feed_forward.experts.gate_up_proj` `[E, H, 2F]`, gate = columns `0..F`; `down_proj` `[E, F, H]` |
 //! | Switch Transformers | `mlp.router.classifier.weight` | `mlp.experts.expert_{e}.wi.weight` (up), `.wo.weight` (down) |
+//! | Jamba | `feed_forward.router.weight` | `feed_forward.experts.{e}.{gate,up,down}_proj.weight` |
+//! | Granite MoE | `block_sparse_moe.router.layer.weight` | `block_sparse_moe.input_linear.weight` `[E, 2F, H]` (gate = rows `0..F`), `output_linear.weight` `[E, H, F]` |
+//! | DBRX | `ffn.router.layer.weight` | `ffn.experts.mlp.w1` (gate), `v1` (up) `[E*F, H]`, `w2` `[E*F, H]` (down, input-major) |
 //!
-//! Shared experts are `mlp.shared_experts.*` (DeepSeek), `mlp.shared_expert.*`
-//! with `mlp.shared_expert_gate.weight` (Qwen2-MoE, Qwen3-Next) and
-//! `feed_forward.shared_expert.*` (Llama-4). A per-expert or shared `Linear`
+//! Shared experts are `mlp.shared_experts.*` (DeepSeek, GLM, ERNIE),
+//! `mlp.shared_expert.*` with `mlp.shared_expert_gate.weight` (Qwen2-MoE,
+//! Qwen3-Next) and `feed_forward.shared_expert.*` (Llama-4). The selection
+//! bias is `mlp.gate.e_score_correction_bias` (DeepSeek, GLM) or
+//! `mlp.moe_statics.e_score_correction_bias` `[1, E]` (ERNIE-4.5). A per-expert or shared `Linear`
 //! stored in fp8 e4m3 with its `weight_scale_inv` is dequantised at load
 //! ([`super::quant`]), as is gpt-oss's MXFP4.
 //!
@@ -52,6 +57,12 @@ pub enum Family {
     Llama4,
     /// Switch Transformers: `mlp.router.classifier`, experts `wi`/`wo`.
     Switch,
+    /// Jamba: per-expert tensors under `feed_forward`.
+    Jamba,
+    /// Granite MoE: fused `input_linear`/`output_linear`, output-major.
+    Granite,
+    /// DBRX: `w1`/`v1`/`w2` of all experts stacked as `[E*F, H]`.
+    Dbrx,
 }
 
 impl Family {
@@ -66,19 +77,25 @@ impl Family {
             Family::GptOss => "gpt-oss fused experts (gate/up interleaved, input-major)",
             Family::Llama4 => "Llama-4 fused experts (gate then up, input-major)",
             Family::Switch => "Switch Transformers (mlp.experts.expert_{e}.wi/wo)",
+            Family::Jamba => "Jamba (feed_forward.experts.{e}.*_proj)",
+            Family::Granite => "Granite MoE fused experts (input_linear [E, 2F, H])",
+            Family::Dbrx => "DBRX stacked experts (ffn.experts.mlp.w1/v1/w2 [E*F, H])",
         }
     }
 }
 
 /// The router names that identify each family, in the order they are tried.
 /// `mlp.gate.weight` is refined to [`Family::Transformers5Fused`] when the
-/// experts are fused.
-pub(crate) const ROUTERS: [(&str, Family); 5] = [
+/// experts are fused, `feed_forward.router.weight` to [`Family::Jamba`] when
+/// they are not.
+pub(crate) const ROUTERS: [(&str, Family); 7] = [
     ("mlp.gate.weight", Family::PerExpert),
     ("block_sparse_moe.gate.weight", Family::Mixtral),
     ("mlp.router.weight", Family::GptOss),
     ("feed_forward.router.weight", Family::Llama4),
     ("mlp.router.classifier.weight", Family::Switch),
+    ("block_sparse_moe.router.layer.weight", Family::Granite),
+    ("ffn.router.layer.weight", Family::Dbrx),
 ];
 
 /// Path components after which a checkpoint numbers its layers
@@ -113,6 +130,28 @@ struct Layout {
     gated: bool,
 }
 
+/// Routed experts stored together, by name under the module.
+#[derive(Clone, Copy)]
+enum Stacked {
+    /// A `gate_up` tensor `[E, 2F, H]` (or `[E, H, 2F]` input-major, paired
+    /// as `pairing` says) and a `down` tensor `[E, H, F]` (or `[E, F, H]`);
+    /// biases, when the layer has them, are `{gate_up}_bias` `[E, 2F]` and
+    /// `{down}_bias` `[E, H]`.
+    Fused {
+        gate_up: &'static str,
+        down: &'static str,
+        input_major: bool,
+        pairing: Pairing,
+    },
+    /// DBRX: `gate` and `up` `[E*F, H]` (expert `e`'s `[F, H]` at rows
+    /// `e*F..`), `down` `[E*F, H]` input-major (expert `e`'s `[F, H]`).
+    Split {
+        gate: &'static str,
+        up: &'static str,
+        down: &'static str,
+    },
+}
+
 /// How a fused `gate_up` tensor orders its `2F` outputs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Pairing {
@@ -125,8 +164,9 @@ enum Pairing {
 impl Layout {
     fn of(family: Family, ck: &Checkpoint, prefix: &str, gated: bool) -> Layout {
         let module = match family {
-            Family::Mixtral => "block_sparse_moe",
-            Family::Llama4 => "feed_forward",
+            Family::Mixtral | Family::Granite => "block_sparse_moe",
+            Family::Llama4 | Family::Jamba => "feed_forward",
+            Family::Dbrx => "ffn",
             _ => "mlp",
         };
         let singular = ck.contains(&format!("{prefix}{module}.shared_expert.up_proj.weight"))
@@ -144,24 +184,62 @@ impl Layout {
         }
     }
 
-    fn fused(&self) -> Option<(bool, Pairing)> {
-        // (input-major, pairing)
+    /// How the routed experts are stored when they are not one tensor per
+    /// expert and projection.
+    fn experts(&self) -> Option<Stacked> {
+        let fused = |gate_up, down, input_major, pairing| {
+            Some(Stacked::Fused {
+                gate_up,
+                down,
+                input_major,
+                pairing,
+            })
+        };
         match self.family {
-            Family::GptOss => Some((true, Pairing::Interleaved)),
-            Family::Llama4 => Some((true, Pairing::Concatenated)),
-            Family::Transformers5Fused => Some((false, Pairing::Concatenated)),
+            Family::GptOss => fused(
+                "experts.gate_up_proj",
+                "experts.down_proj",
+                true,
+                Pairing::Interleaved,
+            ),
+            Family::Llama4 => fused(
+                "experts.gate_up_proj",
+                "experts.down_proj",
+                true,
+                Pairing::Concatenated,
+            ),
+            Family::Transformers5Fused => fused(
+                "experts.gate_up_proj",
+                "experts.down_proj",
+                false,
+                Pairing::Concatenated,
+            ),
+            Family::Granite => fused(
+                "input_linear.weight",
+                "output_linear.weight",
+                false,
+                Pairing::Concatenated,
+            ),
+            Family::Dbrx => Some(Stacked::Split {
+                gate: "experts.mlp.w1",
+                up: "experts.mlp.v1",
+                down: "experts.mlp.w2",
+            }),
             _ => None,
         }
     }
 
     fn router(&self) -> &'static str {
-        match self.family {
-            Family::PerExpert | Family::Transformers5Fused => ROUTERS[0].0,
-            Family::Mixtral => ROUTERS[1].0,
-            Family::GptOss => ROUTERS[2].0,
-            Family::Llama4 => ROUTERS[3].0,
-            Family::Switch => ROUTERS[4].0,
-        }
+        let index = match self.family {
+            Family::PerExpert | Family::Transformers5Fused => 0,
+            Family::Mixtral => 1,
+            Family::GptOss => 2,
+            Family::Llama4 | Family::Jamba => 3,
+            Family::Switch => 4,
+            Family::Granite => 5,
+            Family::Dbrx => 6,
+        };
+        ROUTERS[index].0
     }
 
     /// The name of a tensor that is stored on its own (everything but fused
@@ -205,9 +283,10 @@ fn detect(ck: &Checkpoint, prefix: &str) -> Option<Family> {
     let (_, family) = ROUTERS
         .iter()
         .find(|(router, _)| ck.contains(&format!("{prefix}{router}")))?;
-    let fused = ck.contains(&format!("{prefix}mlp.experts.gate_up_proj"));
+    let fused = |module: &str| ck.contains(&format!("{prefix}{module}.experts.gate_up_proj"));
     Some(match family {
-        Family::PerExpert if fused => Family::Transformers5Fused,
+        Family::PerExpert if fused("mlp") => Family::Transformers5Fused,
+        Family::Llama4 if !fused("feed_forward") => Family::Jamba,
         f => *f,
     })
 }
@@ -292,7 +371,7 @@ pub(crate) fn layer_prefix(ck: &Checkpoint, number: u64) -> Result<String, Weigh
                 layer: number,
                 looked_for: ROUTERS
                     .iter()
-                    .map(|(router, _)| format!("{{layers|block|h}}.{number}.{router}"))
+                    .map(|(router, _)| format!("*.{{layers|blocks|block|h}}.{number}.{router}"))
                     .collect(),
                 found: if found.is_empty() {
                     "the checkpoint has no MoE router at all".to_string()
@@ -353,10 +432,10 @@ pub(crate) fn load_from(
         });
     };
     let layout = Layout::of(family, ck, prefix, layer.ffn.gated());
-    if layout.fused().is_some() && !layout.gated {
+    if layout.experts().is_some() && !layout.gated {
         return Err(WeightsError::Unsupported {
             file: ck.origin().to_path_buf(),
-            tensor: format!("{prefix}{}.experts.gate_up_proj", layout.module),
+            tensor: format!("{prefix}{}.experts", layout.module),
             detail: format!(
                 "a {} checkpoint has gated (SwiGLU) experts, but the layer's experts are {}",
                 family.describe(),
@@ -452,14 +531,34 @@ impl Reader<'_> {
         d: &Dims,
         decode: Decode,
     ) -> Result<Vec<f32>, WeightsError> {
-        if let (Tensor::Expert { index, proj, bias }, Some((input_major, pairing))) =
-            (tensor, self.layout.fused())
+        if let (Tensor::Expert { index, proj, bias }, Some(stacked)) =
+            (tensor, self.layout.experts())
         {
-            return self.fused_expert(index, proj, bias, d, input_major, pairing, decode);
+            let part = ExpertPart { index, proj, bias };
+            return match stacked {
+                Stacked::Fused {
+                    gate_up,
+                    down,
+                    input_major,
+                    pairing,
+                } => {
+                    let names = FusedNames {
+                        gate_up,
+                        down,
+                        input_major,
+                        pairing,
+                    };
+                    self.fused_expert(part, &names, d, decode)
+                }
+                Stacked::Split { gate, up, down } => {
+                    self.split_expert(part, [gate, up, down], d, decode)
+                }
+            };
         }
         let name = format!("{}{}", self.prefix, self.layout.suffix(tensor));
         match self.linear(&name, shape, decode)? {
             Some(v) => Ok(v),
+            None if tensor == Tensor::RouterBias => self.moe_statics_bias(name, shape, decode),
             None => {
                 let hint =
                     router_hint(self.ck, self.prefix).filter(|_| matches!(tensor, Tensor::Router));
@@ -531,56 +630,110 @@ impl Reader<'_> {
         })
     }
 
-    /// One routed expert's projection or bias from the fused tensors.
-    #[allow(clippy::too_many_arguments)]
-    fn fused_expert(
+    /// ERNIE-4.5 keeps the selection bias as `moe_statics.e_score_correction_bias`
+    /// `[1, E]`; `name` is the usual name, reported when neither exists.
+    fn moe_statics_bias(
         &mut self,
-        index: usize,
-        proj: Proj,
-        bias: bool,
-        d: &Dims,
-        input_major: bool,
-        pairing: Pairing,
+        name: String,
+        shape: &[usize],
         decode: Decode,
     ) -> Result<Vec<f32>, WeightsError> {
+        let ernie = format!(
+            "{}{}.moe_statics.e_score_correction_bias",
+            self.prefix, self.layout.module
+        );
+        let row: Vec<usize> = std::iter::once(1).chain(shape.iter().copied()).collect();
+        match self.linear(&ernie, &row, decode)? {
+            Some(v) => Ok(v),
+            None => Err(self.missing(name, Some(format!("nor ERNIE-4.5's `{ernie}`")))),
+        }
+    }
+
+    /// One routed expert's projection or bias from fused tensors.
+    fn fused_expert(
+        &mut self,
+        part: ExpertPart,
+        names: &FusedNames,
+        d: &Dims,
+        decode: Decode,
+    ) -> Result<Vec<f32>, WeightsError> {
+        let ExpertPart { index, proj, bias } = part;
         let (f, h) = (d.intermediate, d.hidden);
-        let base = format!("{}{}.experts.", self.prefix, self.layout.module);
-        let part = match proj {
-            Proj::Gate => "gate",
-            Proj::Up => "up",
-            Proj::Down => "down",
-        };
+        let base = format!("{}{}.", self.prefix, self.layout.module);
+        let gate_up = format!("{base}{}", names.gate_up);
+        let down = format!("{base}{}", names.down);
         let shown = format!(
-            "{base}{}_proj{} (expert {index}'s {part})",
-            if proj == Proj::Down {
-                "down"
-            } else {
-                "gate_up"
-            },
-            if bias { "_bias" } else { "" }
+            "{}{} (expert {index}'s {})",
+            if proj == Proj::Down { &down } else { &gate_up },
+            if bias { "_bias" } else { "" },
+            part.what()
         );
         let values = match (proj, bias) {
-            (Proj::Down, false) => {
-                self.fused_matrix(&format!("{base}down_proj"), index, h, f, input_major)?
-            }
-            (Proj::Down, true) => self.fused_vector(&format!("{base}down_proj_bias"), index, h)?,
+            (Proj::Down, false) => self.fused_matrix(&down, index, h, f, names.input_major)?,
+            (Proj::Down, true) => self.fused_vector(&format!("{down}_bias"), index, h)?,
             (_, false) => {
-                let name = format!("{base}gate_up_proj");
                 let matrix = match &self.cache {
-                    Some((n, e, m)) if *n == name && *e == index => m.clone(),
+                    Some((n, e, m)) if *n == gate_up && *e == index => m.clone(),
                     _ => {
-                        let m = self.fused_matrix(&name, index, 2 * f, h, input_major)?;
-                        self.cache = Some((name, index, m.clone()));
+                        let m = self.fused_matrix(&gate_up, index, 2 * f, h, names.input_major)?;
+                        self.cache = Some((gate_up, index, m.clone()));
                         m
                     }
                 };
-                pick_rows(&matrix, h, f, proj, pairing)
+                pick_rows(&matrix, h, f, proj, names.pairing)
             }
             (_, true) => {
-                let v = self.fused_vector(&format!("{base}gate_up_proj_bias"), index, 2 * f)?;
-                pick_rows(&v, 1, f, proj, pairing)
+                let v = self.fused_vector(&format!("{gate_up}_bias"), index, 2 * f)?;
+                pick_rows(&v, 1, f, proj, names.pairing)
             }
         };
+        finish_named(&self.origin(), &shown, values, decode)
+    }
+
+    /// One routed expert's projection from DBRX's stacked `[E*F, H]` tensors
+    /// `[gate, up, down]` (no biases).
+    fn split_expert(
+        &mut self,
+        part: ExpertPart,
+        names: [&str; 3],
+        d: &Dims,
+        decode: Decode,
+    ) -> Result<Vec<f32>, WeightsError> {
+        let ExpertPart { index, proj, bias } = part;
+        let (f, h) = (d.intermediate, d.hidden);
+        let which = match proj {
+            Proj::Gate => 0,
+            Proj::Up => 1,
+            Proj::Down => 2,
+        };
+        let name = format!("{}{}.{}", self.prefix, self.layout.module, names[which]);
+        if bias {
+            return Err(self.missing(
+                format!("{name}_bias"),
+                Some("DBRX experts have no biases".to_string()),
+            ));
+        }
+        let Some(stored) = self.ck.stored(&name)? else {
+            return Err(self.missing(name, None));
+        };
+        let rows = d
+            .experts
+            .checked_mul(f)
+            .ok_or_else(|| WeightsError::Layer {
+                layer: name.clone(),
+                detail: "experts * intermediate overflows".to_string(),
+            })?;
+        stored.expect_shape(&[rows, h])?;
+        let slab = self.ck.bytes(&stored, Some((index, d.experts)))?;
+        let values = stored.widen(&slab)?;
+        // w1 and v1 hold expert e's [F, H] as a Linear would; w2 is its down
+        // projection input-major.
+        let values = if proj == Proj::Down {
+            transpose(&values, f, h)
+        } else {
+            values
+        };
+        let shown = format!("{name} (expert {index}'s {})", part.what());
         finish_named(&self.origin(), &shown, values, decode)
     }
 
@@ -605,7 +758,7 @@ impl Reader<'_> {
             if stored.dtype() == Dtype::F8_E4M3 {
                 return Err(stored.dtype_error());
             }
-            let slab = self.ck.bytes(&stored, Some(index))?;
+            let slab = self.ck.bytes(&stored, Some((index, experts)))?;
             let values = stored.widen(&slab)?;
             return Ok(if input_major {
                 transpose(&values, inn, out)
@@ -651,8 +804,8 @@ impl Reader<'_> {
                 });
             }
         }
-        let block_bytes = self.ck.bytes(&blocks, Some(index))?;
-        let scale_bytes = self.ck.bytes(&scales, Some(index))?;
+        let block_bytes = self.ck.bytes(&blocks, Some((index, experts)))?;
+        let scale_bytes = self.ck.bytes(&scales, Some((index, experts)))?;
         self.counted(MXFP4_FORMAT);
         quant::dequant_mxfp4(&block_bytes, &scale_bytes).map_err(|block| WeightsError::NotFinite {
             file: scales.file.clone(),
@@ -675,9 +828,38 @@ impl Reader<'_> {
             return Err(self.missing(name.to_string(), None));
         };
         stored.expect_shape(&[experts, len])?;
-        let slab = self.ck.bytes(&stored, Some(index))?;
+        let slab = self.ck.bytes(&stored, Some((index, experts)))?;
         stored.widen(&slab)
     }
+}
+
+/// Which part of which expert a fused read is for.
+#[derive(Clone, Copy)]
+struct ExpertPart {
+    index: usize,
+    proj: Proj,
+    bias: bool,
+}
+
+impl ExpertPart {
+    fn what(self) -> &'static str {
+        match (self.proj, self.bias) {
+            (Proj::Gate, false) => "gate",
+            (Proj::Up, false) => "up",
+            (Proj::Down, false) => "down",
+            (Proj::Gate, true) => "gate bias",
+            (Proj::Up, true) => "up bias",
+            (Proj::Down, true) => "down bias",
+        }
+    }
+}
+
+/// The names and layout of fused experts, under the module.
+struct FusedNames {
+    gate_up: &'static str,
+    down: &'static str,
+    input_major: bool,
+    pairing: Pairing,
 }
 
 /// The gate's or up's `f` rows of `width` values from a `[2f, width]`

@@ -248,12 +248,13 @@ impl Checkpoint {
         }))
     }
 
-    /// The bytes of `stored`, or of its `index`-th slab along the first
-    /// dimension (the values of one expert in a fused `[E, ...]` tensor).
+    /// The bytes of `stored`, or, with `slab = Some((index, of))`, of the
+    /// `index`-th of `of` equal slabs along its first dimension (one expert
+    /// of a fused `[E, ...]` tensor, or of DBRX's `[E*F, H]`).
     pub(crate) fn bytes(
         &mut self,
         stored: &Stored,
-        index: Option<usize>,
+        slab: Option<(usize, usize)>,
     ) -> Result<Vec<u8>, WeightsError> {
         let Some(shard) = self.shards.get_mut(&stored.file) else {
             return Err(corrupt(
@@ -262,23 +263,29 @@ impl Checkpoint {
             ));
         };
         let (start, end) = stored.info.data_offsets;
-        let Some(index) = index else {
+        let Some((index, of)) = slab else {
             return shard.bytes(&stored.name, start, end);
         };
-        let count = stored.info.shape.first().copied().unwrap_or(0);
-        let slab = (end - start).checked_div(count).unwrap_or(0);
-        if index >= count {
+        let rows = stored.info.shape.first().copied().unwrap_or(0);
+        if index >= of || of == 0 || rows % of != 0 {
             return Err(corrupt(
                 &stored.file,
                 format!(
-                    "internal: slab {index} of `{}` with {count} slabs",
+                    "internal: slab {index} of {of} of `{}` with {rows} rows",
                     stored.name
                 ),
             ));
         }
-        // index < count, so start + (index + 1) * slab <= end.
-        let at = start + index * slab;
-        shard.bytes(&stored.name, at, at + slab)
+        // The data is `end - start` bytes for `rows` rows; `of` divides `rows`.
+        let Some(total) = end.checked_sub(start) else {
+            return Err(corrupt(
+                &stored.file,
+                format!("tensor `{}` ends before it starts", stored.name),
+            ));
+        };
+        let len = total / of;
+        let at = start + index * len;
+        shard.bytes(&stored.name, at, at + len)
     }
 
     /// Reads tensor `name`, which must have shape `expected` and a float
