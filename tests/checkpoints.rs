@@ -533,7 +533,8 @@ fn moec_run_finds_the_layer_and_says_what_it_dequantised() {
     assert_eq!(code, 1);
     assert!(
         err.contains(
-            "no MoE layer 1: looked for a router named `*.{layers|blocks|block|h}.1.mlp.gate.weight`"
+            "no MoE layer 1: looked for `layers.1.`, `blocks.1.`, `block.1.` or `h.1.` followed \
+             by a router's name (`mlp.gate.weight`, `block_sparse_moe.gate.weight`, "
         ) && err.contains("the MoE layers are 2"),
         "{err}"
     );

@@ -1,5 +1,8 @@
 //! The config corpus: `configs/` holds one real `config.json` per
-//! architecture (values as the models' hub configs give them). Each is
+//! architecture (values as the models' hub configs give them), including a
+//! dense model and two that must be refused (Phi-3.5-MoE's sparsemixer, and
+//! MiniMax-M2, a model moec does not know whose routing fields a generic
+//! import would ignore). Each is
 //! imported with the default mesh (one node of eight H100s, bf16) and the
 //! result, the `.moe` text with its warnings or the refusal, is snapshotted
 //! in `snapshots/`. The field-by-field checks of each imported layer are in
@@ -27,8 +30,9 @@ fn options(source_name: &str) -> ImportOptions {
 }
 
 /// The configs that must be refused, with the words the refusal must use.
-const REFUSED: [(&str, &str); 2] = [
+const REFUSED: [(&str, &str); 3] = [
     ("llama_dense.json", "is not a Mixture-of-Experts model"),
+    ("minimax_m2.json", "--generic"),
     ("phi_3_5_moe.json", "sparsemixer"),
 ];
 

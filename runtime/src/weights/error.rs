@@ -32,8 +32,9 @@ pub enum WeightsError {
         looked_for: Vec<String>,
         hint: Option<String>,
     },
-    /// The checkpoint has no MoE block numbered `layer`; `found` says which
-    /// it has.
+    /// The checkpoint has no MoE block numbered `layer`: no tensor named
+    /// `...layers.{layer}.` and one of the routers' names (`looked_for`);
+    /// `found` says which MoE layers it has.
     NoLayer {
         file: PathBuf,
         layer: u64,
@@ -131,7 +132,8 @@ impl fmt::Display for WeightsError {
                 found,
             } => write!(
                 f,
-                "{}: no MoE layer {layer}: looked for a router named {}; {found}",
+                "{}: no MoE layer {layer}: looked for `layers.{layer}.`, `blocks.{layer}.`, \
+                 `block.{layer}.` or `h.{layer}.` followed by a router's name ({}); {found}",
                 file.display(),
                 quoted(looked_for)
             ),

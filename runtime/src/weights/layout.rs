@@ -371,7 +371,7 @@ pub(crate) fn layer_prefix(ck: &Checkpoint, number: u64) -> Result<String, Weigh
                 layer: number,
                 looked_for: ROUTERS
                     .iter()
-                    .map(|(router, _)| format!("*.{{layers|blocks|block|h}}.{number}.{router}"))
+                    .map(|(router, _)| router.to_string())
                     .collect(),
                 found: if found.is_empty() {
                     "the checkpoint has no MoE router at all".to_string()
