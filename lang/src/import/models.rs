@@ -256,8 +256,17 @@ pub(super) fn read_model(
     if kind.swiglu_from_hidden_act() {
         check_silu(cfg, "hidden_act")?;
     }
-    let model = kind.reader()(cfg, name, title)?;
-    Ok((model, Vec::new()))
+    let mut model = kind.reader()(cfg, name, title)?;
+    let mut warnings = Vec::new();
+    if kind == Kind::GptOss {
+        let gap = "gpt-oss's router adds a learned bias to its logits (mlp.router.bias), which \
+                   moec's layers cannot express yet: this layer leaves it out, so it routes \
+                   differently from the model, and loading a gpt-oss checkpoint refuses a \
+                   nonzero bias";
+        model.about.push(format!("{gap}."));
+        warnings.push(gap.to_string());
+    }
+    Ok((model, warnings))
 }
 
 /// "a" or "an" before a model's name, by its first letter as spoken
