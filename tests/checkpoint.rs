@@ -587,3 +587,46 @@ pub fn ernie(w: &LayerWeights, prefix: &str) -> Vec<Entry> {
         })
         .collect()
 }
+
+/// transformers 5's fused layout in fp8 (`FP8Experts`): `gate_up_proj` and
+/// `down_proj` F8_E4M3 `[E, 2F, H]` and `[E, H, F]` with `*_scale_inv`
+/// `[E, ⌈out/128⌉, ⌈in/128⌉]`. Sets the experts of `w` to the decoded values.
+pub fn transformers5_fused_fp8(w: &mut LayerWeights, prefix: &str, seed: u64) -> Vec<Entry> {
+    let mut rng = Rng::new(seed);
+    let (e, h) = (w.experts.len(), w.hidden);
+    let f = w.experts[0].width;
+    let (mut gu_codes, mut gu_scales, mut d_codes, mut d_scales) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for x in &mut w.experts {
+        let (codes, scales, m) = random_fp8(&mut rng, 2 * f, h);
+        gu_codes.extend(codes);
+        gu_scales.extend(scales);
+        x.gate = Some(m[..f * h].to_vec());
+        x.up = m[f * h..].to_vec();
+        let (codes, scales, m) = random_fp8(&mut rng, h, f);
+        d_codes.extend(codes);
+        d_scales.extend(scales);
+        x.down = m;
+    }
+    let p = |n: &str| format!("{prefix}mlp.experts.{n}");
+    vec![
+        f32_entry(format!("{prefix}mlp.gate.weight"), vec![e, h], &w.router),
+        (
+            p("gate_up_proj"),
+            Dtype::F8_E4M3,
+            vec![e, 2 * f, h],
+            gu_codes,
+        ),
+        f32_entry(
+            p("gate_up_proj_scale_inv"),
+            vec![e, (2 * f).div_ceil(128), h.div_ceil(128)],
+            &gu_scales,
+        ),
+        (p("down_proj"), Dtype::F8_E4M3, vec![e, h, f], d_codes),
+        f32_entry(
+            p("down_proj_scale_inv"),
+            vec![e, h.div_ceil(128), f.div_ceil(128)],
+            &d_scales,
+        ),
+    ]
+}

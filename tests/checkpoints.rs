@@ -624,3 +624,23 @@ fn jamba_granite_dbrx_and_ernie_checkpoints_load_as_their_families_write_them() 
         "{msg}"
     );
 }
+
+#[test]
+fn transformers5_fused_fp8_experts_are_dequantised_per_expert() {
+    let dir = tmp("fused_fp8");
+    // hidden 136: the [2F, 136] and [136, F] experts span two scale blocks.
+    let plan = plan(&source(QWEN3).replace("hidden = 64", "hidden = 136"));
+    let mut want = LayerWeights::random(&plan.layer, 30);
+    let path = dir.join("model.safetensors");
+    ck::write(
+        &path,
+        &ck::transformers5_fused_fp8(&mut want, "model.layers.0.", 31),
+    );
+    let (got, report) =
+        load_checkpoint(&path, &plan.layer, &Select::Layer(0)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.family, Family::Transformers5Fused);
+    assert_eq!(report.dequantised.values().sum::<usize>(), 8);
+    assert_same(&got, &want);
+    let err = against_reference(plan, &got, &want);
+    assert!(err < 1e-5, "relative error {err:e}");
+}

@@ -8,7 +8,7 @@
 //! | family | router | routed experts |
 //! | --- | --- | --- |
 //! | DeepSeek, Qwen, GLM, OLMoE (per expert) | `mlp.gate.weight` | `mlp.experts.{e}.{gate,up,down}_proj.weight`, `[out, in]` |
-//! | transformers 5, fused | `mlp.gate.weight` | `mlp.experts.gate_up_proj` `[E, 2F, H]` (gate = rows `0..F`), `mlp.experts.down_proj` `[E, H, F]` |
+//! | transformers 5, fused | `mlp.gate.weight` | `mlp.experts.gate_up_proj` `[E, 2F, H]` (gate = rows `0..F`), `mlp.experts.down_proj` `[E, H, F]`; in fp8 with `*_scale_inv` `[E, ⌈out/128⌉, ⌈in/128⌉]` |
 //! | Mixtral | `block_sparse_moe.gate.weight` | `block_sparse_moe.experts.{e}.w1/w3/w2.weight` (gate/up/down) |
 //! | gpt-oss | `mlp.router.weight` (+ `mlp.router.bias`) | `mlp.experts.gate_up_proj` `[E, H, 2F]`, gate = columns `0::2`, up = `1::2`; `gate_up_proj_bias` `[E, 2F]` likewise; `down_proj` `[E, F, H]`, `down_proj_bias` `[E, H]`; or MXFP4 `*_blocks` + `*_scales` |
 //! | Llama-4 | `feed_forward.router.weight` | `feed_forward.experts.gate_up_proj` `[E, H, 2F]`, gate = columns `0..F`; `down_proj` `[E, F, H]` |
@@ -582,7 +582,6 @@ impl Reader<'_> {
         let bytes = self.ck.bytes(&stored, None)?;
         let values = stored.widen(&bytes)?;
         let values = if stored.dtype() == Dtype::F8_E4M3 {
-            self.counted(FP8_FORMAT);
             self.scale_fp8(&stored, &bytes)?
         } else {
             values
@@ -596,6 +595,21 @@ impl Reader<'_> {
         let &[rows, cols] = stored.shape() else {
             return Err(stored.dtype_error());
         };
+        self.dequant_fp8(stored, codes, rows, cols, None)
+    }
+
+    /// Dequantises `codes`, the `[rows, cols]` fp8 values of `stored` (or of
+    /// its expert `slab`), with the block scales of `{name}_scale_inv`
+    /// (`[⌈rows/128⌉, ⌈cols/128⌉]`, with a leading expert dimension for a
+    /// fused tensor).
+    fn dequant_fp8(
+        &mut self,
+        stored: &Stored,
+        codes: &[u8],
+        rows: usize,
+        cols: usize,
+        slab: Option<(usize, usize)>,
+    ) -> Result<Vec<f32>, WeightsError> {
         let scale_name = format!("{}_scale_inv", stored.name);
         let Some(scale) = self.ck.stored(&scale_name)? else {
             return Err(self.missing(
@@ -606,11 +620,16 @@ impl Reader<'_> {
                 )),
             ));
         };
-        scale.expect_shape(&quant::fp8_scale_shape(rows, cols))?;
+        let grid = quant::fp8_scale_shape(rows, cols);
+        let expected: Vec<usize> = match slab {
+            Some((_, experts)) => vec![experts, grid[0], grid[1]],
+            None => grid.to_vec(),
+        };
+        scale.expect_shape(&expected)?;
         if !matches!(scale.dtype(), Dtype::F32 | Dtype::BF16 | Dtype::F16) {
             return Err(scale.dtype_error());
         }
-        let scale_bytes = self.ck.bytes(&scale, None)?;
+        let scale_bytes = self.ck.bytes(&scale, slab)?;
         let scales = finish(
             &scale,
             scale.widen(&scale_bytes)?,
@@ -619,11 +638,12 @@ impl Reader<'_> {
                 finite: true,
             },
         )?;
+        self.counted(FP8_FORMAT);
         quant::dequant_fp8_blocks(codes, &scales, rows, cols).map_err(|index| {
             WeightsError::NotFinite {
                 file: stored.file.clone(),
                 tensor: stored.name.clone(),
-                index,
+                index: slab.map_or(0, |(e, _)| e * rows * cols) + index,
                 value: f64::NAN,
                 rounded_to: None,
             }
@@ -755,10 +775,21 @@ impl Reader<'_> {
                 [experts, out, inn]
             };
             stored.expect_shape(&shape)?;
-            if stored.dtype() == Dtype::F8_E4M3 {
-                return Err(stored.dtype_error());
-            }
             let slab = self.ck.bytes(&stored, Some((index, experts)))?;
+            if stored.dtype() == Dtype::F8_E4M3 {
+                // transformers' fp8 experts (`FP8Experts`) are output-major,
+                // with `{name}_scale_inv` `[E, ⌈out/128⌉, ⌈in/128⌉]`.
+                if input_major {
+                    return Err(WeightsError::Unsupported {
+                        file: stored.file.clone(),
+                        tensor: stored.name.clone(),
+                        detail: "fp8 weights of an input-major fused tensor are a layout moec \
+                                 does not know (block scales are defined on [out, in])"
+                            .to_string(),
+                    });
+                }
+                return self.dequant_fp8(&stored, &slab, out, inn, Some((index, experts)));
+            }
             let values = stored.widen(&slab)?;
             return Ok(if input_major {
                 transpose(&values, inn, out)
