@@ -215,8 +215,17 @@ fn shared_entries(w: &LayerWeights, prefix: &str, module: &str) -> Vec<Entry> {
     out
 }
 
-/// gpt-oss as transformers writes it: `mlp.router.weight` and a zero
-/// `mlp.router.bias`, fused input-major interleaved experts with biases.
+/// The router bias of `w` (its logit bias), or zeros when it has none (a
+/// gpt-oss checkpoint always has one).
+fn router_bias(w: &LayerWeights) -> Vec<f32> {
+    w.router_logit_bias
+        .clone()
+        .unwrap_or_else(|| vec![0.0; w.experts.len()])
+}
+
+/// gpt-oss as transformers writes it: `mlp.router.weight` and
+/// `mlp.router.bias` (the logit bias of `w`, or zeros), fused input-major
+/// interleaved experts with biases.
 pub fn gpt_oss(w: &LayerWeights, prefix: &str) -> Vec<Entry> {
     let (e, h) = (w.experts.len(), w.hidden);
     let f = w.experts[0].width;
@@ -224,7 +233,7 @@ pub fn gpt_oss(w: &LayerWeights, prefix: &str) -> Vec<Entry> {
     let (gu_bias, down_bias) = fused_biases(w, Pairing::Interleaved);
     vec![
         f32_entry(format!("{prefix}mlp.router.weight"), vec![e, h], &w.router),
-        f32_entry(format!("{prefix}mlp.router.bias"), vec![e], &vec![0.0; e]),
+        f32_entry(format!("{prefix}mlp.router.bias"), vec![e], &router_bias(w)),
         f32_entry(format!("{prefix}mlp.experts.gate_up_proj"), gu_shape, &gu),
         f32_entry(
             format!("{prefix}mlp.experts.gate_up_proj_bias"),
@@ -374,7 +383,7 @@ pub fn random_mxfp4(
 /// gpt-oss as shipped: the experts in MXFP4. Draws random codes, sets the
 /// experts of `w` to their decoded values (gate = even rows of the `[2F, H]`
 /// gate-up matrix, up = odd rows) and returns the checkpoint's entries: the
-/// router and zero router bias, `gate_up_proj_blocks`/`_scales`,
+/// router and its bias, `gate_up_proj_blocks`/`_scales`,
 /// `down_proj_blocks`/`_scales`, and the biases in f32.
 pub fn gpt_oss_mxfp4(w: &mut LayerWeights, prefix: &str, seed: u64) -> Vec<Entry> {
     let (e, h) = (w.experts.len(), w.hidden);
@@ -402,7 +411,7 @@ pub fn gpt_oss_mxfp4(w: &mut LayerWeights, prefix: &str, seed: u64) -> Vec<Entry
     let p = |n: &str| format!("{prefix}mlp.experts.{n}");
     vec![
         f32_entry(format!("{prefix}mlp.router.weight"), vec![e, h], &w.router),
-        f32_entry(format!("{prefix}mlp.router.bias"), vec![e], &vec![0.0; e]),
+        f32_entry(format!("{prefix}mlp.router.bias"), vec![e], &router_bias(w)),
         (
             p("gate_up_proj_blocks"),
             Dtype::U8,

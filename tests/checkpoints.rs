@@ -47,6 +47,11 @@ const GPT_OSS: &str = "experts {\n count = 4\n ffn = swiglu\n intermediate = 32\
      swiglu_limit = 7.0\n }\n router {\n scoring = softmax\n top_k = 2\n softmax_over = topk\n }\n \
      capacity = dropless";
 
+/// gpt-oss's layer as `moec import` writes it, with the router's logit bias.
+const GPT_OSS_BIASED: &str = "experts {\n count = 4\n ffn = swiglu\n intermediate = 32\n \
+     bias = true\n swiglu_limit = 7.0\n }\n router {\n scoring = softmax\n top_k = 2\n \
+     logit_bias = true\n softmax_over = topk\n }\n capacity = dropless";
+
 const LLAMA4: &str = "experts {\n count = 4\n ffn = swiglu\n intermediate = 16\n }\n \
      shared_experts {\n count = 1\n intermediate = 16\n }\n router {\n scoring = sigmoid\n \
      top_k = 1\n weight_on = input\n }\n capacity = dropless";
@@ -121,7 +126,7 @@ fn against_reference(plan: Plan, loaded: &LayerWeights, want: &LayerWeights) -> 
 #[test]
 fn gpt_oss_fused_interleaved_experts_load_as_transformers_writes_them() {
     let dir = tmp("gpt_oss");
-    let plan = plan(&source(GPT_OSS));
+    let plan = plan(&source(GPT_OSS_BIASED));
     let want = LayerWeights::random(&plan.layer, 3);
     let path = dir.join("model.safetensors");
     ck::write(&path, &ck::gpt_oss(&want, "model.layers.5."));
@@ -138,7 +143,7 @@ fn gpt_oss_fused_interleaved_experts_load_as_transformers_writes_them() {
 #[test]
 fn gpt_oss_mxfp4_experts_are_dequantised_exactly() {
     let dir = tmp("gpt_oss_mxfp4");
-    let plan = plan(&source(GPT_OSS));
+    let plan = plan(&source(GPT_OSS_BIASED));
     let mut want = LayerWeights::random(&plan.layer, 4);
     let entries = ck::gpt_oss_mxfp4(&mut want, "model.layers.0.", 11);
     // Sharded, as the hub ships it.
@@ -345,7 +350,11 @@ fn broken_fused_and_quantised_checkpoints_name_the_tensor() {
     let w = LayerWeights::random(layer, 1);
     let good = ck::gpt_oss(&w, "");
 
-    // A router bias moec cannot express is refused, not dropped.
+    // A layer without `logit_bias` loads a zero router bias, and refuses a
+    // nonzero one rather than drop it.
+    let path = dir.join("model.safetensors");
+    ck::write(&path, &good);
+    assert!(load_checkpoint(&path, layer, &Select::Prefix(String::new())).is_ok());
     let mut e = good.clone();
     replace(
         &mut e,
@@ -355,7 +364,7 @@ fn broken_fused_and_quantised_checkpoints_name_the_tensor() {
     let (err, msg) = broken(&dir, layer, &e);
     assert!(matches!(err, WeightsError::Unsupported { .. }), "{err:?}");
     assert!(
-        msg.contains("`mlp.router.bias`") && msg.contains("logit bias"),
+        msg.contains("`mlp.router.bias`") && msg.contains("the layer has no `logit_bias = true`"),
         "{msg}"
     );
 

@@ -999,6 +999,7 @@ impl Checker {
             &[
                 "scoring",
                 "top_k",
+                "logit_bias",
                 "softmax_over",
                 "selection_bias",
                 "groups",
@@ -1058,6 +1059,10 @@ impl Checker {
             }
             None => Some(SoftmaxOver::All),
         };
+        let logit_bias = match f.get("logit_bias") {
+            Some(_) => self.boolean(&f, "logit_bias"),
+            None => Some(false),
+        };
         let selection_bias = match f.get("selection_bias") {
             Some(_) => self.boolean(&f, "selection_bias"),
             None => Some(false),
@@ -1098,6 +1103,7 @@ impl Checker {
         Some(Router {
             scoring: scoring?,
             top_k: top_k?,
+            logit_bias: logit_bias?,
             softmax_over: softmax_over?,
             selection_bias: selection_bias?,
             groups: groups?,

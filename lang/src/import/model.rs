@@ -45,6 +45,8 @@ pub(super) struct RouterOut {
     pub(super) comment: Vec<String>,
     pub(super) scoring: Noted<&'static str>,
     pub(super) top_k: Noted<u64>,
+    /// gpt-oss: the router `Linear` has a bias, part of the logits.
+    pub(super) logit_bias: bool,
     pub(super) softmax_over: Option<&'static str>,
     pub(super) selection_bias: Option<Noted<bool>>,
     pub(super) groups: Option<GroupsOut>,

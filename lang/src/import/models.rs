@@ -256,17 +256,8 @@ pub(super) fn read_model(
     if kind.swiglu_from_hidden_act() {
         check_silu(cfg, "hidden_act")?;
     }
-    let mut model = kind.reader()(cfg, name, title)?;
-    let mut warnings = Vec::new();
-    if kind == Kind::GptOss {
-        let gap = "gpt-oss's router adds a learned bias to its logits (mlp.router.bias), which \
-                   moec's layers cannot express yet: this layer leaves it out, so it routes \
-                   differently from the model, and loading a gpt-oss checkpoint refuses a \
-                   nonzero bias";
-        model.about.push(format!("{gap}."));
-        warnings.push(gap.to_string());
-    }
-    Ok((model, warnings))
+    let model = kind.reader()(cfg, name, title)?;
+    Ok((model, Vec::new()))
 }
 
 /// "a" or "an" before a model's name, by its first letter as spoken
@@ -362,6 +353,7 @@ pub(super) fn mixtral(c: Cfg, name: String, title: String) -> Result<Model, Stri
             comment: router_comment,
             scoring: plain("softmax"),
             top_k,
+            logit_bias: false,
             softmax_over: Some("all"),
             selection_bias: None,
             groups: None,
@@ -633,6 +625,7 @@ pub(super) fn noaux_tc(
                 plain("sigmoid")
             },
             top_k: base.top_k,
+            logit_bias: false,
             softmax_over: None,
             selection_bias: Some(noted(true, "e_score_correction_bias")),
             groups,
@@ -715,6 +708,7 @@ pub(super) fn deepseek_v2(c: Cfg, name: String, title: String) -> Result<Model, 
             comment,
             scoring: plain("softmax"),
             top_k: base.top_k,
+            logit_bias: false,
             softmax_over: Some("all"),
             selection_bias: None,
             groups,
@@ -749,6 +743,7 @@ pub(super) fn qwen_router(
         )],
         scoring: plain("softmax"),
         top_k,
+        logit_bias: false,
         softmax_over: None,
         selection_bias: None,
         groups: None,
@@ -899,6 +894,7 @@ pub(super) fn jamba(c: Cfg, name: String, title: String) -> Result<Model, String
         )],
         scoring: plain("softmax"),
         top_k,
+        logit_bias: false,
         softmax_over: None,
         selection_bias: None,
         groups: None,
@@ -1015,6 +1011,7 @@ pub(super) fn llama4(c: Cfg, name: String, title: String) -> Result<Model, Strin
             ],
             scoring: plain("sigmoid"),
             top_k,
+            logit_bias: false,
             softmax_over: None,
             selection_bias: None,
             groups: None,
@@ -1068,11 +1065,13 @@ pub(super) fn gpt_oss(c: Cfg, name: String, title: String) -> Result<Model, Stri
         shared: None,
         router: RouterOut {
             comment: vec![format!(
-                "Top-{} logits, then a softmax over the chosen ones.",
+                "The router is a Linear with a bias: l = W x + b. Top-{} of l, then a softmax \
+                 over the chosen ones.",
                 top_k.value
             )],
             scoring: plain("softmax"),
             top_k,
+            logit_bias: true,
             softmax_over: Some("topk"),
             selection_bias: None,
             groups: None,
@@ -1133,6 +1132,7 @@ pub(super) fn switch(c: Cfg, name: String, title: String) -> Result<Model, Strin
             ],
             scoring: plain("softmax"),
             top_k: noted(1, "Switch routes each token to one expert"),
+            logit_bias: false,
             softmax_over: None,
             selection_bias: None,
             groups: None,
@@ -1185,6 +1185,7 @@ pub(super) fn granitemoe(c: Cfg, name: String, title: String) -> Result<Model, S
         )],
         scoring: plain("softmax"),
         top_k,
+        logit_bias: false,
         softmax_over: Some("topk"),
         selection_bias: None,
         groups: None,
@@ -1286,6 +1287,7 @@ pub(super) fn dbrx(c: Cfg, name: String, title: String) -> Result<Model, String>
         )],
         scoring: plain("softmax"),
         top_k,
+        logit_bias: false,
         softmax_over: None,
         selection_bias: None,
         groups: None,
@@ -1357,6 +1359,7 @@ pub(super) fn ernie4_5_moe(c: Cfg, name: String, title: String) -> Result<Model,
         )],
         scoring: plain("softmax"),
         top_k,
+        logit_bias: false,
         softmax_over: None,
         selection_bias: Some(noted(true, "moe_statics.e_score_correction_bias")),
         groups: None,
@@ -1597,6 +1600,7 @@ fn generic_model(c: Cfg, name: String, title: String, unread: &[String]) -> Resu
             comment: router_comment,
             scoring: plain("softmax"),
             top_k,
+            logit_bias: false,
             softmax_over: None,
             selection_bias: None,
             groups: None,

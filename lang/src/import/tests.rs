@@ -117,6 +117,7 @@ fn mixtral_8x7b_imports() {
         Router {
             scoring: Scoring::Softmax,
             top_k: 2,
+            logit_bias: false,
             softmax_over: SoftmaxOver::All,
             selection_bias: false,
             groups: None,
@@ -165,6 +166,7 @@ fn deepseek_v3_imports() {
         Router {
             scoring: Scoring::Sigmoid,
             top_k: 8,
+            logit_bias: false,
             softmax_over: SoftmaxOver::All,
             selection_bias: true,
             groups: Some(Groups {
@@ -339,6 +341,7 @@ fn llama4_maverick_imports_from_text_config() {
         Router {
             scoring: Scoring::Sigmoid,
             top_k: 1,
+            logit_bias: false,
             softmax_over: SoftmaxOver::All,
             selection_bias: false,
             groups: None,
@@ -385,8 +388,17 @@ fn gpt_oss_20b_imports() {
     assert_eq!(l.router.scoring, Scoring::Softmax);
     assert_eq!(l.router.softmax_over, SoftmaxOver::TopK);
     assert_eq!(l.router.top_k, 4);
+    assert!(
+        l.router.logit_bias,
+        "the router Linear's bias is part of the logits"
+    );
+    assert!(!l.router.selection_bias);
     assert!(!l.router.normalize);
     assert!(text.contains("swiglu_limit = 7.0\n"), "{text}");
+    assert!(
+        text.contains("logit_bias = true // mlp.router.bias\n"),
+        "{text}"
+    );
     assert_eq!(p.mesh.ep, 8);
 }
 
@@ -969,6 +981,7 @@ fn router(scoring: Scoring, top_k: u64) -> Router {
     Router {
         scoring,
         top_k,
+        logit_bias: false,
         softmax_over: SoftmaxOver::All,
         selection_bias: false,
         groups: None,

@@ -249,6 +249,9 @@ impl Layout {
         let param = |bias: bool| if bias { "bias" } else { "weight" };
         match tensor {
             Tensor::Router => self.router().to_string(),
+            Tensor::RouterLogitBias => {
+                format!("{}.bias", self.router().trim_end_matches(".weight"))
+            }
             Tensor::RouterBias => format!(
                 "{}.e_score_correction_bias",
                 self.router().trim_end_matches(".weight")
@@ -455,7 +458,9 @@ pub(crate) fn load_from(
             dequantised: BTreeMap::new(),
         },
     };
-    reader.check_router_logit_bias()?;
+    if !layer.router.logit_bias {
+        reader.check_router_logit_bias()?;
+    }
     let weights = build(layer, &d, |spec| {
         let decode = Decode {
             round: spec.tensor.rounded().then_some(dtype),
@@ -495,9 +500,9 @@ impl Reader<'_> {
         *self.report.dequantised.entry(format).or_insert(0) += 1;
     }
 
-    /// gpt-oss's router adds a bias to its logits, which moec's layers
-    /// cannot express: a nonzero one is refused rather than dropped, since
-    /// dropping it changes which experts are chosen.
+    /// A router bias in the checkpoint when the layer has no `logit_bias`:
+    /// a nonzero one is refused rather than dropped, since dropping it
+    /// changes which experts are chosen.
     fn check_router_logit_bias(&mut self) -> Result<(), WeightsError> {
         let name = format!(
             "{}{}",
@@ -514,8 +519,8 @@ impl Reader<'_> {
                 file: stored.file.clone(),
                 tensor: name,
                 detail: format!(
-                    "the router adds a bias to its logits (value {} at index {index}); moec's \
-                     layers have no router logit bias yet, and dropping it would change which \
+                    "the router adds a bias to its logits (value {} at index {index}), but the \
+                     layer has no `logit_bias = true`; dropping the bias would change which \
                      experts are chosen",
                     values[index]
                 ),

@@ -71,6 +71,10 @@ pub struct LayerWeights {
     pub hidden: usize,
     /// The router (`mlp.gate.weight`), `[experts, hidden]`.
     pub router: Vec<f32>,
+    /// The router's logit bias (`mlp.gate.bias`; gpt-oss's
+    /// `mlp.router.bias`), `[experts]`, added to the logits; present exactly
+    /// with `router.logit_bias`.
+    pub router_logit_bias: Option<Vec<f32>>,
     /// The selection bias (`e_score_correction_bias`), `[experts]`, f32
     /// (not rounded); present exactly with `router.selection_bias`.
     pub router_bias: Option<Vec<f32>>,
@@ -136,6 +140,9 @@ pub fn random_inputs(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Tensor {
     Router,
+    /// The router `Linear`'s bias, part of the logits (gpt-oss).
+    RouterLogitBias,
+    /// The selection-only bias (`e_score_correction_bias`).
     RouterBias,
     Expert {
         index: usize,
@@ -172,6 +179,7 @@ impl Tensor {
         let param = |bias: bool| if bias { "bias" } else { "weight" };
         match self {
             Tensor::Router => "mlp.gate.weight".to_string(),
+            Tensor::RouterLogitBias => "mlp.gate.bias".to_string(),
             Tensor::RouterBias => "mlp.gate.e_score_correction_bias".to_string(),
             Tensor::Expert { index, proj, bias } => {
                 format!("mlp.experts.{index}.{}.{}", proj.hf(), param(bias))
@@ -286,6 +294,15 @@ pub(crate) fn build<E>(
         shape: vec![d.experts, h],
         fan_in: h,
     })?;
+    let router_logit_bias = if layer.router.logit_bias {
+        Some(get(&Spec {
+            tensor: Tensor::RouterLogitBias,
+            shape: vec![d.experts],
+            fan_in: h,
+        })?)
+    } else {
+        None
+    };
     let router_bias = if layer.router.selection_bias {
         Some(get(&Spec {
             tensor: Tensor::RouterBias,
@@ -329,6 +346,7 @@ pub(crate) fn build<E>(
     Ok(LayerWeights {
         hidden: h,
         router,
+        router_logit_bias,
         router_bias,
         experts,
         shared,
@@ -455,7 +473,8 @@ impl LayerWeights {
     ///
     /// The values come from `ChaCha8Rng::seed_from_u64(seed)` (stream 0), one
     /// `random_range` draw per value, row-major, tensor after tensor in the
-    /// order of [`LayerWeights::tensors`]: the router, its selection bias,
+    /// order of [`LayerWeights::tensors`]: the router, its logit bias (uniform
+    /// in `[-1/√hidden, 1/√hidden)` as a `Linear`'s bias), its selection bias,
     /// then for each expert in order `gate_proj.weight`, `gate_proj.bias`,
     /// `up_proj.weight`, `up_proj.bias`, `down_proj.weight`, `down_proj.bias`
     /// (those the layer has), then the shared experts in the same order, then
@@ -508,8 +527,9 @@ impl LayerWeights {
     /// with 128 x 128 block scales (`weight_scale_inv`) and MXFP4 experts
     /// (`_blocks` + `_scales`) are dequantised exactly on the CPU first. A
     /// missing tensor, a wrong shape, another dtype, a NaN or infinite value
-    /// (also after rounding), a router logit bias (which moec's layers cannot
-    /// express) or a corrupt file is an error naming the file and tensor.
+    /// (also after rounding), a nonzero router bias in a layer without
+    /// `logit_bias` (dropping it would change the routing) or a corrupt file
+    /// is an error naming the file and tensor.
     /// Only the header and the tensors the layer needs are read (one expert
     /// of a fused tensor at a time), so a shard of many gigabytes costs the
     /// size of one layer.
@@ -617,7 +637,8 @@ impl LayerWeights {
     }
 
     /// Every tensor with its Hugging Face name (no prefix) and shape, in a
-    /// fixed order: `mlp.gate.weight`, `mlp.gate.e_score_correction_bias`,
+    /// fixed order: `mlp.gate.weight`, `mlp.gate.bias` (the logit bias),
+    /// `mlp.gate.e_score_correction_bias`,
     /// each expert's `gate_proj`, `up_proj`, `down_proj` (weight, then bias),
     /// the shared experts' likewise under `mlp.shared_experts.`, and
     /// `mlp.shared_expert_gate.weight` (`[1, hidden]`). Absent tensors are
@@ -631,6 +652,9 @@ impl LayerWeights {
             vec![rows(&self.router), h],
             &self.router,
         ));
+        if let Some(b) = &self.router_logit_bias {
+            out.push((Tensor::RouterLogitBias.hf_name(), vec![b.len()], b));
+        }
         if let Some(b) = &self.router_bias {
             out.push((Tensor::RouterBias.hf_name(), vec![b.len()], b));
         }
@@ -664,6 +688,7 @@ impl LayerWeights {
         }
         match tensor {
             Tensor::Router => Some(&self.router),
+            Tensor::RouterLogitBias => self.router_logit_bias.as_deref(),
             Tensor::RouterBias => self.router_bias.as_deref(),
             Tensor::Expert { index, proj, bias } => {
                 self.experts.get(index).and_then(|f| ffn(f, proj, bias))

@@ -72,6 +72,9 @@ pub struct RunConfig {
     /// Every expert projection has a bias (`*.bias` tensors).
     #[serde(default)]
     pub expert_bias: bool,
+    /// `mlp.gate.bias` is added to the router's logits (gpt-oss).
+    #[serde(default)]
+    pub router_bias: bool,
     /// `mlp.gate.e_score_correction_bias` is added to the scores for selection.
     #[serde(default)]
     pub selection_bias: bool,
@@ -158,6 +161,7 @@ impl RunConfig {
             dtype: layer.dtype.name().to_string(),
             dispatch_dtype: Some(layer.dispatch_dtype.name().to_string()),
             expert_bias: layer.expert_bias,
+            router_bias: r.logit_bias,
             selection_bias: r.selection_bias,
             group_score: r.groups.map(|g| {
                 match g.score {
@@ -278,6 +282,7 @@ impl RunConfig {
             router: RouterConfig {
                 scoring,
                 top_k: self.num_experts_per_tok,
+                logit_bias: self.router_bias,
                 softmax_over,
                 selection_bias: self.selection_bias,
                 groups,
