@@ -45,8 +45,9 @@ pub(super) struct RouterOut {
     pub(super) comment: Vec<String>,
     pub(super) scoring: Noted<&'static str>,
     pub(super) top_k: Noted<u64>,
-    /// gpt-oss: the router `Linear` has a bias, part of the logits.
-    pub(super) logit_bias: bool,
+    /// gpt-oss, Switch with `router_bias`: the router `Linear` has a bias,
+    /// part of the logits.
+    pub(super) logit_bias: Option<Noted<bool>>,
     pub(super) softmax_over: Option<&'static str>,
     pub(super) selection_bias: Option<Noted<bool>>,
     pub(super) groups: Option<GroupsOut>,

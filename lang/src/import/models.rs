@@ -353,7 +353,7 @@ pub(super) fn mixtral(c: Cfg, name: String, title: String) -> Result<Model, Stri
             comment: router_comment,
             scoring: plain("softmax"),
             top_k,
-            logit_bias: false,
+            logit_bias: None,
             softmax_over: Some("all"),
             selection_bias: None,
             groups: None,
@@ -625,7 +625,7 @@ pub(super) fn noaux_tc(
                 plain("sigmoid")
             },
             top_k: base.top_k,
-            logit_bias: false,
+            logit_bias: None,
             softmax_over: None,
             selection_bias: Some(noted(true, "e_score_correction_bias")),
             groups,
@@ -708,7 +708,7 @@ pub(super) fn deepseek_v2(c: Cfg, name: String, title: String) -> Result<Model, 
             comment,
             scoring: plain("softmax"),
             top_k: base.top_k,
-            logit_bias: false,
+            logit_bias: None,
             softmax_over: Some("all"),
             selection_bias: None,
             groups,
@@ -743,7 +743,7 @@ pub(super) fn qwen_router(
         )],
         scoring: plain("softmax"),
         top_k,
-        logit_bias: false,
+        logit_bias: None,
         softmax_over: None,
         selection_bias: None,
         groups: None,
@@ -894,7 +894,7 @@ pub(super) fn jamba(c: Cfg, name: String, title: String) -> Result<Model, String
         )],
         scoring: plain("softmax"),
         top_k,
-        logit_bias: false,
+        logit_bias: None,
         softmax_over: None,
         selection_bias: None,
         groups: None,
@@ -1011,7 +1011,7 @@ pub(super) fn llama4(c: Cfg, name: String, title: String) -> Result<Model, Strin
             ],
             scoring: plain("sigmoid"),
             top_k,
-            logit_bias: false,
+            logit_bias: None,
             softmax_over: None,
             selection_bias: None,
             groups: None,
@@ -1071,7 +1071,7 @@ pub(super) fn gpt_oss(c: Cfg, name: String, title: String) -> Result<Model, Stri
             )],
             scoring: plain("softmax"),
             top_k,
-            logit_bias: true,
+            logit_bias: Some(noted(true, "mlp.router.bias")),
             softmax_over: Some("topk"),
             selection_bias: None,
             groups: None,
@@ -1099,6 +1099,9 @@ pub(super) fn switch(c: Cfg, name: String, title: String) -> Result<Model, Strin
             ))
         }
     };
+    // transformers' Switch router is `nn.Linear(..., bias=config.router_bias)`.
+    let logit_bias =
+        (c.opt_bool("router_bias")? == Some(true)).then(|| noted(true, c.path("router_bias")));
     let capacity = match c.opt_int("expert_capacity", 0)? {
         Some(n) if n > 0 => CapacityOut::Slots(noted(n, c.path("expert_capacity"))),
         _ => CapacityOut::Factor(noted(1.25, "the Switch paper's training factor")),
@@ -1132,7 +1135,7 @@ pub(super) fn switch(c: Cfg, name: String, title: String) -> Result<Model, Strin
             ],
             scoring: plain("softmax"),
             top_k: noted(1, "Switch routes each token to one expert"),
-            logit_bias: false,
+            logit_bias,
             softmax_over: None,
             selection_bias: None,
             groups: None,
@@ -1185,7 +1188,7 @@ pub(super) fn granitemoe(c: Cfg, name: String, title: String) -> Result<Model, S
         )],
         scoring: plain("softmax"),
         top_k,
-        logit_bias: false,
+        logit_bias: None,
         softmax_over: Some("topk"),
         selection_bias: None,
         groups: None,
@@ -1287,7 +1290,7 @@ pub(super) fn dbrx(c: Cfg, name: String, title: String) -> Result<Model, String>
         )],
         scoring: plain("softmax"),
         top_k,
-        logit_bias: false,
+        logit_bias: None,
         softmax_over: None,
         selection_bias: None,
         groups: None,
@@ -1319,6 +1322,7 @@ pub(super) fn dbrx(c: Cfg, name: String, title: String) -> Result<Model, String>
 /// weights are the unbiased probabilities of the chosen, renormalised;
 /// `moe_num_shared_experts` shared experts added unweighted.
 pub(super) fn ernie4_5_moe(c: Cfg, name: String, title: String) -> Result<Model, String> {
+    choice(c, "moe_gate", "topk", &["topk"])?;
     let count = noted(c.int("moe_num_experts", 1)?, c.path("moe_num_experts"));
     let top_k = top_k(c, "moe_k", &count)?;
     let inter = noted(
@@ -1359,7 +1363,7 @@ pub(super) fn ernie4_5_moe(c: Cfg, name: String, title: String) -> Result<Model,
         )],
         scoring: plain("softmax"),
         top_k,
-        logit_bias: false,
+        logit_bias: None,
         softmax_over: None,
         selection_bias: Some(noted(true, "moe_statics.e_score_correction_bias")),
         groups: None,
@@ -1600,7 +1604,7 @@ fn generic_model(c: Cfg, name: String, title: String, unread: &[String]) -> Resu
             comment: router_comment,
             scoring: plain("softmax"),
             top_k,
-            logit_bias: false,
+            logit_bias: None,
             softmax_over: None,
             selection_bias: None,
             groups: None,

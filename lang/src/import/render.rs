@@ -253,8 +253,8 @@ pub(super) fn render(
     out.open("router");
     out.word("scoring", &r.scoring);
     out.int("top_k", &r.top_k);
-    if r.logit_bias {
-        out.entry("logit_bias", "true", Some("mlp.router.bias"));
+    if let Some(b) = &r.logit_bias {
+        out.boolean("logit_bias", b);
     }
     if let Some(over) = r.softmax_over {
         out.entry("softmax_over", over, None);

@@ -1232,6 +1232,27 @@ fn jamba_imports_without_renormalisation() {
 }
 
 #[test]
+fn switch_router_bias_becomes_the_logit_bias() {
+    let (_, p) = import_ok(SWITCH, &opts());
+    assert!(!p.layer.router.logit_bias);
+    let biased = edited(SWITCH, |m| {
+        m.insert("router_bias".into(), true.into());
+    });
+    let (text, p) = import_ok(&biased, &opts());
+    assert!(p.layer.router.logit_bias);
+    assert!(text.contains("logit_bias = true // router_bias"), "{text}");
+}
+
+#[test]
+fn ernie_gates_other_than_topk_are_refused() {
+    let other = edited(ERNIE, |m| {
+        m.insert("moe_gate".into(), "top2".into());
+    });
+    let err = import_err(&other, &opts());
+    assert!(err.contains("`moe_gate` is \"top2\""), "{err}");
+}
+
+#[test]
 fn phi_3_5_moe_is_refused_for_its_sparsemixer_routing() {
     let err = import_err(PHI_MOE, &opts());
     assert!(
