@@ -122,6 +122,15 @@ fn small_layers() -> Vec<(String, Plan)> {
         }
     }
     add(
+        "router logit bias, softmax over the top-k",
+        small_layer(
+            "scoring = softmax\n top_k = 2\n logit_bias = true\n softmax_over = topk",
+            "ffn = swiglu\n intermediate = 24\n bias = true\n swiglu_limit = 7.0",
+            "",
+            "",
+        ),
+    );
+    add(
         "chunked with shared experts",
         small_layer(
             "scoring = softmax\n top_k = 2\n normalize = true",

@@ -150,6 +150,55 @@ fn gpt_oss_softmax_over_topk_clamped_swiglu_with_biases() {
 }
 
 #[test]
+fn gpt_oss_router_logit_bias() {
+    let s = layer(
+        "scoring = softmax\n top_k = 4\n logit_bias = true\n softmax_over = topk",
+        "ffn = swiglu\n intermediate = 24\n bias = true\n swiglu_limit = 7.0",
+        "",
+        "",
+    );
+    assert_close("gpt-oss with its router bias", &s, Overrides::default());
+    // The logit bias beside a selection bias, groups and sigmoid scores:
+    // the one changes the scores, the other only the choice.
+    let s = layer(
+        "scoring = sigmoid\n top_k = 4\n logit_bias = true\n selection_bias = true\n groups = 4\n groups_kept = 2\n normalize = true\n scale = 2.5",
+        SWIGLU,
+        "",
+        "",
+    );
+    assert_close(
+        "sigmoid with logit and selection biases",
+        &s,
+        Overrides::default(),
+    );
+}
+
+#[test]
+fn the_plan_carries_the_logit_bias_only_when_the_layer_has_it() {
+    let with = compile_with(
+        &layer(
+            "scoring = softmax\n top_k = 4\n logit_bias = true\n softmax_over = topk",
+            SWIGLU,
+            "",
+            "",
+        ),
+        &Overrides::default(),
+    );
+    let json = with.to_json();
+    assert!(json.contains("\"logit_bias\": true"), "{json}");
+    assert!(with
+        .to_string()
+        .contains("softmax over the top-k + logit bias"));
+    let back = moec_runtime::Plan::from_json(&json).unwrap();
+    assert!(back.layer.router.logit_bias);
+    let without = compile_with(
+        &layer("scoring = softmax\n top_k = 4", SWIGLU, "", ""),
+        &Overrides::default(),
+    );
+    assert!(!without.to_json().contains("logit_bias"));
+}
+
+#[test]
 fn llama4_sigmoid_top1_weight_on_input_with_shared() {
     let s = layer(
         "scoring = sigmoid\n top_k = 1\n weight_on = input",

@@ -58,6 +58,7 @@ pub struct RefOutput {
 /// | name | shape | when |
 /// | --- | --- | --- |
 /// | `mlp.gate.weight` | `[E, H]` | always |
+/// | `mlp.gate.bias` | `[E]` | `logit_bias` (added to the logits) |
 /// | `mlp.gate.e_score_correction_bias` | `[E]` | `selection_bias` |
 /// | `mlp.experts.{e}.gate_proj.weight` | `[F, H]` | SwiGLU experts |
 /// | `mlp.experts.{e}.up_proj.weight` | `[F, H]` | always |
@@ -118,7 +119,9 @@ pub fn forward(
     let tokens = len / h;
 
     // ---- weights
-    let router_w = load_matrix(weights, "mlp.gate.weight", e_count, h)?;
+    // The router is a `Linear` `[E, H]`, with a bias (`mlp.gate.bias`, part
+    // of the logits) exactly with `logit_bias`.
+    let router_w = Linear::load(weights, "mlp.gate", e_count, h, layer.router.logit_bias)?;
     let selection_bias = if layer.router.selection_bias {
         Some(load(
             weights,
@@ -538,12 +541,12 @@ fn softmax(v: &[f64]) -> Vec<f64> {
 fn route(
     router: &RouterConfig,
     dims: &Dims,
-    gate: &Matrix,
+    gate: &Linear,
     selection_bias: Option<&[f64]>,
     x: &[f64],
 ) -> Result<Vec<(usize, f64)>, String> {
     let e_count = dims.experts;
-    // 1. logits
+    // 1. logits, with the logit bias when the router has one
     let logits = gate.apply(x);
     // 2. scores
     let scores: Vec<f64> = match (router.scoring, router.softmax_over) {

@@ -33,6 +33,7 @@ fn layer(experts: u64, top_k: u64, ffn: Activation) -> LayerConfig {
         router: RouterConfig {
             scoring: Scoring::Softmax,
             top_k,
+            logit_bias: false,
             softmax_over: SoftmaxOver::All,
             selection_bias: false,
             groups: None,
@@ -261,6 +262,26 @@ fn group_ties_go_to_the_lower_group() {
     assert_eq!(out.tokens_per_expert, vec![1, 1, 0, 0]);
     let z = 2.0 * E + 2.0;
     assert_close(&out.outputs[0], &[E / z * 1.0 + 1.0 / z * 2.0, 0.0]);
+}
+
+#[test]
+fn the_logit_bias_changes_the_choice_and_the_weights() {
+    // logits [1, 0, -1] plus the router bias [0, 0, 1.5] = [1, 0, 0.5]:
+    // top-2 = experts 0 and 2, weighted by a softmax over 1 and 0.5.
+    let mut w = relu_layer_weights(&[1.0, 0.0, -1.0]);
+    put(&mut w, "mlp.gate.bias", &[3], &[0.0, 0.0, 1.5]);
+    let mut l = layer(3, 2, Activation::Relu);
+    l.router.softmax_over = SoftmaxOver::Topk;
+    l.router.logit_bias = true;
+    let x: &[f32] = &[1.0, 0.0];
+    let out = run(&l, 1, &[x], &w);
+    assert_eq!(out.tokens_per_expert, vec![1, 0, 1]);
+    // FFN_e(x) = (e + 1) x: weights e^1, e^0.5 over their sum, times 1 and 3.
+    let (a, b) = (E, E.sqrt());
+    assert_close(&out.outputs[0], &[(a + 3.0 * b) / (a + b), 0.0]);
+    // Without `logit_bias` the bias tensor is not read: experts 0 and 1.
+    l.router.logit_bias = false;
+    assert_eq!(run(&l, 1, &[x], &w).tokens_per_expert, vec![1, 1, 0]);
 }
 
 #[test]

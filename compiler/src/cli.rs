@@ -63,6 +63,10 @@ enum Command {
         output: Option<PathBuf>,
         #[command(flatten)]
         mesh: ImportMesh,
+        /// Import a model moec does not know even when its config has fields
+        /// that may change the layer's meaning (they are ignored, with a warning).
+        #[arg(long)]
+        generic: bool,
     },
     /// Compile a .moe file into an execution plan.
     Build {
@@ -131,6 +135,15 @@ struct RunArgs {
     /// Prefix of the layer's tensor names in the checkpoint, e.g. `model.layers.3.`.
     #[arg(long, default_value = "", requires = "weights")]
     prefix: String,
+    /// MoE layer N of the checkpoint: its prefix is found in the file
+    /// (`model.layers.N.`, `language_model.model.layers.N.`, ...).
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "weights",
+        conflicts_with = "prefix"
+    )]
+    layer: Option<u64>,
     /// Write `run.safetensors` (inputs, outputs, weights) and `config.json` here.
     #[arg(long)]
     save: Option<PathBuf>,
@@ -221,7 +234,8 @@ where
             config,
             output,
             mesh,
-        } => ctx.import(&config, output.as_deref(), &mesh),
+            generic,
+        } => ctx.import(&config, output.as_deref(), &mesh, generic),
         Command::Build { file, output, emit } => ctx.build(&file, output.as_deref(), emit),
         Command::Explain { file } => ctx.explain(&file),
         Command::Simulate { file, tokens, json } => ctx.simulate(&file, tokens, json),
@@ -369,6 +383,7 @@ impl Ctx<'_> {
         config: &Path,
         output: Option<&Path>,
         mesh: &ImportMesh,
+        generic: bool,
     ) -> Result<i32, Failure> {
         let json = read(config)?;
         let options = moec_lang::import::ImportOptions {
@@ -379,11 +394,16 @@ impl Ctx<'_> {
             tokens_per_rank: mesh.tokens_per_rank,
             dtype: mesh.dtype.clone(),
             source_name: config.display().to_string(),
+            generic,
         };
-        let text = match moec_lang::import::import_config(&json, &options) {
-            Ok(t) => t,
+        let imported = match moec_lang::import::import(&json, &options) {
+            Ok(i) => i,
             Err(e) => return Err(Failure(EXIT_REJECTED, format!("{}: {e}", config.display()))),
         };
+        for warning in &imported.warnings {
+            writeln!(self.err, "warning: {}: {warning}", config.display()).map_err(io)?;
+        }
+        let text = imported.text;
         match output {
             Some(path) => {
                 std::fs::write(path, &text).map_err(|e| {
@@ -542,10 +562,32 @@ impl Ctx<'_> {
 /// shrink the layer.
 const RUN_MEMORY_LIMIT: u64 = 16 << 30;
 
+/// What `moec run` says about loaded weights: where the layer was, in which
+/// layout, and what was dequantised.
+fn weights_line(path: &Path, report: &moec_runtime::weights::LoadReport) -> String {
+    let mut line = format!(
+        "weights: {}, prefix `{}`, {}",
+        path.display(),
+        report.prefix,
+        report.family.describe()
+    );
+    if !report.dequantised.is_empty() {
+        let parts: Vec<String> = report
+            .dequantised
+            .iter()
+            .map(|(format, n)| format!("{n} {format}"))
+            .collect();
+        line.push_str(&format!("; dequantised on the CPU: {}", parts.join(", ")));
+    }
+    line
+}
+
 impl Ctx<'_> {
     fn run(&mut self, a: &RunArgs) -> Result<i32, Failure> {
         use moec_runtime::cpu::{CpuBackend, CpuOptions};
-        use moec_runtime::weights::{random_inputs, save_run, LayerWeights};
+        use moec_runtime::weights::{
+            load_checkpoint, random_inputs, save_run, LayerWeights, Select,
+        };
         if a.graph && a.backend != Backend::Cuda {
             return Err(Failure(
                 EXIT_USAGE,
@@ -593,10 +635,17 @@ impl Ctx<'_> {
             ));
         }
         let layer = plan.layer.clone();
-        let weights = match &a.weights {
-            Some(path) => LayerWeights::load(path, &layer, &a.prefix)
-                .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?,
-            None => LayerWeights::random(&layer, a.seed),
+        let (weights, report) = match &a.weights {
+            Some(path) => {
+                let select = match a.layer {
+                    Some(n) => Select::Layer(n),
+                    None => Select::Prefix(a.prefix.clone()),
+                };
+                let (w, report) = load_checkpoint(path, &layer, &select)
+                    .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?;
+                (w, Some(report))
+            }
+            None => (LayerWeights::random(&layer, a.seed), None),
         };
         let tokens = layer.tokens_per_rank as usize;
         let inputs = random_inputs(&layer, ranks as usize, tokens, a.seed);
@@ -615,6 +664,9 @@ impl Ctx<'_> {
             a.seed
         )
         .map_err(io)?;
+        if let (Some(report), Some(path)) = (&report, &a.weights) {
+            writeln!(self.out, "{}", weights_line(path, report)).map_err(io)?;
+        }
         writeln!(
             self.out,
             "plan: {} chunk(s), {} dispatch, {} on the wire{}",

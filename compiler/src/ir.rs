@@ -391,6 +391,7 @@ pub fn layer_config(program: &Program) -> rt::LayerConfig {
                 spec::Scoring::Sigmoid => rt::Scoring::Sigmoid,
             },
             top_k: r.top_k,
+            logit_bias: r.logit_bias,
             softmax_over: match r.softmax_over {
                 spec::SoftmaxOver::All => rt::SoftmaxOver::All,
                 spec::SoftmaxOver::TopK => rt::SoftmaxOver::Topk,

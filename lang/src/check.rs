@@ -97,6 +97,11 @@ struct DevicePreset {
     nvlink: f64,
 }
 
+/// The device presets' names, in the order the book lists them.
+pub(crate) fn device_names() -> impl Iterator<Item = &'static str> {
+    DEVICES.iter().map(|d| d.name)
+}
+
 /// Vendor datasheet figures (dense bf16, HBM, NVLink per direction); a mesh can override each.
 const DEVICES: &[DevicePreset] = &[
     DevicePreset {
@@ -994,6 +999,7 @@ impl Checker {
             &[
                 "scoring",
                 "top_k",
+                "logit_bias",
                 "softmax_over",
                 "selection_bias",
                 "groups",
@@ -1053,6 +1059,10 @@ impl Checker {
             }
             None => Some(SoftmaxOver::All),
         };
+        let logit_bias = match f.get("logit_bias") {
+            Some(_) => self.boolean(&f, "logit_bias"),
+            None => Some(false),
+        };
         let selection_bias = match f.get("selection_bias") {
             Some(_) => self.boolean(&f, "selection_bias"),
             None => Some(false),
@@ -1093,6 +1103,7 @@ impl Checker {
         Some(Router {
             scoring: scoring?,
             top_k: top_k?,
+            logit_bias: logit_bias?,
             softmax_over: softmax_over?,
             selection_bias: selection_bias?,
             groups: groups?,

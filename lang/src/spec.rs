@@ -149,6 +149,9 @@ pub enum WeightOn {
 pub struct Router {
     pub scoring: Scoring,
     pub top_k: u64,
+    /// A learned bias added to the logits before scoring (gpt-oss's router
+    /// `Linear` bias): it changes both the choice and the weights.
+    pub logit_bias: bool,
     /// Only meaningful for softmax scoring.
     pub softmax_over: SoftmaxOver,
     /// Aux-loss-free selection bias: changes which experts are picked, not their weights.
@@ -413,6 +416,9 @@ impl fmt::Display for Program {
             },
             r.top_k
         )?;
+        if r.logit_bias {
+            write!(f, ", logit bias")?;
+        }
         if r.scoring == Scoring::Softmax {
             write!(
                 f,

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! moec build examples/tiny.moe --emit json -o tiny.plan.json
-//! cargo run -p moec-runtime --example embed -- tiny.plan.json [--weights FILE.safetensors [--prefix P]] [--seed S]
+//! cargo run -p moec-runtime --example embed -- tiny.plan.json [--weights PATH [--prefix P | --layer N]] [--seed S]
 //! ```
 //!
 //! Without `--weights` the weights are drawn from the seed. Exit codes: 0
@@ -16,12 +16,13 @@ use std::process::ExitCode;
 
 use moec_runtime::{CpuOptions, Layer, Weights};
 
-const USAGE: &str = "usage: embed PLAN.json [--weights FILE.safetensors [--prefix P]] [--seed S]";
+const USAGE: &str = "usage: embed PLAN.json [--weights PATH [--prefix P | --layer N]] [--seed S]";
 
 struct Args {
     plan: PathBuf,
     weights: Option<PathBuf>,
     prefix: String,
+    layer: Option<u64>,
     seed: u64,
 }
 
@@ -29,6 +30,7 @@ fn parse_args() -> Result<Args, String> {
     let mut plan = None;
     let mut weights = None;
     let mut prefix = None;
+    let mut layer = None;
     let mut seed = 0;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -36,6 +38,13 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--weights" => weights = Some(PathBuf::from(value("--weights")?)),
             "--prefix" => prefix = Some(value("--prefix")?),
+            "--layer" => {
+                let n = value("--layer")?;
+                layer = Some(
+                    n.parse()
+                        .map_err(|_| format!("--layer {n}: not a number"))?,
+                );
+            }
             "--seed" => {
                 let s = value("--seed")?;
                 seed = s.parse().map_err(|_| format!("--seed {s}: not a number"))?;
@@ -46,27 +55,33 @@ fn parse_args() -> Result<Args, String> {
             _ => plan = Some(PathBuf::from(arg)),
         }
     }
-    if prefix.is_some() && weights.is_none() {
-        return Err("--prefix needs --weights".into());
+    if (prefix.is_some() || layer.is_some()) && weights.is_none() {
+        return Err("--prefix and --layer need --weights".into());
+    }
+    if prefix.is_some() && layer.is_some() {
+        return Err("--prefix and --layer cannot be combined".into());
     }
     Ok(Args {
         plan: plan.ok_or("no plan file given")?,
         weights,
         prefix: prefix.unwrap_or_default(),
+        layer,
         seed,
     })
 }
 
 fn run(args: Args, out: &mut impl Write) -> Result<(), Box<dyn Error>> {
-    let weights = match args.weights {
-        Some(path) => Weights::File {
+    let weights = match (args.weights, args.layer) {
+        (Some(path), Some(layer)) => Weights::FileLayer { path, layer },
+        (Some(path), None) => Weights::File {
             path,
             prefix: args.prefix,
         },
-        None => Weights::Random { seed: args.seed },
+        (None, _) => Weights::Random { seed: args.seed },
     };
     let source = match &weights {
         Weights::File { path, .. } => path.display().to_string(),
+        Weights::FileLayer { path, layer } => format!("{}, layer {layer}", path.display()),
         _ => format!("random, seed {}", args.seed),
     };
     let layer = Layer::from_plan_file(&args.plan, weights, CpuOptions::default())?;

@@ -30,6 +30,10 @@ pub enum Weights {
     /// names are `prefix` followed by the Hugging Face names (e.g. prefix
     /// `model.layers.3.`).
     File { path: PathBuf, prefix: String },
+    /// MoE layer `layer` of a checkpoint ([`LayerWeights::load_layer`]): the
+    /// prefix of its names is found in the file (`model.layers.3.`,
+    /// `language_model.model.layers.3.`, ...).
+    FileLayer { path: PathBuf, layer: u64 },
     /// Built by the application; checked against the plan's layer
     /// ([`LayerWeights::check`]).
     Given(LayerWeights),
@@ -181,6 +185,9 @@ impl Layer {
         let weights = match weights {
             Weights::Random { seed } => LayerWeights::random(&plan.layer, seed),
             Weights::File { path, prefix } => LayerWeights::load(&path, &plan.layer, &prefix)?,
+            Weights::FileLayer { path, layer } => {
+                LayerWeights::load_layer(&path, &plan.layer, layer)?
+            }
             Weights::Given(w) => {
                 w.check(&plan.layer)?;
                 w

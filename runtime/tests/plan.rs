@@ -224,6 +224,7 @@ fn valid_plan() -> Plan {
             router: RouterConfig {
                 scoring: Scoring::Softmax,
                 top_k: 2,
+                logit_bias: false,
                 softmax_over: SoftmaxOver::All,
                 selection_bias: false,
                 groups: None,

@@ -26,6 +26,7 @@ fn base() -> LayerConfig {
         router: RouterConfig {
             scoring: Scoring::Softmax,
             top_k: 2,
+            logit_bias: false,
             softmax_over: SoftmaxOver::All,
             selection_bias: false,
             groups: None,
@@ -52,6 +53,7 @@ fn full() -> LayerConfig {
         sigmoid_gate: true,
     });
     l.router.scoring = Scoring::Sigmoid;
+    l.router.logit_bias = true;
     l.router.selection_bias = true;
     l.router.groups = Some(GroupConfig {
         count: 2,
@@ -229,6 +231,7 @@ fn random_has_every_tensor_of_the_layer_in_order() {
     let names: Vec<String> = w.tensors().into_iter().map(|(n, _, _)| n).collect();
     let mut expected = vec![
         "mlp.gate.weight".to_string(),
+        "mlp.gate.bias".to_string(),
         "mlp.gate.e_score_correction_bias".to_string(),
     ];
     for e in 0..4 {
@@ -246,11 +249,12 @@ fn random_has_every_tensor_of_the_layer_in_order() {
 
     let shapes: Vec<Vec<usize>> = w.tensors().into_iter().map(|(_, s, _)| s).collect();
     assert_eq!(shapes[0], vec![4, 16]);
-    assert_eq!(shapes[1], vec![4]);
-    assert_eq!(shapes[2], vec![8, 16]); // gate
-    assert_eq!(shapes[3], vec![8]);
-    assert_eq!(shapes[6], vec![16, 8]); // down
-    assert_eq!(shapes[7], vec![16]);
+    assert_eq!(shapes[1], vec![4]); // logit bias
+    assert_eq!(shapes[2], vec![4]); // selection bias
+    assert_eq!(shapes[3], vec![8, 16]); // gate
+    assert_eq!(shapes[4], vec![8]);
+    assert_eq!(shapes[7], vec![16, 8]); // down
+    assert_eq!(shapes[8], vec![16]);
     let shared_down = names
         .iter()
         .position(|n| n == "mlp.shared_experts.down_proj.weight")
@@ -482,6 +486,7 @@ fn save_run_and_load_run_round_trip() {
             "dtype",
             "dispatch_dtype",
             "expert_bias",
+            "router_bias",
             "selection_bias",
             "group_score",
             "shared_expert_act",
@@ -514,6 +519,7 @@ fn save_run_and_load_run_round_trip() {
         "dtype": "bf16",
         "dispatch_dtype": "fp8_e4m3",
         "expert_bias": true,
+        "router_bias": true,
         "selection_bias": true,
         "group_score": "top2_sum",
         "shared_expert_act": "swiglu",
@@ -826,7 +832,7 @@ fn a_missing_tensor_is_named_with_a_prefix_hint() {
     let err = LayerWeights::load(&path, &layer, "model.layers.3").unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.contains("`model.layers.3mlp.gate.weight` not found"),
+        msg.contains("no MoE block: looked for a router named `model.layers.3mlp.gate.weight`"),
         "{msg}"
     );
     assert!(msg.contains("`model.layers.3.`"), "{msg}");
@@ -919,8 +925,9 @@ fn unsupported_dtypes_are_rejected() {
     let msg = LayerWeights::load(&path, &layer, "")
         .unwrap_err()
         .to_string();
+    // fp8 without its block scales.
     assert!(
-        msg.contains("F8_E4M3") && msg.contains("dequantize"),
+        msg.contains("`mlp.gate.weight_scale_inv` not found") && msg.contains("fp8 e4m3"),
         "{msg}"
     );
 

@@ -635,6 +635,7 @@ struct LoopLayer<'w> {
     layer: &'w LayerConfig,
     dims: &'w Dims,
     router: &'w [f32],
+    logit_bias: Option<&'w [f32]>,
     selection_bias: Option<&'w [f32]>,
     experts: Vec<LoopFfn<'w>>,
     shared: Option<LoopFfn<'w>>,
@@ -668,6 +669,7 @@ impl<'w> LoopLayer<'w> {
             layer,
             dims,
             router: &weights.router,
+            logit_bias: weights.router_logit_bias.as_deref(),
             selection_bias: weights.router_bias.as_deref(),
             experts: weights
                 .experts
@@ -688,6 +690,7 @@ impl<'w> LoopLayer<'w> {
         // Router logits.
         let mut logits = vec![0.0f32; n * e_count];
         matmul_wt(x, self.router, &mut logits, n, e_count, h, self.threads)?;
+        add_bias(&mut logits, self.logit_bias, e_count);
         // Routing: per expert, the tokens it gets and their weights.
         let mut tokens_of: Vec<Vec<usize>> = vec![Vec::new(); e_count];
         let mut weights_of: Vec<Vec<f32>> = vec![Vec::new(); e_count];

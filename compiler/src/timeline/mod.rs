@@ -625,6 +625,7 @@ pub(crate) mod test_plan {
                     router: RouterConfig {
                         scoring: Scoring::Softmax,
                         top_k: 2,
+                        logit_bias: false,
                         softmax_over: SoftmaxOver::All,
                         selection_bias: false,
                         groups: None,

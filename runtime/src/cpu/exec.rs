@@ -174,6 +174,8 @@ pub struct CpuBackend {
     expert_epilogue: Option<JitKernel>,
     shared_epilogue: Option<JitKernel>,
     router: Vec<f32>,
+    /// The router's logit bias, added in the router GEMM (gpt-oss).
+    router_logit_bias: Option<Vec<f32>>,
     router_bias: Vec<f32>,
     experts: Vec<PreparedFfn>,
     shared: Option<PreparedFfn>,
@@ -295,6 +297,7 @@ impl CpuBackend {
         }
         Ok(CpuBackend {
             router: weights.router.clone(),
+            router_logit_bias: weights.router_logit_bias.clone(),
             router_bias: weights.router_bias.clone().unwrap_or_default(),
             experts,
             shared,
@@ -1475,7 +1478,7 @@ impl StreamRun<'_> {
                 k = h;
                 n = b.geo.experts;
                 let rows = a_region.bytes / (k * a_buf.dtype.bytes() as usize).max(1);
-                groups.push((0..rows, &b.router, None, n));
+                groups.push((0..rows, &b.router, b.router_logit_bias.as_deref(), n));
             }
             GemmWeight::SharedUp | GemmWeight::SharedDown => {
                 let ffn = b

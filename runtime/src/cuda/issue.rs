@@ -305,6 +305,13 @@ pub fn weight_image(
         dt("router_gate"),
         "the router",
     )?;
+    if let Some(span) = wl.router_logit_bias {
+        let b = weights
+            .router_logit_bias
+            .as_deref()
+            .ok_or("the layer has a router logit bias but the weights lack it")?;
+        put(&mut image, span, b, DType::F32, "the router logit bias")?;
+    }
     if wl.router_bias.bytes > 0 {
         let b = weights
             .router_bias
@@ -1377,7 +1384,7 @@ impl<'a> Issuer<'a> {
             })
         };
         match w {
-            GemmWeight::RouterGate => Ok((wl.router, None)),
+            GemmWeight::RouterGate => Ok((wl.router, wl.router_logit_bias)),
             GemmWeight::SharedUp => ffn(wl.shared.as_ref(), true),
             GemmWeight::SharedDown => ffn(wl.shared.as_ref(), false),
             GemmWeight::ExpertUp => ffn(slot.and_then(|l| wl.experts.get(l)), true),

@@ -177,10 +177,10 @@ fn weight_label(w: GemmWeight) -> &'static str {
 }
 
 /// Whether a GEMM's weights come with a bias (the layer's expert or shared
-/// expert biases; the router has none).
+/// expert biases, the router's logit bias).
 pub fn gemm_has_bias(plan: &Plan, weight: GemmWeight) -> bool {
     match weight {
-        GemmWeight::RouterGate => false,
+        GemmWeight::RouterGate => plan.layer.router.logit_bias,
         GemmWeight::ExpertUp | GemmWeight::ExpertDown => plan.layer.expert_bias,
         GemmWeight::SharedUp | GemmWeight::SharedDown => {
             plan.layer.shared.as_ref().is_some_and(|s| s.bias)

@@ -277,6 +277,9 @@ pub struct FfnSpans {
 #[derive(Clone, Debug, PartialEq)]
 pub struct WeightLayout {
     pub router: Span,
+    /// The router's logit bias, f32 `[E]` (placed after every other weight,
+    /// so that layers without it keep their layout).
+    pub router_logit_bias: Option<Span>,
     pub router_bias: Span,
     pub shared_gate: Span,
     pub dest_rank: Span,
@@ -1590,6 +1593,11 @@ fn weight_layout(plan: &Plan, geo: &Geometry) -> Result<WeightLayout, String> {
         )?),
         None => None,
     };
+    let router_logit_bias = if l.router.logit_bias {
+        Some(p.take(mul(&[e, 4])?)?)
+    } else {
+        None
+    };
     let mut dtypes_out = BTreeMap::new();
     for w in [
         GemmWeight::RouterGate,
@@ -1602,6 +1610,7 @@ fn weight_layout(plan: &Plan, geo: &Geometry) -> Result<WeightLayout, String> {
     }
     Ok(WeightLayout {
         router,
+        router_logit_bias,
         router_bias,
         shared_gate,
         dest_rank,

@@ -187,6 +187,12 @@ pub enum WeightOn {
 pub struct RouterConfig {
     pub scoring: Scoring,
     pub top_k: u64,
+    /// gpt-oss's router bias, part of the logits (`l = W x + b`): it changes
+    /// both the choice and the weights. Absent from a plan's JSON when false,
+    /// so plans of layers without it are unchanged; a runtime that does not
+    /// know the field refuses the plan (`deny_unknown_fields`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub logit_bias: bool,
     pub softmax_over: SoftmaxOver,
     /// DeepSeek-V3's correction bias: changes which experts are picked, not their weights.
     pub selection_bias: bool,
@@ -194,6 +200,11 @@ pub struct RouterConfig {
     pub normalize: bool,
     pub scale: f64,
     pub weight_on: WeightOn,
+}
+
+/// For `skip_serializing_if`: a `false` switch is left out of the JSON.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -345,6 +345,9 @@ impl Plan {
                 (Scoring::Softmax, SoftmaxOver::Topk) => "softmax over the top-k",
             }
         );
+        if r.logit_bias {
+            router.push_str(" + logit bias");
+        }
         if r.selection_bias {
             router.push_str(" + selection bias");
         }

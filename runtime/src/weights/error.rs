@@ -25,6 +25,35 @@ pub enum WeightsError {
         tensor: String,
         hint: Option<String>,
     },
+    /// No MoE block under the prefix given: none of the routers' names
+    /// (`looked_for`) is in the checkpoint. `hint` says where routers are.
+    NoMoeBlock {
+        file: PathBuf,
+        looked_for: Vec<String>,
+        hint: Option<String>,
+    },
+    /// The checkpoint has no MoE block numbered `layer`: no tensor named
+    /// `...layers.{layer}.` and one of the routers' names (`looked_for`);
+    /// `found` says which MoE layers it has.
+    NoLayer {
+        file: PathBuf,
+        layer: u64,
+        looked_for: Vec<String>,
+        found: String,
+    },
+    /// More than one MoE block is numbered `layer` (an encoder's and a
+    /// decoder's): the prefix must be given.
+    AmbiguousLayer {
+        file: PathBuf,
+        layer: u64,
+        prefixes: Vec<String>,
+    },
+    /// A tensor holds something moec's layers cannot express or read.
+    Unsupported {
+        file: PathBuf,
+        tensor: String,
+        detail: String,
+    },
     /// A tensor has the wrong shape.
     Shape {
         file: PathBuf,
@@ -80,6 +109,49 @@ impl fmt::Display for WeightsError {
                 }
                 Ok(())
             }
+            WeightsError::NoMoeBlock {
+                file,
+                looked_for,
+                hint,
+            } => {
+                write!(
+                    f,
+                    "{}: no MoE block: looked for a router named {}",
+                    file.display(),
+                    quoted(looked_for)
+                )?;
+                if let Some(hint) = hint {
+                    write!(f, "; {hint}")?;
+                }
+                Ok(())
+            }
+            WeightsError::NoLayer {
+                file,
+                layer,
+                looked_for,
+                found,
+            } => write!(
+                f,
+                "{}: no MoE layer {layer}: looked for `layers.{layer}.`, `blocks.{layer}.`, \
+                 `block.{layer}.` or `h.{layer}.` followed by a router's name ({}); {found}",
+                file.display(),
+                quoted(looked_for)
+            ),
+            WeightsError::AmbiguousLayer {
+                file,
+                layer,
+                prefixes,
+            } => write!(
+                f,
+                "{}: more than one MoE block is layer {layer}: under {}; give the prefix instead",
+                file.display(),
+                quoted(prefixes)
+            ),
+            WeightsError::Unsupported {
+                file,
+                tensor,
+                detail,
+            } => write!(f, "{}: tensor `{tensor}`: {detail}", file.display()),
             WeightsError::Shape {
                 file,
                 tensor,
@@ -97,16 +169,10 @@ impl fmt::Display for WeightsError {
             } => {
                 write!(
                     f,
-                    "{}: tensor `{tensor}` has dtype {found}, expected F32, BF16, F16 or F64",
+                    "{}: tensor `{tensor}` has dtype {found}, expected F32, BF16, F16 or F64 \
+                     (or fp8 e4m3 with block scales, or MXFP4 blocks)",
                     file.display()
                 )?;
-                if found.starts_with("F8") {
-                    write!(
-                        f,
-                        " (fp8 checkpoints keep block scales in separate `*_scale_inv` \
-                         tensors; dequantize to bf16 first)"
-                    )?;
-                }
                 Ok(())
             }
             WeightsError::NotFinite {
@@ -143,6 +209,16 @@ impl fmt::Display for WeightsError {
                 detail,
             } => write!(f, "{}: tensor `{tensor}`: {detail}", file.display()),
         }
+    }
+}
+
+/// `a`, `b` or `c`, each in backticks.
+fn quoted(names: &[String]) -> String {
+    let q: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    match q.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
     }
 }
 

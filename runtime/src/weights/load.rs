@@ -7,7 +7,7 @@
 //! any offset is used, with checked arithmetic: a truncated or corrupt file is
 //! an error, never a panic or a huge allocation.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
-use super::{build, round_to_dtype, storage_dtype, Dims, LayerWeights, Proj, Tensor, WeightsError};
-use crate::plan::{DType, LayerConfig};
+use super::{round_to_dtype, WeightsError};
+use crate::plan::DType;
 
 /// safetensors' own limit on the JSON header.
 const MAX_HEADER: u64 = 100_000_000;
@@ -107,8 +107,8 @@ impl Shard {
         })
     }
 
-    fn bytes(&mut self, name: &str, info: &TensorInfo) -> Result<Vec<u8>, WeightsError> {
-        let (start, end) = info.data_offsets;
+    /// The bytes `start..end` of the data section, part of tensor `name`.
+    fn bytes(&mut self, name: &str, start: usize, end: usize) -> Result<Vec<u8>, WeightsError> {
         let bad = || {
             corrupt(
                 &self.path,
@@ -116,14 +116,14 @@ impl Shard {
             )
         };
         // The header check bounds every offset by the file length.
-        let start = u64::try_from(start)
+        let len = end.checked_sub(start).ok_or_else(bad)?;
+        let at = u64::try_from(start)
             .ok()
             .and_then(|s| s.checked_add(self.data_start))
             .ok_or_else(bad)?;
-        let len = end.checked_sub(info.data_offsets.0).ok_or_else(bad)?;
         let mut out = vec![0u8; len];
         self.file
-            .seek(SeekFrom::Start(start))
+            .seek(SeekFrom::Start(at))
             .map_err(io(&self.path))?;
         self.file.read_exact(&mut out).map_err(io(&self.path))?;
         Ok(out)
@@ -215,18 +215,13 @@ impl Checkpoint {
         &self.origin
     }
 
-    fn contains(&self, name: &str) -> bool {
+    pub(crate) fn contains(&self, name: &str) -> bool {
         self.names.contains_key(name)
     }
 
-    /// Reads tensor `name`, which must have shape `expected`; `None` when the
-    /// checkpoint has no such tensor.
-    pub(crate) fn read(
-        &mut self,
-        name: &str,
-        expected: &[usize],
-        decode: Decode,
-    ) -> Result<Option<Vec<f32>>, WeightsError> {
+    /// The stored form (file, dtype, shape, offsets) of tensor `name`, opening
+    /// its shard; `None` when the checkpoint has no such tensor.
+    pub(crate) fn stored(&mut self, name: &str) -> Result<Option<Stored>, WeightsError> {
         let Some(file) = self.names.get(name) else {
             return Ok(None);
         };
@@ -246,187 +241,183 @@ impl Checkpoint {
                 ),
             ));
         };
-        if info.shape != expected {
+        Ok(Some(Stored {
+            name: name.to_string(),
+            file: shard.path.clone(),
+            info,
+        }))
+    }
+
+    /// The bytes of `stored`, or, with `slab = Some((index, of))`, of the
+    /// `index`-th of `of` equal slabs along its first dimension (one expert
+    /// of a fused `[E, ...]` tensor, or of DBRX's `[E*F, H]`).
+    pub(crate) fn bytes(
+        &mut self,
+        stored: &Stored,
+        slab: Option<(usize, usize)>,
+    ) -> Result<Vec<u8>, WeightsError> {
+        let Some(shard) = self.shards.get_mut(&stored.file) else {
+            return Err(corrupt(
+                &stored.file,
+                format!("internal: shard of `{}` not open", stored.name),
+            ));
+        };
+        let (start, end) = stored.info.data_offsets;
+        let Some((index, of)) = slab else {
+            return shard.bytes(&stored.name, start, end);
+        };
+        let rows = stored.info.shape.first().copied().unwrap_or(0);
+        if index >= of || of == 0 || rows % of != 0 {
+            return Err(corrupt(
+                &stored.file,
+                format!(
+                    "internal: slab {index} of {of} of `{}` with {rows} rows",
+                    stored.name
+                ),
+            ));
+        }
+        // The data is `end - start` bytes for `rows` rows; `of` divides `rows`.
+        let Some(total) = end.checked_sub(start) else {
+            return Err(corrupt(
+                &stored.file,
+                format!("tensor `{}` ends before it starts", stored.name),
+            ));
+        };
+        let len = total / of;
+        let at = start + index * len;
+        shard.bytes(&stored.name, at, at + len)
+    }
+
+    /// Reads tensor `name`, which must have shape `expected` and a float
+    /// dtype; `None` when the checkpoint has no such tensor.
+    pub(crate) fn read(
+        &mut self,
+        name: &str,
+        expected: &[usize],
+        decode: Decode,
+    ) -> Result<Option<Vec<f32>>, WeightsError> {
+        let Some(stored) = self.stored(name)? else {
+            return Ok(None);
+        };
+        stored.expect_shape(expected)?;
+        let bytes = self.bytes(&stored, None)?;
+        let values = stored.widen(&bytes)?;
+        finish(&stored, values, decode).map(Some)
+    }
+
+    /// Every tensor name in the checkpoint.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &String> {
+        self.names.keys()
+    }
+}
+
+/// A tensor as the checkpoint stores it.
+pub(crate) struct Stored {
+    pub(crate) name: String,
+    pub(crate) file: PathBuf,
+    pub(crate) info: TensorInfo,
+}
+
+impl Stored {
+    pub(crate) fn dtype(&self) -> Dtype {
+        self.info.dtype
+    }
+
+    pub(crate) fn shape(&self) -> &[usize] {
+        &self.info.shape
+    }
+
+    pub(crate) fn expect_shape(&self, expected: &[usize]) -> Result<(), WeightsError> {
+        if self.info.shape != expected {
             return Err(WeightsError::Shape {
-                file: shard.path.clone(),
-                tensor: name.to_string(),
+                file: self.file.clone(),
+                tensor: self.name.clone(),
                 expected: expected.to_vec(),
-                found: info.shape,
+                found: self.info.shape.clone(),
             });
         }
-        let width = match info.dtype {
+        Ok(())
+    }
+
+    pub(crate) fn dtype_error(&self) -> WeightsError {
+        WeightsError::Dtype {
+            file: self.file.clone(),
+            tensor: self.name.clone(),
+            found: format!("{:?}", self.info.dtype),
+        }
+    }
+
+    /// The values of float `bytes` of this tensor, widened to f32 exactly
+    /// (F64 rounded once). fp8 e4m3 is widened too, for the caller to scale.
+    pub(crate) fn widen(&self, bytes: &[u8]) -> Result<Vec<f32>, WeightsError> {
+        let dtype = self.info.dtype;
+        let width = match dtype {
             Dtype::F32 => 4,
             Dtype::BF16 | Dtype::F16 => 2,
             Dtype::F64 => 8,
-            other => {
-                return Err(WeightsError::Dtype {
-                    file: shard.path.clone(),
-                    tensor: name.to_string(),
-                    found: format!("{other:?}"),
-                })
-            }
+            Dtype::F8_E4M3 => 1,
+            _ => return Err(self.dtype_error()),
         };
-        let bytes = shard.bytes(name, &info)?;
         let mut out = Vec::with_capacity(bytes.len() / width);
         for (index, c) in bytes.chunks_exact(width).enumerate() {
-            let raw: f64 = match info.dtype {
-                Dtype::F32 => f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                Dtype::BF16 => f64::from(half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-                Dtype::F16 => f64::from(half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
-                _ => f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
-            };
-            let v = raw as f32;
-            let v = decode.round.map_or(v, |d| round_to_dtype(d, v));
-            if decode.finite && !v.is_finite() {
-                let rounded_to = raw
-                    .is_finite()
-                    .then(|| decode.round.map_or("f32", DType::name));
-                return Err(WeightsError::NotFinite {
-                    file: shard.path.clone(),
-                    tensor: name.to_string(),
-                    index,
-                    value: raw,
-                    rounded_to,
-                });
-            }
-            out.push(v);
-        }
-        Ok(Some(out))
-    }
-
-    /// Where tensors with the same suffix as the missing `tensor` are, if the
-    /// checkpoint has some under another prefix.
-    fn hint(&self, prefix: &str, tensor: Tensor) -> Option<String> {
-        let suffixes: Vec<String> = [Names::hf(), Names::mixtral()]
-            .iter()
-            .map(|n| n.suffix(tensor))
-            .collect();
-        let mut prefixes = BTreeSet::new();
-        let mut example = None;
-        for name in self.names.keys() {
-            for suffix in &suffixes {
-                let Some(p) = name.strip_suffix(suffix.as_str()) else {
-                    continue;
-                };
-                if (p.is_empty() || p.ends_with('.')) && p != prefix {
-                    prefixes.insert(p.to_string());
-                    if example.as_ref().is_none_or(|e: &String| name < e) {
-                        example = Some(name.clone());
+            out.push(match dtype {
+                Dtype::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                Dtype::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                Dtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                Dtype::F8_E4M3 => moec_kernels::scalar::fp8_e4m3_to_f32(c[0]),
+                _ => {
+                    let wide = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                    let narrow = wide as f32;
+                    if wide.is_finite() && !narrow.is_finite() {
+                        return Err(WeightsError::NotFinite {
+                            file: self.file.clone(),
+                            tensor: self.name.clone(),
+                            index,
+                            value: wide,
+                            rounded_to: Some("f32"),
+                        });
                     }
+                    narrow
                 }
-            }
+            });
         }
-        let example = example?;
-        let shown: Vec<String> = prefixes.iter().take(3).map(|p| format!("`{p}`")).collect();
-        let more = match prefixes.len().saturating_sub(3) {
-            0 => String::new(),
-            n => format!(" and {n} more"),
-        };
-        Some(format!(
-            "the file has `{example}`: the same tensor under prefix {}{more} (prefix given: `{prefix}`)",
-            shown.join(", ")
-        ))
+        Ok(out)
     }
 }
 
-/// How a checkpoint names the MoE block's tensors.
-struct Names {
-    /// `mlp` (DeepSeek, Qwen) or `block_sparse_moe` (Mixtral).
-    module: &'static str,
-    /// Mixtral's `w1`/`w3`/`w2` for the experts' gate/up/down.
-    mixtral: bool,
-    /// `shared_experts` (DeepSeek) or `shared_expert` (Qwen2-MoE).
-    shared: &'static str,
+/// Rounds `values` of `stored` as `decode` says, refusing NaN and infinities
+/// when it asks.
+pub(crate) fn finish(
+    stored: &Stored,
+    values: Vec<f32>,
+    decode: Decode,
+) -> Result<Vec<f32>, WeightsError> {
+    finish_named(&stored.file, &stored.name, values, decode)
 }
 
-impl Names {
-    fn hf() -> Names {
-        Names {
-            module: "mlp",
-            mixtral: false,
-            shared: "shared_experts",
+/// [`finish`] for values that came from part of a tensor, named `tensor`.
+pub(crate) fn finish_named(
+    file: &Path,
+    tensor: &str,
+    mut values: Vec<f32>,
+    decode: Decode,
+) -> Result<Vec<f32>, WeightsError> {
+    for (index, v) in values.iter_mut().enumerate() {
+        let raw = *v;
+        let rounded = decode.round.map_or(raw, |d| round_to_dtype(d, raw));
+        if decode.finite && !rounded.is_finite() {
+            let rounded_to = raw
+                .is_finite()
+                .then(|| decode.round.map_or("f32", DType::name));
+            return Err(WeightsError::NotFinite {
+                file: file.to_path_buf(),
+                tensor: tensor.to_string(),
+                index,
+                value: f64::from(raw),
+                rounded_to,
+            });
         }
+        *v = rounded;
     }
-
-    fn mixtral() -> Names {
-        Names {
-            module: "block_sparse_moe",
-            mixtral: true,
-            shared: "shared_experts",
-        }
-    }
-
-    fn detect(ck: &Checkpoint, prefix: &str) -> Names {
-        let mut names = if !ck.contains(&format!("{prefix}mlp.gate.weight"))
-            && ck.contains(&format!("{prefix}block_sparse_moe.gate.weight"))
-        {
-            Names::mixtral()
-        } else {
-            Names::hf()
-        };
-        let module = names.module;
-        if !ck.contains(&format!("{prefix}{module}.shared_experts.up_proj.weight"))
-            && ck.contains(&format!("{prefix}{module}.shared_expert.up_proj.weight"))
-        {
-            names.shared = "shared_expert";
-        }
-        names
-    }
-
-    /// The name of `tensor` in this scheme, without the prefix.
-    fn suffix(&self, tensor: Tensor) -> String {
-        let module = self.module;
-        let param = |bias: bool| if bias { "bias" } else { "weight" };
-        match tensor {
-            Tensor::Router => format!("{module}.gate.weight"),
-            Tensor::RouterBias => format!("{module}.gate.e_score_correction_bias"),
-            Tensor::Expert { index, proj, bias } => {
-                let proj = match (self.mixtral, proj) {
-                    (true, Proj::Gate) => "w1",
-                    (true, Proj::Up) => "w3",
-                    (true, Proj::Down) => "w2",
-                    (false, p) => p.hf(),
-                };
-                format!("{module}.experts.{index}.{proj}.{}", param(bias))
-            }
-            Tensor::Shared { proj, bias } => {
-                format!("{module}.{}.{}.{}", self.shared, proj.hf(), param(bias))
-            }
-            Tensor::SharedGate => format!("{module}.shared_expert_gate.weight"),
-        }
-    }
-}
-
-pub(crate) fn load(
-    path: &Path,
-    layer: &LayerConfig,
-    prefix: &str,
-) -> Result<LayerWeights, WeightsError> {
-    let mut ck = Checkpoint::open(path)?;
-    load_from(&mut ck, layer, prefix)
-}
-
-pub(crate) fn load_from(
-    ck: &mut Checkpoint,
-    layer: &LayerConfig,
-    prefix: &str,
-) -> Result<LayerWeights, WeightsError> {
-    let dtype = storage_dtype(layer)?;
-    let d = Dims::of(layer)?;
-    let names = Names::detect(ck, prefix);
-    build(layer, &d, |spec| {
-        let name = format!("{prefix}{}", names.suffix(spec.tensor));
-        let decode = Decode {
-            round: spec.tensor.rounded().then_some(dtype),
-            finite: true,
-        };
-        match ck.read(&name, &spec.shape, decode)? {
-            Some(v) => Ok(v),
-            None => Err(WeightsError::Missing {
-                file: ck.origin().to_path_buf(),
-                tensor: name,
-                hint: ck.hint(prefix, spec.tensor),
-            }),
-        }
-    })
+    Ok(values)
 }

@@ -30,10 +30,13 @@
 //! `[experts, hidden]`.
 
 mod error;
+mod layout;
 mod load;
+mod quant;
 mod run;
 
 pub use error::WeightsError;
+pub use layout::{Family, LoadReport};
 pub use run::{load_run, save_run, RunConfig, SavedRun};
 
 use std::convert::Infallible;
@@ -68,6 +71,10 @@ pub struct LayerWeights {
     pub hidden: usize,
     /// The router (`mlp.gate.weight`), `[experts, hidden]`.
     pub router: Vec<f32>,
+    /// The router's logit bias (`mlp.gate.bias`; gpt-oss's
+    /// `mlp.router.bias`), `[experts]`, added to the logits; present exactly
+    /// with `router.logit_bias`.
+    pub router_logit_bias: Option<Vec<f32>>,
     /// The selection bias (`e_score_correction_bias`), `[experts]`, f32
     /// (not rounded); present exactly with `router.selection_bias`.
     pub router_bias: Option<Vec<f32>>,
@@ -133,6 +140,9 @@ pub fn random_inputs(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Tensor {
     Router,
+    /// The router `Linear`'s bias, part of the logits (gpt-oss).
+    RouterLogitBias,
+    /// The selection-only bias (`e_score_correction_bias`).
     RouterBias,
     Expert {
         index: usize,
@@ -154,7 +164,7 @@ pub(crate) enum Proj {
 }
 
 impl Proj {
-    fn hf(self) -> &'static str {
+    pub(crate) fn hf(self) -> &'static str {
         match self {
             Proj::Gate => "gate_proj",
             Proj::Up => "up_proj",
@@ -169,6 +179,7 @@ impl Tensor {
         let param = |bias: bool| if bias { "bias" } else { "weight" };
         match self {
             Tensor::Router => "mlp.gate.weight".to_string(),
+            Tensor::RouterLogitBias => "mlp.gate.bias".to_string(),
             Tensor::RouterBias => "mlp.gate.e_score_correction_bias".to_string(),
             Tensor::Expert { index, proj, bias } => {
                 format!("mlp.experts.{index}.{}.{}", proj.hf(), param(bias))
@@ -283,6 +294,15 @@ pub(crate) fn build<E>(
         shape: vec![d.experts, h],
         fan_in: h,
     })?;
+    let router_logit_bias = if layer.router.logit_bias {
+        Some(get(&Spec {
+            tensor: Tensor::RouterLogitBias,
+            shape: vec![d.experts],
+            fan_in: h,
+        })?)
+    } else {
+        None
+    };
     let router_bias = if layer.router.selection_bias {
         Some(get(&Spec {
             tensor: Tensor::RouterBias,
@@ -326,6 +346,7 @@ pub(crate) fn build<E>(
     Ok(LayerWeights {
         hidden: h,
         router,
+        router_logit_bias,
         router_bias,
         experts,
         shared,
@@ -452,7 +473,8 @@ impl LayerWeights {
     ///
     /// The values come from `ChaCha8Rng::seed_from_u64(seed)` (stream 0), one
     /// `random_range` draw per value, row-major, tensor after tensor in the
-    /// order of [`LayerWeights::tensors`]: the router, its selection bias,
+    /// order of [`LayerWeights::tensors`]: the router, its logit bias (uniform
+    /// in `[-1/√hidden, 1/√hidden)` as a `Linear`'s bias), its selection bias,
     /// then for each expert in order `gate_proj.weight`, `gate_proj.bias`,
     /// `up_proj.weight`, `up_proj.bias`, `down_proj.weight`, `down_proj.bias`
     /// (those the layer has), then the shared experts in the same order, then
@@ -491,26 +513,46 @@ impl LayerWeights {
     ///
     /// `path` is a `.safetensors` file, a sharded checkpoint's
     /// `model.safetensors.index.json`, or a directory holding either. Tensor
-    /// names are `{prefix}` followed by the Hugging Face names of
-    /// [`LayerWeights::tensors`] (e.g. prefix `model.layers.3.`). Mixtral's
-    /// names are recognised when `{prefix}mlp.gate.weight` is absent and
-    /// `{prefix}block_sparse_moe.gate.weight` exists: the module is
-    /// `block_sparse_moe` and the experts' projections are `w1` (gate), `w3`
-    /// (up) and `w2` (down). Qwen2-MoE's `mlp.shared_expert.` (singular) is
-    /// accepted for `mlp.shared_experts.`.
+    /// names are `{prefix}` followed by the names of the model family whose
+    /// router is under the prefix (e.g. prefix `model.layers.3.`): per-expert
+    /// `mlp.experts.{e}.{gate,up,down}_proj` (DeepSeek, Qwen, GLM, OLMoE),
+    /// Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2`, the fused 3-D
+    /// tensors of gpt-oss, Llama-4 and transformers 5, or Switch
+    /// Transformers' `mlp.experts.expert_{e}.wi/wo`; the book's weights page
+    /// has the table. [`LayerWeights::load_layer`] finds the prefix from a
+    /// layer number.
     ///
     /// F32, BF16, F16 and F64 tensors are read and rounded to the layer's
-    /// dtype (the selection bias and shared gate stay f32). A missing tensor,
-    /// a wrong shape, another dtype, a NaN or infinite value (also after
-    /// rounding) or a corrupt file is an error naming the file and tensor.
-    /// Only the header and the tensors the layer needs are read, so a shard
-    /// of many gigabytes costs the size of one layer.
+    /// dtype (the selection bias and shared gate stay f32); fp8 e4m3 weights
+    /// with 128 x 128 block scales (`weight_scale_inv`) and MXFP4 experts
+    /// (`_blocks` + `_scales`) are dequantised exactly on the CPU first. A
+    /// missing tensor, a wrong shape, another dtype, a NaN or infinite value
+    /// (also after rounding), a nonzero router bias in a layer without
+    /// `logit_bias` (dropping it would change the routing) or a corrupt file
+    /// is an error naming the file and tensor.
+    /// Only the header and the tensors the layer needs are read (one expert
+    /// of a fused tensor at a time), so a shard of many gigabytes costs the
+    /// size of one layer.
     pub fn load(
         path: &std::path::Path,
         layer: &LayerConfig,
         prefix: &str,
     ) -> Result<LayerWeights, WeightsError> {
-        load::load(path, layer, prefix)
+        layout::load(path, layer, prefix).map(|(w, _)| w)
+    }
+
+    /// [`LayerWeights::load`] of MoE layer `number`: the prefix is the one
+    /// under which the checkpoint has a router numbered so
+    /// (`model.layers.{number}.`, `language_model.model.layers.{number}.`,
+    /// `encoder.block.{number}.layer.1.`). An error lists the router names
+    /// looked for and the MoE layers the checkpoint has, or, when an encoder
+    /// and a decoder both have layer `number`, both prefixes.
+    pub fn load_layer(
+        path: &std::path::Path,
+        layer: &LayerConfig,
+        number: u64,
+    ) -> Result<LayerWeights, WeightsError> {
+        layout::load_layer(path, layer, number).map(|(w, _)| w)
     }
 
     /// Checks that every tensor has the length the layer implies and is
@@ -595,7 +637,8 @@ impl LayerWeights {
     }
 
     /// Every tensor with its Hugging Face name (no prefix) and shape, in a
-    /// fixed order: `mlp.gate.weight`, `mlp.gate.e_score_correction_bias`,
+    /// fixed order: `mlp.gate.weight`, `mlp.gate.bias` (the logit bias),
+    /// `mlp.gate.e_score_correction_bias`,
     /// each expert's `gate_proj`, `up_proj`, `down_proj` (weight, then bias),
     /// the shared experts' likewise under `mlp.shared_experts.`, and
     /// `mlp.shared_expert_gate.weight` (`[1, hidden]`). Absent tensors are
@@ -609,6 +652,9 @@ impl LayerWeights {
             vec![rows(&self.router), h],
             &self.router,
         ));
+        if let Some(b) = &self.router_logit_bias {
+            out.push((Tensor::RouterLogitBias.hf_name(), vec![b.len()], b));
+        }
         if let Some(b) = &self.router_bias {
             out.push((Tensor::RouterBias.hf_name(), vec![b.len()], b));
         }
@@ -642,6 +688,7 @@ impl LayerWeights {
         }
         match tensor {
             Tensor::Router => Some(&self.router),
+            Tensor::RouterLogitBias => self.router_logit_bias.as_deref(),
             Tensor::RouterBias => self.router_bias.as_deref(),
             Tensor::Expert { index, proj, bias } => {
                 self.experts.get(index).and_then(|f| ffn(f, proj, bias))
@@ -672,6 +719,28 @@ fn push_ffn<'a>(
     out.push((tensor(Proj::Down, false).hf_name(), vec![h, w], &f.down));
     if let Some(b) = &f.down_bias {
         out.push((tensor(Proj::Down, true).hf_name(), vec![b.len()], b));
+    }
+}
+
+/// Which layer of a checkpoint to read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Select {
+    /// The layer whose tensor names start with this prefix.
+    Prefix(String),
+    /// MoE layer `N`, its prefix found in the checkpoint.
+    Layer(u64),
+}
+
+/// [`LayerWeights::load`] or [`LayerWeights::load_layer`], with what the
+/// load found and converted (for a tool to report).
+pub fn load_checkpoint(
+    path: &std::path::Path,
+    layer: &LayerConfig,
+    select: &Select,
+) -> Result<(LayerWeights, LoadReport), WeightsError> {
+    match select {
+        Select::Prefix(prefix) => layout::load(path, layer, prefix),
+        Select::Layer(number) => layout::load_layer(path, layer, *number),
     }
 }
 

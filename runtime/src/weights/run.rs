@@ -14,7 +14,8 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use super::load::{load_from, Checkpoint, Decode};
+use super::layout::load_from;
+use super::load::{Checkpoint, Decode};
 use super::{storage_dtype, LayerWeights, WeightsError};
 use crate::plan::{
     Activation, CapacityConfig, DType, DropPolicy, GroupConfig, GroupScore, LayerConfig,
@@ -71,6 +72,9 @@ pub struct RunConfig {
     /// Every expert projection has a bias (`*.bias` tensors).
     #[serde(default)]
     pub expert_bias: bool,
+    /// `mlp.gate.bias` is added to the router's logits (gpt-oss).
+    #[serde(default)]
+    pub router_bias: bool,
     /// `mlp.gate.e_score_correction_bias` is added to the scores for selection.
     #[serde(default)]
     pub selection_bias: bool,
@@ -157,6 +161,7 @@ impl RunConfig {
             dtype: layer.dtype.name().to_string(),
             dispatch_dtype: Some(layer.dispatch_dtype.name().to_string()),
             expert_bias: layer.expert_bias,
+            router_bias: r.logit_bias,
             selection_bias: r.selection_bias,
             group_score: r.groups.map(|g| {
                 match g.score {
@@ -277,6 +282,7 @@ impl RunConfig {
             router: RouterConfig {
                 scoring,
                 top_k: self.num_experts_per_tok,
+                logit_bias: self.router_bias,
                 softmax_over,
                 selection_bias: self.selection_bias,
                 groups,
@@ -431,7 +437,7 @@ pub fn load_run(dir: &Path) -> Result<SavedRun, WeightsError> {
         .ok_or_else(|| corrupt("tokens_per_rank * hidden_size overflows".to_string()))?;
 
     let mut ck = Checkpoint::open(&tensors_file)?;
-    let weights = load_from(&mut ck, &layer, "")?;
+    let (weights, _) = load_from(&mut ck, &layer, "")?;
     let mut read = |name: &str| -> Result<Vec<Vec<f32>>, WeightsError> {
         let decode = Decode {
             round: None,
