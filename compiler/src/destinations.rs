@@ -15,7 +15,8 @@
 //! mesh's placement (replicas shared out by source rank, as the runtime
 //! does). The generator is fixed, so the figure, and every plan built on it,
 //! is deterministic; with a few thousand tokens its sampling error is well
-//! under one percent.
+//! under one percent. A router logit bias (gpt-oss) is left out like the
+//! selection bias: under uniform routing no expert is preferred.
 
 use moec_runtime::plan::{GroupScore, RouterConfig, Scoring};
 
@@ -205,6 +206,7 @@ mod tests {
             normalize: false,
             scale: 1.0,
             weight_on: WeightOn::Output,
+            logit_bias: false,
         }
     }
 
