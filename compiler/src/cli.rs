@@ -42,11 +42,13 @@ enum Color {
 enum Command {
     /// Check .moe files and report every error in them.
     Check {
+        /// The .moe files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Print a .moe file in canonical form.
     Fmt {
+        /// The .moe file to format.
         file: PathBuf,
         /// Rewrite the file in place.
         #[arg(short, long, conflicts_with = "check")]
@@ -57,6 +59,7 @@ enum Command {
     },
     /// Turn a Hugging Face config.json into a .moe layer.
     Import {
+        /// A Hugging Face `config.json`.
         config: PathBuf,
         /// Write the layer here instead of standard output.
         #[arg(short, long)]
@@ -70,6 +73,7 @@ enum Command {
     },
     /// Compile a .moe file into an execution plan.
     Build {
+        /// The .moe file describing the layer and its mesh.
         file: PathBuf,
         /// Write the output here instead of standard output.
         #[arg(short, long)]
@@ -82,9 +86,13 @@ enum Command {
     },
     /// Say why the plan is what it is: the rewrites that fired, the e-graph, and
     /// the chosen plan's cost against the no-overlap baseline, phase by phase.
-    Explain { file: PathBuf },
+    Explain {
+        /// The .moe file describing the layer and its mesh.
+        file: PathBuf,
+    },
     /// Predict the layer's time with the cost model and the timeline simulator.
     Simulate {
+        /// The .moe file describing the layer and its mesh.
         file: PathBuf,
         /// Tokens per rank instead of the file's `tokens_per_rank`.
         #[arg(long)]
@@ -106,6 +114,7 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
+    /// The .moe file describing the layer and its mesh.
     file: PathBuf,
     /// Where to run: `cpu` (every rank a thread of this process) or `cuda`
     /// (every rank a virtual rank of GPU 0, or one GPU per process under torchrun).
@@ -606,6 +615,7 @@ impl Ctx<'_> {
             writeln!(self.err, "{}: {errors} error(s)", a.file.display()).map_err(io)?;
             return Ok(EXIT_REJECTED);
         };
+        let written = program.clone();
         let mut program = program.clone();
         let overrides = crate::run::Overrides {
             ranks: a.ranks,
@@ -622,6 +632,23 @@ impl Ctx<'_> {
         let compiled = compile(&program, &Options::default())
             .map_err(|e| Failure(EXIT_REJECTED, format!("{}: {e}", a.file.display())))?;
         let plan = compiled.plan;
+        if a.hidden.is_some() || a.ffn.is_some() || a.tokens.is_some() {
+            // Shrinking a layer can change what pays: say so rather than let a
+            // user test a different plan than the one the file compiles to.
+            let mut full = written;
+            let keep = crate::run::Overrides {
+                ranks: overrides.ranks,
+                dtype: overrides.dtype,
+                ..Default::default()
+            };
+            if crate::run::apply(&mut full, &keep).is_ok() {
+                if let Ok(c) = compile(&full, &Options::default()) {
+                    if let Some(note) = crate::run::shrink_note(&plan, &c.plan) {
+                        writeln!(self.err, "note: {note}").map_err(io)?;
+                    }
+                }
+            }
+        }
         let ranks = plan.mesh.world_size();
         let total = plan.memory.peak_activation_bytes.saturating_mul(ranks);
         if total > RUN_MEMORY_LIMIT {
@@ -703,7 +730,7 @@ impl Ctx<'_> {
         }
         writeln!(
             self.out,
-            "{:<12} {:>12.3}  (phases are means over ranks; streams overlap)",
+            "{:<12} {:>12.3}  (phases are means over ranks; streams overlap; the wall time also counts starting every rank's threads)",
             "wall",
             result.wall_seconds * 1e3
         )

@@ -23,6 +23,7 @@ use crate::cli::{EXIT_OK, EXIT_REJECTED, EXIT_USAGE};
 
 #[derive(clap::Args, Debug)]
 pub struct KernelsArgs {
+    /// The .moe file describing the layer and its mesh.
     pub file: PathBuf,
     /// Compile every kernel with NVRTC and print each one's PTX size
     /// (needs libnvrtc, not a GPU).

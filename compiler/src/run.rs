@@ -220,3 +220,27 @@ pub fn traffic_table(
     }
     s
 }
+
+/// What a shrunk run's plan chose differently from the layer as written
+/// (the all-to-all, the dtype on the wire), or `None` when they agree.
+pub fn shrink_note(shrunk: &moec_runtime::Plan, written: &moec_runtime::Plan) -> Option<String> {
+    use moec_runtime::plan::A2aAlgorithm;
+    let form = |p: &moec_runtime::Plan| {
+        let algorithm = match p.choices.dispatch {
+            A2aAlgorithm::Flat => "flat",
+            A2aAlgorithm::Hierarchical => "hierarchical",
+        };
+        format!(
+            "a {algorithm} dispatch in {}",
+            p.choices.dispatch_dtype.name()
+        )
+    };
+    let (small, full) = (form(shrunk), form(written));
+    (small != full).then(|| {
+        format!(
+            "at this size the compiler chose {small}, but the layer as written compiles to {full}: \
+             what pays depends on the bytes per row and per rank, so a larger --hidden or --tokens \
+             runs the written layer's plan"
+        )
+    })
+}

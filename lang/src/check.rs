@@ -1223,6 +1223,15 @@ impl Checker {
 
     fn capacity(&mut self, e: &Entry) -> Option<Capacity> {
         match &e.body {
+            EntryBody::Assign(v) if v.as_name().is_none() => {
+                // `capacity = 1.25`: a number where a block belongs.
+                self.err(
+                    Diagnostic::error("E0201", v.span, "`capacity` must be `dropless` or a block")
+                        .label("a capacity limit goes in a block")
+                        .help("write `capacity { factor = 1.25 }` (a factor of the mean load per expert) or `capacity { slots = N }`; `capacity = dropless` keeps every token"),
+                );
+                None
+            }
             EntryBody::Assign(v) => {
                 let k = self.keyword_value(v, "capacity", &["dropless"])?;
                 debug_assert_eq!(k, "dropless");
