@@ -23,9 +23,9 @@
 //! - `<!-- doctest: run COMMAND -->`: a shell command run (its output
 //!   unchecked) before the next session, for what the page asks the reader
 //!   to do by hand (edit a file).
-//! - `<!-- doctest: requires nvrtc -->` before a session: it runs only where
-//!   NVRTC is found (`MOEC_CUDA_HOME`, as in CI), and is reported skipped
-//!   elsewhere.
+//! - `<!-- doctest: requires nvrtc -->` (or `numpy`) before a session: it
+//!   runs only where NVRTC is found (`MOEC_CUDA_HOME`, as in CI) or Python
+//!   imports numpy (CI installs it), and is reported skipped elsewhere.
 //! - `<!-- doctest: skip REASON -->` before a session: not run (a GPU's
 //!   figures, measured on a date the page names).
 //!
@@ -50,7 +50,7 @@ struct Session {
     /// Line of the opening fence (1-based, for messages).
     line: usize,
     commands: Vec<Shown>,
-    requires_nvrtc: bool,
+    requires: Option<Requirement>,
     skip: Option<String>,
     /// Hidden commands run before the session (`doctest: run`).
     setup: Vec<String>,
@@ -96,7 +96,8 @@ fn parse(path: &Path) -> Page {
         files: BTreeMap::new(),
         sessions: Vec::new(),
     };
-    let (mut next_file, mut requires_nvrtc, mut skip) = (None::<String>, false, None::<String>);
+    let (mut next_file, mut requires, mut skip) =
+        (None::<String>, None::<Requirement>, None::<String>);
     let mut setup: Vec<String> = Vec::new();
     let mut i = 0;
     while i < text.len() {
@@ -122,7 +123,9 @@ fn parse(path: &Path) -> Page {
             } else if let Some(cmd) = rest.strip_prefix("run ") {
                 setup.push(cmd.trim_end_matches("-->").trim().to_string());
             } else if rest.starts_with("requires nvrtc") {
-                requires_nvrtc = true;
+                requires = Some(Requirement::Nvrtc);
+            } else if rest.starts_with("requires numpy") {
+                requires = Some(Requirement::Numpy);
             } else if let Some(reason) = rest.strip_prefix("skip") {
                 skip = Some(reason.trim_end_matches("-->").trim().to_string());
             } else {
@@ -168,12 +171,12 @@ fn parse(path: &Path) -> Page {
                 page.sessions.push(Session {
                     line: start + 1,
                     commands,
-                    requires_nvrtc,
+                    requires: requires.take(),
                     skip: skip.take(),
                     setup: std::mem::take(&mut setup),
                 });
             }
-            requires_nvrtc = false;
+            requires = None;
             skip = None;
             i = end + 1;
             continue;
@@ -239,8 +242,36 @@ fn line_matches(expected: &str, actual: &str) -> bool {
     true
 }
 
-fn nvrtc_found() -> bool {
-    std::env::var_os("MOEC_CUDA_HOME").is_some_and(|d| Path::new(&d).exists())
+/// What a session needs beyond `moec` and a shell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Requirement {
+    Nvrtc,
+    Numpy,
+}
+
+impl Requirement {
+    fn met(self) -> bool {
+        match self {
+            Requirement::Nvrtc => {
+                std::env::var_os("MOEC_CUDA_HOME").is_some_and(|d| Path::new(&d).exists())
+            }
+            Requirement::Numpy => Command::new("python3")
+                .args(["-c", "import numpy"])
+                .output()
+                .is_ok_and(|o| o.status.success()),
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Requirement::Nvrtc => "needs NVRTC (MOEC_CUDA_HOME)",
+            Requirement::Numpy => "needs Python with numpy",
+        }
+    }
+}
+
+fn unmet(session: &Session) -> Option<Requirement> {
+    session.requires.filter(|r| !r.met())
 }
 
 const MARK: &str = "\u{1e}doctest-command";
@@ -262,7 +293,7 @@ fn run(page: &Page, dir: &Path) -> Vec<Vec<Vec<String>>> {
     }
     let mut script = String::from("set +e\n");
     for (s, session) in page.sessions.iter().enumerate() {
-        if session.skip.is_some() || (session.requires_nvrtc && !nvrtc_found()) {
+        if session.skip.is_some() || unmet(session).is_some() {
             continue;
         }
         for cmd in &session.setup {
@@ -352,11 +383,8 @@ fn every_command_the_book_shows_prints_what_the_book_shows() {
                 skipped.push(format!("{shown}:{}: {reason}", session.line));
                 continue;
             }
-            if session.requires_nvrtc && !nvrtc_found() {
-                skipped.push(format!(
-                    "{shown}:{}: needs NVRTC (MOEC_CUDA_HOME)",
-                    session.line
-                ));
+            if let Some(r) = unmet(session) {
+                skipped.push(format!("{shown}:{}: {}", session.line, r.what()));
                 continue;
             }
             for (c, cmd) in session.commands.iter().enumerate() {
