@@ -443,3 +443,122 @@ fn the_matcher_understands_the_wildcards() {
     assert!(!matches(&v(&["x", "...", "z"]), &v(&["x", "y"])));
     assert!(matches(&v(&["wall [..] ms"]), &v(&["wall 5.4 ms"])));
 }
+
+/// The id mdBook gives a heading: alphanumerics, `_` and `-` kept (lower
+/// case), whitespace turned into `-`, everything else dropped.
+fn heading_id(heading: &str) -> String {
+    heading
+        .chars()
+        .filter_map(|ch| {
+            if ch.is_alphanumeric() || ch == '_' || ch == '-' {
+                Some(ch.to_ascii_lowercase())
+            } else if ch.is_whitespace() {
+                Some('-')
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// The heading ids of a Markdown file (outside fenced blocks).
+fn heading_ids(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut ids = Vec::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced && line.starts_with('#') {
+            ids.push(heading_id(line.trim_start_matches('#').trim()));
+        }
+    }
+    ids
+}
+
+/// The `](target)` links of a Markdown file outside fenced blocks and code
+/// spans, with their line numbers.
+fn links(path: &Path) -> Vec<(usize, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut fenced = false;
+    for (n, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        // Drop code spans, whose text is not a link.
+        let mut plain = String::new();
+        let mut in_code = false;
+        for ch in line.chars() {
+            if ch == '`' {
+                in_code = !in_code;
+            } else if !in_code {
+                plain.push(ch);
+            }
+        }
+        let mut rest = plain.as_str();
+        while let Some(at) = rest.find("](") {
+            let after = &rest[at + 2..];
+            let Some(end) = after.find(')') else { break };
+            out.push((n + 1, after[..end].to_string()));
+            rest = &after[end..];
+        }
+    }
+    out
+}
+
+/// Every relative link of the book and README.md names a file that exists
+/// and, with `#anchor`, a heading of that file.
+#[test]
+fn every_link_of_the_book_resolves() {
+    let mut broken = Vec::new();
+    for page in pages() {
+        let shown = page
+            .strip_prefix(root())
+            .unwrap_or(&page)
+            .display()
+            .to_string();
+        for (line, target) in links(&page) {
+            if target.contains("://") || target.starts_with("mailto:") || target.is_empty() {
+                continue;
+            }
+            let (file, anchor) = match target.split_once('#') {
+                Some((f, a)) => (f, Some(a)),
+                None => (target.as_str(), None),
+            };
+            let path = if file.is_empty() {
+                page.clone()
+            } else {
+                page.parent().unwrap_or(Path::new(".")).join(file)
+            };
+            if !path.exists() {
+                broken.push(format!("{shown}:{line}: `{target}`: no such file"));
+                continue;
+            }
+            if let Some(anchor) = anchor {
+                let md = if path.extension().is_some_and(|x| x == "html") {
+                    path.with_extension("md")
+                } else {
+                    path.clone()
+                };
+                if md.extension().is_some_and(|x| x == "md")
+                    && !heading_ids(&md).iter().any(|id| id == anchor)
+                {
+                    broken.push(format!(
+                        "{shown}:{line}: `{target}`: no heading `#{anchor}`"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "{} broken link(s):\n{}",
+        broken.len(),
+        broken.join("\n")
+    );
+}
