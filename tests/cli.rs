@@ -659,7 +659,8 @@ fn run_rejects_a_missing_weights_file_and_bad_ranks() {
         "--weights",
         "/nonexistent.safetensors",
     ]);
-    assert_eq!(r.code, 1, "{}", r.out);
+    // An unreadable file is a usage error, as the README says.
+    assert_eq!(r.code, 2, "{}", r.out);
     assert!(r.err.contains("nonexistent.safetensors"), "{}", r.err);
     let r = moec(&["run", &example("tiny.moe"), "--ranks", "3"]);
     assert_eq!(r.code, 2);

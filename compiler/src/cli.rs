@@ -272,7 +272,7 @@ struct Ctx<'a> {
 }
 
 fn read(path: &Path) -> Result<String, Failure> {
-    std::fs::read_to_string(path)
+    moec_runtime::files::read_to_string(path)
         .map_err(|e| Failure(EXIT_USAGE, format!("cannot read `{}`: {e}", path.display())))
 }
 
@@ -668,8 +668,15 @@ impl Ctx<'_> {
                     Some(n) => Select::Layer(n),
                     None => Select::Prefix(a.prefix.clone()),
                 };
-                let (w, report) = load_checkpoint(path, &layer, &select)
-                    .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?;
+                let (w, report) = load_checkpoint(path, &layer, &select).map_err(|e| {
+                    // An unreadable file is a usage error (2), as the README says;
+                    // a readable checkpoint that does not fit the layer is rejected (1).
+                    let code = match e {
+                        moec_runtime::weights::WeightsError::Io { .. } => EXIT_USAGE,
+                        _ => EXIT_REJECTED,
+                    };
+                    Failure(code, e.to_string())
+                })?;
                 (w, Some(report))
             }
             None => (LayerWeights::random(&layer, a.seed), None),

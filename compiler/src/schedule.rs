@@ -1351,9 +1351,21 @@ impl<'a> Builder<'a> {
                 uses[flag as usize].push(last);
             }
         }
+        // Sizes saturate rather than wrap; a saturated one is a layer too
+        // large to describe in bytes, refused here rather than allocated.
+        if let Some(b) = self.buffers.iter().find(|b| b.bytes == u64::MAX) {
+            return Err(format!(
+                "buffer `{}` of shape {:?} has more than 2^64 bytes: the layer is too large \
+                 (check tokens_per_rank, hidden and the expert sizes)",
+                b.name, b.shape
+            ));
+        }
         let order = HappensBefore::new(&streams, self.events);
         let peak = allocate(&mut self.buffers, &uses, &order);
-        let total: u64 = self.buffers.iter().map(|b| b.bytes).sum();
+        let total = self
+            .buffers
+            .iter()
+            .fold(0u64, |sum, b| sum.saturating_add(b.bytes));
         let weight_bytes = weight_bytes(m);
         let chunk_tokens = m.chunk_tokens(self.chunks);
         let has = |k: KernelKind| self.kernels.iter().any(|x| x.kind == k);

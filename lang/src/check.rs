@@ -161,6 +161,9 @@ struct Checker {
     /// Only constants defined before this offset are visible (the start of the
     /// section being checked): a constant is defined before its first use.
     scope_end: usize,
+    /// The constants visible at `scope_end`, built once per section (copying
+    /// them for every expression made a file of `N` lets take `N²` time).
+    visible: Option<(usize, Constants)>,
 }
 
 /// The entries of one block by name, after duplicates and unknown names were reported.
@@ -344,13 +347,29 @@ impl Checker {
     }
 
     fn eval(&mut self, expr: &crate::ast::Expr, unit: Option<&crate::ast::Unit>) -> Option<Val> {
-        let visible: Constants = self
-            .consts
-            .iter()
-            .filter(|(_, (_, at))| at.start < self.scope_end)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        match eval_with_unit(expr, unit, &visible) {
+        // Between sections every constant so far is visible (they are defined
+        // in order); inside a section, the ones before it.
+        let result = if self.scope_end == usize::MAX {
+            eval_with_unit(expr, unit, &self.consts)
+        } else {
+            if self
+                .visible
+                .as_ref()
+                .is_none_or(|(end, _)| *end != self.scope_end)
+            {
+                let end = self.scope_end;
+                let visible: Constants = self
+                    .consts
+                    .iter()
+                    .filter(|(_, (_, at))| at.start < end)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                self.visible = Some((end, visible));
+            }
+            let visible = self.visible.as_ref().map(|(_, v)| v);
+            eval_with_unit(expr, unit, visible.unwrap_or(&self.consts))
+        };
+        match result {
             Ok(v) => Some(v),
             Err(mut d) => {
                 if d.code == "E0105" {
@@ -1367,7 +1386,26 @@ impl Checker {
         if let (Some(n), Some(g), Some(ep), Some(etp), Some(dp)) = (nodes, gpus, ep, etp, dp) {
             let world = n.checked_mul(g).filter(|w| *w <= MAX_RANKS);
             let product = ep.checked_mul(etp).and_then(|x| x.checked_mul(dp));
-            if world.is_none() || world != product {
+            if world.is_none() && product.is_some() && n.checked_mul(g) == product {
+                // The factors agree; the mesh is only too large.
+                let at = self
+                    .key_span(&f, "nodes")
+                    .or(self.key_span(&f, "gpus_per_node"))
+                    .unwrap_or(s.kind.span);
+                self.err(
+                    Diagnostic::error(
+                        "E0401",
+                        at,
+                        format!(
+                            "the mesh has {} GPUs, more than the {MAX_RANKS} moec supports",
+                            n.saturating_mul(g)
+                        ),
+                    )
+                    .label("too many GPUs")
+                    .note(format!("nodes × gpus_per_node = {n} × {g}"))
+                    .help("model a part of the cluster: the plan is per EP group, and dp replicas repeat it"),
+                );
+            } else if world.is_none() || world != product {
                 let at = self.key_span(&f, "ep").unwrap_or(s.kind.span);
                 self.err(
                     Diagnostic::error(

@@ -151,7 +151,7 @@ impl Layer {
         options: CpuOptions,
     ) -> Result<Layer, Error> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let text = crate::files::read_to_string(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?;

@@ -37,6 +37,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod files;
 pub mod layer;
 pub mod plan;
 pub mod weights;

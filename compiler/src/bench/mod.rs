@@ -134,6 +134,15 @@ pub fn bench(
     if a.iters == 0 {
         return Err((EXIT_USAGE, "--iters must be at least 1".into()));
     }
+    if a.iters.saturating_add(a.warmup) > MAX_ROUNDS {
+        return Err((
+            EXIT_USAGE,
+            format!(
+                "--warmup {} + --iters {} is more than the {MAX_ROUNDS} rounds a benchmark runs",
+                a.warmup, a.iters
+            ),
+        ));
+    }
     if a.gemm_threads == 0 {
         return Err((EXIT_USAGE, "--gemm-threads must be at least 1".into()));
     }
@@ -956,13 +965,19 @@ impl GemmsAlone {
         let results: Vec<Result<(), Failure>> = std::thread::scope(|s| {
             let handles: Vec<_> = ranks
                 .iter_mut()
-                .map(|rank| s.spawn(move || self.rank(rank, threads)))
+                .map(|rank| {
+                    std::thread::Builder::new()
+                        .spawn_scoped(s, move || self.rank(rank, threads))
+                        .map_err(|e| (EXIT_REJECTED, format!("cannot start a GEMM thread: {e}")))
+                })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err((EXIT_REJECTED, "a GEMM thread panicked".into())))
+                .map(|h| match h {
+                    Ok(h) => h
+                        .join()
+                        .unwrap_or_else(|_| Err((EXIT_REJECTED, "a GEMM thread panicked".into()))),
+                    Err(e) => Err(e),
                 })
                 .collect()
         });
@@ -1048,6 +1063,10 @@ struct Report<'a> {
     max_rel: f64,
     tol: f64,
 }
+
+/// The most rounds (warmup and timed) one benchmark runs: far more than a
+/// median needs, and small enough that `warmup + iters` cannot overflow.
+const MAX_ROUNDS: usize = 1_000_000;
 
 /// The goals: at least this much faster than the loop ...
 const GOAL_VS_LOOP: f64 = 3.0;

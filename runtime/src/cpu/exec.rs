@@ -188,6 +188,14 @@ pub struct CpuBackend {
     spare_arenas: Mutex<Vec<Arena>>,
 }
 
+/// The error when a rank's thread cannot be started.
+fn thread_limit(rank: usize, e: &std::io::Error) -> String {
+    format!(
+        "cannot start a thread for rank {rank}: {e} (every stream of every rank is a thread: \
+         raise the process's thread limit, `ulimit -u`, or run fewer ranks with --ranks)"
+    )
+}
+
 /// Constants of the activation a GEMM epilogue applies: it reads the GEMM's
 /// f32 result (`in_dtype` 0) and stores the layer dtype.
 fn activation_constants(plan: &Plan, width: usize, ffn: Activation) -> Vec<(String, i64)> {
@@ -474,7 +482,7 @@ impl CpuBackend {
             for ctx in &ranks {
                 for (s, stream) in self.plan.streams.iter().enumerate() {
                     let (comm, abort, errors) = (&comm, &abort, &errors);
-                    scope.spawn(move || {
+                    let spawned = std::thread::Builder::new().spawn_scoped(scope, move || {
                         let run = StreamRun {
                             backend: self,
                             ctx,
@@ -496,6 +504,16 @@ impl CpuBackend {
                             }
                         }
                     });
+                    if let Err(e) = spawned {
+                        // The threads already running see the abort and stop.
+                        let text = thread_limit(ctx.rank, &e);
+                        errors
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(ExecError::new(text.clone()));
+                        abort.set();
+                        comm.abort(&text);
+                    }
                 }
             }
         });
@@ -607,7 +625,7 @@ impl CpuBackend {
                 .iter()
                 .map(|ctx| {
                     let comm = &comm;
-                    scope.spawn(move || {
+                    let spawned = std::thread::Builder::new().spawn_scoped(scope, move || {
                         let run = StreamRun {
                             backend: self,
                             ctx,
@@ -622,14 +640,21 @@ impl CpuBackend {
                             e.rank = Some(ctx.rank);
                             e
                         })
+                    });
+                    spawned.map_err(|e| {
+                        let text = thread_limit(ctx.rank, &e);
+                        comm.abort(&text);
+                        ExecError::new(text)
                     })
                 })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(ExecError::new("a collective thread panicked")))
+                .map(|h| match h {
+                    Ok(h) => h
+                        .join()
+                        .unwrap_or_else(|_| Err(ExecError::new("a collective thread panicked"))),
+                    Err(e) => Err(e),
                 })
                 .collect()
         });

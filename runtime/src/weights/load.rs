@@ -46,7 +46,7 @@ struct Shard {
 
 impl Shard {
     fn open(path: &Path) -> Result<Shard, WeightsError> {
-        let mut file = File::open(path).map_err(io(path))?;
+        let mut file = crate::files::open(path).map_err(io(path))?;
         let len = file.metadata().map_err(io(path))?.len();
         if len < 8 {
             return Err(corrupt(
@@ -184,7 +184,7 @@ impl Checkpoint {
     }
 
     fn open_index(path: &Path) -> Result<Checkpoint, WeightsError> {
-        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let text = crate::files::read_to_string(path).map_err(io(path))?;
         let index: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| corrupt(path, format!("safetensors index: {e}")))?;
         let Some(map) = index.get("weight_map").and_then(|m| m.as_object()) else {

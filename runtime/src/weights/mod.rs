@@ -443,11 +443,29 @@ fn fill_uniform(values: &mut [f32], seed: u64, first_word: u128, bound: f32, rou
         return;
     }
     let per_thread = values.len().div_ceil(threads).max(CHUNK);
-    std::thread::scope(|s| {
-        for (i, part) in values.chunks_mut(per_thread).enumerate() {
-            let at = first_word + (i * per_thread) as u128;
-            s.spawn(move || draw(part, at));
+    // A queue of parts the calling thread also works on: if no thread can be
+    // started (the process's thread limit), every part is still drawn.
+    let parts: std::sync::Mutex<Vec<(u128, &mut [f32])>> = std::sync::Mutex::new(
+        values
+            .chunks_mut(per_thread)
+            .enumerate()
+            .map(|(i, part)| (first_word + (i * per_thread) as u128, part))
+            .collect(),
+    );
+    let work = || loop {
+        let next = parts.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match next {
+            Some((at, part)) => draw(part, at),
+            None => break,
         }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            if std::thread::Builder::new().spawn_scoped(s, work).is_err() {
+                break;
+            }
+        }
+        work();
     });
 }
 

@@ -413,7 +413,7 @@ pub fn save_run(
 /// inputs and outputs split per rank.
 pub fn load_run(dir: &Path) -> Result<SavedRun, WeightsError> {
     let (tensors_file, config_file) = files(dir);
-    let text = std::fs::read_to_string(&config_file).map_err(|source| WeightsError::Io {
+    let text = crate::files::read_to_string(&config_file).map_err(|source| WeightsError::Io {
         file: config_file.clone(),
         source,
     })?;
