@@ -934,12 +934,21 @@ impl Target for CudaTarget {
     }
 
     fn write(&mut self, at: Addr, bytes: &[u8]) -> Result<(), String> {
+        if self.capturing.is_some() {
+            return Err("a host write during a capture".into());
+        }
         drv("bind the context", self.ctx.bind_to_thread())?;
         let p = self.ptr(at, bytes.len() as u64)?;
+        // On the rank's first stream, not the legacy stream: the plan's
+        // streams are non-blocking, so only an event orders them after a
+        // copy, and the issuer forks them from this stream after its writes.
+        let s = self.stream(at.rank, 0)?.cu_stream();
         // SAFETY: the range lies in a live allocation; no queued work uses
-        // it (writes happen between passes, after `synchronize`).
-        drv("cuMemcpyHtoD", unsafe {
-            result::memcpy_htod_sync(p, bytes)
+        // it (writes happen between passes, after `synchronize`). `bytes`
+        // is pageable: the driver stages it before returning, so the host
+        // may drop it afterwards.
+        drv("cuMemcpyHtoDAsync", unsafe {
+            result::memcpy_htod_async(p, bytes, s)
         })
     }
 
