@@ -40,8 +40,8 @@ use moec_runtime::cpu::layout::{assign_count, assign_place, Geometry, Routing};
 use moec_runtime::cpu::memory;
 use moec_runtime::cpu::{CpuBackend, CpuOptions};
 use moec_runtime::cuda::issue::{
-    collective_runs, pair_runs, run_pass, upload_weights, Addr, Arg, Command, EventId, Pass,
-    PassMode, PeerRuns, Target,
+    collective_runs, graph_pass, pair_runs, run_pass, upload_weights, Addr, Arg, Command, EventId,
+    GraphStage, Pass, PassMode, PeerRuns, Target,
 };
 use moec_runtime::cuda::program::{check_args, ArgT, KernelRef, Program, Space, Span, StepKind};
 use moec_runtime::cuda::route::RouteTable;
@@ -530,6 +530,11 @@ struct Emu<'k> {
     graph_origin: (usize, usize),
     /// Happens-before of the host's writes.
     order: WriteOrder,
+    /// Kernels launched and cuBLAS handles (rank, stream) used outside a
+    /// capture: a first use inside one is an error, as a GPU may allocate
+    /// or synchronise there (cuBLAS's first call, lazy module loading).
+    warm_kernels: Vec<KernelRef>,
+    warm_blas: Vec<(usize, usize)>,
     /// Host writes that have landed.
     writes_landed: usize,
 }
@@ -663,6 +668,8 @@ impl<'k> Emu<'k> {
             graph_origin: (0, 0),
             order: WriteOrder::default(),
             writes_landed: 0,
+            warm_kernels: Vec::new(),
+            warm_blas: Vec::new(),
         }
     }
 
@@ -954,7 +961,26 @@ impl Emu<'_> {
 
 impl Target for Emu<'_> {
     fn submit(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String> {
+        let first_use = match &cmd {
+            Command::Launch { kernel, .. } if !self.warm_kernels.contains(kernel) => {
+                self.warm_kernels.push(*kernel);
+                Some(format!("the first launch of {kernel:?}"))
+            }
+            Command::Gemm { .. } | Command::GemmBatched { .. }
+                if !self.warm_blas.contains(&(rank, stream)) =>
+            {
+                self.warm_blas.push((rank, stream));
+                Some(format!(
+                    "the first cuBLAS call on stream {stream} of rank {rank}"
+                ))
+            }
+            _ => None,
+        };
         match self.capture.as_mut() {
+            Some(_) if first_use.is_some() => Err(format!(
+                "{} inside a capture",
+                first_use.unwrap_or_default()
+            )),
             Some(c) => c.record(rank, stream, cmd),
             None => self.enqueue(rank, stream, cmd),
         }
@@ -1112,6 +1138,30 @@ fn emu_passes<'k>(
         .map(|&mode| {
             run_pass(program, &mut emu, &local, &inputs, mode)
                 .unwrap_or_else(|e| panic!("{} {mode:?}: {e}", layer.name))
+        })
+        .collect();
+    (emu, passes)
+}
+
+/// One emulated device holding every rank of `plan`, the weights and inputs
+/// of `seed` uploaded, after `count` passes through `graph_pass` (an eager
+/// pass and a capture, then replays).
+fn emu_graph_passes<'k>(
+    plan: &Plan,
+    program: &'k Program,
+    kernels: &'k HostKernels,
+    shuffle: Option<u64>,
+    count: usize,
+) -> (Emu<'k>, Vec<Pass>) {
+    let (mut emu, _) = emu_passes(plan, program, kernels, 3, shuffle, &[]);
+    let ranks = plan.mesh.world_size() as usize;
+    let inputs = random_inputs(&plan.layer, ranks, plan.layer.tokens_per_rank as usize, 3);
+    let local: Vec<usize> = (0..ranks).collect();
+    let mut stage = GraphStage::Cold;
+    let passes = (0..count)
+        .map(|i| {
+            graph_pass(program, &mut emu, &local, &inputs, &mut stage)
+                .unwrap_or_else(|e| panic!("{} graph pass {i}: {e}", plan.layer.name))
         })
         .collect();
     (emu, passes)
@@ -1528,7 +1578,7 @@ fn capacity_plans_run_as_a_graph() {
         let ranks = plan.mesh.world_size() as usize;
         let modes = [PassMode::Capture, PassMode::Replay, PassMode::Replay];
         for shuffle in [None, Some(9)] {
-            let (emu, passes) = emu_passes(plan, &program, &kernels, 3, shuffle, &modes);
+            let (emu, passes) = emu_graph_passes(plan, &program, &kernels, shuffle, modes.len());
             for (mode, pass) in modes.iter().zip(passes) {
                 assert!(
                     pass.outputs == eager.outputs,
@@ -1571,6 +1621,41 @@ fn capacity_plans_run_as_a_graph() {
     let e = run_pass(&program, &mut emu, &local, &inputs, PassMode::Capture).unwrap_err();
     assert!(e.to_string().contains("only capacity plans"), "{e}");
     assert!(emu.graph.is_none());
+    // Through `graph_pass` too, before any pass runs.
+    let mut stage = GraphStage::Cold;
+    let e = graph_pass(&program, &mut emu, &local, &inputs, &mut stage).unwrap_err();
+    assert!(e.to_string().contains("only capacity plans"), "{e}");
+    assert_eq!((emu.executed, stage), (0, GraphStage::Cold));
+}
+
+/// The first graph pass runs an eager pass before it captures, so the
+/// first launch of every kernel and the first call of every cuBLAS handle
+/// (which may load a module or allocate on a GPU) happen outside the
+/// capture; capturing a cold device is an error of the emulation.
+#[test]
+fn a_graph_is_captured_after_an_eager_pass() {
+    if !have_cxx("a_graph_is_captured_after_an_eager_pass") {
+        return;
+    }
+    let (name, plan) = small_layers()
+        .into_iter()
+        .find(|(n, _)| n.contains("capacity"))
+        .unwrap();
+    let program = Program::lower(&plan).unwrap();
+    let kernels = HostKernels::new(&program);
+    let (emu, passes) = emu_graph_passes(&plan, &program, &kernels, Some(5), 2);
+    let eager = emu_run(&plan, &program, &kernels, 3, None);
+    for pass in &passes {
+        assert!(pass.outputs == eager.outputs, "{name}");
+    }
+    assert!(emu.graph.is_some());
+    // What a capture on the first pass would do.
+    let (mut emu, _) = emu_passes(&plan, &program, &kernels, 3, None, &[]);
+    let ranks = plan.mesh.world_size() as usize;
+    let inputs = random_inputs(&plan.layer, ranks, plan.layer.tokens_per_rank as usize, 3);
+    let local: Vec<usize> = (0..ranks).collect();
+    let e = run_pass(&program, &mut emu, &local, &inputs, PassMode::Capture).unwrap_err();
+    assert!(e.to_string().contains("inside a capture"), "{e}");
 }
 
 /// The host's writes (inputs, status blocks) land asynchronously on each
@@ -2197,7 +2282,7 @@ fn the_gpu_benchmark_layers_run_shrunk_on_the_emulated_device() {
             let kernels = HostKernels::new(&program);
             let eager = emu_run(&plan, &program, &kernels, 3, None);
             let modes = [PassMode::Capture, PassMode::Replay];
-            let (_, passes) = emu_passes(&plan, &program, &kernels, 3, None, &modes);
+            let (_, passes) = emu_graph_passes(&plan, &program, &kernels, None, modes.len());
             for (mode, pass) in modes.iter().zip(passes) {
                 assert!(pass.outputs == eager.outputs, "{name} {mode:?}");
             }

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use super::device::{self, DeviceInfo};
 use super::driver::{CudaTarget, TargetSetup};
-use super::issue::{capturable, run_pass, upload_weights, PassMode, Timing};
+use super::issue::{
+    capturable, graph_pass, run_pass, upload_weights, GraphStage, PassMode, Timing,
+};
 use super::program::Program;
 use super::rdzv::{self, Launch};
 use super::{Nvrtc, PtxCache};
@@ -94,7 +96,7 @@ pub struct CudaBackend {
     arch: String,
     launch: Option<Launch>,
     /// Whether the target holds the graph of a captured pass.
-    captured: bool,
+    graph: GraphStage,
 }
 
 fn fail(message: impl Into<String>) -> ExecError {
@@ -182,7 +184,7 @@ impl CudaBackend {
             info,
             arch,
             launch,
-            captured: false,
+            graph: GraphStage::Cold,
         };
         upload_weights(
             &backend.program,
@@ -228,24 +230,19 @@ impl CudaBackend {
     /// `phase_seconds` is empty: [`CudaBackend::forward_profiled`] measures
     /// phases.
     pub fn forward(&mut self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
-        Ok(self.pass(inputs, PassMode::Eager)?.0)
+        Ok(self.pass(inputs, Some(PassMode::Eager))?.0)
     }
 
-    /// [`CudaBackend::forward`] through a CUDA graph: the first call
-    /// records the pass into a graph (and runs it), later calls only write
-    /// the inputs and launch the graph, so the host issues one launch per
-    /// pass instead of every kernel, GEMM, copy and event. Only plans that
-    /// need nothing of the host during a pass can ([`CudaBackend::graph_capable`]):
-    /// capacity plans, with every rank on this GPU; others are an error.
+    /// [`CudaBackend::forward`] through a CUDA graph: the first call runs
+    /// an eager pass (so that first-use work, cuBLAS's and lazy module
+    /// loading's, stays out of the graph), then records the pass into a
+    /// graph and runs it; later calls only write the inputs and launch the
+    /// graph, so the host issues one launch per pass instead of every
+    /// kernel, GEMM, copy and event. Only plans that need nothing of the
+    /// host during a pass can ([`CudaBackend::graph_capable`]): capacity
+    /// plans, with every rank on this GPU; others are an error.
     pub fn forward_graph(&mut self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
-        let mode = if self.captured {
-            PassMode::Replay
-        } else {
-            PassMode::Capture
-        };
-        let forward = self.pass(inputs, mode)?.0;
-        self.captured = true;
-        Ok(forward)
+        Ok(self.pass(inputs, None)?.0)
     }
 
     /// Whether [`CudaBackend::forward_graph`] can run this plan here.
@@ -262,7 +259,7 @@ impl CudaBackend {
         &mut self,
         inputs: &[Vec<f32>],
     ) -> Result<(Forward, Vec<Timing>), ExecError> {
-        let (mut forward, timings) = self.pass(inputs, PassMode::Profiled)?;
+        let (mut forward, timings) = self.pass(inputs, Some(PassMode::Profiled))?;
         let ranks = self.local.len().max(1) as f64;
         for t in timings.iter().filter(|t| t.gemm.is_none()) {
             if let Some(op) = self.program.ops.get(t.op) {
@@ -277,10 +274,11 @@ impl CudaBackend {
         self.program.ops.get(op).map(|o| o.phase)
     }
 
+    /// One pass in `mode`, or through the graph ([`graph_pass`]) with `None`.
     fn pass(
         &mut self,
         inputs: &[Vec<f32>],
-        mode: PassMode,
+        mode: Option<PassMode>,
     ) -> Result<(Forward, Vec<Timing>), ExecError> {
         if inputs.len() != self.program.ranks {
             return Err(fail(format!(
@@ -291,13 +289,16 @@ impl CudaBackend {
         }
         let mine: Vec<Vec<f32>> = self.local.iter().map(|&r| inputs[r].clone()).collect();
         let result = device::guarded(|| {
-            Ok(run_pass(
-                &self.program,
-                &mut self.target,
-                &self.local,
-                &mine,
-                mode,
-            ))
+            Ok(match mode {
+                Some(mode) => run_pass(&self.program, &mut self.target, &self.local, &mine, mode),
+                None => graph_pass(
+                    &self.program,
+                    &mut self.target,
+                    &self.local,
+                    &mine,
+                    &mut self.graph,
+                ),
+            })
         });
         let pass = result.map_err(|e| fail(e.to_string()))??;
         Ok((

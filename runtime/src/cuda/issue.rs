@@ -595,6 +595,46 @@ pub fn run_pass(
     issuer.run(inputs)
 }
 
+/// How far a backend's CUDA graph has come ([`graph_pass`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GraphStage {
+    /// Nothing captured yet.
+    #[default]
+    Cold,
+    /// The target holds the graph of a captured pass.
+    Captured,
+}
+
+/// One pass as a CUDA graph. The first one runs an eager pass before it
+/// captures (and runs) the graph: the first call of each cuBLAS handle and
+/// the first launch of each kernel (module loading is lazy) then happen
+/// outside the capture, where they may allocate or synchronise. Later ones
+/// replay the graph. The pass returned is the captured or replayed one.
+pub fn graph_pass(
+    program: &Program,
+    target: &mut dyn Target,
+    local: &[usize],
+    inputs: &[Vec<f32>],
+    stage: &mut GraphStage,
+) -> Result<Pass, ExecError> {
+    if !capturable(program, local) {
+        return Err(ExecError {
+            rank: None,
+            op: None,
+            message: not_capturable(program, local),
+        });
+    }
+    match stage {
+        GraphStage::Captured => run_pass(program, target, local, inputs, PassMode::Replay),
+        GraphStage::Cold => {
+            run_pass(program, target, local, inputs, PassMode::Eager)?;
+            let pass = run_pass(program, target, local, inputs, PassMode::Capture)?;
+            *stage = GraphStage::Captured;
+            Ok(pass)
+        }
+    }
+}
+
 /// Whether a pass of `program` on the ranks `local` can be captured in a
 /// graph: a capacity plan (padded expert slots) whose EP groups are all
 /// among `local`, so that no step waits for the routing on the host.
