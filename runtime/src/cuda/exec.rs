@@ -71,8 +71,9 @@ fn launch_for(choice: CommChoice) -> Result<Option<Launch>, String> {
 pub struct CudaOptions {
     /// How long a rank waits for the device, a peer or the rendezvous.
     pub timeout: Duration,
-    /// The GPU (default: `LOCAL_RANK` under a multi-process launch, else
-    /// `MOEC_CUDA_DEVICE` or 0).
+    /// The GPU (default: `LOCAL_RANK` modulo the visible GPUs under a
+    /// multi-process launch, else `MOEC_CUDA_DEVICE` or 0; see
+    /// [`device::choose_ordinal`]).
     pub device: Option<usize>,
     pub comm: CommChoice,
 }
@@ -132,20 +133,13 @@ impl CudaBackend {
             }
             None => (0..program.ranks).collect(),
         };
-        let ordinal = match (options.device, &launch) {
-            (Some(d), _) => d,
-            (None, Some(l)) => l.local_rank,
-            (None, None) => std::env::var("MOEC_CUDA_DEVICE")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0),
-        };
-        if ordinal >= info.count {
-            return Err(fail(format!(
-                "GPU {ordinal} does not exist ({} visible)",
-                info.count
-            )));
-        }
+        let ordinal = device::choose_ordinal(
+            options.device,
+            launch.as_ref().map(|l| l.local_rank),
+            std::env::var("MOEC_CUDA_DEVICE").ok().as_deref(),
+            info.count,
+        )
+        .map_err(fail)?;
         let nvrtc = Nvrtc::load().map_err(|e| fail(e.to_string()))?;
         let cache = PtxCache::from_env();
         let setup = device::guarded(|| {
