@@ -27,10 +27,10 @@ mkdir -p "$out"
 cd "$root"
 
 echo "=== GPU and libraries"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 # shellcheck source=runtime/gpu/env.sh
 source "$here/env.sh"
 [ -x "$bin/moec" ] || { echo "no $bin/moec: run 'runtime/gpu/check.sh build' on a machine with Rust and carry runtime/gpu/bin"; exit 2; }
+print_toolchain
 
 reports=()
 failed=0

@@ -1,12 +1,13 @@
-//! Compiled PTX, cached per plan.
+//! Compiled code (PTX and cubin), cached per plan.
 //!
 //! The key is the module's content hash ([`Module::hash`], which covers the
 //! generated source and, through its header, the NVRTC options), the target
-//! architecture and NVRTC's version: `<hash>-<arch>-nvrtc<major>.<minor>`.
-//! Two plans with the same kernels share an entry. Entries live in memory
-//! for the life of the cache and, when the cache has a folder
-//! (`MOEC_PTX_CACHE` for [`PtxCache::from_env`]), in `<folder>/<key>.ptx`
-//! across runs; an unreadable or unwritable file only costs a compilation.
+//! architecture and NVRTC's version: `<hash>-<arch>-nvrtc<major>.<minor>`
+//! (a cubin is for one architecture and comes from one NVRTC). Two plans
+//! with the same kernels share an entry. Entries live in memory for the
+//! life of the cache and, when the cache has a folder (`MOEC_PTX_CACHE` for
+//! [`PtxCache::from_env`]), in `<folder>/<key>.ptx` and `<key>.cubin` across
+//! runs; an unreadable or unwritable file only costs a compilation.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -104,28 +105,14 @@ impl PtxCache {
         if let Some(p) = memory(&self.memory) {
             return Ok((p, Source::Memory));
         }
-        let file = self.dir.as_ref().map(|d| d.join(format!("{key}.ptx")));
-        let (ptx, source) = match file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
-            Some(text) => (
-                Ptx {
-                    text,
-                    log: String::new(),
-                },
-                Source::Disk,
-            ),
+        let on_disk = self.dir.as_ref().and_then(|d| read_entry(d, &key, arch));
+        let (ptx, source) = match on_disk {
+            Some(ptx) => (ptx, Source::Disk),
             None => {
                 let name = format!("{}.cu", module.hash());
                 let ptx = nvrtc.compile(&module.source(), &name, arch, &[])?;
-                if let (Some(dir), Some(file)) = (&self.dir, &file) {
-                    // Written whole, then renamed, so a reader never sees
-                    // half a file; failures leave the cache without it.
-                    let tmp = dir.join(format!("{key}.ptx.{}.tmp", std::process::id()));
-                    let written = std::fs::create_dir_all(dir)
-                        .and_then(|()| std::fs::write(&tmp, &ptx.text))
-                        .and_then(|()| std::fs::rename(&tmp, file));
-                    if written.is_err() {
-                        let _ = std::fs::remove_file(&tmp);
-                    }
+                if let Some(dir) = &self.dir {
+                    write_entry(dir, &key, &ptx);
                 }
                 (ptx, Source::Compiled)
             }
@@ -136,5 +123,47 @@ impl PtxCache {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, Arc::clone(&ptx));
         Ok((ptx, source))
+    }
+}
+
+/// Whether NVRTC makes a cubin for `arch` (a real architecture, `sm_*`).
+fn has_cubin(arch: &str) -> bool {
+    arch.starts_with("sm_")
+}
+
+/// The entry `key` from `dir`: the PTX, and the cubin where `arch` has one.
+fn read_entry(dir: &std::path::Path, key: &str, arch: &str) -> Option<Ptx> {
+    let text = std::fs::read_to_string(dir.join(format!("{key}.ptx"))).ok()?;
+    let cubin = if has_cubin(arch) {
+        std::fs::read(dir.join(format!("{key}.cubin")))
+            .ok()
+            .filter(|c| !c.is_empty())?
+    } else {
+        Vec::new()
+    };
+    Some(Ptx {
+        text,
+        cubin,
+        log: String::new(),
+    })
+}
+
+/// Writes the entry `key` to `dir`, each file whole and then renamed (the
+/// cubin first, so that a reader who finds the PTX finds the cubin), so a
+/// reader never sees half a file; failures leave the cache without it.
+fn write_entry(dir: &std::path::Path, key: &str, ptx: &Ptx) {
+    let put = |ext: &str, bytes: &[u8]| {
+        let file = dir.join(format!("{key}.{ext}"));
+        let tmp = dir.join(format!("{key}.{ext}.{}.tmp", std::process::id()));
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, file));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.is_ok()
+    };
+    if ptx.cubin.is_empty() || put("cubin", &ptx.cubin) {
+        put("ptx", ptx.text.as_bytes());
     }
 }

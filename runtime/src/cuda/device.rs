@@ -52,6 +52,9 @@ pub struct DeviceInfo {
     /// Name and compute capability of device 0.
     pub name: String,
     pub capability: (i32, i32),
+    /// The CUDA version the driver supports (`cuDriverGetVersion`), e.g.
+    /// `(13, 0)`.
+    pub driver: (i32, i32),
 }
 
 impl DeviceInfo {
@@ -135,6 +138,11 @@ pub fn probe() -> Result<DeviceInfo, DeviceError> {
                 unsafe { result::device::get_attribute(dev, a) }
                     .map_err(|e| DeviceError::Driver(super::driver::describe(e)))
             };
+            let mut version = 0;
+            // SAFETY: `version` is a valid out-pointer for the call.
+            unsafe { sys::cuDriverGetVersion(&mut version) }
+                .result()
+                .map_err(|e| DeviceError::Driver(super::driver::describe(e)))?;
             let major =
                 attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
             let minor =
@@ -143,6 +151,7 @@ pub fn probe() -> Result<DeviceInfo, DeviceError> {
                 count: usize::try_from(count).unwrap_or(0),
                 name,
                 capability: (major, minor),
+                driver: super::nvrtc::split_version(version),
             })
         })
     }

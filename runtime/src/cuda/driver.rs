@@ -14,8 +14,10 @@
 //!   collectives' events (created on first use, timing disabled), and a
 //!   pinned host buffer for the routing read-back.
 //! - Two modules: the plan's generated kernels and the native assignment
-//!   kernels, compiled by NVRTC for the device's architecture (queried
-//!   here), cached by [`PtxCache`](super::PtxCache), loaded with `cuModuleLoadData`.
+//!   kernels, compiled by NVRTC to a cubin for the device's architecture
+//!   (queried here), cached by [`PtxCache`](super::PtxCache), loaded with
+//!   `cuModuleLoadData` (the cubin, so the driver JIT-compiles nothing and
+//!   an NVRTC newer than the driver works; see [`super::nvrtc`]).
 //! - GEMMs: `cublasGemmEx` per row group (`f32` output and compute; the
 //!   row-major `c = a · wᵀ` is the column-major `cᵀ = w · aᵀ`). A grouped
 //!   `cublasGemmGroupedBatchedEx` over the local experts is the next step.
@@ -34,6 +36,7 @@ use cudarc::nccl::{result as nccl_result, sys as nccl_sys};
 use moec_kernels::native::NativeKernel;
 
 use super::issue::{Addr, Arg, Command, EventId, Target};
+use super::nvrtc::Ptx;
 use super::program::{KernelRef, Program, Space};
 use super::rdzv::{self, Launch, ID_BYTES};
 use crate::plan::DType;
@@ -148,12 +151,34 @@ struct Module {
 }
 
 impl Module {
-    fn load(ptx: &str, symbols: &[String], what: &str) -> Result<Module, String> {
-        let image = CString::new(ptx).map_err(|_| format!("{what}: the PTX holds a NUL byte"))?;
-        // SAFETY: `image` is a NUL-terminated PTX text that outlives the call.
-        let handle = drv(what, unsafe {
-            result::module::load_data(image.as_ptr().cast::<c_void>())
-        })?;
+    /// Loads the cubin of `code` (for this device's architecture, so that
+    /// the driver JIT-compiles nothing), or its PTX when it has none.
+    fn load(code: &Ptx, symbols: &[String], what: &str) -> Result<Module, String> {
+        let handle = if code.cubin.is_empty() {
+            let image = CString::new(code.text.as_str())
+                .map_err(|_| format!("{what}: the PTX holds a NUL byte"))?;
+            // SAFETY: `image` is a NUL-terminated PTX text that outlives the call.
+            drv(what, unsafe {
+                result::module::load_data(image.as_ptr().cast::<c_void>())
+            })?
+        } else {
+            // An ELF image, copied into 8-byte aligned memory.
+            let mut image = vec![0u64; code.cubin.len().div_ceil(8)];
+            // SAFETY: `image` holds at least `cubin.len()` bytes; the two
+            // buffers are distinct.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    code.cubin.as_ptr(),
+                    image.as_mut_ptr().cast::<u8>(),
+                    code.cubin.len(),
+                )
+            };
+            // SAFETY: `image` is a whole cubin (its ELF header gives its
+            // size) that outlives the call.
+            drv(what, unsafe {
+                result::module::load_data(image.as_ptr().cast::<c_void>())
+            })?
+        };
         let mut module = Module {
             handle,
             functions: Vec::new(),
@@ -354,8 +379,8 @@ impl Drop for CudaTarget {
 /// What [`CudaTarget::new`] needs besides the program.
 pub struct TargetSetup<'a> {
     pub local: &'a [usize],
-    /// PTX of the generated module and of the native kernels, for this device.
-    pub ptx: (&'a str, &'a str),
+    /// The compiled generated module and native kernels, for this device.
+    pub code: (&'a Ptx, &'a Ptx),
     pub launch: Option<&'a Launch>,
     pub plan_hash: u64,
     pub timeout: Duration,
@@ -396,12 +421,12 @@ impl CudaTarget {
             .iter()
             .map(|k| k.name().to_string())
             .collect();
-        let generated = Module::load(setup.ptx.0, &generated_symbols, "the plan's kernels")?;
+        let generated = Module::load(setup.code.0, &generated_symbols, "the plan's kernels")?;
         let native_symbols: Vec<String> = NativeKernel::ALL
             .iter()
             .map(|k| k.symbol().to_string())
             .collect();
-        let native = Module::load(setup.ptx.1, &native_symbols, "the native kernels")?;
+        let native = Module::load(setup.code.1, &native_symbols, "the native kernels")?;
         let readback_len = program.work.readback().bytes as usize;
         let mut ranks = BTreeMap::new();
         for &r in setup.local {

@@ -95,6 +95,8 @@ pub struct CudaBackend {
     local: Vec<usize>,
     info: DeviceInfo,
     arch: String,
+    /// The driver's and NVRTC's versions and where NVRTC was found.
+    toolchain: String,
     launch: Option<Launch>,
     /// Whether the target holds the graph of a captured pass.
     graph: GraphStage,
@@ -141,6 +143,20 @@ impl CudaBackend {
         )
         .map_err(fail)?;
         let nvrtc = Nvrtc::load().map_err(|e| fail(e.to_string()))?;
+        super::nvrtc::driver_compatible(nvrtc.version(), info.driver).map_err(|e| {
+            fail(format!(
+                "{e} (NVRTC from {})",
+                nvrtc.location().library.display()
+            ))
+        })?;
+        let toolchain = format!(
+            "CUDA driver {}.{}, NVRTC {}.{} from {}",
+            info.driver.0,
+            info.driver.1,
+            nvrtc.version().0,
+            nvrtc.version().1,
+            nvrtc.location().library.display()
+        );
         let cache = PtxCache::from_env();
         let setup = device::guarded(|| {
             let ctx = CudaTarget::context(ordinal).map_err(device::DeviceError::Driver)?;
@@ -162,7 +178,7 @@ impl CudaBackend {
                 &program,
                 TargetSetup {
                     local: &local,
-                    ptx: (&generated.text, &native.text),
+                    code: (&generated, &native),
                     launch: launch.as_ref(),
                     plan_hash,
                     timeout: options.timeout,
@@ -177,6 +193,7 @@ impl CudaBackend {
             local,
             info,
             arch,
+            toolchain,
             launch,
             graph: GraphStage::Cold,
         };
@@ -199,20 +216,18 @@ impl CudaBackend {
         self.program.ranks
     }
 
-    /// One line about where the plan runs.
+    /// One line about where the plan runs: the GPU and its architecture
+    /// (the cubins' target), the ranks, the driver's and NVRTC's versions
+    /// and the NVRTC library used.
     pub fn describe(&self) -> String {
-        match &self.launch {
-            Some(l) => format!(
-                "{} ({}), rank {} of {} over NCCL",
-                self.info.name, self.arch, l.rank, l.world
-            ),
-            None => format!(
-                "{} ({}), {} virtual rank(s) on one GPU",
-                self.info.name,
-                self.arch,
-                self.local.len()
-            ),
-        }
+        let ranks = match &self.launch {
+            Some(l) => format!("rank {} of {} over NCCL", l.rank, l.world),
+            None => format!("{} virtual rank(s) on one GPU", self.local.len()),
+        };
+        format!(
+            "{} ({} cubin), {ranks}; {}",
+            self.info.name, self.arch, self.toolchain
+        )
     }
 
     /// Runs the layer on `inputs` (one `[tokens, hidden]` tensor per rank
