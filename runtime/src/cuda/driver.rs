@@ -27,6 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{c_int, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -195,8 +196,21 @@ impl Module {
     }
 }
 
+impl Module {
+    /// No module (what a leaked one is replaced with).
+    fn none() -> Module {
+        Module {
+            handle: std::ptr::null_mut(),
+            functions: Vec::new(),
+        }
+    }
+}
+
 impl Drop for Module {
     fn drop(&mut self) {
+        if self.handle.is_null() {
+            return;
+        }
         // SAFETY: the module was loaded once and is unloaded once, after the
         // device finished every launch of its functions.
         let _ = unsafe { result::module::unload(self.handle) };
@@ -365,14 +379,94 @@ pub struct CudaTarget {
     generated: Module,
     native: Module,
     timeout: Duration,
+    /// A wait for the device or a peer failed (a timeout, an NCCL error):
+    /// work may be stuck on the device, so the teardown waits only briefly.
+    stalled: AtomicBool,
     // Last: everything above is released while the context is alive.
     ctx: Arc<CudaContext>,
+}
+
+/// How long the teardown waits for the device once a wait has failed
+/// (after the communicator's abort, NCCL's kernels return at once).
+const STALLED_DRAIN: Duration = Duration::from_secs(2);
+
+/// The steps of tearing a target down, in the order [`teardown`] takes them.
+trait Teardown {
+    /// Aborts the NCCL communicator, if any: its kernels stop waiting for
+    /// peers (`ncclCommAbort` never blocks on them).
+    fn abort_comm(&mut self);
+    /// Waits up to `bound` for every stream; false when they did not finish.
+    fn drain(&mut self, bound: Duration) -> bool;
+    /// Gives up the device's memory, modules, graph and context without
+    /// freeing them (freeing waits for the device; the process's exit
+    /// releases them).
+    fn leak(&mut self);
+}
+
+/// Tears a target down without hanging: the communicator is aborted before
+/// anything waits for the device (a kernel waiting for a dead peer would
+/// never finish otherwise), the wait is bounded (by the timeout, or by
+/// [`STALLED_DRAIN`] once a wait has failed), and what the device may
+/// still use is leaked rather than freed.
+fn teardown(t: &mut impl Teardown, timeout: Duration, stalled: bool) {
+    t.abort_comm();
+    let bound = if stalled {
+        STALLED_DRAIN.min(timeout)
+    } else {
+        timeout
+    };
+    if !t.drain(bound) {
+        t.leak();
+    }
+}
+
+impl Teardown for CudaTarget {
+    fn abort_comm(&mut self) {
+        drop(self.nccl.take());
+    }
+
+    fn drain(&mut self, bound: Duration) -> bool {
+        let started = Instant::now();
+        let mut marks = Vec::new();
+        for dev in self.ranks.values() {
+            for s in &dev.streams {
+                match self.ctx.new_event(None).and_then(|ev| {
+                    ev.record(s)?;
+                    Ok(ev)
+                }) {
+                    Ok(ev) => marks.push(ev),
+                    Err(_) => return false,
+                }
+            }
+        }
+        for ev in &marks {
+            loop {
+                match ev.try_is_complete() {
+                    Ok(true) => break,
+                    Ok(false) if started.elapsed() < bound => backoff(started),
+                    _ => return false,
+                }
+            }
+        }
+        true
+    }
+
+    fn leak(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.ranks));
+        std::mem::forget(std::mem::take(&mut self.stamps));
+        std::mem::forget(self.graph.take());
+        std::mem::forget(std::mem::replace(&mut self.generated, Module::none()));
+        std::mem::forget(std::mem::replace(&mut self.native, Module::none()));
+        // The context's last reference would release (destroy) it.
+        std::mem::forget(Arc::clone(&self.ctx));
+    }
 }
 
 impl Drop for CudaTarget {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
-        let _ = self.ctx.synchronize();
+        let stalled = self.stalled.load(Ordering::Relaxed);
+        teardown(self, self.timeout, stalled);
     }
 }
 
@@ -482,6 +576,7 @@ impl CudaTarget {
             nccl,
             stamps: Vec::new(),
             timeout: setup.timeout,
+            stalled: AtomicBool::new(false),
             ctx,
         })
     }
@@ -774,6 +869,73 @@ impl CudaTarget {
     }
 }
 
+impl CudaTarget {
+    /// [`Target::fetch`]: polls the read-back's event (and NCCL) until the timeout.
+    fn wait_for_read_back(&mut self, rank: usize) -> Result<Vec<u8>, String> {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let dev = self.rank(rank)?;
+        let done = dev
+            .readback_done
+            .as_ref()
+            .ok_or_else(|| format!("rank {rank} has no read-back queued"))?;
+        loop {
+            if drv("cuEventQuery", done.try_is_complete())? {
+                break;
+            }
+            if let Some(n) = &self.nccl {
+                n.check()?;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "timed out after {:?} waiting for the routing of rank {rank}",
+                    self.timeout
+                ));
+            }
+            backoff(started);
+        }
+        // SAFETY: the copy into the pinned buffer has completed (the event
+        // after it is complete); nothing else writes it now.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(dev.readback.ptr.cast::<u8>(), dev.readback_len) };
+        Ok(bytes.to_vec())
+    }
+
+    /// [`Target::synchronize`]: polls an event on every stream (and NCCL)
+    /// until the timeout.
+    fn wait_for_streams(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let ctx = self.ctx.clone();
+        let mut marks = Vec::new();
+        for dev in self.ranks.values() {
+            for s in &dev.streams {
+                let ev = drv("cuEventCreate", ctx.new_event(None))?;
+                drv("cuEventRecord", ev.record(s))?;
+                marks.push(ev);
+            }
+        }
+        for ev in &marks {
+            loop {
+                if drv("the device", ev.try_is_complete())? {
+                    break;
+                }
+                if let Some(n) = &self.nccl {
+                    n.check()?;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "the device did not finish within {:?} (a peer stopped, or a kernel hangs)",
+                        self.timeout
+                    ));
+                }
+                backoff(started);
+            }
+        }
+        drv("the device", ctx.check_err())
+    }
+}
+
 impl Target for CudaTarget {
     fn submit(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String> {
         match cmd {
@@ -868,7 +1030,9 @@ impl Target for CudaTarget {
                 dev.readback_done = Some(done);
                 Ok(())
             }
-            Command::Nccl { sends, recvs } => self.exchange(rank, stream, &sends, &recvs),
+            Command::Nccl { sends, recvs } => self
+                .exchange(rank, stream, &sends, &recvs)
+                .inspect_err(|_| self.stalled.store(true, Ordering::Relaxed)),
             Command::Stamp(n) => {
                 let s = self.stream(rank, stream)?.clone();
                 let n = n as usize;
@@ -929,33 +1093,8 @@ impl Target for CudaTarget {
     }
 
     fn fetch(&mut self, rank: usize) -> Result<Vec<u8>, String> {
-        let started = Instant::now();
-        let deadline = started + self.timeout;
-        let dev = self.rank(rank)?;
-        let done = dev
-            .readback_done
-            .as_ref()
-            .ok_or_else(|| format!("rank {rank} has no read-back queued"))?;
-        loop {
-            if drv("cuEventQuery", done.try_is_complete())? {
-                break;
-            }
-            if let Some(n) = &self.nccl {
-                n.check()?;
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "timed out after {:?} waiting for the routing of rank {rank}",
-                    self.timeout
-                ));
-            }
-            backoff(started);
-        }
-        // SAFETY: the copy into the pinned buffer has completed (the event
-        // after it is complete); nothing else writes it now.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(dev.readback.ptr.cast::<u8>(), dev.readback_len) };
-        Ok(bytes.to_vec())
+        self.wait_for_read_back(rank)
+            .inspect_err(|_| self.stalled.store(true, Ordering::Relaxed))
     }
 
     fn write(&mut self, at: Addr, bytes: &[u8]) -> Result<(), String> {
@@ -978,35 +1117,8 @@ impl Target for CudaTarget {
     }
 
     fn synchronize(&mut self) -> Result<(), String> {
-        let started = Instant::now();
-        let deadline = started + self.timeout;
-        let ctx = self.ctx.clone();
-        let mut marks = Vec::new();
-        for dev in self.ranks.values() {
-            for s in &dev.streams {
-                let ev = drv("cuEventCreate", ctx.new_event(None))?;
-                drv("cuEventRecord", ev.record(s))?;
-                marks.push(ev);
-            }
-        }
-        for ev in &marks {
-            loop {
-                if drv("the device", ev.try_is_complete())? {
-                    break;
-                }
-                if let Some(n) = &self.nccl {
-                    n.check()?;
-                }
-                if Instant::now() >= deadline {
-                    return Err(format!(
-                        "the device did not finish within {:?} (a peer stopped, or a kernel hangs)",
-                        self.timeout
-                    ));
-                }
-                backoff(started);
-            }
-        }
-        drv("the device", ctx.check_err())
+        self.wait_for_streams()
+            .inspect_err(|_| self.stalled.store(true, Ordering::Relaxed))
     }
 
     fn read(&mut self, at: Addr, bytes: u64) -> Result<Vec<u8>, String> {
@@ -1019,5 +1131,62 @@ impl Target for CudaTarget {
             result::memcpy_dtoh_sync(&mut out, p)
         })?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target whose device finishes after `busy_for` (never with `None`),
+    /// recording the teardown's steps.
+    struct Fake {
+        busy_for: Option<Duration>,
+        steps: Vec<String>,
+    }
+
+    impl Teardown for Fake {
+        fn abort_comm(&mut self) {
+            self.steps.push("abort".into());
+            // An NCCL kernel waiting for a dead peer returns once aborted.
+            if self.busy_for.is_none() {
+                self.busy_for = Some(Duration::ZERO);
+            }
+        }
+
+        fn drain(&mut self, bound: Duration) -> bool {
+            self.steps.push(format!("drain {bound:?}"));
+            self.busy_for.is_some_and(|b| b <= bound)
+        }
+
+        fn leak(&mut self) {
+            self.steps.push("leak".into());
+        }
+    }
+
+    fn teardown_steps(busy_for: Option<Duration>, stalled: bool) -> Vec<String> {
+        let mut fake = Fake {
+            busy_for,
+            steps: Vec::new(),
+        };
+        teardown(&mut fake, Duration::from_secs(300), stalled);
+        fake.steps
+    }
+
+    #[test]
+    fn the_communicator_is_aborted_before_the_device_is_waited_for() {
+        // A kernel stuck on a dead peer: only the abort lets the wait end.
+        assert_eq!(teardown_steps(None, true), ["abort", "drain 2s"]);
+        // A healthy device: the whole timeout, nothing leaked.
+        assert_eq!(
+            teardown_steps(Some(Duration::from_secs(10)), false),
+            ["abort", "drain 300s"]
+        );
+        // After a reported timeout the wait is short; what the device
+        // still uses is leaked, not freed (a free would wait for it).
+        assert_eq!(
+            teardown_steps(Some(Duration::from_secs(10)), true),
+            ["abort", "drain 2s", "leak"]
+        );
     }
 }
