@@ -43,7 +43,9 @@ use moec_runtime::cuda::issue::{
     collective_runs, graph_pass, pair_runs, run_pass, upload_weights, Addr, Arg, Command, EventId,
     GraphStage, Pass, PassMode, PeerRuns, Target,
 };
-use moec_runtime::cuda::program::{check_args, ArgT, KernelRef, Program, Space, Span, StepKind};
+use moec_runtime::cuda::program::{
+    check_args, ArgT, KernelRef, Program, Space, Span, StepKind, Tail, CUBLAS_WORKSPACE_BYTES,
+};
 use moec_runtime::cuda::route::RouteTable;
 use moec_runtime::plan::{DType, OpKind, Plan};
 use moec_runtime::weights::{random_inputs, LayerWeights};
@@ -1336,6 +1338,13 @@ fn every_example_lowers_to_a_consistent_program() {
                     for span in [&g.a, &g.c, &g.acc, &g.biased] {
                         inside(span);
                     }
+                    // The second accumulator only where a bias is added
+                    // before an activation, and as large as the first.
+                    let biased = matches!(g.tail, Tail::Activation { store: Some(_), .. });
+                    let want = if biased { g.acc.bytes } else { 0 };
+                    assert_eq!(g.biased.bytes, want, "{name}: {} biased", g.label);
+                    let stream = &p.work.streams[s.stream];
+                    assert!(g.biased.bytes <= stream.biased.bytes, "{name}");
                     slots.push(g.status);
                 }
                 StepKind::Memset { span, .. } => inside(span),
@@ -2234,14 +2243,25 @@ fn the_gpu_benchmark_layers_fit_on_one_gpu() {
             assert!(moec_runtime::cuda::issue::capturable(&p, &local));
         }
         let per_rank = p.arena_bytes + p.weights.bytes + p.work.bytes;
-        let total = per_rank * p.ranks as u64;
+        // Besides the allocations: a cuBLAS workspace per stream and rank,
+        // the context and the local-memory reserve.
+        let memory = p.device_memory(p.ranks);
+        assert_eq!(memory.allocations, per_rank * p.ranks as u64);
+        assert_eq!(
+            memory.cublas,
+            CUBLAS_WORKSPACE_BYTES * (p.streams * p.ranks) as u64
+        );
+        assert!(memory.context > 0 && memory.local_reserve > 0);
+        let total = memory.total();
         eprintln!(
-            "{}: {} rank(s) x ({} arena + {} weights + {} workspace) = {:.1} GB",
+            "{}: {} rank(s) x ({} arena + {} weights + {} workspace) + {} cuBLAS + {} context and local memory = {:.1} GB",
             f.display(),
             p.ranks,
             p.arena_bytes,
             p.weights.bytes,
             p.work.bytes,
+            memory.cublas,
+            memory.context + memory.local_reserve,
             total as f64 / 1e9
         );
         assert!(

@@ -38,7 +38,7 @@ use moec_kernels::native::NativeKernel;
 
 use super::issue::{Addr, Arg, Command, EventId, Target};
 use super::nvrtc::Ptx;
-use super::program::{KernelRef, Program, Space};
+use super::program::{KernelRef, Program, Space, CUBLAS_WORKSPACE_BYTES as CUBLAS_WORKSPACE};
 use super::rdzv::{self, Launch, ID_BYTES};
 use crate::plan::DType;
 
@@ -89,10 +89,6 @@ fn backoff(started: Instant) {
         std::thread::sleep(Duration::from_micros(50));
     }
 }
-
-/// Bytes of each cuBLAS handle's workspace (what NVIDIA recommends for
-/// Hopper).
-const CUBLAS_WORKSPACE: u64 = 32 << 20;
 
 /// One raw device allocation, freed on drop.
 struct Alloc {

@@ -165,6 +165,26 @@ impl CudaBackend {
         });
         let (ctx, capability) = setup.map_err(|e| fail(e.to_string()))?;
         let arch = device::arch_of(capability);
+        let need = program.device_memory(local.len());
+        let free = device::guarded(|| {
+            ctx.bind_to_thread()
+                .and_then(|()| cudarc::driver::result::mem_get_info())
+                .map_err(|e| device::DeviceError::Driver(super::driver::describe(e)))
+        })
+        .map_err(|e| fail(e.to_string()))?
+        .0 as u64;
+        if need.total() > free {
+            let gb = |b: u64| b as f64 / 1e9;
+            return Err(fail(format!(
+                "the plan needs {:.1} GB of GPU memory ({:.1} GB for {} rank(s), {:.1} GB of cuBLAS workspaces, {:.1} GB for the context and the local-memory reserve), {:.1} GB are free",
+                gb(need.total()),
+                gb(need.allocations),
+                local.len(),
+                gb(need.cublas),
+                gb(need.context + need.local_reserve),
+                gb(free)
+            )));
+        }
         let (generated, _) = cache
             .get_or_compile(&nvrtc, &program.kernels.module, &arch)
             .map_err(|e| fail(e.to_string()))?;

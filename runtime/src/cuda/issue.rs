@@ -1291,10 +1291,6 @@ impl<'a> Issuer<'a> {
                 .acc
                 .sub(start * g.n * 4, m * g.n * 4, "the GEMM accumulator")
                 .map_err(|e| err(r, None, e))?;
-            let biased = g
-                .biased
-                .sub(start * g.n * 4, m * g.n * 4, "the GEMM accumulator")
-                .map_err(|e| err(r, None, e))?;
             let product = if g.tail == Tail::Direct { c } else { acc };
             if !is_batched {
                 let cmd = Command::Gemm {
@@ -1340,6 +1336,11 @@ impl<'a> Issuer<'a> {
                 } => {
                     let input = match store {
                         Some(s) => {
+                            // Sized only for GEMMs with a bias and an activation.
+                            let biased = g
+                                .biased
+                                .sub(start * g.n * 4, m * g.n * 4, "the biased accumulator")
+                                .map_err(|e| err(r, None, e))?;
                             let args = vec![buf(acc, 4), bias_arg, buf(biased, 4)];
                             let cmd = self.launch_cmd(
                                 r,
