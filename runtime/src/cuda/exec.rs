@@ -157,7 +157,7 @@ impl CudaBackend {
             nvrtc.version().1,
             nvrtc.location().library.display()
         );
-        let cache = PtxCache::from_env();
+        let cache = PtxCache::global();
         let setup = device::guarded(|| {
             let ctx = CudaTarget::context(ordinal).map_err(device::DeviceError::Driver)?;
             let capability = CudaTarget::capability(&ctx).map_err(device::DeviceError::Driver)?;
