@@ -100,7 +100,8 @@ impl Alloc {
     fn new(bytes: u64, what: &str) -> Result<Alloc, String> {
         let n = usize::try_from(bytes.max(256)).map_err(|_| format!("{what} is too large"))?;
         // SAFETY: a plain allocation of `n` bytes in the current context
-        // (bound by the caller); the memory is zeroed before any use below.
+        // (bound by the caller); the memory is zeroed before any use below
+        // (`CudaTarget::new` waits for the zeroing before it returns).
         let ptr = drv(what, unsafe { result::malloc_sync(n) })?;
         // SAFETY: `ptr` was just allocated with `n` bytes.
         drv(what, unsafe { result::memset_d8_sync(ptr, 0, n) })?;
@@ -559,6 +560,11 @@ impl CudaTarget {
                 },
             );
         }
+        // The allocations were zeroed with `cuMemsetD8` on the legacy
+        // stream, which may still run when this returns and which the
+        // non-blocking streams (where the weights are then written) are not
+        // ordered after: wait for it once, here.
+        drv("zeroing the allocations", ctx.synchronize())?;
         let nccl = match setup.launch {
             Some(l) => Some(Nccl::new(l, setup.plan_hash, setup.timeout)?),
             None => None,
