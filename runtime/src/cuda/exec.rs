@@ -206,7 +206,8 @@ impl CudaBackend {
             )
             .map_err(device::DeviceError::Driver)
         })
-        .map_err(|e| fail(e.to_string()))?;
+        // A module that does not load: which driver and NVRTC made it.
+        .map_err(|e| fail(format!("{e} ({toolchain})")))?;
         let mut backend = CudaBackend {
             program,
             target,
