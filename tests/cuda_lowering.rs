@@ -13,7 +13,10 @@
 //! shuffled mode every rank's streams are queues and a seeded random choice
 //! runs one ready command at a time, with CUDA's event semantics (a wait
 //! waits for the last record issued before it), so a missing event in the
-//! lowering (or in the plan) changes the bits.
+//! lowering (or in the plan) changes the bits. Host writes are asynchronous
+//! as on a GPU: queued on the rank's first stream (landing when that queue
+//! reaches them), and every command must be ordered after the writes to the
+//! memory it touches (`WriteOrder`, checked at submission).
 //!
 //! What this cannot check is the driver layer itself (cudarc calls, cuBLAS's
 //! column-major arguments, NCCL): `cuda_gpu.rs` does that where a GPU exists.
@@ -37,10 +40,12 @@ use moec_runtime::cpu::layout::{assign_count, assign_place, Geometry, Routing};
 use moec_runtime::cpu::memory;
 use moec_runtime::cpu::{CpuBackend, CpuOptions};
 use moec_runtime::cuda::issue::{
-    collective_runs, pair_runs, run_pass, upload_weights, Addr, Arg, Command, EventId, Pass,
-    PassMode, PeerRuns, Target,
+    collective_runs, graph_pass, pair_runs, run_pass, upload_weights, Addr, Arg, Command, EventId,
+    GraphStage, Pass, PassMode, PeerRuns, Target,
 };
-use moec_runtime::cuda::program::{check_args, ArgT, KernelRef, Program, Space, Span, StepKind};
+use moec_runtime::cuda::program::{
+    check_args, ArgT, KernelRef, Program, Space, Span, StepKind, Tail, CUBLAS_WORKSPACE_BYTES,
+};
 use moec_runtime::cuda::route::RouteTable;
 use moec_runtime::plan::{DType, OpKind, Plan};
 use moec_runtime::weights::{random_inputs, LayerWeights};
@@ -395,10 +400,109 @@ impl HostKernels {
 
 // ------------------------------------------------------------ emulator
 
-/// One queued command and, for a wait, the record generation it waits for.
+/// One queued piece of work and, for a wait, the record generation it
+/// waits for.
 struct Queued {
-    cmd: Command,
+    work: Work,
     gen: u64,
+}
+
+/// What a stream's queue holds: a command, or a host write (`Target::write`
+/// lands asynchronously, when its stream reaches it).
+enum Work {
+    Device(Command),
+    HostWrite { at: Addr, bytes: Vec<u8> },
+}
+
+/// Happens-before of the host's writes (checked at submission, so in order
+/// and shuffled alike): per rank, the writes queued so far; per stream and
+/// per event, how many of each rank's writes are ordered before it. A
+/// command that touches a rank's memory before all of that rank's writes
+/// are ordered before it is an error: on a GPU, the copy may land after
+/// the command ran.
+#[derive(Default)]
+struct WriteOrder {
+    writes: BTreeMap<usize, u64>,
+    seen: BTreeMap<(usize, usize), BTreeMap<usize, u64>>,
+    events: BTreeMap<EventId, BTreeMap<usize, u64>>,
+}
+
+impl WriteOrder {
+    fn write(&mut self, rank: usize) {
+        let n = self.writes.entry(rank).or_default();
+        *n += 1;
+        self.seen.entry((rank, 0)).or_default().insert(rank, *n);
+    }
+
+    /// Merges what `from` has seen into stream `at`.
+    fn join(&mut self, at: (usize, usize), from: &BTreeMap<usize, u64>) {
+        let seen = self.seen.entry(at).or_default();
+        for (&r, &n) in from {
+            let m = seen.entry(r).or_default();
+            *m = (*m).max(n);
+        }
+    }
+
+    fn submit(&mut self, rank: usize, stream: usize, cmd: &Command) -> Result<(), String> {
+        let at = (rank, stream);
+        match cmd {
+            Command::Record(e) => {
+                let seen = self.seen.get(&at).cloned().unwrap_or_default();
+                self.events.insert(*e, seen);
+            }
+            Command::Wait(e) => {
+                let from = self.events.get(e).cloned().unwrap_or_default();
+                self.join(at, &from);
+            }
+            _ => {
+                let seen = self.seen.get(&at);
+                for r in touched(cmd) {
+                    let written = self.writes.get(&r).copied().unwrap_or(0);
+                    let ordered = seen.and_then(|s| s.get(&r)).copied().unwrap_or(0);
+                    if ordered < written {
+                        return Err(format!(
+                            "{cmd:?} on stream {stream} of rank {rank} is not ordered after the host's write {written} to rank {r} (the copy may land after it runs)"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ranks whose memory a command reads or writes.
+fn touched(cmd: &Command) -> Vec<usize> {
+    let mut ranks = Vec::new();
+    match cmd {
+        Command::Launch {
+            args,
+            status,
+            scratch,
+            ..
+        } => {
+            for a in args {
+                if let Arg::Buf { addr, .. } = a {
+                    ranks.push(addr.rank);
+                }
+            }
+            ranks.push(status.rank);
+            ranks.extend(scratch.map(|s| s.rank));
+        }
+        Command::Gemm { a, w, c, .. } | Command::GemmBatched { a, w, c, .. } => {
+            ranks.extend([a.rank, w.rank, c.rank]);
+        }
+        Command::Copy { src, dst, .. } => ranks.extend([src.rank, dst.rank]),
+        Command::Memset { dst, .. } => ranks.push(dst.rank),
+        Command::ReadBack { src, .. } => ranks.push(src.rank),
+        Command::Nccl { sends, recvs } => {
+            ranks.extend(sends.iter().chain(recvs).map(|(_, at, _)| at.rank));
+        }
+        Command::Record(_) | Command::Wait(_) | Command::Stamp(_) => {}
+    }
+    ranks.sort_unstable();
+    ranks.dedup();
+    ranks
 }
 
 /// The device, emulated on the host (see the module docs).
@@ -421,9 +525,20 @@ struct Emu<'k> {
     stamps: BTreeMap<u32, usize>,
     /// Read-backs the host waited for during passes.
     fetches: usize,
-    /// A capture in progress, and the graph of the last one.
+    /// A capture in progress, and the graph of the last one (and the
+    /// stream it was captured on, which its launches are ordered after).
     capture: Option<Capture>,
     graph: Option<Vec<(usize, usize, Command)>>,
+    graph_origin: (usize, usize),
+    /// Happens-before of the host's writes.
+    order: WriteOrder,
+    /// Kernels launched and cuBLAS handles (rank, stream) used outside a
+    /// capture: a first use inside one is an error, as a GPU may allocate
+    /// or synchronise there (cuBLAS's first call, lazy module loading).
+    warm_kernels: Vec<KernelRef>,
+    warm_blas: Vec<(usize, usize)>,
+    /// Host writes that have landed.
+    writes_landed: usize,
 }
 
 /// A stream capture as CUDA runs one: it starts on one stream; a stream
@@ -552,6 +667,11 @@ impl<'k> Emu<'k> {
             fetches: 0,
             capture: None,
             graph: None,
+            graph_origin: (0, 0),
+            order: WriteOrder::default(),
+            writes_landed: 0,
+            warm_kernels: Vec::new(),
+            warm_blas: Vec::new(),
         }
     }
 
@@ -771,8 +891,8 @@ impl<'k> Emu<'k> {
     }
 
     fn ready(&self, q: &Queued) -> bool {
-        match &q.cmd {
-            Command::Wait(e) => {
+        match &q.work {
+            Work::Device(Command::Wait(e)) => {
                 q.gen == 0 || self.events.get(e).is_some_and(|(_, done)| *done >= q.gen)
             }
             _ => true,
@@ -799,8 +919,13 @@ impl<'k> Emu<'k> {
         *state ^= *state << 17;
         let key = ready[(*state % ready.len() as u64) as usize];
         let q = self.queues.get_mut(&key).and_then(VecDeque::pop_front);
-        if let Some(q) = q {
-            self.execute(key.0, &q.cmd, q.gen)?;
+        match q.map(|q| (q.work, q.gen)) {
+            Some((Work::Device(cmd), gen)) => self.execute(key.0, &cmd, gen)?,
+            Some((Work::HostWrite { at, bytes }, _)) => {
+                self.writes_landed += 1;
+                self.put(at, &bytes)?;
+            }
+            None => {}
         }
         Ok(true)
     }
@@ -809,6 +934,7 @@ impl<'k> Emu<'k> {
 impl Emu<'_> {
     /// Runs `cmd` now, or queues it (shuffled mode).
     fn enqueue(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String> {
+        self.order.submit(rank, stream, &cmd)?;
         let gen = match &cmd {
             Command::Record(e) => {
                 let ev = self.events.entry(*e).or_default();
@@ -827,14 +953,36 @@ impl Emu<'_> {
         self.queues
             .entry((rank, stream))
             .or_default()
-            .push_back(Queued { cmd, gen });
+            .push_back(Queued {
+                work: Work::Device(cmd),
+                gen,
+            });
         Ok(())
     }
 }
 
 impl Target for Emu<'_> {
     fn submit(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String> {
+        let first_use = match &cmd {
+            Command::Launch { kernel, .. } if !self.warm_kernels.contains(kernel) => {
+                self.warm_kernels.push(*kernel);
+                Some(format!("the first launch of {kernel:?}"))
+            }
+            Command::Gemm { .. } | Command::GemmBatched { .. }
+                if !self.warm_blas.contains(&(rank, stream)) =>
+            {
+                self.warm_blas.push((rank, stream));
+                Some(format!(
+                    "the first cuBLAS call on stream {stream} of rank {rank}"
+                ))
+            }
+            _ => None,
+        };
         match self.capture.as_mut() {
+            Some(_) if first_use.is_some() => Err(format!(
+                "{} inside a capture",
+                first_use.unwrap_or_default()
+            )),
             Some(c) => c.record(rank, stream, cmd),
             None => self.enqueue(rank, stream, cmd),
         }
@@ -859,11 +1007,25 @@ impl Target for Emu<'_> {
             return Err(format!("stream {s:?} was not joined back into the capture"));
         }
         self.graph = Some(c.commands);
+        self.graph_origin = c.origin;
         Ok(())
     }
 
+    /// The graph is launched into its origin stream: its nodes run after
+    /// what that stream holds, and after nothing else (the streams they
+    /// were captured from play no part), so for the write order every
+    /// stream of the graph has seen what the origin has.
     fn launch_graph(&mut self) -> Result<(), String> {
         let graph = self.graph.clone().ok_or("no graph has been captured")?;
+        let before = self
+            .order
+            .seen
+            .get(&self.graph_origin)
+            .cloned()
+            .unwrap_or_default();
+        for &(rank, stream, _) in &graph {
+            self.order.seen.insert((rank, stream), before.clone());
+        }
         for (rank, stream, cmd) in graph {
             self.enqueue(rank, stream, cmd)?;
         }
@@ -880,8 +1042,29 @@ impl Target for Emu<'_> {
         Ok(self.readbacks[&rank].clone())
     }
 
+    /// Queued on stream 0 of the rank (see `Target::write`); in shuffled
+    /// mode it lands when that queue reaches it.
     fn write(&mut self, at: Addr, bytes: &[u8]) -> Result<(), String> {
-        self.put(at, bytes)
+        if self.capture.is_some() {
+            return Err("a host write during a capture".into());
+        }
+        self.order.write(at.rank);
+        if self.shuffle.is_none() {
+            self.writes_landed += 1;
+            return self.put(at, bytes);
+        }
+        self.ptr(at, bytes.len() as u64)?;
+        self.queues
+            .entry((at.rank, 0))
+            .or_default()
+            .push_back(Queued {
+                work: Work::HostWrite {
+                    at,
+                    bytes: bytes.to_vec(),
+                },
+                gen: 0,
+            });
+        Ok(())
     }
 
     fn synchronize(&mut self) -> Result<(), String> {
@@ -957,6 +1140,30 @@ fn emu_passes<'k>(
         .map(|&mode| {
             run_pass(program, &mut emu, &local, &inputs, mode)
                 .unwrap_or_else(|e| panic!("{} {mode:?}: {e}", layer.name))
+        })
+        .collect();
+    (emu, passes)
+}
+
+/// One emulated device holding every rank of `plan`, the weights and inputs
+/// of `seed` uploaded, after `count` passes through `graph_pass` (an eager
+/// pass and a capture, then replays).
+fn emu_graph_passes<'k>(
+    plan: &Plan,
+    program: &'k Program,
+    kernels: &'k HostKernels,
+    shuffle: Option<u64>,
+    count: usize,
+) -> (Emu<'k>, Vec<Pass>) {
+    let (mut emu, _) = emu_passes(plan, program, kernels, 3, shuffle, &[]);
+    let ranks = plan.mesh.world_size() as usize;
+    let inputs = random_inputs(&plan.layer, ranks, plan.layer.tokens_per_rank as usize, 3);
+    let local: Vec<usize> = (0..ranks).collect();
+    let mut stage = GraphStage::Cold;
+    let passes = (0..count)
+        .map(|i| {
+            graph_pass(program, &mut emu, &local, &inputs, &mut stage)
+                .unwrap_or_else(|e| panic!("{} graph pass {i}: {e}", plan.layer.name))
         })
         .collect();
     (emu, passes)
@@ -1131,6 +1338,13 @@ fn every_example_lowers_to_a_consistent_program() {
                     for span in [&g.a, &g.c, &g.acc, &g.biased] {
                         inside(span);
                     }
+                    // The second accumulator only where a bias is added
+                    // before an activation, and as large as the first.
+                    let biased = matches!(g.tail, Tail::Activation { store: Some(_), .. });
+                    let want = if biased { g.acc.bytes } else { 0 };
+                    assert_eq!(g.biased.bytes, want, "{name}: {} biased", g.label);
+                    let stream = &p.work.streams[s.stream];
+                    assert!(g.biased.bytes <= stream.biased.bytes, "{name}");
                     slots.push(g.status);
                 }
                 StepKind::Memset { span, .. } => inside(span),
@@ -1373,7 +1587,7 @@ fn capacity_plans_run_as_a_graph() {
         let ranks = plan.mesh.world_size() as usize;
         let modes = [PassMode::Capture, PassMode::Replay, PassMode::Replay];
         for shuffle in [None, Some(9)] {
-            let (emu, passes) = emu_passes(plan, &program, &kernels, 3, shuffle, &modes);
+            let (emu, passes) = emu_graph_passes(plan, &program, &kernels, shuffle, modes.len());
             for (mode, pass) in modes.iter().zip(passes) {
                 assert!(
                     pass.outputs == eager.outputs,
@@ -1416,6 +1630,110 @@ fn capacity_plans_run_as_a_graph() {
     let e = run_pass(&program, &mut emu, &local, &inputs, PassMode::Capture).unwrap_err();
     assert!(e.to_string().contains("only capacity plans"), "{e}");
     assert!(emu.graph.is_none());
+    // Through `graph_pass` too, before any pass runs.
+    let mut stage = GraphStage::Cold;
+    let e = graph_pass(&program, &mut emu, &local, &inputs, &mut stage).unwrap_err();
+    assert!(e.to_string().contains("only capacity plans"), "{e}");
+    assert_eq!((emu.executed, stage), (0, GraphStage::Cold));
+}
+
+/// The first graph pass runs an eager pass before it captures, so the
+/// first launch of every kernel and the first call of every cuBLAS handle
+/// (which may load a module or allocate on a GPU) happen outside the
+/// capture; capturing a cold device is an error of the emulation.
+#[test]
+fn a_graph_is_captured_after_an_eager_pass() {
+    if !have_cxx("a_graph_is_captured_after_an_eager_pass") {
+        return;
+    }
+    let (name, plan) = small_layers()
+        .into_iter()
+        .find(|(n, _)| n.contains("capacity"))
+        .unwrap();
+    let program = Program::lower(&plan).unwrap();
+    let kernels = HostKernels::new(&program);
+    let (emu, passes) = emu_graph_passes(&plan, &program, &kernels, Some(5), 2);
+    let eager = emu_run(&plan, &program, &kernels, 3, None);
+    for pass in &passes {
+        assert!(pass.outputs == eager.outputs, "{name}");
+    }
+    assert!(emu.graph.is_some());
+    // What a capture on the first pass would do.
+    let (mut emu, _) = emu_passes(&plan, &program, &kernels, 3, None, &[]);
+    let ranks = plan.mesh.world_size() as usize;
+    let inputs = random_inputs(&plan.layer, ranks, plan.layer.tokens_per_rank as usize, 3);
+    let local: Vec<usize> = (0..ranks).collect();
+    let e = run_pass(&program, &mut emu, &local, &inputs, PassMode::Capture).unwrap_err();
+    assert!(e.to_string().contains("inside a capture"), "{e}");
+}
+
+/// The host's writes (inputs, status blocks) land asynchronously on each
+/// rank's first stream; the issuer orders them before every stream of the
+/// pass by itself, not through the plan's events: with every plan wait
+/// removed, no command touches memory before the writes are ordered before
+/// it (the emulation checks each one), eager, profiled and as a graph; and
+/// the emulation catches a kernel that is not ordered after a write.
+#[test]
+fn host_writes_are_ordered_before_every_stream() {
+    if !have_cxx("host_writes_are_ordered_before_every_stream") {
+        return;
+    }
+    let (name, plan) = small_layers()
+        .into_iter()
+        .find(|(n, p)| n.contains("capacity") && p.streams.len() > 1)
+        .unwrap();
+    let mut program = Program::lower(&plan).unwrap();
+    assert!(program.streams > 1, "{name}");
+    let kernels = HostKernels::new(&program);
+    let modes = [
+        PassMode::Eager,
+        PassMode::Profiled,
+        PassMode::Capture,
+        PassMode::Replay,
+    ];
+    let (emu, passes) = emu_passes(&plan, &program, &kernels, 3, Some(11), &modes);
+    assert!(emu.writes_landed > 0);
+    for (mode, pass) in modes.iter().zip(&passes) {
+        assert!(pass.outputs == passes[0].outputs, "{name} {mode:?}");
+    }
+    // Without the plan's waits the outputs may race; the write order must not.
+    program
+        .steps
+        .retain(|s| !matches!(s.kind, StepKind::Wait(_)));
+    let ranks = plan.mesh.world_size() as usize;
+    let inputs = random_inputs(&plan.layer, ranks, plan.layer.tokens_per_rank as usize, 3);
+    let local: Vec<usize> = (0..ranks).collect();
+    let weights = LayerWeights::random(&plan.layer, 3);
+    let mut emu = Emu::new(&program, &kernels, None);
+    upload_weights(&program, &mut emu, &local, &weights).unwrap();
+    for mode in [PassMode::Eager, PassMode::Profiled] {
+        run_pass(&program, &mut emu, &local, &inputs, mode)
+            .unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
+    }
+    // The emulation's own check: a memset on stream 1 right after a write
+    // is an error, on stream 0 it is ordered.
+    let mut emu = Emu::new(&program, &kernels, None);
+    emu.write(
+        Addr {
+            rank: 0,
+            space: Space::Arena,
+            offset: 0,
+        },
+        &[1, 2, 3, 4],
+    )
+    .unwrap();
+    let memset = Command::Memset {
+        dst: Addr {
+            rank: 0,
+            space: Space::Arena,
+            offset: 0,
+        },
+        bytes: 4,
+        value: 0,
+    };
+    let e = emu.submit(0, 1, memset.clone()).unwrap_err();
+    assert!(e.contains("not ordered after the host's write"), "{e}");
+    emu.submit(0, 0, memset).unwrap();
 }
 
 /// One emulated process per rank, the collectives as NCCL send and receive
@@ -1925,14 +2243,25 @@ fn the_gpu_benchmark_layers_fit_on_one_gpu() {
             assert!(moec_runtime::cuda::issue::capturable(&p, &local));
         }
         let per_rank = p.arena_bytes + p.weights.bytes + p.work.bytes;
-        let total = per_rank * p.ranks as u64;
+        // Besides the allocations: a cuBLAS workspace per stream and rank,
+        // the context and the local-memory reserve.
+        let memory = p.device_memory(p.ranks);
+        assert_eq!(memory.allocations, per_rank * p.ranks as u64);
+        assert_eq!(
+            memory.cublas,
+            CUBLAS_WORKSPACE_BYTES * (p.streams * p.ranks) as u64
+        );
+        assert!(memory.context > 0 && memory.local_reserve > 0);
+        let total = memory.total();
         eprintln!(
-            "{}: {} rank(s) x ({} arena + {} weights + {} workspace) = {:.1} GB",
+            "{}: {} rank(s) x ({} arena + {} weights + {} workspace) + {} cuBLAS + {} context and local memory = {:.1} GB",
             f.display(),
             p.ranks,
             p.arena_bytes,
             p.weights.bytes,
             p.work.bytes,
+            memory.cublas,
+            memory.context + memory.local_reserve,
             total as f64 / 1e9
         );
         assert!(
@@ -1973,7 +2302,7 @@ fn the_gpu_benchmark_layers_run_shrunk_on_the_emulated_device() {
             let kernels = HostKernels::new(&program);
             let eager = emu_run(&plan, &program, &kernels, 3, None);
             let modes = [PassMode::Capture, PassMode::Replay];
-            let (_, passes) = emu_passes(&plan, &program, &kernels, 3, None, &modes);
+            let (_, passes) = emu_graph_passes(&plan, &program, &kernels, None, modes.len());
             for (mode, pass) in modes.iter().zip(passes) {
                 assert!(pass.outputs == eager.outputs, "{name} {mode:?}");
             }

@@ -138,6 +138,8 @@ fn nvrtc_compiles_every_example() {
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let sizes = entry_sizes(&ptx.text);
         assert_eq!(sizes.len(), pk.module.kernels().len(), "{}", path.display());
+        // The cubin the executor loads: an ELF image for sm_90.
+        assert!(ptx.cubin.starts_with(b"\x7fELF"), "{}", path.display());
         for k in pk.module.kernels() {
             let size = sizes.iter().find(|(n, _)| n == k.name()).map(|(_, s)| *s);
             assert!(
@@ -168,6 +170,13 @@ fn nvrtc_compiles_the_native_kernels() {
         .compile(SOURCE, "assign.cu", "sm_90", &[])
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(ptx.log.trim().is_empty(), "{}", ptx.log);
+    assert!(ptx.cubin.starts_with(b"\x7fELF"));
+    // A virtual architecture has PTX only.
+    let virtual_arch = nvrtc
+        .compile(SOURCE, "assign.cu", "compute_90", &[])
+        .unwrap();
+    assert!(virtual_arch.cubin.is_empty());
+    assert!(!virtual_arch.text.is_empty());
     let sizes = entry_sizes(&ptx.text);
     for k in NativeKernel::ALL {
         let size = sizes.iter().find(|(n, _)| n == k.symbol()).map(|(_, s)| *s);
@@ -217,11 +226,19 @@ fn ptx_is_cached_per_plan() {
     assert_eq!(a, b);
     let key = PtxCache::key(&module, "sm_90", nvrtc.version());
     assert!(dir.join(format!("{key}.ptx")).is_file());
+    assert!(dir.join(format!("{key}.cubin")).is_file());
     let (d, s3) = PtxCache::new(Some(dir.clone()))
         .get_or_compile(&nvrtc, &module, "sm_90")
         .unwrap();
     assert_eq!(s3, Source::Disk);
     assert_eq!(d.text, a.text);
+    assert_eq!(d.cubin, a.cubin);
+    // An entry without its cubin is compiled again.
+    std::fs::remove_file(dir.join(format!("{key}.cubin"))).unwrap();
+    let (e, s5) = PtxCache::new(Some(dir.clone()))
+        .get_or_compile(&nvrtc, &module, "sm_90")
+        .unwrap();
+    assert_eq!((s5, &e.cubin), (Source::Compiled, &a.cubin));
     // Another architecture is another entry.
     let (_, s4) = cache.get_or_compile(&nvrtc, &module, "sm_80").unwrap();
     assert_eq!(s4, Source::Compiled);

@@ -7,7 +7,7 @@
 #
 # 1. `moec bench --backend cuda --json` on each layer of runtime/gpu/layers/
 #    (Mixtral size on one rank; DeepSeek-V3 size on eight virtual ranks,
-#    which needs about 93 GB: an H200; a Qwen3 capacity layer, timed eager
+#    which needs about 78 GB with the cuBLAS workspaces and the context: an H200; a Qwen3 capacity layer, timed eager
 #    and as a CUDA graph): the layer's time, its phases, the expert GEMMs'
 #    TFLOP/s and the permute/unpermute kernels' GB/s;
 # 2. runtime/gpu/bench.py: the dense bf16 GEMM rate and the device-to-device
@@ -27,10 +27,10 @@ mkdir -p "$out"
 cd "$root"
 
 echo "=== GPU and libraries"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 # shellcheck source=runtime/gpu/env.sh
 source "$here/env.sh"
 [ -x "$bin/moec" ] || { echo "no $bin/moec: run 'runtime/gpu/check.sh build' on a machine with Rust and carry runtime/gpu/bin"; exit 2; }
+print_toolchain
 
 reports=()
 failed=0

@@ -9,7 +9,8 @@
 #   runtime/gpu/check.sh           # there (carry runtime/gpu/bin): every check below
 #
 # What `run` (the default) does, each step reported, a summary at the end:
-#   1. the GPU and the driver (nvidia-smi), where NVRTC and cuBLAS are found;
+#   1. the GPU, the driver's CUDA version, and the NVRTC moec uses (version
+#      and library path: the `device:` line of a tiny run);
 #   2. `moec run --backend cuda` on every example, shrunk (hidden 64, ffn 32,
 #      128 tokens per rank, bf16), beside `--backend cpu`: the routing lines
 #      (tokens per expert, drops) must be equal, the output lines are shown;
@@ -49,6 +50,7 @@ nvidia-smi -L || fail "nvidia-smi"
 # shellcheck source=runtime/gpu/env.sh
 source "$here/env.sh"
 [ -x "$bin/moec" ] || { echo "no $bin/moec: run 'runtime/gpu/check.sh build' on a machine with Rust and carry runtime/gpu/bin"; exit 2; }
+print_toolchain
 
 step "moec run --backend cuda on every example (shrunk, bf16), beside --backend cpu"
 shrink=(--hidden 64 --ffn 32 --tokens 128 --dtype bf16 --seed 3)

@@ -20,3 +20,12 @@ if [ -n "$nccl2" ]; then
     mkdir -p "$here/lib" && ln -sf "$nccl2" "$here/lib/libnccl.so"
     export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:$here/lib"
 fi
+
+# The GPU, the driver's CUDA version and the NVRTC moec uses (version and
+# library path), as moec itself finds them: the `device:` line of a tiny run.
+# Expects $bin (runtime/gpu/bin) and the repository root as the current folder.
+print_toolchain() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    "$bin/moec" run examples/tiny.moe --backend cuda --ranks 1 --tokens 64 --hidden 64 --ffn 32 2>&1 |
+        grep -E '^(device|error)' || echo "moec found no usable GPU"
+}

@@ -151,8 +151,13 @@ extern "C" __global__ void moec_assign_keep_counts(
 // assignments to e rank before it: a larger weight (f32 total order), or an
 // equal one earlier in (source, token, slot) order. Kept rows are counted
 // into table (zeroed before); this rank's own decisions go to
-// kept_own[t * k + j]. Every row reads every other: O(n^2 / E) work, the
-// first version (a segmented sort per expert is the next step).
+// kept_own[t * k + j].
+//
+// Every row still reads every other (O(n^2 / threads) time; a segmented sort
+// per expert is the next step), so the inner loop is kept lean: it walks
+// (source, token, slot) with running offsets, no division; the one bounds
+// check of the whole metadata is made before it; a row stops counting once
+// it is dropped; and with no capacity (capacity < 0) nothing is counted.
 extern "C" __global__ void moec_assign_keep_probs(
     const int* __restrict__ p0_meta_all, unsigned long long p0_meta_all_len,
     const int* __restrict__ p1_dest_rank, unsigned long long p1_dest_rank_len,
@@ -166,10 +171,10 @@ extern "C" __global__ void moec_assign_keep_probs(
 {
     MOEC_ROWS_BEGIN
         const long long per = tokens * 2 * top_k;
-        const long long n_all = group * tokens * top_k;
-        const long long s = moec_row / (tokens * top_k);
-        const long long t = (moec_row / top_k) % tokens;
-        const long long j = moec_row % top_k;
+        const long long row_tokens = moec_row / top_k;
+        const long long s = row_tokens / tokens;
+        const long long t = row_tokens - s * tokens;
+        const long long j = moec_row - row_tokens * top_k;
         const long long ia = s * per + t * 2 * top_k + j;
         MOEC_IN(0, p0_meta_all_len, ia);
         MOEC_IN(0, p0_meta_all_len, ia + top_k);
@@ -177,22 +182,27 @@ extern "C" __global__ void moec_assign_keep_probs(
         const unsigned int wb = (unsigned int)p0_meta_all[ia + top_k];
         if (e < 0 || (long long)e >= experts) { moec_native_fail(moec_status, 6, s, e, moec_row); return; }
         if (!moec_finite(__uint_as_float(wb))) { moec_native_fail(moec_status, 6, s, (long long)wb, moec_row); return; }
-        const unsigned int key = moec_total_key(wb);
-        long long rank = 0;
-        for (long long o = 0; o < n_all; ++o) {
-            if (o == moec_row) continue;
-            const long long s2 = o / (tokens * top_k);
-            const long long t2 = (o / top_k) % tokens;
-            const long long j2 = o % top_k;
-            const long long ib = s2 * per + t2 * 2 * top_k + j2;
-            MOEC_IN(0, p0_meta_all_len, ib + top_k);
-            if (p0_meta_all[ib] != e) continue;
-            const unsigned int key2 = moec_total_key((unsigned int)p0_meta_all[ib + top_k]);
-            // Earlier in the ranking: a larger weight, or an equal one earlier
-            // in (source, token, slot) order, which is row order.
-            if (key2 > key || (key2 == key && o < moec_row)) rank += 1;
+        bool keep = true;
+        if (capacity >= 0) {
+            // Every (source, token) block of the group: 2 * top_k ints.
+            MOEC_IN(0, p0_meta_all_len, group * per - 1);
+            const unsigned int key = moec_total_key(wb);
+            long long rank = 0;
+            long long o = 0;  // the row number of (s2, t2, j2)
+            for (long long base = 0; base < group * per && rank < capacity; base += 2 * top_k) {
+                const int* ids = p0_meta_all + base;
+                const int* bits = ids + top_k;
+                for (long long j2 = 0; j2 < top_k; ++j2, ++o) {
+                    if (ids[j2] != e) continue;
+                    const unsigned int key2 = moec_total_key((unsigned int)bits[j2]);
+                    // Earlier in the ranking: a larger weight, or an equal
+                    // one earlier in (source, token, slot) order, which is
+                    // row order (the row itself is neither).
+                    rank += (key2 > key || (key2 == key && o < moec_row)) ? 1 : 0;
+                }
+            }
+            keep = rank < capacity;
         }
-        const bool keep = capacity < 0 || rank < capacity;
         if (keep) {
             MOEC_IN(1, p1_dest_rank_len, s * experts + e);
             MOEC_IN(2, p2_dest_local_len, s * experts + e);

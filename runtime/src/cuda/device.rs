@@ -52,6 +52,9 @@ pub struct DeviceInfo {
     /// Name and compute capability of device 0.
     pub name: String,
     pub capability: (i32, i32),
+    /// The CUDA version the driver supports (`cuDriverGetVersion`), e.g.
+    /// `(13, 0)`.
+    pub driver: (i32, i32),
 }
 
 impl DeviceInfo {
@@ -59,6 +62,37 @@ impl DeviceInfo {
     pub fn arch(&self) -> String {
         arch_of(self.capability)
     }
+}
+
+/// The GPU this process uses, out of `visible` devices: `explicit`
+/// (`CudaOptions::device`) if given; under a multi-process launch the local
+/// rank modulo the visible devices (torchrun shows every GPU of the node to
+/// every process, so local rank `i` takes GPU `i`; SLURM with one GPU per
+/// task shows each process only its own, so every local rank takes GPU 0);
+/// otherwise `env_device` (`MOEC_CUDA_DEVICE`) or 0.
+pub fn choose_ordinal(
+    explicit: Option<usize>,
+    local_rank: Option<usize>,
+    env_device: Option<&str>,
+    visible: usize,
+) -> Result<usize, String> {
+    if visible == 0 {
+        return Err("no GPU is visible".into());
+    }
+    let ordinal = match (explicit, local_rank) {
+        (Some(d), _) => d,
+        (None, Some(local)) => local % visible,
+        (None, None) => match env_device.map(str::trim).filter(|v| !v.is_empty()) {
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("MOEC_CUDA_DEVICE={v} is not a GPU number"))?,
+            None => 0,
+        },
+    };
+    if ordinal >= visible {
+        return Err(format!("GPU {ordinal} does not exist ({visible} visible)"));
+    }
+    Ok(ordinal)
 }
 
 /// `sm_<major><minor>` for a compute capability.
@@ -104,6 +138,11 @@ pub fn probe() -> Result<DeviceInfo, DeviceError> {
                 unsafe { result::device::get_attribute(dev, a) }
                     .map_err(|e| DeviceError::Driver(super::driver::describe(e)))
             };
+            let mut version = 0;
+            // SAFETY: `version` is a valid out-pointer for the call.
+            unsafe { sys::cuDriverGetVersion(&mut version) }
+                .result()
+                .map_err(|e| DeviceError::Driver(super::driver::describe(e)))?;
             let major =
                 attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
             let minor =
@@ -112,6 +151,7 @@ pub fn probe() -> Result<DeviceInfo, DeviceError> {
                 count: usize::try_from(count).unwrap_or(0),
                 name,
                 capability: (major, minor),
+                driver: super::nvrtc::split_version(version),
             })
         })
     }
@@ -159,6 +199,27 @@ mod tests {
                 assert!(e.to_string().contains("--backend cpu"), "{e}");
             }
         }
+    }
+
+    #[test]
+    fn each_process_finds_its_gpu() {
+        // torchrun on an 8-GPU node: local rank i takes GPU i.
+        assert_eq!(choose_ordinal(None, Some(3), None, 8), Ok(3));
+        // SLURM with one GPU per task: each process sees only its own.
+        for local in 0..8 {
+            assert_eq!(choose_ordinal(None, Some(local), None, 1), Ok(0));
+        }
+        // Two GPUs per task, four tasks per node.
+        assert_eq!(choose_ordinal(None, Some(3), None, 2), Ok(1));
+        // A single process: MOEC_CUDA_DEVICE, else 0.
+        assert_eq!(choose_ordinal(None, None, Some(" 1 "), 2), Ok(1));
+        assert_eq!(choose_ordinal(None, None, None, 2), Ok(0));
+        // An explicit device wins, and must exist.
+        assert_eq!(choose_ordinal(Some(1), Some(0), None, 2), Ok(1));
+        let e = choose_ordinal(Some(2), None, None, 2).unwrap_err();
+        assert_eq!(e, "GPU 2 does not exist (2 visible)");
+        assert!(choose_ordinal(None, None, Some("x"), 2).is_err());
+        assert!(choose_ordinal(None, Some(0), None, 0).is_err());
     }
 
     #[test]

@@ -14,8 +14,10 @@
 //!   collectives' events (created on first use, timing disabled), and a
 //!   pinned host buffer for the routing read-back.
 //! - Two modules: the plan's generated kernels and the native assignment
-//!   kernels, compiled by NVRTC for the device's architecture (queried
-//!   here), cached by [`PtxCache`](super::PtxCache), loaded with `cuModuleLoadData`.
+//!   kernels, compiled by NVRTC to a cubin for the device's architecture
+//!   (queried here), cached by [`PtxCache`](super::PtxCache), loaded with
+//!   `cuModuleLoadData` (the cubin, so the driver JIT-compiles nothing and
+//!   an NVRTC newer than the driver works; see [`super::nvrtc`]).
 //! - GEMMs: `cublasGemmEx` per row group (`f32` output and compute; the
 //!   row-major `c = a · wᵀ` is the column-major `cᵀ = w · aᵀ`). A grouped
 //!   `cublasGemmGroupedBatchedEx` over the local experts is the next step.
@@ -25,6 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{c_int, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +37,8 @@ use cudarc::nccl::{result as nccl_result, sys as nccl_sys};
 use moec_kernels::native::NativeKernel;
 
 use super::issue::{Addr, Arg, Command, EventId, Target};
-use super::program::{KernelRef, Program, Space};
+use super::nvrtc::Ptx;
+use super::program::{KernelRef, Program, Space, CUBLAS_WORKSPACE_BYTES as CUBLAS_WORKSPACE};
 use super::rdzv::{self, Launch, ID_BYTES};
 use crate::plan::DType;
 
@@ -86,10 +90,6 @@ fn backoff(started: Instant) {
     }
 }
 
-/// Bytes of each cuBLAS handle's workspace (what NVIDIA recommends for
-/// Hopper).
-const CUBLAS_WORKSPACE: u64 = 32 << 20;
-
 /// One raw device allocation, freed on drop.
 struct Alloc {
     ptr: sys::CUdeviceptr,
@@ -100,7 +100,8 @@ impl Alloc {
     fn new(bytes: u64, what: &str) -> Result<Alloc, String> {
         let n = usize::try_from(bytes.max(256)).map_err(|_| format!("{what} is too large"))?;
         // SAFETY: a plain allocation of `n` bytes in the current context
-        // (bound by the caller); the memory is zeroed before any use below.
+        // (bound by the caller); the memory is zeroed before any use below
+        // (`CudaTarget::new` waits for the zeroing before it returns).
         let ptr = drv(what, unsafe { result::malloc_sync(n) })?;
         // SAFETY: `ptr` was just allocated with `n` bytes.
         drv(what, unsafe { result::memset_d8_sync(ptr, 0, n) })?;
@@ -148,12 +149,34 @@ struct Module {
 }
 
 impl Module {
-    fn load(ptx: &str, symbols: &[String], what: &str) -> Result<Module, String> {
-        let image = CString::new(ptx).map_err(|_| format!("{what}: the PTX holds a NUL byte"))?;
-        // SAFETY: `image` is a NUL-terminated PTX text that outlives the call.
-        let handle = drv(what, unsafe {
-            result::module::load_data(image.as_ptr().cast::<c_void>())
-        })?;
+    /// Loads the cubin of `code` (for this device's architecture, so that
+    /// the driver JIT-compiles nothing), or its PTX when it has none.
+    fn load(code: &Ptx, symbols: &[String], what: &str) -> Result<Module, String> {
+        let handle = if code.cubin.is_empty() {
+            let image = CString::new(code.text.as_str())
+                .map_err(|_| format!("{what}: the PTX holds a NUL byte"))?;
+            // SAFETY: `image` is a NUL-terminated PTX text that outlives the call.
+            drv(what, unsafe {
+                result::module::load_data(image.as_ptr().cast::<c_void>())
+            })?
+        } else {
+            // An ELF image, copied into 8-byte aligned memory.
+            let mut image = vec![0u64; code.cubin.len().div_ceil(8)];
+            // SAFETY: `image` holds at least `cubin.len()` bytes; the two
+            // buffers are distinct.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    code.cubin.as_ptr(),
+                    image.as_mut_ptr().cast::<u8>(),
+                    code.cubin.len(),
+                )
+            };
+            // SAFETY: `image` is a whole cubin (its ELF header gives its
+            // size) that outlives the call.
+            drv(what, unsafe {
+                result::module::load_data(image.as_ptr().cast::<c_void>())
+            })?
+        };
         let mut module = Module {
             handle,
             functions: Vec::new(),
@@ -170,8 +193,21 @@ impl Module {
     }
 }
 
+impl Module {
+    /// No module (what a leaked one is replaced with).
+    fn none() -> Module {
+        Module {
+            handle: std::ptr::null_mut(),
+            functions: Vec::new(),
+        }
+    }
+}
+
 impl Drop for Module {
     fn drop(&mut self) {
+        if self.handle.is_null() {
+            return;
+        }
         // SAFETY: the module was loaded once and is unloaded once, after the
         // device finished every launch of its functions.
         let _ = unsafe { result::module::unload(self.handle) };
@@ -340,22 +376,102 @@ pub struct CudaTarget {
     generated: Module,
     native: Module,
     timeout: Duration,
+    /// A wait for the device or a peer failed (a timeout, an NCCL error):
+    /// work may be stuck on the device, so the teardown waits only briefly.
+    stalled: AtomicBool,
     // Last: everything above is released while the context is alive.
     ctx: Arc<CudaContext>,
+}
+
+/// How long the teardown waits for the device once a wait has failed
+/// (after the communicator's abort, NCCL's kernels return at once).
+const STALLED_DRAIN: Duration = Duration::from_secs(2);
+
+/// The steps of tearing a target down, in the order [`teardown`] takes them.
+trait Teardown {
+    /// Aborts the NCCL communicator, if any: its kernels stop waiting for
+    /// peers (`ncclCommAbort` never blocks on them).
+    fn abort_comm(&mut self);
+    /// Waits up to `bound` for every stream; false when they did not finish.
+    fn drain(&mut self, bound: Duration) -> bool;
+    /// Gives up the device's memory, modules, graph and context without
+    /// freeing them (freeing waits for the device; the process's exit
+    /// releases them).
+    fn leak(&mut self);
+}
+
+/// Tears a target down without hanging: the communicator is aborted before
+/// anything waits for the device (a kernel waiting for a dead peer would
+/// never finish otherwise), the wait is bounded (by the timeout, or by
+/// [`STALLED_DRAIN`] once a wait has failed), and what the device may
+/// still use is leaked rather than freed.
+fn teardown(t: &mut impl Teardown, timeout: Duration, stalled: bool) {
+    t.abort_comm();
+    let bound = if stalled {
+        STALLED_DRAIN.min(timeout)
+    } else {
+        timeout
+    };
+    if !t.drain(bound) {
+        t.leak();
+    }
+}
+
+impl Teardown for CudaTarget {
+    fn abort_comm(&mut self) {
+        drop(self.nccl.take());
+    }
+
+    fn drain(&mut self, bound: Duration) -> bool {
+        let started = Instant::now();
+        let mut marks = Vec::new();
+        for dev in self.ranks.values() {
+            for s in &dev.streams {
+                match self.ctx.new_event(None).and_then(|ev| {
+                    ev.record(s)?;
+                    Ok(ev)
+                }) {
+                    Ok(ev) => marks.push(ev),
+                    Err(_) => return false,
+                }
+            }
+        }
+        for ev in &marks {
+            loop {
+                match ev.try_is_complete() {
+                    Ok(true) => break,
+                    Ok(false) if started.elapsed() < bound => backoff(started),
+                    _ => return false,
+                }
+            }
+        }
+        true
+    }
+
+    fn leak(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.ranks));
+        std::mem::forget(std::mem::take(&mut self.stamps));
+        std::mem::forget(self.graph.take());
+        std::mem::forget(std::mem::replace(&mut self.generated, Module::none()));
+        std::mem::forget(std::mem::replace(&mut self.native, Module::none()));
+        // The context's last reference would release (destroy) it.
+        std::mem::forget(Arc::clone(&self.ctx));
+    }
 }
 
 impl Drop for CudaTarget {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
-        let _ = self.ctx.synchronize();
+        let stalled = self.stalled.load(Ordering::Relaxed);
+        teardown(self, self.timeout, stalled);
     }
 }
 
 /// What [`CudaTarget::new`] needs besides the program.
 pub struct TargetSetup<'a> {
     pub local: &'a [usize],
-    /// PTX of the generated module and of the native kernels, for this device.
-    pub ptx: (&'a str, &'a str),
+    /// The compiled generated module and native kernels, for this device.
+    pub code: (&'a Ptx, &'a Ptx),
     pub launch: Option<&'a Launch>,
     pub plan_hash: u64,
     pub timeout: Duration,
@@ -396,12 +512,12 @@ impl CudaTarget {
             .iter()
             .map(|k| k.name().to_string())
             .collect();
-        let generated = Module::load(setup.ptx.0, &generated_symbols, "the plan's kernels")?;
+        let generated = Module::load(setup.code.0, &generated_symbols, "the plan's kernels")?;
         let native_symbols: Vec<String> = NativeKernel::ALL
             .iter()
             .map(|k| k.symbol().to_string())
             .collect();
-        let native = Module::load(setup.ptx.1, &native_symbols, "the native kernels")?;
+        let native = Module::load(setup.code.1, &native_symbols, "the native kernels")?;
         let readback_len = program.work.readback().bytes as usize;
         let mut ranks = BTreeMap::new();
         for &r in setup.local {
@@ -444,6 +560,11 @@ impl CudaTarget {
                 },
             );
         }
+        // The allocations were zeroed with `cuMemsetD8` on the legacy
+        // stream, which may still run when this returns and which the
+        // non-blocking streams (where the weights are then written) are not
+        // ordered after: wait for it once, here.
+        drv("zeroing the allocations", ctx.synchronize())?;
         let nccl = match setup.launch {
             Some(l) => Some(Nccl::new(l, setup.plan_hash, setup.timeout)?),
             None => None,
@@ -457,6 +578,7 @@ impl CudaTarget {
             nccl,
             stamps: Vec::new(),
             timeout: setup.timeout,
+            stalled: AtomicBool::new(false),
             ctx,
         })
     }
@@ -749,6 +871,73 @@ impl CudaTarget {
     }
 }
 
+impl CudaTarget {
+    /// [`Target::fetch`]: polls the read-back's event (and NCCL) until the timeout.
+    fn wait_for_read_back(&mut self, rank: usize) -> Result<Vec<u8>, String> {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let dev = self.rank(rank)?;
+        let done = dev
+            .readback_done
+            .as_ref()
+            .ok_or_else(|| format!("rank {rank} has no read-back queued"))?;
+        loop {
+            if drv("cuEventQuery", done.try_is_complete())? {
+                break;
+            }
+            if let Some(n) = &self.nccl {
+                n.check()?;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "timed out after {:?} waiting for the routing of rank {rank}",
+                    self.timeout
+                ));
+            }
+            backoff(started);
+        }
+        // SAFETY: the copy into the pinned buffer has completed (the event
+        // after it is complete); nothing else writes it now.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(dev.readback.ptr.cast::<u8>(), dev.readback_len) };
+        Ok(bytes.to_vec())
+    }
+
+    /// [`Target::synchronize`]: polls an event on every stream (and NCCL)
+    /// until the timeout.
+    fn wait_for_streams(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let ctx = self.ctx.clone();
+        let mut marks = Vec::new();
+        for dev in self.ranks.values() {
+            for s in &dev.streams {
+                let ev = drv("cuEventCreate", ctx.new_event(None))?;
+                drv("cuEventRecord", ev.record(s))?;
+                marks.push(ev);
+            }
+        }
+        for ev in &marks {
+            loop {
+                if drv("the device", ev.try_is_complete())? {
+                    break;
+                }
+                if let Some(n) = &self.nccl {
+                    n.check()?;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "the device did not finish within {:?} (a peer stopped, or a kernel hangs)",
+                        self.timeout
+                    ));
+                }
+                backoff(started);
+            }
+        }
+        drv("the device", ctx.check_err())
+    }
+}
+
 impl Target for CudaTarget {
     fn submit(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String> {
         match cmd {
@@ -843,7 +1032,9 @@ impl Target for CudaTarget {
                 dev.readback_done = Some(done);
                 Ok(())
             }
-            Command::Nccl { sends, recvs } => self.exchange(rank, stream, &sends, &recvs),
+            Command::Nccl { sends, recvs } => self
+                .exchange(rank, stream, &sends, &recvs)
+                .inspect_err(|_| self.stalled.store(true, Ordering::Relaxed)),
             Command::Stamp(n) => {
                 let s = self.stream(rank, stream)?.clone();
                 let n = n as usize;
@@ -904,75 +1095,32 @@ impl Target for CudaTarget {
     }
 
     fn fetch(&mut self, rank: usize) -> Result<Vec<u8>, String> {
-        let started = Instant::now();
-        let deadline = started + self.timeout;
-        let dev = self.rank(rank)?;
-        let done = dev
-            .readback_done
-            .as_ref()
-            .ok_or_else(|| format!("rank {rank} has no read-back queued"))?;
-        loop {
-            if drv("cuEventQuery", done.try_is_complete())? {
-                break;
-            }
-            if let Some(n) = &self.nccl {
-                n.check()?;
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "timed out after {:?} waiting for the routing of rank {rank}",
-                    self.timeout
-                ));
-            }
-            backoff(started);
-        }
-        // SAFETY: the copy into the pinned buffer has completed (the event
-        // after it is complete); nothing else writes it now.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(dev.readback.ptr.cast::<u8>(), dev.readback_len) };
-        Ok(bytes.to_vec())
+        self.wait_for_read_back(rank)
+            .inspect_err(|_| self.stalled.store(true, Ordering::Relaxed))
     }
 
     fn write(&mut self, at: Addr, bytes: &[u8]) -> Result<(), String> {
+        if self.capturing.is_some() {
+            return Err("a host write during a capture".into());
+        }
         drv("bind the context", self.ctx.bind_to_thread())?;
         let p = self.ptr(at, bytes.len() as u64)?;
+        // On the rank's first stream, not the legacy stream: the plan's
+        // streams are non-blocking, so only an event orders them after a
+        // copy, and the issuer forks them from this stream after its writes.
+        let s = self.stream(at.rank, 0)?.cu_stream();
         // SAFETY: the range lies in a live allocation; no queued work uses
-        // it (writes happen between passes, after `synchronize`).
-        drv("cuMemcpyHtoD", unsafe {
-            result::memcpy_htod_sync(p, bytes)
+        // it (writes happen between passes, after `synchronize`). `bytes`
+        // is pageable: the driver stages it before returning, so the host
+        // may drop it afterwards.
+        drv("cuMemcpyHtoDAsync", unsafe {
+            result::memcpy_htod_async(p, bytes, s)
         })
     }
 
     fn synchronize(&mut self) -> Result<(), String> {
-        let started = Instant::now();
-        let deadline = started + self.timeout;
-        let ctx = self.ctx.clone();
-        let mut marks = Vec::new();
-        for dev in self.ranks.values() {
-            for s in &dev.streams {
-                let ev = drv("cuEventCreate", ctx.new_event(None))?;
-                drv("cuEventRecord", ev.record(s))?;
-                marks.push(ev);
-            }
-        }
-        for ev in &marks {
-            loop {
-                if drv("the device", ev.try_is_complete())? {
-                    break;
-                }
-                if let Some(n) = &self.nccl {
-                    n.check()?;
-                }
-                if Instant::now() >= deadline {
-                    return Err(format!(
-                        "the device did not finish within {:?} (a peer stopped, or a kernel hangs)",
-                        self.timeout
-                    ));
-                }
-                backoff(started);
-            }
-        }
-        drv("the device", ctx.check_err())
+        self.wait_for_streams()
+            .inspect_err(|_| self.stalled.store(true, Ordering::Relaxed))
     }
 
     fn read(&mut self, at: Addr, bytes: u64) -> Result<Vec<u8>, String> {
@@ -985,5 +1133,62 @@ impl Target for CudaTarget {
             result::memcpy_dtoh_sync(&mut out, p)
         })?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target whose device finishes after `busy_for` (never with `None`),
+    /// recording the teardown's steps.
+    struct Fake {
+        busy_for: Option<Duration>,
+        steps: Vec<String>,
+    }
+
+    impl Teardown for Fake {
+        fn abort_comm(&mut self) {
+            self.steps.push("abort".into());
+            // An NCCL kernel waiting for a dead peer returns once aborted.
+            if self.busy_for.is_none() {
+                self.busy_for = Some(Duration::ZERO);
+            }
+        }
+
+        fn drain(&mut self, bound: Duration) -> bool {
+            self.steps.push(format!("drain {bound:?}"));
+            self.busy_for.is_some_and(|b| b <= bound)
+        }
+
+        fn leak(&mut self) {
+            self.steps.push("leak".into());
+        }
+    }
+
+    fn teardown_steps(busy_for: Option<Duration>, stalled: bool) -> Vec<String> {
+        let mut fake = Fake {
+            busy_for,
+            steps: Vec::new(),
+        };
+        teardown(&mut fake, Duration::from_secs(300), stalled);
+        fake.steps
+    }
+
+    #[test]
+    fn the_communicator_is_aborted_before_the_device_is_waited_for() {
+        // A kernel stuck on a dead peer: only the abort lets the wait end.
+        assert_eq!(teardown_steps(None, true), ["abort", "drain 2s"]);
+        // A healthy device: the whole timeout, nothing leaked.
+        assert_eq!(
+            teardown_steps(Some(Duration::from_secs(10)), false),
+            ["abort", "drain 300s"]
+        );
+        // After a reported timeout the wait is short; what the device
+        // still uses is leaked, not freed (a free would wait for it).
+        assert_eq!(
+            teardown_steps(Some(Duration::from_secs(10)), true),
+            ["abort", "drain 2s", "leak"]
+        );
     }
 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use super::device::{self, DeviceInfo};
 use super::driver::{CudaTarget, TargetSetup};
-use super::issue::{capturable, run_pass, upload_weights, PassMode, Timing};
+use super::issue::{
+    capturable, graph_pass, run_pass, upload_weights, GraphStage, PassMode, Timing,
+};
 use super::program::Program;
 use super::rdzv::{self, Launch};
 use super::{Nvrtc, PtxCache};
@@ -69,8 +71,9 @@ fn launch_for(choice: CommChoice) -> Result<Option<Launch>, String> {
 pub struct CudaOptions {
     /// How long a rank waits for the device, a peer or the rendezvous.
     pub timeout: Duration,
-    /// The GPU (default: `LOCAL_RANK` under a multi-process launch, else
-    /// `MOEC_CUDA_DEVICE` or 0).
+    /// The GPU (default: `LOCAL_RANK` modulo the visible GPUs under a
+    /// multi-process launch, else `MOEC_CUDA_DEVICE` or 0; see
+    /// [`device::choose_ordinal`]).
     pub device: Option<usize>,
     pub comm: CommChoice,
 }
@@ -92,9 +95,11 @@ pub struct CudaBackend {
     local: Vec<usize>,
     info: DeviceInfo,
     arch: String,
+    /// The driver's and NVRTC's versions and where NVRTC was found.
+    toolchain: String,
     launch: Option<Launch>,
     /// Whether the target holds the graph of a captured pass.
-    captured: bool,
+    graph: GraphStage,
 }
 
 fn fail(message: impl Into<String>) -> ExecError {
@@ -130,22 +135,29 @@ impl CudaBackend {
             }
             None => (0..program.ranks).collect(),
         };
-        let ordinal = match (options.device, &launch) {
-            (Some(d), _) => d,
-            (None, Some(l)) => l.local_rank,
-            (None, None) => std::env::var("MOEC_CUDA_DEVICE")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0),
-        };
-        if ordinal >= info.count {
-            return Err(fail(format!(
-                "GPU {ordinal} does not exist ({} visible)",
-                info.count
-            )));
-        }
+        let ordinal = device::choose_ordinal(
+            options.device,
+            launch.as_ref().map(|l| l.local_rank),
+            std::env::var("MOEC_CUDA_DEVICE").ok().as_deref(),
+            info.count,
+        )
+        .map_err(fail)?;
         let nvrtc = Nvrtc::load().map_err(|e| fail(e.to_string()))?;
-        let cache = PtxCache::from_env();
+        super::nvrtc::driver_compatible(nvrtc.version(), info.driver).map_err(|e| {
+            fail(format!(
+                "{e} (NVRTC from {})",
+                nvrtc.location().library.display()
+            ))
+        })?;
+        let toolchain = format!(
+            "CUDA driver {}.{}, NVRTC {}.{} from {}",
+            info.driver.0,
+            info.driver.1,
+            nvrtc.version().0,
+            nvrtc.version().1,
+            nvrtc.location().library.display()
+        );
+        let cache = PtxCache::global();
         let setup = device::guarded(|| {
             let ctx = CudaTarget::context(ordinal).map_err(device::DeviceError::Driver)?;
             let capability = CudaTarget::capability(&ctx).map_err(device::DeviceError::Driver)?;
@@ -153,6 +165,26 @@ impl CudaBackend {
         });
         let (ctx, capability) = setup.map_err(|e| fail(e.to_string()))?;
         let arch = device::arch_of(capability);
+        let need = program.device_memory(local.len());
+        let free = device::guarded(|| {
+            ctx.bind_to_thread()
+                .and_then(|()| cudarc::driver::result::mem_get_info())
+                .map_err(|e| device::DeviceError::Driver(super::driver::describe(e)))
+        })
+        .map_err(|e| fail(e.to_string()))?
+        .0 as u64;
+        if need.total() > free {
+            let gb = |b: u64| b as f64 / 1e9;
+            return Err(fail(format!(
+                "the plan needs {:.1} GB of GPU memory ({:.1} GB for {} rank(s), {:.1} GB of cuBLAS workspaces, {:.1} GB for the context and the local-memory reserve), {:.1} GB are free",
+                gb(need.total()),
+                gb(need.allocations),
+                local.len(),
+                gb(need.cublas),
+                gb(need.context + need.local_reserve),
+                gb(free)
+            )));
+        }
         let (generated, _) = cache
             .get_or_compile(&nvrtc, &program.kernels.module, &arch)
             .map_err(|e| fail(e.to_string()))?;
@@ -166,7 +198,7 @@ impl CudaBackend {
                 &program,
                 TargetSetup {
                     local: &local,
-                    ptx: (&generated.text, &native.text),
+                    code: (&generated, &native),
                     launch: launch.as_ref(),
                     plan_hash,
                     timeout: options.timeout,
@@ -174,15 +206,17 @@ impl CudaBackend {
             )
             .map_err(device::DeviceError::Driver)
         })
-        .map_err(|e| fail(e.to_string()))?;
+        // A module that does not load: which driver and NVRTC made it.
+        .map_err(|e| fail(format!("{e} ({toolchain})")))?;
         let mut backend = CudaBackend {
             program,
             target,
             local,
             info,
             arch,
+            toolchain,
             launch,
-            captured: false,
+            graph: GraphStage::Cold,
         };
         upload_weights(
             &backend.program,
@@ -203,20 +237,18 @@ impl CudaBackend {
         self.program.ranks
     }
 
-    /// One line about where the plan runs.
+    /// One line about where the plan runs: the GPU and its architecture
+    /// (the cubins' target), the ranks, the driver's and NVRTC's versions
+    /// and the NVRTC library used.
     pub fn describe(&self) -> String {
-        match &self.launch {
-            Some(l) => format!(
-                "{} ({}), rank {} of {} over NCCL",
-                self.info.name, self.arch, l.rank, l.world
-            ),
-            None => format!(
-                "{} ({}), {} virtual rank(s) on one GPU",
-                self.info.name,
-                self.arch,
-                self.local.len()
-            ),
-        }
+        let ranks = match &self.launch {
+            Some(l) => format!("rank {} of {} over NCCL", l.rank, l.world),
+            None => format!("{} virtual rank(s) on one GPU", self.local.len()),
+        };
+        format!(
+            "{} ({} cubin), {ranks}; {}",
+            self.info.name, self.arch, self.toolchain
+        )
     }
 
     /// Runs the layer on `inputs` (one `[tokens, hidden]` tensor per rank
@@ -228,24 +260,19 @@ impl CudaBackend {
     /// `phase_seconds` is empty: [`CudaBackend::forward_profiled`] measures
     /// phases.
     pub fn forward(&mut self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
-        Ok(self.pass(inputs, PassMode::Eager)?.0)
+        Ok(self.pass(inputs, Some(PassMode::Eager))?.0)
     }
 
-    /// [`CudaBackend::forward`] through a CUDA graph: the first call
-    /// records the pass into a graph (and runs it), later calls only write
-    /// the inputs and launch the graph, so the host issues one launch per
-    /// pass instead of every kernel, GEMM, copy and event. Only plans that
-    /// need nothing of the host during a pass can ([`CudaBackend::graph_capable`]):
-    /// capacity plans, with every rank on this GPU; others are an error.
+    /// [`CudaBackend::forward`] through a CUDA graph: the first call runs
+    /// an eager pass (so that first-use work, cuBLAS's and lazy module
+    /// loading's, stays out of the graph), then records the pass into a
+    /// graph and runs it; later calls only write the inputs and launch the
+    /// graph, so the host issues one launch per pass instead of every
+    /// kernel, GEMM, copy and event. Only plans that need nothing of the
+    /// host during a pass can ([`CudaBackend::graph_capable`]): capacity
+    /// plans, with every rank on this GPU; others are an error.
     pub fn forward_graph(&mut self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
-        let mode = if self.captured {
-            PassMode::Replay
-        } else {
-            PassMode::Capture
-        };
-        let forward = self.pass(inputs, mode)?.0;
-        self.captured = true;
-        Ok(forward)
+        Ok(self.pass(inputs, None)?.0)
     }
 
     /// Whether [`CudaBackend::forward_graph`] can run this plan here.
@@ -262,7 +289,7 @@ impl CudaBackend {
         &mut self,
         inputs: &[Vec<f32>],
     ) -> Result<(Forward, Vec<Timing>), ExecError> {
-        let (mut forward, timings) = self.pass(inputs, PassMode::Profiled)?;
+        let (mut forward, timings) = self.pass(inputs, Some(PassMode::Profiled))?;
         let ranks = self.local.len().max(1) as f64;
         for t in timings.iter().filter(|t| t.gemm.is_none()) {
             if let Some(op) = self.program.ops.get(t.op) {
@@ -277,10 +304,11 @@ impl CudaBackend {
         self.program.ops.get(op).map(|o| o.phase)
     }
 
+    /// One pass in `mode`, or through the graph ([`graph_pass`]) with `None`.
     fn pass(
         &mut self,
         inputs: &[Vec<f32>],
-        mode: PassMode,
+        mode: Option<PassMode>,
     ) -> Result<(Forward, Vec<Timing>), ExecError> {
         if inputs.len() != self.program.ranks {
             return Err(fail(format!(
@@ -291,13 +319,16 @@ impl CudaBackend {
         }
         let mine: Vec<Vec<f32>> = self.local.iter().map(|&r| inputs[r].clone()).collect();
         let result = device::guarded(|| {
-            Ok(run_pass(
-                &self.program,
-                &mut self.target,
-                &self.local,
-                &mine,
-                mode,
-            ))
+            Ok(match mode {
+                Some(mode) => run_pass(&self.program, &mut self.target, &self.local, &mine, mode),
+                None => graph_pass(
+                    &self.program,
+                    &mut self.target,
+                    &self.local,
+                    &mine,
+                    &mut self.graph,
+                ),
+            })
         });
         let pass = result.map_err(|e| fail(e.to_string()))??;
         Ok((

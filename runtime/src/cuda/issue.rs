@@ -155,7 +155,12 @@ pub trait Target {
     fn submit(&mut self, rank: usize, stream: usize, cmd: Command) -> Result<(), String>;
     /// Waits for the rank's latest [`Command::ReadBack`] and returns its bytes.
     fn fetch(&mut self, rank: usize) -> Result<Vec<u8>, String>;
-    /// Copies host bytes to the device now (nothing is queued).
+    /// Queues a copy of host bytes to the device on stream 0 of `at.rank`
+    /// (the host's bytes may be dropped once it returns). The copy lands
+    /// asynchronously: commands submitted to that stream afterwards are
+    /// ordered after it, commands on any other stream only through an event
+    /// recorded on stream 0 after it (the issuer forks every stream from
+    /// stream 0 after a pass's writes). Never during a capture.
     fn write(&mut self, at: Addr, bytes: &[u8]) -> Result<(), String>;
     /// Waits until every queue of every rank is idle.
     fn synchronize(&mut self) -> Result<(), String>;
@@ -590,6 +595,46 @@ pub fn run_pass(
     issuer.run(inputs)
 }
 
+/// How far a backend's CUDA graph has come ([`graph_pass`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GraphStage {
+    /// Nothing captured yet.
+    #[default]
+    Cold,
+    /// The target holds the graph of a captured pass.
+    Captured,
+}
+
+/// One pass as a CUDA graph. The first one runs an eager pass before it
+/// captures (and runs) the graph: the first call of each cuBLAS handle and
+/// the first launch of each kernel (module loading is lazy) then happen
+/// outside the capture, where they may allocate or synchronise. Later ones
+/// replay the graph. The pass returned is the captured or replayed one.
+pub fn graph_pass(
+    program: &Program,
+    target: &mut dyn Target,
+    local: &[usize],
+    inputs: &[Vec<f32>],
+    stage: &mut GraphStage,
+) -> Result<Pass, ExecError> {
+    if !capturable(program, local) {
+        return Err(ExecError {
+            rank: None,
+            op: None,
+            message: not_capturable(program, local),
+        });
+    }
+    match stage {
+        GraphStage::Captured => run_pass(program, target, local, inputs, PassMode::Replay),
+        GraphStage::Cold => {
+            run_pass(program, target, local, inputs, PassMode::Eager)?;
+            let pass = run_pass(program, target, local, inputs, PassMode::Capture)?;
+            *stage = GraphStage::Captured;
+            Ok(pass)
+        }
+    }
+}
+
 /// Whether a pass of `program` on the ranks `local` can be captured in a
 /// graph: a capacity plan (padded expert slots) whose EP groups are all
 /// among `local`, so that no step waits for the routing on the host.
@@ -725,6 +770,7 @@ impl<'a> Issuer<'a> {
                 .write(Addr::of(r, p.work.status), &zeros)
                 .map_err(|e| err(r, None, e))?;
         }
+        self.order_writes()?;
         let start = std::time::Instant::now();
         let graph_err = |e: String| ExecError {
             rank: None,
@@ -819,6 +865,44 @@ impl<'a> Issuer<'a> {
                     }
                     e
                 })?;
+        }
+        Ok(())
+    }
+
+    /// Orders the host's writes (queued on each rank's stream 0, see
+    /// [`Target::write`]) before everything the pass issues: eager and
+    /// profiled passes fork every other stream of a rank from its stream 0
+    /// by an event; a graph is launched on the first rank's stream 0, so
+    /// that stream waits for every other rank's stream 0 (the capture's own
+    /// fork then reaches every stream).
+    fn order_writes(&mut self) -> Result<(), ExecError> {
+        let local = self.local;
+        let streams = self.p.streams;
+        // An id neither the collectives (from 0 up) nor the capture's
+        // fork and join (`u32::MAX - stream`) use.
+        let written = |rank: usize| EventId {
+            rank,
+            id: u32::MAX - streams as u32,
+            comm: true,
+        };
+        let origin = local.first().copied().unwrap_or(0);
+        let graph = matches!(self.mode, PassMode::Capture | PassMode::Replay);
+        for &r in local {
+            let waiters: Vec<(usize, usize)> = if graph {
+                if r == origin {
+                    continue;
+                }
+                vec![(origin, 0)]
+            } else {
+                (1..streams).map(|s| (r, s)).collect()
+            };
+            if waiters.is_empty() {
+                continue;
+            }
+            self.submit(r, 0, Command::Record(written(r)))?;
+            for (rank, stream) in waiters {
+                self.submit(rank, stream, Command::Wait(written(r)))?;
+            }
         }
         Ok(())
     }
@@ -1207,10 +1291,6 @@ impl<'a> Issuer<'a> {
                 .acc
                 .sub(start * g.n * 4, m * g.n * 4, "the GEMM accumulator")
                 .map_err(|e| err(r, None, e))?;
-            let biased = g
-                .biased
-                .sub(start * g.n * 4, m * g.n * 4, "the GEMM accumulator")
-                .map_err(|e| err(r, None, e))?;
             let product = if g.tail == Tail::Direct { c } else { acc };
             if !is_batched {
                 let cmd = Command::Gemm {
@@ -1256,6 +1336,11 @@ impl<'a> Issuer<'a> {
                 } => {
                     let input = match store {
                         Some(s) => {
+                            // Sized only for GEMMs with a bias and an activation.
+                            let biased = g
+                                .biased
+                                .sub(start * g.n * 4, m * g.n * 4, "the biased accumulator")
+                                .map_err(|e| err(r, None, e))?;
                             let args = vec![buf(acc, 4), bias_arg, buf(biased, 4)];
                             let cmd = self.launch_cmd(
                                 r,

@@ -6,8 +6,9 @@
 //!   [`moec_kernels::cuda`] from the same descriptions the CPU backend
 //!   JIT-compiles, into one module with a content hash;
 //! - [`nvrtc`]: NVRTC loaded at run time with `libloading` (a missing
-//!   library is an error, never a panic; no GPU is needed to compile);
-//! - [`cache`]: compiled PTX per plan, keyed by the module hash, the
+//!   library is an error, never a panic; no GPU is needed to compile), to
+//!   PTX and, for the device's architecture, the cubin the executor loads;
+//! - [`cache`]: compiled code per plan, keyed by the module hash, the
 //!   architecture and the NVRTC version;
 //! - [`program`]: the lowering of a plan into a device program (per op, the
 //!   launches, GEMMs, memsets, collectives and events on its stream, every

@@ -7,7 +7,18 @@
 //! without CUDA runs everything else. [`Nvrtc::compile`] compiles one
 //! translation unit for one architecture with the options the generated
 //! source is written for ([`moec_kernels::cuda::NVRTC_OPTIONS`]) and returns
-//! the PTX, or NVRTC's log in the error.
+//! the PTX and, for a real architecture (`sm_90`), the cubin, or NVRTC's log
+//! in the error.
+//!
+//! # PTX or cubin
+//!
+//! The executor loads the cubin: the driver JIT-compiles PTX only up to its
+//! own CUDA version, and an NVRTC newer than the driver (pip's NVRTC 13.2
+//! beside a 13.0 driver) writes PTX that driver refuses
+//! (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`), while its cubin for the device's
+//! exact architecture runs under CUDA's minor-version compatibility.
+//! [`driver_compatible`] refuses an NVRTC of a newer major version than the
+//! driver, whose cubins no driver of the older major loads.
 //!
 //! # Where the library is looked for
 //!
@@ -195,6 +206,25 @@ type CompileProgram = unsafe extern "C" fn(Program, c_int, *const *const c_char)
 type GetSize = unsafe extern "C" fn(Program, *mut usize) -> c_int;
 type GetBytes = unsafe extern "C" fn(Program, *mut c_char) -> c_int;
 
+/// Whether cubins of NVRTC `nvrtc` (major, minor) load on a driver of CUDA
+/// `driver` (major, minor): the same major version or an older NVRTC (a
+/// newer minor NVRTC is fine for cubins, under minor-version
+/// compatibility). The error says what to do.
+pub fn driver_compatible(nvrtc: (i32, i32), driver: (i32, i32)) -> Result<(), String> {
+    if nvrtc.0 > driver.0 {
+        return Err(format!(
+            "NVRTC {}.{} is newer than the CUDA driver ({}.{}): its code needs a CUDA {} driver; point MOEC_NVRTC_LIB at an NVRTC {}.x (pip install 'nvidia-cuda-nvrtc-cu{}') or update the driver",
+            nvrtc.0, nvrtc.1, driver.0, driver.1, nvrtc.0, driver.0, driver.0
+        ));
+    }
+    Ok(())
+}
+
+/// CUDA's `major * 1000 + minor * 10` version number as (major, minor).
+pub fn split_version(v: i32) -> (i32, i32) {
+    (v / 1000, (v % 1000) / 10)
+}
+
 struct Api {
     get_error_string: GetErrorString,
     version: Version,
@@ -203,6 +233,9 @@ struct Api {
     compile_program: CompileProgram,
     get_ptx_size: GetSize,
     get_ptx: GetBytes,
+    /// Absent before CUDA 11.1: then only PTX.
+    get_cubin_size: Option<GetSize>,
+    get_cubin: Option<GetBytes>,
     get_log_size: GetSize,
     get_log: GetBytes,
 }
@@ -227,11 +260,15 @@ impl fmt::Debug for Nvrtc {
     }
 }
 
-/// Compiled PTX and NVRTC's log (warnings, usually empty).
+/// Compiled PTX, the cubin and NVRTC's log (warnings, usually empty).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ptx {
     /// The PTX text (without the terminating NUL).
     pub text: String,
+    /// The cubin (an ELF image) for a real architecture (`sm_90`); empty
+    /// for a virtual one (`compute_90`) or an NVRTC without
+    /// `nvrtcGetCUBIN`.
+    pub cubin: Vec<u8>,
     pub log: String,
 }
 
@@ -293,6 +330,8 @@ impl Nvrtc {
                 compile_program: sym(&lib, "nvrtcCompileProgram")?,
                 get_ptx_size: sym(&lib, "nvrtcGetPTXSize")?,
                 get_ptx: sym(&lib, "nvrtcGetPTX")?,
+                get_cubin_size: sym(&lib, "nvrtcGetCUBINSize").ok(),
+                get_cubin: sym(&lib, "nvrtcGetCUBIN").ok(),
                 get_log_size: sym(&lib, "nvrtcGetProgramLogSize")?,
                 get_log: sym(&lib, "nvrtcGetProgramLog")?,
             })
@@ -396,7 +435,43 @@ impl Nvrtc {
             });
         }
         let text = self.read(guard.prog, self.api.get_ptx_size, self.api.get_ptx, "PTX")?;
-        Ok(Ptx { text, log })
+        let cubin = match (self.api.get_cubin_size, self.api.get_cubin) {
+            (Some(size), Some(get)) => self.read_cubin(guard.prog, size, get)?,
+            _ => Vec::new(),
+        };
+        Ok(Ptx { text, cubin, log })
+    }
+
+    /// The cubin of `prog` (empty when NVRTC made none: a virtual architecture).
+    fn read_cubin(
+        &self,
+        prog: Program,
+        size: GetSize,
+        get: GetBytes,
+    ) -> Result<Vec<u8>, NvrtcError> {
+        let call = "nvrtcGetCUBIN";
+        let mut n = 0usize;
+        // SAFETY: `prog` is live; `n` is a valid out-pointer.
+        let r = unsafe { size(prog, &mut n) };
+        if r != 0 {
+            return Err(NvrtcError::Api {
+                call,
+                message: self.error_string(r),
+            });
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; n];
+        // SAFETY: `buf` holds the `n` bytes NVRTC said it writes.
+        let r = unsafe { get(prog, buf.as_mut_ptr().cast::<c_char>()) };
+        if r != 0 {
+            return Err(NvrtcError::Api {
+                call,
+                message: self.error_string(r),
+            });
+        }
+        Ok(buf)
     }
 
     /// Reads the log or the PTX of `prog` (a size call, then a copy).
@@ -566,6 +641,21 @@ mod tests {
         let e = Nvrtc::load_from(loc).unwrap_err();
         assert!(matches!(e, NvrtcError::Load { .. }), "{e:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn nvrtc_newer_than_the_driver_is_refused_only_across_majors() {
+        assert_eq!(split_version(13000), (13, 0));
+        assert_eq!(split_version(12040), (12, 4));
+        // pip's NVRTC 13.2 with a 13.0 driver: cubins load.
+        assert_eq!(driver_compatible((13, 2), (13, 0)), Ok(()));
+        assert_eq!(driver_compatible((12, 8), (13, 0)), Ok(()));
+        let e = driver_compatible((13, 0), (12, 4)).unwrap_err();
+        assert!(
+            e.contains("NVRTC 13.0 is newer than the CUDA driver (12.4)"),
+            "{e}"
+        );
+        assert!(e.contains("MOEC_NVRTC_LIB"), "{e}");
     }
 
     #[test]

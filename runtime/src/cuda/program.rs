@@ -362,6 +362,63 @@ pub struct Program {
     pub gpus_per_node: usize,
 }
 
+/// Bytes of each cuBLAS handle's workspace (what NVIDIA recommends for
+/// Hopper); the driver layer gives every stream of every rank a handle with
+/// its own, so that cuBLAS allocates nothing during a capture.
+pub const CUBLAS_WORKSPACE_BYTES: u64 = 32 << 20;
+
+/// Device memory the CUDA context itself holds (its code, heaps and
+/// queues), modelled, not measured: about half a GiB on Hopper with lazy
+/// module loading.
+pub const CONTEXT_BYTES: u64 = 512 << 20;
+
+/// The local-memory reserve is sized for every thread the device can hold
+/// at once: the per-thread stack (the driver's default limit, 1 KiB, which
+/// every kernel here stays within: large local arrays use the workspace's
+/// scratch instead) times the resident threads per SM times the SMs (an
+/// H100 SXM or H200: 2048 × 132). Modelled from the published figures.
+pub const LOCAL_BYTES_PER_THREAD: u64 = 1 << 10;
+pub const HOPPER_RESIDENT_THREADS: u64 = 2048 * 132;
+
+/// What a program takes of a GPU's memory, for `ranks` ranks on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Arena, weights and workspace of every rank.
+    pub allocations: u64,
+    /// One cuBLAS workspace per stream and rank.
+    pub cublas: u64,
+    pub context: u64,
+    pub local_reserve: u64,
+}
+
+impl DeviceMemory {
+    pub fn total(&self) -> u64 {
+        self.allocations
+            .saturating_add(self.cublas)
+            .saturating_add(self.context)
+            .saturating_add(self.local_reserve)
+    }
+}
+
+impl Program {
+    /// The device memory `ranks` ranks of this program take on one GPU:
+    /// their allocations, the cuBLAS workspaces, the context and the
+    /// local-memory reserve (see the constants).
+    pub fn device_memory(&self, ranks: usize) -> DeviceMemory {
+        let ranks = ranks as u64;
+        let per_rank = self
+            .arena_bytes
+            .saturating_add(self.weights.bytes)
+            .saturating_add(self.work.bytes);
+        DeviceMemory {
+            allocations: per_rank.saturating_mul(ranks),
+            cublas: CUBLAS_WORKSPACE_BYTES.saturating_mul(self.streams as u64 * ranks),
+            context: CONTEXT_BYTES,
+            local_reserve: LOCAL_BYTES_PER_THREAD * HOPPER_RESIDENT_THREADS,
+        }
+    }
+}
+
 /// The name of a GEMM weight, as [`WeightLayout::dtypes`] keys it.
 pub fn weight_name(w: GemmWeight) -> &'static str {
     match w {
@@ -506,8 +563,10 @@ struct Lowering<'p> {
     status: Vec<StatusSlot>,
     steps: Vec<Step>,
     ops: Vec<OpInfo>,
-    /// Per stream: most accumulator bytes and scratch bytes needed.
+    /// Per stream: most accumulator bytes, biased-accumulator bytes (GEMMs
+    /// with a bias and an activation only) and scratch bytes needed.
     acc_need: Vec<u64>,
+    biased_need: Vec<u64>,
     scratch_need: Vec<u64>,
     /// Placeholders of the workspace spans that do not depend on the
     /// streams (table, statistics, own keeps, send and receive offsets),
@@ -612,6 +671,7 @@ impl<'p> Lowering<'p> {
             steps: Vec::new(),
             ops: Vec::new(),
             acc_need: vec![0; streams],
+            biased_need: vec![0; streams],
             scratch_need: vec![0; streams],
             work_fixed: fixed,
             padded,
@@ -1294,6 +1354,13 @@ impl<'p> Lowering<'p> {
         let a_rows = a_span.bytes / (k * a_buf.dtype.bytes()).max(1);
         let acc_bytes = mul(&[a_rows, n, 4])?;
         self.acc_need[stream] = self.acc_need[stream].max(acc_bytes);
+        // The second accumulator: only where a bias is added before an
+        // activation (`gemm_store` into it, then the activation reads it).
+        let biased_bytes = match tail {
+            Tail::Activation { store: Some(_), .. } => acc_bytes,
+            _ => 0,
+        };
+        self.biased_need[stream] = self.biased_need[stream].max(biased_bytes);
         let params = match tail {
             Tail::Direct => Vec::new(),
             Tail::Store { kernel } => self.params_of(KernelRef::Generated(kernel)),
@@ -1301,10 +1368,10 @@ impl<'p> Lowering<'p> {
         };
         let label = format!("{name} gemm");
         let status = self.slot(index, &label, params, false);
-        let placeholder = Span {
+        let placeholder = |bytes: u64| Span {
             space: Space::Work,
             offset: u64::MAX,
-            bytes: acc_bytes,
+            bytes,
         };
         self.push(
             index,
@@ -1320,8 +1387,8 @@ impl<'p> Lowering<'p> {
                 out_cols,
                 groups,
                 tail,
-                acc: placeholder,
-                biased: placeholder,
+                acc: placeholder(acc_bytes),
+                biased: placeholder(biased_bytes),
                 status,
                 label,
             }),
@@ -1340,6 +1407,7 @@ impl<'p> Lowering<'p> {
             mut steps,
             ops,
             acc_need,
+            biased_need,
             scratch_need,
             work_fixed,
             padded,
@@ -1354,10 +1422,10 @@ impl<'p> Lowering<'p> {
         let send_off = w.take(work_fixed[4].bytes)?;
         let recv_off = w.take(work_fixed[5].bytes)?;
         let mut streams = Vec::with_capacity(acc_need.len());
-        for (acc, scratch) in acc_need.iter().zip(&scratch_need) {
+        for ((acc, biased), scratch) in acc_need.iter().zip(&biased_need).zip(&scratch_need) {
             streams.push(StreamWork {
                 acc: w.take(*acc)?,
-                biased: w.take(*acc)?,
+                biased: w.take(*biased)?,
                 scratch: w.take(*scratch)?,
             });
         }

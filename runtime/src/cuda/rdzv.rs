@@ -33,7 +33,8 @@ const MAGIC: &[u8; 8] = b"MOECRDZ1";
 pub struct Launch {
     pub rank: usize,
     pub world: usize,
-    /// The GPU of this process on its node.
+    /// The process's index on its node (its GPU is this modulo the GPUs
+    /// it sees: `device::choose_ordinal`).
     pub local_rank: usize,
     pub master_addr: String,
     /// Where rank 0 listens for the rendezvous.
