@@ -666,3 +666,13 @@ fn run_rejects_a_missing_weights_file_and_bad_ranks() {
     assert_eq!(r.code, 2);
     assert!(r.err.contains("does not divide the 8 experts"), "{}", r.err);
 }
+
+/// `moec run` sizes weights and activations before it allocates either: a
+/// layer whose weights alone exceed the limit is refused with the figures.
+#[test]
+fn run_refuses_weights_too_large_for_the_process_before_allocating() {
+    let r = moec(&["run", &example("tiny.moe"), "--hidden", "1000000"]);
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("of weights"), "{}", r.err);
+    assert!(r.err.contains("--hidden"), "{}", r.err);
+}
