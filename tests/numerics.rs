@@ -364,3 +364,23 @@ fn hierarchical_and_flat_dispatch_agree_bit_for_bit() {
         "hierarchical and flat outputs differ"
     );
 }
+
+/// Finite but huge expert weights overflow the layer: the pass fails and
+/// says so, instead of returning `inf` as if it were an answer.
+#[test]
+fn an_overflowing_layer_is_an_error_not_an_infinite_output() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny.moe");
+    let source = std::fs::read_to_string(path).unwrap();
+    let plan = compile_with(&source, &Overrides::default());
+    let layer = plan.layer.clone();
+    let mut weights = LayerWeights::random(&layer, 1);
+    for expert in &mut weights.experts {
+        expert.down.iter_mut().for_each(|w| *w = 3e38);
+    }
+    let inputs = random_inputs(&layer, 4, layer.tokens_per_rank as usize, 1);
+    let backend = CpuBackend::new(plan, &weights, CpuOptions::default()).unwrap();
+    let e = backend
+        .forward(&inputs)
+        .expect_err("an overflow is an error");
+    assert!(e.to_string().contains("non-finite"), "{e}");
+}

@@ -188,6 +188,31 @@ pub struct CpuBackend {
     spare_arenas: Mutex<Vec<Arena>>,
 }
 
+/// A layer's outputs must be finite: an overflow inside the pass (weights or
+/// inputs too large for the dtype) would otherwise come back as `inf` or
+/// `NaN` without a word. Shared by both backends.
+pub fn check_finite(outputs: &[Vec<f32>], dtype: DType) -> Result<(), ExecError> {
+    let mut first = None;
+    let mut count = 0usize;
+    for (rank, values) in outputs.iter().enumerate() {
+        for (i, v) in values.iter().enumerate() {
+            if !v.is_finite() {
+                count += 1;
+                first.get_or_insert((rank, i, *v));
+            }
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some((rank, i, v)) => Err(ExecError::new(format!(
+            "the layer's output has {count} non-finite value(s), the first {v} at rank {rank}, \
+             element {i}: a value overflowed {} somewhere in the pass (the weights or the inputs \
+             are too large for it); try f32 or smaller weights",
+            dtype.name()
+        ))),
+    }
+}
+
 /// The error when a rank's thread cannot be started.
 fn thread_limit(rank: usize, e: &std::io::Error) -> String {
     format!(
@@ -459,6 +484,7 @@ impl CpuBackend {
             }
         }
         stats.assignments = stats.routed_per_expert.iter().sum();
+        check_finite(&outputs, self.plan.layer.dtype)?;
         Ok(Forward {
             outputs,
             stats,

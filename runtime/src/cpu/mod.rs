@@ -11,4 +11,4 @@ pub mod layout;
 pub mod memory;
 pub mod traffic;
 
-pub use exec::{CpuBackend, CpuOptions, ExecError, Forward, RoutingStats};
+pub use exec::{check_finite, CpuBackend, CpuOptions, ExecError, Forward, RoutingStats};

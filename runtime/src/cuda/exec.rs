@@ -331,6 +331,7 @@ impl CudaBackend {
             })
         });
         let pass = result.map_err(|e| fail(e.to_string()))??;
+        crate::cpu::check_finite(&pass.outputs, self.program.layer_dtype)?;
         Ok((
             Forward {
                 outputs: pass.outputs,
