@@ -28,6 +28,24 @@ pub(super) struct ExpertsOut {
     pub(super) swiglu_limit: Option<Noted<f64>>,
 }
 
+impl ExpertsOut {
+    /// SwiGLU experts without biases or a clamp, as most families have them.
+    pub(super) fn swiglu(
+        comment: Vec<String>,
+        count: Noted<u64>,
+        intermediate: Noted<u64>,
+    ) -> ExpertsOut {
+        ExpertsOut {
+            comment,
+            count,
+            ffn: plain("swiglu"),
+            intermediate,
+            bias: false,
+            swiglu_limit: None,
+        }
+    }
+}
+
 pub(super) struct SharedOut {
     pub(super) comment: Vec<String>,
     pub(super) count: Noted<u64>,

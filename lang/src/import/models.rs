@@ -340,14 +340,11 @@ pub(super) fn mixtral(c: Cfg, name: String, title: String) -> Result<Model, Stri
         title,
         about,
         hidden: noted(hidden, c.path("hidden_size")),
-        experts: ExpertsOut {
-            comment: vec!["SwiGLU experts: w1 = gate, w3 = up, w2 = down.".to_string()],
+        experts: ExpertsOut::swiglu(
+            vec!["SwiGLU experts: w1 = gate, w3 = up, w2 = down.".to_string()],
             count,
-            ffn: plain("swiglu"),
-            intermediate: noted(inter, c.path("intermediate_size")),
-            bias: false,
-            swiglu_limit: None,
-        },
+            noted(inter, c.path("intermediate_size")),
+        ),
         shared: None,
         router: RouterOut {
             comment: router_comment,
@@ -367,7 +364,6 @@ pub(super) fn mixtral(c: Cfg, name: String, title: String) -> Result<Model, Stri
 
 /// The counts and sizes every DeepSeek MoE layer has.
 pub(super) struct DeepseekBase {
-    pub(super) hidden: u64,
     pub(super) count: Noted<u64>,
     pub(super) top_k: Noted<u64>,
     pub(super) inter: u64,
@@ -376,7 +372,6 @@ pub(super) struct DeepseekBase {
 }
 
 pub(super) fn deepseek_base(c: Cfg, shared_default: Option<u64>) -> Result<DeepseekBase, String> {
-    let hidden = c.int("hidden_size", 1)?;
     let count = noted(c.int("n_routed_experts", 1)?, c.path("n_routed_experts"));
     let top_k = noted(
         c.int("num_experts_per_tok", 1)?,
@@ -423,7 +418,6 @@ pub(super) fn deepseek_base(c: Cfg, shared_default: Option<u64>) -> Result<Deeps
         _ => {}
     }
     Ok(DeepseekBase {
-        hidden,
         count,
         top_k,
         inter,
@@ -603,19 +597,10 @@ pub(super) fn noaux_tc(
     if groups.is_none() {
         comment.push("n_group = 1: no group limit.".to_string());
     }
-    Ok(Model {
-        name,
-        title,
+    SwigluLayer {
         about: base.about,
-        hidden: noted(base.hidden, c.path("hidden_size")),
-        experts: ExpertsOut {
-            comment: Vec::new(),
-            count: base.count,
-            ffn: plain("swiglu"),
-            intermediate: noted(base.inter, c.path("moe_intermediate_size")),
-            bias: false,
-            swiglu_limit: None,
-        },
+        count: base.count,
+        intermediate: noted(base.inter, c.path("moe_intermediate_size")),
         shared: base.shared,
         router: RouterOut {
             comment,
@@ -633,8 +618,8 @@ pub(super) fn noaux_tc(
             scale: (scale.value != 1.0).then_some(scale),
             weight_on_input: false,
         },
-        capacity: CapacityOut::Dropless,
-    })
+    }
+    .into_model(c, name, title)
 }
 
 pub(super) fn deepseek_v2(c: Cfg, name: String, title: String) -> Result<Model, String> {
@@ -690,19 +675,10 @@ pub(super) fn deepseek_v2(c: Cfg, name: String, title: String) -> Result<Model, 
     }
     // DeepSeek-V2 scales the weights only when it does not renormalise them.
     let scale = (!normalize.value && factor.value != 1.0).then_some(factor);
-    Ok(Model {
-        name,
-        title,
+    SwigluLayer {
         about: base.about,
-        hidden: noted(base.hidden, c.path("hidden_size")),
-        experts: ExpertsOut {
-            comment: Vec::new(),
-            count: base.count,
-            ffn: plain("swiglu"),
-            intermediate: noted(base.inter, c.path("moe_intermediate_size")),
-            bias: false,
-            swiglu_limit: None,
-        },
+        count: base.count,
+        intermediate: noted(base.inter, c.path("moe_intermediate_size")),
         shared: base.shared,
         router: RouterOut {
             comment,
@@ -716,8 +692,8 @@ pub(super) fn deepseek_v2(c: Cfg, name: String, title: String) -> Result<Model, 
             scale,
             weight_on_input: false,
         },
-        capacity: CapacityOut::Dropless,
-    })
+    }
+    .into_model(c, name, title)
 }
 
 /// The parts Qwen2-MoE and Qwen3-MoE share.
@@ -793,14 +769,7 @@ impl SwigluLayer {
             title,
             about: self.about,
             hidden: noted(c.int("hidden_size", 1)?, c.path("hidden_size")),
-            experts: ExpertsOut {
-                comment: Vec::new(),
-                count: self.count,
-                ffn: plain("swiglu"),
-                intermediate: self.intermediate,
-                bias: false,
-                swiglu_limit: None,
-            },
+            experts: ExpertsOut::swiglu(Vec::new(), self.count, self.intermediate),
             shared: self.shared,
             router: self.router,
             capacity: CapacityOut::Dropless,
@@ -990,14 +959,11 @@ pub(super) fn llama4(c: Cfg, name: String, title: String) -> Result<Model, Strin
         title,
         about,
         hidden: noted(hidden, c.path("hidden_size")),
-        experts: ExpertsOut {
-            comment: experts_comment,
+        experts: ExpertsOut::swiglu(
+            experts_comment,
             count,
-            ffn: plain("swiglu"),
-            intermediate: noted(inter, c.path("intermediate_size")),
-            bias: false,
-            swiglu_limit: None,
-        },
+            noted(inter, c.path("intermediate_size")),
+        ),
         shared: Some(SharedOut {
             comment: vec!["One shared expert, added to the routed output.".to_string()],
             count: plain(1),
@@ -1303,14 +1269,11 @@ pub(super) fn dbrx(c: Cfg, name: String, title: String) -> Result<Model, String>
         title,
         about,
         hidden: noted(c.int("d_model", 1)?, c.path("d_model")),
-        experts: ExpertsOut {
-            comment: vec!["SwiGLU experts: w1 = gate, v1 = up, w2 = down.".to_string()],
+        experts: ExpertsOut::swiglu(
+            vec!["SwiGLU experts: w1 = gate, v1 = up, w2 = down.".to_string()],
             count,
-            ffn: plain("swiglu"),
-            intermediate: inter,
-            bias: false,
-            swiglu_limit: None,
-        },
+            inter,
+        ),
         shared: None,
         router,
         capacity: CapacityOut::Dropless,
@@ -1591,14 +1554,7 @@ fn generic_model(c: Cfg, name: String, title: String, unread: &[String]) -> Resu
         title,
         about,
         hidden: noted(hidden, c.path("hidden_size")),
-        experts: ExpertsOut {
-            comment: vec!["imported generically".to_string()],
-            count,
-            ffn: plain("swiglu"),
-            intermediate: inter,
-            bias: false,
-            swiglu_limit: None,
-        },
+        experts: ExpertsOut::swiglu(vec!["imported generically".to_string()], count, inter),
         shared: None,
         router: RouterOut {
             comment: router_comment,
