@@ -219,7 +219,7 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
             let (plan, timeline, combine_lag) = order_chunks(&model, &chosen, chunks, is_baseline)?;
             let total = timeline.total_us;
             let memory = rank_memory_bytes(&plan);
-            let fits = memory as f64 <= model.mesh.device.memory;
+            let fits = fits_device(&plan);
             candidates.push(Candidate {
                 chunks,
                 shared_concurrent: concurrent,
@@ -312,11 +312,10 @@ fn order_chunks(
         plan.validate()
             .map_err(|e| format!("internal: the scheduler made an invalid plan: {e}"))?;
         let timeline = simulate(&plan)?;
-        let fits = |p: &Plan| rank_memory_bytes(p) as f64 <= model.mesh.device.memory;
         let better = match &best {
             None => true,
             // A lag that keeps more buffers alive must not push the plan out of memory.
-            Some((p, ..)) if fits(&plan) != fits(p) => fits(&plan),
+            Some((p, ..)) if fits_device(&plan) != fits_device(p) => fits_device(&plan),
             Some((_, t, _)) => timeline.total_us < t.total_us - 1e-6,
         };
         if better {
@@ -347,6 +346,11 @@ pub fn rank_memory_bytes(plan: &Plan) -> u64 {
     plan.memory
         .peak_activation_bytes
         .saturating_add(plan.memory.weight_bytes)
+}
+
+/// The plan's activations and weights fit its device's memory.
+pub fn fits_device(plan: &Plan) -> bool {
+    rank_memory_bytes(plan) as f64 <= plan.mesh.device.memory
 }
 
 fn memory_warning(plan: &Plan) -> String {

@@ -220,11 +220,7 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
             let routing = staged * HIER_ROUTING_BYTES_PER_TOKEN as f64
                 + v.rows_expected * inter * HIER_ROUTING_BYTES_PER_ASSIGNMENT as f64
                 + (model.group_nodes - 1) as f64 * HIER_SIZE_BYTES_PER_PEER as f64;
-            inter_leg(
-                model,
-                staged,
-                row_bytes(v.cols, v.dtype) + routing / staged.max(1e-9),
-            )
+            inter_leg(model, staged * row_bytes(v.cols, v.dtype) + routing)
         }
         MoeIr::DispatchIntra(s) => {
             // The forwarder hands every kept assignment of the tokens it staged
@@ -254,7 +250,7 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
             // the expert side, which this plan format does not carry yet).
             let (_, _, inter) = destination_shares(model);
             let rows = model.routed_rows_expected(meta(*a).rows_expected) * inter;
-            inter_leg(model, rows, row_bytes(h, model.dtype))
+            inter_leg(model, rows * row_bytes(h, model.dtype))
         }
         MoeIr::Up(r) | MoeIr::UpAct(r) => {
             let v = meta(*r);
@@ -377,9 +373,9 @@ pub fn group_link(model: &Model) -> LinkConfig {
     }
 }
 
-fn inter_leg(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
-    let bytes = rows * row_bytes;
-    let link = model.mesh.inter_node.unwrap_or(model.mesh.intra_node);
+/// The inter-node leg of a hierarchical all-to-all, sending `bytes`.
+fn inter_leg(model: &Model, bytes: f64) -> NodeCost {
+    let link = group_link(model);
     NodeCost {
         network_us: leg_us(bytes, link.latency, link.bandwidth),
         wire_bytes: bytes,

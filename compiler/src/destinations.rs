@@ -150,8 +150,9 @@ fn select(router: &RouterConfig, scores: &[f64], picks: &mut Vec<usize>) {
                     }
                 }
             };
+            let group_scores: Vec<f64> = (0..count).map(group_score).collect();
             let mut order: Vec<usize> = (0..count).collect();
-            order.sort_by(|&a, &b| group_score(b).total_cmp(&group_score(a)).then(a.cmp(&b)));
+            order.sort_by(|&a, &b| group_scores[b].total_cmp(&group_scores[a]).then(a.cmp(&b)));
             allowed = vec![false; e];
             for &grp in order.iter().take(g.kept as usize) {
                 for a in allowed[grp * size..(grp + 1) * size].iter_mut() {

@@ -789,63 +789,40 @@ struct CollectivePlan {
     from: Vec<Vec<Run>>,
 }
 
-/// Rows of a 2-D buffer as byte runs (fp8 buffers: data rows, then their scales).
-#[derive(Clone, Copy)]
+/// Rows of a 2-D buffer as byte runs: the plan's layout
+/// ([`crate::plan::rows`], which also cuts the runs), with the sizes the
+/// kernel arguments need in this machine's `usize`.
 struct RowLayout {
+    plan: crate::plan::rows::RowLayout,
     rows: usize,
-    row_bytes: usize,
     /// Byte offset of the scales area and bytes of one row's scales (fp8).
     scales: Option<(usize, usize)>,
 }
 
 impl RowLayout {
-    /// The plan's row layout of `b` ([`crate::plan::rows`]) in this machine's sizes.
     fn of(b: &Buffer) -> Result<RowLayout, ExecError> {
-        let layout = crate::plan::rows::RowLayout::of(b).map_err(ExecError::new)?;
+        let plan = crate::plan::rows::RowLayout::of(b).map_err(ExecError::new)?;
         let size = |v: u64| {
             usize::try_from(v)
                 .map_err(|_| ExecError::new(format!("`{}` does not fit this machine", b.name)))
         };
         Ok(RowLayout {
-            rows: size(layout.rows)?,
-            row_bytes: size(layout.row_bytes)?,
-            scales: match layout.scales {
+            rows: size(plan.rows)?,
+            scales: match plan.scales {
                 Some((base, per_row)) => Some((size(base)?, size(per_row)?)),
                 None => None,
             },
+            plan,
         })
     }
 
     /// Bytes one row occupies on the wire (fp8: its data and its scales).
     fn bytes_per_row(&self) -> usize {
-        self.row_bytes + self.scales.map_or(0, |(_, per_row)| per_row)
+        self.plan.bytes_per_row() as usize
     }
 
     fn runs(&self, rows: &[Range<usize>], name: &str) -> Result<Vec<Run>, ExecError> {
-        let mut out = Vec::new();
-        for r in rows {
-            if r.end > self.rows {
-                return Err(ExecError::new(format!(
-                    "routing needs rows {}..{} of `{name}`, which holds {} (buffer overflow)",
-                    r.start, r.end, self.rows
-                )));
-            }
-            if !r.is_empty() {
-                out.push(Run {
-                    offset: r.start * self.row_bytes,
-                    len: r.len() * self.row_bytes,
-                });
-            }
-        }
-        if let Some((base, per_row)) = self.scales {
-            for r in rows.iter().filter(|r| !r.is_empty()) {
-                out.push(Run {
-                    offset: base + r.start * per_row,
-                    len: r.len() * per_row,
-                });
-            }
-        }
-        Ok(out)
+        self.plan.runs(rows, name).map_err(ExecError::new)
     }
 }
 

@@ -211,7 +211,7 @@ pub struct ChunkTable {
 }
 
 impl ChunkTable {
-    fn new(group: usize, max_local: usize) -> ChunkTable {
+    fn zeroed(group: usize, max_local: usize) -> ChunkTable {
         ChunkTable {
             rows: vec![0; group * group * max_local],
             group,
@@ -219,13 +219,9 @@ impl ChunkTable {
         }
     }
 
-    /// A table from its counts, in `(s, g, l)` order (`group * group *
-    /// max_local` of them), as another backend read them back.
-    pub fn from_counts(
-        group: usize,
-        max_local: usize,
-        rows: Vec<usize>,
-    ) -> Result<ChunkTable, String> {
+    /// A table from its counts (`group * group * max_local` of them, in
+    /// `(s, g, l)` order), as the device leaves them (`cuda::route`).
+    pub fn new(group: usize, max_local: usize, rows: Vec<usize>) -> Result<ChunkTable, String> {
         if rows.len() != group * group * max_local {
             return Err(format!(
                 "a routing table of {} entries for {group} ranks of {max_local} local experts",
@@ -283,6 +279,11 @@ impl ChunkTable {
         (0..self.group).map(|g| self.to_rank(s, g)).sum()
     }
 
+    /// Ranks of the EP group.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
     pub fn max_local(&self) -> usize {
         self.max_local
     }
@@ -328,7 +329,7 @@ pub fn assign_place(
         .max()
         .unwrap_or(1)
         .max(1);
-    let mut tables = vec![ChunkTable::new(geo.group, max_local); geo.chunks];
+    let mut tables = vec![ChunkTable::zeroed(geo.group, max_local); geo.chunks];
     // kept[t * k + j] for this rank's own assignments.
     let mut kept = vec![true; geo.tokens * k];
 

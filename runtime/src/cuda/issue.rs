@@ -22,7 +22,6 @@ use super::program::{
 use super::route::{RouteTable, Routes};
 use crate::cpu::comm::Run;
 use crate::cpu::hier::{self, PeerRows, Staged, Topology};
-use crate::cpu::layout::ChunkTable;
 use crate::cpu::memory;
 use crate::cpu::{ExecError, RoutingStats};
 use crate::plan::rows::RowLayout;
@@ -445,40 +444,6 @@ pub fn pair_runs(src: &[Run], dst: &[Run]) -> Result<Vec<(u64, u64, u64)>, Strin
     Ok(out)
 }
 
-/// Byte runs of row ranges of a buffer (fp8: the rows' scales after them).
-pub fn row_runs(
-    layout: &super::program::RowLayout,
-    rows: &[Range<usize>],
-    name: &str,
-) -> Result<Vec<Run>, String> {
-    let mut out = Vec::new();
-    let row_bytes = layout.row_bytes as usize;
-    for r in rows {
-        if r.end as u64 > layout.rows {
-            return Err(format!(
-                "routing needs rows {}..{} of `{name}`, which holds {} (buffer overflow)",
-                r.start, r.end, layout.rows
-            ));
-        }
-        if !r.is_empty() {
-            out.push(Run {
-                offset: r.start * row_bytes,
-                len: r.len() * row_bytes,
-            });
-        }
-    }
-    if let Some((base, per_row)) = layout.scales {
-        let (base, per_row) = (base as usize, per_row as usize);
-        for r in rows.iter().filter(|r| !r.is_empty()) {
-            out.push(Run {
-                offset: base + r.start * per_row,
-                len: r.len() * per_row,
-            });
-        }
-    }
-    Ok(out)
-}
-
 /// The byte runs EP rank `me` sends to and receives from each peer in a
 /// collective, as the CPU backend's `collective_plan` computes them.
 ///
@@ -526,8 +491,8 @@ pub fn collective_runs(
                         (0..lmax).map(|l| table.send_rows(me, p, l)).collect(),
                     )
                 };
-                to.push(row_runs(&c.send_rows, &out_rows, &c.send_name)?);
-                from.push(row_runs(&c.recv_rows, &in_rows, &c.recv_name)?);
+                to.push(c.send_rows.runs(&out_rows, &c.send_name)?);
+                from.push(c.recv_rows.runs(&in_rows, &c.recv_name)?);
             }
             Ok((to, from))
         }
@@ -1533,12 +1498,9 @@ impl<'a> Issuer<'a> {
         let group = p.group;
         let r0 = self.local[first];
         let topo = Topology::new(group, p.gpus_per_node).map_err(|e| err(r0, None, e))?;
-        let mut tables = Vec::with_capacity(group);
-        for q in 0..group {
-            let r = self.local[first + q];
-            let table = self.table(first + q, c.chunk)?;
-            tables.push(table.chunk_table().map_err(|e| err(r, None, e))?);
-        }
+        let tables = (0..group)
+            .map(|q| self.table(first + q, c.chunk))
+            .collect::<Result<Vec<_>, _>>()?;
         // Rows per rank and peer (EP indices), then as byte runs.
         let rows: Vec<(PeerRows, PeerRows)> = match (c.dispatch, c.scope) {
             (true, CollectiveScope::InterNode) => {
@@ -1590,7 +1552,7 @@ impl<'a> Issuer<'a> {
             let bytes = |layout: &RowLayout, name: &str, peers: PeerRows| {
                 peers
                     .iter()
-                    .map(|rows| row_runs(layout, rows, name))
+                    .map(|rows| layout.runs(rows, name))
                     .collect::<Result<Vec<_>, String>>()
                     .map_err(|e| err(r, None, e))
             };
@@ -1610,7 +1572,7 @@ impl<'a> Issuer<'a> {
         c: &CollectiveStep,
         first: usize,
         topo: &Topology,
-        tables: &[ChunkTable],
+        tables: &[RouteTable],
     ) -> Result<Vec<(PeerRows, PeerRows)>, ExecError> {
         let p = self.p;
         let group = p.group;

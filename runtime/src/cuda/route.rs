@@ -5,93 +5,18 @@
 //! EP rank `g`, as `i32`) and this rank's routing statistics into its
 //! workspace; the executor copies them to the host once per pass, after
 //! `assign_place` (see the book's CUDA chapter for what that host
-//! synchronisation costs). [`RouteTable`] answers the same questions as the
-//! CPU backend's `ChunkTable` (`cpu::layout`), with the same formulas, so the
-//! collectives and grouped GEMMs follow the same layout contract.
+//! synchronisation costs). [`RouteTable`] is the CPU backend's `ChunkTable`
+//! (`cpu::layout`), so the collectives and grouped GEMMs of both backends
+//! follow one layout contract, computed by one set of formulas.
 
 use std::ops::Range;
 
-/// The routing table of one chunk for the whole EP group.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RouteTable {
-    /// `rows[(s * group + g) * max_local + l]`.
-    rows: Vec<usize>,
-    group: usize,
-    max_local: usize,
-}
+/// The routing table of one chunk for the whole EP group: the CPU backend's
+/// table (one set of formulas for both backends), with the questions only
+/// the device's padded expert side asks added below.
+pub use crate::cpu::layout::ChunkTable as RouteTable;
 
 impl RouteTable {
-    /// The same table as the CPU backend holds it, for the hierarchical
-    /// all-to-all's legs (`cpu::hier`), which both backends share.
-    pub fn chunk_table(&self) -> Result<crate::cpu::layout::ChunkTable, String> {
-        crate::cpu::layout::ChunkTable::from_counts(self.group, self.max_local, self.rows.clone())
-    }
-
-    /// A table from its counts (`group * group * max_local` of them, in
-    /// `(s, g, l)` order).
-    pub fn new(group: usize, max_local: usize, rows: Vec<usize>) -> Result<RouteTable, String> {
-        if rows.len() != group * group * max_local {
-            return Err(format!(
-                "a routing table of {} entries for {group} ranks of {max_local} local experts",
-                rows.len()
-            ));
-        }
-        Ok(RouteTable {
-            rows,
-            group,
-            max_local,
-        })
-    }
-
-    pub fn group(&self) -> usize {
-        self.group
-    }
-
-    pub fn max_local(&self) -> usize {
-        self.max_local
-    }
-
-    /// Rows source `s` sends to local expert `l` of EP rank `g`.
-    pub fn rows(&self, s: usize, g: usize, l: usize) -> usize {
-        self.rows[(s * self.group + g) * self.max_local + l]
-    }
-
-    /// Rows source `s` sends to EP rank `g` (all local experts).
-    pub fn to_rank(&self, s: usize, g: usize) -> usize {
-        (0..self.max_local).map(|l| self.rows(s, g, l)).sum()
-    }
-
-    /// First send row of source `s` for local expert `l` of rank `g`.
-    pub fn send_start(&self, s: usize, g: usize, l: usize) -> usize {
-        let before: usize = (0..g).map(|g2| self.to_rank(s, g2)).sum();
-        before + (0..l).map(|l2| self.rows(s, g, l2)).sum::<usize>()
-    }
-
-    /// Rows local expert `l` of rank `g` receives from all sources.
-    pub fn expert_rows(&self, g: usize, l: usize) -> usize {
-        (0..self.group).map(|s| self.rows(s, g, l)).sum()
-    }
-
-    /// First receive row of local expert `l` on rank `g`.
-    pub fn expert_start(&self, g: usize, l: usize) -> usize {
-        (0..l).map(|l2| self.expert_rows(g, l2)).sum()
-    }
-
-    /// First receive row on rank `g` of the rows source `s` sends to local expert `l`.
-    pub fn recv_start(&self, s: usize, g: usize, l: usize) -> usize {
-        self.expert_start(g, l) + (0..s).map(|s2| self.rows(s2, g, l)).sum::<usize>()
-    }
-
-    /// Rows rank `g` receives in all.
-    pub fn received(&self, g: usize) -> usize {
-        (0..self.max_local).map(|l| self.expert_rows(g, l)).sum()
-    }
-
-    /// Rows source `s` sends in all.
-    pub fn sent(&self, s: usize) -> usize {
-        (0..self.group).map(|g| self.to_rank(s, g)).sum()
-    }
-
     /// Send rows of source `s` for local expert `l` of rank `g` (token side).
     pub fn send_rows(&self, s: usize, g: usize, l: usize) -> Range<usize> {
         let start = self.send_start(s, g, l);
