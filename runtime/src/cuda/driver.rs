@@ -881,21 +881,12 @@ impl CudaTarget {
             .readback_done
             .as_ref()
             .ok_or_else(|| format!("rank {rank} has no read-back queued"))?;
-        loop {
-            if drv("cuEventQuery", done.try_is_complete())? {
-                break;
-            }
-            if let Some(n) = &self.nccl {
-                n.check()?;
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "timed out after {:?} waiting for the routing of rank {rank}",
-                    self.timeout
-                ));
-            }
-            backoff(started);
-        }
+        self.poll(done, "cuEventQuery", started, deadline, || {
+            format!(
+                "timed out after {:?} waiting for the routing of rank {rank}",
+                self.timeout
+            )
+        })?;
         // SAFETY: the copy into the pinned buffer has completed (the event
         // after it is complete); nothing else writes it now.
         let bytes =
@@ -918,23 +909,38 @@ impl CudaTarget {
             }
         }
         for ev in &marks {
-            loop {
-                if drv("the device", ev.try_is_complete())? {
-                    break;
-                }
-                if let Some(n) = &self.nccl {
-                    n.check()?;
-                }
-                if Instant::now() >= deadline {
-                    return Err(format!(
-                        "the device did not finish within {:?} (a peer stopped, or a kernel hangs)",
-                        self.timeout
-                    ));
-                }
-                backoff(started);
-            }
+            self.poll(ev, "the device", started, deadline, || {
+                format!(
+                    "the device did not finish within {:?} (a peer stopped, or a kernel hangs)",
+                    self.timeout
+                )
+            })?;
         }
         drv("the device", ctx.check_err())
+    }
+
+    /// Polls `event` until it completes, checking NCCL for a failed peer in
+    /// between; past `deadline`, the error `timed_out` says.
+    fn poll(
+        &self,
+        event: &CudaEvent,
+        call: &str,
+        started: Instant,
+        deadline: Instant,
+        timed_out: impl Fn() -> String,
+    ) -> Result<(), String> {
+        loop {
+            if drv(call, event.try_is_complete())? {
+                return Ok(());
+            }
+            if let Some(n) = &self.nccl {
+                n.check()?;
+            }
+            if Instant::now() >= deadline {
+                return Err(timed_out());
+            }
+            backoff(started);
+        }
     }
 }
 

@@ -449,7 +449,38 @@ impl Nvrtc {
         size: GetSize,
         get: GetBytes,
     ) -> Result<Vec<u8>, NvrtcError> {
-        let call = "nvrtcGetCUBIN";
+        self.read_bytes(prog, size, get, "nvrtcGetCUBIN")
+    }
+
+    /// Reads the log or the PTX of `prog` as text (NVRTC ends it with a NUL).
+    fn read(
+        &self,
+        prog: Program,
+        size: GetSize,
+        get: GetBytes,
+        what: &'static str,
+    ) -> Result<String, NvrtcError> {
+        let call = if what == "log" {
+            "nvrtcGetProgramLog"
+        } else {
+            "nvrtcGetPTX"
+        };
+        let mut buf = self.read_bytes(prog, size, get, call)?;
+        if let Some(end) = buf.iter().position(|&b| b == 0) {
+            buf.truncate(end);
+        }
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    /// One of `prog`'s outputs: a size call, then a copy (`call` names both
+    /// in errors). Empty when NVRTC reports no bytes.
+    fn read_bytes(
+        &self,
+        prog: Program,
+        size: GetSize,
+        get: GetBytes,
+        call: &'static str,
+    ) -> Result<Vec<u8>, NvrtcError> {
         let mut n = 0usize;
         // SAFETY: `prog` is live; `n` is a valid out-pointer.
         let r = unsafe { size(prog, &mut n) };
@@ -472,43 +503,6 @@ impl Nvrtc {
             });
         }
         Ok(buf)
-    }
-
-    /// Reads the log or the PTX of `prog` (a size call, then a copy).
-    fn read(
-        &self,
-        prog: Program,
-        size: GetSize,
-        get: GetBytes,
-        what: &'static str,
-    ) -> Result<String, NvrtcError> {
-        let call = if what == "log" {
-            "nvrtcGetProgramLog"
-        } else {
-            "nvrtcGetPTX"
-        };
-        let mut n = 0usize;
-        // SAFETY: `prog` is live; `n` is a valid out-pointer.
-        let r = unsafe { size(prog, &mut n) };
-        if r != 0 {
-            return Err(NvrtcError::Api {
-                call,
-                message: self.error_string(r),
-            });
-        }
-        let mut buf = vec![0u8; n.max(1)];
-        // SAFETY: `buf` holds at least the `n` bytes NVRTC said it writes.
-        let r = unsafe { get(prog, buf.as_mut_ptr().cast::<c_char>()) };
-        if r != 0 {
-            return Err(NvrtcError::Api {
-                call,
-                message: self.error_string(r),
-            });
-        }
-        if let Some(end) = buf.iter().position(|&b| b == 0) {
-            buf.truncate(end);
-        }
-        Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 }
 
