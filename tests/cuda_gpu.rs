@@ -72,7 +72,7 @@ fn plan_of(source: &str, overrides: &Overrides) -> Plan {
     let (program, _) = moec_lang::check_source(source).program.unwrap();
     let mut program = program.clone();
     apply(&mut program, overrides).unwrap();
-    compile(&program, &Options::default()).unwrap().plan
+    compile(&program, &Options::cuda()).unwrap().plan
 }
 
 fn options() -> CudaOptions {

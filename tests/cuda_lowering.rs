@@ -71,7 +71,7 @@ fn plan_of(source: &str, overrides: &Overrides) -> Plan {
         .unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
     let mut program = program.clone();
     apply(&mut program, overrides).unwrap();
-    compile(&program, &Options::default()).unwrap().plan
+    compile(&program, &Options::cuda()).unwrap().plan
 }
 
 fn shrunk(dtype: moec_lang::spec::DType) -> Overrides {
@@ -1844,6 +1844,7 @@ fn every_all_to_all_pairs_run_for_run() {
             .flat_map(|ids| {
                 assign_count(
                     &geo,
+                    0,
                     &Routing {
                         ids,
                         weights: &weights,
@@ -2032,6 +2033,7 @@ fn native_assignment_kernels_match_layout_rs() {
                 .flat_map(|q| {
                     assign_count(
                         &geo,
+                        q,
                         &Routing {
                             ids: &ids[q],
                             weights: &weights[q],
@@ -2309,4 +2311,33 @@ fn the_gpu_benchmark_layers_run_shrunk_on_the_emulated_device() {
             eprintln!("{name}: captured and replayed");
         }
     }
+}
+
+/// A plan that dispatches by rank is refused by the CUDA lowering with the
+/// schedule line that builds one it runs (`moec run --backend cuda` compiles
+/// with `Options::cuda()`, which never makes one).
+#[test]
+fn dispatch_by_rank_is_refused_with_a_hint() {
+    let source = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/qwen3_30b_a3b.moe"),
+    )
+    .unwrap();
+    let (program, _) = moec_lang::check_source(&source).program.unwrap();
+    let mut program = program.clone();
+    apply(&mut program, &shrunk(moec_lang::spec::DType::Bf16)).unwrap();
+    let options = Options {
+        routing: Some(moec::cost::RoutingForm::DedupReduce),
+        ..Options::default()
+    };
+    let plan = compile(&program, &options).unwrap().plan;
+    assert!(plan.choices.dedup_dispatch && plan.choices.reduce_combine);
+    let err = Program::lower(&plan).err().unwrap();
+    assert!(
+        err.contains("deny = [dedup_dispatch, reduce_combine]"),
+        "{err}"
+    );
+    // The CUDA options keep per-pick routing for the same layer.
+    let plan = compile(&program, &Options::cuda()).unwrap().plan;
+    assert!(!plan.choices.dedup_dispatch && !plan.choices.reduce_combine);
+    Program::lower(&plan).unwrap();
 }

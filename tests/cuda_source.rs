@@ -42,7 +42,7 @@ fn compiled(name: &str, source: &str) -> Compiled {
             render(name, source, &checked.diagnostics, false)
         )
     };
-    compile(&program, &Options::default()).unwrap()
+    compile(&program, &Options::cuda()).unwrap()
 }
 
 fn compiled_file(path: &Path) -> Compiled {

@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 use moec::compile::{compile, Options};
+use moec::cost::RoutingForm;
 use moec::run::{apply, Overrides};
 use moec_runtime::cpu::{CpuBackend, CpuOptions};
 use moec_runtime::weights::{random_inputs, LayerWeights};
@@ -24,14 +25,42 @@ fn run_against_reference(
     seed: u64,
     shuffles: u64,
 ) -> f64 {
+    run_form_against_reference(name, source, overrides, seed, shuffles, None)
+}
+
+/// [`run_against_reference`] with the plan restricted to one routing form.
+fn run_form_against_reference(
+    name: &str,
+    source: &str,
+    overrides: &Overrides,
+    seed: u64,
+    shuffles: u64,
+    routing: Option<RoutingForm>,
+) -> f64 {
     let checked = moec_lang::check_source(source);
     let (program, _) = checked
         .program
         .unwrap_or_else(|| panic!("{name}: {:?}", checked.diagnostics));
     let mut program = program.clone();
     apply(&mut program, overrides).unwrap();
-    let compiled = compile(&program, &Options::default()).unwrap();
+    let options = Options {
+        routing,
+        ..Options::default()
+    };
+    let compiled = compile(&program, &options).unwrap_or_else(|e| panic!("{name}: {e}"));
     let plan = compiled.plan;
+    if let Some(form) = routing {
+        let by_rank = form != RoutingForm::PerAssignment;
+        assert_eq!(
+            plan.choices.dedup_dispatch, by_rank,
+            "{name}: dispatch form"
+        );
+        assert_eq!(
+            plan.choices.reduce_combine,
+            form == RoutingForm::DedupReduce,
+            "{name}: combine form"
+        );
+    }
     let layer = plan.layer.clone();
     let ranks = plan.mesh.world_size() as usize;
     let ep = plan.mesh.ep as usize;
@@ -383,4 +412,90 @@ fn an_overflowing_layer_is_an_error_not_an_infinite_output() {
         .forward(&inputs)
         .expect_err("an overflow is an error");
     assert!(e.to_string().contains("non-finite"), "{e}");
+}
+
+/// Dispatch by rank, alone and with the reducing combine, for every router
+/// variant the rules accept: weight on the output and on the input, both
+/// capacity drop policies, replicas, shared experts beside them, chunked
+/// plans, and fp8 on the wire; the reference's numbers under shuffled
+/// interleavings.
+#[test]
+fn dispatch_by_rank_and_reducing_combine_match_the_reference() {
+    let replicas = "mesh {\n gpus_per_node = 4\n device = H100\n ep = 4\n replicas {\n 0 = [2, 3]\n 5 = [0]\n }\n}";
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "softmax top-2",
+            layer("scoring = softmax\n top_k = 2\n normalize = true", SWIGLU, "", ""),
+        ),
+        (
+            "sigmoid groups shared",
+            layer(
+                "scoring = sigmoid\n top_k = 4\n selection_bias = true\n groups = 4\n groups_kept = 2\n normalize = true\n scale = 2.5",
+                SWIGLU,
+                "shared_experts {\n intermediate = 24\n gate = sigmoid\n }",
+                "schedule {\n overlap = 2\n }",
+            ),
+        ),
+        (
+            "weight on input",
+            layer(
+                "scoring = sigmoid\n top_k = 3\n weight_on = input",
+                "ffn = gelu\n intermediate = 24",
+                "shared_experts {\n intermediate = 24\n }",
+                "",
+            ),
+        ),
+        (
+            "capacity position",
+            layer(
+                "scoring = softmax\n top_k = 2",
+                "ffn = relu\n intermediate = 24",
+                "capacity {\n factor = 0.5\n drop = position\n }",
+                "schedule {\n overlap = 3\n }",
+            ),
+        ),
+        (
+            "capacity probs",
+            layer(
+                "scoring = softmax\n top_k = 3",
+                "ffn = relu\n intermediate = 24",
+                "capacity {\n factor = 0.5\n drop = probs\n }",
+                "",
+            ),
+        ),
+        (
+            "replicas",
+            layer("scoring = softmax\n top_k = 4", SWIGLU, "", "")
+                .replace("mesh {\n gpus_per_node = 4\n device = H100\n ep = 4\n}", replicas),
+        ),
+    ];
+    let fp8 = layer(
+        "scoring = softmax\n top_k = 4",
+        SWIGLU,
+        "dispatch_dtype = fp8_e4m3",
+        "",
+    );
+    for (name, source) in cases.iter().chain([&("fp8 on the wire", fp8)]) {
+        // fp8 e4m3 keeps 3 mantissa bits on the wire: a few percent.
+        let bound = if source.contains("fp8") { 0.08 } else { 1e-5 };
+        for form in [RoutingForm::DedupDispatch, RoutingForm::DedupReduce] {
+            let label = format!("{name} ({})", form.name());
+            let err =
+                run_form_against_reference(&label, source, &Overrides::default(), 5, 2, Some(form));
+            assert!(err < bound, "{label}: relative error {err:e}");
+        }
+    }
+}
+
+/// A top-1 layer keeps the per-pick forms, and says why.
+#[test]
+fn top_1_has_no_dispatch_by_rank() {
+    let source = layer("scoring = softmax\n top_k = 1", SWIGLU, "", "");
+    let (program, _) = moec_lang::check_source(&source).program.unwrap();
+    let options = Options {
+        routing: Some(RoutingForm::DedupDispatch),
+        ..Options::default()
+    };
+    let err = compile(&program, &options).err().unwrap();
+    assert!(err.contains("top_k = 1"), "{err}");
 }

@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 use moec::compile::{compile, Options};
+use moec::cost::RoutingForm;
 use moec::run::{apply, expected_traffic, Overrides};
 use moec_runtime::cpu::traffic::{total, LinkClass, RankTraffic};
 use moec_runtime::cpu::{CpuBackend, CpuOptions, Forward};
@@ -44,6 +45,17 @@ fn examples() -> Vec<(String, String)> {
 /// Compiles `source` shrunk (f32, small FFN, `hidden >= experts`) and runs
 /// one pass with uniform routing.
 fn run_uniform(name: &str, source: &str, extra: &str, ranks: Option<u64>) -> (Plan, Forward) {
+    run_uniform_form(name, source, extra, ranks, None)
+}
+
+/// [`run_uniform`] with the plan restricted to one routing form.
+fn run_uniform_form(
+    name: &str,
+    source: &str,
+    extra: &str,
+    ranks: Option<u64>,
+    routing: Option<RoutingForm>,
+) -> (Plan, Forward) {
     let source = format!("{source}{extra}");
     let (program, _) = moec_lang::check_source(&source)
         .program
@@ -58,7 +70,13 @@ fn run_uniform(name: &str, source: &str, extra: &str, ranks: Option<u64>) -> (Pl
         ffn: Some(16),
     };
     apply(&mut program, &overrides).unwrap();
-    let plan = compile(&program, &Options::default()).unwrap().plan;
+    let options = Options {
+        routing,
+        ..Options::default()
+    };
+    let plan = compile(&program, &options)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .plan;
     let layer = plan.layer.clone();
     let ranks = plan.mesh.world_size() as usize;
     let mut weights = LayerWeights::random(&layer, 11);
@@ -179,11 +197,58 @@ fn hierarchical_and_flat_legs_move_what_their_plans_expect() {
         .unwrap()
         // A slow network, where the hierarchical form wins at this size.
         .replace("bandwidth = 400 Gb/s", "bandwidth = 10 Gb/s");
-    let flat = "\nschedule {\n    deny = [hierarchical_a2a]\n}\n";
-    for (extra, want) in [("", A2aAlgorithm::Hierarchical), (flat, A2aAlgorithm::Flat)] {
+    // Per-pick routing in both, so the two all-to-alls are compared alone.
+    let hierarchical = "\nschedule {\n    deny = [dedup_dispatch, reduce_combine]\n}\n";
+    let flat = "\nschedule {\n    deny = [hierarchical_a2a, dedup_dispatch, reduce_combine]\n}\n";
+    for (extra, want) in [
+        (hierarchical, A2aAlgorithm::Hierarchical),
+        (flat, A2aAlgorithm::Flat),
+    ] {
         let (plan, forward) = run_uniform("deepseek_v3 on 16 ranks", &source, extra, Some(16));
         assert_eq!(plan.choices.dispatch, want);
         check_conservation("deepseek_v3 on 16 ranks", &plan, &forward);
         check_expectation("deepseek_v3 on 16 ranks", &plan, &forward);
     }
+}
+
+/// Dispatch by rank on every multi-rank example that allows it: one row per
+/// (token, destination rank), never more than one per kept assignment (as
+/// DeepEP sends); with the reducing combine, the same rows come back, so the
+/// return trip moves what the dispatch moved; the bytes per rank are within a
+/// few percent of the plan's figures.
+#[test]
+fn dispatch_by_rank_moves_one_row_per_token_and_rank() {
+    let mut checked = 0;
+    for (name, source) in examples() {
+        for form in [RoutingForm::DedupDispatch, RoutingForm::DedupReduce] {
+            let (program, _) = moec_lang::check_source(&source).program.unwrap();
+            if program.mesh.ep < 2 || program.layer.router.top_k < 2 {
+                continue;
+            }
+            let label = format!("{name} ({})", form.name());
+            let (plan, forward) = run_uniform_form(&label, &source, "", None, Some(form));
+            let sum = total(&forward.traffic);
+            let kept = forward.stats.assignments - forward.stats.dropped;
+            let by_rank = rows(&sum, "dispatch by rank");
+            assert!(
+                by_rank > 0 && by_rank <= forward.stats.assignments,
+                "{label}: {by_rank} rows"
+            );
+            // Several experts per rank: some tokens pick two on one rank.
+            let per_rank = plan.mesh.experts_of_ep_rank.iter().map(Vec::len).max();
+            if plan.layer.capacity == CapacityConfig::Dropless && per_rank > Some(1) {
+                assert!(by_rank < kept, "{label}: {by_rank} rows for {kept} picks");
+            }
+            if form == RoutingForm::DedupReduce {
+                assert_eq!(rows(&sum, "combine by rank"), by_rank, "{label}");
+            } else {
+                assert_eq!(rows(&sum, "combine"), kept, "{label}");
+            }
+            if plan.layer.capacity == CapacityConfig::Dropless {
+                check_expectation(&label, &plan, &forward);
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} by-rank runs");
 }

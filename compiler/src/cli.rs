@@ -522,7 +522,14 @@ impl Ctx<'_> {
         if tokens == Some(0) {
             return Err(Failure(EXIT_USAGE, "--tokens must be at least 1".into()));
         }
-        let Some(c) = self.compile(path, &Options { tokens })? else {
+        let Some(c) = self.compile(
+            path,
+            &Options {
+                tokens,
+                routing: None,
+            },
+        )?
+        else {
             return Ok(EXIT_REJECTED);
         };
         if json {
@@ -656,7 +663,11 @@ impl Ctx<'_> {
             ffn: a.ffn,
         };
         crate::run::apply(&mut program, &overrides).map_err(|e| Failure(EXIT_USAGE, e))?;
-        let compiled = compile(&program, &Options::default())
+        let options = match a.backend {
+            Backend::Cpu => Options::default(),
+            Backend::Cuda => Options::cuda(),
+        };
+        let compiled = compile(&program, &options)
             .map_err(|e| Failure(EXIT_REJECTED, format!("{}: {e}", a.file.display())))?;
         let plan = compiled.plan;
         if a.hidden.is_some() || a.ffn.is_some() || a.tokens.is_some() {
@@ -669,7 +680,7 @@ impl Ctx<'_> {
                 ..Default::default()
             };
             if crate::run::apply(&mut full, &keep).is_ok() {
-                if let Ok(c) = compile(&full, &Options::default()) {
+                if let Ok(c) = compile(&full, &options) {
                     if let Some(note) = crate::run::shrink_note(&plan, &c.plan) {
                         writeln!(self.err, "note: {note}").map_err(io)?;
                     }

@@ -15,7 +15,7 @@
 //! worst-case receive buffers). When none fits, the smallest is chosen and
 //! [`Report::warnings`] says by how much it misses.
 
-use crate::cost::OverlapCost;
+use crate::cost::{OverlapCost, RoutingForm};
 use crate::ir::{lower, MetaAnalysis, Model, MoeIr};
 use crate::rules::{family_of, rules};
 use crate::schedule::{schedule_with, Order};
@@ -42,6 +42,22 @@ pub const AUTO_DEGREES: &[u64] = &[2, 3, 4, 6, 8, 12, 16];
 pub struct Options {
     /// Tokens per rank instead of the file's `tokens_per_rank`.
     pub tokens: Option<u64>,
+    /// Only candidates of this routing form (the tests use it to run each
+    /// form; an error when the rewrites could not make it).
+    pub routing: Option<RoutingForm>,
+}
+
+impl Options {
+    /// The options of a plan the CUDA backend will run: per-pick routing
+    /// only, since its device-side assignment does not write the by-rank
+    /// layout yet (`moec run` and `moec bench` use these with
+    /// `--backend cuda`; a by-rank plan file is refused there with a hint).
+    pub fn cuda() -> Options {
+        Options {
+            routing: Some(RoutingForm::PerAssignment),
+            ..Options::default()
+        }
+    }
 }
 
 /// One overlap candidate and its simulated time.
@@ -49,6 +65,8 @@ pub struct Options {
 pub struct Candidate {
     pub chunks: u64,
     pub shared_concurrent: bool,
+    /// How tokens travel (per pick, by rank, by rank with the reducing combine).
+    pub routing: RoutingForm,
     pub total_us: f64,
     /// Activations and weights of one rank, bytes.
     pub memory_bytes: u64,
@@ -163,7 +181,23 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
         .copied()
         .ok_or("internal: the e-graph has no root")?;
     let root = egraph.find(root);
-    let extractor = Extractor::new(egraph, OverlapCost { egraph });
+    // One extraction per routing form the rewrites made possible.
+    let has = |f: fn(&MoeIr) -> bool| egraph.classes().any(|c| c.nodes.iter().any(f));
+    let forms: Vec<RoutingForm> = RoutingForm::ALL
+        .into_iter()
+        .filter(|form| match form {
+            RoutingForm::PerAssignment => true,
+            RoutingForm::DedupDispatch => has(|n| matches!(n, MoeIr::DispatchRank(_))),
+            RoutingForm::DedupReduce => {
+                has(|n| matches!(n, MoeIr::DispatchRank(_)))
+                    && has(|n| matches!(n, MoeIr::Reduce(_)))
+            }
+        })
+        .collect();
+    let extractors: Vec<(RoutingForm, Extractor<OverlapCost, MoeIr, MetaAnalysis>)> = forms
+        .iter()
+        .map(|&form| (form, Extractor::new(egraph, OverlapCost { egraph, form })))
+        .collect();
 
     // The top-level alternatives: how the shared branch joins, how many chunks.
     let joins: Vec<Option<MoeIr>> = {
@@ -201,70 +235,88 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
     let mut best: Option<Best> = None;
     let mut baseline: Option<(Plan, Timeline)> = None;
     let mut candidates = Vec::new();
-    for join in &joins {
-        for pipeline in &pipelines {
-            let chunks = chunks_of(pipeline);
-            let concurrent = matches!(join, Some(MoeIr::AddPar(_)));
-            let is_baseline = chunks == 1 && !concurrent;
-            let eligible = forced.is_none_or(|d| d == chunks);
-            if !eligible && !is_baseline {
-                continue;
-            }
-            let mut overrides = BTreeMap::new();
-            if let Some(j) = join {
-                overrides.insert(root, j.clone());
-            }
-            overrides.insert(routed_class, pipeline.clone());
-            let chosen = build_expr(egraph, &extractor, root, &overrides)?;
-            let (plan, timeline, combine_lag) = order_chunks(&model, &chosen, chunks, is_baseline)?;
-            let total = timeline.total_us;
-            let memory = rank_memory_bytes(&plan);
-            let fits = fits_device(&plan);
-            candidates.push(Candidate {
-                chunks,
-                shared_concurrent: concurrent,
-                total_us: total,
-                memory_bytes: memory,
-                combine_lag,
-            });
-            if is_baseline {
-                baseline = Some((plan.clone(), timeline.clone()));
-            }
-            if !eligible {
-                continue;
-            }
-            let better = match &best {
-                None => true,
-                Some(b) if fits != b.fits => fits,
-                // Neither fits: the one that needs the least memory.
-                Some(b) if !fits => {
-                    (memory, chunks, concurrent) < (b.memory, b.chunks, b.concurrent)
+    for (routing, extractor) in &extractors {
+        for join in &joins {
+            for pipeline in &pipelines {
+                let chunks = chunks_of(pipeline);
+                let concurrent = matches!(join, Some(MoeIr::AddPar(_)));
+                let is_baseline =
+                    chunks == 1 && !concurrent && *routing == RoutingForm::PerAssignment;
+                let eligible = forced.is_none_or(|d| d == chunks)
+                    && options.routing.is_none_or(|f| f == *routing);
+                if !eligible && !is_baseline {
+                    continue;
                 }
-                Some(b) => {
-                    // Strictly faster by more than rounding, or as fast and simpler.
-                    total < b.total - 1e-6
-                        || ((total - b.total).abs() <= 1e-6
-                            && (chunks, concurrent) < (b.chunks, b.concurrent))
+                let mut overrides = BTreeMap::new();
+                if let Some(j) = join {
+                    overrides.insert(root, j.clone());
                 }
-            };
-            if better {
-                best = Some(Best {
-                    total,
+                overrides.insert(routed_class, pipeline.clone());
+                let chosen = build_expr(egraph, extractor, root, &overrides)?;
+                if chosen.as_ref().iter().any(|n| routing.forbids(n)) {
+                    // The form has no complete plan for this candidate.
+                    continue;
+                }
+                let (plan, timeline, combine_lag) =
+                    order_chunks(&model, &chosen, chunks, is_baseline)?;
+                let total = timeline.total_us;
+                let memory = rank_memory_bytes(&plan);
+                let fits = fits_device(&plan);
+                candidates.push(Candidate {
                     chunks,
-                    concurrent,
-                    memory,
-                    fits,
-                    plan,
-                    timeline,
-                    expr: chosen.to_string(),
+                    shared_concurrent: concurrent,
+                    routing: *routing,
+                    total_us: total,
+                    memory_bytes: memory,
+                    combine_lag,
                 });
+                if is_baseline {
+                    baseline = Some((plan.clone(), timeline.clone()));
+                }
+                if !eligible {
+                    continue;
+                }
+                let better = match &best {
+                    None => true,
+                    Some(b) if fits != b.fits => fits,
+                    // Neither fits: the one that needs the least memory.
+                    Some(b) if !fits => {
+                        (memory, chunks, concurrent) < (b.memory, b.chunks, b.concurrent)
+                    }
+                    Some(b) => {
+                        // Strictly faster by more than rounding, or as fast and simpler.
+                        total < b.total - 1e-6
+                            || ((total - b.total).abs() <= 1e-6
+                                && (chunks, concurrent) < (b.chunks, b.concurrent))
+                    }
+                };
+                if better {
+                    best = Some(Best {
+                        total,
+                        chunks,
+                        concurrent,
+                        memory,
+                        fits,
+                        plan,
+                        timeline,
+                        expr: chosen.to_string(),
+                    });
+                }
             }
         }
+    }
+    if let Some(form) = options.routing.filter(|f| !forms.contains(f)) {
+        return Err(format!(
+            "no plan sends tokens {}: {}",
+            form.name(),
+            crate::rules::by_rank_guard(model.ep, model.etp, model.top_k)
+                .unwrap_or_else(|| "the schedule denies its rules".into())
+        ));
     }
     let (baseline, baseline_timeline) =
         baseline.ok_or("internal: no baseline candidate was extracted")?;
     let best = best.ok_or("internal: no candidate plan was extracted")?;
-    candidates.sort_by_key(|c| (c.chunks, c.shared_concurrent));
+    candidates.sort_by_key(|c| (c.routing, c.chunks, c.shared_concurrent));
     let mut warnings = Vec::new();
     if !best.fits {
         warnings.push(memory_warning(&best.plan));

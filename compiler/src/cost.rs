@@ -313,6 +313,61 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
                 v.rows_expected * h as f64 * db + route_bytes(tokens) + tokens * h as f64 * db,
             )
         }
+        MoeIr::PackRank([x, _]) => {
+            // `assign_rank` writes the by-rank slots and metadata rows, then
+            // the rows are gathered into the send buffer.
+            let tokens = meta(*x).rows_expected;
+            let rows = model.rank_rows_expected(tokens);
+            let route = rank_route_cost(model, tokens);
+            let pack = memory_kernel(model, 2.0 * rows * h as f64 * db);
+            NodeCost {
+                compute_us: route.compute_us + pack.compute_us,
+                memory_bytes: route.memory_bytes + pack.memory_bytes,
+                ..NodeCost::default()
+            }
+        }
+        MoeIr::DispatchRank(p) => {
+            // The rows and, beside them, each row's picks (a second message).
+            let v = meta(*p);
+            let rows = flat_all_to_all(model, v.rows_expected, row_bytes(v.cols, v.dtype));
+            let picks = rank_meta_all_to_all(model, v.rows_expected);
+            NodeCost {
+                network_us: rows.network_us + picks.network_us,
+                wire_bytes: rows.wire_bytes + picks.wire_bytes,
+                ..NodeCost::default()
+            }
+        }
+        MoeIr::Expand([r, _]) => {
+            // `assign_expand` (the expert row of every pick), then each
+            // received row copied to its picks' expert rows.
+            let v = meta(*r);
+            let expert_rows = model.expert_rows_expected(v.chunks);
+            let index = expand_index_cost(model, v.rows_expected);
+            let copy = memory_kernel(
+                model,
+                (v.rows_expected + expert_rows) * h as f64 * db + v.rows_expected * k * 8.0,
+            );
+            NodeCost {
+                compute_us: index.compute_us + copy.compute_us,
+                memory_bytes: index.memory_bytes + copy.memory_bytes,
+                ..NodeCost::default()
+            }
+        }
+        MoeIr::Reduce([y, a]) => {
+            let expert_rows = meta(*y).rows_expected;
+            let rows = model.rank_rows_expected(meta(*a).rows_expected);
+            memory_kernel(model, (expert_rows + rows) * h as f64 * db + rows * k * 8.0)
+        }
+        MoeIr::CombineRank(r) => {
+            let v = meta(*r);
+            flat_all_to_all(model, v.rows_expected, row_bytes(v.cols, v.dtype))
+        }
+        MoeIr::SumRank([c, a]) => {
+            let rows = meta(*c).rows_expected;
+            let tokens = meta(*a).rows_expected;
+            let g = model.group_ranks as f64;
+            memory_kernel(model, (rows + tokens) * h as f64 * db + tokens * g * 4.0)
+        }
         MoeIr::SharedUp(x) | MoeIr::SharedUpAct(x) => {
             let rows = meta(*x).rows_expected;
             let (width, gated) = shared_dims(model);
@@ -397,6 +452,38 @@ fn intra_leg(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
     }
 }
 
+/// Bytes of one by-rank metadata row: each pick's local expert index and
+/// weight (i32 and f32), as the runtime's layout contract says.
+pub fn rank_meta_row_bytes(model: &Model) -> f64 {
+    model.top_k as f64 * 8.0
+}
+
+/// The metadata all-to-all beside a by-rank dispatch of `rows` rows.
+pub fn rank_meta_all_to_all(model: &Model, rows: f64) -> NodeCost {
+    flat_all_to_all(model, rows, rank_meta_row_bytes(model))
+}
+
+/// `assign_rank` for `tokens` tokens: reads their routing, writes the by-rank
+/// slots (`[T, G]` i32) and a metadata row per by-rank row.
+pub fn rank_route_cost(model: &Model, tokens: f64) -> NodeCost {
+    let k = model.top_k as f64;
+    let g = model.group_ranks as f64;
+    let rows = model.rank_rows_expected(tokens);
+    memory_kernel(
+        model,
+        tokens * k * 12.0 + tokens * g * 4.0 + rows * rank_meta_row_bytes(model),
+    )
+}
+
+/// `assign_expand` for `rows` received by-rank rows: reads their metadata,
+/// writes the expert row and weight of every pick.
+pub fn expand_index_cost(model: &Model, rows: f64) -> NodeCost {
+    memory_kernel(
+        model,
+        rows * rank_meta_row_bytes(model) + rows * model.top_k as f64 * 8.0,
+    )
+}
+
 /// Bytes of the metadata collective of `assign`, per rank sent.
 pub fn assign_exchange_bytes(model: &Model, tokens: f64) -> f64 {
     let peers = (model.group_ranks.saturating_sub(1)) as f64;
@@ -463,9 +550,63 @@ impl PartialOrd for Cost {
     }
 }
 
-/// egg's cost function for the MoE IR (see [`Cost`]).
+/// How tokens travel in a candidate plan: the per-assignment forms, dispatch
+/// by rank, or dispatch by rank with the reducing combine. Each form's
+/// candidates are extracted apart and compared by the simulator: the
+/// extraction's tree cost adds a chunk's compute and network time, so it
+/// cannot see that moving bytes off a busy link onto the SMs pays when the
+/// chunks overlap; the simulated timeline can.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RoutingForm {
+    PerAssignment,
+    DedupDispatch,
+    DedupReduce,
+}
+
+impl RoutingForm {
+    pub const ALL: [RoutingForm; 3] = [
+        RoutingForm::PerAssignment,
+        RoutingForm::DedupDispatch,
+        RoutingForm::DedupReduce,
+    ];
+
+    /// The node kinds a candidate of this form may not contain.
+    pub fn forbids(self, node: &MoeIr) -> bool {
+        let by_rank_dispatch = matches!(node, MoeIr::DispatchRank(_));
+        let plain_dispatch = matches!(
+            node,
+            MoeIr::Dispatch(_) | MoeIr::DispatchInter(_) | MoeIr::DispatchIntra(_)
+        );
+        let reduce = matches!(node, MoeIr::Reduce(_));
+        let plain_combine = matches!(
+            node,
+            MoeIr::Combine(_) | MoeIr::CombineInter(_) | MoeIr::CombineIntra(_)
+        );
+        match self {
+            RoutingForm::PerAssignment => by_rank_dispatch || reduce,
+            RoutingForm::DedupDispatch => plain_dispatch || reduce,
+            RoutingForm::DedupReduce => plain_dispatch || plain_combine,
+        }
+    }
+
+    /// How the candidate table names the form.
+    pub fn name(self) -> &'static str {
+        match self {
+            RoutingForm::PerAssignment => "per pick",
+            RoutingForm::DedupDispatch => "by rank",
+            RoutingForm::DedupReduce => "by rank+reduce",
+        }
+    }
+}
+
+/// The cost of a node a [`RoutingForm`] forbids, us.
+const FORBIDDEN_US: f64 = 1e30;
+
+/// egg's cost function for the MoE IR (see [`Cost`]), extracting only the
+/// forms `form` allows (a forbidden node costs [`FORBIDDEN_US`]).
 pub struct OverlapCost<'a> {
     pub egraph: &'a EGraph<MoeIr, MetaAnalysis>,
+    pub form: RoutingForm,
 }
 
 impl CostFunction<MoeIr> for OverlapCost<'_> {
@@ -475,6 +616,15 @@ impl CostFunction<MoeIr> for OverlapCost<'_> {
     where
         C: FnMut(Id) -> Cost,
     {
+        if self.form.forbids(enode) {
+            // Finite, so `0 x cost` stays 0 (a pipeline of one chunk) and
+            // every comparison is defined; far above any real plan.
+            return Cost {
+                critical_us: FORBIDDEN_US,
+                compute_us: FORBIDDEN_US,
+                network_us: FORBIDDEN_US,
+            };
+        }
         let model = &self.egraph.analysis.model;
         let meta = |id: Id| self.egraph[id].data.clone();
         let own = node_cost(model, enode, &meta);

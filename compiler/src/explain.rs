@@ -1,6 +1,7 @@
 //! `moec explain`: why the plan is what it is.
 
 use crate::compile::Compiled;
+use crate::cost::RoutingForm;
 use moec_runtime::plan::{human_bytes, A2aAlgorithm, DType, Phase, Plan};
 use std::fmt::Write;
 
@@ -16,6 +17,8 @@ fn in_plan(plan: &Plan, family: &str) -> bool {
         "overlap_shared" => c.shared_concurrent,
         "hierarchical_a2a" => c.dispatch == A2aAlgorithm::Hierarchical,
         "fp8_dispatch" => c.dispatch_dtype == DType::Fp8E4m3 && plan.layer.dtype != DType::Fp8E4m3,
+        "dedup_dispatch" => c.dedup_dispatch,
+        "reduce_combine" => c.reduce_combine,
         _ => false,
     }
 }
@@ -37,6 +40,9 @@ fn not_applicable(plan: &Plan, family: &str) -> Option<String> {
             "the layer dispatches in {} (set `dispatch_dtype = fp8_e4m3` to allow it)",
             l.dispatch_dtype.name()
         )),
+        "dedup_dispatch" | "reduce_combine" => {
+            crate::rules::by_rank_guard(m.ep, m.etp, l.router.top_k)
+        }
         "overlap_chunks" if group_ranks <= 1 => {
             Some("one rank: there is no communication to hide".into())
         }
@@ -51,6 +57,15 @@ fn not_applicable(plan: &Plan, family: &str) -> Option<String> {
             ))
         }
         _ => None,
+    }
+}
+
+/// The routing form of a plan.
+fn routing_of(plan: &Plan) -> RoutingForm {
+    match (plan.choices.dedup_dispatch, plan.choices.reduce_combine) {
+        (_, true) => RoutingForm::DedupReduce,
+        (true, false) => RoutingForm::DedupDispatch,
+        (false, false) => RoutingForm::PerAssignment,
     }
 }
 
@@ -103,8 +118,8 @@ pub fn explain(c: &Compiled) -> String {
     let _ = writeln!(s, "overlap candidates (each scheduled and simulated):");
     let _ = writeln!(
         s,
-        "  {:>6}  {:<14} {:>5} {:>12}",
-        "chunks", "shared", "lag", "total us"
+        "  {:>6}  {:<14} {:<15} {:>5} {:>12}",
+        "chunks", "shared", "tokens travel", "lag", "total us"
     );
     let best = c.timeline.total_us;
     for cand in &r.candidates {
@@ -116,31 +131,43 @@ pub fn explain(c: &Compiled) -> String {
             "in line"
         };
         let mut mark = String::new();
-        if cand.chunks == 1 && !cand.shared_concurrent {
+        if cand.chunks == 1 && !cand.shared_concurrent && cand.routing == RoutingForm::PerAssignment
+        {
             mark.push_str("  baseline");
         }
         if cand.chunks == p.choices.chunks
             && cand.shared_concurrent == p.choices.shared_concurrent
+            && cand.routing == routing_of(p)
             && (cand.total_us - best).abs() < 1e-9
         {
             mark.push_str("  <- chosen");
         }
         let _ = writeln!(
             s,
-            "  {:>6}  {:<14} {:>5} {:>12.1}{mark}",
-            cand.chunks, shared, cand.combine_lag, cand.total_us
+            "  {:>6}  {:<14} {:<15} {:>5} {:>12.1}{mark}",
+            cand.chunks,
+            shared,
+            cand.routing.name(),
+            cand.combine_lag,
+            cand.total_us
         );
     }
     let _ = writeln!(s);
     let ch = &p.choices;
     let _ = writeln!(
         s,
-        "chosen: {} chunk(s) of {} tokens; dispatch {} in {}; shared experts {}",
+        "chosen: {} chunk(s) of {} tokens; dispatch {}{} in {}; shared experts {}",
         ch.chunks,
         ch.chunk_tokens,
         match ch.dispatch {
             A2aAlgorithm::Flat => "flat",
             A2aAlgorithm::Hierarchical => "hierarchical (one copy per node, then NVLink)",
+        },
+        match (ch.dedup_dispatch, ch.reduce_combine) {
+            (true, true) => " by rank, combine reduced per rank",
+            (true, false) => " by rank",
+            (false, true) => ", combine reduced per rank",
+            (false, false) => "",
         },
         ch.dispatch_dtype.name(),
         if p.layer.shared.is_none() {

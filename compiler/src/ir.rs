@@ -24,6 +24,14 @@
 //! - experts: `up`, `act`, `down`, or `up_act` (activation in the GEMM epilogue).
 //! - combine side: `combine` or `combine_inter[combine_intra[..]]`, then
 //!   `unpermute` + `wsum`, or `unpermute_wsum`.
+//! - dispatch by rank (`dedup_dispatch`): `pack_rank[x, a]` (one row per
+//!   token and destination rank), `dispatch_rank` (its all-to-all, the picks'
+//!   metadata beside), `expand[r, a]` (each received row copied to the expert
+//!   rows of its picks: the same expert input as `dispatch`).
+//! - reducing combine (`reduce_combine`): `reduce[y, a]` (a received row's
+//!   expert outputs summed, weighted), `combine_rank` (its return trip, one
+//!   row per token and rank), `sum_rank[c, a]` (the source sums a token's
+//!   rows over the ranks).
 //! - shared experts: `shared_up`, `shared_act`, `shared_up_act`, `shared_down`,
 //!   `shared_gate[x, y]`.
 //! - `add[routed, shared]` (shared runs after the routed part, one stream) or
@@ -66,6 +74,12 @@ define_language! {
         "unpermute" = Unpermute([Id; 2]),
         "wsum" = Wsum([Id; 2]),
         "unpermute_wsum" = UnpermuteWsum([Id; 2]),
+        "pack_rank" = PackRank([Id; 2]),
+        "dispatch_rank" = DispatchRank(Id),
+        "expand" = Expand([Id; 2]),
+        "reduce" = Reduce([Id; 2]),
+        "combine_rank" = CombineRank(Id),
+        "sum_rank" = SumRank([Id; 2]),
         "shared_up" = SharedUp(Id),
         "shared_act" = SharedAct(Id),
         "shared_up_act" = SharedUpAct(Id),
@@ -283,6 +297,24 @@ impl Model {
     /// Expected routed rows (kept assignments × expert shards) of `tokens` tokens.
     pub fn routed_rows_expected(&self, tokens: f64) -> f64 {
         tokens * self.rows_per_token() as f64 * self.kept_fraction()
+    }
+
+    /// Most by-rank rows one token sends (one per destination rank).
+    pub fn rank_rows_per_token(&self) -> u64 {
+        self.top_k.min(self.group_ranks)
+    }
+
+    /// Expected by-rank rows of `tokens` tokens: one per distinct destination
+    /// rank of each token, before capacity drops (the counts are exchanged
+    /// before drops are known, see the runtime's layout contract).
+    pub fn rank_rows_expected(&self, tokens: f64) -> f64 {
+        tokens * self.destinations.ranks
+    }
+
+    /// Worst-case by-rank rows one rank receives in one of `chunks` chunks:
+    /// a row from every token of the EP group's chunk.
+    pub fn rank_rows_received_max(&self, chunks: u64) -> u64 {
+        self.chunk_tokens(chunks).saturating_mul(self.group_ranks)
     }
 
     /// Tokens of one chunk when the rank's tokens are cut into `chunks`.
@@ -641,6 +673,42 @@ impl Analysis<MoeIr> for MetaAnalysis {
             MoeIr::Wsum([u, a]) | MoeIr::UnpermuteWsum([u, a]) => {
                 let av = x(a);
                 Meta::value(av.rows, av.rows_expected, h, m.dtype, flops_of(&[*u]))
+                    .in_chunks(av.chunks)
+            }
+            MoeIr::PackRank([xi, a]) => {
+                let xv = x(xi);
+                let rows = xv.rows.saturating_mul(m.rank_rows_per_token());
+                let exp = m.rank_rows_expected(xv.rows_expected);
+                Meta::value(rows, exp, h, xv.dtype, flops_of(&[*xi, *a])).in_chunks(xv.chunks)
+            }
+            MoeIr::DispatchRank(p) => {
+                // By symmetry a rank receives as many rows as it sends.
+                let p = x(p);
+                let rows = m.rank_rows_received_max(p.chunks);
+                Meta::value(rows, p.rows_expected, p.cols, p.dtype, p.flops).in_chunks(p.chunks)
+            }
+            MoeIr::Expand([r, _]) => {
+                // The expert input, as `dispatch` delivers it.
+                let r = x(r);
+                let rows = m.expert_rows_max(r.chunks);
+                let exp = m.expert_rows_expected(r.chunks);
+                Meta::value(rows, exp, h, m.dtype, r.flops).in_chunks(r.chunks)
+            }
+            MoeIr::Reduce([y, a]) => {
+                let av = x(a);
+                let rows = m.rank_rows_received_max(av.chunks);
+                let exp = m.rank_rows_expected(av.rows_expected);
+                Meta::value(rows, exp, h, m.dtype, x(y).flops).in_chunks(av.chunks)
+            }
+            MoeIr::CombineRank(r) => {
+                let r = x(r);
+                let tokens = m.chunk_tokens(r.chunks);
+                let rows = tokens.saturating_mul(m.rank_rows_per_token());
+                Meta::value(rows, r.rows_expected, h, m.dtype, r.flops).in_chunks(r.chunks)
+            }
+            MoeIr::SumRank([c, a]) => {
+                let av = x(a);
+                Meta::value(av.rows, av.rows_expected, h, m.dtype, flops_of(&[*c]))
                     .in_chunks(av.chunks)
             }
             MoeIr::Pipeline([d, xi, _, body]) => {

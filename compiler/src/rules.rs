@@ -59,9 +59,23 @@ pub fn rules(model: &Model, allowed: &[&str], degrees: &[u64]) -> Result<Vec<Moe
         rules.push(rewrite!("hierarchical_a2a/combine";
             "(combine ?y ?a)" => "(combine_inter (combine_intra ?y ?a) ?a)"));
     }
+    // Dispatch by rank and the reducing combine: see `by_rank_guard`. Both
+    // match the unfused forms, which every lowered body keeps in its classes.
+    let by_rank = by_rank_guard(model.ep, model.etp, model.top_k).is_none();
+    if on("dedup_dispatch") && by_rank {
+        rules.push(rewrite!("dedup_dispatch";
+            "(dispatch (pack (permute ?x ?a)))" => "(expand (dispatch_rank (pack_rank ?x ?a)) ?a)"));
+    }
+    if on("reduce_combine") && by_rank {
+        rules.push(rewrite!("reduce_combine";
+            "(wsum (unpermute (combine ?y ?a) ?a) ?a)" => "(sum_rank (combine_rank (reduce ?y ?a)) ?a)"));
+    }
     if on("fp8_dispatch") && model.fp8_dispatch_allowed && model.dtype != DType::Fp8E4m3 {
         rules.push(rewrite!("fp8_dispatch";
             "(dispatch ?p)" => "(dequant (dispatch (quant ?p)))"
+            if not_fp8("?p")));
+        rules.push(rewrite!("fp8_dispatch/by_rank";
+            "(dispatch_rank ?p)" => "(dequant (dispatch_rank (quant ?p)))"
             if not_fp8("?p")));
     }
     if on("overlap_chunks") {
@@ -80,6 +94,29 @@ pub fn rules(model: &Model, allowed: &[&str], degrees: &[u64]) -> Result<Vec<Moe
         }
     }
     Ok(rules)
+}
+
+/// Why dispatch by rank (and so the reducing combine, which reads the
+/// picks that travel with it) cannot apply to this layer, or `None`.
+///
+/// Sound for every router variant: the picks' weights travel with the row,
+/// so the expert side scales the rows (`weight_on = input`) or the outputs
+/// (`weight_on = output`) per pick, exactly as the per-assignment path does;
+/// capacity drops travel as picks marked absent; replicas are resolved per
+/// source rank before the rows are formed; shared experts never travel.
+pub fn by_rank_guard(ep: u64, etp: u64, top_k: u64) -> Option<String> {
+    if ep <= 1 && etp <= 1 {
+        return Some("one rank: nothing travels".into());
+    }
+    if etp > 1 {
+        return Some(format!(
+            "expert tensor parallelism (etp = {etp}) sends every row to each shard; dispatch by rank needs etp = 1"
+        ));
+    }
+    if top_k <= 1 {
+        return Some("top_k = 1: a token already travels once".into());
+    }
+    None
 }
 
 fn var(name: &str) -> Result<Var, String> {

@@ -103,6 +103,23 @@ struct Builder<'a> {
     read_after_layer: Vec<u32>,
     /// See [`Order::combine_lag`].
     combine_lag: usize,
+    /// The plan dispatches by rank or reduces before the combine: the
+    /// exchange carries by-rank counts and `rank_slots` exists.
+    by_rank: bool,
+    /// `[T, G]`: every token's by-rank send row per destination rank.
+    rank_slots: Option<u32>,
+    /// The by-rank routing already emitted, per chunk.
+    rank_routes: BTreeMap<u64, RankRoute>,
+}
+
+/// The by-rank routing of one chunk, as far as it was emitted: the source's
+/// metadata rows (`assign_rank`), the received ones (their all-to-all) and
+/// the expert row and weight of every received pick (`assign_expand`).
+#[derive(Clone, Copy, Default)]
+struct RankRoute {
+    send_meta: Option<u32>,
+    recv_meta: Option<u32>,
+    expand: Option<(u32, u32)>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -156,7 +173,22 @@ impl<'a> Builder<'a> {
             current_chunk: None,
             read_after_layer: Vec::new(),
             combine_lag: 1,
+            by_rank: expr.as_ref().iter().any(|n| {
+                matches!(
+                    n,
+                    MoeIr::PackRank(_)
+                        | MoeIr::DispatchRank(_)
+                        | MoeIr::Expand(_)
+                        | MoeIr::Reduce(_)
+                )
+            }),
+            rank_slots: None,
+            rank_routes: BTreeMap::new(),
         })
+    }
+
+    fn has_node(&self, f: impl Fn(&MoeIr) -> bool) -> bool {
+        self.expr.as_ref().iter().any(f)
     }
 
     fn node(&self, id: Id) -> &MoeIr {
@@ -627,10 +659,12 @@ impl<'a> Builder<'a> {
         );
         // Probs drops need every assignment's weight; the other modes need the
         // per-chunk, per-expert counts (a chunk's dispatch moves only its rows).
+        // Dispatch by rank adds the rows per destination rank to the counts.
+        let rank_counts = if self.by_rank { group } else { 0 };
         let (meta_shape, meta_dtype) = if probs {
             (vec![t, 2 * k], DType::I32)
         } else {
-            (vec![self.chunks, e], DType::I32)
+            (vec![self.chunks, e + rank_counts], DType::I32)
         };
         let counts = self.buffer(
             "assign_meta",
@@ -676,8 +710,14 @@ impl<'a> Builder<'a> {
             };
             // Counts travel per chunk (the cost model's figure is for one chunk).
             let per_chunk = if probs { 1.0 } else { self.chunks as f64 };
-            let sent = (cost::assign_exchange_bytes(m, t as f64) * per_chunk).round() as u64;
             let peers = group - 1;
+            let rank_bytes = if probs {
+                0.0
+            } else {
+                (peers * rank_counts * 4) as f64
+            };
+            let sent = ((cost::assign_exchange_bytes(m, t as f64) + rank_bytes) * per_chunk).round()
+                as u64;
             self.push(PendingOp {
                 stream: COMM,
                 name: if probs {
@@ -729,7 +769,176 @@ impl<'a> Builder<'a> {
             half,
         );
         self.routing = Some(Routing { weights, slots });
+        if self.by_rank {
+            self.rank_slots = Some(self.buffer(
+                "rank_slots",
+                DType::I32,
+                vec![t, group],
+                BufferRole::Scratch,
+            ));
+        }
         Ok(Value::Assign { slots })
+    }
+
+    /// The constants of the native assignment kernels, for `pass`.
+    fn assign_constants(&self, pass: i64) -> Vec<(String, i64)> {
+        let m = self.model;
+        self.constants(&[
+            ("experts", m.experts as i64),
+            ("top_k", m.top_k as i64),
+            ("ep_ranks", m.group_ranks as i64),
+            ("capacity", m.capacity.map(|c| c as i64).unwrap_or(0)),
+            ("pass", pass),
+        ])
+    }
+
+    /// `assign_rank` of `chunk` (once): the by-rank slots of its tokens and
+    /// its metadata rows, from what `assign place` decided.
+    fn rank_source(&mut self, chunk: u64) -> Result<u32, String> {
+        let route = self.rank_routes.get(&chunk).copied().unwrap_or_default();
+        if let Some(b) = route.send_meta {
+            return Ok(b);
+        }
+        let m = self.model;
+        let (routing, rank_slots) = match (self.routing, self.rank_slots) {
+            (Some(r), Some(s)) => (r, s),
+            _ => return Err("internal: by-rank routing before the assignment".into()),
+        };
+        let tokens = m.chunk_tokens(self.chunks);
+        let meta = self.buffer(
+            &format!("send_picks{}", self.suffix(chunk)),
+            DType::I32,
+            vec![tokens.saturating_mul(m.rank_rows_per_token()), 2 * m.top_k],
+            BufferRole::Comm,
+        );
+        let kernel = self.kernel(KernelKind::Assign, "assign_rank", self.assign_constants(2));
+        let cost = cost::rank_route_cost(m, m.tokens as f64 / self.chunks as f64);
+        let op = self.op_launch(
+            "assign by rank",
+            Phase::Permute,
+            self.chunk_field(chunk),
+            kernel,
+            vec![routing.slots],
+            vec![rank_slots, meta],
+            tokens,
+            cost.compute_us,
+        );
+        self.push_stage(chunk, op, Stage::Pre);
+        self.rank_routes.entry(chunk).or_default().send_meta = Some(meta);
+        Ok(meta)
+    }
+
+    /// The picks' metadata of `chunk` sent beside the by-rank rows (once).
+    fn rank_picks_received(&mut self, chunk: u64) -> Result<u32, String> {
+        if let Some(b) = self.rank_routes.get(&chunk).and_then(|r| r.recv_meta) {
+            return Ok(b);
+        }
+        let send = self.rank_source(chunk)?;
+        let m = self.model;
+        let rows = m.rank_rows_received_max(self.chunks);
+        let recv = self.buffer(
+            &format!("recv_picks{}", self.suffix(chunk)),
+            DType::I32,
+            vec![rows, 2 * m.top_k],
+            BufferRole::Comm,
+        );
+        let expected = m.rank_rows_expected(m.tokens as f64 / self.chunks as f64);
+        let cost = cost::rank_meta_all_to_all(m, expected);
+        let op = self.rank_collective(
+            "dispatch picks",
+            Phase::Dispatch,
+            self.chunk_field(chunk),
+            send,
+            recv,
+            &cost,
+        );
+        self.push_stage(chunk, op, Stage::Dispatch);
+        self.rank_routes.entry(chunk).or_default().recv_meta = Some(recv);
+        Ok(recv)
+    }
+
+    /// `assign_expand` of `chunk` (once): the expert row and weight of every
+    /// received pick.
+    fn rank_expand_index(&mut self, chunk: u64) -> Result<(u32, u32), String> {
+        if let Some(b) = self.rank_routes.get(&chunk).and_then(|r| r.expand) {
+            return Ok(b);
+        }
+        let meta = self.rank_picks_received(chunk)?;
+        let m = self.model;
+        let rows = m.rank_rows_received_max(self.chunks);
+        let suffix = self.suffix(chunk);
+        let index = self.buffer(
+            &format!("expand_index{suffix}"),
+            DType::I32,
+            vec![rows, m.top_k],
+            BufferRole::Scratch,
+        );
+        let weights = self.buffer(
+            &format!("expand_weights{suffix}"),
+            DType::F32,
+            vec![rows, m.top_k],
+            BufferRole::Scratch,
+        );
+        let kernel = self.kernel(
+            KernelKind::Assign,
+            "assign_expand",
+            self.assign_constants(3),
+        );
+        let expected = m.rank_rows_expected(m.tokens as f64 / self.chunks as f64);
+        let cost = cost::expand_index_cost(m, expected);
+        let op = self.op_launch(
+            "assign expand",
+            Phase::Experts,
+            self.chunk_field(chunk),
+            kernel,
+            vec![meta],
+            vec![index, weights],
+            rows,
+            cost.compute_us,
+        );
+        self.push_stage(chunk, op, Stage::Experts);
+        self.rank_routes.entry(chunk).or_default().expand = Some((index, weights));
+        Ok((index, weights))
+    }
+
+    /// Buffer name suffix of `chunk` (none when the layer is one chunk).
+    fn suffix(&self, chunk: u64) -> String {
+        if self.chunks > 1 {
+            format!(".c{chunk}")
+        } else {
+            String::new()
+        }
+    }
+
+    /// The `chunk` field of an op of `chunk`.
+    fn chunk_field(&self, chunk: u64) -> Option<u64> {
+        (self.chunks > 1).then_some(chunk)
+    }
+
+    /// A by-rank all-to-all (one row per token and destination rank).
+    #[allow(clippy::too_many_arguments)]
+    fn rank_collective(
+        &self,
+        name: &str,
+        phase: Phase,
+        chunk: Option<u64>,
+        send: u32,
+        recv: u32,
+        cost: &NodeCost,
+    ) -> PendingOp {
+        let mut op = self.op_collective(
+            name,
+            phase,
+            chunk,
+            CollectiveScope::EpGroup,
+            send,
+            recv,
+            cost,
+        );
+        if let OpKind::Collective { kind, .. } = &mut op.kind {
+            *kind = CollectiveKind::AllToAllRank;
+        }
+        op
     }
 
     fn stage_of(node: &MoeIr) -> Stage {
@@ -740,8 +949,15 @@ impl<'a> Builder<'a> {
             MoeIr::Dequant(_) | MoeIr::Up(_) | MoeIr::Act(_) | MoeIr::UpAct(_) | MoeIr::Down(_) => {
                 Stage::Experts
             }
-            MoeIr::Combine(_) | MoeIr::CombineInter(_) | MoeIr::CombineIntra(_) => Stage::Combine,
-            MoeIr::Unpermute(_) | MoeIr::Wsum(_) | MoeIr::UnpermuteWsum(_) => Stage::Post,
+            MoeIr::DispatchRank(_) => Stage::Dispatch,
+            MoeIr::Expand(_) | MoeIr::Reduce(_) => Stage::Experts,
+            MoeIr::Combine(_)
+            | MoeIr::CombineInter(_)
+            | MoeIr::CombineIntra(_)
+            | MoeIr::CombineRank(_) => Stage::Combine,
+            MoeIr::Unpermute(_) | MoeIr::Wsum(_) | MoeIr::UnpermuteWsum(_) | MoeIr::SumRank(_) => {
+                Stage::Post
+            }
             _ => Stage::Pre,
         }
     }
@@ -1077,6 +1293,164 @@ impl<'a> Builder<'a> {
                 self.push_stage(chunk, op, stage);
                 Value::Buf(routed_out)
             }
+            MoeIr::PackRank([x, _]) => {
+                let xb = buf_of(self, *x)?;
+                self.rank_source(chunk)?;
+                let rank_slots = self
+                    .rank_slots
+                    .ok_or("internal: by-rank rows without their slots")?;
+                let out = self.buffer(
+                    &format!("send{suffix}"),
+                    m.dtype,
+                    vec![meta.rows, h],
+                    BufferRole::Comm,
+                );
+                // `permute_pack` over the destination ranks: a token's row
+                // goes to each of its by-rank slots, unscaled (the expert
+                // side applies each pick's weight).
+                let consts = self.constants(&[
+                    ("top_k", m.group_ranks as i64),
+                    ("rows", meta.rows as i64),
+                    ("weight_on_input", 0),
+                ]);
+                let kernel = self.kernel(KernelKind::PermutePack, "pack_rank", consts);
+                let pack =
+                    cost::memory_kernel(m, 2.0 * meta.rows_expected * (h * m.dtype.bytes()) as f64);
+                let op = self.op_launch(
+                    "pack by rank",
+                    Phase::Permute,
+                    c,
+                    kernel,
+                    vec![xb, rank_slots, routing.weights],
+                    vec![out],
+                    meta.rows,
+                    pack.compute_us,
+                );
+                self.push_stage(chunk, op, stage);
+                Value::Buf(out)
+            }
+            MoeIr::DispatchRank(p) => {
+                let send = buf_of(self, *p)?;
+                let recv = self.buffer(
+                    &format!("recv{suffix}"),
+                    meta.dtype,
+                    vec![meta.rows, meta.cols],
+                    BufferRole::Comm,
+                );
+                let rows = cost::flat_all_to_all(
+                    m,
+                    meta.rows_expected,
+                    cost::row_bytes(meta.cols, meta.dtype),
+                );
+                let op =
+                    self.rank_collective("dispatch by rank", Phase::Dispatch, c, send, recv, &rows);
+                self.push_stage(chunk, op, stage);
+                self.rank_picks_received(chunk)?;
+                Value::Buf(recv)
+            }
+            MoeIr::Expand([r, _]) | MoeIr::Reduce([r, _]) => {
+                let input = buf_of(self, *r)?;
+                let (index, weights) = self.rank_expand_index(chunk)?;
+                let expand = matches!(node, MoeIr::Expand(_));
+                let (kind, base, bname, role, phase, name) = if expand {
+                    (
+                        KernelKind::Expand,
+                        "expand",
+                        "expert_in",
+                        BufferRole::Scratch,
+                        Phase::Experts,
+                        "expand to experts",
+                    )
+                } else {
+                    (
+                        KernelKind::Reduce,
+                        "reduce",
+                        "reduced",
+                        BufferRole::Comm,
+                        Phase::Unpermute,
+                        "reduce per rank",
+                    )
+                };
+                if expand {
+                    self.expert_rows = self.expert_rows.max(meta.rows);
+                }
+                let out = self.buffer(
+                    &format!("{bname}{suffix}"),
+                    m.dtype,
+                    vec![meta.rows, h],
+                    role,
+                );
+                let consts = self.constants(&[
+                    ("top_k", m.top_k as i64),
+                    ("rows", meta.rows as i64),
+                    (
+                        "weight_on_input",
+                        i64::from(m.layer.router.weight_on == WeightOn::Input),
+                    ),
+                ]);
+                let kernel = self.kernel(kind, base, consts);
+                // The index is `assign expand`'s op; the copy or sum is this one.
+                let index_us =
+                    cost::expand_index_cost(m, meta.rows_expected.min(self.meta(*r).rows_expected))
+                        .compute_us;
+                let us = if expand {
+                    (cost.compute_us - index_us).max(0.0)
+                } else {
+                    cost.compute_us
+                };
+                let op = self.op_launch(
+                    name,
+                    phase,
+                    c,
+                    kernel,
+                    vec![input, index, weights],
+                    vec![out],
+                    meta.rows,
+                    us,
+                );
+                self.push_stage(chunk, op, stage);
+                Value::Buf(out)
+            }
+            MoeIr::CombineRank(r) => {
+                let send = buf_of(self, *r)?;
+                let recv = self.buffer(
+                    &format!("combined{suffix}"),
+                    m.dtype,
+                    vec![meta.rows, h],
+                    BufferRole::Comm,
+                );
+                let op =
+                    self.rank_collective("combine by rank", Phase::Combine, c, send, recv, &cost);
+                self.push_stage(chunk, op, stage);
+                Value::Buf(recv)
+            }
+            MoeIr::SumRank([cb, _]) => {
+                let input = buf_of(self, *cb)?;
+                self.rank_source(chunk)?;
+                let rank_slots = self
+                    .rank_slots
+                    .ok_or("internal: by-rank rows without their slots")?;
+                // `unpermute_weighted_sum` over the destination ranks,
+                // unweighted: the expert side applied the weights.
+                let consts = self.constants(&[
+                    ("top_k", m.group_ranks as i64),
+                    ("rows", meta.rows as i64),
+                    ("weight_on_input", 1),
+                ]);
+                let kernel = self.kernel(KernelKind::UnpermuteWeightedSum, "sum_rank", consts);
+                let op = self.op_launch(
+                    "sum over ranks",
+                    Phase::Unpermute,
+                    c,
+                    kernel,
+                    vec![input, rank_slots, routing.weights],
+                    vec![routed_out],
+                    meta.rows,
+                    cost.compute_us,
+                );
+                self.push_stage(chunk, op, stage);
+                Value::Buf(routed_out)
+            }
             MoeIr::Input => {
                 return self
                     .values
@@ -1373,8 +1747,10 @@ impl<'a> Builder<'a> {
             chunks: self.chunks,
             chunk_tokens,
             fused_router: has(KernelKind::RouterFused),
-            fused_permute: has(KernelKind::PermutePack),
-            fused_combine: has(KernelKind::UnpermuteWeightedSum),
+            // Dispatch by rank packs straight from the tokens: a fused permute.
+            fused_permute: self
+                .has_node(|n| matches!(n, MoeIr::PermutePack(_) | MoeIr::PackRank(_))),
+            fused_combine: self.has_node(|n| matches!(n, MoeIr::UnpermuteWsum(_))),
             fused_activation: self.fused.get("activation").copied().unwrap_or(false),
             shared_concurrent: self.shared_concurrent,
             dispatch: if self.hierarchical {
@@ -1385,6 +1761,8 @@ impl<'a> Builder<'a> {
             dispatch_dtype: self.dispatch_dtype,
             expert_rows: self.expert_rows.max(m.expert_rows_max(self.chunks)),
             overflow_flag: m.capacity.is_none(),
+            dedup_dispatch: self.has_node(|n| matches!(n, MoeIr::DispatchRank(_))),
+            reduce_combine: self.has_node(|n| matches!(n, MoeIr::Reduce(_))),
         };
         for s in streams.iter_mut() {
             s.ops.sort_by_key(|o| o.id);

@@ -280,6 +280,8 @@ pub const RULES: &[&str] = &[
     "overlap_shared",
     "hierarchical_a2a",
     "fp8_dispatch",
+    "dedup_dispatch",
+    "reduce_combine",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

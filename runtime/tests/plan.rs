@@ -265,6 +265,8 @@ fn valid_plan() -> Plan {
             dispatch_dtype: Bf16,
             expert_rows: 64,
             overflow_flag: true,
+            dedup_dispatch: false,
+            reduce_combine: false,
         },
         kernels: vec![
             kernel(
@@ -337,7 +339,7 @@ fn json_round_trip() {
 }
 
 const EXPECTED_TEXT: &str = "\
-moec plan v1: layer tiny
+moec plan v2: layer tiny
 layer    hidden 64, bf16, 16 tokens per rank
          experts 4 x swiglu(32)
          router top-2 softmax over all experts, normalised, scale 1, weight on output
@@ -439,7 +441,7 @@ fn text_of_a_bigger_layer() {
     assert_mentions(
         &text,
         &[
-            "moec plan v1: layer big\n",
+            "moec plan v2: layer big\n",
             "layer    hidden 64, bf16 (dispatch in fp8_e4m3), 16 tokens per rank\n",
             "router top-8 sigmoid + selection bias, groups 4 of 8 (top2_sum), normalised, scale 2.5, weight on output\n",
             "shared 1 x swiglu(2048, limit 7) with biases, sigmoid gate\n",
@@ -531,10 +533,10 @@ fn wrong_version() {
         plan.validate(),
         Err(PlanError::Version {
             found: 7,
-            expected: 1
+            expected: 2
         })
     );
-    assert_mentions(&text, &["version 7", "reads version 1", "rebuild the plan"]);
+    assert_mentions(&text, &["version 7", "reads version 2", "rebuild the plan"]);
 }
 
 #[test]
@@ -914,13 +916,13 @@ fn from_json_rejects_garbage() {
 #[test]
 fn from_json_validates() {
     let mut plan = valid_plan();
-    plan.version = 2;
+    plan.version = 3;
     let err = Plan::from_json(&plan.to_json()).unwrap_err();
     assert_eq!(
         err,
         PlanError::Version {
-            found: 2,
-            expected: 1
+            found: 3,
+            expected: 2
         }
     );
     // The version is checked before the rest: a plan of another format
@@ -932,12 +934,12 @@ fn from_json_validates() {
     assert_eq!(
         err,
         PlanError::Version {
-            found: 2,
-            expected: 1
+            found: 3,
+            expected: 2
         }
     );
     // serde_json writes a NaN as null, which does not read back as a number.
-    plan.version = 1;
+    plan.version = 2;
     op_mut(&mut plan, 0).estimate_us = f64::NAN;
     let err = Plan::from_json(&plan.to_json()).unwrap_err();
     assert!(matches!(err, PlanError::Json(_)), "{err:?}");

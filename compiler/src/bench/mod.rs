@@ -202,7 +202,11 @@ fn plan_of(a: &BenchArgs, err: &mut dyn Write, color: bool) -> Result<Result<Pla
         ffn: a.ffn,
     };
     crate::run::apply(&mut program, &overrides).map_err(|e| (EXIT_USAGE, e))?;
-    let compiled = compile(&program, &Options::default())
+    let options = match a.backend {
+        crate::cli::Backend::Cpu => Options::default(),
+        crate::cli::Backend::Cuda => Options::cuda(),
+    };
+    let compiled = compile(&program, &options)
         .map_err(|e| (EXIT_REJECTED, format!("{}: {e}", a.file.display())))?;
     Ok(Ok(compiled.plan))
 }

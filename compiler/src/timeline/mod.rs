@@ -666,6 +666,8 @@ pub(crate) mod test_plan {
                     dispatch_dtype: DType::Bf16,
                     expert_rows: 32,
                     overflow_flag: true,
+                    dedup_dispatch: false,
+                    reduce_combine: false,
                 },
                 kernels: vec![Kernel {
                     name: "router_fused".into(),

@@ -16,7 +16,9 @@ use super::comm::{Comm, CommError, InProcessComm, Incoming, Outgoing, Run, Tag};
 use super::gemm::matmul_wt;
 use super::hier::{self, Staged, Topology};
 use super::jit::{JitKernel, RawArg};
-use super::layout::{assign_count, assign_place, ChunkTable, Geometry, Placement, Routing};
+use super::layout::{
+    assign_count, assign_place, expand_index, ChunkTable, Geometry, Placement, Routing,
+};
 use super::memory::{self, Arena, Region};
 use super::traffic::{LinkClass, Moved, RankTraffic};
 use crate::plan::binding::{binding, library_kind, Arg, LaunchRows};
@@ -694,6 +696,18 @@ impl CpuBackend {
         }
     }
 
+    /// The routing table of an op's chunk.
+    fn table_of(&self, ctx: &RankCtx, op: &Op) -> Result<ChunkTableRef, ExecError> {
+        let placement = ctx.placement()?;
+        let chunk = op.chunk.unwrap_or(0) as usize;
+        if chunk >= placement.tables.len() {
+            return Err(ExecError::new(format!(
+                "no routing table for chunk {chunk}"
+            )));
+        }
+        Ok(ChunkTableRef { placement, chunk })
+    }
+
     /// The byte runs one rank sends to and receives from each peer.
     fn collective_plan(
         &self,
@@ -739,6 +753,40 @@ impl CpuBackend {
                         })
                         .collect(),
                 })
+            }
+            CollectiveKind::AllToAllRank => {
+                let table = self.table_of(ctx, op)?;
+                let table = table.get();
+                let send_rows = RowLayout::of(send_buf)?;
+                let recv_rows = RowLayout::of(recv_buf)?;
+                // Token side: by destination; rank side: by source.
+                let token_side = |p: usize| {
+                    let start = table.rank_send_start(me, p);
+                    start..start + table.rank_rows(me, p)
+                };
+                let rank_side = |p: usize| {
+                    let start = table.rank_recv_start(p, me);
+                    start..start + table.rank_rows(p, me)
+                };
+                let (out_rows, in_rows): (Vec<Range<usize>>, Vec<Range<usize>>) =
+                    if op.phase != Phase::Combine {
+                        (
+                            (0..g).map(token_side).collect(),
+                            (0..g).map(rank_side).collect(),
+                        )
+                    } else {
+                        (
+                            (0..g).map(rank_side).collect(),
+                            (0..g).map(token_side).collect(),
+                        )
+                    };
+                let mut to = Vec::with_capacity(g);
+                let mut from = Vec::with_capacity(g);
+                for (out, inc) in out_rows.into_iter().zip(in_rows) {
+                    to.push(send_rows.runs(&[out], &send_buf.name)?);
+                    from.push(recv_rows.runs(&[inc], &recv_buf.name)?);
+                }
+                Ok(CollectivePlan { to, from })
             }
             CollectiveKind::AllToAll | CollectiveKind::AllToAllV => {
                 let chunk = op.chunk.unwrap_or(0) as usize;
@@ -974,11 +1022,16 @@ impl StreamRun<'_> {
         }
         let group: Vec<usize> = (0..b.geo.group).collect();
         let plan = b.collective_plan(self.ctx, self.me(), op)?;
+        // Token rows are counted as rows; metadata (counts, routing) as bytes.
+        let send_buf = &b.plan.buffers[send as usize];
         let rows = match op.kind {
             OpKind::Collective {
-                kind: CollectiveKind::AllToAll | CollectiveKind::AllToAllV,
+                kind:
+                    CollectiveKind::AllToAll | CollectiveKind::AllToAllV | CollectiveKind::AllToAllRank,
                 ..
-            } => Some(RowLayout::of(&b.plan.buffers[send as usize])?.bytes_per_row()),
+            } if !matches!(send_buf.dtype, DType::I32 | DType::U8) => {
+                Some(RowLayout::of(send_buf)?.bytes_per_row())
+            }
             _ => None,
         };
         // SAFETY: the plan's events order this collective after the ops that
@@ -1342,7 +1395,11 @@ impl StreamRun<'_> {
             .get(kernel as usize)
             .ok_or_else(|| ExecError::new(format!("kernel k{kernel} does not exist")))?;
         if k.kind == KernelKind::Assign {
-            return self.assign(k, inputs, outputs);
+            return match constant(k, "pass")? {
+                2 => self.assign_rank(op.chunk, outputs),
+                3 => self.assign_expand(op.chunk, inputs, outputs),
+                _ => self.assign(k, inputs, outputs),
+            };
         }
         let Some(Some(jit)) = b.kernels.get(kernel as usize) else {
             return Err(ExecError::new(format!(
@@ -1388,8 +1445,25 @@ impl StreamRun<'_> {
                 None => b.geo.tokens,
             },
             LaunchRows::LayerTokens => b.geo.tokens,
-            LaunchRows::Sent => self.chunk_table(chunk)?.sent(self.me()),
-            LaunchRows::Received => self.chunk_table(chunk)?.received(self.me()),
+            LaunchRows::Sent => self.chunk_table(chunk)?.get().sent(self.me()),
+            LaunchRows::Received => self.chunk_table(chunk)?.get().received(self.me()),
+            LaunchRows::ReceivedByRank => self.chunk_table(chunk)?.get().rank_received(self.me()),
+            LaunchRows::WireSent => {
+                let table = self.chunk_table(chunk)?;
+                if b.geo.by_rank {
+                    table.get().rank_sent(self.me())
+                } else {
+                    table.get().sent(self.me())
+                }
+            }
+            LaunchRows::WireReceived => {
+                let table = self.chunk_table(chunk)?;
+                if b.geo.by_rank {
+                    table.get().rank_received(self.me())
+                } else {
+                    table.get().received(self.me())
+                }
+            }
         };
         // SAFETY: every pointer comes from this rank's arena (a region checked
         // against the arena at load, `len` elements long) or from the
@@ -1411,6 +1485,82 @@ impl StreamRun<'_> {
         })
     }
 
+    /// `assign_rank` (pass 2): this rank's by-rank send layout of the op's
+    /// chunk, computed by `assign place`, into `rank_slots` (the chunk's
+    /// tokens) and the chunk's metadata rows.
+    fn assign_rank(&self, chunk: Option<u64>, outputs: &[u32]) -> Result<(), ExecError> {
+        let (Some(&slots_buf), Some(&meta_buf)) = (outputs.first(), outputs.get(1)) else {
+            return Err(ExecError::new("`assign_rank` lacks its buffers"));
+        };
+        let placement = self.ctx.placement()?;
+        let by_rank = placement.by_rank.as_ref().ok_or_else(|| {
+            ExecError::new("`assign_rank` in a plan that does not dispatch by rank")
+        })?;
+        let c = chunk.unwrap_or(0) as usize;
+        let meta = by_rank
+            .meta
+            .get(c)
+            .ok_or_else(|| ExecError::new(format!("no routing table for chunk {c}")))?;
+        let g = self.backend.geo.group;
+        let tokens = self.backend.geo.chunk_range(c);
+        let rank_slots = &by_rank.rank_slots[tokens.start * g..tokens.end * g];
+        let (slots_region, _) = self.region(slots_buf, chunk)?;
+        let (meta_region, _) = self.region(meta_buf, chunk)?;
+        // SAFETY: this op owns its outputs (plan events).
+        let (dst_slots, dst_meta) = unsafe {
+            (
+                self.ctx.arena.bytes_mut(slots_region),
+                self.ctx.arena.bytes_mut(meta_region),
+            )
+        };
+        if dst_slots.len() < rank_slots.len() * 4 || dst_meta.len() < meta.len() * 4 {
+            return Err(ExecError::new(
+                "the by-rank routing buffers are too small for this routing",
+            ));
+        }
+        memory::write_i32s(rank_slots, dst_slots);
+        memory::write_i32s(meta, dst_meta);
+        Ok(())
+    }
+
+    /// `assign_expand` (pass 3): where the received by-rank rows of the op's
+    /// chunk go on the expert side, from their metadata.
+    fn assign_expand(
+        &self,
+        chunk: Option<u64>,
+        inputs: &[u32],
+        outputs: &[u32],
+    ) -> Result<(), ExecError> {
+        let (Some(&meta_buf), Some(&index_buf), Some(&weights_buf)) =
+            (inputs.first(), outputs.first(), outputs.get(1))
+        else {
+            return Err(ExecError::new("`assign_expand` lacks its buffers"));
+        };
+        let table = self.chunk_table(chunk)?;
+        let (meta_region, _) = self.region(meta_buf, chunk)?;
+        // SAFETY: the collective that filled the metadata finished before this op.
+        let meta = unsafe { memory::read_i32s(self.ctx.arena.bytes(meta_region)) };
+        let (index, weights) = expand_index(&self.backend.geo, table.get(), self.me(), &meta)
+            .map_err(ExecError::new)?;
+        let (index_region, _) = self.region(index_buf, chunk)?;
+        let (weights_region, _) = self.region(weights_buf, chunk)?;
+        // SAFETY: this op owns its outputs (plan events).
+        let (dst_index, dst_weights) = unsafe {
+            (
+                self.ctx.arena.bytes_mut(index_region),
+                self.ctx.arena.bytes_mut(weights_region),
+            )
+        };
+        if dst_index.len() < index.len() * 4 || dst_weights.len() < weights.len() * 4 {
+            return Err(ExecError::new(
+                "the expansion buffers are smaller than the rows this rank received",
+            ));
+        }
+        memory::write_i32s(&index, dst_index);
+        memory::write_f32s(&weights, dst_weights);
+        Ok(())
+    }
+
     fn assign(
         &self,
         k: &crate::plan::Kernel,
@@ -1418,12 +1568,7 @@ impl StreamRun<'_> {
         outputs: &[u32],
     ) -> Result<(), ExecError> {
         let b = self.backend;
-        let pass = k
-            .constants
-            .iter()
-            .find(|(n, _)| n == "pass")
-            .map(|(_, v)| *v)
-            .ok_or_else(|| ExecError::new(format!("`{}` has no `pass` constant", k.name)))?;
+        let pass = constant(k, "pass")?;
         let (Some(&ids), Some(&weights), Some(&out)) =
             (inputs.first(), inputs.get(1), outputs.first())
         else {
@@ -1442,7 +1587,7 @@ impl StreamRun<'_> {
             weights: &weights,
         };
         if pass == 0 {
-            let meta = assign_count(&b.geo, &routing).map_err(ExecError::new)?;
+            let meta = assign_count(&b.geo, self.me(), &routing).map_err(ExecError::new)?;
             // SAFETY: this op owns its output buffer (plan events).
             let dst = unsafe { self.ctx.arena.bytes_mut(b.regions[out as usize]) };
             if dst.len() < meta.len() * 4 {
@@ -1643,6 +1788,15 @@ impl StreamRun<'_> {
     }
 }
 
+/// The constant `name` of kernel `k`.
+fn constant(k: &crate::plan::Kernel, name: &str) -> Result<i64, ExecError> {
+    k.constants
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| ExecError::new(format!("`{}` has no `{name}` constant", k.name)))
+}
+
 /// A chunk's routing table, kept alive with its placement.
 struct ChunkTableRef {
     placement: Arc<Placement>,
@@ -1652,11 +1806,5 @@ struct ChunkTableRef {
 impl ChunkTableRef {
     fn get(&self) -> &ChunkTable {
         &self.placement.tables[self.chunk]
-    }
-    fn sent(&self, me: usize) -> usize {
-        self.get().sent(me)
-    }
-    fn received(&self, me: usize) -> usize {
-        self.get().received(me)
     }
 }

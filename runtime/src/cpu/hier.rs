@@ -387,7 +387,7 @@ mod tests {
                     ids,
                     weights: &weights,
                 };
-                assign_count(&geo, &r).unwrap()
+                assign_count(&geo, 0, &r).unwrap()
             })
             .collect();
         let places: Vec<Placement> = (0..group)

@@ -14,6 +14,25 @@
 //!   source's `combined` buffer at the same rows as its send buffer, so
 //!   `slots` also indexes the combine.
 //!
+//! With **dispatch by rank** (`choices.dedup_dispatch`), a token travels once
+//! per destination EP rank instead of once per assignment:
+//!
+//! - The **by-rank send** buffer of chunk `c` holds one row per (token,
+//!   destination rank), ordered by destination, then token. `rank_slots[t, g]`
+//!   is the row of token `t` for rank `g`, or `-1`. Beside each row travels
+//!   its metadata row (`2k` i32): the destination's local expert index of
+//!   each kept pick `j` that lands there (or `-1`), then the `k` weights as
+//!   f32 bits. A row exists for every destination rank one of the token's
+//!   picks maps to, before capacity drops (a row whose picks were all dropped
+//!   travels with `-1`s: the counts are exchanged before drops are known).
+//! - The **by-rank receive** buffer holds the rows from every source, ordered
+//!   by source, then the source's send order.
+//! - The receiver expands the rows into the expert-side layout above (the
+//!   same rows the per-assignment dispatch delivers), from the metadata and
+//!   the table ([`expand_index`]); the reducing combine sums a received row's
+//!   expert outputs back into one row, which returns by the reverse by-rank
+//!   all-to-all and is summed over destination ranks on the source.
+//!
 //! Every rank of the group derives the same table from the exchanged
 //! assignment metadata (per-chunk, per-expert counts; or, for `drop = probs`,
 //! every assignment's expert and weight), so no host ever learns a count: the
@@ -41,6 +60,9 @@ pub struct Geometry {
     /// `local_index[g][e]`: the local index of expert `e` on EP rank `g`.
     local_index: Vec<Vec<Option<usize>>>,
     pub capacity: Option<(usize, DropPolicy)>,
+    /// Tokens travel once per destination rank (`choices.dedup_dispatch`):
+    /// the exchange also carries per-rank row counts.
+    pub by_rank: bool,
 }
 
 impl Geometry {
@@ -110,6 +132,7 @@ impl Geometry {
             copies,
             local_index,
             capacity,
+            by_rank: plan.choices.dedup_dispatch || plan.choices.reduce_combine,
         })
     }
 
@@ -136,11 +159,40 @@ impl Geometry {
         self.experts_of[g].len()
     }
 
-    /// Metadata elements one rank contributes to the exchange.
+    /// Metadata elements one rank contributes to the exchange: every
+    /// assignment (`drop = probs`), or the per-chunk counts per expert, then
+    /// (dispatch by rank) per destination rank.
     pub fn meta_len(&self) -> usize {
         match self.capacity {
             Some((_, DropPolicy::Probs)) => self.tokens * 2 * self.top_k,
-            _ => self.chunks * self.experts,
+            _ => self.chunks * (self.experts + self.rank_counts()),
+        }
+    }
+
+    /// Per-chunk destination-rank counts in the exchanged metadata.
+    fn rank_counts(&self) -> usize {
+        if self.by_rank {
+            self.group
+        } else {
+            0
+        }
+    }
+
+    /// Metadata elements of one by-rank row: `k` local expert indices, then
+    /// `k` weights (f32 bits).
+    pub fn rank_meta_cols(&self) -> usize {
+        2 * self.top_k
+    }
+
+    /// Calls `f(g)` once for every distinct destination EP rank `g` of token
+    /// `t`'s picks (source `src`), in order of first pick.
+    fn for_each_rank(&self, src: usize, ids: &[i32], t: usize, mut f: impl FnMut(usize)) {
+        let k = self.top_k;
+        for j in 0..k {
+            let (g, _) = self.dest(src, ids[t * k + j] as usize);
+            if !(0..j).any(|j2| self.dest(src, ids[t * k + j2] as usize).0 == g) {
+                f(g);
+            }
         }
     }
 }
@@ -151,8 +203,8 @@ pub struct Routing<'a> {
     pub weights: &'a [f32],
 }
 
-/// `assign_count`: this rank's metadata for the exchange.
-pub fn assign_count(geo: &Geometry, routing: &Routing<'_>) -> Result<Vec<i32>, String> {
+/// `assign_count`: this rank's (EP index `me`) metadata for the exchange.
+pub fn assign_count(geo: &Geometry, me: usize, routing: &Routing<'_>) -> Result<Vec<i32>, String> {
     check_ids(geo, routing)?;
     let k = geo.top_k;
     match geo.capacity {
@@ -168,11 +220,17 @@ pub fn assign_count(geo: &Geometry, routing: &Routing<'_>) -> Result<Vec<i32>, S
         }
         _ => {
             let mut meta = vec![0i32; geo.meta_len()];
+            let per_chunk = geo.experts + geo.rank_counts();
             for t in 0..geo.tokens {
                 let c = geo.chunk_of(t);
                 for j in 0..k {
                     let e = routing.ids[t * k + j] as usize;
-                    meta[c * geo.experts + e] += 1;
+                    meta[c * per_chunk + e] += 1;
+                }
+                if geo.by_rank {
+                    geo.for_each_rank(me, routing.ids, t, |g| {
+                        meta[c * per_chunk + geo.experts + g] += 1;
+                    });
                 }
             }
             Ok(meta)
@@ -208,6 +266,9 @@ pub struct ChunkTable {
     rows: Vec<usize>,
     group: usize,
     max_local: usize,
+    /// Dispatch by rank: `rank_rows[s * group + g]`, the rows (tokens) source
+    /// `s` sends to EP rank `g`; empty otherwise.
+    rank_rows: Vec<usize>,
 }
 
 impl ChunkTable {
@@ -216,6 +277,7 @@ impl ChunkTable {
             rows: vec![0; group * group * max_local],
             group,
             max_local,
+            rank_rows: Vec::new(),
         }
     }
 
@@ -232,7 +294,33 @@ impl ChunkTable {
             rows,
             group,
             max_local,
+            rank_rows: Vec::new(),
         })
+    }
+
+    /// By-rank rows source `s` sends to EP rank `g` (0 without dispatch by rank).
+    pub fn rank_rows(&self, s: usize, g: usize) -> usize {
+        self.rank_rows.get(s * self.group + g).copied().unwrap_or(0)
+    }
+
+    /// First by-rank send row of source `s` for EP rank `g`.
+    pub fn rank_send_start(&self, s: usize, g: usize) -> usize {
+        (0..g).map(|g2| self.rank_rows(s, g2)).sum()
+    }
+
+    /// First by-rank receive row on rank `g` of the rows from source `s`.
+    pub fn rank_recv_start(&self, s: usize, g: usize) -> usize {
+        (0..s).map(|s2| self.rank_rows(s2, g)).sum()
+    }
+
+    /// By-rank rows source `s` sends in all.
+    pub fn rank_sent(&self, s: usize) -> usize {
+        (0..self.group).map(|g| self.rank_rows(s, g)).sum()
+    }
+
+    /// By-rank rows rank `g` receives in all.
+    pub fn rank_received(&self, g: usize) -> usize {
+        (0..self.group).map(|s| self.rank_rows(s, g)).sum()
     }
 
     fn at(&mut self, s: usize, g: usize, l: usize) -> &mut usize {
@@ -300,6 +388,18 @@ pub struct Placement {
     pub routed_per_expert: Vec<u64>,
     /// This rank's assignments that capacity dropped.
     pub dropped: u64,
+    /// Dispatch by rank: this rank's by-rank send layout.
+    pub by_rank: Option<ByRank>,
+}
+
+/// This rank's side of a dispatch by rank.
+#[derive(Clone, Debug)]
+pub struct ByRank {
+    /// `[T, G]`: the by-rank send row of token `t` for EP rank `g` in its
+    /// chunk, `-1` when none of its picks lands there.
+    pub rank_slots: Vec<i32>,
+    /// Per chunk, the metadata rows beside the send rows (`[rows, 2k]`).
+    pub meta: Vec<Vec<i32>>,
 }
 
 /// `assign_place`: slots for this rank (EP index `me`) and the group's routing
@@ -376,9 +476,11 @@ pub fn assign_place(
             // Counts per (source, chunk, expert); position drops keep the first
             // `cap` assignments of each expert in (source, chunk, token) order.
             let mut before = vec![0usize; e_count];
+            let per_chunk = e_count + geo.rank_counts();
             for s in 0..geo.group {
-                for c in 0..geo.chunks {
-                    let counts = &meta_all[s * per + c * e_count..s * per + (c + 1) * e_count];
+                for (c, table) in tables.iter_mut().enumerate() {
+                    let base = s * per + c * per_chunk;
+                    let counts = &meta_all[base..base + e_count];
                     for (e, &n) in counts.iter().enumerate() {
                         let n = usize::try_from(n).map_err(|_| {
                             format!("corrupt assignment count {n} from EP rank {s}")
@@ -403,11 +505,15 @@ pub fn assign_place(
                         }
                         before[e] += n;
                         let (g, l) = geo.dest(s, e);
-                        *tables[c].at(s, g, l) += keep;
+                        *table.at(s, g, l) += keep;
                     }
                 }
             }
         }
+    }
+
+    if geo.by_rank {
+        rank_counts(geo, meta_all, &mut tables)?;
     }
 
     // Own slots: send order (destination rank, local expert, token, slot).
@@ -447,12 +553,169 @@ pub fn assign_place(
             }
         }
     }
+    let by_rank = if geo.by_rank {
+        Some(rank_rows_of(geo, me, routing, &slots, &tables)?)
+    } else {
+        None
+    };
     Ok(Placement {
         slots,
         tables,
         routed_per_expert,
         dropped,
+        by_rank,
     })
+}
+
+/// Fills every table's by-rank counts: exchanged per chunk (counts), or
+/// derived from every source's gathered routing (`drop = probs`).
+fn rank_counts(geo: &Geometry, meta_all: &[i32], tables: &mut [ChunkTable]) -> Result<(), String> {
+    let per = geo.meta_len();
+    for table in tables.iter_mut() {
+        table.rank_rows = vec![0; geo.group * geo.group];
+    }
+    for s in 0..geo.group {
+        let meta = &meta_all[s * per..(s + 1) * per];
+        match geo.capacity {
+            Some((_, DropPolicy::Probs)) => {
+                let k = geo.top_k;
+                let mut ids = vec![0i32; geo.tokens * k];
+                for t in 0..geo.tokens {
+                    ids[t * k..(t + 1) * k].copy_from_slice(&meta[t * 2 * k..t * 2 * k + k]);
+                }
+                for t in 0..geo.tokens {
+                    let table = &mut tables[geo.chunk_of(t)];
+                    geo.for_each_rank(s, &ids, t, |g| table.rank_rows[s * geo.group + g] += 1);
+                }
+            }
+            _ => {
+                let per_chunk = geo.experts + geo.group;
+                for (c, table) in tables.iter_mut().enumerate() {
+                    for g in 0..geo.group {
+                        let n = meta[c * per_chunk + geo.experts + g];
+                        table.rank_rows[s * geo.group + g] = usize::try_from(n).map_err(|_| {
+                            format!("corrupt by-rank row count {n} from EP rank {s}")
+                        })?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// This rank's by-rank send layout ([`ByRank`]) from its routing, its slots
+/// (`-1` marks a dropped pick) and the group's tables.
+fn rank_rows_of(
+    geo: &Geometry,
+    me: usize,
+    routing: &Routing<'_>,
+    slots: &[i32],
+    tables: &[ChunkTable],
+) -> Result<ByRank, String> {
+    let (k, group) = (geo.top_k, geo.group);
+    let cols = geo.rank_meta_cols();
+    if geo.chunk_tokens.saturating_mul(group) > i32::MAX as usize {
+        return Err("by-rank send rows overflow i32".into());
+    }
+    let mut rank_slots = vec![-1i32; geo.tokens * group];
+    let mut meta = Vec::with_capacity(geo.chunks);
+    for (c, table) in tables.iter().enumerate() {
+        let mut cursor: Vec<usize> = (0..group).map(|g| table.rank_send_start(me, g)).collect();
+        let mut rows = vec![-1i32; table.rank_sent(me) * cols];
+        for t in geo.chunk_range(c) {
+            let mut overflow = None;
+            geo.for_each_rank(me, routing.ids, t, |g| {
+                let row = cursor[g];
+                cursor[g] += 1;
+                if row >= table.rank_send_start(me, g) + table.rank_rows(me, g) {
+                    overflow = Some(g);
+                    return;
+                }
+                rank_slots[t * group + g] = row as i32;
+                let line = &mut rows[row * cols..(row + 1) * cols];
+                for j in 0..k {
+                    let (g2, l) = geo.dest(me, routing.ids[t * k + j] as usize);
+                    let lands = g2 == g && slots[t * k + j] >= 0;
+                    line[j] = if lands { l as i32 } else { -1 };
+                    line[k + j] = if lands {
+                        routing.weights[t * k + j].to_bits() as i32
+                    } else {
+                        0
+                    };
+                }
+            });
+            if let Some(g) = overflow {
+                return Err(format!(
+                    "the exchanged by-rank counts disagree with this rank's routing (chunk {c}, EP rank {g})"
+                ));
+            }
+        }
+        for (g, &end) in cursor.iter().enumerate() {
+            if end != table.rank_send_start(me, g) + table.rank_rows(me, g) {
+                return Err(format!(
+                    "the exchanged by-rank counts disagree with this rank's routing (chunk {c}, EP rank {g})"
+                ));
+            }
+        }
+        meta.push(rows);
+    }
+    Ok(ByRank { rank_slots, meta })
+}
+
+/// Where the received by-rank rows of chunk `table` go on the expert side:
+/// `(index, weights)`, each `[received rows, k]`, the expert-side row (the
+/// per-assignment receive layout) and weight of every pick of every row, or
+/// `-1` (and weight 0) for a pick that does not land on this rank. `meta` is
+/// the received metadata (`2k` i32 per row). Checks every index against the
+/// table, so corrupt metadata is an error, not a stray write.
+pub fn expand_index(
+    geo: &Geometry,
+    table: &ChunkTable,
+    me: usize,
+    meta: &[i32],
+) -> Result<(Vec<i32>, Vec<f32>), String> {
+    let k = geo.top_k;
+    let cols = geo.rank_meta_cols();
+    let received = table.rank_received(me);
+    if meta.len() < received * cols {
+        return Err(format!(
+            "the by-rank metadata holds {} values, {received} rows need {}",
+            meta.len(),
+            received * cols
+        ));
+    }
+    let lmax = table.max_local();
+    let mut index = vec![-1i32; received * k];
+    let mut weights = vec![0f32; received * k];
+    for s in 0..table.group() {
+        let mut cursor = vec![0usize; lmax];
+        let start = table.rank_recv_start(s, me);
+        for row in start..start + table.rank_rows(s, me) {
+            for j in 0..k {
+                let l = meta[row * cols + j];
+                if l < 0 {
+                    continue;
+                }
+                let l = l as usize;
+                if l >= lmax || cursor[l] >= table.rows(s, me, l) {
+                    return Err(format!(
+                        "corrupt by-rank metadata from EP rank {s}: local expert {l} beyond the routing table"
+                    ));
+                }
+                index[row * k + j] = i32::try_from(table.recv_start(s, me, l) + cursor[l])
+                    .map_err(|_| "expert rows overflow i32")?;
+                weights[row * k + j] = f32::from_bits(meta[row * cols + k + j] as u32);
+                cursor[l] += 1;
+            }
+        }
+        if let Some(l) = (0..lmax).find(|&l| cursor[l] != table.rows(s, me, l)) {
+            return Err(format!(
+                "the by-rank metadata from EP rank {s} disagrees with the routing table (local expert {l})"
+            ));
+        }
+    }
+    Ok((index, weights))
 }
 
 #[cfg(test)]
@@ -482,6 +745,7 @@ impl Geometry {
             copies,
             local_index,
             capacity: None,
+            by_rank: false,
         }
     }
 }
@@ -504,7 +768,7 @@ mod tests {
             ids: &ids,
             weights: &w,
         };
-        let meta = assign_count(&g, &r).unwrap();
+        let meta = assign_count(&g, 0, &r).unwrap();
         let mut all = meta.clone();
         all.extend(vec![0; meta.len()]); // rank 1 routes nothing
         let p = assign_place(&g, 0, &r, &all).unwrap();
@@ -518,6 +782,57 @@ mod tests {
     }
 
     #[test]
+    fn by_rank_rows_carry_each_token_once_per_rank_and_expand_to_the_expert_rows() {
+        let mut g = geo(2, 4, 3, 1);
+        g.by_rank = true;
+        // token 0 -> experts 3, 0; token 1 -> 0, 1 (both on rank 0); token 2 -> 2, 3.
+        let ids = [3, 0, 0, 1, 2, 3];
+        let w = [0.25f32, 0.75, 0.5, 0.5, 0.125, 0.875];
+        let r = Routing {
+            ids: &ids,
+            weights: &w,
+        };
+        let meta = assign_count(&g, 0, &r).unwrap();
+        let mut all = meta.clone();
+        all.extend(vec![0; meta.len()]); // rank 1 routes nothing
+        let p = assign_place(&g, 0, &r, &all).unwrap();
+        let t = &p.tables[0];
+        // Rank 0 gets tokens 0 and 1 (one row each), rank 1 tokens 0 and 2.
+        assert_eq!((t.rank_rows(0, 0), t.rank_rows(0, 1)), (2, 2));
+        assert_eq!(t.sent(0), 6);
+        let by_rank = p.by_rank.as_ref().unwrap();
+        assert_eq!(by_rank.rank_slots, vec![0, 2, 1, -1, -1, 3]);
+        // Rank 0's rows: token 0 (pick 1 = local expert 0), token 1 (picks 0, 1).
+        let cols = g.rank_meta_cols();
+        let rows0 = &by_rank.meta[0][..2 * cols];
+        assert_eq!(&rows0[..2], &[-1, 0]);
+        assert_eq!(&rows0[cols..cols + 2], &[0, 1]);
+        // Expanding on rank 0 lands every pick on its per-assignment row.
+        let (index, weights) = expand_index(&g, t, 0, rows0).unwrap();
+        for (row, tok) in [(0usize, 0usize), (1, 1)] {
+            for j in 0..2 {
+                let e = ids[tok * 2 + j] as usize;
+                if e < 2 {
+                    let want = t.recv_start(0, 0, e)
+                        + (p.slots[tok * 2 + j] as usize - t.send_start(0, 0, e));
+                    assert_eq!(index[row * 2 + j], want as i32, "token {tok} pick {j}");
+                    assert_eq!(weights[row * 2 + j], w[tok * 2 + j]);
+                } else {
+                    assert_eq!(index[row * 2 + j], -1);
+                }
+            }
+        }
+        // Metadata that names a pick the table does not have is refused.
+        let mut bad = rows0.to_vec();
+        bad[0] = 1;
+        assert!(expand_index(&g, t, 0, &bad).is_err());
+        // So is metadata whose counts disagree with the table.
+        let mut short = rows0.to_vec();
+        short[cols] = -1;
+        assert!(expand_index(&g, t, 0, &short).is_err());
+    }
+
+    #[test]
     fn position_capacity_drops_later_ranks_first() {
         let mut g = geo(2, 2, 2, 1);
         g.top_k = 1;
@@ -528,7 +843,7 @@ mod tests {
             ids: &ids,
             weights: &w,
         };
-        let meta = assign_count(&g, &r).unwrap();
+        let meta = assign_count(&g, 0, &r).unwrap();
         let all: Vec<i32> = meta.iter().chain(meta.iter()).copied().collect();
         let p0 = assign_place(&g, 0, &r, &all).unwrap();
         let p1 = assign_place(&g, 1, &r, &all).unwrap();

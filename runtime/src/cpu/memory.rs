@@ -205,6 +205,12 @@ pub fn write_i32s(values: &[i32], bytes: &mut [u8]) {
     }
 }
 
+pub fn write_f32s(values: &[f32], bytes: &mut [u8]) {
+    for (v, c) in values.iter().zip(bytes.chunks_exact_mut(4)) {
+        c.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
 pub fn read_f32s(bytes: &[u8]) -> Vec<f32> {
     bytes
         .chunks_exact(4)

@@ -470,6 +470,9 @@ pub fn collective_runs(
                     .collect(),
             ))
         }
+        CollectiveKind::AllToAllRank => {
+            Err("the CUDA backend does not run dispatch by rank yet".into())
+        }
         CollectiveKind::AllToAll | CollectiveKind::AllToAllV => {
             let table = table.ok_or("the routing is used before `assign place` ran")?;
             let lmax = table.max_local();

@@ -588,6 +588,12 @@ impl<'p> Lowering<'p> {
                 "{world} ranks do not divide into EP groups of {group}"
             ));
         }
+        if plan.choices.dedup_dispatch || plan.choices.reduce_combine {
+            return Err(
+                "the CUDA backend does not run dispatch by rank or the reducing combine yet (the device's `assign_place` does not write the by-rank layout); deny them in the schedule (`deny = [dedup_dispatch, reduce_combine]`) or use --backend cpu"
+                    .into(),
+            );
+        }
         let hierarchical = plan.ops().any(|(_, op)| {
             matches!(op.kind, OpKind::Collective { scope, .. } if scope != CollectiveScope::EpGroup)
         });
@@ -934,7 +940,14 @@ impl<'p> Lowering<'p> {
             LaunchRows::ChunkTokens => Rows::Fixed(tokens),
             LaunchRows::LayerTokens => Rows::Fixed(self.geo.tokens as u64),
             LaunchRows::Sent => Rows::Sent(c, self.common_rows(input(0)?, output(0)?)?),
-            LaunchRows::Received => Rows::Received(c, self.common_rows(input(0)?, output(0)?)?),
+            LaunchRows::Received | LaunchRows::WireReceived => {
+                Rows::Received(c, self.common_rows(input(0)?, output(0)?)?)
+            }
+            LaunchRows::WireSent => Rows::Sent(c, self.common_rows(input(0)?, output(0)?)?),
+            // Refused in `Lowering::new` (no dispatch by rank on the GPU yet).
+            LaunchRows::ReceivedByRank => {
+                return Err(format!("`{}`: dispatch by rank on the GPU", k.name))
+            }
         };
         let kref = KernelRef::Generated(module);
         self.add_launch(index, stream, kref, &k.name, args, rows, false)

@@ -39,6 +39,15 @@ pub enum LaunchRows {
     Sent,
     /// The rows this rank receives in the op's chunk (routing-dependent).
     Received,
+    /// The by-rank rows (one per token and destination rank) this rank
+    /// receives in the op's chunk.
+    ReceivedByRank,
+    /// The rows of the dispatch's send buffer: [`LaunchRows::Sent`], or the
+    /// by-rank rows this rank sends when the plan dispatches by rank.
+    WireSent,
+    /// The rows of the dispatch's receive buffer: [`LaunchRows::Received`],
+    /// or [`LaunchRows::ReceivedByRank`] when the plan dispatches by rank.
+    WireReceived,
 }
 
 /// How one launch of a kernel kind is bound.
@@ -74,8 +83,10 @@ pub fn binding(kind: KernelKind, phase: Phase) -> Option<Binding> {
         KernelKind::Permute | KernelKind::PermutePack | KernelKind::UnpermuteWeightedSum => {
             (THREE_IN_OUT, LaunchRows::ChunkTokens)
         }
-        KernelKind::Pack | KernelKind::QuantizeFp8 => (IN_OUT, LaunchRows::Sent),
-        KernelKind::DequantizeFp8 => (IN_OUT, LaunchRows::Received),
+        KernelKind::Expand | KernelKind::Reduce => (THREE_IN_OUT, LaunchRows::ReceivedByRank),
+        KernelKind::Pack => (IN_OUT, LaunchRows::Sent),
+        KernelKind::QuantizeFp8 => (IN_OUT, LaunchRows::WireSent),
+        KernelKind::DequantizeFp8 => (IN_OUT, LaunchRows::WireReceived),
         KernelKind::Activation => (
             &[Input(0), Output(0), ClampLimit],
             if phase == Phase::Shared {
@@ -111,7 +122,8 @@ pub fn library_kind(kind: KernelKind) -> Option<Kind> {
         KernelKind::Activation => Kind::Activation,
         KernelKind::Unpermute => Kind::Unpermute,
         KernelKind::WeightedSum => Kind::WeightedSum,
-        KernelKind::UnpermuteWeightedSum => Kind::UnpermuteWeightedSum,
+        KernelKind::UnpermuteWeightedSum | KernelKind::Reduce => Kind::UnpermuteWeightedSum,
+        KernelKind::Expand => Kind::Permute,
         KernelKind::SharedGate => Kind::SharedGate,
         KernelKind::Add => Kind::Add,
         KernelKind::Assign | KernelKind::ScaleRows => return None,

@@ -21,7 +21,7 @@ pub use validate::{buffer_bytes, BufferRef, OpRef, PlanError, Stuck};
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the meaning or shape of a plan changes.
-pub const PLAN_FORMAT_VERSION: u32 = 1;
+pub const PLAN_FORMAT_VERSION: u32 = 2;
 
 /// A compiled MoE layer: configuration, kernels, buffers and streams.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -351,6 +351,12 @@ pub struct Choices {
     /// Dropless plans keep worst-case buffers and raise a device-side overflow
     /// flag instead of synchronising with the host.
     pub overflow_flag: bool,
+    /// A token travels once per destination EP rank, with its picks there
+    /// (`dedup_dispatch`), and is expanded to the experts on arrival.
+    pub dedup_dispatch: bool,
+    /// The expert rank sums its experts' weighted outputs of a token before
+    /// the return trip: one row per (token, rank) back (`reduce_combine`).
+    pub reduce_combine: bool,
 }
 
 /// A kernel of the memory-bound family (everything but GEMMs and collectives).
@@ -386,6 +392,13 @@ pub enum KernelKind {
     WeightedSum,
     /// Un-permute and weighted sum in one pass.
     UnpermuteWeightedSum,
+    /// Dispatch by rank, on arrival: each received row copied to the expert
+    /// rows of its picks (`permute` over the received rows).
+    Expand,
+    /// Reducing combine, before the return trip: the weighted sum of a
+    /// received row's expert outputs (`unpermute_weighted_sum` over the
+    /// received rows).
+    Reduce,
     /// Qwen2-MoE shared-expert gate: `sigmoid(x · w)` times the shared output.
     SharedGate,
     /// Output = routed + shared.
@@ -394,7 +407,7 @@ pub enum KernelKind {
 
 impl KernelKind {
     /// Every kind, in declaration order.
-    pub const ALL: [KernelKind; 20] = [
+    pub const ALL: [KernelKind; 22] = [
         KernelKind::RouterFused,
         KernelKind::RouterScores,
         KernelKind::RouterBias,
@@ -413,6 +426,8 @@ impl KernelKind {
         KernelKind::Unpermute,
         KernelKind::WeightedSum,
         KernelKind::UnpermuteWeightedSum,
+        KernelKind::Expand,
+        KernelKind::Reduce,
         KernelKind::SharedGate,
         KernelKind::Add,
     ];
@@ -558,6 +573,9 @@ pub enum CollectiveKind {
     AllToAll,
     /// Variable-size all-to-all; the counts were exchanged on the device before.
     AllToAllV,
+    /// Variable-size all-to-all of one row per (token, destination rank):
+    /// dispatch by rank, and the reducing combine's return trip.
+    AllToAllRank,
     /// Per-expert token counts, exchanged on the device (dropless).
     CountExchange,
     /// Every rank receives the same block from every peer (capacity mode: the

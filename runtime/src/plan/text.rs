@@ -487,13 +487,21 @@ impl Plan {
             );
         }
         lines.push(format!(
-            "dispatch {}, {} on the wire",
+            "dispatch {}{}, {} on the wire",
             match c.dispatch {
                 A2aAlgorithm::Flat => "flat",
                 A2aAlgorithm::Hierarchical => "hierarchical",
             },
+            if c.dedup_dispatch {
+                " by rank (one row per token and destination rank)"
+            } else {
+                ""
+            },
             c.dispatch_dtype.name()
         ));
+        if c.reduce_combine {
+            lines.push("combine reduced per rank before the return trip".to_string());
+        }
         let why = match self.layer.capacity {
             CapacityConfig::Dropless if c.overflow_flag => {
                 "dropless worst case; device overflow flag, no host sync"
