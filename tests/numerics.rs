@@ -50,16 +50,7 @@ fn run_form_against_reference(
     let compiled = compile(&program, &options).unwrap_or_else(|e| panic!("{name}: {e}"));
     let plan = compiled.plan;
     if let Some(form) = routing {
-        let by_rank = form != RoutingForm::PerAssignment;
-        assert_eq!(
-            plan.choices.dedup_dispatch, by_rank,
-            "{name}: dispatch form"
-        );
-        assert_eq!(
-            plan.choices.reduce_combine,
-            form == RoutingForm::DedupReduce,
-            "{name}: combine form"
-        );
+        assert_eq!(RoutingForm::of(&plan.choices), form, "{name}: routing form");
     }
     let layer = plan.layer.clone();
     let ranks = plan.mesh.world_size() as usize;
@@ -370,18 +361,36 @@ fn hierarchical_dispatch_matches_the_reference() {
 }
 
 /// In bf16 (where the reference's f64 router may break near-ties differently)
-/// the hierarchical dispatch must move exactly the bytes the flat one does.
+/// the hierarchical dispatch must move exactly the bytes the flat one does,
+/// per pick and by rank (the combines return the same rows either way; only
+/// the reducing combine adds in another order).
 #[test]
 fn hierarchical_and_flat_dispatch_agree_bit_for_bit() {
+    hierarchical_and_flat_agree(RoutingForm::PerAssignment, RoutingForm::PerAssignment);
+    hierarchical_and_flat_agree(RoutingForm::NodeDedupDispatch, RoutingForm::DedupDispatch);
+}
+
+fn hierarchical_and_flat_agree(hierarchical: RoutingForm, flat: RoutingForm) {
     let (source, overrides) = deepseek_on_two_nodes(moec_lang::spec::DType::Bf16, 512);
     let flat_source = format!("{source}\nschedule {{\n    deny = [hierarchical_a2a]\n}}\n");
     let mut outputs = Vec::new();
-    for (src, want) in [
-        (&source, moec_runtime::plan::A2aAlgorithm::Hierarchical),
-        (&flat_source, moec_runtime::plan::A2aAlgorithm::Flat),
+    for (src, want, form) in [
+        (
+            &source,
+            moec_runtime::plan::A2aAlgorithm::Hierarchical,
+            hierarchical,
+        ),
+        (&flat_source, moec_runtime::plan::A2aAlgorithm::Flat, flat),
     ] {
-        let plan = compile_with(src, &overrides);
-        assert_eq!(plan.choices.dispatch, want);
+        let (program, _) = moec_lang::check_source(src).program.unwrap();
+        let mut program = program.clone();
+        apply(&mut program, &overrides).unwrap();
+        let options = Options {
+            routing: Some(form),
+            ..Options::default()
+        };
+        let plan = compile(&program, &options).unwrap().plan;
+        assert_eq!(plan.choices.dispatch, want, "{}", form.name());
         let layer = plan.layer.clone();
         let weights = LayerWeights::random(&layer, 5);
         let inputs = random_inputs(&layer, 16, layer.tokens_per_rank as usize, 5);
@@ -390,7 +399,8 @@ fn hierarchical_and_flat_dispatch_agree_bit_for_bit() {
     }
     assert!(
         outputs[0] == outputs[1],
-        "hierarchical and flat outputs differ"
+        "{}: hierarchical and flat outputs differ",
+        flat.name()
     );
 }
 
@@ -498,4 +508,34 @@ fn top_1_has_no_dispatch_by_rank() {
     };
     let err = compile(&program, &options).err().unwrap();
     assert!(err.contains("top_k = 1"), "{err}");
+}
+
+/// DeepSeek-V3 on two nodes of eight ranks, dispatched by rank through the
+/// hierarchical legs (one copy per token and node, then one per token and
+/// rank inside the node), with and without the reducing combine (the node's
+/// forwarder sums a token's partials before one row per node crosses back):
+/// the reference's numbers under shuffled interleavings.
+#[test]
+fn hierarchical_dispatch_by_rank_and_reducing_combine_match_the_reference() {
+    let (source, overrides) = deepseek_on_two_nodes(moec_lang::spec::DType::F32, 256);
+    let source = format!("{source}\nschedule {{\n    deny = [fp8_dispatch]\n}}\n");
+    for form in [RoutingForm::NodeDedupDispatch, RoutingForm::NodeDedupReduce] {
+        let (program, _) = moec_lang::check_source(&source).program.unwrap();
+        let mut program = program.clone();
+        apply(&mut program, &overrides).unwrap();
+        let options = Options {
+            routing: Some(form),
+            ..Options::default()
+        };
+        let plan = compile(&program, &options).unwrap().plan;
+        assert_eq!(
+            plan.choices.dispatch,
+            moec_runtime::plan::A2aAlgorithm::Hierarchical,
+            "{}: this size should pick the hierarchical legs",
+            form.name()
+        );
+        let label = format!("deepseek_v3 hierarchical ({})", form.name());
+        let err = run_form_against_reference(&label, &source, &overrides, 4, 2, Some(form));
+        assert!(err < 1e-5, "{label}: relative error {err:e}");
+    }
 }

@@ -252,3 +252,41 @@ fn dispatch_by_rank_moves_one_row_per_token_and_rank() {
     }
     assert!(checked >= 10, "only {checked} by-rank runs");
 }
+
+/// DeepSeek-V3 on two nodes, by rank through the hierarchical legs with the
+/// reducing combine: one row per (token, node) crosses the network each way
+/// (the forwarder sums before the return trip), one row per (token, rank)
+/// crosses NVLink each way, and the bytes are what the plan expects.
+#[test]
+fn hierarchical_legs_by_rank_move_one_row_per_token_and_node_each_way() {
+    let source = examples()
+        .into_iter()
+        .find(|(n, _)| n == "deepseek_v3")
+        .map(|(_, s)| s)
+        .unwrap()
+        .replace("bandwidth = 400 Gb/s", "bandwidth = 10 Gb/s");
+    let name = "deepseek_v3 on 16 ranks by rank";
+    let (plan, forward) = run_uniform_form(
+        name,
+        &source,
+        "",
+        Some(16),
+        Some(RoutingForm::NodeDedupReduce),
+    );
+    assert_eq!(plan.choices.dispatch, A2aAlgorithm::Hierarchical);
+    let sum = total(&forward.traffic);
+    let staged = rows(&sum, "dispatch by rank inter-node");
+    let tokens = forward.outputs.len() as u64 * TOKENS;
+    assert!(
+        staged >= tokens && staged <= 2 * tokens,
+        "{staged} staged rows"
+    );
+    assert_eq!(rows(&sum, "combine by rank inter-node"), staged);
+    let fanned = rows(&sum, "dispatch by rank intra-node");
+    assert!(
+        fanned >= staged && fanned < forward.stats.assignments,
+        "{fanned} rows"
+    );
+    assert_eq!(rows(&sum, "combine by rank intra-node"), fanned);
+    check_expectation(name, &plan, &forward);
+}

@@ -501,7 +501,8 @@ impl Ctx<'_> {
     }
 
     fn kernels(&mut self, args: &crate::kernels_cmd::KernelsArgs) -> Result<i32, Failure> {
-        let Some(c) = self.compile(&args.file, &Options::default())? else {
+        // The kernels of the plan the CUDA backend runs.
+        let Some(c) = self.compile(&args.file, &Options::cuda())? else {
             return Ok(EXIT_REJECTED);
         };
         crate::kernels_cmd::kernels(args, &c.plan, self.out, self.err)

@@ -182,17 +182,10 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
         .ok_or("internal: the e-graph has no root")?;
     let root = egraph.find(root);
     // One extraction per routing form the rewrites made possible.
-    let has = |f: fn(&MoeIr) -> bool| egraph.classes().any(|c| c.nodes.iter().any(f));
+    let has = |f: &dyn Fn(&MoeIr) -> bool| egraph.classes().any(|c| c.nodes.iter().any(f));
     let forms: Vec<RoutingForm> = RoutingForm::ALL
         .into_iter()
-        .filter(|form| match form {
-            RoutingForm::PerAssignment => true,
-            RoutingForm::DedupDispatch => has(|n| matches!(n, MoeIr::DispatchRank(_))),
-            RoutingForm::DedupReduce => {
-                has(|n| matches!(n, MoeIr::DispatchRank(_)))
-                    && has(|n| matches!(n, MoeIr::Reduce(_)))
-            }
-        })
+        .filter(|form| form.possible(&has))
         .collect();
     let extractors: Vec<(RoutingForm, Extractor<OverlapCost, MoeIr, MetaAnalysis>)> = forms
         .iter()

@@ -362,6 +362,42 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
             let v = meta(*r);
             flat_all_to_all(model, v.rows_expected, row_bytes(v.cols, v.dtype))
         }
+        MoeIr::DispatchRankInter(p) => {
+            // One copy per token and remote node, with the token's routing
+            // there: a count, and per destination rank its index and row.
+            let v = meta(*p);
+            let tokens = model.tokens as f64 / v.chunks.max(1) as f64;
+            let staged = tokens * expected_remote_nodes(model);
+            let (_, _, inter) = destination_shares(model);
+            let routing = staged * HIER_ROUTING_BYTES_PER_TOKEN as f64
+                + v.rows_expected * inter * HIER_ROUTING_BYTES_PER_ASSIGNMENT as f64
+                + (model.group_nodes - 1) as f64 * HIER_SIZE_BYTES_PER_PEER as f64;
+            inter_leg(model, staged * row_bytes(v.cols, v.dtype) + routing)
+        }
+        MoeIr::DispatchRankIntra(s) => {
+            // The forwarder hands each staged token to each of its ranks on
+            // the node (one row per token and rank, as the flat form), and
+            // the picks travel beside, flat.
+            let v = meta(*s);
+            let rows = model.rank_rows_expected(model.tokens as f64 / v.chunks.max(1) as f64);
+            let leg = intra_leg(model, rows, row_bytes(v.cols, v.dtype));
+            let picks = rank_meta_all_to_all(model, rows);
+            NodeCost {
+                network_us: leg.network_us + picks.network_us,
+                wire_bytes: leg.wire_bytes + picks.wire_bytes,
+                ..NodeCost::default()
+            }
+        }
+        MoeIr::CombineRankIntra(r) => forwarder_sum_leg(model, &meta(*r)),
+        MoeIr::CombineRankInter(c) => {
+            // One partial sum per token and remote node crosses back.
+            let v = meta(*c);
+            let tokens = model.tokens as f64 / v.chunks.max(1) as f64;
+            inter_leg(
+                model,
+                tokens * expected_remote_nodes(model) * row_bytes(h, model.dtype),
+            )
+        }
         MoeIr::SumRank([c, a]) => {
             let rows = meta(*c).rows_expected;
             let tokens = meta(*a).rows_expected;
@@ -441,7 +477,7 @@ fn inter_leg(model: &Model, bytes: f64) -> NodeCost {
 /// The node-local leg of a hierarchical all-to-all: the forwarding rank hands
 /// each row to the rank of its node that holds the expert; the share
 /// `1/g` whose expert is on the forwarding rank itself stays put.
-fn intra_leg(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
+pub fn intra_leg(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
     let per_node = model.group_ranks_per_node.max(1) as f64;
     let bytes = rows * (per_node - 1.0) / per_node * row_bytes;
     let link = model.mesh.intra_node;
@@ -450,6 +486,20 @@ fn intra_leg(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
         wire_bytes: bytes,
         ..NodeCost::default()
     }
+}
+
+/// The reducing combine's intra-node leg over the reduced rows `v`: every
+/// rank returns its partial sums to the forwarders of its node, which add a
+/// token's partials into one row. The sum is fused into the leg (the
+/// forwarder adds as the rows arrive), so it costs its memory traffic at the
+/// device's bandwidth, no launch of its own.
+pub fn forwarder_sum_leg(model: &Model, v: &Meta) -> NodeCost {
+    let row = row_bytes(v.cols, v.dtype);
+    let mut c = intra_leg(model, v.rows_expected, row);
+    let staged = model.tokens as f64 / v.chunks.max(1) as f64 * model.destinations.nodes;
+    let sum_bytes = (v.rows_expected + staged) * row;
+    c.network_us += sum_bytes / model.mesh.device.memory_bandwidth * 1e6;
+    c
 }
 
 /// Bytes of one by-rank metadata row: each pick's local expert index and
@@ -559,20 +609,56 @@ impl PartialOrd for Cost {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RoutingForm {
     PerAssignment,
+    /// Dispatch by rank, flat.
     DedupDispatch,
+    /// Dispatch by rank and the reducing combine, flat.
     DedupReduce,
+    /// Dispatch by rank through the hierarchical legs (a copy per node, then
+    /// per rank inside the node).
+    NodeDedupDispatch,
+    /// The same with the reducing combine summed again per node.
+    NodeDedupReduce,
 }
 
 impl RoutingForm {
-    pub const ALL: [RoutingForm; 3] = [
+    pub const ALL: [RoutingForm; 5] = [
         RoutingForm::PerAssignment,
         RoutingForm::DedupDispatch,
         RoutingForm::DedupReduce,
+        RoutingForm::NodeDedupDispatch,
+        RoutingForm::NodeDedupReduce,
     ];
 
-    /// The node kinds a candidate of this form may not contain.
+    /// The form dispatches by rank.
+    pub fn by_rank(self) -> bool {
+        self != RoutingForm::PerAssignment
+    }
+
+    /// The form reduces before the combine's return trip.
+    pub fn reduces(self) -> bool {
+        matches!(
+            self,
+            RoutingForm::DedupReduce | RoutingForm::NodeDedupReduce
+        )
+    }
+
+    /// The form's by-rank legs are the hierarchical ones.
+    pub fn by_node(self) -> bool {
+        matches!(
+            self,
+            RoutingForm::NodeDedupDispatch | RoutingForm::NodeDedupReduce
+        )
+    }
+
+    /// The node kinds a candidate of this form may not contain. The
+    /// reducing combine's hierarchical legs sum by the routing the
+    /// hierarchical dispatch staged, so the two go together.
     pub fn forbids(self, node: &MoeIr) -> bool {
-        let by_rank_dispatch = matches!(node, MoeIr::DispatchRank(_));
+        let flat_rank_dispatch = matches!(node, MoeIr::DispatchRank(_));
+        let node_rank_dispatch = matches!(
+            node,
+            MoeIr::DispatchRankInter(_) | MoeIr::DispatchRankIntra(_)
+        );
         let plain_dispatch = matches!(
             node,
             MoeIr::Dispatch(_) | MoeIr::DispatchInter(_) | MoeIr::DispatchIntra(_)
@@ -582,10 +668,48 @@ impl RoutingForm {
             node,
             MoeIr::Combine(_) | MoeIr::CombineInter(_) | MoeIr::CombineIntra(_)
         );
+        let flat_rank_combine = matches!(node, MoeIr::CombineRank(_));
+        let node_rank_combine = matches!(
+            node,
+            MoeIr::CombineRankIntra(_) | MoeIr::CombineRankInter(_)
+        );
+        let (dispatch_ok, by_node) = (!plain_dispatch, self.by_node());
         match self {
-            RoutingForm::PerAssignment => by_rank_dispatch || reduce,
-            RoutingForm::DedupDispatch => plain_dispatch || reduce,
-            RoutingForm::DedupReduce => plain_dispatch || plain_combine,
+            RoutingForm::PerAssignment => flat_rank_dispatch || node_rank_dispatch || reduce,
+            _ if !dispatch_ok => true,
+            _ if by_node && flat_rank_dispatch => true,
+            _ if !by_node && node_rank_dispatch => true,
+            RoutingForm::DedupDispatch | RoutingForm::NodeDedupDispatch => reduce,
+            RoutingForm::DedupReduce => plain_combine || node_rank_combine,
+            RoutingForm::NodeDedupReduce => plain_combine || flat_rank_combine,
+        }
+    }
+
+    /// Whether the rewrites made this form possible: every node kind it
+    /// needs is in the e-graph.
+    pub fn possible(self, has: &HasNode) -> bool {
+        let rank = || has(&|n| matches!(n, MoeIr::DispatchRank(_)));
+        let node = || has(&|n| matches!(n, MoeIr::DispatchRankInter(_)));
+        let reduce = || has(&|n| matches!(n, MoeIr::Reduce(_)));
+        let node_reduce = || has(&|n| matches!(n, MoeIr::CombineRankIntra(_)));
+        match self {
+            RoutingForm::PerAssignment => true,
+            RoutingForm::DedupDispatch => rank(),
+            RoutingForm::DedupReduce => rank() && reduce(),
+            RoutingForm::NodeDedupDispatch => node(),
+            RoutingForm::NodeDedupReduce => node() && node_reduce(),
+        }
+    }
+
+    /// The form of a plan, from its choices.
+    pub fn of(choices: &moec_runtime::plan::Choices) -> RoutingForm {
+        let by_node = choices.dispatch == moec_runtime::plan::A2aAlgorithm::Hierarchical;
+        match (choices.dedup_dispatch, choices.reduce_combine, by_node) {
+            (false, _, _) => RoutingForm::PerAssignment,
+            (true, false, false) => RoutingForm::DedupDispatch,
+            (true, true, false) => RoutingForm::DedupReduce,
+            (true, false, true) => RoutingForm::NodeDedupDispatch,
+            (true, true, true) => RoutingForm::NodeDedupReduce,
         }
     }
 
@@ -595,9 +719,14 @@ impl RoutingForm {
             RoutingForm::PerAssignment => "per pick",
             RoutingForm::DedupDispatch => "by rank",
             RoutingForm::DedupReduce => "by rank+reduce",
+            RoutingForm::NodeDedupDispatch => "by node+rank",
+            RoutingForm::NodeDedupReduce => "by node+rank+reduce",
         }
     }
 }
+
+/// Whether the e-graph holds a node the predicate accepts.
+pub type HasNode<'a> = dyn Fn(&dyn Fn(&MoeIr) -> bool) -> bool + 'a;
 
 /// The cost of a node a [`RoutingForm`] forbids, us.
 const FORBIDDEN_US: f64 = 1e30;

@@ -62,11 +62,7 @@ fn not_applicable(plan: &Plan, family: &str) -> Option<String> {
 
 /// The routing form of a plan.
 fn routing_of(plan: &Plan) -> RoutingForm {
-    match (plan.choices.dedup_dispatch, plan.choices.reduce_combine) {
-        (_, true) => RoutingForm::DedupReduce,
-        (true, false) => RoutingForm::DedupDispatch,
-        (false, false) => RoutingForm::PerAssignment,
-    }
+    RoutingForm::of(&plan.choices)
 }
 
 /// The report `moec explain` prints.
@@ -118,7 +114,7 @@ pub fn explain(c: &Compiled) -> String {
     let _ = writeln!(s, "overlap candidates (each scheduled and simulated):");
     let _ = writeln!(
         s,
-        "  {:>6}  {:<14} {:<15} {:>5} {:>12}",
+        "  {:>6}  {:<14} {:<20} {:>5} {:>12}",
         "chunks", "shared", "tokens travel", "lag", "total us"
     );
     let best = c.timeline.total_us;
@@ -144,7 +140,7 @@ pub fn explain(c: &Compiled) -> String {
         }
         let _ = writeln!(
             s,
-            "  {:>6}  {:<14} {:<15} {:>5} {:>12.1}{mark}",
+            "  {:>6}  {:<14} {:<20} {:>5} {:>12.1}{mark}",
             cand.chunks,
             shared,
             cand.routing.name(),
@@ -164,6 +160,9 @@ pub fn explain(c: &Compiled) -> String {
             A2aAlgorithm::Hierarchical => "hierarchical (one copy per node, then NVLink)",
         },
         match (ch.dedup_dispatch, ch.reduce_combine) {
+            (true, true) if ch.dispatch == A2aAlgorithm::Hierarchical => {
+                " by rank, combine reduced per rank and per node"
+            }
             (true, true) => " by rank, combine reduced per rank",
             (true, false) => " by rank",
             (false, true) => ", combine reduced per rank",

@@ -32,6 +32,10 @@
 //!   expert outputs summed, weighted), `combine_rank` (its return trip, one
 //!   row per token and rank), `sum_rank[c, a]` (the source sums a token's
 //!   rows over the ranks).
+//! - their hierarchical forms: `dispatch_rank_intra[dispatch_rank_inter[..]]`
+//!   (one copy per token and node, then one per token and rank inside the
+//!   node) and `combine_rank_inter[combine_rank_intra[..]]` (the node's
+//!   forwarder sums a token's rows: one per token and node crosses back).
 //! - shared experts: `shared_up`, `shared_act`, `shared_up_act`, `shared_down`,
 //!   `shared_gate[x, y]`.
 //! - `add[routed, shared]` (shared runs after the routed part, one stream) or
@@ -79,6 +83,10 @@ define_language! {
         "expand" = Expand([Id; 2]),
         "reduce" = Reduce([Id; 2]),
         "combine_rank" = CombineRank(Id),
+        "dispatch_rank_inter" = DispatchRankInter(Id),
+        "dispatch_rank_intra" = DispatchRankIntra(Id),
+        "combine_rank_intra" = CombineRankIntra(Id),
+        "combine_rank_inter" = CombineRankInter(Id),
         "sum_rank" = SumRank([Id; 2]),
         "shared_up" = SharedUp(Id),
         "shared_act" = SharedAct(Id),
@@ -681,11 +689,30 @@ impl Analysis<MoeIr> for MetaAnalysis {
                 let exp = m.rank_rows_expected(xv.rows_expected);
                 Meta::value(rows, exp, h, xv.dtype, flops_of(&[*xi, *a])).in_chunks(xv.chunks)
             }
-            MoeIr::DispatchRank(p) => {
-                // By symmetry a rank receives as many rows as it sends.
+            MoeIr::DispatchRank(p) | MoeIr::DispatchRankIntra(p) => {
+                // By symmetry a rank receives as many rows as it sends (the
+                // intra-node leg delivers what the flat one would).
                 let p = x(p);
                 let rows = m.rank_rows_received_max(p.chunks);
-                Meta::value(rows, p.rows_expected, p.cols, p.dtype, p.flops).in_chunks(p.chunks)
+                let exp = m.rank_rows_expected(m.tokens as f64 / p.chunks.max(1) as f64);
+                Meta::value(rows, exp, p.cols, p.dtype, p.flops).in_chunks(p.chunks)
+            }
+            MoeIr::DispatchRankInter(p) => {
+                // Staged on the forwarder: at most one row per token of every
+                // node of the group, expected one per token and node.
+                let p = x(p);
+                let tokens = m.chunk_tokens(p.chunks);
+                let rows = tokens.saturating_mul(m.group_nodes);
+                let exp = m.tokens as f64 / p.chunks.max(1) as f64 * m.destinations.nodes;
+                Meta::value(rows, exp, p.cols, p.dtype, p.flops).in_chunks(p.chunks)
+            }
+            MoeIr::CombineRankIntra(r) => {
+                // Summed on the forwarder: one row per staged token.
+                let r = x(r);
+                let tokens = m.chunk_tokens(r.chunks);
+                let rows = tokens.saturating_mul(m.group_nodes);
+                let exp = m.tokens as f64 / r.chunks.max(1) as f64 * m.destinations.nodes;
+                Meta::value(rows, exp, h, m.dtype, r.flops).in_chunks(r.chunks)
             }
             MoeIr::Expand([r, _]) => {
                 // The expert input, as `dispatch` delivers it.
@@ -700,11 +727,13 @@ impl Analysis<MoeIr> for MetaAnalysis {
                 let exp = m.rank_rows_expected(av.rows_expected);
                 Meta::value(rows, exp, h, m.dtype, x(y).flops).in_chunks(av.chunks)
             }
-            MoeIr::CombineRank(r) => {
+            MoeIr::CombineRank(r) | MoeIr::CombineRankInter(r) => {
+                // Back on the source: its by-rank rows.
                 let r = x(r);
                 let tokens = m.chunk_tokens(r.chunks);
                 let rows = tokens.saturating_mul(m.rank_rows_per_token());
-                Meta::value(rows, r.rows_expected, h, m.dtype, r.flops).in_chunks(r.chunks)
+                let exp = m.rank_rows_expected(m.tokens as f64 / r.chunks.max(1) as f64);
+                Meta::value(rows, exp, h, m.dtype, r.flops).in_chunks(r.chunks)
             }
             MoeIr::SumRank([c, a]) => {
                 let av = x(a);

@@ -59,6 +59,14 @@ pub fn rules(model: &Model, allowed: &[&str], degrees: &[u64]) -> Result<Vec<Moe
         rules.push(rewrite!("hierarchical_a2a/combine";
             "(combine ?y ?a)" => "(combine_inter (combine_intra ?y ?a) ?a)"));
     }
+    // By rank, the rows of a token are its unscaled row (the expert side
+    // applies the weights), so the weight's side does not matter.
+    if on("hierarchical_a2a") && model.group_nodes > 1 && model.group_ranks_per_node > 1 {
+        rules.push(rewrite!("hierarchical_a2a/dispatch_rank";
+            "(dispatch_rank ?p)" => "(dispatch_rank_intra (dispatch_rank_inter ?p))"));
+        rules.push(rewrite!("hierarchical_a2a/combine_rank";
+            "(combine_rank ?r)" => "(combine_rank_inter (combine_rank_intra ?r))"));
+    }
     // Dispatch by rank and the reducing combine: see `by_rank_guard`. Both
     // match the unfused forms, which every lowered body keeps in its classes.
     let by_rank = by_rank_guard(model.ep, model.etp, model.top_k).is_none();

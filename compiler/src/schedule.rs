@@ -848,6 +848,7 @@ impl<'a> Builder<'a> {
             "dispatch picks",
             Phase::Dispatch,
             self.chunk_field(chunk),
+            CollectiveScope::EpGroup,
             send,
             recv,
             &cost,
@@ -922,19 +923,12 @@ impl<'a> Builder<'a> {
         name: &str,
         phase: Phase,
         chunk: Option<u64>,
+        scope: CollectiveScope,
         send: u32,
         recv: u32,
         cost: &NodeCost,
     ) -> PendingOp {
-        let mut op = self.op_collective(
-            name,
-            phase,
-            chunk,
-            CollectiveScope::EpGroup,
-            send,
-            recv,
-            cost,
-        );
+        let mut op = self.op_collective(name, phase, chunk, scope, send, recv, cost);
         if let OpKind::Collective { kind, .. } = &mut op.kind {
             *kind = CollectiveKind::AllToAllRank;
         }
@@ -949,12 +943,16 @@ impl<'a> Builder<'a> {
             MoeIr::Dequant(_) | MoeIr::Up(_) | MoeIr::Act(_) | MoeIr::UpAct(_) | MoeIr::Down(_) => {
                 Stage::Experts
             }
-            MoeIr::DispatchRank(_) => Stage::Dispatch,
+            MoeIr::DispatchRank(_) | MoeIr::DispatchRankInter(_) | MoeIr::DispatchRankIntra(_) => {
+                Stage::Dispatch
+            }
             MoeIr::Expand(_) | MoeIr::Reduce(_) => Stage::Experts,
             MoeIr::Combine(_)
             | MoeIr::CombineInter(_)
             | MoeIr::CombineIntra(_)
-            | MoeIr::CombineRank(_) => Stage::Combine,
+            | MoeIr::CombineRank(_)
+            | MoeIr::CombineRankIntra(_)
+            | MoeIr::CombineRankInter(_) => Stage::Combine,
             MoeIr::Unpermute(_) | MoeIr::Wsum(_) | MoeIr::UnpermuteWsum(_) | MoeIr::SumRank(_) => {
                 Stage::Post
             }
@@ -1077,7 +1075,12 @@ impl<'a> Builder<'a> {
                     _ => (
                         KernelKind::DequantizeFp8,
                         "dequantize_fp8",
-                        "expert_in",
+                        // By rank, the received rows are expanded after this.
+                        if self.by_rank {
+                            "recv_rows"
+                        } else {
+                            "expert_in"
+                        },
                         BufferRole::Scratch,
                         Phase::Experts,
                     ),
@@ -1329,23 +1332,44 @@ impl<'a> Builder<'a> {
                 self.push_stage(chunk, op, stage);
                 Value::Buf(out)
             }
-            MoeIr::DispatchRank(p) => {
+            MoeIr::DispatchRank(p) | MoeIr::DispatchRankInter(p) | MoeIr::DispatchRankIntra(p) => {
                 let send = buf_of(self, *p)?;
+                let (scope, bname, name) = match node {
+                    MoeIr::DispatchRank(_) => {
+                        (CollectiveScope::EpGroup, "recv", "dispatch by rank")
+                    }
+                    MoeIr::DispatchRankInter(_) => (
+                        CollectiveScope::InterNode,
+                        "node_stage",
+                        "dispatch by rank inter-node",
+                    ),
+                    _ => (
+                        CollectiveScope::IntraNode,
+                        "recv",
+                        "dispatch by rank intra-node",
+                    ),
+                };
                 let recv = self.buffer(
-                    &format!("recv{suffix}"),
+                    &format!("{bname}{suffix}"),
                     meta.dtype,
                     vec![meta.rows, meta.cols],
                     BufferRole::Comm,
                 );
-                let rows = cost::flat_all_to_all(
-                    m,
-                    meta.rows_expected,
-                    cost::row_bytes(meta.cols, meta.dtype),
-                );
-                let op =
-                    self.rank_collective("dispatch by rank", Phase::Dispatch, c, send, recv, &rows);
+                // The rows only: the picks are their own collective.
+                let row = cost::row_bytes(meta.cols, meta.dtype);
+                let rows = match scope {
+                    CollectiveScope::EpGroup => cost::flat_all_to_all(m, meta.rows_expected, row),
+                    CollectiveScope::IntraNode => cost::intra_leg(m, meta.rows_expected, row),
+                    CollectiveScope::InterNode => cost.clone(),
+                };
+                if scope != CollectiveScope::EpGroup {
+                    self.hierarchical = true;
+                }
+                let op = self.rank_collective(name, Phase::Dispatch, c, scope, send, recv, &rows);
                 self.push_stage(chunk, op, stage);
-                self.rank_picks_received(chunk)?;
+                if scope != CollectiveScope::InterNode {
+                    self.rank_picks_received(chunk)?;
+                }
                 Value::Buf(recv)
             }
             MoeIr::Expand([r, _]) | MoeIr::Reduce([r, _]) => {
@@ -1411,16 +1435,30 @@ impl<'a> Builder<'a> {
                 self.push_stage(chunk, op, stage);
                 Value::Buf(out)
             }
-            MoeIr::CombineRank(r) => {
+            MoeIr::CombineRank(r) | MoeIr::CombineRankIntra(r) | MoeIr::CombineRankInter(r) => {
                 let send = buf_of(self, *r)?;
+                let (scope, bname, name) = match node {
+                    MoeIr::CombineRank(_) => {
+                        (CollectiveScope::EpGroup, "combined", "combine by rank")
+                    }
+                    MoeIr::CombineRankIntra(_) => (
+                        CollectiveScope::IntraNode,
+                        "node_sum",
+                        "combine by rank intra-node",
+                    ),
+                    _ => (
+                        CollectiveScope::InterNode,
+                        "combined",
+                        "combine by rank inter-node",
+                    ),
+                };
                 let recv = self.buffer(
-                    &format!("combined{suffix}"),
+                    &format!("{bname}{suffix}"),
                     m.dtype,
                     vec![meta.rows, h],
                     BufferRole::Comm,
                 );
-                let op =
-                    self.rank_collective("combine by rank", Phase::Combine, c, send, recv, &cost);
+                let op = self.rank_collective(name, Phase::Combine, c, scope, send, recv, &cost);
                 self.push_stage(chunk, op, stage);
                 Value::Buf(recv)
             }
@@ -1750,7 +1788,9 @@ impl<'a> Builder<'a> {
             // Dispatch by rank packs straight from the tokens: a fused permute.
             fused_permute: self
                 .has_node(|n| matches!(n, MoeIr::PermutePack(_) | MoeIr::PackRank(_))),
-            fused_combine: self.has_node(|n| matches!(n, MoeIr::UnpermuteWsum(_))),
+            // The sum over ranks un-permutes and sums in one kernel too.
+            fused_combine: self
+                .has_node(|n| matches!(n, MoeIr::UnpermuteWsum(_) | MoeIr::SumRank(_))),
             fused_activation: self.fused.get("activation").copied().unwrap_or(false),
             shared_concurrent: self.shared_concurrent,
             dispatch: if self.hierarchical {
@@ -1761,7 +1801,14 @@ impl<'a> Builder<'a> {
             dispatch_dtype: self.dispatch_dtype,
             expert_rows: self.expert_rows.max(m.expert_rows_max(self.chunks)),
             overflow_flag: m.capacity.is_none(),
-            dedup_dispatch: self.has_node(|n| matches!(n, MoeIr::DispatchRank(_))),
+            dedup_dispatch: self.has_node(|n| {
+                matches!(
+                    n,
+                    MoeIr::DispatchRank(_)
+                        | MoeIr::DispatchRankInter(_)
+                        | MoeIr::DispatchRankIntra(_)
+                )
+            }),
             reduce_combine: self.has_node(|n| matches!(n, MoeIr::Reduce(_))),
         };
         for s in streams.iter_mut() {

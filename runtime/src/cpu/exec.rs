@@ -12,9 +12,11 @@
 //!   interleavings; if the outputs differ, the plan lacks an event (`moec run
 //!   --shuffle K`).
 
+mod by_rank;
+
 use super::comm::{Comm, CommError, InProcessComm, Incoming, Outgoing, Run, Tag};
 use super::gemm::matmul_wt;
-use super::hier::{self, Staged, Topology};
+use super::hier::{self, ByRankBlocks, Staged, Topology};
 use super::jit::{JitKernel, RawArg};
 use super::layout::{
     assign_count, assign_place, expand_index, ChunkTable, Geometry, Placement, Routing,
@@ -434,6 +436,7 @@ impl CpuBackend {
                 events: (0..self.plan.events).map(|_| Event::default()).collect(),
                 placement: Mutex::new(None),
                 staged: Mutex::new(BTreeMap::new()),
+                rank_staged: Mutex::new(BTreeMap::new()),
                 phase_seconds: Mutex::new(BTreeMap::new()),
                 traffic: Mutex::new(RankTraffic::new()),
             });
@@ -937,6 +940,9 @@ struct RankCtx {
     placement: Mutex<Option<Arc<Placement>>>,
     /// Routing of the rows a hierarchical dispatch staged, by staging buffer.
     staged: Mutex<BTreeMap<u32, Arc<Staged>>>,
+    /// The same for the by-rank legs, by chunk: the reducing combine sums
+    /// the returning rows by it.
+    rank_staged: Mutex<BTreeMap<u64, Arc<Staged>>>,
     phase_seconds: Mutex<BTreeMap<Phase, f64>>,
     /// What this rank's collectives sent, counted at the `Comm`.
     traffic: Mutex<RankTraffic>,
@@ -1151,9 +1157,16 @@ impl StreamRun<'_> {
         let (send_rows, recv_rows) = (RowLayout::of(send_buf)?, RowLayout::of(recv_buf)?);
         let runs = |layout: &RowLayout, rows: &[Range<usize>], name: &str| layout.runs(rows, name);
         let dispatch = op.phase != Phase::Combine;
+        let by_rank = is_by_rank(op);
         let (group, to, from) = match (dispatch, scope) {
             (true, CollectiveScope::InterNode) => {
                 return self.dispatch_inter(op, comm, topo, send, recv);
+            }
+            (false, CollectiveScope::IntraNode) if by_rank => {
+                return self.combine_intra_reduce(op, comm, topo, send, recv);
+            }
+            (false, _) if by_rank => {
+                return self.combine_inter_by_rank(op, comm, topo, send, recv);
             }
             (true, _) => {
                 let staged = self
@@ -1169,7 +1182,11 @@ impl StreamRun<'_> {
                         )
                     })?;
                 let to = staged.sends(topo.per_node);
-                let from = hier::dispatch_intra_recv(&topo, table, me);
+                let from = if by_rank {
+                    hier::dispatch_intra_recv(&topo, &ByRankBlocks(table), me)
+                } else {
+                    hier::dispatch_intra_recv(&topo, table, me)
+                };
                 (topo.within(me), to, from)
             }
             (false, CollectiveScope::IntraNode) => {
@@ -1221,14 +1238,30 @@ impl StreamRun<'_> {
             .tables
             .get(chunk)
             .ok_or_else(|| ExecError::new(format!("no routing table for chunk {chunk}")))?;
-        let out = hier::dispatch_inter_send(
-            &topo,
-            table,
-            me,
-            &placement.slots,
-            b.geo.top_k,
-            b.geo.chunk_range(chunk),
-        )
+        let by_rank = is_by_rank(op);
+        let out = if by_rank {
+            let rank_slots = placement
+                .by_rank
+                .as_ref()
+                .ok_or_else(|| ExecError::new("a by-rank leg without by-rank routing"))?;
+            hier::dispatch_inter_send(
+                &topo,
+                &ByRankBlocks(table),
+                me,
+                &rank_slots.rank_slots,
+                b.geo.group,
+                b.geo.chunk_range(chunk),
+            )
+        } else {
+            hier::dispatch_inter_send(
+                &topo,
+                table,
+                me,
+                &placement.slots,
+                b.geo.top_k,
+                b.geo.chunk_range(chunk),
+            )
+        }
         .map_err(ExecError::new)?;
         let group = topo.across(me);
         let nodes = topo.nodes;
@@ -1324,11 +1357,20 @@ impl StreamRun<'_> {
         };
         let rows = Some(send_rows.bytes_per_row());
         self.exchange(comm, op, (3, rows), &group, (data, to), (dst, from))?;
+        let staged = Arc::new(staged);
+        if by_rank {
+            // The reducing combine of this chunk sums by the same routing.
+            self.ctx
+                .rank_staged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(chunk as u64, Arc::clone(&staged));
+        }
         self.ctx
             .staged
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(recv, Arc::new(staged));
+            .insert(recv, staged);
         Ok(())
     }
 
@@ -1786,6 +1828,17 @@ impl StreamRun<'_> {
         }
         Ok(())
     }
+}
+
+/// A collective that moves one row per (token, destination rank).
+fn is_by_rank(op: &Op) -> bool {
+    matches!(
+        op.kind,
+        OpKind::Collective {
+            kind: CollectiveKind::AllToAllRank,
+            ..
+        }
+    )
 }
 
 /// The constant `name` of kernel `k`.

@@ -31,6 +31,58 @@
 use super::layout::ChunkTable;
 use std::ops::Range;
 
+/// The row blocks a leg routes by: per pick (the routing table itself: a
+/// block per source, destination rank and local expert) or by rank
+/// ([`ByRankBlocks`]: one block per source and destination rank).
+pub trait Blocks {
+    /// Blocks per (source, destination rank).
+    fn max_local(&self) -> usize;
+    /// Rows source `s` sends to block `l` of rank `g`.
+    fn rows(&self, s: usize, g: usize, l: usize) -> usize;
+    /// First send row of that block on the source.
+    fn send_start(&self, s: usize, g: usize, l: usize) -> usize;
+    /// First receive row of that block on rank `g`.
+    fn recv_start(&self, s: usize, g: usize, l: usize) -> usize;
+    /// Rows source `s` sends to rank `g`.
+    fn to_rank(&self, s: usize, g: usize) -> usize {
+        (0..self.max_local()).map(|l| self.rows(s, g, l)).sum()
+    }
+}
+
+impl Blocks for ChunkTable {
+    fn max_local(&self) -> usize {
+        ChunkTable::max_local(self)
+    }
+    fn rows(&self, s: usize, g: usize, l: usize) -> usize {
+        ChunkTable::rows(self, s, g, l)
+    }
+    fn send_start(&self, s: usize, g: usize, l: usize) -> usize {
+        ChunkTable::send_start(self, s, g, l)
+    }
+    fn recv_start(&self, s: usize, g: usize, l: usize) -> usize {
+        ChunkTable::recv_start(self, s, g, l)
+    }
+}
+
+/// The by-rank layout of a table as [`Blocks`]: one block per (source,
+/// destination rank), a row per token.
+pub struct ByRankBlocks<'a>(pub &'a ChunkTable);
+
+impl Blocks for ByRankBlocks<'_> {
+    fn max_local(&self) -> usize {
+        1
+    }
+    fn rows(&self, s: usize, g: usize, _: usize) -> usize {
+        self.0.rank_rows(s, g)
+    }
+    fn send_start(&self, s: usize, g: usize, _: usize) -> usize {
+        self.0.rank_send_start(s, g)
+    }
+    fn recv_start(&self, s: usize, g: usize, _: usize) -> usize {
+        self.0.rank_recv_start(s, g)
+    }
+}
+
 /// Nodes and ranks per node of one EP group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Topology {
@@ -78,7 +130,7 @@ impl Topology {
     }
 
     /// Send rows of source `s` for the ranks of node `n` (contiguous).
-    pub fn node_block(&self, table: &ChunkTable, s: usize, n: usize) -> Range<usize> {
+    pub fn node_block(&self, table: &impl Blocks, s: usize, n: usize) -> Range<usize> {
         let start = table.send_start(s, self.rank(n, 0), 0);
         let len: usize = (0..self.per_node)
             .map(|j| table.to_rank(s, self.rank(n, j)))
@@ -87,7 +139,7 @@ impl Topology {
     }
 
     /// Row ranges of `node_sum` on forwarder `f`: one block per source node.
-    fn combine_blocks(&self, table: &ChunkTable, f: usize) -> Vec<Range<usize>> {
+    fn combine_blocks(&self, table: &impl Blocks, f: usize) -> Vec<Range<usize>> {
         let (n, i) = (self.node(f), self.index(f));
         let mut at = 0;
         (0..self.nodes)
@@ -114,7 +166,7 @@ pub struct InterSend {
 /// `[T, k]` table of send rows; `tokens` the chunk's tokens.
 pub fn dispatch_inter_send(
     topo: &Topology,
-    table: &ChunkTable,
+    table: &impl Blocks,
     me: usize,
     slots: &[i32],
     top_k: usize,
@@ -184,6 +236,8 @@ pub fn dispatch_inter_send(
 pub struct Staged {
     start: Vec<usize>,
     dests: Vec<(usize, usize)>,
+    /// Staged rows per source node (they are stored by source node).
+    counts: Vec<usize>,
 }
 
 impl Staged {
@@ -193,6 +247,7 @@ impl Staged {
         let mut staged = Staged {
             start: vec![0],
             dests: Vec::new(),
+            counts: counts.to_vec(),
         };
         let mut values = routing.iter().copied();
         let mut next = || {
@@ -226,6 +281,18 @@ impl Staged {
 
     pub fn rows(&self) -> usize {
         self.start.len() - 1
+    }
+
+    /// The staged rows of each source node, in node order.
+    pub fn node_rows(&self) -> Vec<Range<usize>> {
+        let mut at = 0;
+        self.counts
+            .iter()
+            .map(|&n| {
+                at += n;
+                at - n..at
+            })
+            .collect()
     }
 
     /// Per rank of the node: the staged rows to send, in the order of their
@@ -265,7 +332,7 @@ fn merge(ranges: impl IntoIterator<Item = Range<usize>>) -> Vec<Range<usize>> {
 /// node (a forwarder), the receive rows its rows fill, ascending.
 pub fn dispatch_intra_recv(
     topo: &Topology,
-    table: &ChunkTable,
+    table: &impl Blocks,
     me: usize,
 ) -> Vec<Vec<Range<usize>>> {
     (0..topo.per_node)
@@ -286,7 +353,7 @@ pub fn dispatch_intra_recv(
 /// The intra-node leg of the combine: per rank of the node, the rows expert
 /// rank `me` sends it (from its expert output) and the rows forwarder `me`
 /// receives from it (into `node_sum`), in matching order.
-pub fn combine_intra(topo: &Topology, table: &ChunkTable, me: usize) -> (PeerRows, PeerRows) {
+pub fn combine_intra(topo: &Topology, table: &impl Blocks, me: usize) -> (PeerRows, PeerRows) {
     let n = topo.node(me);
     let lmax = table.max_local();
     let to = (0..topo.per_node)
@@ -322,11 +389,75 @@ pub fn combine_intra(topo: &Topology, table: &ChunkTable, me: usize) -> (PeerRow
     (to, from)
 }
 
+/// The reducing combine's sum on forwarder `me`: for every staged row (by
+/// source node, then token, as the dispatch staged them), the `node_sum` rows
+/// holding the partial sums its destination ranks returned, in destination
+/// order (`node_sum` as [`combine_intra`] lays it out over by-rank blocks).
+pub fn forwarder_parts(
+    topo: &Topology,
+    table: &ChunkTable,
+    me: usize,
+    staged: &Staged,
+) -> Result<Vec<Vec<usize>>, String> {
+    let blocks = ByRankBlocks(table);
+    let node_blocks = topo.combine_blocks(&blocks, me);
+    let (n, i) = (topo.node(me), topo.index(me));
+    let mut parts = Vec::with_capacity(staged.rows());
+    let mut k = 0;
+    for (m, &count) in staged.counts.iter().enumerate() {
+        let s = topo.rank(m, i);
+        let first = topo.node_block(&blocks, s, n).start;
+        let block = node_blocks
+            .get(m)
+            .ok_or("the staged routing names more nodes than the group has")?;
+        for _ in 0..count {
+            let dests = &staged.dests[staged.start[k]..staged.start[k + 1]];
+            let mut rows = Vec::with_capacity(dests.len());
+            for &(j, r) in dests {
+                let p = topo.rank(n, j);
+                let pos = r
+                    .checked_sub(table.rank_recv_start(s, p))
+                    .filter(|&pos| pos < table.rank_rows(s, p))
+                    .ok_or_else(|| {
+                        format!("staged row {k} names row {r} of rank {p}, outside its block")
+                    })?;
+                rows.push(block.start + table.rank_send_start(s, p) - first + pos);
+            }
+            parts.push(rows);
+            k += 1;
+        }
+    }
+    Ok(parts)
+}
+
+/// Where the per-node partial sums land on source `me` after the reducing
+/// combine's inter-node leg, in its by-rank `combined` buffer: per node, for
+/// each token that went there (token order, as the node returns them), the
+/// row that takes the node's sum (its first destination rank there) and the
+/// rows of its other destination ranks there, which must read zero so that
+/// the sum over ranks adds each node once. `rank_slots` holds the chunk's
+/// tokens, `[tokens, G]`.
+pub fn node_sums_on_source(topo: &Topology, rank_slots: &[i32]) -> Vec<Vec<(usize, Vec<usize>)>> {
+    let group = topo.nodes * topo.per_node;
+    let mut out = vec![Vec::new(); topo.nodes];
+    for token in rank_slots.chunks_exact(group.max(1)) {
+        for (n, list) in out.iter_mut().enumerate() {
+            let rows: Vec<usize> = (0..topo.per_node)
+                .filter_map(|j| usize::try_from(token[topo.rank(n, j)]).ok())
+                .collect();
+            if let Some((&first, rest)) = rows.split_first() {
+                list.push((first, rest.to_vec()));
+            }
+        }
+    }
+    out
+}
+
 /// The inter-node leg of the combine: per node, the `node_sum` rows forwarder
 /// `me` sends back, and the `combined` rows source `me` receives.
 pub fn combine_inter(
     topo: &Topology,
-    table: &ChunkTable,
+    table: &impl Blocks,
     me: usize,
 ) -> (Vec<Range<usize>>, Vec<Range<usize>>) {
     let to = topo.combine_blocks(table, me);
