@@ -1006,8 +1006,8 @@ fn a_plan_too_large_for_the_device_is_reported() {
 
 /// The layers of DeepEP's published normal-kernel benchmark (BENCHMARKS.md
 /// compares their predicted dispatch and combine with DeepEP's figures)
-/// compile in one chunk, fit their devices and, when they span several
-/// nodes, send a token once per node (hierarchically) or once per rank.
+/// compile, fit their devices and, when they span several nodes, send a
+/// token once per node (hierarchically) or once per rank.
 #[test]
 fn the_deepep_benchmark_layers_compile() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compiler/benches/deepep");
@@ -1022,7 +1022,6 @@ fn the_deepep_benchmark_layers_compile() {
         let name = stem(&path);
         let c = compiled(&name, &read(&path));
         check_invariants(&name, &c, false);
-        assert_eq!(c.plan.choices.chunks, 1, "{name}");
         assert!(
             c.report.warnings.is_empty(),
             "{name}: {:?}",

@@ -23,6 +23,9 @@ use std::collections::BTreeMap;
 const COMPUTE: usize = 0;
 const COMM: usize = 1;
 const SHARED: usize = 2;
+/// The inter-node legs of the hierarchical all-to-all: on a stream of their
+/// own, so one chunk's network leg overlaps another chunk's NVLink leg.
+const COMM_INTER: usize = 3;
 
 /// Builds the plan of an extracted expression (its root is the last node),
 /// with the un-permute of chunk `i` right after the experts of chunk `i + 1`.
@@ -358,12 +361,9 @@ impl<'a> Builder<'a> {
                 let e = self.event();
                 self.record(COMPUTE, e);
                 pre_events.push(e);
-                self.wait(COMM, e);
-                for op in std::mem::take(&mut ops.dispatch) {
-                    self.push(op);
-                }
+                let last = self.push_comm(std::mem::take(&mut ops.dispatch), e);
                 let e = self.event();
-                self.record(COMM, e);
+                self.record(last, e);
                 disp_events.push(e);
             }
         }
@@ -392,12 +392,9 @@ impl<'a> Builder<'a> {
             if comm {
                 let e = self.event();
                 self.record(COMPUTE, e);
-                self.wait(COMM, e);
-                for op in std::mem::take(&mut stages[i].combine) {
-                    self.push(op);
-                }
+                let last = self.push_comm(std::mem::take(&mut stages[i].combine), e);
                 let e = self.event();
-                self.record(COMM, e);
+                self.record(last, e);
                 comb_events.push(e);
                 if i >= self.combine_lag {
                     let j = i - self.combine_lag;
@@ -445,6 +442,30 @@ impl<'a> Builder<'a> {
             });
         }
         Ok(())
+    }
+
+    /// Pushes one stage's collectives after `entry`, in order; where two
+    /// consecutive ones are on different comm streams, the second waits for
+    /// the first. Returns the stream of the last.
+    fn push_comm(&mut self, ops: Vec<PendingOp>, entry: u32) -> usize {
+        let mut last: Option<usize> = None;
+        for op in ops {
+            match last {
+                None => self.wait(op.stream, entry),
+                Some(prev) if prev != op.stream => {
+                    let e = self.event();
+                    self.record(prev, e);
+                    self.wait(op.stream, e);
+                }
+                Some(_) => {}
+            }
+            last = Some(op.stream);
+            self.push(op);
+        }
+        last.unwrap_or_else(|| {
+            self.wait(COMM, entry);
+            COMM
+        })
     }
 
     /// Emits the router chain and the assignment (whole layer, compute and comm).
@@ -1558,7 +1579,11 @@ impl<'a> Builder<'a> {
             CollectiveKind::AllToAllV
         };
         PendingOp {
-            stream: COMM,
+            stream: if scope == CollectiveScope::InterNode {
+                COMM_INTER
+            } else {
+                COMM
+            },
             name: name.into(),
             phase,
             chunk,
@@ -1707,6 +1732,11 @@ impl<'a> Builder<'a> {
             Stream {
                 name: "shared".into(),
                 role: StreamRole::Compute,
+                ops: Vec::new(),
+            },
+            Stream {
+                name: "comm_inter".into(),
+                role: StreamRole::Comm,
                 ops: Vec::new(),
             },
         ];

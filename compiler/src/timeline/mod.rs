@@ -6,10 +6,16 @@
 //!
 //! * every op lasts its [`Op::estimate_us`](moec_runtime::plan::Op::estimate_us); `Record` and `Wait` last nothing and
 //!   produce no [`Span`];
-//! * a rank has two resources: **compute** (the SMs), held by every `Launch` and
-//!   `Gemm`, and **network**, held by every `Collective`. An op holds its
-//!   resource for its whole duration, so kernels on two compute streams
-//!   serialise while a collective overlaps with compute;
+//! * a rank has three resources: **compute** (the SMs), held by every `Launch`
+//!   and `Gemm`, and its two links, **NVLink** (the node's links) and the
+//!   **network** (the inter-node NIC). A collective holds the links its scope
+//!   crosses: the intra-node leg of a hierarchical all-to-all the node's
+//!   links, the inter-node leg the network, a collective over the whole EP
+//!   group both (its cost is the slower of its two legs, run at once). An op
+//!   holds its resources for its whole duration, so kernels on two compute
+//!   streams serialise, a collective overlaps with compute, and the two legs
+//!   of different chunks overlap each other when the plan puts them on
+//!   different streams;
 //! * an op starts when the previous op of its stream has finished, the waits
 //!   before it are satisfied and its resource is free; among ops that could
 //!   start on a resource at the same moment, the lowest op id goes first;
@@ -29,7 +35,7 @@
 pub mod svg;
 pub mod trace;
 
-use moec_runtime::plan::{OpKind, Phase, Plan, StreamRole};
+use moec_runtime::plan::{CollectiveScope, OpKind, Phase, Plan, StreamRole};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -84,6 +90,10 @@ pub struct PhaseSummary {
     /// phases without collectives.
     pub bytes: u64,
     pub exposed_us: f64,
+    /// Wall time from the start of the phase's first op to the end of its
+    /// last: for a pipelined all-to-all, the time from the first row leaving
+    /// to the last arriving, legs and chunks overlapped.
+    pub span_us: f64,
 }
 
 /// The simulated timeline of one rank.
@@ -125,18 +135,23 @@ pub const EXPOSURE_PRIORITY: [Phase; 8] = [
     Phase::Dispatch,
 ];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Resource {
-    Compute,
-    Network,
-}
+/// The resources of one rank: the SMs, the node's links, the network.
+const RESOURCES: usize = 3;
+const COMPUTE: usize = 0;
+const INTRA_LINK: usize = 1;
+const INTER_LINK: usize = 2;
 
-impl Resource {
-    fn index(self) -> usize {
-        match self {
-            Resource::Compute => 0,
-            Resource::Network => 1,
-        }
+/// The resources an op holds (none for `Record` and `Wait`).
+fn resources(kind: &OpKind) -> &'static [usize] {
+    match kind {
+        OpKind::Collective { scope, .. } => match scope {
+            CollectiveScope::IntraNode => &[INTRA_LINK],
+            CollectiveScope::InterNode => &[INTER_LINK],
+            CollectiveScope::EpGroup => &[INTRA_LINK, INTER_LINK],
+        },
+        OpKind::Record { .. } | OpKind::Wait { .. } => &[],
+        // Launches and GEMMs (and any other kernel) run on the SMs.
+        _ => &[COMPUTE],
     }
 }
 
@@ -216,7 +231,7 @@ pub fn simulate(plan: &Plan) -> Result<Timeline, String> {
 
     let mut pc = vec![0usize; streams.len()];
     let mut ready = vec![0.0f64; streams.len()];
-    let mut free = [0.0f64; 2];
+    let mut free = [0.0f64; RESOURCES];
     let mut recorded: BTreeMap<u32, f64> = BTreeMap::new();
     let mut spans: Vec<Span> = Vec::with_capacity(op_count);
     let mut syncs: Vec<SyncPoint> = Vec::new();
@@ -265,18 +280,16 @@ pub fn simulate(plan: &Plan) -> Result<Timeline, String> {
 
         // Of the ops at the head of a stream that need a resource, start the
         // one that can start first; ties go to the lowest op id.
-        let mut best: Option<(f64, u32, usize, Resource)> = None;
+        let mut best: Option<(f64, u32, usize, &'static [usize])> = None;
         for (s, stream) in streams.iter().enumerate() {
             let Some(op) = stream.ops.get(pc[s]) else {
                 continue;
             };
-            let resource = match op.kind {
-                OpKind::Collective { .. } => Resource::Network,
-                OpKind::Record { .. } | OpKind::Wait { .. } => continue,
-                // Launches and GEMMs (and any other kernel) run on the SMs.
-                _ => Resource::Compute,
-            };
-            let start = ready[s].max(free[resource.index()]);
+            let resource = resources(&op.kind);
+            if resource.is_empty() {
+                continue;
+            }
+            let start = resource.iter().fold(ready[s], |t, &r| t.max(free[r]));
             let better = match best {
                 None => true,
                 Some((b_start, b_id, _, _)) => {
@@ -303,7 +316,9 @@ pub fn simulate(plan: &Plan) -> Result<Timeline, String> {
             ));
         };
         let end = start + op.estimate_us;
-        free[resource.index()] = end;
+        for &r in resource {
+            free[r] = end;
+        }
         ready[s] = end;
         pc[s] += 1;
         spans.push(Span {
@@ -450,6 +465,11 @@ fn summarise(plan: &Plan, spans: &[Span]) -> Vec<PhaseSummary> {
                     .filter_map(|s| bytes_of_op.get(&s.op_id))
                     .fold(0u64, |a, &b| a.saturating_add(b)),
                 exposed_us: exposed.get(i).copied().unwrap_or(0.0),
+                span_us: of_phase.iter().map(|s| s.end_us).fold(0.0, f64::max)
+                    - of_phase
+                        .iter()
+                        .map(|s| s.start_us)
+                        .fold(f64::INFINITY, f64::min),
             })
         })
         .collect()
@@ -502,7 +522,7 @@ impl Timeline {
     }
 
     /// `{"total_us": .., "idle_us": .., "phases": [{"name", "time_us", "bytes",
-    /// "exposed_us"}, ..]}` with times rounded to 3 decimals.
+    /// "exposed_us", "span_us"}, ..]}` with times rounded to 3 decimals.
     pub fn to_json(&self) -> Value {
         let phases: Vec<Value> = self
             .phases
@@ -513,6 +533,7 @@ impl Timeline {
                     "time_us": round3(p.time_us),
                     "bytes": p.bytes,
                     "exposed_us": round3(p.exposed_us),
+                    "span_us": round3(p.span_us),
                 })
             })
             .collect();
@@ -770,9 +791,23 @@ pub(crate) mod test_plan {
             us: f64,
             bytes: u64,
         ) -> u32 {
+            self.collective_over(s, name, phase, chunk, us, bytes, CollectiveScope::EpGroup)
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        pub fn collective_over(
+            &mut self,
+            s: usize,
+            name: &str,
+            phase: Phase,
+            chunk: Option<u64>,
+            us: f64,
+            bytes: u64,
+            scope: CollectiveScope,
+        ) -> u32 {
             let kind = OpKind::Collective {
                 kind: CollectiveKind::AllToAllV,
-                scope: CollectiveScope::EpGroup,
+                scope,
                 send: 0,
                 recv: 0,
                 peers: 4,
@@ -956,6 +991,40 @@ mod tests {
         assert_eq!(times(&t, "x"), (0.0, 4.0));
         assert_eq!(times(&t, "y"), (4.0, 10.0));
         assert_eq!(t.phase(Phase::Dispatch).expect("d").bytes, 16);
+        assert_exposed_adds_up(&t);
+    }
+
+    /// The two legs of a hierarchical all-to-all hold different links, so
+    /// on two streams they overlap; a collective over the whole group holds
+    /// both and waits for either.
+    #[test]
+    fn hierarchical_legs_overlap_on_their_own_links() {
+        let mut b = Builder::new();
+        let intra = b.stream("comm", StreamRole::Comm);
+        let inter = b.stream("comm_inter", StreamRole::Comm);
+        b.collective_over(
+            intra,
+            "nvlink",
+            Phase::Dispatch,
+            Some(0),
+            4.0,
+            8,
+            CollectiveScope::IntraNode,
+        );
+        b.collective_over(
+            inter,
+            "rdma",
+            Phase::Dispatch,
+            Some(1),
+            6.0,
+            8,
+            CollectiveScope::InterNode,
+        );
+        b.collective(intra, "flat", Phase::Combine, Some(0), 1.0, 8);
+        let t = simulate(&b.build()).expect("simulates");
+        assert_eq!(times(&t, "nvlink"), (0.0, 4.0));
+        assert_eq!(times(&t, "rdma"), (0.0, 6.0));
+        assert_eq!(times(&t, "flat"), (6.0, 7.0));
         assert_exposed_adds_up(&t);
     }
 

@@ -500,7 +500,14 @@ impl Plan {
             c.dispatch_dtype.name()
         ));
         if c.reduce_combine {
-            lines.push("combine reduced per rank before the return trip".to_string());
+            lines.push(
+                if c.dispatch == A2aAlgorithm::Hierarchical {
+                    "combine reduced per rank, then per node, before the return trip"
+                } else {
+                    "combine reduced per rank before the return trip"
+                }
+                .to_string(),
+            );
         }
         let why = match self.layer.capacity {
             CapacityConfig::Dropless if c.overflow_flag => {
