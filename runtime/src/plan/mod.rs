@@ -11,6 +11,7 @@
 //! sees it. Its [`std::fmt::Display`] is the stable text form `moec build` prints.
 
 pub mod binding;
+pub mod order;
 pub mod rows;
 mod text;
 mod validate;
