@@ -571,33 +571,6 @@ impl Ctx<'_> {
 /// shrink the layer.
 const RUN_MEMORY_LIMIT: u64 = 16 << 30;
 
-/// Bytes of a layer's weights as the host holds them (f32): the router, every
-/// expert's projections and biases, the shared experts. Saturating: a layer
-/// too large to count is too large to run.
-fn host_weight_bytes(layer: &moec_runtime::plan::LayerConfig) -> u64 {
-    let ffn = |width: u64, gated: bool| {
-        let projections = if gated { 3 } else { 2 };
-        width
-            .saturating_mul(layer.hidden)
-            .saturating_mul(projections)
-            .saturating_add(width.saturating_mul(2).saturating_add(layer.hidden))
-    };
-    let gated = |a: moec_runtime::plan::Activation| {
-        matches!(a, moec_runtime::plan::Activation::Swiglu { .. })
-    };
-    let experts = layer
-        .experts
-        .saturating_mul(ffn(layer.intermediate, gated(layer.ffn)));
-    let shared = layer.shared.as_ref().map_or(0, |s| {
-        ffn(s.count.saturating_mul(s.intermediate), gated(s.ffn)).saturating_add(layer.hidden)
-    });
-    let router = layer.experts.saturating_mul(layer.hidden.saturating_add(2));
-    experts
-        .saturating_add(shared)
-        .saturating_add(router)
-        .saturating_mul(4)
-}
-
 /// What `moec run` says about loaded weights: where the layer was, in which
 /// layout, and what was dequantised.
 fn weights_line(path: &Path, report: &moec_runtime::weights::LoadReport) -> String {
@@ -677,22 +650,27 @@ impl Ctx<'_> {
             }
         }
         let ranks = plan.mesh.world_size();
-        // Everything this process will hold, before any of it is allocated:
-        // every rank's arena, and the weights twice (drawn or loaded in f32,
-        // then laid out for the GEMMs).
-        let activations = plan.memory.peak_activation_bytes.saturating_mul(ranks);
-        let weights = host_weight_bytes(&plan.layer).saturating_mul(2);
-        let total = activations.saturating_add(weights);
-        if total > RUN_MEMORY_LIMIT {
+        // Everything this process will hold, before any of it is allocated
+        // (the embedding API sizes layers by the same figures).
+        let need = moec_runtime::footprint::Footprint::of(&plan);
+        let available = moec_runtime::footprint::mem_available().unwrap_or(u64::MAX);
+        let (limit, whose) = if available < RUN_MEMORY_LIMIT {
+            (available, "this machine has available")
+        } else {
+            (RUN_MEMORY_LIMIT, "moec run allows")
+        };
+        if need.total() > limit {
+            let bytes = moec_runtime::plan::human_bytes;
             return Err(Failure(
                 EXIT_USAGE,
                 format!(
-                    "{} ranks need {} in this process ({} of activations, {} of weights), more than the {} moec run allows; shrink the layer with --hidden, --ffn, --tokens or --ranks",
+                    "{} ranks need {} in this process ({} of activations, {} of weights, {} of inputs and outputs), more than the {} {whose}; shrink the layer with --hidden, --ffn, --tokens or --ranks",
                     ranks,
-                    moec_runtime::plan::human_bytes(total),
-                    moec_runtime::plan::human_bytes(activations),
-                    moec_runtime::plan::human_bytes(weights),
-                    moec_runtime::plan::human_bytes(RUN_MEMORY_LIMIT),
+                    bytes(need.total()),
+                    bytes(need.activations),
+                    bytes(need.weights),
+                    bytes(need.io),
+                    bytes(limit),
                 ),
             ));
         }

@@ -19,6 +19,7 @@ use super::jit::{JitKernel, RawArg};
 use super::layout::{assign_count, assign_place, ChunkTable, Geometry, Placement, Routing};
 use super::memory::{self, Arena, Region};
 use super::traffic::{LinkClass, Moved, RankTraffic};
+use crate::footprint::{Budget, Footprint};
 use crate::plan::binding::{binding, library_kind, Arg, LaunchRows};
 use crate::plan::{
     Activation, Buffer, BufferRole, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight,
@@ -71,6 +72,10 @@ pub struct CpuOptions {
     pub timeout: Duration,
     /// Threads each GEMM may use (1: the calling stream's thread only).
     pub gemm_threads: usize,
+    /// Most bytes the layer may hold in this process (every rank's arena,
+    /// the weights, inputs and outputs: [`crate::footprint`]); `None`: what
+    /// the machine has available.
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for CpuOptions {
@@ -78,6 +83,7 @@ impl Default for CpuOptions {
         CpuOptions {
             timeout: Duration::from_secs(300),
             gemm_threads: 1,
+            memory_budget: None,
         }
     }
 }
@@ -248,6 +254,9 @@ impl CpuBackend {
         weights: &LayerWeights,
         options: CpuOptions,
     ) -> Result<CpuBackend, ExecError> {
+        Footprint::of(&plan)
+            .check(Budget::host(options.memory_budget))
+            .map_err(|e| ExecError::new(e.to_string()))?;
         let geo = Geometry::new(&plan).map_err(ExecError::new)?;
         let world = usize::try_from(plan.mesh.world_size())
             .map_err(|_| ExecError::new("the mesh is too large"))?;
@@ -1290,15 +1299,13 @@ impl StreamRun<'_> {
             .get(i)
             .ok_or_else(|| ExecError::new(format!("buffer b{i} does not exist")))?;
         let mut region = b.regions[i];
-        if let (Some(c), None) = (chunk, buf.chunk) {
-            if buf.shape.first() == Some(&(b.geo.tokens as u64)) && buf.dtype != DType::Fp8E4m3 {
-                let range = b.geo.chunk_range(c as usize);
-                let row_bytes = region.bytes / b.geo.tokens.max(1);
-                region = Region {
-                    offset: region.offset + range.start * row_bytes,
-                    bytes: range.len() * row_bytes,
-                };
-            }
+        if let Some(c) = buf.chunk_rows(chunk, b.geo.tokens as u64) {
+            let range = b.geo.chunk_range(c as usize);
+            let row_bytes = region.bytes / b.geo.tokens.max(1);
+            region = Region {
+                offset: region.offset + range.start * row_bytes,
+                bytes: range.len() * row_bytes,
+            };
         }
         Ok((region, buf))
     }

@@ -761,16 +761,14 @@ impl<'p> Lowering<'p> {
     fn region(&self, buffer: u32, chunk: Option<u64>) -> Result<(Span, &'p Buffer), String> {
         let buf = self.buffer(buffer)?;
         let mut span = self.regions[buffer as usize];
-        if let (Some(c), None) = (chunk, buf.chunk) {
-            if buf.shape.first() == Some(&(self.geo.tokens as u64)) && buf.dtype != DType::Fp8E4m3 {
-                let range = self.geo.chunk_range(c as usize);
-                let row_bytes = span.bytes / (self.geo.tokens as u64).max(1);
-                span = Span {
-                    space: Space::Arena,
-                    offset: span.offset + range.start as u64 * row_bytes,
-                    bytes: range.len() as u64 * row_bytes,
-                };
-            }
+        if let Some(c) = buf.chunk_rows(chunk, self.geo.tokens as u64) {
+            let range = self.geo.chunk_range(c as usize);
+            let row_bytes = span.bytes / (self.geo.tokens as u64).max(1);
+            span = Span {
+                space: Space::Arena,
+                offset: span.offset + range.start as u64 * row_bytes,
+                bytes: range.len() as u64 * row_bytes,
+            };
         }
         Ok((span, buf))
     }

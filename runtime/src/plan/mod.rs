@@ -11,13 +11,16 @@
 //! sees it. Its [`std::fmt::Display`] is the stable text form `moec build` prints.
 
 pub mod binding;
+mod consistency;
 pub mod order;
+mod races;
 pub mod rows;
 mod text;
 mod validate;
 
+pub use consistency::{router_chain, MAX_DIMS, MAX_ITEMS, MAX_OPS, MAX_STREAMS};
 pub use text::human_bytes;
-pub use validate::{buffer_bytes, BufferRef, OpRef, PlanError, Stuck};
+pub use validate::{buffer_bytes, BufferRef, OpRef, PlanError, Race, Stuck};
 
 use serde::{Deserialize, Serialize};
 
@@ -460,6 +463,24 @@ pub struct Buffer {
     /// (the input, the routing, the output, ...): an op of chunk `i` reads or
     /// writes only chunk `i`'s rows of those.
     pub chunk: Option<u64>,
+}
+
+impl Buffer {
+    /// The token chunk whose rows alone an op of `chunk` touches in this
+    /// buffer, or `None` when it touches the whole buffer: an op of a chunk
+    /// sees only that chunk's rows of a whole-layer buffer whose rows are the
+    /// rank's `tokens` (fp8 buffers, whose scales follow the rows, are
+    /// always whole). Both backends and the load checks follow this.
+    pub fn chunk_rows(&self, chunk: Option<u64>, tokens: u64) -> Option<u64> {
+        match (chunk, self.chunk) {
+            (Some(c), None)
+                if self.shape.first() == Some(&tokens) && self.dtype != DType::Fp8E4m3 =>
+            {
+                Some(c)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The phases of a layer, for reporting.
