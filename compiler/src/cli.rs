@@ -160,6 +160,10 @@ struct RunArgs {
     /// fail if any output differs (a race check of the plan's events).
     #[arg(long, value_name = "K")]
     shuffle: Option<u32>,
+    /// Print a warning instead of failing when the output has non-finite
+    /// values (the message names the phase where they first appear).
+    #[arg(long)]
+    allow_non_finite: bool,
     /// With `--backend cuda`: run the pass as a CUDA graph (capacity plans
     /// with every rank on this GPU; dropless plans read the routing on the host).
     #[arg(long)]
@@ -603,6 +607,12 @@ impl Ctx<'_> {
                 "--graph runs the pass as a CUDA graph; it needs --backend cuda".into(),
             ));
         }
+        if a.allow_non_finite && a.backend == Backend::Cuda {
+            return Err(Failure(
+                EXIT_USAGE,
+                "--allow-non-finite is the CPU backend's (the CUDA backend fails on non-finite outputs); use --backend cpu".into(),
+            ));
+        }
         if a.backend == Backend::Cuda {
             crate::run::cuda_preflight(a.shuffle.is_some())
                 .map_err(|(code, e)| Failure(code, e))?;
@@ -734,9 +744,20 @@ impl Ctx<'_> {
         let fail = |e: moec_runtime::cpu::ExecError| Failure(EXIT_REJECTED, e.to_string());
         let (result, cpu) = match a.backend {
             Backend::Cpu => {
-                let backend =
-                    CpuBackend::new(plan, &weights, CpuOptions::default()).map_err(fail)?;
-                (backend.forward(&inputs).map_err(fail)?, Some(backend))
+                let options = CpuOptions {
+                    non_finite: if a.allow_non_finite {
+                        moec_runtime::cpu::NonFinite::Warn
+                    } else {
+                        moec_runtime::cpu::NonFinite::Error
+                    },
+                    ..CpuOptions::default()
+                };
+                let backend = CpuBackend::new(plan, &weights, options).map_err(fail)?;
+                let result = backend.forward(&inputs).map_err(fail)?;
+                for warning in &result.warnings {
+                    writeln!(self.err, "warning: {warning}").map_err(io)?;
+                }
+                (result, Some(backend))
             }
             Backend::Cuda => {
                 let result = crate::run::cuda_forward(plan, &weights, &inputs, a.graph, self.out)

@@ -349,6 +349,7 @@ impl CudaBackend {
                 wall_seconds: pass.seconds,
                 // The device's copies are not counted yet.
                 traffic: Vec::new(),
+                warnings: Vec::new(),
             },
             pass.timings,
         ))

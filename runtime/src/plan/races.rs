@@ -157,6 +157,20 @@ impl Plan {
         out
     }
 
+    /// The buffers `op` writes (not the executors' own data, such as the
+    /// routing table), each once.
+    pub fn written_buffers(&self, op: &Op) -> Vec<u32> {
+        let mut out: Vec<u32> = self
+            .touches(op)
+            .into_iter()
+            .filter(|t| t.2 && t.0 != ROUTING)
+            .map(|t| t.0)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// The buffers the host reads after the pass: the output and the
     /// dropless overflow flag (the second assignment pass's second output).
     fn read_after_pass(&self) -> BTreeSet<u32> {
