@@ -36,7 +36,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 fn cases() -> u32 {
@@ -88,7 +88,13 @@ struct Base {
     output: Option<Vec<Vec<f32>>>,
 }
 
-fn bases() -> Vec<Base> {
+/// The plans every test here mutates, built once per process.
+fn bases() -> &'static [Base] {
+    static BASES: OnceLock<Vec<Base>> = OnceLock::new();
+    BASES.get_or_init(build_bases)
+}
+
+fn build_bases() -> Vec<Base> {
     let mut out = Vec::new();
     for path in examples() {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
@@ -589,6 +595,13 @@ fn run_mutant(base: &Base, plan: Plan, counts: &mut Counts) -> Result<(), String
 fn one_case(base: &Base, seeds: &[u64], counts: &Mutex<Counts>) {
     let mut json = base.json.clone();
     let what: Vec<String> = seeds.iter().map(|&s| mutate(&mut json, s)).collect();
+    let what = format!("[{}] (seeds {seeds:?})", what.join("; "));
+    check_mutant(base, &json, &what, counts);
+}
+
+/// Loads (and, for a small plan, runs) one mutant of `base`, counting the
+/// outcome and recording a failure.
+fn check_mutant(base: &Base, json: &Value, what: &str, counts: &Mutex<Counts>) {
     let text = json.to_string();
     let mut c = Counts::default();
     let outcome = catch_unwind(AssertUnwindSafe(|| match Plan::from_json(&text) {
@@ -625,11 +638,8 @@ fn one_case(base: &Base, seeds: &[u64], counts: &Mutex<Counts>) {
         }
     };
     if let Some(problem) = problem {
-        all.failures.push(format!(
-            "{} with [{}] (seeds {seeds:?}): {problem}",
-            base.name,
-            what.join("; ")
-        ));
+        all.failures
+            .push(format!("{} with {what}: {problem}", base.name));
     }
 }
 
@@ -659,5 +669,101 @@ fn corrupted_plans_load_or_fail_cleanly_and_never_run_to_a_wrong_answer() {
         "{} failing cases:\n{}",
         c.failures.len(),
         c.failures.join("\n")
+    );
+}
+
+/// The kinds of corruption this fuzz target found running to a wrong answer
+/// with the consistency and race checks switched off (a validator that
+/// checks events and references, not what they order), applied to every
+/// small example systematically: every wait deleted, every wait pointed at
+/// the next event, every launch's first output pointed at the input, every
+/// kernel constant off by one, shared experts added to or removed from the
+/// layer alone, every router switch of the layer flipped. Each mutant must
+/// be refused or run to the right answer; most are refused.
+#[test]
+fn corruptions_that_ran_to_wrong_answers_are_caught_in_every_example() {
+    let counts = Mutex::new(Counts::default());
+    for base in bases().iter().filter(|b| b.output.is_some()) {
+        let ops = op_slots(&base.json);
+        let events = base.json["events"].as_u64().unwrap_or(0);
+        let mut mutants: Vec<(String, Value)> = Vec::new();
+        for &o in &ops {
+            let mut json = base.json.clone();
+            let Some((kind, inner)) = op_mut(&mut json, o).and_then(op_kind) else {
+                continue;
+            };
+            match kind {
+                "wait" => {
+                    let e = inner["event"].as_u64().unwrap_or(0);
+                    inner.insert("event".into(), ((e + 1) % events.max(1)).into());
+                    mutants.push((format!("wait at {o:?} pointed at the next event"), json));
+                    let mut json = base.json.clone();
+                    if let Some(list) = json["streams"][o.0]["ops"].as_array_mut() {
+                        list.remove(o.1);
+                    }
+                    mutants.push((format!("wait at {o:?} deleted"), json));
+                }
+                "launch" => {
+                    if let Some(Value::Array(out)) = inner.get_mut("outputs") {
+                        if let Some(first) = out.first_mut() {
+                            *first = 0.into();
+                            mutants.push((format!("launch at {o:?} writes b0"), json));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let kernels = base.json["kernels"].as_array().map_or(0, Vec::len);
+        for k in 0..kernels {
+            let n = base.json["kernels"][k]["constants"]
+                .as_array()
+                .map_or(0, Vec::len);
+            for c in 0..n {
+                let mut json = base.json.clone();
+                let v = json["kernels"][k]["constants"][c][1].as_i64().unwrap_or(0);
+                json["kernels"][k]["constants"][c][1] = (v + 1).into();
+                mutants.push((format!("kernel {k} constant {c} + 1"), json));
+            }
+        }
+        let mut json = base.json.clone();
+        json["layer"]["shared"] = if json["layer"]["shared"].is_null() {
+            serde_json::json!({
+                "count": 1, "intermediate": 32, "ffn": "relu", "bias": false, "sigmoid_gate": false
+            })
+        } else {
+            Value::Null
+        };
+        mutants.push((
+            "shared experts added or removed in the layer alone".into(),
+            json,
+        ));
+        for switch in ["selection_bias", "normalize"] {
+            let mut json = base.json.clone();
+            let v = json["layer"]["router"][switch].as_bool().unwrap_or(false);
+            json["layer"]["router"][switch] = (!v).into();
+            mutants.push((format!("layer.router.{switch} flipped"), json));
+        }
+        let mut json = base.json.clone();
+        let scoring = if json["layer"]["router"]["scoring"] == "softmax" {
+            "sigmoid"
+        } else {
+            "softmax"
+        };
+        json["layer"]["router"]["scoring"] = scoring.into();
+        mutants.push(("layer.router.scoring flipped".into(), json));
+        for (what, json) in &mutants {
+            check_mutant(base, json, what, &counts);
+        }
+    }
+    let c = counts.into_inner().unwrap();
+    eprintln!(
+        "systematic corruptions: {} mutants: {} refused, {} loaded ({} ran to the right output, {} failed with an error)",
+        c.cases, c.refused, c.loaded, c.ran_equal, c.ran_error
+    );
+    assert!(c.failures.is_empty(), "{}", c.failures.join("\n"));
+    assert!(
+        c.refused * 10 >= c.cases * 9,
+        "most should be refused: {c:?}"
     );
 }

@@ -1096,6 +1096,28 @@ fn corruptions_that_ran_to_wrong_answers_are_refused() {
             &["buffer b1 `out`", "no op writes it"],
         ),
         (
+            "a launch writing the layer's input",
+            |p| {
+                if let OpKind::Launch { outputs, .. } = &mut op_mut(p, 9).kind {
+                    outputs[0] = 0;
+                }
+            },
+            &["op #9 `pack`", "writes buffer b0 `x`, the layer's input"],
+        ),
+        (
+            "a launch's output pointed at a buffer nobody reads again",
+            |p| {
+                if let OpKind::Launch { outputs, .. } = &mut op_mut(p, 1).kind {
+                    outputs[1] = 2;
+                }
+            },
+            &[
+                "op #1 `router`",
+                "writes buffer b2 `logits`",
+                "no op reads it before the pass ends",
+            ],
+        ),
+        (
             "an input swapped for the output",
             |p| {
                 if let OpKind::Launch { inputs, .. } = &mut op_mut(p, 9).kind {

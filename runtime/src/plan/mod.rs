@@ -20,7 +20,7 @@ mod validate;
 
 pub use consistency::{router_chain, MAX_DIMS, MAX_ITEMS, MAX_OPS, MAX_STREAMS};
 pub use text::human_bytes;
-pub use validate::{buffer_bytes, BufferRef, OpRef, PlanError, Race, Stuck};
+pub use validate::{buffer_bytes, BufferRef, LostWrite, OpRef, PlanError, Race, Stuck};
 
 use serde::{Deserialize, Serialize};
 

@@ -25,12 +25,15 @@
 //! sequential order): a read needs the last write before it ordered before
 //! it; a write needs the last write and every read since ordered before it.
 //! Since happens-before implies id order, that orders every conflicting
-//! pair. Buffers that share arena bytes must have ordered lifetimes
-//! ([`HappensBefore::may_share`]).
+//! pair. Every write is read before it is overwritten or the pass ends
+//! (unless the host reads it after the pass), and no op writes the layer's
+//! input: a launch pointed at the wrong buffer leaves such a lost write even
+//! where its new target is never read again. Buffers that share arena bytes
+//! must have ordered lifetimes ([`HappensBefore::may_share`]).
 
 use super::binding::{binding, library_kind, Arg, LaunchRows};
 use super::order::HappensBefore;
-use super::validate::{op_buffers, PlanError, Race};
+use super::validate::{op_buffers, LostWrite, PlanError, Race};
 use super::{Buffer, BufferRole, CollectiveKind, GemmWeight, KernelKind, Op, OpKind, Plan};
 use moec_kernels::ir::{Access, ParamKind};
 use moec_kernels::library::describe;
@@ -253,7 +256,7 @@ impl Plan {
                     (Part::Chunk(c), Some(p)) => c == p,
                     (Part::Chunk(_), None) => false,
                 });
-                let last = self.check_part(order, b, part, seq, input)?;
+                let last = self.check_part(order, (b, part), seq, input, after.contains(&b))?;
                 if after.contains(&b) && last.is_none() {
                     return Err(PlanError::NeverWritten {
                         data: self.data_name(b),
@@ -265,17 +268,21 @@ impl Plan {
         Ok(())
     }
 
-    /// One part of one buffer's accesses in id order; the last writer.
+    /// One part of one buffer's accesses in id order (`input`: the caller
+    /// writes it before the pass; `host_reads`: the caller reads it after);
+    /// the last writer.
     fn check_part<'t>(
         &self,
         order: &HappensBefore,
-        data: u32,
-        chunk: Option<u64>,
+        (data, chunk): (u32, Option<u64>),
         seq: impl Iterator<Item = &'t Touch>,
         input: bool,
+        host_reads: bool,
     ) -> Result<Option<Writer>, PlanError> {
         let mut last = input.then_some(Writer::Caller);
         let mut readers: Vec<(u32, usize)> = Vec::new();
+        // The last write no op has read yet.
+        let mut unread: Option<&Touch> = None;
         let race = |first: (u32, usize), first_writes: bool, second: &Touch| {
             PlanError::Race(Box::new(Race {
                 first: self.op_ref_by_id(first.0, first.1),
@@ -287,6 +294,20 @@ impl Plan {
             }))
         };
         for t in seq {
+            if t.write && input {
+                return Err(PlanError::Op {
+                    op: self.op_ref_by_id(t.op, t.stream),
+                    problem: format!(
+                        "writes {}, the layer's input, which the caller owns",
+                        self.data_name(data)
+                    ),
+                });
+            }
+            if t.read {
+                unread = None;
+            } else if let Some(w) = unread.filter(|w| w.op != t.op) {
+                return Err(self.lost_write(w, Some(t), data, chunk));
+            }
             if t.read {
                 match last {
                     None => {
@@ -316,11 +337,30 @@ impl Plan {
                 }
                 last = Some(Writer::Op(t.op, t.stream));
                 readers.clear();
+                unread = Some(t);
             } else if t.read {
                 readers.push((t.op, t.stream));
             }
         }
+        if let Some(w) = unread.filter(|_| !host_reads) {
+            return Err(self.lost_write(w, None, data, chunk));
+        }
         Ok(last)
+    }
+
+    fn lost_write(
+        &self,
+        write: &Touch,
+        overwrite: Option<&Touch>,
+        data: u32,
+        chunk: Option<u64>,
+    ) -> PlanError {
+        PlanError::LostWrite(Box::new(LostWrite {
+            op: self.op_ref_by_id(write.op, write.stream),
+            data: self.data_name(data),
+            chunk,
+            overwritten_by: overwrite.map(|t| self.op_ref_by_id(t.op, t.stream)),
+        }))
     }
 
     /// Buffers that share arena bytes are never in use at the same time:

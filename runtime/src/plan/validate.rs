@@ -84,6 +84,16 @@ pub struct Race {
     pub chunk: Option<u64>,
 }
 
+/// What `op` writes into `data` (the rows of `chunk`, when given) is never
+/// read: `overwritten_by` writes it again first, or the pass ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostWrite {
+    pub op: OpRef,
+    pub data: Box<str>,
+    pub chunk: Option<u64>,
+    pub overwritten_by: Option<OpRef>,
+}
+
 /// Why a plan was rejected.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PlanError {
@@ -239,6 +249,8 @@ pub enum PlanError {
     /// Two ops touch the same data, at least one writing, and no stream
     /// order or event orders them.
     Race(Box<Race>),
+    /// What an op writes is never read.
+    LostWrite(Box<LostWrite>),
     /// Data the host reads after the pass (the output, the overflow flag)
     /// is never written (in the rows of `chunk`, when given).
     NeverWritten {
@@ -476,6 +488,20 @@ impl fmt::Display for PlanError {
                     r.second,
                     verb(r.second_writes)
                 )
+            }
+            E::LostWrite(w) => {
+                write!(
+                    f,
+                    "{} writes {}{}, but no op reads it before ",
+                    w.op,
+                    w.data,
+                    rows_of(&w.chunk)
+                )?;
+                match &w.overwritten_by {
+                    Some(o) => write!(f, "{o} writes it again")?,
+                    None => write!(f, "the pass ends")?,
+                }
+                write!(f, "; an op's output points at the wrong buffer")
             }
             E::NeverWritten { data, chunk } => write!(
                 f,
