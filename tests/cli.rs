@@ -676,3 +676,21 @@ fn run_refuses_weights_too_large_for_the_process_before_allocating() {
     assert!(r.err.contains("of weights"), "{}", r.err);
     assert!(r.err.contains("--hidden"), "{}", r.err);
 }
+
+/// `--allow-non-finite` downgrades the CPU backend's non-finite output error
+/// to a warning; the CUDA backend does not take it (a usage error).
+#[test]
+fn allow_non_finite_is_the_cpu_backends() {
+    let r = moec(&["run", &example("tiny.moe"), "--allow-non-finite"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(!r.err.contains("warning"), "{}", r.err);
+    let r = moec(&[
+        "run",
+        &example("tiny.moe"),
+        "--backend",
+        "cuda",
+        "--allow-non-finite",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("--allow-non-finite"), "{}", r.err);
+}

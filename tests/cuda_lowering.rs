@@ -1925,6 +1925,377 @@ fn every_all_to_all_pairs_run_for_run() {
     }
 }
 
+fn le(v: &[i32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn ints(b: &[u8]) -> Vec<i32> {
+    b.chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The native kernels compiled for the host, launched one by one on byte
+/// vectors (64 threads a block).
+struct NativeHost {
+    lib: libloading::Library,
+}
+
+impl NativeHost {
+    fn new() -> NativeHost {
+        let native: Vec<(String, Vec<Param>, bool)> = NativeKernel::ALL
+            .iter()
+            .map(|k| (k.symbol().to_string(), k.params(), false))
+            .collect();
+        NativeHost {
+            lib: build(NATIVE_SOURCE, &native),
+        }
+    }
+
+    /// Runs `k` over `rows` rows with its buffers and scalars in parameter
+    /// order; the status block.
+    fn run(
+        &self,
+        k: NativeKernel,
+        bufs: &mut [&mut Vec<u8>],
+        scalars: &[i64],
+        rows: u64,
+    ) -> [i64; 4] {
+        let mut slots = Vec::new();
+        let mut b = bufs.iter_mut();
+        let mut s = scalars.iter();
+        for p in k.params() {
+            match p.kind {
+                ParamKind::Buffer { elem, .. } => {
+                    let v = b.next().unwrap();
+                    slots.push(v.as_mut_ptr() as u64);
+                    slots.push((v.len() / elem.bytes()) as u64);
+                }
+                ParamKind::Scalar(_) => slots.push(*s.next().unwrap() as u64),
+            }
+        }
+        assert!(
+            b.next().is_none() && s.next().is_none(),
+            "{k:?}: extra arguments"
+        );
+        let i = NativeKernel::ALL.iter().position(|&x| x == k).unwrap();
+        let mut status = [0i64; 4];
+        // SAFETY: the wrapper matches the parameters; every buffer is a
+        // live vector of the length passed beside it.
+        unsafe {
+            let f: libloading::Symbol<'_, HostFn> =
+                self.lib.get(format!("moec_host_{i}").as_bytes()).unwrap();
+            let grid = rows.div_ceil(64).max(1) as u32;
+            f(
+                slots.as_ptr(),
+                rows as i64,
+                status.as_mut_ptr(),
+                std::ptr::null_mut(),
+                grid,
+                64,
+            );
+        }
+        status
+    }
+
+    /// The `drop = probs` keep decision as the lowering launches it (count,
+    /// starts, fill, one merge per width, keep) on `[meta_all, dest_rank,
+    /// dest_local, table, kept_own]`: the first failing status, or zeros.
+    fn keep_probs(
+        &self,
+        geo: &Geometry,
+        me: usize,
+        max_local: usize,
+        bufs: &mut [&mut Vec<u8>; 5],
+    ) -> [i64; 4] {
+        let (g, t, k, e) = (geo.group, geo.tokens, geo.top_k, geo.experts);
+        let n = (g * t * k) as u64;
+        let cap = geo.capacity.map_or(-1, |(c, _)| c as i64);
+        let [meta_all, dest_rank, dest_local, table, kept_own] = bufs;
+        let mut cursor = vec![0u8; e * 4];
+        let mut starts = vec![0u8; (e + 1) * 4];
+        let mut keys = [vec![0u8; n as usize * 4], vec![0u8; n as usize * 4]];
+        let mut order = keys.clone();
+        let mut statuses = vec![
+            self.run(
+                NativeKernel::ProbsCount,
+                &mut [meta_all, &mut cursor],
+                &[t as i64, k as i64, e as i64],
+                n,
+            ),
+            self.run(
+                NativeKernel::ProbsStarts,
+                &mut [&mut cursor, &mut starts],
+                &[e as i64],
+                1,
+            ),
+        ];
+        {
+            let [k0, _] = &mut keys;
+            let [o0, _] = &mut order;
+            statuses.push(self.run(
+                NativeKernel::ProbsFill,
+                &mut [meta_all, &mut cursor, k0, o0],
+                &[k as i64],
+                n,
+            ));
+        }
+        // Each merge reads buffers 0 and writes buffers 1; the swap makes
+        // its output the next one's input, so the sorted rows end in 0.
+        for shift in moec_kernels::native::probs_merge_shifts(n) {
+            let [k_in, k_out] = &mut keys;
+            let [o_in, o_out] = &mut order;
+            statuses.push(self.run(
+                NativeKernel::ProbsMerge,
+                &mut [k_in, o_in, &mut starts, k_out, o_out],
+                &[e as i64, i64::from(shift)],
+                n,
+            ));
+            keys.swap(0, 1);
+            order.swap(0, 1);
+        }
+        let sorted = &mut order[0];
+        statuses.push(self.run(
+            NativeKernel::AssignKeepProbs,
+            &mut [sorted, &mut starts, dest_rank, dest_local, table, kept_own],
+            &[
+                g as i64,
+                me as i64,
+                t as i64,
+                k as i64,
+                e as i64,
+                geo.chunk_tokens as i64,
+                max_local as i64,
+                cap,
+            ],
+            n,
+        ));
+        statuses.into_iter().find(|s| s[0] != 0).unwrap_or([0; 4])
+    }
+}
+
+/// Random routing for every rank of an EP group (`tokens` x `top_k`
+/// distinct experts of `experts` per rank), skewed towards three experts
+/// when `skewed` (drops), with weights from five values (ties: probs ranks
+/// ties by global order).
+fn random_routing(
+    seed: u64,
+    group: usize,
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+    skewed: bool,
+) -> (Vec<Vec<i32>>, Vec<Vec<f32>>) {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let ids: Vec<Vec<i32>> = (0..group)
+        .map(|_| {
+            (0..tokens)
+                .flat_map(|_| {
+                    let mut picked: Vec<i32> = Vec::new();
+                    while picked.len() < top_k {
+                        let span = if skewed { 3.min(experts) } else { experts };
+                        let x = (next() % span as u64) as i32;
+                        if !picked.contains(&x) || span < top_k {
+                            picked.push(x);
+                        }
+                    }
+                    picked
+                })
+                .collect()
+        })
+        .collect();
+    let weights: Vec<Vec<f32>> = (0..group)
+        .map(|_| {
+            (0..tokens * top_k)
+                .map(|_| (next() % 5) as f32 * 0.25)
+                .collect()
+        })
+        .collect();
+    (ids, weights)
+}
+
+/// The native assignment kernels on one routing of every rank of `plan`'s
+/// EP group against `layout.rs`: the same metadata, then for every rank the
+/// same slots, routing tables, routed and dropped counts and overflow flag.
+fn check_assignment(
+    native: &NativeHost,
+    name: &str,
+    plan: &Plan,
+    ids: &[Vec<i32>],
+    weights: &[Vec<f32>],
+) {
+    let geo = Geometry::new(plan).unwrap();
+    let p = Program::lower(plan).unwrap();
+    let (g, e, t, k) = (geo.group, geo.experts, geo.tokens, geo.top_k);
+    let lmax = p.route.max_local;
+    let probs = matches!(
+        geo.capacity,
+        Some((_, moec_runtime::plan::DropPolicy::Probs))
+    );
+    let cap = geo.capacity.map_or(-1, |(c, _)| c as i64);
+    let mut dest_rank = Vec::new();
+    let mut dest_local = Vec::new();
+    for s in 0..g {
+        for x in 0..e {
+            let (q, l) = geo.dest(s, x);
+            dest_rank.push(q as i32);
+            dest_local.push(l as i32);
+        }
+    }
+    let run =
+        |k, bufs: &mut [&mut Vec<u8>], scalars: &[i64], rows| native.run(k, bufs, scalars, rows);
+    let metas: Vec<i32> = (0..g)
+        .flat_map(|q| {
+            assign_count(
+                &geo,
+                q,
+                &Routing {
+                    ids: &ids[q],
+                    weights: &weights[q],
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    // The device's metadata, rank by rank.
+    let mut dev_meta: Vec<u8> = Vec::new();
+    for q in 0..g {
+        let mut meta = vec![0u8; geo.meta_len() * 4];
+        let mut idb = le(&ids[q]);
+        let mut wb: Vec<u8> = weights[q].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let st = run(
+            NativeKernel::AssignCount,
+            &mut [&mut idb, &mut wb, &mut meta],
+            &[
+                t as i64,
+                k as i64,
+                e as i64,
+                geo.chunk_tokens as i64,
+                i64::from(probs),
+            ],
+            t as u64,
+        );
+        assert_eq!(st, [0; 4], "{name}: assign_count");
+        dev_meta.extend(meta);
+    }
+    assert_eq!(ints(&dev_meta), metas, "{name} : metadata");
+    for me in 0..g {
+        let want = assign_place(
+            &geo,
+            me,
+            &Routing {
+                ids: &ids[me],
+                weights: &weights[me],
+            },
+            &metas,
+        )
+        .unwrap();
+        let mut table = vec![0u8; geo.chunks * g * g * lmax * 4];
+        let mut keep_own = vec![0u8; geo.chunks * e * 4];
+        let mut kept_own = vec![0u8; t * k];
+        let mut meta_all = dev_meta.clone();
+        let mut dr = le(&dest_rank);
+        let mut dl = le(&dest_local);
+        let st = if probs {
+            native.keep_probs(
+                &geo,
+                me,
+                lmax,
+                &mut [&mut meta_all, &mut dr, &mut dl, &mut table, &mut kept_own],
+            )
+        } else {
+            run(
+                NativeKernel::AssignKeepCounts,
+                &mut [&mut meta_all, &mut dr, &mut dl, &mut table, &mut keep_own],
+                &[
+                    g as i64,
+                    me as i64,
+                    e as i64,
+                    geo.chunks as i64,
+                    lmax as i64,
+                    cap,
+                ],
+                e as u64,
+            )
+        };
+        assert_eq!(st, [0; 4], "{name}: keep");
+        let mut idb = le(&ids[me]);
+        let mut slots = le(&vec![-1; t * k]);
+        let mut stats = vec![0u8; (e + 1) * 4];
+        let st = run(
+            NativeKernel::AssignSlots,
+            &mut [
+                &mut idb,
+                &mut table,
+                &mut keep_own,
+                &mut kept_own,
+                &mut dr,
+                &mut dl,
+                &mut slots,
+                &mut stats,
+            ],
+            &[
+                g as i64,
+                me as i64,
+                t as i64,
+                k as i64,
+                e as i64,
+                geo.chunk_tokens as i64,
+                geo.chunks as i64,
+                lmax as i64,
+                i64::from(probs),
+            ],
+            (geo.chunks * g * lmax) as u64,
+        );
+        assert_eq!(st, [0; 4], "{name}: slots");
+        assert_eq!(ints(&slots), want.slots, "{name} (rank {me}): slots");
+        let stats = ints(&stats);
+        let routed: Vec<u64> = stats[..e].iter().map(|&v| v as u64).collect();
+        assert_eq!(routed, want.routed_per_expert, "{name}: routed");
+        assert_eq!(stats[e] as u64, want.dropped, "{name}: dropped");
+        let tab = ints(&table);
+        for (c, ct) in want.tables.iter().enumerate() {
+            for s in 0..g {
+                for q in 0..g {
+                    for l in 0..lmax {
+                        let got = tab[((c * g + s) * g + q) * lmax + l];
+                        assert_eq!(
+                            got as usize,
+                            ct.rows(s, q, l),
+                            "{name}: table[{c}][{s}][{q}][{l}]"
+                        );
+                    }
+                }
+            }
+        }
+        let mut flag = vec![0u8; 1];
+        let st = run(
+            NativeKernel::AssignOverflow,
+            &mut [&mut table, &mut flag],
+            &[
+                g as i64,
+                me as i64,
+                geo.chunks as i64,
+                lmax as i64,
+                plan.choices.expert_rows as i64,
+            ],
+            1,
+        );
+        assert_eq!(st, [0; 4]);
+        let over = want
+            .tables
+            .iter()
+            .any(|ct| ct.received(me) as u64 > plan.choices.expert_rows);
+        assert_eq!(flag[0], u8::from(over));
+    }
+}
+
 /// The native assignment kernels, compiled for the host, against the CPU
 /// backend's `layout.rs` on random and skewed routing: the same slots, the
 /// same routing tables, the same routed and dropped counts, for dropless,
@@ -1934,258 +2305,28 @@ fn native_assignment_kernels_match_layout_rs() {
     if !have_cxx("native_assignment_kernels_match_layout_rs") {
         return;
     }
-    let plans: Vec<(String, Plan)> = small_layers();
-    let native: Vec<(String, Vec<Param>, bool)> = NativeKernel::ALL
-        .iter()
-        .map(|k| (k.symbol().to_string(), k.params(), false))
-        .collect();
-    let lib = build(NATIVE_SOURCE, &native);
+    let native = NativeHost::new();
     let run =
-        |k: NativeKernel, bufs: &mut [&mut Vec<u8>], scalars: &[i64], rows: u64| -> [i64; 4] {
-            let mut slots = Vec::new();
-            let mut b = bufs.iter_mut();
-            let mut s = scalars.iter();
-            for p in k.params() {
-                match p.kind {
-                    ParamKind::Buffer { elem, .. } => {
-                        let v = b.next().unwrap();
-                        slots.push(v.as_mut_ptr() as u64);
-                        slots.push((v.len() / elem.bytes()) as u64);
-                    }
-                    ParamKind::Scalar(_) => slots.push(*s.next().unwrap() as u64),
-                }
-            }
-            let i = NativeKernel::ALL.iter().position(|&x| x == k).unwrap();
-            let mut status = [0i64; 4];
-            // SAFETY: the wrapper matches the parameters; every buffer is a
-            // live vector of the length passed beside it.
-            unsafe {
-                let f: libloading::Symbol<'_, HostFn> =
-                    lib.get(format!("moec_host_{i}").as_bytes()).unwrap();
-                let grid = rows.div_ceil(64).max(1) as u32;
-                f(
-                    slots.as_ptr(),
-                    rows as i64,
-                    status.as_mut_ptr(),
-                    std::ptr::null_mut(),
-                    grid,
-                    64,
-                );
-            }
-            status
-        };
-    let le = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let ints = |b: &[u8]| {
-        b.chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect::<Vec<i32>>()
-    };
-    for (name, plan) in plans {
+        |k, bufs: &mut [&mut Vec<u8>], scalars: &[i64], rows| native.run(k, bufs, scalars, rows);
+    for (name, plan) in small_layers() {
         let geo = Geometry::new(&plan).unwrap();
-        let p = Program::lower(&plan).unwrap();
-        let (g, e, t, k) = (geo.group, geo.experts, geo.tokens, geo.top_k);
-        let lmax = p.route.max_local;
-        let probs = matches!(
-            geo.capacity,
-            Some((_, moec_runtime::plan::DropPolicy::Probs))
-        );
-        let cap = geo.capacity.map_or(-1, |(c, _)| c as i64);
-        let mut dest_rank = Vec::new();
-        let mut dest_local = Vec::new();
-        for s in 0..g {
-            for x in 0..e {
-                let (q, l) = geo.dest(s, x);
-                dest_rank.push(q as i32);
-                dest_local.push(l as i32);
-            }
-        }
         for trial in 0..4u64 {
-            let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ trial;
-            let mut next = move || {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed
-            };
             // Trials 2 and 3 are skewed towards a few experts (drops).
-            let ids: Vec<Vec<i32>> = (0..g)
-                .map(|_| {
-                    (0..t)
-                        .flat_map(|_| {
-                            let mut picked: Vec<i32> = Vec::new();
-                            while picked.len() < k {
-                                let span = if trial >= 2 { 3.min(e) } else { e };
-                                let x = (next() % span as u64) as i32;
-                                if !picked.contains(&x) || span < k {
-                                    picked.push(x);
-                                }
-                            }
-                            picked
-                        })
-                        .collect()
-                })
-                .collect();
-            // Weights with ties (probs ranks ties by global order).
-            let weights: Vec<Vec<f32>> = (0..g)
-                .map(|_| (0..t * k).map(|_| (next() % 5) as f32 * 0.25).collect())
-                .collect();
-            let metas: Vec<i32> = (0..g)
-                .flat_map(|q| {
-                    assign_count(
-                        &geo,
-                        q,
-                        &Routing {
-                            ids: &ids[q],
-                            weights: &weights[q],
-                        },
-                    )
-                    .unwrap()
-                })
-                .collect();
-            // The device's metadata, rank by rank.
-            let mut dev_meta: Vec<u8> = Vec::new();
-            for q in 0..g {
-                let mut meta = vec![0u8; geo.meta_len() * 4];
-                let mut idb = le(&ids[q]);
-                let mut wb: Vec<u8> = weights[q].iter().flat_map(|w| w.to_le_bytes()).collect();
-                let st = run(
-                    NativeKernel::AssignCount,
-                    &mut [&mut idb, &mut wb, &mut meta],
-                    &[
-                        t as i64,
-                        k as i64,
-                        e as i64,
-                        geo.chunk_tokens as i64,
-                        i64::from(probs),
-                    ],
-                    t as u64,
-                );
-                assert_eq!(st, [0; 4], "{name}: assign_count");
-                dev_meta.extend(meta);
-            }
-            assert_eq!(ints(&dev_meta), metas, "{name} (trial {trial}): metadata");
-            for me in 0..g {
-                let want = assign_place(
-                    &geo,
-                    me,
-                    &Routing {
-                        ids: &ids[me],
-                        weights: &weights[me],
-                    },
-                    &metas,
-                )
-                .unwrap();
-                let mut table = vec![0u8; geo.chunks * g * g * lmax * 4];
-                let mut keep_own = vec![0u8; geo.chunks * e * 4];
-                let mut kept_own = vec![0u8; t * k];
-                let mut meta_all = dev_meta.clone();
-                let mut dr = le(&dest_rank);
-                let mut dl = le(&dest_local);
-                let st = if probs {
-                    run(
-                        NativeKernel::AssignKeepProbs,
-                        &mut [&mut meta_all, &mut dr, &mut dl, &mut table, &mut kept_own],
-                        &[
-                            g as i64,
-                            me as i64,
-                            t as i64,
-                            k as i64,
-                            e as i64,
-                            geo.chunk_tokens as i64,
-                            lmax as i64,
-                            cap,
-                        ],
-                        (g * t * k) as u64,
-                    )
-                } else {
-                    run(
-                        NativeKernel::AssignKeepCounts,
-                        &mut [&mut meta_all, &mut dr, &mut dl, &mut table, &mut keep_own],
-                        &[
-                            g as i64,
-                            me as i64,
-                            e as i64,
-                            geo.chunks as i64,
-                            lmax as i64,
-                            cap,
-                        ],
-                        e as u64,
-                    )
-                };
-                assert_eq!(st, [0; 4], "{name}: keep");
-                let mut idb = le(&ids[me]);
-                let mut slots = le(&vec![-1; t * k]);
-                let mut stats = vec![0u8; (e + 1) * 4];
-                let st = run(
-                    NativeKernel::AssignSlots,
-                    &mut [
-                        &mut idb,
-                        &mut table,
-                        &mut keep_own,
-                        &mut kept_own,
-                        &mut dr,
-                        &mut dl,
-                        &mut slots,
-                        &mut stats,
-                    ],
-                    &[
-                        g as i64,
-                        me as i64,
-                        t as i64,
-                        k as i64,
-                        e as i64,
-                        geo.chunk_tokens as i64,
-                        geo.chunks as i64,
-                        lmax as i64,
-                        i64::from(probs),
-                    ],
-                    (geo.chunks * g * lmax) as u64,
-                );
-                assert_eq!(st, [0; 4], "{name}: slots");
-                assert_eq!(
-                    ints(&slots),
-                    want.slots,
-                    "{name} (trial {trial}, rank {me}): slots"
-                );
-                let stats = ints(&stats);
-                let routed: Vec<u64> = stats[..e].iter().map(|&v| v as u64).collect();
-                assert_eq!(routed, want.routed_per_expert, "{name}: routed");
-                assert_eq!(stats[e] as u64, want.dropped, "{name}: dropped");
-                let tab = ints(&table);
-                for (c, ct) in want.tables.iter().enumerate() {
-                    for s in 0..g {
-                        for q in 0..g {
-                            for l in 0..lmax {
-                                let got = tab[((c * g + s) * g + q) * lmax + l];
-                                assert_eq!(
-                                    got as usize,
-                                    ct.rows(s, q, l),
-                                    "{name}: table[{c}][{s}][{q}][{l}]"
-                                );
-                            }
-                        }
-                    }
-                }
-                let mut flag = vec![0u8; 1];
-                let st = run(
-                    NativeKernel::AssignOverflow,
-                    &mut [&mut table, &mut flag],
-                    &[
-                        g as i64,
-                        me as i64,
-                        geo.chunks as i64,
-                        lmax as i64,
-                        plan.choices.expert_rows as i64,
-                    ],
-                    1,
-                );
-                assert_eq!(st, [0; 4]);
-                let over = want
-                    .tables
-                    .iter()
-                    .any(|ct| ct.received(me) as u64 > plan.choices.expert_rows);
-                assert_eq!(flag[0], u8::from(over));
-            }
+            let (ids, weights) = random_routing(
+                trial,
+                geo.group,
+                geo.tokens,
+                geo.top_k,
+                geo.experts,
+                trial >= 2,
+            );
+            check_assignment(
+                &native,
+                &format!("{name} (trial {trial})"),
+                &plan,
+                &ids,
+                &weights,
+            );
         }
         eprintln!("{name}: the native assignment kernels match layout.rs");
     }
@@ -2213,6 +2354,42 @@ fn native_assignment_kernels_match_layout_rs() {
         1,
     );
     assert_eq!(st[0], moec_kernels::native::STATUS_BAD_WEIGHT);
+}
+
+/// `drop = probs` on many tokens with many ties, where ranking every
+/// assignment against every other was quadratic: 4 ranks x 4096 tokens x
+/// top-4 (65,536 assignments of the group, weights from five values), with
+/// uniform routing (buckets of about 8,000 sorted by 14 merge widths) and
+/// routing skewed onto three experts (one bucket of over 20,000 rows, most of
+/// them dropped), kept exactly as `layout.rs` keeps them.
+#[test]
+fn probs_ranking_of_many_tied_tokens_matches_layout_rs() {
+    if !have_cxx("probs_ranking_of_many_tied_tokens_matches_layout_rs") {
+        return;
+    }
+    let plan = plan_of(
+        &small_layer(
+            "scoring = softmax\n top_k = 4",
+            "ffn = relu\n intermediate = 24",
+            "capacity {\n factor = 1.0\n drop = probs\n }",
+            "",
+        )
+        .replace("tokens_per_rank = 48", "tokens_per_rank = 4096"),
+        &Overrides::default(),
+    );
+    let geo = Geometry::new(&plan).unwrap();
+    assert_eq!((geo.group, geo.tokens, geo.top_k), (4, 4096, 4));
+    assert!(matches!(
+        geo.capacity,
+        Some((_, moec_runtime::plan::DropPolicy::Probs))
+    ));
+    let native = NativeHost::new();
+    for skewed in [false, true] {
+        let (ids, weights) =
+            random_routing(7, geo.group, geo.tokens, geo.top_k, geo.experts, skewed);
+        let name = format!("probs, 4096 tokens, skewed = {skewed}");
+        check_assignment(&native, &name, &plan, &ids, &weights);
+    }
 }
 
 /// The GPU benchmark's layers (`runtime/gpu/layers/`, run by

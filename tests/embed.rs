@@ -77,3 +77,42 @@ fn a_layer_from_the_fixture_equals_one_from_the_compiled_plan() {
     assert_eq!(a.outputs, b.outputs);
     assert_eq!(a.stats, b.stats);
 }
+
+/// The full-size DeepSeek-V3 plan loaded through the embedding API is sized
+/// before anything is allocated and refused with the figures, under an
+/// explicit budget and under the machine's available memory alike, instead
+/// of growing until the operating system kills the process.
+#[test]
+fn a_layer_too_large_for_its_budget_is_refused_before_allocating() {
+    let file = repo().join("examples/deepseek_v3.moe");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let argv = ["moec", "build", file.to_str().unwrap(), "--emit", "json"];
+    assert_eq!(moec::cli::run(argv, &mut out, &mut err, false), 0);
+    let json = String::from_utf8(out).unwrap();
+    let budget = CpuOptions {
+        memory_budget: Some(8 << 30),
+        ..CpuOptions::default()
+    };
+    let e = Layer::from_plan_json(&json, Weights::Random { seed: 0 }, budget).unwrap_err();
+    assert!(matches!(e, moec_runtime::Error::Memory(_)), "{e}");
+    let text = e.to_string();
+    eprintln!("{text}");
+    for part in [
+        "64 ranks",
+        "of activations",
+        "of weights",
+        "memory budget of 8.00 GiB",
+        "shrink the layer",
+    ] {
+        assert!(text.contains(part), "`{part}` is not in: {text}");
+    }
+    if moec_runtime::footprint::mem_available().is_some() {
+        let e = Layer::from_plan_json(&json, Weights::Random { seed: 0 }, CpuOptions::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("this machine has available"), "{e}");
+    }
+    // The same plan's footprint, as `moec run` and the CPU backend count it.
+    let plan = Plan::from_json(&json).unwrap();
+    let need = moec_runtime::footprint::Footprint::of(&plan);
+    assert!(need.total() > 8 << 30 && need.activations > 0 && need.weights > 0);
+}

@@ -405,7 +405,9 @@ fn hierarchical_and_flat_agree(hierarchical: RoutingForm, flat: RoutingForm) {
 }
 
 /// Finite but huge expert weights overflow the layer: the pass fails and
-/// says so, instead of returning `inf` as if it were an answer.
+/// says so, naming the phase and op where the values first appear, instead
+/// of returning `inf` as if it were an answer; with `NonFinite::Warn` the
+/// pass returns its output and the same message as a warning.
 #[test]
 fn an_overflowing_layer_is_an_error_not_an_infinite_output() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny.moe");
@@ -417,11 +419,61 @@ fn an_overflowing_layer_is_an_error_not_an_infinite_output() {
         expert.down.iter_mut().for_each(|w| *w = 3e38);
     }
     let inputs = random_inputs(&layer, 4, layer.tokens_per_rank as usize, 1);
-    let backend = CpuBackend::new(plan, &weights, CpuOptions::default()).unwrap();
+    let backend = CpuBackend::new(plan.clone(), &weights, CpuOptions::default()).unwrap();
     let e = backend
         .forward(&inputs)
         .expect_err("an overflow is an error");
-    assert!(e.to_string().contains("non-finite"), "{e}");
+    let text = e.to_string();
+    for part in [
+        "non-finite",
+        "first appear in the experts phase",
+        "`experts down gemm`",
+        "`expert_out`",
+        "an expert FFN overflowed",
+    ] {
+        assert!(text.contains(part), "`{part}` is not in: {text}");
+    }
+    // The shuffled (race-check) pass reports the same.
+    let e = backend.forward_shuffled(&inputs, 3).unwrap_err();
+    assert!(e.to_string().contains("experts phase"), "{e}");
+    // A warning instead, when asked for.
+    let warn = CpuOptions {
+        non_finite: moec_runtime::cpu::NonFinite::Warn,
+        ..CpuOptions::default()
+    };
+    let backend = CpuBackend::new(plan, &weights, warn.clone()).unwrap();
+    let f = backend.forward(&inputs).unwrap();
+    assert!(f.outputs.iter().flatten().any(|v| !v.is_finite()));
+    assert_eq!(f.warnings.len(), 1, "{:?}", f.warnings);
+    assert!(f.warnings[0].contains("experts phase"), "{:?}", f.warnings);
+    // A finite pass warns of nothing.
+    let fine = LayerWeights::random(&layer, 1);
+    let backend =
+        CpuBackend::new(compile_with(&source, &Overrides::default()), &fine, warn).unwrap();
+    assert!(backend.forward(&inputs).unwrap().warnings.is_empty());
+}
+
+/// Huge shared-expert weights: the values first appear in the shared phase.
+#[test]
+fn an_overflowing_shared_expert_names_the_shared_phase() {
+    let source = layer(
+        "scoring = softmax\n top_k = 2",
+        SWIGLU,
+        "shared_experts {\n intermediate = 24\n }",
+        "",
+    );
+    let plan = compile_with(&source, &Overrides::default());
+    let layer = plan.layer.clone();
+    let mut weights = LayerWeights::random(&layer, 2);
+    if let Some(shared) = &mut weights.shared {
+        shared.down.iter_mut().for_each(|w| *w = 3e38);
+    }
+    let ranks = plan.mesh.world_size() as usize;
+    let inputs = random_inputs(&layer, ranks, layer.tokens_per_rank as usize, 2);
+    let backend = CpuBackend::new(plan, &weights, CpuOptions::default()).unwrap();
+    let e = backend.forward(&inputs).unwrap_err().to_string();
+    assert!(e.contains("first appear in the shared phase"), "{e}");
+    assert!(e.contains("`shared down gemm`"), "{e}");
 }
 
 /// Dispatch by rank, alone and with the reducing combine, for every router

@@ -10,8 +10,9 @@
 #![allow(clippy::unwrap_used)]
 
 use moec::compile::{compile, Compiled, Options, NODE_LIMIT};
-use moec::schedule::{op_buffers, HappensBefore};
+use moec::schedule::op_buffers;
 use moec_lang::{check_source, render, Program};
+use moec_runtime::plan::order::HappensBefore;
 use moec_runtime::plan::{
     A2aAlgorithm, BufferRole, CapacityConfig, CollectiveKind, CollectiveScope, DType, OpKind,
     Phase, Plan,

@@ -160,6 +160,10 @@ struct RunArgs {
     /// fail if any output differs (a race check of the plan's events).
     #[arg(long, value_name = "K")]
     shuffle: Option<u32>,
+    /// Print a warning instead of failing when the output has non-finite
+    /// values (the message names the phase where they first appear).
+    #[arg(long)]
+    allow_non_finite: bool,
     /// With `--backend cuda`: run the pass as a CUDA graph (capacity plans
     /// with every rank on this GPU; dropless plans read the routing on the host).
     #[arg(long)]
@@ -579,33 +583,6 @@ impl Ctx<'_> {
 /// shrink the layer.
 const RUN_MEMORY_LIMIT: u64 = 16 << 30;
 
-/// Bytes of a layer's weights as the host holds them (f32): the router, every
-/// expert's projections and biases, the shared experts. Saturating: a layer
-/// too large to count is too large to run.
-fn host_weight_bytes(layer: &moec_runtime::plan::LayerConfig) -> u64 {
-    let ffn = |width: u64, gated: bool| {
-        let projections = if gated { 3 } else { 2 };
-        width
-            .saturating_mul(layer.hidden)
-            .saturating_mul(projections)
-            .saturating_add(width.saturating_mul(2).saturating_add(layer.hidden))
-    };
-    let gated = |a: moec_runtime::plan::Activation| {
-        matches!(a, moec_runtime::plan::Activation::Swiglu { .. })
-    };
-    let experts = layer
-        .experts
-        .saturating_mul(ffn(layer.intermediate, gated(layer.ffn)));
-    let shared = layer.shared.as_ref().map_or(0, |s| {
-        ffn(s.count.saturating_mul(s.intermediate), gated(s.ffn)).saturating_add(layer.hidden)
-    });
-    let router = layer.experts.saturating_mul(layer.hidden.saturating_add(2));
-    experts
-        .saturating_add(shared)
-        .saturating_add(router)
-        .saturating_mul(4)
-}
-
 /// What `moec run` says about loaded weights: where the layer was, in which
 /// layout, and what was dequantised.
 fn weights_line(path: &Path, report: &moec_runtime::weights::LoadReport) -> String {
@@ -636,6 +613,12 @@ impl Ctx<'_> {
             return Err(Failure(
                 EXIT_USAGE,
                 "--graph runs the pass as a CUDA graph; it needs --backend cuda".into(),
+            ));
+        }
+        if a.allow_non_finite && a.backend == Backend::Cuda {
+            return Err(Failure(
+                EXIT_USAGE,
+                "--allow-non-finite is the CPU backend's (the CUDA backend fails on non-finite outputs); use --backend cpu".into(),
             ));
         }
         if a.backend == Backend::Cuda {
@@ -689,22 +672,27 @@ impl Ctx<'_> {
             }
         }
         let ranks = plan.mesh.world_size();
-        // Everything this process will hold, before any of it is allocated:
-        // every rank's arena, and the weights twice (drawn or loaded in f32,
-        // then laid out for the GEMMs).
-        let activations = plan.memory.peak_activation_bytes.saturating_mul(ranks);
-        let weights = host_weight_bytes(&plan.layer).saturating_mul(2);
-        let total = activations.saturating_add(weights);
-        if total > RUN_MEMORY_LIMIT {
+        // Everything this process will hold, before any of it is allocated
+        // (the embedding API sizes layers by the same figures).
+        let need = moec_runtime::footprint::Footprint::of(&plan);
+        let available = moec_runtime::footprint::mem_available().unwrap_or(u64::MAX);
+        let (limit, whose) = if available < RUN_MEMORY_LIMIT {
+            (available, "this machine has available")
+        } else {
+            (RUN_MEMORY_LIMIT, "moec run allows")
+        };
+        if need.total() > limit {
+            let bytes = moec_runtime::plan::human_bytes;
             return Err(Failure(
                 EXIT_USAGE,
                 format!(
-                    "{} ranks need {} in this process ({} of activations, {} of weights), more than the {} moec run allows; shrink the layer with --hidden, --ffn, --tokens or --ranks",
+                    "{} ranks need {} in this process ({} of activations, {} of weights, {} of inputs and outputs), more than the {} {whose}; shrink the layer with --hidden, --ffn, --tokens or --ranks",
                     ranks,
-                    moec_runtime::plan::human_bytes(total),
-                    moec_runtime::plan::human_bytes(activations),
-                    moec_runtime::plan::human_bytes(weights),
-                    moec_runtime::plan::human_bytes(RUN_MEMORY_LIMIT),
+                    bytes(need.total()),
+                    bytes(need.activations),
+                    bytes(need.weights),
+                    bytes(need.io),
+                    bytes(limit),
                 ),
             ));
         }
@@ -768,9 +756,20 @@ impl Ctx<'_> {
         let fail = |e: moec_runtime::cpu::ExecError| Failure(EXIT_REJECTED, e.to_string());
         let (result, cpu) = match a.backend {
             Backend::Cpu => {
-                let backend =
-                    CpuBackend::new(plan, &weights, CpuOptions::default()).map_err(fail)?;
-                (backend.forward(&inputs).map_err(fail)?, Some(backend))
+                let options = CpuOptions {
+                    non_finite: if a.allow_non_finite {
+                        moec_runtime::cpu::NonFinite::Warn
+                    } else {
+                        moec_runtime::cpu::NonFinite::Error
+                    },
+                    ..CpuOptions::default()
+                };
+                let backend = CpuBackend::new(plan, &weights, options).map_err(fail)?;
+                let result = backend.forward(&inputs).map_err(fail)?;
+                for warning in &result.warnings {
+                    writeln!(self.err, "warning: {warning}").map_err(io)?;
+                }
+                (result, Some(backend))
             }
             Backend::Cuda => {
                 let result = crate::run::cuda_forward(plan, &weights, &inputs, a.graph, self.out)

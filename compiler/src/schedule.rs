@@ -13,6 +13,7 @@
 use crate::cost::{self, node_cost, NodeCost};
 use crate::ir::{value_bytes, Meta, Model, MoeIr};
 use egg::{Id, RecExpr};
+use moec_runtime::plan::order::HappensBefore;
 use moec_runtime::plan::{
     A2aAlgorithm, Activation, Buffer, BufferRole, CapacityConfig, Choices, CollectiveKind,
     CollectiveScope, DType, Epilogue, GemmWeight, GroupScore, Kernel, KernelKind, MemoryPlan, Op,
@@ -1337,7 +1338,7 @@ impl<'a> Builder<'a> {
                     ("rows", meta.rows as i64),
                     ("weight_on_input", 0),
                 ]);
-                let kernel = self.kernel(KernelKind::PermutePack, "pack_rank", consts);
+                let kernel = self.kernel(KernelKind::PackRank, "pack_rank", consts);
                 let pack =
                     cost::memory_kernel(m, 2.0 * meta.rows_expected * (h * m.dtype.bytes()) as f64);
                 let op = self.op_launch(
@@ -1496,7 +1497,7 @@ impl<'a> Builder<'a> {
                     ("rows", meta.rows as i64),
                     ("weight_on_input", 1),
                 ]);
-                let kernel = self.kernel(KernelKind::UnpermuteWeightedSum, "sum_rank", consts);
+                let kernel = self.kernel(KernelKind::SumRank, "sum_rank", consts);
                 let op = self.op_launch(
                     "sum over ranks",
                     Phase::Unpermute,
@@ -1903,93 +1904,18 @@ fn weight_bytes(m: &Model) -> u64 {
         .saturating_add(shared)
 }
 
-/// Happens-before between ops (by id): stream order plus record → wait.
-pub struct HappensBefore {
-    /// For each op id, the set of op ids that happen before it (bitset).
-    before: Vec<Vec<u64>>,
-}
-
-impl HappensBefore {
-    pub fn new(streams: &[Stream], events: u32) -> HappensBefore {
-        let n = streams.iter().map(|s| s.ops.len()).sum::<usize>();
-        let max_id = streams
-            .iter()
-            .flat_map(|s| s.ops.iter().map(|o| o.id as usize))
-            .max()
-            .map(|m| m + 1)
-            .unwrap_or(0)
-            .max(n);
-        let words = max_id.div_ceil(64);
-        let mut before = vec![vec![0u64; words]; max_id];
-        let mut record_of = vec![None; events as usize];
-        let mut preds: Vec<Vec<usize>> = vec![Vec::new(); max_id];
-        for s in streams {
-            for w in s.ops.windows(2) {
-                preds[w[1].id as usize].push(w[0].id as usize);
-            }
-            for op in &s.ops {
-                if let OpKind::Record { event } = op.kind {
-                    if let Some(slot) = record_of.get_mut(event as usize) {
-                        *slot = Some(op.id as usize);
-                    }
-                }
-            }
-        }
-        for s in streams {
-            for op in &s.ops {
-                if let OpKind::Wait { event } = op.kind {
-                    if let Some(Some(r)) = record_of.get(event as usize) {
-                        preds[op.id as usize].push(*r);
-                    }
-                }
-            }
-        }
-        // Ids are a valid sequential order, so predecessors have smaller ids.
-        for (id, ps) in preds.iter().enumerate() {
-            for &p in ps {
-                if p < id {
-                    let (lo, hi) = before.split_at_mut(id);
-                    let target = &mut hi[0];
-                    for (t, s) in target.iter_mut().zip(&lo[p]) {
-                        *t |= *s;
-                    }
-                    target[p / 64] |= 1 << (p % 64);
-                }
-            }
-        }
-        HappensBefore { before }
-    }
-
-    /// True when op `a` finishes before op `b` starts on every legal execution.
-    pub fn before(&self, a: u32, b: u32) -> bool {
-        self.before
-            .get(b as usize)
-            .and_then(|set| set.get(a as usize / 64))
-            .map(|w| w & (1 << (a % 64)) != 0)
-            .unwrap_or(false)
-    }
-}
-
 /// Places the buffers in one arena: two buffers may share memory only when
-/// every use of one happens before every use of the other. Returns the arena
+/// [`HappensBefore::may_share`] allows it, the rule the load checks hold the
+/// plan to. Returns the arena
 /// size. Greedy first fit in order of first use, largest first on ties.
 fn allocate(buffers: &mut [Buffer], uses: &[Vec<u32>], order: &HappensBefore) -> u64 {
     const ALIGN: u64 = 256;
     let mut idx: Vec<usize> = (0..buffers.len()).collect();
     idx.sort_by_key(|&i| (buffers[i].live.0, std::cmp::Reverse(buffers[i].bytes), i));
-    let pinned = |b: &Buffer| matches!(b.role, BufferRole::Input | BufferRole::Output);
-    // Every use of `a` happens before every use of `b`.
-    let all_before = |a: usize, b: usize| {
-        uses[a]
-            .iter()
-            .all(|&u| uses[b].iter().all(|&v| order.before(u, v)))
-    };
     let mut placed: Vec<usize> = Vec::new();
     let mut peak = 0u64;
     for i in idx {
-        let disjoint = |j: usize| {
-            !pinned(&buffers[i]) && !pinned(&buffers[j]) && (all_before(j, i) || all_before(i, j))
-        };
+        let disjoint = |j: usize| order.may_share((&buffers[i], &uses[i]), (&buffers[j], &uses[j]));
         let mut conflicts: Vec<(u64, u64)> = placed
             .iter()
             .filter(|&&j| !disjoint(j))

@@ -40,8 +40,21 @@ pub enum NativeKernel {
     /// One row per expert: the kept rows of the group into the zeroed routing
     /// table, this rank's kept counts per chunk (dropless, `drop = position`).
     AssignKeepCounts,
-    /// One row per assignment of the group: whether it is kept
-    /// (`drop = probs`), counted into the zeroed table.
+    /// `drop = probs`, one row per assignment of the group: how many
+    /// assignments each expert has, added into a zeroed `cursor`.
+    ProbsCount,
+    /// `drop = probs`, one row: where each expert's bucket starts (`starts`,
+    /// one more than experts), and `cursor` reset to those starts.
+    ProbsStarts,
+    /// `drop = probs`, one row per assignment: its sort key and row into its
+    /// expert's bucket.
+    ProbsFill,
+    /// `drop = probs`, one row per position: sorted runs of width
+    /// `2^shift` inside each bucket merged pairwise into the other buffers
+    /// (one launch per width, [`probs_merge_shifts`]).
+    ProbsMerge,
+    /// `drop = probs`, one row per sorted position: whether it is kept,
+    /// counted into the zeroed table.
     AssignKeepProbs,
     /// One row per (chunk, destination, local expert): this rank's send rows
     /// into `slots` (all `-1` before), its routed and dropped counts.
@@ -72,9 +85,13 @@ fn int(name: &str) -> Param {
 }
 
 impl NativeKernel {
-    pub const ALL: [NativeKernel; 7] = [
+    pub const ALL: [NativeKernel; 11] = [
         NativeKernel::AssignCount,
         NativeKernel::AssignKeepCounts,
+        NativeKernel::ProbsCount,
+        NativeKernel::ProbsStarts,
+        NativeKernel::ProbsFill,
+        NativeKernel::ProbsMerge,
         NativeKernel::AssignKeepProbs,
         NativeKernel::AssignSlots,
         NativeKernel::AssignOverflow,
@@ -87,6 +104,10 @@ impl NativeKernel {
         match self {
             NativeKernel::AssignCount => "moec_assign_count",
             NativeKernel::AssignKeepCounts => "moec_assign_keep_counts",
+            NativeKernel::ProbsCount => "moec_probs_count",
+            NativeKernel::ProbsStarts => "moec_probs_starts",
+            NativeKernel::ProbsFill => "moec_probs_fill",
+            NativeKernel::ProbsMerge => "moec_probs_merge",
             NativeKernel::AssignKeepProbs => "moec_assign_keep_probs",
             NativeKernel::AssignSlots => "moec_assign_slots",
             NativeKernel::AssignOverflow => "moec_assign_overflow",
@@ -122,8 +143,37 @@ impl NativeKernel {
                 int("max_local"),
                 int("capacity"),
             ],
-            NativeKernel::AssignKeepProbs => vec![
+            NativeKernel::ProbsCount => vec![
                 buf("meta_all", Elem::I32, Read),
+                buf("cursor", Elem::I32, ReadWrite),
+                int("tokens"),
+                int("top_k"),
+                int("experts"),
+            ],
+            NativeKernel::ProbsStarts => vec![
+                buf("cursor", Elem::I32, ReadWrite),
+                buf("starts", Elem::I32, Write),
+                int("experts"),
+            ],
+            NativeKernel::ProbsFill => vec![
+                buf("meta_all", Elem::I32, Read),
+                buf("cursor", Elem::I32, ReadWrite),
+                buf("keys", Elem::I32, Write),
+                buf("order", Elem::I32, Write),
+                int("top_k"),
+            ],
+            NativeKernel::ProbsMerge => vec![
+                buf("keys", Elem::I32, Read),
+                buf("order", Elem::I32, Read),
+                buf("starts", Elem::I32, Read),
+                buf("keys_out", Elem::I32, Write),
+                buf("order_out", Elem::I32, Write),
+                int("experts"),
+                int("shift"),
+            ],
+            NativeKernel::AssignKeepProbs => vec![
+                buf("order", Elem::I32, Read),
+                buf("starts", Elem::I32, Read),
                 buf("dest_rank", Elem::I32, Read),
                 buf("dest_local", Elem::I32, Read),
                 buf("table", Elem::I32, ReadWrite),
@@ -195,6 +245,17 @@ impl NativeKernel {
     }
 }
 
+/// The widths `2^shift` of the `drop = probs` merge launches for a group
+/// of `assignments` assignments: `0..` the first shift whose width covers
+/// them all (no expert's bucket is larger), so after the launches every
+/// bucket is one sorted run; none for one assignment or none.
+pub fn probs_merge_shifts(assignments: u64) -> std::ops::Range<u32> {
+    let shifts = assignments
+        .checked_next_power_of_two()
+        .map_or(u64::BITS, u64::trailing_zeros);
+    0..shifts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +288,16 @@ mod tests {
             want.push("moec_status".into());
             assert_eq!(names, want, "{}", k.symbol());
         }
+    }
+
+    #[test]
+    fn merge_widths_cover_every_bucket() {
+        assert!(probs_merge_shifts(0).is_empty());
+        assert!(probs_merge_shifts(1).is_empty());
+        assert_eq!(probs_merge_shifts(2), 0..1);
+        assert_eq!(probs_merge_shifts(5), 0..3);
+        assert_eq!(probs_merge_shifts(1 << 18), 0..18);
+        assert_eq!(probs_merge_shifts(u64::MAX), 0..64);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::cpu::{CpuBackend, CpuOptions, ExecError, Forward};
+use crate::footprint::{Budget, Footprint, MemoryError};
 use crate::plan::{Plan, PlanError};
 use crate::weights::{random_inputs, LayerWeights, WeightsError};
 
@@ -64,6 +65,10 @@ pub enum Error {
     },
     /// The weights could not be read or do not fit the plan's layer.
     Weights(WeightsError),
+    /// The layer needs more memory than the budget
+    /// ([`CpuOptions::memory_budget`], else what the machine has available);
+    /// nothing was allocated.
+    Memory(MemoryError),
     /// The backend could not prepare the plan, or a forward pass failed (for
     /// instance inputs of the wrong shape or with a NaN).
     Exec(ExecError),
@@ -79,6 +84,7 @@ impl fmt::Display for Error {
             } => write!(f, "{}: {source}", path.display()),
             Error::Plan { path: None, source } => write!(f, "{source}"),
             Error::Weights(e) => write!(f, "{e}"),
+            Error::Memory(e) => write!(f, "{e}"),
             Error::Exec(e) => write!(f, "{e}"),
         }
     }
@@ -90,6 +96,7 @@ impl std::error::Error for Error {
             Error::Io { source, .. } => Some(source),
             Error::Plan { source, .. } => Some(&**source),
             Error::Weights(e) => Some(e),
+            Error::Memory(e) => Some(e),
             Error::Exec(e) => Some(e),
         }
     }
@@ -173,15 +180,22 @@ impl Layer {
     }
 
     /// Prepares `plan` (for instance one the compiler just produced) with
-    /// `weights`: validates the plan, reads or draws the weights, checks them
-    /// against the plan's layer, lays them out and compiles the kernels.
+    /// `weights`: validates the plan, sizes what it will hold against the
+    /// memory budget, reads or draws the weights, checks them against the
+    /// plan's layer, lays them out and compiles the kernels.
     ///
     /// Errors: [`Error::Plan`] when the plan does not validate,
+    /// [`Error::Memory`] when the layer (weights, every rank's activations,
+    /// inputs and outputs) exceeds [`CpuOptions::memory_budget`] or, without
+    /// one, the memory this machine has available,
     /// [`Error::Weights`] when the weights cannot be read or do not fit the
     /// layer, [`Error::Exec`] when the CPU backend cannot run the plan (a
     /// hierarchical collective, a mesh too large for this machine).
     pub fn from_plan(plan: Plan, weights: Weights, options: CpuOptions) -> Result<Layer, Error> {
         plan.validate()?;
+        Footprint::of(&plan)
+            .check(Budget::host(options.memory_budget))
+            .map_err(Error::Memory)?;
         let weights = match weights {
             Weights::Random { seed } => LayerWeights::random(&plan.layer, seed),
             Weights::File { path, prefix } => LayerWeights::load(&path, &plan.layer, &prefix)?,

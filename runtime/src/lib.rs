@@ -38,6 +38,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod files;
+pub mod footprint;
 pub mod layer;
 pub mod plan;
 pub mod weights;

@@ -34,6 +34,19 @@ fn buffer(
     }
 }
 
+/// The constants of the assignment pass `pass` of the valid plan's layer.
+fn assign(pass: i64) -> [(&'static str, i64); 7] {
+    [
+        ("capacity", 0),
+        ("dtype", 1),
+        ("ep_ranks", 2),
+        ("experts", 4),
+        ("hidden", 64),
+        ("pass", pass),
+        ("top_k", 2),
+    ]
+}
+
 fn kernel(name: &str, kind: KernelKind, constants: &[(&str, i64)]) -> Kernel {
     Kernel {
         name: name.to_string(),
@@ -42,31 +55,54 @@ fn kernel(name: &str, kind: KernelKind, constants: &[(&str, i64)]) -> Kernel {
     }
 }
 
-/// A small valid plan: 2 ranks, 4 experts, two streams with two record/wait
-/// pairs, three kernels, three GEMMs, one all-to-all, arena reuse.
+/// A small valid plan: 2 ranks, 4 experts, two streams with four
+/// record/wait pairs, five kernels, three GEMMs, a count exchange and an
+/// all-to-all, arena reuse.
 ///
 /// ```text
-/// s0 compute: #0 router_gate, #1 router, #2 pack, #3 record e0, #7 wait e1, #8 expert_up, #9 expert_down, #10 unpermute
-/// s1 comm:    #4 wait e0, #5 dispatch, #6 record e1
+/// s0 compute: #0 router_gate, #1 router, #2 assign_count, #3 record e0, #7 wait e1,
+///             #8 assign_place, #9 pack, #10 record e2, #14 wait e3, #15 expert_up,
+///             #16 expert_down, #17 unpermute
+/// s1 comm:    #4 wait e0, #5 exchange, #6 record e1, #11 wait e2, #12 dispatch, #13 record e3
 /// ```
 fn valid_plan() -> Plan {
     use BufferRole::*;
     use DType::*;
     let buffers = vec![
-        buffer("x", Bf16, &[16, 64], Input, 0, (0, 2)),
-        buffer("logits", F32, &[16, 4], Scratch, 2048, (0, 1)),
-        buffer("topk_ids", I32, &[16, 2], Scratch, 2304, (1, 2)),
-        buffer("topk_weights", F32, &[16, 2], Scratch, 2432, (1, 10)),
-        buffer("send", Bf16, &[64, 64], Comm, 2560, (2, 5)),
-        buffer("recv", Bf16, &[64, 64], Comm, 10752, (5, 8)),
-        // Reuses the bytes of `send`, which is dead after #5.
-        buffer("h", Bf16, &[64, 32], Scratch, 2560, (8, 9)),
-        // Reuses the bytes of `recv`, dead after #8.
-        buffer("y", Bf16, &[64, 64], Scratch, 10752, (9, 10)),
-        // Reuses the bytes of `x`, dead after #2.
-        buffer("out", Bf16, &[16, 64], Output, 0, (10, 10)),
+        buffer("x", Bf16, &[16, 64], Input, 0, (0, 17)),
+        buffer("out", Bf16, &[16, 64], Output, 2048, (0, 17)),
+        buffer("logits", F32, &[16, 4], Scratch, 4096, (0, 1)),
+        buffer("topk_ids", I32, &[16, 2], Scratch, 4352, (1, 8)),
+        buffer("topk_weights", F32, &[16, 2], Scratch, 4480, (1, 17)),
+        // Reuses the bytes of `logits`, dead after #1.
+        buffer("assign_meta", I32, &[1, 4], Scratch, 4096, (2, 5)),
+        buffer("assign_meta_all", I32, &[2, 4], Comm, 4608, (5, 8)),
+        buffer("slots", I32, &[16, 2], Scratch, 4864, (8, 17)),
+        buffer("overflow_flag", U8, &[1], Scratch, 4992, (8, 17)),
+        buffer("send", Bf16, &[64, 64], Comm, 5120, (9, 12)),
+        buffer("recv", Bf16, &[64, 64], Comm, 13312, (12, 15)),
+        // Reuses the bytes of `send`, dead after #12.
+        buffer("h", Bf16, &[64, 32], Scratch, 5120, (15, 16)),
+        // Reuses the bytes of `recv`, dead after #15.
+        buffer("y", Bf16, &[64, 64], Scratch, 13312, (16, 17)),
     ];
     let total: u64 = buffers.iter().map(|b| b.bytes).sum();
+    let launch = |kernel: u32, inputs: &[u32], outputs: &[u32]| OpKind::Launch {
+        kernel,
+        inputs: inputs.to_vec(),
+        outputs: outputs.to_vec(),
+        rows: 16,
+    };
+    let gemm = |weight, a, c, m, n, k, groups, epilogue| OpKind::Gemm {
+        weight,
+        a,
+        c,
+        m,
+        n,
+        k,
+        groups,
+        epilogue,
+    };
     let compute = Stream {
         name: "compute".to_string(),
         role: StreamRole::Compute,
@@ -75,111 +111,103 @@ fn valid_plan() -> Plan {
                 0,
                 "router_gate",
                 Phase::Router,
-                OpKind::Gemm {
-                    weight: GemmWeight::RouterGate,
-                    a: 0,
-                    c: 1,
-                    m: 16,
-                    n: 4,
-                    k: 64,
-                    groups: 1,
-                    epilogue: Epilogue::None,
-                },
+                gemm(GemmWeight::RouterGate, 0, 2, 16, 4, 64, 1, Epilogue::None),
                 1.5,
             ),
-            op(
-                1,
-                "router",
-                Phase::Router,
-                OpKind::Launch {
-                    kernel: 0,
-                    inputs: vec![1],
-                    outputs: vec![2, 3],
-                    rows: 16,
-                },
-                2.25,
-            ),
+            op(1, "router", Phase::Router, launch(0, &[2], &[3, 4]), 2.25),
             op(
                 2,
-                "pack",
-                Phase::Permute,
-                OpKind::Launch {
-                    kernel: 1,
-                    inputs: vec![0, 2],
-                    outputs: vec![4],
-                    rows: 16,
-                },
-                3.0,
+                "assign_count",
+                Phase::Router,
+                launch(1, &[3, 4], &[5]),
+                1.0,
             ),
             op(
                 3,
-                "packed",
-                Phase::Permute,
+                "counted",
+                Phase::Router,
                 OpKind::Record { event: 0 },
                 0.0,
             ),
             op(
                 7,
-                "wait_received",
-                Phase::Experts,
+                "wait_exchanged",
+                Phase::Router,
                 OpKind::Wait { event: 1 },
                 0.0,
             ),
             op(
                 8,
+                "assign_place",
+                Phase::Router,
+                launch(2, &[3, 4, 6], &[7, 8]),
+                1.0,
+            ),
+            op(9, "pack", Phase::Permute, launch(3, &[0, 7, 4], &[9]), 3.0),
+            op(
+                10,
+                "packed",
+                Phase::Permute,
+                OpKind::Record { event: 2 },
+                0.0,
+            ),
+            op(
+                14,
+                "wait_received",
+                Phase::Experts,
+                OpKind::Wait { event: 3 },
+                0.0,
+            ),
+            op(
+                15,
                 "expert_up",
                 Phase::Experts,
-                OpKind::Gemm {
-                    weight: GemmWeight::ExpertUp,
-                    a: 5,
-                    c: 6,
-                    m: 32,
-                    n: 64,
-                    k: 64,
-                    groups: 2,
-                    epilogue: Epilogue::Activation,
-                },
+                gemm(
+                    GemmWeight::ExpertUp,
+                    10,
+                    11,
+                    32,
+                    64,
+                    64,
+                    2,
+                    Epilogue::Activation,
+                ),
                 12.5,
             ),
             op(
-                9,
+                16,
                 "expert_down",
                 Phase::Experts,
-                OpKind::Gemm {
-                    weight: GemmWeight::ExpertDown,
-                    a: 6,
-                    c: 7,
-                    m: 32,
-                    n: 64,
-                    k: 32,
-                    groups: 2,
-                    epilogue: Epilogue::None,
-                },
+                gemm(
+                    GemmWeight::ExpertDown,
+                    11,
+                    12,
+                    32,
+                    64,
+                    32,
+                    2,
+                    Epilogue::None,
+                ),
                 6.75,
             ),
             op(
-                10,
+                17,
                 "unpermute",
                 Phase::Unpermute,
-                OpKind::Launch {
-                    kernel: 2,
-                    inputs: vec![7, 3],
-                    outputs: vec![8],
-                    rows: 16,
-                },
+                launch(4, &[12, 7, 4], &[1]),
                 2.0,
             ),
         ],
     };
     let mut dispatch = op(
-        5,
+        12,
         "dispatch",
         Phase::Dispatch,
         OpKind::Collective {
             kind: CollectiveKind::AllToAllV,
             scope: CollectiveScope::EpGroup,
-            send: 4,
-            recv: 5,
+            send: 9,
+            recv: 10,
             peers: 1,
             bytes_per_peer: 4096,
             bytes_sent: 4096,
@@ -193,17 +221,46 @@ fn valid_plan() -> Plan {
         ops: vec![
             op(
                 4,
+                "wait_counted",
+                Phase::Router,
+                OpKind::Wait { event: 0 },
+                0.0,
+            ),
+            op(
+                5,
+                "exchange",
+                Phase::Router,
+                OpKind::Collective {
+                    kind: CollectiveKind::CountExchange,
+                    scope: CollectiveScope::EpGroup,
+                    send: 5,
+                    recv: 6,
+                    peers: 1,
+                    bytes_per_peer: 16,
+                    bytes_sent: 16,
+                },
+                3.0,
+            ),
+            op(
+                6,
+                "exchanged",
+                Phase::Router,
+                OpKind::Record { event: 1 },
+                0.0,
+            ),
+            op(
+                11,
                 "wait_packed",
                 Phase::Dispatch,
-                OpKind::Wait { event: 0 },
+                OpKind::Wait { event: 2 },
                 0.0,
             ),
             dispatch,
             op(
-                6,
+                13,
                 "received",
                 Phase::Dispatch,
-                OpKind::Record { event: 1 },
+                OpKind::Record { event: 3 },
                 0.0,
             ),
         ],
@@ -272,24 +329,48 @@ fn valid_plan() -> Plan {
             kernel(
                 "router_fused",
                 KernelKind::RouterFused,
-                &[("experts", 4), ("hidden", 64), ("top_k", 2)],
+                &[
+                    ("dtype", 1),
+                    ("experts", 4),
+                    ("group_score", 0),
+                    ("groups", 1),
+                    ("groups_kept", 1),
+                    ("hidden", 64),
+                    ("normalize", 1),
+                    ("scoring", 0),
+                    ("selection_bias", 0),
+                    ("softmax_over", 0),
+                    ("top_k", 2),
+                ],
             ),
+            kernel("assign_count", KernelKind::Assign, &assign(0)),
+            kernel("assign_place", KernelKind::Assign, &assign(1)),
             kernel(
                 "permute_pack",
                 KernelKind::PermutePack,
-                &[("hidden", 64), ("top_k", 2)],
+                &[
+                    ("dtype", 1),
+                    ("hidden", 64),
+                    ("top_k", 2),
+                    ("weight_on_input", 0),
+                ],
             ),
             kernel(
                 "unpermute_sum",
                 KernelKind::UnpermuteWeightedSum,
-                &[("hidden", 64), ("top_k", 2)],
+                &[
+                    ("dtype", 1),
+                    ("hidden", 64),
+                    ("top_k", 2),
+                    ("weight_on_input", 0),
+                ],
             ),
         ],
         buffers,
-        events: 2,
+        events: 4,
         streams: vec![compute, comm],
         memory: MemoryPlan {
-            peak_activation_bytes: 18944,
+            peak_activation_bytes: 21504,
             total_buffer_bytes: total,
             weight_bytes: 25088,
         },
@@ -353,36 +434,49 @@ choices  1 chunk of 16 tokens (no overlap)
          fused: router, permute into the pack, un-permute into the combine, activation into the GEMM epilogue
          dispatch flat, bf16 on the wire
          expert rows 64 per rank (dropless worst case; device overflow flag, no host sync)
-kernels (3)
-  k0  router_fused   router_fused            experts=4 hidden=64 top_k=2
-  k1  permute_pack   permute_pack            hidden=64 top_k=2
-  k2  unpermute_sum  unpermute_weighted_sum  hidden=64 top_k=2
-buffers (9)
-  b0  x             bf16  [16, 64]  2048 B  (2.00 KiB)  input    @0      ops 0..2
-  b1  logits        f32   [16, 4]    256 B              scratch  @2048   ops 0..1
-  b2  topk_ids      i32   [16, 2]    128 B              scratch  @2304   ops 1..2
-  b3  topk_weights  f32   [16, 2]    128 B              scratch  @2432   ops 1..10
-  b4  send          bf16  [64, 64]  8192 B  (8.00 KiB)  comm     @2560   ops 2..5
-  b5  recv          bf16  [64, 64]  8192 B  (8.00 KiB)  comm     @10752  ops 5..8
-  b6  h             bf16  [64, 32]  4096 B  (4.00 KiB)  scratch  @2560   ops 8..9
-  b7  y             bf16  [64, 64]  8192 B  (8.00 KiB)  scratch  @10752  ops 9..10
-  b8  out           bf16  [16, 64]  2048 B  (2.00 KiB)  output   @0      ops 10..10
-streams (2), events (2)
-  s0 compute: compute, 8 ops, 28.00 us
-    #0   router_gate     1.50 us  router              gemm router_gate: b0 x -> b1 logits; m 16, n 4, k 64
-    #1   router          2.25 us  router              launch k0 router_fused: b1 logits -> b2 topk_ids, b3 topk_weights; 16 rows
-    #2   pack            3.00 us  permute             launch k1 permute_pack: b0 x, b2 topk_ids -> b4 send; 16 rows
-    #3   packed          0.00 us  permute             record e0 (waited by #4 on s1 comm)
-    #7   wait_received   0.00 us  experts             wait e1 (recorded by #6 on s1 comm)
-    #8   expert_up      12.50 us  experts             gemm expert_up: b5 recv -> b6 h; 2 groups x m 32, n 64, k 64; activation in the epilogue
-    #9   expert_down     6.75 us  experts             gemm expert_down: b6 h -> b7 y; 2 groups x m 32, n 64, k 32
-    #10  unpermute       2.00 us  unpermute           launch k2 unpermute_sum: b7 y, b3 topk_weights -> b8 out; 16 rows
-  s1 comm: comm, 3 ops, 20.00 us
-    #4   wait_packed     0.00 us  dispatch            wait e0 (recorded by #3 on s0 compute)
-    #5   dispatch       20.00 us  dispatch   chunk 0  all_to_all_v over ep_group: b4 send -> b5 recv; 1 peer, 4.00 KiB each, 4.00 KiB sent
-    #6   received        0.00 us  dispatch            record e1 (waited by #7 on s0 compute)
-memory   arena          18944 B  (18.50 KiB) per rank, the peak of live activations
-         without reuse  33280 B  (32.50 KiB)
+kernels (5)
+  k0  router_fused   router_fused            dtype=1 experts=4 group_score=0 groups=1 groups_kept=1 hidden=64 normalize=1 scoring=0 selection_bias=0 softmax_over=0 top_k=2
+  k1  assign_count   assign                  capacity=0 dtype=1 ep_ranks=2 experts=4 hidden=64 pass=0 top_k=2
+  k2  assign_place   assign                  capacity=0 dtype=1 ep_ranks=2 experts=4 hidden=64 pass=1 top_k=2
+  k3  permute_pack   permute_pack            dtype=1 hidden=64 top_k=2 weight_on_input=0
+  k4  unpermute_sum  unpermute_weighted_sum  dtype=1 hidden=64 top_k=2 weight_on_input=0
+buffers (13)
+  b0   x                bf16  [16, 64]  2048 B  (2.00 KiB)  input    @0      ops 0..17
+  b1   out              bf16  [16, 64]  2048 B  (2.00 KiB)  output   @2048   ops 0..17
+  b2   logits           f32   [16, 4]    256 B              scratch  @4096   ops 0..1
+  b3   topk_ids         i32   [16, 2]    128 B              scratch  @4352   ops 1..8
+  b4   topk_weights     f32   [16, 2]    128 B              scratch  @4480   ops 1..17
+  b5   assign_meta      i32   [1, 4]      16 B              scratch  @4096   ops 2..5
+  b6   assign_meta_all  i32   [2, 4]      32 B              comm     @4608   ops 5..8
+  b7   slots            i32   [16, 2]    128 B              scratch  @4864   ops 8..17
+  b8   overflow_flag    u8    [1]          1 B              scratch  @4992   ops 8..17
+  b9   send             bf16  [64, 64]  8192 B  (8.00 KiB)  comm     @5120   ops 9..12
+  b10  recv             bf16  [64, 64]  8192 B  (8.00 KiB)  comm     @13312  ops 12..15
+  b11  h                bf16  [64, 32]  4096 B  (4.00 KiB)  scratch  @5120   ops 15..16
+  b12  y                bf16  [64, 64]  8192 B  (8.00 KiB)  scratch  @13312  ops 16..17
+streams (2), events (4)
+  s0 compute: compute, 12 ops, 30.00 us
+    #0   router_gate      1.50 us  router              gemm router_gate: b0 x -> b2 logits; m 16, n 4, k 64
+    #1   router           2.25 us  router              launch k0 router_fused: b2 logits -> b3 topk_ids, b4 topk_weights; 16 rows
+    #2   assign_count     1.00 us  router              launch k1 assign_count: b3 topk_ids, b4 topk_weights -> b5 assign_meta; 16 rows
+    #3   counted          0.00 us  router              record e0 (waited by #4 on s1 comm)
+    #7   wait_exchanged   0.00 us  router              wait e1 (recorded by #6 on s1 comm)
+    #8   assign_place     1.00 us  router              launch k2 assign_place: b3 topk_ids, b4 topk_weights, b6 assign_meta_all -> b7 slots, b8 overflow_flag; 16 rows
+    #9   pack             3.00 us  permute             launch k3 permute_pack: b0 x, b7 slots, b4 topk_weights -> b9 send; 16 rows
+    #10  packed           0.00 us  permute             record e2 (waited by #11 on s1 comm)
+    #14  wait_received    0.00 us  experts             wait e3 (recorded by #13 on s1 comm)
+    #15  expert_up       12.50 us  experts             gemm expert_up: b10 recv -> b11 h; 2 groups x m 32, n 64, k 64; activation in the epilogue
+    #16  expert_down      6.75 us  experts             gemm expert_down: b11 h -> b12 y; 2 groups x m 32, n 64, k 32
+    #17  unpermute        2.00 us  unpermute           launch k4 unpermute_sum: b12 y, b7 slots, b4 topk_weights -> b1 out; 16 rows
+  s1 comm: comm, 6 ops, 23.00 us
+    #4   wait_counted     0.00 us  router              wait e0 (recorded by #3 on s0 compute)
+    #5   exchange         3.00 us  router              count_exchange over ep_group: b5 assign_meta -> b6 assign_meta_all; 1 peer, 16 B each, 16 B sent
+    #6   exchanged        0.00 us  router              record e1 (waited by #7 on s0 compute)
+    #11  wait_packed      0.00 us  dispatch            wait e2 (recorded by #10 on s0 compute)
+    #12  dispatch        20.00 us  dispatch   chunk 0  all_to_all_v over ep_group: b9 send -> b10 recv; 1 peer, 4.00 KiB each, 4.00 KiB sent
+    #13  received         0.00 us  dispatch            record e3 (waited by #14 on s0 compute)
+memory   arena          21504 B  (21.00 KiB) per rank, the peak of live activations
+         without reuse  33457 B  (32.67 KiB)
          weights        25088 B  (24.50 KiB) per rank
 ";
 
@@ -500,7 +594,7 @@ fn text_never_panics_on_broken_plans() {
         &text,
         &[
             "moec plan v99: layer \"two\\nlines\"\n",
-            "launch k?7: b1 logits, b?17 ->",
+            "launch k?7: b2 logits, b?17 ->",
             "wait e?9 (never recorded)",
             "NaN us",
             "ep rank 0  none",
@@ -542,17 +636,17 @@ fn wrong_version() {
 #[test]
 fn unknown_buffer() {
     let mut plan = valid_plan();
-    if let OpKind::Launch { inputs, .. } = &mut op_mut(&mut plan, 10).kind {
+    if let OpKind::Launch { inputs, .. } = &mut op_mut(&mut plan, 17).kind {
         inputs[1] = 99;
     }
     let text = error(&plan);
     assert_mentions(
         &text,
         &[
-            "op #10 `unpermute`",
+            "op #17 `unpermute`",
             "b99",
             "`inputs`",
-            "9 buffers (b0..b8)",
+            "13 buffers (b0..b12)",
         ],
     );
 }
@@ -561,12 +655,12 @@ fn unknown_buffer() {
 fn unknown_kernel() {
     let mut plan = valid_plan();
     if let OpKind::Launch { kernel, .. } = &mut op_mut(&mut plan, 1).kind {
-        *kernel = 3;
+        *kernel = 5;
     }
     let text = error(&plan);
     assert_mentions(
         &text,
-        &["op #1 `router`", "kernel k3", "3 kernels (k0..k2)"],
+        &["op #1 `router`", "kernel k5", "5 kernels (k0..k4)"],
     );
 }
 
@@ -577,21 +671,21 @@ fn unknown_event() {
     let text = error(&plan);
     assert_mentions(
         &text,
-        &["op #7 `wait_received`", "event e5", "2 events (e0..e1)"],
+        &["op #7 `wait_exchanged`", "event e5", "4 events (e0..e3)"],
     );
 }
 
 #[test]
 fn wait_for_an_event_never_recorded() {
     let mut plan = valid_plan();
-    plan.events = 3;
-    op_mut(&mut plan, 7).kind = OpKind::Wait { event: 2 };
+    plan.events = 5;
+    op_mut(&mut plan, 7).kind = OpKind::Wait { event: 4 };
     let text = error(&plan);
     assert_mentions(
         &text,
         &[
-            "op #7 `wait_received` (stream s0 `compute`)",
-            "e2",
+            "op #7 `wait_exchanged` (stream s0 `compute`)",
+            "e4",
             "no op records",
         ],
     );
@@ -600,9 +694,9 @@ fn wait_for_an_event_never_recorded() {
 #[test]
 fn event_never_recorded_nor_waited() {
     let mut plan = valid_plan();
-    plan.events = 3;
+    plan.events = 5;
     let text = error(&plan);
-    assert_mentions(&text, &["event e2 is never recorded", "3 events"]);
+    assert_mentions(&text, &["event e4 is never recorded", "5 events"]);
 }
 
 #[test]
@@ -614,8 +708,8 @@ fn event_recorded_twice() {
         &text,
         &[
             "event e0",
-            "op #3 `packed`",
-            "op #6 `received`",
+            "op #3 `counted`",
+            "op #6 `exchanged`",
             "exactly once",
         ],
     );
@@ -637,8 +731,8 @@ fn wait_before_record_cycle_across_two_streams() {
         &text,
         &[
             "deadlock",
-            "stream s0 `compute` waits at op #3 `packed` for event e1, recorded later by op #6 `received` (stream s1 `comm`)",
-            "stream s1 `comm` waits at op #4 `wait_packed` for event e0, recorded later by op #7 `wait_received` (stream s0 `compute`)",
+            "stream s0 `compute` waits at op #3 `counted` for event e1, recorded later by op #6 `exchanged` (stream s1 `comm`)",
+            "stream s1 `comm` waits at op #4 `wait_counted` for event e0, recorded later by op #7 `wait_exchanged` (stream s0 `compute`)",
         ],
     );
 }
@@ -653,8 +747,8 @@ fn wait_before_record_on_one_stream() {
         &text,
         &[
             "deadlock",
-            "stream s0 `compute` waits at op #7 `wait_received` for event e1, recorded later by op #6 `received` (stream s1 `comm`)",
-            "stream s1 `comm` waits at op #4 `wait_packed` for event e1, recorded later by op #6",
+            "stream s0 `compute` waits at op #7 `wait_exchanged` for event e1, recorded later by op #6 `exchanged` (stream s1 `comm`)",
+            "stream s1 `comm` waits at op #4 `wait_counted` for event e1, recorded later by op #6",
         ],
     );
 }
@@ -662,24 +756,24 @@ fn wait_before_record_on_one_stream() {
 #[test]
 fn duplicate_op_id() {
     let mut plan = valid_plan();
-    op_mut(&mut plan, 10).id = 9;
+    op_mut(&mut plan, 17).id = 16;
     let text = error(&plan);
     assert_mentions(
         &text,
-        &["op #9 `unpermute`", "op #9 `expert_down`", "unique"],
+        &["op #16 `unpermute`", "op #16 `expert_down`", "unique"],
     );
 }
 
 #[test]
 fn ids_decrease_along_a_stream() {
     let mut plan = valid_plan();
-    op_mut(&mut plan, 3).id = 11;
+    op_mut(&mut plan, 3).id = 20;
     let text = error(&plan);
     assert_mentions(
         &text,
         &[
-            "op #7 `wait_received`",
-            "follows op #11 `packed`",
+            "op #7 `wait_exchanged`",
+            "follows op #20 `counted`",
             "increase",
         ],
     );
@@ -688,12 +782,15 @@ fn ids_decrease_along_a_stream() {
 #[test]
 fn wait_id_before_record_id() {
     let mut plan = valid_plan();
-    op_mut(&mut plan, 6).id = 11;
+    op_mut(&mut plan, 13).id = 20;
     let text = error(&plan);
-    assert_mentions(&text, &["op #7 `wait_received`", "e1", "op #11 `received`"]);
+    assert_mentions(
+        &text,
+        &["op #14 `wait_received`", "e3", "op #20 `received`"],
+    );
     assert!(matches!(
         plan.validate(),
-        Err(PlanError::WaitBeforeRecord { event: 1, .. })
+        Err(PlanError::WaitBeforeRecord { event: 3, .. })
     ));
 }
 
@@ -717,38 +814,40 @@ fn fp8_bytes_include_block_scales() {
     let mut plan = valid_plan();
     // 64 rows x 64 columns: 4096 bytes of fp8 plus one (partial) 128-element
     // block per row, 64 x 4 bytes of scales.
-    plan.buffers[4].dtype = DType::Fp8E4m3;
+    plan.buffers[9].dtype = DType::Fp8E4m3;
     let text = error(&plan);
     assert_mentions(
         &text,
-        &["buffer b4 `send`", "expected 4352 bytes, found 8192"],
+        &["buffer b9 `send`", "expected 4352 bytes, found 8192"],
     );
-    plan.buffers[4].bytes = 4352;
+    plan.buffers[9].bytes = 4352;
     plan.memory.total_buffer_bytes -= 8192 - 4352;
-    plan.validate().unwrap();
+    // The size is right now; the kernel that writes it still writes bf16.
+    let text = error(&plan);
+    assert_mentions(&text, &["op #9 `pack`", "b9 `send` (fp8_e4m3)", "is bf16"]);
 }
 
 #[test]
 fn bytes_overflow_is_an_error() {
     let mut plan = valid_plan();
-    plan.buffers[2].shape = vec![u64::MAX, 2];
+    plan.buffers[3].shape = vec![u64::MAX, 2];
     let text = error(&plan);
-    assert_mentions(&text, &["buffer b2 `topk_ids`", "overflows"]);
+    assert_mentions(&text, &["buffer b3 `topk_ids`", "overflows"]);
 }
 
 #[test]
 fn overlapping_arena_for_overlapping_lifetimes() {
     let mut plan = valid_plan();
-    plan.buffers[6].offset = 10752;
+    plan.buffers[11].offset = 13312;
     let text = error(&plan);
     assert_mentions(
         &text,
         &[
-            "buffer b5 `recv`",
-            "buffer b6 `h`",
-            "[10752, 18944)",
-            "[10752, 14848)",
-            "both are live",
+            "buffer b10 `recv`",
+            "buffer b11 `h`",
+            "[13312, 21504)",
+            "[13312, 17408)",
+            "share arena bytes",
         ],
     );
 }
@@ -756,22 +855,26 @@ fn overlapping_arena_for_overlapping_lifetimes() {
 #[test]
 fn buffer_past_the_arena() {
     let mut plan = valid_plan();
-    plan.memory.peak_activation_bytes = 18943;
+    plan.memory.peak_activation_bytes = 21503;
     let text = error(&plan);
     assert_mentions(
         &text,
-        &["buffer b5 `recv`", "[10752, 18944)", "arena of 18943 bytes"],
+        &[
+            "buffer b10 `recv`",
+            "[13312, 21504)",
+            "arena of 21503 bytes",
+        ],
     );
 }
 
 #[test]
 fn live_range_not_covering_an_op() {
     let mut plan = valid_plan();
-    plan.buffers[1].live = (1, 1);
+    plan.buffers[2].live = (1, 1);
     let text = error(&plan);
     assert_mentions(
         &text,
-        &["op #0 `router_gate`", "buffer b1 `logits`", "ops 1..1"],
+        &["op #0 `router_gate`", "buffer b2 `logits`", "ops 1..1"],
     );
 }
 
@@ -789,11 +892,11 @@ fn mesh_size_mismatch() {
 #[test]
 fn nan_estimate() {
     let mut plan = valid_plan();
-    op_mut(&mut plan, 5).estimate_us = f64::NAN;
+    op_mut(&mut plan, 12).estimate_us = f64::NAN;
     let text = error(&plan);
     assert_mentions(
         &text,
-        &["op #5 `dispatch` (stream s1 `comm`)", "estimate_us is NaN"],
+        &["op #12 `dispatch` (stream s1 `comm`)", "estimate_us is NaN"],
     );
 }
 
@@ -863,7 +966,7 @@ fn layer_and_mesh_sanity() {
         ),
         (
             |p| p.memory.total_buffer_bytes += 1,
-            &["memory.total_buffer_bytes", "33280"],
+            &["memory.total_buffer_bytes", "33457"],
         ),
         (
             |p| p.streams[1].name = "compute".to_string(),
@@ -949,4 +1052,221 @@ fn from_json_validates() {
 fn plan_error_is_an_error() {
     fn takes(_: &dyn std::error::Error) {}
     takes(&PlanError::NoStreams);
+}
+
+/// Deletes op `id` from its stream.
+fn delete_op(plan: &mut Plan, id: u32) {
+    for s in &mut plan.streams {
+        s.ops.retain(|op| op.id != id);
+    }
+}
+
+/// The ways the issue found plans that loaded and ran to a wrong answer, each
+/// now a load error that says what is wrong.
+#[test]
+fn corruptions_that_ran_to_wrong_answers_are_refused() {
+    type Case = (&'static str, fn(&mut Plan), &'static [&'static str]);
+    let cases: Vec<Case> = vec![
+        (
+            "a deleted wait: the experts read what the dispatch writes",
+            |p| delete_op(p, 14),
+            &[
+                "op #12 `dispatch`",
+                "writes buffer b10 `recv`",
+                "op #15 `expert_up`",
+                "reads it",
+                "a race",
+            ],
+        ),
+        (
+            "a deleted wait: the exchange reads the counts unordered",
+            |p| delete_op(p, 4),
+            &["op #2 `assign_count`", "op #5 `exchange`", "a race"],
+        ),
+        (
+            "a wait redirected to an earlier event",
+            |p| op_mut(p, 14).kind = OpKind::Wait { event: 1 },
+            &["buffer b10 `recv`", "a race"],
+        ),
+        (
+            "a launch's output pointed at another buffer",
+            |p| {
+                if let OpKind::Launch { outputs, .. } = &mut op_mut(p, 17).kind {
+                    outputs[0] = 12;
+                }
+            },
+            &["buffer b1 `out`", "no op writes it"],
+        ),
+        (
+            "a launch writing the layer's input",
+            |p| {
+                if let OpKind::Launch { outputs, .. } = &mut op_mut(p, 9).kind {
+                    outputs[0] = 0;
+                }
+            },
+            &["op #9 `pack`", "writes buffer b0 `x`, the layer's input"],
+        ),
+        (
+            "a launch's output pointed at a buffer nobody reads again",
+            |p| {
+                if let OpKind::Launch { outputs, .. } = &mut op_mut(p, 1).kind {
+                    outputs[1] = 2;
+                }
+            },
+            &[
+                "op #1 `router`",
+                "writes buffer b2 `logits`",
+                "no op reads it before the pass ends",
+            ],
+        ),
+        (
+            "an input swapped for the output",
+            |p| {
+                if let OpKind::Launch { inputs, .. } = &mut op_mut(p, 9).kind {
+                    inputs[0] = 1;
+                }
+            },
+            &[
+                "op #9 `pack`",
+                "reads buffer b1 `out`",
+                "before any op writes it",
+            ],
+        ),
+        (
+            "the layer's dtype changed without the buffers",
+            |p| p.layer.dtype = DType::F32,
+            &["buffers[0]", "`x`, bf16", "f32 [16, 64]"],
+        ),
+        (
+            "a kernel constant changed (dtype of permute_pack)",
+            |p| p.kernels[3].constants[0].1 = 0,
+            &[
+                "op #9 `pack`",
+                "k3 `permute_pack`",
+                "`dtype` is 0, but the layer gives 1",
+            ],
+        ),
+        (
+            "the router's normalisation flipped in the layer only",
+            |p| p.layer.router.normalize = false,
+            &[
+                "k0 `router_fused`",
+                "`normalize` is 1, but the layer gives 0",
+            ],
+        ),
+        (
+            "the router's scoring flipped in the layer only",
+            |p| p.layer.router.scoring = Scoring::Sigmoid,
+            &["`scoring` is 0, but the layer gives 1"],
+        ),
+        (
+            "an unknown constant",
+            |p| p.kernels[3].constants.push(("zz_extra".into(), 1)),
+            &["`zz_extra`", "does not take"],
+        ),
+        (
+            "a GEMM reading a buffer smaller than it needs",
+            |p| {
+                if let OpKind::Gemm { m, .. } = &mut op_mut(p, 15).kind {
+                    *m = 65;
+                }
+            },
+            &["op #15 `expert_up`", "`recv`", "at least m = 65 rows of 64"],
+        ),
+        (
+            "a GEMM whose weights do not match the layer",
+            |p| {
+                if let OpKind::Gemm { k, .. } = &mut op_mut(p, 16).kind {
+                    *k = 64;
+                }
+            },
+            &["op #16 `expert_down`", "k 64", "the layer's are k 32"],
+        ),
+        (
+            "shared experts in the layer without shared ops",
+            |p| {
+                p.layer.shared = Some(SharedConfig {
+                    count: 1,
+                    intermediate: 32,
+                    ffn: Activation::Swiglu { limit: None },
+                    bias: false,
+                    sigmoid_gate: false,
+                })
+            },
+            &["0 shared-expert GEMMs", "with shared experts needs 2"],
+        ),
+        (
+            "the overflow flag sharing bytes with a buffer used before the host reads it",
+            |p| p.buffers[8].offset = 5120,
+            &[
+                "buffer b8 `overflow_flag`",
+                "buffer b9 `send`",
+                "share arena bytes",
+            ],
+        ),
+        (
+            "the output sharing bytes with scratch",
+            |p| p.buffers[12].offset = 2048,
+            &["buffer b1 `out`", "buffer b12 `y`", "share arena bytes"],
+        ),
+        (
+            "an op of a chunk the plan does not have",
+            |p| op_mut(p, 12).chunk = Some(3),
+            &["op #12 `dispatch`", "chunk 3", "1 chunks"],
+        ),
+        (
+            "absurd counts: a million events",
+            |p| p.events = 1_000_000,
+            &["1000000 events", "at most 65536"],
+        ),
+        (
+            "an assignment pass that binds the wrong buffer",
+            |p| {
+                if let OpKind::Launch { inputs, .. } = &mut op_mut(p, 8).kind {
+                    inputs[2] = 5;
+                }
+                p.buffers[5].live.1 = 8;
+            },
+            &["op #8 `assign_place`", "`assign_meta`", "group's metadata"],
+        ),
+    ];
+    for (what, mutate, parts) in cases {
+        let mut plan = valid_plan();
+        mutate(&mut plan);
+        let text = error(&plan);
+        assert!(
+            parts.iter().all(|p| text.contains(p)),
+            "{what}: {text} lacks one of {parts:?}"
+        );
+    }
+}
+
+/// Huge sizes are refused by checked arithmetic, never a panic.
+#[test]
+fn sizes_near_the_limits_are_errors() {
+    type Case = fn(&mut Plan);
+    let cases: Vec<Case> = vec![
+        |p| p.layer.hidden = u64::MAX,
+        |p| p.layer.hidden = 1_000_000_000_000,
+        |p| p.layer.intermediate = u64::MAX,
+        |p| p.layer.tokens_per_rank = u64::MAX,
+        |p| p.memory.peak_activation_bytes = u64::MAX,
+        |p| p.mesh.dp = 1_000_000_000,
+        |p| p.buffers[10].shape = vec![u64::MAX / 2, 64],
+        |p| {
+            p.layer.shared = Some(SharedConfig {
+                count: u64::MAX,
+                intermediate: u64::MAX,
+                ffn: Activation::Relu,
+                bias: false,
+                sigmoid_gate: false,
+            })
+        },
+    ];
+    for (i, mutate) in cases.into_iter().enumerate() {
+        let mut plan = valid_plan();
+        mutate(&mut plan);
+        let result = std::panic::catch_unwind(|| plan.validate());
+        assert!(matches!(result, Ok(Err(_))), "case {i}: {result:?}");
+    }
 }

@@ -146,76 +146,229 @@ extern "C" __global__ void moec_assign_keep_counts(
     MOEC_ROWS_END
 }
 
-// assign_keep_probs (drop = probs): one row per assignment (s, t, j) of the
-// group, s-major. An assignment to e is kept when fewer than `capacity`
-// assignments to e rank before it: a larger weight (f32 total order), or an
-// equal one earlier in (source, token, slot) order. Kept rows are counted
-// into table (zeroed before); this rank's own decisions go to
-// kept_own[t * k + j].
-//
-// Every row still reads every other (O(n^2 / threads) time; a segmented sort
-// per expert is the next step), so the inner loop is kept lean: it walks
-// (source, token, slot) with running offsets, no division; the one bounds
-// check of the whole metadata is made before it; a row stops counting once
-// it is dropped; and with no capacity (capacity < 0) nothing is counted.
-extern "C" __global__ void moec_assign_keep_probs(
+// drop = probs: an assignment to expert e is kept when fewer than
+// `capacity` assignments to e rank before it: a larger weight (f32 total
+// order), or an equal one earlier in (source, token, slot) order. The
+// assignments of the group are numbered s-major, row = (s * tokens + t) *
+// top_k + j, so that order is row order, and each is ranked by sorting the
+// group's assignments per expert on the key (weight descending, row):
+//   probs_count   one row per assignment: cursor[e] += 1 (zeroed before);
+//   probs_starts  one row: starts[e] = the first sorted position of e's
+//                 bucket (starts[E] = all), cursor[e] = starts[e];
+//   probs_fill    one row per assignment: its key and row into e's bucket
+//                 (keys[p], order[p]) at a position taken from cursor[e];
+//                 the order inside a bucket is the atomics', not the rows';
+//   probs_merge   one launch per width 2^shift, 1 .. the first power of two
+//                 >= all assignments (no bucket is larger): one row per
+//                 position, merging pairs of sorted runs of that width inside
+//                 each bucket from (keys, order) into the other pair of
+//                 buffers (see moec_probs_merges in kernels/src/native.rs);
+//   assign_keep_probs  one row per sorted position: kept when its place in
+//                 its bucket is below `capacity`.
+// Work: O(n log^2 n) for n assignments (log n merge launches, each a binary
+// search per position), against O(n^2) for ranking every assignment against
+// every other. Keys are unique (the row is part of them), so a position's
+// place in the merged run is its place in its own run plus the count of
+// smaller keys in the other run: no two positions collide and the launches
+// need no synchronisation inside them.
+
+// The sort key's first part: ascending keys are descending weights.
+static __device__ __forceinline__ unsigned int moec_probs_key(unsigned int bits)
+{
+    return ~moec_total_key(bits);
+}
+
+// Whether (key a, row ra) sorts before (key b, row rb).
+static __device__ __forceinline__ bool moec_probs_before(unsigned int a, int ra, unsigned int b, int rb)
+{
+    return a < b || (a == b && ra < rb);
+}
+
+// The bucket (expert) of sorted position p: the last e with starts[e] <= p,
+// for monotone starts with starts[0] = 0 <= p < starts[experts] (checked by
+// the callers). O(log experts), no division.
+static __device__ __forceinline__ long long moec_bucket_of(const int* starts, long long experts, long long p)
+{
+    long long lo = 0, hi = experts;
+    while (hi - lo > 1) {
+        const long long mid = lo + (hi - lo) / 2;
+        if ((long long)starts[mid] <= p) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+// The metadata index of assignment `row`'s expert id (its weight's bits
+// follow top_k ints later): per (source, token) block, top_k ids then top_k
+// weights, so row r = b * top_k + j sits at b * 2 * top_k + j.
+static __device__ __forceinline__ long long moec_probs_meta_index(long long row, long long top_k)
+{
+    return row + (row / top_k) * top_k;
+}
+
+extern "C" __global__ void moec_probs_count(
     const int* __restrict__ p0_meta_all, unsigned long long p0_meta_all_len,
-    const int* __restrict__ p1_dest_rank, unsigned long long p1_dest_rank_len,
-    const int* __restrict__ p2_dest_local, unsigned long long p2_dest_local_len,
-    int* __restrict__ p3_table, unsigned long long p3_table_len,
-    unsigned char* __restrict__ p4_kept_own, unsigned long long p4_kept_own_len,
+    int* __restrict__ p1_cursor, unsigned long long p1_cursor_len,
+    long long tokens, long long top_k, long long experts,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    MOEC_ROWS_BEGIN
+        const long long ia = moec_probs_meta_index(moec_row, top_k);
+        MOEC_IN(0, p0_meta_all_len, ia + top_k);
+        const int e = p0_meta_all[ia];
+        const unsigned int wb = (unsigned int)p0_meta_all[ia + top_k];
+        if (e < 0 || (long long)e >= experts || !moec_finite(__uint_as_float(wb))) {
+            // status[1] the source, [2] the bad id or the weight's bits.
+            const long long s = moec_row / (top_k * tokens);
+            const long long bad = (e < 0 || (long long)e >= experts) ? (long long)e : (long long)wb;
+            moec_native_fail(moec_status, 6, s, bad, moec_row);
+            return;
+        }
+        MOEC_IN(1, p1_cursor_len, e);
+        atomicAdd(&p1_cursor[e], 1);
+    MOEC_ROWS_END
+}
+
+extern "C" __global__ void moec_probs_starts(
+    int* __restrict__ p0_cursor, unsigned long long p0_cursor_len,
+    int* __restrict__ p1_starts, unsigned long long p1_starts_len,
+    long long experts,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    MOEC_ROWS_BEGIN
+        MOEC_IN(0, p0_cursor_len, experts - 1);
+        MOEC_IN(1, p1_starts_len, experts);
+        long long at = 0;
+        for (long long e = 0; e < experts; ++e) {
+            const long long n = p0_cursor[e];
+            p1_starts[e] = (int)at;
+            p0_cursor[e] = (int)at;
+            at += n;
+        }
+        p1_starts[experts] = (int)at;
+    MOEC_ROWS_END
+}
+
+extern "C" __global__ void moec_probs_fill(
+    const int* __restrict__ p0_meta_all, unsigned long long p0_meta_all_len,
+    int* __restrict__ p1_cursor, unsigned long long p1_cursor_len,
+    int* __restrict__ p2_keys, unsigned long long p2_keys_len,
+    int* __restrict__ p3_order, unsigned long long p3_order_len,
+    long long top_k,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    MOEC_ROWS_BEGIN
+        const long long ia = moec_probs_meta_index(moec_row, top_k);
+        MOEC_IN(0, p0_meta_all_len, ia + top_k);
+        const int e = p0_meta_all[ia];
+        MOEC_IN(1, p1_cursor_len, e);
+        const long long p = atomicAdd(&p1_cursor[e], 1);
+        MOEC_IN(2, p2_keys_len, p);
+        MOEC_IN(3, p3_order_len, p);
+        p2_keys[p] = (int)moec_probs_key((unsigned int)p0_meta_all[ia + top_k]);
+        p3_order[p] = (int)moec_row;
+    MOEC_ROWS_END
+}
+
+extern "C" __global__ void moec_probs_merge(
+    const int* __restrict__ p0_keys, unsigned long long p0_keys_len,
+    const int* __restrict__ p1_order, unsigned long long p1_order_len,
+    const int* __restrict__ p2_starts, unsigned long long p2_starts_len,
+    int* __restrict__ p3_keys_out, unsigned long long p3_keys_out_len,
+    int* __restrict__ p4_order_out, unsigned long long p4_order_out_len,
+    long long experts, long long shift,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    MOEC_ROWS_BEGIN
+        const long long p = moec_row;
+        MOEC_IN(2, p2_starts_len, experts);
+        // Fewer assignments than rows: probs_count failed on corrupt metadata.
+        if (p >= (long long)p2_starts[experts]) { moec_native_fail(moec_status, 6, -1, p, moec_row); return; }
+        const long long b = moec_bucket_of(p2_starts, experts, p);
+        const long long lo = p2_starts[b];
+        const long long hi = p2_starts[b + 1];
+        MOEC_IN(0, p0_keys_len, p);
+        MOEC_IN(1, p1_order_len, p);
+        MOEC_IN(0, p0_keys_len, hi - 1);
+        MOEC_IN(1, p1_order_len, hi - 1);
+        const unsigned int key = (unsigned int)p0_keys[p];
+        const int row = p1_order[p];
+        const long long width = 1ll << shift;
+        const long long off = p - lo;
+        // The pair of runs p's run belongs to starts at `pair`; p's run is
+        // the left one when bit `shift` of its offset is clear.
+        const long long pair = lo + ((off >> (shift + 1)) << (shift + 1));
+        const bool left = ((off >> shift) & 1) == 0;
+        long long a = left ? pair + width : pair;  // the other run
+        long long z = left ? pair + 2 * width : pair + width;
+        if (a > hi) a = hi;
+        if (z > hi) z = hi;
+        // Lower bound: the other run's keys before (key, row).
+        long long first = a, count = z - a;
+        while (count > 0) {
+            const long long half = count / 2;
+            const long long m = first + half;
+            if (moec_probs_before((unsigned int)p0_keys[m], p1_order[m], key, row)) {
+                first = m + 1;
+                count -= half + 1;
+            } else {
+                count = half;
+            }
+        }
+        const long long own = left ? p - pair : p - (pair + width);
+        const long long to = pair + own + (first - a);
+        MOEC_IN(3, p3_keys_out_len, to);
+        MOEC_IN(4, p4_order_out_len, to);
+        p3_keys_out[to] = (int)key;
+        p4_order_out[to] = row;
+    MOEC_ROWS_END
+}
+
+// assign_keep_probs: one row per sorted position p (order[p] the row of the
+// assignment there). Kept rows are counted into table (zeroed before); this
+// rank's own decisions go to kept_own[t * k + j]. With capacity < 0 every
+// assignment is kept.
+extern "C" __global__ void moec_assign_keep_probs(
+    const int* __restrict__ p0_order, unsigned long long p0_order_len,
+    const int* __restrict__ p1_starts, unsigned long long p1_starts_len,
+    const int* __restrict__ p2_dest_rank, unsigned long long p2_dest_rank_len,
+    const int* __restrict__ p3_dest_local, unsigned long long p3_dest_local_len,
+    int* __restrict__ p4_table, unsigned long long p4_table_len,
+    unsigned char* __restrict__ p5_kept_own, unsigned long long p5_kept_own_len,
     long long group, long long me, long long tokens, long long top_k, long long experts,
     long long chunk_tokens, long long max_local, long long capacity,
     long long moec_rows,
     long long* __restrict__ moec_status)
 {
     MOEC_ROWS_BEGIN
-        const long long per = tokens * 2 * top_k;
-        const long long row_tokens = moec_row / top_k;
+        const long long p = moec_row;
+        MOEC_IN(1, p1_starts_len, experts);
+        if (p >= (long long)p1_starts[experts]) { moec_native_fail(moec_status, 6, -1, p, moec_row); return; }
+        const long long e = moec_bucket_of(p1_starts, experts, p);
+        const bool keep = capacity < 0 || p - (long long)p1_starts[e] < capacity;
+        MOEC_IN(0, p0_order_len, p);
+        const long long row = p0_order[p];
+        const long long row_tokens = row / top_k;
         const long long s = row_tokens / tokens;
         const long long t = row_tokens - s * tokens;
-        const long long j = moec_row - row_tokens * top_k;
-        const long long ia = s * per + t * 2 * top_k + j;
-        MOEC_IN(0, p0_meta_all_len, ia);
-        MOEC_IN(0, p0_meta_all_len, ia + top_k);
-        const int e = p0_meta_all[ia];
-        const unsigned int wb = (unsigned int)p0_meta_all[ia + top_k];
-        if (e < 0 || (long long)e >= experts) { moec_native_fail(moec_status, 6, s, e, moec_row); return; }
-        if (!moec_finite(__uint_as_float(wb))) { moec_native_fail(moec_status, 6, s, (long long)wb, moec_row); return; }
-        bool keep = true;
-        if (capacity >= 0) {
-            // Every (source, token) block of the group: 2 * top_k ints.
-            MOEC_IN(0, p0_meta_all_len, group * per - 1);
-            const unsigned int key = moec_total_key(wb);
-            long long rank = 0;
-            long long o = 0;  // the row number of (s2, t2, j2)
-            for (long long base = 0; base < group * per && rank < capacity; base += 2 * top_k) {
-                const int* ids = p0_meta_all + base;
-                const int* bits = ids + top_k;
-                for (long long j2 = 0; j2 < top_k; ++j2, ++o) {
-                    if (ids[j2] != e) continue;
-                    const unsigned int key2 = moec_total_key((unsigned int)bits[j2]);
-                    // Earlier in the ranking: a larger weight, or an equal
-                    // one earlier in (source, token, slot) order, which is
-                    // row order (the row itself is neither).
-                    rank += (key2 > key || (key2 == key && o < moec_row)) ? 1 : 0;
-                }
-            }
-            keep = rank < capacity;
-        }
+        const long long j = row - row_tokens * top_k;
+        if (s < 0 || s >= group) { moec_native_fail(moec_status, 6, s, row, moec_row); return; }
         if (keep) {
-            MOEC_IN(1, p1_dest_rank_len, s * experts + e);
-            MOEC_IN(2, p2_dest_local_len, s * experts + e);
-            const long long g = p1_dest_rank[s * experts + e];
-            const long long l = p2_dest_local[s * experts + e];
+            MOEC_IN(2, p2_dest_rank_len, s * experts + e);
+            MOEC_IN(3, p3_dest_local_len, s * experts + e);
+            const long long g = p2_dest_rank[s * experts + e];
+            const long long l = p3_dest_local[s * experts + e];
             const long long c = chunk_tokens > 0 ? t / chunk_tokens : 0;
             const long long cell = ((c * group + s) * group + g) * max_local + l;
-            MOEC_IN(3, p3_table_len, cell);
-            atomicAdd(&p3_table[cell], 1);
+            MOEC_IN(4, p4_table_len, cell);
+            atomicAdd(&p4_table[cell], 1);
         }
         if (s == me) {
-            MOEC_IN(4, p4_kept_own_len, t * top_k + j);
-            p4_kept_own[t * top_k + j] = keep ? 1 : 0;
+            MOEC_IN(5, p5_kept_own_len, t * top_k + j);
+            p5_kept_own[t * top_k + j] = keep ? 1 : 0;
         }
     MOEC_ROWS_END
 }

@@ -15,6 +15,7 @@
 mod by_rank;
 
 use super::comm::{Comm, CommError, InProcessComm, Incoming, Outgoing, Run, Tag};
+use super::finite::{self, NonFinite, Trace};
 use super::gemm::matmul_wt;
 use super::hier::{self, ByRankBlocks, Staged, Topology};
 use super::jit::{JitKernel, RawArg};
@@ -23,6 +24,7 @@ use super::layout::{
 };
 use super::memory::{self, Arena, Region};
 use super::traffic::{LinkClass, Moved, RankTraffic};
+use crate::footprint::{Budget, Footprint};
 use crate::plan::binding::{binding, library_kind, Arg, LaunchRows};
 use crate::plan::{
     Activation, Buffer, BufferRole, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight,
@@ -75,6 +77,14 @@ pub struct CpuOptions {
     pub timeout: Duration,
     /// Threads each GEMM may use (1: the calling stream's thread only).
     pub gemm_threads: usize,
+    /// Most bytes the layer may hold in this process (every rank's arena,
+    /// the weights, inputs and outputs: [`crate::footprint`]); `None`: what
+    /// the machine has available.
+    pub memory_budget: Option<u64>,
+    /// What a pass whose output is not finite does: fail (the default) or
+    /// return it with a warning; either way the message names the phase the
+    /// values first appeared in ([`super::finite`]).
+    pub non_finite: NonFinite,
 }
 
 impl Default for CpuOptions {
@@ -82,6 +92,8 @@ impl Default for CpuOptions {
         CpuOptions {
             timeout: Duration::from_secs(300),
             gemm_threads: 1,
+            memory_budget: None,
+            non_finite: NonFinite::Error,
         }
     }
 }
@@ -126,6 +138,9 @@ pub struct Forward {
     /// (the CPU backend counts every exchange; empty where a backend does not
     /// count, today the CUDA backend).
     pub traffic: Vec<RankTraffic>,
+    /// What the pass warns of: non-finite output values, where the options
+    /// make them a warning ([`NonFinite::Warn`]).
+    pub warnings: Vec<String>,
 }
 
 /// An FFN's weights laid out for the GEMMs: the gate and up projections
@@ -192,31 +207,6 @@ pub struct CpuBackend {
     spare_arenas: Mutex<Vec<Arena>>,
 }
 
-/// A layer's outputs must be finite: an overflow inside the pass (weights or
-/// inputs too large for the dtype) would otherwise come back as `inf` or
-/// `NaN` without a word. Shared by both backends.
-pub fn check_finite(outputs: &[Vec<f32>], dtype: DType) -> Result<(), ExecError> {
-    let mut first = None;
-    let mut count = 0usize;
-    for (rank, values) in outputs.iter().enumerate() {
-        for (i, v) in values.iter().enumerate() {
-            if !v.is_finite() {
-                count += 1;
-                first.get_or_insert((rank, i, *v));
-            }
-        }
-    }
-    match first {
-        None => Ok(()),
-        Some((rank, i, v)) => Err(ExecError::new(format!(
-            "the layer's output has {count} non-finite value(s), the first {v} at rank {rank}, \
-             element {i}: a value overflowed {} somewhere in the pass (the weights or the inputs \
-             are too large for it); try f32 or smaller weights",
-            dtype.name()
-        ))),
-    }
-}
-
 /// The error when a rank's thread cannot be started.
 fn thread_limit(rank: usize, e: &std::io::Error) -> String {
     format!(
@@ -252,6 +242,9 @@ impl CpuBackend {
         weights: &LayerWeights,
         options: CpuOptions,
     ) -> Result<CpuBackend, ExecError> {
+        Footprint::of(&plan)
+            .check(Budget::host(options.memory_budget))
+            .map_err(|e| ExecError::new(e.to_string()))?;
         let geo = Geometry::new(&plan).map_err(ExecError::new)?;
         let world = usize::try_from(plan.mesh.world_size())
             .map_err(|_| ExecError::new("the mesh is too large"))?;
@@ -489,22 +482,78 @@ impl CpuBackend {
             }
         }
         stats.assignments = stats.routed_per_expert.iter().sum();
-        check_finite(&outputs, self.plan.layer.dtype)?;
         Ok(Forward {
             outputs,
             stats,
             phase_seconds,
             wall_seconds: start.elapsed().as_secs_f64(),
             traffic,
+            warnings: Vec::new(),
         })
+    }
+
+    /// A pass's output must be finite. When it is not, the pass runs again
+    /// with every op's written buffers checked (passes are deterministic),
+    /// so the message names the op and phase where the values first
+    /// appeared; then it is an error or, with [`NonFinite::Warn`], a warning.
+    fn check_output(&self, inputs: &[Vec<f32>], forward: &mut Forward) -> Result<(), ExecError> {
+        let Some(bad) = finite::scan_outputs(&forward.outputs) else {
+            return Ok(());
+        };
+        let trace = Trace::default();
+        let origin = match self.run_concurrent(inputs, Some(&trace)) {
+            Ok(_) => trace.first(),
+            Err(_) => None,
+        };
+        let message = finite::message(&bad, self.plan.layer.dtype, origin.as_ref());
+        match self.options.non_finite {
+            NonFinite::Error => Err(ExecError::new(message)),
+            NonFinite::Warn => {
+                forward.warnings.push(message);
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks what `op` on this stream's rank wrote, for a traced pass.
+    fn trace_writes(run: &StreamRun<'_>, op: &Op, trace: &Trace) {
+        for b in run.backend.plan.written_buffers(op) {
+            let Ok((region, buf)) = run.region(b, op.chunk) else {
+                continue;
+            };
+            if !matches!(buf.dtype, DType::F32 | DType::Bf16 | DType::F16) {
+                continue;
+            }
+            let mut values = vec![0.0f32; region.bytes / buf.dtype.bytes() as usize];
+            // SAFETY: the op that wrote the region just finished on this
+            // thread; the plan's events keep its readers and writers apart.
+            let bytes = unsafe { run.ctx.arena.bytes(region) };
+            memory::read_f32(bytes, buf.dtype, &mut values);
+            trace.check(op, run.ctx.rank, &buf.name, &values);
+        }
     }
 
     /// Runs the layer on `inputs` (one `[tokens, hidden]` tensor per rank),
     /// every stream of every rank a thread.
     pub fn forward(&self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
+        let mut forward = self.run_concurrent(inputs, None)?;
+        self.check_output(inputs, &mut forward)?;
+        Ok(forward)
+    }
+
+    /// One pass, every stream of every rank a thread; with `trace`, every
+    /// op's written buffers are checked for non-finite values after it.
+    fn run_concurrent(
+        &self,
+        inputs: &[Vec<f32>],
+        trace: Option<&Trace>,
+    ) -> Result<Forward, ExecError> {
         self.check_inputs(inputs)?;
         let start = Instant::now();
-        let ranks = self.new_ranks(inputs, true)?;
+        // A traced pass starts from zeroed arenas: bytes no op of the pass
+        // wrote (rows a collective left alone) must not hold an earlier
+        // pass's values.
+        let ranks = self.new_ranks(inputs, trace.is_none())?;
         let pass = self.passes.fetch_add(1, Ordering::Relaxed);
         let comm = InProcessComm::new(self.options.timeout);
         let abort = Abort::default();
@@ -524,7 +573,11 @@ impl CpuBackend {
                             if abort.is_set() {
                                 return;
                             }
-                            if let Err(mut e) = run.op(op, Some(comm)) {
+                            let done = run.op(op, Some(comm));
+                            if let (Ok(()), Some(trace)) = (&done, trace) {
+                                Self::trace_writes(&run, op, trace);
+                            }
+                            if let Err(mut e) = done {
                                 e.rank = Some(ctx.rank);
                                 e.op = Some(format!("op #{} `{}` on stream {}", op.id, op.name, s));
                                 let text = e.to_string();
@@ -636,7 +689,9 @@ impl CpuBackend {
                 pos[r][s] += 1;
             }
         }
-        self.finish(&ranks, start)
+        let mut forward = self.finish(&ranks, start)?;
+        self.check_output(inputs, &mut forward)?;
+        Ok(forward)
     }
 
     /// Runs one collective for every member of an EP group at once (shuffled
@@ -1385,15 +1440,13 @@ impl StreamRun<'_> {
             .get(i)
             .ok_or_else(|| ExecError::new(format!("buffer b{i} does not exist")))?;
         let mut region = b.regions[i];
-        if let (Some(c), None) = (chunk, buf.chunk) {
-            if buf.shape.first() == Some(&(b.geo.tokens as u64)) && buf.dtype != DType::Fp8E4m3 {
-                let range = b.geo.chunk_range(c as usize);
-                let row_bytes = region.bytes / b.geo.tokens.max(1);
-                region = Region {
-                    offset: region.offset + range.start * row_bytes,
-                    bytes: range.len() * row_bytes,
-                };
-            }
+        if let Some(c) = buf.chunk_rows(chunk, b.geo.tokens as u64) {
+            let range = b.geo.chunk_range(c as usize);
+            let row_bytes = region.bytes / b.geo.tokens.max(1);
+            region = Region {
+                offset: region.offset + range.start * row_bytes,
+                bytes: range.len() * row_bytes,
+            };
         }
         Ok((region, buf))
     }

@@ -4,6 +4,7 @@
 
 pub mod comm;
 mod exec;
+pub mod finite;
 pub mod gemm;
 pub(crate) mod hier;
 pub mod jit;
@@ -11,4 +12,5 @@ pub mod layout;
 pub mod memory;
 pub mod traffic;
 
-pub use exec::{check_finite, CpuBackend, CpuOptions, ExecError, Forward, RoutingStats};
+pub use exec::{CpuBackend, CpuOptions, ExecError, Forward, RoutingStats};
+pub use finite::{check_finite, NonFinite};

@@ -5,8 +5,9 @@
 //! be opened at all (`cudarc::driver::sys::is_culib_present`, which only tries
 //! `dlopen` on the candidate names and cannot panic on a 64-bit target), and
 //! only then initialises the driver and counts the devices, with any panic
-//! inside cudarc caught and turned into an error. A machine without CUDA gets
-//! [`NO_DRIVER`], never a panic.
+//! inside cudarc caught and turned into an error, its message and backtrace
+//! left unprinted (a `libcuda` that lacks a symbol, say `cuInit`, gets one
+//! clean line). A machine without CUDA gets [`NO_DRIVER`], never a panic.
 
 use std::fmt;
 
@@ -162,10 +163,11 @@ pub fn probe() -> Result<DeviceInfo, DeviceError> {
 }
 
 /// Runs `f`, turning a panic inside cudarc (a symbol missing from an old
-/// driver, say) into an error instead of unwinding through the caller.
+/// driver, say) into an error instead of unwinding through the caller. The
+/// panic's message and backtrace are not printed: the error says it.
 #[cfg(feature = "cuda")]
 pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, DeviceError>) -> Result<T, DeviceError> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    match quietly(f) {
         Ok(r) => r,
         Err(payload) => {
             let why = payload
@@ -176,6 +178,36 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, DeviceError>) -> Result<T
             Err(DeviceError::Driver(why))
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+thread_local! {
+    /// Whether this thread is inside [`quietly`].
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `catch_unwind(f)` with this thread's panic messages silenced for the
+/// call. The panic hook is process-wide, so swapping it per call would race
+/// between threads (one thread's restore undoing another's swap); instead the
+/// first call puts in front of the hook the process has then a filter that
+/// drops the panics of threads inside this function and passes every other
+/// panic on to that hook, unchanged. Outside a call nothing is filtered.
+#[cfg(feature = "cuda")]
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    use std::panic::{catch_unwind, set_hook, take_hook, AssertUnwindSafe};
+    static FILTER: std::sync::Once = std::sync::Once::new();
+    FILTER.call_once(|| {
+        let previous = take_hook();
+        set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let outer = QUIET.with(|q| q.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(outer));
+    result
 }
 
 #[cfg(test)]
@@ -220,6 +252,75 @@ mod tests {
         assert_eq!(e, "GPU 2 does not exist (2 visible)");
         assert!(choose_ordinal(None, None, Some("x"), 2).is_err());
         assert!(choose_ordinal(None, Some(0), None, 0).is_err());
+    }
+
+    /// A `libcuda.so` that exports nothing (no `cuInit`): cudarc opens it,
+    /// then panics on the missing symbol. The probe reports a clean error and
+    /// nothing of the panic reaches the output. The library must be found
+    /// by the loader at start-up, so the check runs in a child process (this
+    /// test binary again, with `LD_LIBRARY_PATH` pointing at the fake).
+    #[cfg(all(feature = "cuda", target_os = "linux"))]
+    #[test]
+    fn a_libcuda_without_cuinit_is_a_clean_error() {
+        const CHILD: &str = "MOEC_FAKE_LIBCUDA_CHILD";
+        const AFTER: &str = "a panic after the probe still prints";
+        if std::env::var_os(CHILD).is_some() {
+            let e = probe().expect_err("a libcuda without symbols cannot work");
+            println!("probe: {e}");
+            // Outside the probe this thread's panics print as before.
+            assert!(!QUIET.with(std::cell::Cell::get));
+            let _ = std::panic::catch_unwind(|| panic!("{AFTER}"));
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("moec-fake-libcuda-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let source = dir.join("fake.c");
+        std::fs::write(&source, "int moec_fake_libcuda_exports_no_cuda_symbol;\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let built = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(dir.join("libcuda.so"))
+            .arg(&source)
+            .status();
+        if !built.is_ok_and(|s| s.success()) {
+            eprintln!("skipped: no C compiler (`cc`) to build a fake libcuda");
+            return;
+        }
+        std::fs::copy(dir.join("libcuda.so"), dir.join("libcuda.so.1"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let path = match std::env::var("LD_LIBRARY_PATH") {
+            Ok(old) if !old.is_empty() => format!("{}:{old}", dir.display()),
+            _ => dir.display().to_string(),
+        };
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+        let out = std::process::Command::new(exe)
+            .args([
+                "cuda::device::tests::a_libcuda_without_cuinit_is_a_clean_error",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .env("LD_LIBRARY_PATH", path)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(
+            stdout.contains("probe: CUDA driver error:")
+                || stdout.contains("probe: the CUDA driver reports"),
+            "{stdout}"
+        );
+        // cudarc's panic is silent; the one printed is the child's own.
+        assert!(stderr.contains(AFTER), "{stderr}");
+        assert_eq!(stderr.matches("panicked at").count(), 1, "{stderr}");
+        assert!(
+            !stdout.contains("panicked at") && !stderr.contains("cudarc"),
+            "{stdout}\n{stderr}"
+        );
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub struct CudaOptions {
     /// [`device::choose_ordinal`]).
     pub device: Option<usize>,
     pub comm: CommChoice,
+    /// Most bytes of GPU memory the plan may take (every local rank's
+    /// arena, weights and workspace, the cuBLAS workspaces, the context);
+    /// `None`: what the GPU has free. The free memory bounds it either way.
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for CudaOptions {
@@ -84,6 +88,7 @@ impl Default for CudaOptions {
             timeout: Duration::from_secs(300),
             device: None,
             comm: CommChoice::Auto,
+            memory_budget: None,
         }
     }
 }
@@ -173,16 +178,20 @@ impl CudaBackend {
         })
         .map_err(|e| fail(e.to_string()))?
         .0 as u64;
-        if need.total() > free {
+        let (limit, what) = match options.memory_budget {
+            Some(budget) if budget < free => (budget, "the memory budget is"),
+            _ => (free, "are free"),
+        };
+        if need.total() > limit {
             let gb = |b: u64| b as f64 / 1e9;
             return Err(fail(format!(
-                "the plan needs {:.1} GB of GPU memory ({:.1} GB for {} rank(s), {:.1} GB of cuBLAS workspaces, {:.1} GB for the context and the local-memory reserve), {:.1} GB are free",
+                "the plan needs {:.1} GB of GPU memory ({:.1} GB for {} rank(s), {:.1} GB of cuBLAS workspaces, {:.1} GB for the context and the local-memory reserve), {:.1} GB {what}; shrink the layer (hidden, intermediate, tokens_per_rank) or build it for more ranks, one per GPU",
                 gb(need.total()),
                 gb(need.allocations),
                 local.len(),
                 gb(need.cublas),
                 gb(need.context + need.local_reserve),
-                gb(free)
+                gb(limit)
             )));
         }
         let (generated, _) = cache
@@ -340,6 +349,7 @@ impl CudaBackend {
                 wall_seconds: pass.seconds,
                 // The device's copies are not counted yet.
                 traffic: Vec::new(),
+                warnings: Vec::new(),
             },
             pass.timings,
         ))

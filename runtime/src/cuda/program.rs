@@ -458,6 +458,23 @@ impl Placer {
     }
 }
 
+/// The workspace spans that do not depend on the streams.
+const FIXED_WORK: usize = 12;
+/// The first of the `drop = probs` sort's spans in the fixed workspace.
+const PROBS_WORK: usize = 6;
+
+/// What the `drop = probs` keep decision reads and writes besides its own
+/// sort's workspace.
+struct KeepProbs {
+    meta: ArgT,
+    dest_rank: ArgT,
+    dest_local: ArgT,
+    table: Span,
+    kept_own: Span,
+    max_local: usize,
+    capacity: i64,
+}
+
 /// Checked `a * b * c` for sizes.
 fn mul(parts: &[u64]) -> Result<u64, String> {
     parts
@@ -569,9 +586,8 @@ struct Lowering<'p> {
     biased_need: Vec<u64>,
     scratch_need: Vec<u64>,
     /// Placeholders of the workspace spans that do not depend on the
-    /// streams (table, statistics, own keeps, send and receive offsets),
-    /// patched in `finish`.
-    work_fixed: [Span; 6],
+    /// streams (see [`Lowering::work`]), patched in `finish`.
+    work_fixed: [Span; FIXED_WORK],
     padded: u64,
     /// The `slots` buffer `assign_place` writes.
     slots: Option<Span>,
@@ -642,6 +658,14 @@ impl<'p> Lowering<'p> {
             offset: u64::MAX - i,
             bytes,
         };
+        // drop = probs sorts the group's assignments per expert: a cursor
+        // and the bucket starts per expert, two pairs of (key, row) buffers.
+        let (experts, sorted) = match geo.capacity {
+            Some((_, crate::plan::DropPolicy::Probs)) => {
+                (geo.experts as u64, mul(&[geo.group as u64, tokens, k])?)
+            }
+            _ => (0, 0),
+        };
         let fixed = [
             placeholder(1, mul(&[shape.table_len() as u64, 4])?),
             placeholder(2, mul(&[shape.stats_len() as u64, 4])?),
@@ -649,6 +673,12 @@ impl<'p> Lowering<'p> {
             placeholder(4, mul(&[tokens, k])?),
             placeholder(5, mul(&[shape.table_len() as u64, 4])?),
             placeholder(6, mul(&[shape.table_len() as u64, 4])?),
+            placeholder(7, mul(&[experts, 4])?),
+            placeholder(8, mul(&[experts + u64::from(experts > 0), 4])?),
+            placeholder(9, mul(&[sorted, 4])?),
+            placeholder(10, mul(&[sorted, 4])?),
+            placeholder(11, mul(&[sorted, 4])?),
+            placeholder(12, mul(&[sorted, 4])?),
         ];
         // Capacity plans: an expert gets at most `capacity` rows in all, and
         // in a chunk at most one per token of the group; its expert-side
@@ -737,16 +767,14 @@ impl<'p> Lowering<'p> {
     fn region(&self, buffer: u32, chunk: Option<u64>) -> Result<(Span, &'p Buffer), String> {
         let buf = self.buffer(buffer)?;
         let mut span = self.regions[buffer as usize];
-        if let (Some(c), None) = (chunk, buf.chunk) {
-            if buf.shape.first() == Some(&(self.geo.tokens as u64)) && buf.dtype != DType::Fp8E4m3 {
-                let range = self.geo.chunk_range(c as usize);
-                let row_bytes = span.bytes / (self.geo.tokens as u64).max(1);
-                span = Span {
-                    space: Space::Arena,
-                    offset: span.offset + range.start as u64 * row_bytes,
-                    bytes: range.len() as u64 * row_bytes,
-                };
-            }
+        if let Some(c) = buf.chunk_rows(chunk, self.geo.tokens as u64) {
+            let range = self.geo.chunk_range(c as usize);
+            let row_bytes = span.bytes / (self.geo.tokens as u64).max(1);
+            span = Span {
+                space: Space::Arena,
+                offset: span.offset + range.start as u64 * row_bytes,
+                bytes: range.len() as u64 * row_bytes,
+            };
         }
         Ok((span, buf))
     }
@@ -1022,10 +1050,134 @@ impl<'p> Lowering<'p> {
     }
 
     /// A placeholder of the fixed workspace part (0 table, 1 statistics,
-    /// 2 and 3 own keeps, 4 send offsets, 5 receive offsets); offsets are
-    /// patched in `finish`.
+    /// 2 and 3 own keeps, 4 send offsets, 5 receive offsets, then the
+    /// `drop = probs` sort's from [`PROBS_WORK`]: its cursor, bucket starts,
+    /// keys and rows, the other keys and rows); offsets are patched in
+    /// `finish`.
     fn work(&self, which: usize) -> Span {
-        self.work_fixed[which.min(5)]
+        self.work_fixed[which.min(FIXED_WORK - 1)]
+    }
+
+    /// `drop = probs`: the group's assignments bucketed by expert, sorted in
+    /// each bucket by (weight descending, row) with one merge launch per
+    /// run width, then kept by their place in the bucket (the sequence
+    /// `assign.cu` describes).
+    fn assign_keep_probs(
+        &mut self,
+        index: usize,
+        stream: usize,
+        label: &str,
+        keep: KeepProbs,
+    ) -> Result<(), String> {
+        let geo = self.geo.clone();
+        let assignments = mul(&[geo.group as u64, geo.tokens as u64, geo.top_k as u64])?;
+        // Rows and sorted positions are ints on the device.
+        if assignments > i32::MAX as u64 {
+            return Err(format!(
+                "{assignments} assignments in an EP group are more than the device's drop = probs ranking indexes"
+            ));
+        }
+        let i64v = |v: usize| ArgT::I64(v as i64);
+        let ints = |span: Span| ArgT::Buf {
+            span,
+            len: span.bytes / 4,
+        };
+        let cursor = self.work(PROBS_WORK);
+        let starts = self.work(PROBS_WORK + 1);
+        let keys = [self.work(PROBS_WORK + 2), self.work(PROBS_WORK + 4)];
+        let order = [self.work(PROBS_WORK + 3), self.work(PROBS_WORK + 5)];
+        self.push(
+            index,
+            stream,
+            StepKind::Memset {
+                span: cursor,
+                value: 0,
+            },
+        );
+        let each = Rows::Fixed(assignments);
+        let launch = |l: &mut Self, kernel: NativeKernel, args: Vec<ArgT>, rows: Rows| {
+            l.add_launch(
+                index,
+                stream,
+                KernelRef::Native(kernel),
+                label,
+                args,
+                rows,
+                true,
+            )
+        };
+        launch(
+            self,
+            NativeKernel::ProbsCount,
+            vec![
+                keep.meta,
+                ints(cursor),
+                i64v(geo.tokens),
+                i64v(geo.top_k),
+                i64v(geo.experts),
+            ],
+            each,
+        )?;
+        launch(
+            self,
+            NativeKernel::ProbsStarts,
+            vec![ints(cursor), ints(starts), i64v(geo.experts)],
+            Rows::Fixed(1),
+        )?;
+        launch(
+            self,
+            NativeKernel::ProbsFill,
+            vec![
+                keep.meta,
+                ints(cursor),
+                ints(keys[0]),
+                ints(order[0]),
+                i64v(geo.top_k),
+            ],
+            each,
+        )?;
+        let mut from = 0;
+        for shift in moec_kernels::native::probs_merge_shifts(assignments) {
+            launch(
+                self,
+                NativeKernel::ProbsMerge,
+                vec![
+                    ints(keys[from]),
+                    ints(order[from]),
+                    ints(starts),
+                    ints(keys[1 - from]),
+                    ints(order[1 - from]),
+                    i64v(geo.experts),
+                    ArgT::I64(i64::from(shift)),
+                ],
+                each,
+            )?;
+            from = 1 - from;
+        }
+        launch(
+            self,
+            NativeKernel::AssignKeepProbs,
+            vec![
+                ints(order[from]),
+                ints(starts),
+                keep.dest_rank,
+                keep.dest_local,
+                ints(keep.table),
+                ArgT::Buf {
+                    span: keep.kept_own,
+                    len: keep.kept_own.bytes,
+                },
+                i64v(geo.group),
+                ArgT::Me,
+                i64v(geo.tokens),
+                i64v(geo.top_k),
+                i64v(geo.experts),
+                i64v(geo.chunk_tokens),
+                i64v(keep.max_local),
+                ArgT::I64(keep.capacity),
+            ],
+            each,
+        )
     }
 
     /// The assignment kernels (see `kernels/src/cuda_templates/assign.cu`).
@@ -1142,31 +1294,16 @@ impl<'p> Lowering<'p> {
         let meta_arg = whole(self, meta_all)?;
         let (group, me_arg) = (i64v(geo.group), ArgT::Me);
         if probs {
-            let args = vec![
-                meta_arg,
+            let keep = KeepProbs {
+                meta: meta_arg,
                 dest_rank,
                 dest_local,
-                buf(table, 4),
-                buf(kept_own, 1),
-                group,
-                me_arg,
-                i64v(geo.tokens),
-                i64v(geo.top_k),
-                i64v(geo.experts),
-                i64v(geo.chunk_tokens),
-                i64v(max_local),
-                ArgT::I64(capacity),
-            ];
-            let rows = Rows::Fixed((geo.group * geo.tokens * geo.top_k) as u64);
-            self.add_launch(
-                index,
-                stream,
-                KernelRef::Native(NativeKernel::AssignKeepProbs),
-                &k.name,
-                args,
-                rows,
-                true,
-            )?;
+                table,
+                kept_own,
+                max_local,
+                capacity,
+            };
+            self.assign_keep_probs(index, stream, &k.name, keep)?;
         } else {
             let args = vec![
                 meta_arg,
@@ -1428,12 +1565,11 @@ impl<'p> Lowering<'p> {
         } = self;
         let mut w = Placer::new(Space::Work);
         let status_span = w.take(mul(&[status.len() as u64, STATUS_BYTES])?)?;
-        let table = w.take(work_fixed[0].bytes)?;
-        let stats = w.take(work_fixed[1].bytes)?;
-        let keep_own = w.take(work_fixed[2].bytes)?;
-        let kept_own = w.take(work_fixed[3].bytes)?;
-        let send_off = w.take(work_fixed[4].bytes)?;
-        let recv_off = w.take(work_fixed[5].bytes)?;
+        let mut placed = work_fixed;
+        for span in &mut placed {
+            *span = w.take(span.bytes)?;
+        }
+        let [table, stats, keep_own, kept_own, send_off, recv_off, ..] = placed;
         let mut streams = Vec::with_capacity(acc_need.len());
         for ((acc, biased), scratch) in acc_need.iter().zip(&biased_need).zip(&scratch_need) {
             streams.push(StreamWork {
@@ -1458,16 +1594,8 @@ impl<'p> Lowering<'p> {
             if span.space != Space::Work {
                 return;
             }
-            let fixed = [
-                (work_fixed[0], table),
-                (work_fixed[1], stats),
-                (work_fixed[2], keep_own),
-                (work_fixed[3], kept_own),
-                (work_fixed[4], send_off),
-                (work_fixed[5], recv_off),
-            ];
-            if let Some((_, real)) = fixed.iter().find(|(p, _)| p == span) {
-                *span = *real;
+            if let Some(i) = work_fixed.iter().position(|p| p == span) {
+                *span = placed[i];
             }
         };
         for step in &mut steps {

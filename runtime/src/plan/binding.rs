@@ -80,9 +80,11 @@ pub fn binding(kind: KernelKind, phase: Phase) -> Option<Binding> {
         KernelKind::RouterBias => (&[Input(0), Output(0), RouterBias], LaunchRows::ChunkTokens),
         KernelKind::RouterNormalize => (&[Output(0)], LaunchRows::ChunkTokens),
         KernelKind::RouterScale => (&[Output(0), RouterScale], LaunchRows::ChunkTokens),
-        KernelKind::Permute | KernelKind::PermutePack | KernelKind::UnpermuteWeightedSum => {
-            (THREE_IN_OUT, LaunchRows::ChunkTokens)
-        }
+        KernelKind::Permute
+        | KernelKind::PermutePack
+        | KernelKind::UnpermuteWeightedSum
+        | KernelKind::PackRank
+        | KernelKind::SumRank => (THREE_IN_OUT, LaunchRows::ChunkTokens),
         KernelKind::Expand | KernelKind::Reduce => (THREE_IN_OUT, LaunchRows::ReceivedByRank),
         KernelKind::Pack => (IN_OUT, LaunchRows::Sent),
         KernelKind::QuantizeFp8 => (IN_OUT, LaunchRows::WireSent),
@@ -116,13 +118,15 @@ pub fn library_kind(kind: KernelKind) -> Option<Kind> {
         KernelKind::RouterScale => Kind::RouterScale,
         KernelKind::Permute => Kind::Permute,
         KernelKind::Pack => Kind::Pack,
-        KernelKind::PermutePack => Kind::PermutePack,
+        KernelKind::PermutePack | KernelKind::PackRank => Kind::PermutePack,
         KernelKind::QuantizeFp8 => Kind::QuantizeFp8,
         KernelKind::DequantizeFp8 => Kind::DequantizeFp8,
         KernelKind::Activation => Kind::Activation,
         KernelKind::Unpermute => Kind::Unpermute,
         KernelKind::WeightedSum => Kind::WeightedSum,
-        KernelKind::UnpermuteWeightedSum | KernelKind::Reduce => Kind::UnpermuteWeightedSum,
+        KernelKind::UnpermuteWeightedSum | KernelKind::Reduce | KernelKind::SumRank => {
+            Kind::UnpermuteWeightedSum
+        }
         KernelKind::Expand => Kind::Permute,
         KernelKind::SharedGate => Kind::SharedGate,
         KernelKind::Add => Kind::Add,

@@ -11,12 +11,16 @@
 //! sees it. Its [`std::fmt::Display`] is the stable text form `moec build` prints.
 
 pub mod binding;
+mod consistency;
+pub mod order;
+mod races;
 pub mod rows;
 mod text;
 mod validate;
 
+pub use consistency::{router_chain, MAX_DIMS, MAX_ITEMS, MAX_OPS, MAX_STREAMS};
 pub use text::human_bytes;
-pub use validate::{buffer_bytes, BufferRef, OpRef, PlanError, Stuck};
+pub use validate::{buffer_bytes, BufferRef, LostWrite, OpRef, PlanError, Race, Stuck};
 
 use serde::{Deserialize, Serialize};
 
@@ -392,6 +396,9 @@ pub enum KernelKind {
     WeightedSum,
     /// Un-permute and weighted sum in one pass.
     UnpermuteWeightedSum,
+    /// Dispatch by rank, on the source: each token's row into its by-rank
+    /// send rows, unscaled (`permute_pack` over the destination ranks).
+    PackRank,
     /// Dispatch by rank, on arrival: each received row copied to the expert
     /// rows of its picks (`permute` over the received rows).
     Expand,
@@ -399,6 +406,10 @@ pub enum KernelKind {
     /// received row's expert outputs (`unpermute_weighted_sum` over the
     /// received rows).
     Reduce,
+    /// Reducing combine, on the source: a token's returned rows summed over
+    /// the destination ranks (`unpermute_weighted_sum` over the ranks,
+    /// unweighted).
+    SumRank,
     /// Qwen2-MoE shared-expert gate: `sigmoid(x · w)` times the shared output.
     SharedGate,
     /// Output = routed + shared.
@@ -407,7 +418,7 @@ pub enum KernelKind {
 
 impl KernelKind {
     /// Every kind, in declaration order.
-    pub const ALL: [KernelKind; 22] = [
+    pub const ALL: [KernelKind; 24] = [
         KernelKind::RouterFused,
         KernelKind::RouterScores,
         KernelKind::RouterBias,
@@ -426,8 +437,10 @@ impl KernelKind {
         KernelKind::Unpermute,
         KernelKind::WeightedSum,
         KernelKind::UnpermuteWeightedSum,
+        KernelKind::PackRank,
         KernelKind::Expand,
         KernelKind::Reduce,
+        KernelKind::SumRank,
         KernelKind::SharedGate,
         KernelKind::Add,
     ];
@@ -474,6 +487,24 @@ pub struct Buffer {
     /// (the input, the routing, the output, ...): an op of chunk `i` reads or
     /// writes only chunk `i`'s rows of those.
     pub chunk: Option<u64>,
+}
+
+impl Buffer {
+    /// The token chunk whose rows alone an op of `chunk` touches in this
+    /// buffer, or `None` when it touches the whole buffer: an op of a chunk
+    /// sees only that chunk's rows of a whole-layer buffer whose rows are the
+    /// rank's `tokens` (fp8 buffers, whose scales follow the rows, are
+    /// always whole). Both backends and the load checks follow this.
+    pub fn chunk_rows(&self, chunk: Option<u64>, tokens: u64) -> Option<u64> {
+        match (chunk, self.chunk) {
+            (Some(c), None)
+                if self.shape.first() == Some(&tokens) && self.dtype != DType::Fp8E4m3 =>
+            {
+                Some(c)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The phases of a layer, for reporting.

@@ -13,8 +13,19 @@
 //!    that is never recorded, no deadlock between streams (found by running
 //!    the streams abstractly), ids increasing along each stream and from each
 //!    record to its waits;
-//! 6. dropless layers raise the device-side overflow flag.
+//! 6. dropless layers raise the device-side overflow flag;
+//! 7. consistency with the layer (`consistency.rs`): the input and output,
+//!    every launch's kernel constants and bound buffers, every GEMM and
+//!    collective, the ops the layer needs;
+//! 8. races (`races.rs`), by the happens-before relation of `order.rs`:
+//!    every read after the write it needs, conflicting accesses ordered,
+//!    buffers that share arena bytes used one after the other.
+//!
+//! Limits on the counts of streams, ops, buffers, kernels and events come
+//! right after the version, so that no later check sizes anything by a
+//! number the file made up; all size arithmetic is checked.
 
+use super::order::HappensBefore;
 use super::{Activation, CapacityConfig, DType, Op, OpKind, Plan, PLAN_FORMAT_VERSION};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -59,6 +70,28 @@ pub struct Stuck {
     pub event: u32,
     /// The op that records the event (itself stuck behind another wait).
     pub record: Option<OpRef>,
+}
+
+/// Two ops that touch the same part of `data` (the rows of `chunk`, when
+/// given), at least one writing, with no stream order or event between them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Race {
+    pub first: OpRef,
+    pub first_writes: bool,
+    pub second: OpRef,
+    pub second_writes: bool,
+    pub data: Box<str>,
+    pub chunk: Option<u64>,
+}
+
+/// What `op` writes into `data` (the rows of `chunk`, when given) is never
+/// read: `overwritten_by` writes it again first, or the pass ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostWrite {
+    pub op: OpRef,
+    pub data: Box<str>,
+    pub chunk: Option<u64>,
+    pub overwritten_by: Option<OpRef>,
 }
 
 /// Why a plan was rejected.
@@ -135,7 +168,8 @@ pub enum PlanError {
         buffer: BufferRef,
         live: (u32, u32),
     },
-    /// Two buffers that are live at the same time share arena bytes.
+    /// Two buffers share arena bytes, but their uses are not ordered one
+    /// after the other (or one is the layer's input or output).
     ArenaOverlap {
         first: BufferRef,
         first_range: (u64, u64),
@@ -180,6 +214,54 @@ pub enum PlanError {
     },
     /// A dropless layer without the device-side overflow flag.
     DroplessWithoutOverflowFlag,
+    /// The plan has more of `what` than a plan may have.
+    Limit {
+        what: &'static str,
+        found: u64,
+        limit: u64,
+    },
+    /// A launched kernel's constants are not those the layer gives its kind.
+    KernelConstants {
+        op: OpRef,
+        kernel: u32,
+        name: Box<str>,
+        problem: String,
+    },
+    /// An op's buffers or sizes do not fit what it computes (a launch's
+    /// bound buffers against its kernel's parameters, a GEMM's shapes
+    /// against the layer's weights, a collective's buffers).
+    Op {
+        op: OpRef,
+        problem: String,
+    },
+    /// The plan's ops are not those the layer needs (a router stage, an
+    /// assignment pass, the expert GEMMs, fp8 casts, shared experts).
+    Form {
+        problem: String,
+    },
+    /// `op` reads `data` (the rows of `chunk`, when given) before any op
+    /// writes it.
+    ReadBeforeWrite {
+        op: OpRef,
+        data: Box<str>,
+        chunk: Option<u64>,
+    },
+    /// Two ops touch the same data, at least one writing, and no stream
+    /// order or event orders them.
+    Race(Box<Race>),
+    /// What an op writes is never read.
+    LostWrite(Box<LostWrite>),
+    /// Data the host reads after the pass (the output, the overflow flag)
+    /// is never written (in the rows of `chunk`, when given).
+    NeverWritten {
+        data: Box<str>,
+        chunk: Option<u64>,
+    },
+}
+
+/// " (the rows of chunk c)" or nothing.
+fn rows_of(chunk: &Option<u64>) -> String {
+    chunk.map_or(String::new(), |c| format!(" (the rows of chunk {c})"))
 }
 
 impl fmt::Display for PlanError {
@@ -292,7 +374,8 @@ impl fmt::Display for PlanError {
             } => write!(
                 f,
                 "{first} (arena [{}, {}), ops {}..{}) and {second} (arena [{}, {}), ops {}..{}) \
-                 share arena bytes while both are live",
+                 share arena bytes, but the streams and events do not order every use of one \
+                 before every use of the other (or one is the layer's input or output)",
                 first_range.0,
                 first_range.1,
                 first_live.0,
@@ -374,6 +457,57 @@ impl fmt::Display for PlanError {
                 "`choices.overflow_flag` is false but `layer.capacity` is dropless; \
                  dropless plans must raise the device-side overflow flag"
             ),
+            E::Limit { what, found, limit } => write!(
+                f,
+                "the plan has {found} {what}, at most {limit} are accepted"
+            ),
+            E::KernelConstants {
+                op,
+                kernel,
+                name,
+                problem,
+            } => write!(f, "{op} launches kernel k{kernel} `{name}`, which {problem}"),
+            E::Op { op, problem } => write!(f, "{op} {problem}"),
+            E::Form { problem } => write!(f, "{problem}"),
+            E::ReadBeforeWrite { op, data, chunk } => write!(
+                f,
+                "{op} reads {data}{} before any op writes it; \
+                 a wait for the op that writes it is missing or points elsewhere",
+                rows_of(chunk)
+            ),
+            E::Race(r) => {
+                let verb = |w: bool| if w { "writes" } else { "reads" };
+                write!(
+                    f,
+                    "{} {} {}{} and {} {} it, but no stream order or event \
+                     orders them (a race); a wait between them is missing or points elsewhere",
+                    r.first,
+                    verb(r.first_writes),
+                    r.data,
+                    rows_of(&r.chunk),
+                    r.second,
+                    verb(r.second_writes)
+                )
+            }
+            E::LostWrite(w) => {
+                write!(
+                    f,
+                    "{} writes {}{}, but no op reads it before ",
+                    w.op,
+                    w.data,
+                    rows_of(&w.chunk)
+                )?;
+                match &w.overwritten_by {
+                    Some(o) => write!(f, "{o} writes it again")?,
+                    None => write!(f, "the pass ends")?,
+                }
+                write!(f, "; an op's output points at the wrong buffer")
+            }
+            E::NeverWritten { data, chunk } => write!(
+                f,
+                "{data}{} is read after the pass, but no op writes it",
+                rows_of(chunk)
+            ),
         }
     }
 }
@@ -401,7 +535,7 @@ fn shape_text(shape: &[u64]) -> String {
     format!("[{}]", dims.join(", "))
 }
 
-fn field(field: impl Into<String>, problem: impl Into<String>) -> PlanError {
+pub(super) fn field(field: impl Into<String>, problem: impl Into<String>) -> PlanError {
     PlanError::Field {
         field: field.into(),
         problem: problem.into(),
@@ -509,6 +643,7 @@ impl Plan {
                 expected: PLAN_FORMAT_VERSION,
             });
         }
+        self.check_limits()?;
         self.check_layer()?;
         self.check_mesh()?;
         self.check_choices()?;
@@ -520,10 +655,18 @@ impl Plan {
         if self.layer.capacity == CapacityConfig::Dropless && !self.choices.overflow_flag {
             return Err(PlanError::DroplessWithoutOverflowFlag);
         }
-        Ok(())
+        let expect = self.expect()?;
+        self.check_io(&expect)?;
+        self.check_launches(&expect)?;
+        self.check_gemms(&expect)?;
+        self.check_collectives()?;
+        self.check_forms()?;
+        let order = HappensBefore::new(&self.streams, self.events);
+        self.check_races(&order)?;
+        self.check_arena_sharing(&order)
     }
 
-    fn op_ref(&self, stream: usize, op: &Op) -> OpRef {
+    pub(super) fn op_ref(&self, stream: usize, op: &Op) -> OpRef {
         OpRef {
             id: op.id,
             name: op.name.as_str().into(),
@@ -541,7 +684,24 @@ impl Plan {
         Some(self.op_ref(stream, op))
     }
 
-    fn buffer_ref(&self, index: u32) -> BufferRef {
+    /// The op `id` on `stream` (ids are unique once the references are checked).
+    pub(super) fn op_ref_by_id(&self, id: u32, stream: usize) -> OpRef {
+        let op = self
+            .streams
+            .get(stream)
+            .and_then(|s| s.ops.iter().find(|o| o.id == id));
+        match op {
+            Some(op) => self.op_ref(stream, op),
+            None => OpRef {
+                id,
+                name: "".into(),
+                stream,
+                stream_name: "".into(),
+            },
+        }
+    }
+
+    pub(super) fn buffer_ref(&self, index: u32) -> BufferRef {
         BufferRef {
             index,
             name: self
@@ -828,6 +988,15 @@ impl Plan {
                         });
                     }
                 }
+                if let Some(c) = op.chunk.filter(|&c| c >= self.choices.chunks) {
+                    return Err(PlanError::Op {
+                        op: self.op_ref(s, op),
+                        problem: format!(
+                            "works on chunk {c}, but the plan has {} chunks",
+                            self.choices.chunks
+                        ),
+                    });
+                }
                 if let Some(&first) = ids.get(&op.id) {
                     return Err(PlanError::DuplicateOpId {
                         first: self.op_ref_at(first).unwrap_or_else(|| self.op_ref(s, op)),
@@ -853,6 +1022,15 @@ impl Plan {
                     found: b.bytes,
                     expected,
                 });
+            }
+            if let Some(c) = b.chunk.filter(|&c| c >= self.choices.chunks) {
+                return Err(field(
+                    format!("buffers[{i}].chunk"),
+                    format!(
+                        "of `{}` is {c}, but the plan has {} chunks",
+                        b.name, self.choices.chunks
+                    ),
+                ));
             }
             if b.live.0 > b.live.1 {
                 return Err(PlanError::BufferLiveRange {
@@ -890,36 +1068,19 @@ impl Plan {
                 });
             }
         }
-        // Arena: buffers live at the same time do not share bytes. Sweep by
-        // offset, keeping the buffers whose bytes reach past the current offset.
-        let mut order: Vec<usize> = (0..self.buffers.len())
-            .filter(|&i| self.buffers[i].bytes > 0)
-            .collect();
-        order.sort_by_key(|&i| (self.buffers[i].offset, i));
-        let mut active: Vec<usize> = Vec::new();
-        for &i in &order {
-            let b = &self.buffers[i];
-            // Ends cannot overflow: checked above.
-            active.retain(|&j| {
-                let o = &self.buffers[j];
-                o.offset.saturating_add(o.bytes) > b.offset
-            });
-            for &j in &active {
-                let o = &self.buffers[j];
-                if o.live.0 <= b.live.1 && b.live.0 <= o.live.1 {
-                    let (first, second) = if j < i { (j, i) } else { (i, j) };
-                    let (fb, sb) = (&self.buffers[first], &self.buffers[second]);
-                    return Err(PlanError::ArenaOverlap {
-                        first: self.buffer_ref(first as u32),
-                        first_range: (fb.offset, fb.offset.saturating_add(fb.bytes)),
-                        first_live: fb.live,
-                        second: self.buffer_ref(second as u32),
-                        second_range: (sb.offset, sb.offset.saturating_add(sb.bytes)),
-                        second_live: sb.live,
-                    });
-                }
-            }
-            active.push(i);
+        // The arena is what the buffers need, no more: its size is allocated
+        // per rank.
+        let end = self
+            .buffers
+            .iter()
+            .map(|b| b.offset.saturating_add(b.bytes))
+            .max()
+            .unwrap_or(0);
+        if end != arena {
+            return Err(field(
+                "memory.peak_activation_bytes",
+                format!("is {arena}, but the buffers end at {end} bytes"),
+            ));
         }
         if total != Some(self.memory.total_buffer_bytes) {
             return Err(field(
