@@ -22,6 +22,10 @@
 //! keeps this file to a few seconds in a debug build; set `MOEC_FUZZ_CASES`
 //! for a longer run, e.g.
 //! `MOEC_FUZZ_CASES=3000 cargo test -p moec-tests --release --test plan_fuzz -- --nocapture`.
+//! Besides the random cases: systematic corruptions of every small example
+//! (run always), and, on request (`-- --include-ignored`, minutes in a
+//! release build), every buffer reference redirected to every buffer and
+//! every single field of every small example changed.
 
 #![allow(clippy::unwrap_used)]
 
@@ -766,4 +770,137 @@ fn corruptions_that_ran_to_wrong_answers_are_caught_in_every_example() {
         c.refused * 10 >= c.cases * 9,
         "most should be refused: {c:?}"
     );
+}
+
+/// Every buffer reference of every op of every small example pointed at
+/// every other buffer, each mutant loaded and run like the others: slow in
+/// a debug build, so it runs on request
+/// (`cargo test -p moec-tests --release --test plan_fuzz -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn every_buffer_reference_redirected_anywhere() {
+    let counts = Mutex::new(Counts::default());
+    for base in bases().iter().filter(|b| b.output.is_some()) {
+        let buffers = base.json["buffers"].as_array().map_or(0, Vec::len);
+        for o in op_slots(&base.json) {
+            let mut probe = base.json.clone();
+            let Some((_, inner)) = op_mut(&mut probe, o).and_then(op_kind) else {
+                continue;
+            };
+            let mut refs: Vec<(String, Option<usize>)> = Vec::new();
+            for (field, v) in inner.iter() {
+                match v {
+                    Value::Array(list) if field == "inputs" || field == "outputs" => {
+                        refs.extend((0..list.len()).map(|i| (field.clone(), Some(i))));
+                    }
+                    Value::Number(_) if ["a", "c", "send", "recv"].contains(&field.as_str()) => {
+                        refs.push((field.clone(), None));
+                    }
+                    _ => {}
+                }
+            }
+            for (field, index) in refs {
+                for b in 0..buffers {
+                    let mut json = base.json.clone();
+                    let Some((_, inner)) = op_mut(&mut json, o).and_then(op_kind) else {
+                        continue;
+                    };
+                    let slot = match (inner.get_mut(&field), index) {
+                        (Some(Value::Array(list)), Some(i)) => &mut list[i],
+                        (Some(v), None) => v,
+                        _ => continue,
+                    };
+                    if slot.as_u64() == Some(b as u64) {
+                        continue;
+                    }
+                    *slot = b.into();
+                    let what = format!("op {o:?} {field}{index:?} -> b{b}");
+                    check_mutant(base, &json, &what, &counts);
+                }
+            }
+        }
+    }
+    let c = counts.into_inner().unwrap();
+    eprintln!(
+        "buffer redirects: {} mutants: {} refused, {} loaded ({} ran to the right output, {} failed with an error, {} ran to a different output), {} panicked",
+        c.cases, c.refused, c.loaded, c.ran_equal, c.ran_error, c.ran_different, c.panicked
+    );
+    assert!(c.failures.is_empty(), "{}", c.failures.join("\n"));
+}
+
+/// Every single-field change of every small example: each number set to 0,
+/// 1, one less, one more and twice itself; each boolean flipped; each string
+/// replaced by every name the format uses; each op deleted; each op swapped
+/// with the next on its stream. On request, like the test above.
+#[test]
+#[ignore]
+fn every_single_field_changed() {
+    let counts = Mutex::new(Counts::default());
+    for base in bases().iter().filter(|b| b.output.is_some()) {
+        let mut paths = Vec::new();
+        leaves(&base.json, &mut Vec::new(), &mut paths);
+        for p in &paths {
+            let old = base
+                .json
+                .pointer(&pointer(p))
+                .cloned()
+                .unwrap_or(Value::Null);
+            let news: Vec<Value> = match &old {
+                Value::Number(n) => {
+                    let v = n.as_u64().unwrap_or(1);
+                    vec![
+                        0.into(),
+                        1.into(),
+                        v.saturating_sub(1).into(),
+                        v.saturating_add(1).into(),
+                        v.saturating_mul(2).into(),
+                    ]
+                }
+                Value::Bool(b) => vec![(!b).into()],
+                Value::String(_) => NAMES.iter().map(|&n| n.into()).collect(),
+                _ => Vec::new(),
+            };
+            for new in news {
+                if new == old {
+                    continue;
+                }
+                let mut json = base.json.clone();
+                if let Some(v) = at(&mut json, p) {
+                    *v = new.clone();
+                }
+                let what = format!("{} = {new}", pointer(p));
+                check_mutant(base, &json, &what, &counts);
+            }
+        }
+        for (s, i) in op_slots(&base.json) {
+            let mut json = base.json.clone();
+            if let Some(list) = json["streams"][s]["ops"].as_array_mut() {
+                list.remove(i);
+            }
+            check_mutant(
+                base,
+                &json,
+                &format!("op {i} of stream {s} deleted"),
+                &counts,
+            );
+            let mut json = base.json.clone();
+            if let Some(list) = json["streams"][s]["ops"].as_array_mut() {
+                if i + 1 < list.len() {
+                    list.swap(i, i + 1);
+                    check_mutant(
+                        base,
+                        &json,
+                        &format!("ops {i}, {} of stream {s} swapped", i + 1),
+                        &counts,
+                    );
+                }
+            }
+        }
+    }
+    let c = counts.into_inner().unwrap();
+    eprintln!(
+        "single-field changes: {} mutants: {} refused, {} loaded ({} ran to the right output, {} failed with an error, {} ran to a different output), {} panicked",
+        c.cases, c.refused, c.loaded, c.ran_equal, c.ran_error, c.ran_different, c.panicked
+    );
+    assert!(c.failures.is_empty(), "{}", c.failures.join("\n"));
 }

@@ -1095,7 +1095,11 @@ fn corruptions_that_ran_to_wrong_answers_are_refused() {
                     outputs[0] = 12;
                 }
             },
-            &["buffer b1 `out`", "no op writes it"],
+            &[
+                "op #17 `unpermute`",
+                "binds b12 `y` [64, 64] as `out`",
+                "[16, 64] of the whole layer",
+            ],
         ),
         (
             "a launch writing the layer's input",
@@ -1109,14 +1113,49 @@ fn corruptions_that_ran_to_wrong_answers_are_refused() {
         (
             "a launch's output pointed at a buffer nobody reads again",
             |p| {
-                if let OpKind::Launch { outputs, .. } = &mut op_mut(p, 1).kind {
-                    outputs[1] = 2;
+                if let OpKind::Launch { outputs, .. } = &mut op_mut(p, 8).kind {
+                    outputs[0] = 3;
                 }
             },
             &[
-                "op #1 `router`",
-                "writes buffer b2 `logits`",
+                "op #8 `assign_place`",
+                "writes buffer b3 `topk_ids`",
                 "no op reads it before the pass ends",
+            ],
+        ),
+        (
+            "the routing weights swapped for the input",
+            |p| {
+                if let OpKind::Launch { inputs, .. } = &mut op_mut(p, 17).kind {
+                    inputs[2] = 0;
+                }
+            },
+            &[
+                "op #17 `unpermute`",
+                "binds b0 `x` (bf16)",
+                "`weights` is f32",
+            ],
+        ),
+        (
+            "a flat all-to-all's scope changed to the inter-node leg",
+            |p| {
+                if let OpKind::Collective { scope, .. } = &mut op_mut(p, 12).kind {
+                    *scope = CollectiveScope::InterNode;
+                }
+            },
+            &[
+                "op #12 `dispatch`",
+                "runs a hierarchical leg (InterNode)",
+                "the plan's dispatch is flat",
+            ],
+        ),
+        (
+            "a launch in another phase",
+            |p| op_mut(p, 9).phase = Phase::Unpermute,
+            &[
+                "op #9 `pack`",
+                "is in the unpermute phase",
+                "a `permute_pack` launch belongs to permute",
             ],
         ),
         (
@@ -1128,8 +1167,8 @@ fn corruptions_that_ran_to_wrong_answers_are_refused() {
             },
             &[
                 "op #9 `pack`",
-                "reads buffer b1 `out`",
-                "before any op writes it",
+                "binds b1 `out`",
+                "as `x`, expected the layer's input",
             ],
         ),
         (

@@ -17,10 +17,7 @@
 //! 4. every GEMM: the `k` and `n` of its weights, its groups, float operands
 //!    whose rows are `k` and the output's width wide and hold `m` rows;
 //! 5. every collective: send and receive rows of the same type and width;
-//! 6. the ops the layer needs and no others: the router gate, the router
-//!    (fused, or the layer's exact chain of stages), the two assignment
-//!    passes, the expert GEMMs, fp8 casts exactly when the dispatch is fp8,
-//!    the shared experts (and their gate) exactly when the layer has them.
+//! 6. the ops the layer needs and no others (`forms.rs`).
 
 use super::binding::{binding, library_kind, Arg};
 use super::validate::{field, PlanError};
@@ -90,6 +87,17 @@ struct Bound {
     dtype: DType,
     shape: Option<Vec<u64>>,
     len: Option<u64>,
+}
+
+/// The buffer a kernel parameter binds: rows of `cols` elements; with
+/// `token_rows`, one row per token of the rank (a whole-layer buffer, of
+/// which an op of a chunk sees the chunk's rows); with `input`, the layer's
+/// input itself (what the router, the permute and the shared experts read).
+#[derive(Clone, Copy, Debug)]
+struct ParamShape {
+    cols: u64,
+    token_rows: bool,
+    input: bool,
 }
 
 /// The numbers of the layer the checks compare with, computed once.
@@ -369,7 +377,7 @@ impl Plan {
                 }
                 continue;
             }
-            self.check_binding(s, op, k, inputs, outputs)?;
+            self.check_binding(s, op, k, inputs, outputs, x)?;
         }
         Ok(())
     }
@@ -382,6 +390,7 @@ impl Plan {
         k: &Kernel,
         inputs: &[u32],
         outputs: &[u32],
+        x: &Expect,
     ) -> Result<(), PlanError> {
         let (Some(b), Some(lib)) = (binding(k.kind, op.phase), library_kind(k.kind)) else {
             return Err(op_error(
@@ -450,8 +459,100 @@ impl Plan {
             if want == DType::Fp8E4m3 {
                 params.next(); // the block scales, part of the same buffer
             }
+            let name = param.map_or("", |p| p.name.as_str());
+            if let Some(shape) = self.param_shape(k.kind, name, op.phase, x) {
+                self.check_param_shape(s, op, (index, buffer), (name, shape))?;
+            }
         }
         Ok(())
+    }
+
+    /// What a kernel parameter's buffer must look like (see [`ParamShape`]).
+    fn param_shape(
+        &self,
+        kind: KernelKind,
+        param: &str,
+        phase: Phase,
+        x: &Expect,
+    ) -> Option<ParamShape> {
+        let (h, k, e) = (x.hidden, x.top_k, x.experts);
+        let tokens = |cols| ParamShape {
+            cols,
+            token_rows: true,
+            input: false,
+        };
+        let rows = |cols| ParamShape {
+            cols,
+            token_rows: false,
+            input: false,
+        };
+        let input = ParamShape {
+            cols: h,
+            token_rows: true,
+            input: true,
+        };
+        // The by-rank kernels' rows are per destination rank: their shapes
+        // are the assignment passes' and the race checks' to hold.
+        if matches!(
+            kind,
+            KernelKind::PackRank | KernelKind::SumRank | KernelKind::Expand | KernelKind::Reduce
+        ) {
+            return None;
+        }
+        Some(match (kind, param) {
+            (_, "logits" | "scores" | "selection" | "masked") => tokens(e),
+            (_, "ids" | "slots" | "weights") => tokens(k),
+            (KernelKind::Permute | KernelKind::PermutePack | KernelKind::SharedGate, "x") => input,
+            (KernelKind::WeightedSum | KernelKind::UnpermuteWeightedSum, "out")
+            | (KernelKind::SharedGate, "y")
+            | (KernelKind::Add, "a" | "b" | "out") => tokens(h),
+            (KernelKind::Activation, p) => {
+                let (width, gated) = match (phase, &self.layer.shared) {
+                    (Phase::Shared, Some(s)) => (x.shared, s.ffn.gated()),
+                    _ => (x.ffn, self.layer.ffn.gated()),
+                };
+                match p {
+                    "in" if gated => rows(width.saturating_mul(2)),
+                    "in" | "out" => rows(width),
+                    _ => return None,
+                }
+            }
+            (_, "permuted" | "send" | "in" | "q" | "out" | "combined" | "unpermuted") => rows(h),
+            _ => return None,
+        })
+    }
+
+    fn check_param_shape(
+        &self,
+        s: usize,
+        op: &Op,
+        (index, b): (u32, &Buffer),
+        (param, want): (&str, ParamShape),
+    ) -> Result<(), PlanError> {
+        let cols_ok = b.shape.len() == 2 && b.shape.last() == Some(&want.cols);
+        let rows_ok = !want.token_rows
+            || (b.shape.first() == Some(&self.layer.tokens_per_rank) && b.chunk.is_none());
+        let input_ok = !want.input || b.role == BufferRole::Input;
+        if cols_ok && rows_ok && input_ok {
+            return Ok(());
+        }
+        let expected = match (want.input, want.token_rows) {
+            (true, _) => "the layer's input".to_string(),
+            (false, true) => format!(
+                "[{}, {}] of the whole layer",
+                self.layer.tokens_per_rank, want.cols
+            ),
+            (false, false) => format!("rows of {}", want.cols),
+        };
+        Err(op_error(
+            self,
+            s,
+            op,
+            format!(
+                "binds b{index} `{}` {:?} as `{param}`, expected {expected}",
+                b.name, b.shape
+            ),
+        ))
     }
 
     /// The assignment kernels' buffers: the routing `[T, k]` (ids i32,
@@ -776,6 +877,15 @@ impl Plan {
                     ));
                 }
             }
+            let reads_input = matches!(weight, GemmWeight::RouterGate | GemmWeight::SharedUp);
+            if reads_input && ab.role != BufferRole::Input {
+                return Err(op_error(
+                    self,
+                    s,
+                    op,
+                    format!("multiplies `{}`, expected the layer's input", ab.name),
+                ));
+            }
             if weight == GemmWeight::RouterGate
                 && (cb.dtype != DType::F32 || m != self.rows_seen(ab, op.chunk))
             {
@@ -832,184 +942,6 @@ impl Plan {
         }
         Ok(())
     }
-
-    /// The ops the layer needs, and none it does not.
-    pub(super) fn check_forms(&self) -> Result<(), PlanError> {
-        let l = &self.layer;
-        let form = |problem: String| Err(PlanError::Form { problem });
-        let mut launches: Vec<(u32, KernelKind, Option<i64>)> = Vec::new();
-        let mut gemms: Vec<(GemmWeight, Epilogue, Option<u64>)> = Vec::new();
-        for (_, op) in self.ops() {
-            match &op.kind {
-                OpKind::Launch { kernel, .. } => {
-                    if let Some(k) = self.kernels.get(*kernel as usize) {
-                        let pass = k.constants.iter().find(|(n, _)| n == "pass").map(|p| p.1);
-                        launches.push((op.id, k.kind, pass));
-                    }
-                }
-                OpKind::Gemm {
-                    weight, epilogue, ..
-                } => gemms.push((*weight, *epilogue, op.chunk)),
-                _ => {}
-            }
-        }
-        launches.sort_by_key(|l| l.0);
-        let count = |kind: KernelKind| launches.iter().filter(|l| l.1 == kind).count();
-        let gemm_count = |w: GemmWeight| gemms.iter().filter(|g| g.0 == w).count();
-        // The router: the fused kernel, or the layer's chain of stages in order.
-        let router: Vec<KernelKind> = launches
-            .iter()
-            .map(|l| l.1)
-            .filter(|k| is_router(*k))
-            .collect();
-        let chain = router_chain(&l.router);
-        if router != [KernelKind::RouterFused] && router != chain {
-            let names: Vec<&str> = router.iter().map(|&k| kind_name(k)).collect();
-            let chain: Vec<&str> = chain.iter().map(|&k| kind_name(k)).collect();
-            return form(format!(
-                "the router runs [{}], but the layer's router is `router_fused` or [{}]",
-                names.join(", "),
-                chain.join(", ")
-            ));
-        }
-        if gemm_count(GemmWeight::RouterGate) != 1 {
-            return form(format!(
-                "the plan has {} router gate GEMMs, expected one",
-                gemm_count(GemmWeight::RouterGate)
-            ));
-        }
-        // Passes 0 and 1 once; by rank, passes 2 and 3 once per chunk.
-        let chunk_count = if self.choices.chunks > 1 {
-            self.choices.chunks
-        } else {
-            1
-        };
-        for pass in [0, 1, 2, 3] {
-            let n = launches
-                .iter()
-                .filter(|l| l.1 == KernelKind::Assign && l.2 == Some(pass))
-                .count() as u64;
-            let want = match pass {
-                0 | 1 => 1,
-                _ if self.by_rank() => chunk_count,
-                _ => 0,
-            };
-            if n != want {
-                return form(format!(
-                    "the plan has {n} assignment launches of pass {pass}, expected {want}"
-                ));
-            }
-        }
-        // Shared experts exactly when the layer has them.
-        let shared = l.shared.as_ref();
-        let shared_gemms = gemm_count(GemmWeight::SharedUp) + gemm_count(GemmWeight::SharedDown);
-        let gate = count(KernelKind::SharedGate);
-        let add = count(KernelKind::Add);
-        let (want_gemms, want_gate, want_add) = match shared {
-            Some(s) => (2, usize::from(s.sigmoid_gate), 1),
-            None => (0, 0, 0),
-        };
-        if (shared_gemms, gate, add) != (want_gemms, want_gate, want_add) {
-            return form(format!(
-                "the plan has {shared_gemms} shared-expert GEMMs, {gate} shared gates and {add} adds, but the layer {} needs {want_gemms}, {want_gate} and {want_add}",
-                match shared {
-                    Some(s) if s.sigmoid_gate => "with gated shared experts",
-                    Some(_) => "with shared experts",
-                    None => "without shared experts",
-                }
-            ));
-        }
-        // Expert GEMMs: per chunk one up and one down projection, and the
-        // activation in the up projection's epilogue or as a kernel.
-        let chunks = self.choices.chunks;
-        let chunked = gemms.iter().any(|g| g.2.is_some());
-        let expected_per = if chunked { chunks } else { 1 };
-        for w in [GemmWeight::ExpertUp, GemmWeight::ExpertDown] {
-            if gemm_count(w) as u64 != expected_per {
-                return form(format!(
-                    "the plan has {} {} GEMMs, expected one per chunk ({expected_per})",
-                    gemm_count(w),
-                    if w == GemmWeight::ExpertUp {
-                        "expert up"
-                    } else {
-                        "expert down"
-                    }
-                ));
-            }
-        }
-        let fused_acts = gemms
-            .iter()
-            .filter(|g| g.0 == GemmWeight::ExpertUp && g.1 == Epilogue::Activation)
-            .count() as u64;
-        let shared_fused = gemms
-            .iter()
-            .filter(|g| g.0 == GemmWeight::SharedUp && g.1 == Epilogue::Activation)
-            .count();
-        let act_kernels = count(KernelKind::Activation) as u64;
-        let want_acts =
-            (expected_per - fused_acts) + u64::from(shared.is_some() && shared_fused == 0);
-        if act_kernels != want_acts {
-            return form(format!(
-                "the plan has {act_kernels} activation launches, expected {want_acts} (the FFNs whose up projection does not apply it)"
-            ));
-        }
-        // fp8 casts exactly when the dispatch is fp8, which the layer allows.
-        let chosen = self.choices.dispatch_dtype;
-        if chosen != l.dtype && chosen != l.dispatch_dtype {
-            return form(format!(
-                "`choices.dispatch_dtype` is {}, but the layer dispatches {} or {}",
-                chosen.name(),
-                l.dtype.name(),
-                l.dispatch_dtype.name()
-            ));
-        }
-        let fp8 = chosen == DType::Fp8E4m3;
-        for kind in [KernelKind::QuantizeFp8, KernelKind::DequantizeFp8] {
-            if (count(kind) > 0) != fp8 {
-                return form(format!(
-                    "the plan has {} `{}` launches, but the dispatch is {}",
-                    count(kind),
-                    kind_name(kind),
-                    self.choices.dispatch_dtype.name()
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-fn is_router(k: KernelKind) -> bool {
-    matches!(
-        k,
-        KernelKind::RouterFused
-            | KernelKind::RouterScores
-            | KernelKind::RouterBias
-            | KernelKind::RouterGroupSelect
-            | KernelKind::RouterTopk
-            | KernelKind::RouterNormalize
-            | KernelKind::RouterScale
-    )
-}
-
-/// The router's stages as separate kernels, in the order the layer applies
-/// them: scores, the selection bias, group selection, top-k, normalisation,
-/// scaling (the last two only when they change the weights).
-pub fn router_chain(r: &super::RouterConfig) -> Vec<KernelKind> {
-    let mut chain = vec![KernelKind::RouterScores];
-    if r.selection_bias {
-        chain.push(KernelKind::RouterBias);
-    }
-    if r.groups.is_some() {
-        chain.push(KernelKind::RouterGroupSelect);
-    }
-    chain.push(KernelKind::RouterTopk);
-    if r.normalize {
-        chain.push(KernelKind::RouterNormalize);
-    }
-    if r.scale != 1.0 {
-        chain.push(KernelKind::RouterScale);
-    }
-    chain
 }
 
 /// The name a kind has in the plan's JSON.

@@ -12,13 +12,15 @@
 
 pub mod binding;
 mod consistency;
+mod forms;
 pub mod order;
 mod races;
 pub mod rows;
 mod text;
 mod validate;
 
-pub use consistency::{router_chain, MAX_DIMS, MAX_ITEMS, MAX_OPS, MAX_STREAMS};
+pub use consistency::{MAX_DIMS, MAX_ITEMS, MAX_OPS, MAX_STREAMS};
+pub use forms::router_chain;
 pub use text::human_bytes;
 pub use validate::{buffer_bytes, BufferRef, LostWrite, OpRef, PlanError, Race, Stuck};
 
