@@ -505,7 +505,7 @@ pub fn forwarder_sum_leg(model: &Model, v: &Meta) -> NodeCost {
 /// Bytes of one by-rank metadata row: each pick's local expert index and
 /// weight (i32 and f32), as the runtime's layout contract says.
 pub fn rank_meta_row_bytes(model: &Model) -> f64 {
-    model.top_k as f64 * 8.0
+    moec_runtime::plan::by_rank_pick_cols(model.top_k) as f64 * 4.0
 }
 
 /// The metadata all-to-all beside a by-rank dispatch of `rows` rows.

@@ -6,7 +6,8 @@
 use super::{Builder, PendingOp, Stage};
 use crate::cost::{self, NodeCost};
 use moec_runtime::plan::{
-    BufferRole, CollectiveKind, CollectiveScope, DType, KernelKind, OpKind, Phase,
+    by_rank_pick_cols, BufferRole, CollectiveKind, CollectiveScope, DType, KernelKind, OpKind,
+    Phase,
 };
 
 impl Builder<'_> {
@@ -38,7 +39,10 @@ impl Builder<'_> {
         let meta = self.buffer(
             &format!("send_picks{}", self.suffix(chunk)),
             DType::I32,
-            vec![tokens.saturating_mul(m.rank_rows_per_token()), 2 * m.top_k],
+            vec![
+                tokens.saturating_mul(m.rank_rows_per_token()),
+                by_rank_pick_cols(m.top_k),
+            ],
             BufferRole::Comm,
         );
         let kernel = self.kernel(KernelKind::Assign, "assign_rank", self.assign_constants(2));
@@ -69,7 +73,7 @@ impl Builder<'_> {
         let recv = self.buffer(
             &format!("recv_picks{}", self.suffix(chunk)),
             DType::I32,
-            vec![rows, 2 * m.top_k],
+            vec![rows, by_rank_pick_cols(m.top_k)],
             BufferRole::Comm,
         );
         let expected = m.rank_rows_expected(m.tokens as f64 / self.chunks as f64);

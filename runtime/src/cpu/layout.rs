@@ -181,7 +181,7 @@ impl Geometry {
     /// Metadata elements of one by-rank row: `k` local expert indices, then
     /// `k` weights (f32 bits).
     pub fn rank_meta_cols(&self) -> usize {
-        2 * self.top_k
+        crate::plan::by_rank_pick_cols(self.top_k as u64) as usize
     }
 
     /// Calls `f(g)` once for every distinct destination EP rank `g` of token

@@ -718,7 +718,7 @@ impl Plan {
                 "is a by-rank assignment pass in a plan that neither dispatches nor reduces by rank",
             ));
         }
-        let picks = mul(x.top_k, 2, "layer.router.top_k")?;
+        let picks = super::by_rank_pick_cols(x.top_k);
         // (list, index, what, dtype, columns, whole layer [T, G])
         let want: Vec<(bool, usize, &str, DType, u64, bool)> = if rank {
             vec![

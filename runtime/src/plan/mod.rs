@@ -323,6 +323,14 @@ pub const HIER_ROUTING_BYTES_PER_TOKEN: u64 = 4;
 /// See [`HIER_SIZE_BYTES_PER_PEER`].
 pub const HIER_ROUTING_BYTES_PER_ASSIGNMENT: u64 = 8;
 
+/// Columns (i32) of one by-rank metadata row: for each of the `top_k`
+/// picks, the destination's local expert index (or -1), then the `top_k`
+/// weights as f32 bits. The runtime's layout, the compiler's buffers and
+/// cost, and the plan checks all size the picks by this.
+pub fn by_rank_pick_cols(top_k: u64) -> u64 {
+    top_k.saturating_mul(2)
+}
+
 /// How the tokens travel in an all-to-all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

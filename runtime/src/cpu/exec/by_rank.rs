@@ -6,7 +6,7 @@
 
 use super::{is_by_rank, ExecError, StreamRun};
 use crate::cpu::comm::{Comm, Run};
-use crate::cpu::hier::{self, ByRankBlocks, Topology};
+use crate::cpu::hier::{self, ByRankBlocks, PeerRows, Topology};
 use crate::cpu::memory;
 use crate::plan::{DType, Op};
 use std::ops::Range;
@@ -62,6 +62,35 @@ impl StreamRun<'_> {
         })
     }
 
+    /// Exchanges whole rows of `send` with `group` into a host buffer of
+    /// `len` rows (the legs sum or scatter them before they reach `recv`).
+    #[allow(clippy::too_many_arguments)] // one exchange, spelled out
+    fn exchange_rows(
+        &self,
+        comm: &dyn Comm,
+        op: &Op,
+        rows: &Rows,
+        group: &[usize],
+        send: u32,
+        (to, from): (PeerRows, PeerRows),
+        len: usize,
+    ) -> Result<Vec<u8>, ExecError> {
+        let mut got = vec![0u8; len * rows.row_bytes];
+        let to = to.iter().map(|r| row_runs(r, rows.row_bytes)).collect();
+        let from = from.iter().map(|r| row_runs(r, rows.row_bytes)).collect();
+        // SAFETY: the plan's events give this op its send buffer to read.
+        let data = unsafe { self.ctx.arena.bytes(self.backend.regions[send as usize]) };
+        self.exchange(
+            comm,
+            op,
+            (0, Some(rows.row_bytes)),
+            group,
+            (data, to),
+            (&mut got, from),
+        )?;
+        Ok(got)
+    }
+
     /// The staged routing the dispatch of this op's chunk left on this rank.
     fn staged_of(&self, op: &Op) -> Result<Arc<hier::Staged>, ExecError> {
         self.ctx
@@ -93,21 +122,9 @@ impl StreamRun<'_> {
         let table = self.chunk_table(op.chunk)?;
         let table = table.get();
         let rows = self.rows_of(send)?;
-        let (to, from) = hier::combine_intra(&topo, &ByRankBlocks(table), me);
-        let parts_len: usize = from.iter().flatten().map(|r| r.end).max().unwrap_or(0);
-        let mut parts = vec![0u8; parts_len * rows.row_bytes];
-        let to = to.iter().map(|r| row_runs(r, rows.row_bytes)).collect();
-        let from = from.iter().map(|r| row_runs(r, rows.row_bytes)).collect();
-        // SAFETY: the plan's events give this op its send buffer to read.
-        let data = unsafe { self.ctx.arena.bytes(b.regions[send as usize]) };
-        self.exchange(
-            comm,
-            op,
-            (0, Some(rows.row_bytes)),
-            &topo.within(me),
-            (data, to),
-            (&mut parts, from),
-        )?;
+        let legs = hier::combine_intra(&topo, &ByRankBlocks(table), me);
+        let parts_len: usize = legs.1.iter().flatten().map(|r| r.end).max().unwrap_or(0);
+        let parts = self.exchange_rows(comm, op, &rows, &topo.within(me), send, legs, parts_len)?;
         let staged = self.staged_of(op)?;
         let sums = hier::forwarder_parts(&topo, table, me, &staged).map_err(ExecError::new)?;
         // SAFETY: this op owns its receive buffer (plan events).
@@ -156,30 +173,16 @@ impl StreamRun<'_> {
             .get(tokens.start * g..tokens.end * g)
             .ok_or_else(|| ExecError::new("the by-rank slots do not cover this chunk"))?;
         let landing = hier::node_sums_on_source(&topo, rank_slots);
-        let to = staged
-            .node_rows()
-            .into_iter()
-            .map(|r| row_runs(std::slice::from_ref(&r), rows.row_bytes))
-            .collect();
+        let to = staged.node_rows().into_iter().map(|r| vec![r]).collect();
         let mut at = 0;
         let from = landing
             .iter()
             .map(|list| {
                 at += list.len();
-                row_runs(std::slice::from_ref(&(at - list.len()..at)), rows.row_bytes)
+                std::iter::once(at - list.len()..at).collect()
             })
             .collect();
-        let mut sums = vec![0u8; at * rows.row_bytes];
-        // SAFETY: the plan's events give this op its send buffer to read.
-        let data = unsafe { self.ctx.arena.bytes(b.regions[send as usize]) };
-        self.exchange(
-            comm,
-            op,
-            (0, Some(rows.row_bytes)),
-            &topo.across(me),
-            (data, to),
-            (&mut sums, from),
-        )?;
+        let sums = self.exchange_rows(comm, op, &rows, &topo.across(me), send, (to, from), at)?;
         // SAFETY: this op owns its receive buffer (plan events).
         let dst = unsafe { self.ctx.arena.bytes_mut(b.regions[recv as usize]) };
         let row = |r: usize| r * rows.row_bytes..(r + 1) * rows.row_bytes;
