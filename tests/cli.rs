@@ -122,6 +122,36 @@ fn check_every_example_is_ok() {
     assert!(n >= 8, "only {n} examples");
 }
 
+/// A layer that does not fit its device: `check`, `build` and `explain`
+/// refuse it (exit 1) with the figures and the flag that goes on anyway;
+/// with `--allow-oversize` they succeed and warn. `check` shows a fitting
+/// layer's footprint on its ok line.
+#[test]
+fn a_plan_that_does_not_fit_the_device_is_refused_unless_allowed() {
+    let tiny = std::fs::read_to_string(repo().join("examples/tiny.moe")).unwrap();
+    let ok = moec(&["check", &example("tiny.moe")]);
+    assert!(
+        ok.out.contains("per rank of the H100's 80 GB"),
+        "{}",
+        ok.out
+    );
+    let small = TempFile::with(
+        "oversize",
+        "moe",
+        &tiny.replace("device = H100", "device = H100 { memory = 100 KB }"),
+    );
+    for cmd in ["check", "build", "explain"] {
+        let r = moec(&[cmd, &small.path()]);
+        assert_eq!(r.code, 1, "{cmd}: {}", r.err);
+        for part in ["per rank", "more than the", "--allow-oversize"] {
+            assert!(r.err.contains(part), "{cmd}: `{part}` is not in: {}", r.err);
+        }
+        let r = moec(&[cmd, "--allow-oversize", &small.path()]);
+        assert_eq!(r.code, 0, "{cmd} --allow-oversize: {}", r.err);
+        assert!(r.err.contains("warning"), "{cmd}: {}", r.err);
+    }
+}
+
 #[test]
 fn check_broken_file_reports_with_location() {
     let path = corpus("e0301_top_k_larger_than_experts.moe");

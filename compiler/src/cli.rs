@@ -4,10 +4,11 @@
 //! Exit codes: 0 success, 1 the input was rejected (errors in a `.moe` file or a
 //! config), 2 usage errors (bad flags, unreadable files). A panic is a bug.
 
-use crate::compile::{compile, Compiled, Options};
+use crate::compile::{compile, fits_device, memory_warning, rank_memory_bytes, Compiled, Options};
 use crate::timeline::{svg::gantt_svg, trace::chrome_trace};
 use clap::{Parser, Subcommand, ValueEnum};
 use moec_lang::{render, Checked};
+use moec_runtime::plan::{human_bytes, human_rate, Plan};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +46,10 @@ enum Command {
         /// The .moe files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Go on (with a warning) when the plan does not fit the device's
+        /// memory; without it, such a plan is an error.
+        #[arg(long)]
+        allow_oversize: bool,
     },
     /// Print a .moe file in canonical form.
     Fmt {
@@ -83,12 +88,20 @@ enum Command {
         /// no-overlap baseline, or the validated layer with its derived sizes.
         #[arg(long, value_enum, default_value_t = Emit::Text)]
         emit: Emit,
+        /// Go on (with a warning) when the plan does not fit the device's
+        /// memory; without it, such a plan is an error.
+        #[arg(long)]
+        allow_oversize: bool,
     },
     /// Say why the plan is what it is: the rewrites that fired, the e-graph, and
     /// the chosen plan's cost against the no-overlap baseline, phase by phase.
     Explain {
         /// The .moe file describing the layer and its mesh.
         file: PathBuf,
+        /// Go on (with a warning) when the plan does not fit the device's
+        /// memory; without it, such a plan is an error.
+        #[arg(long)]
+        allow_oversize: bool,
     },
     /// Predict the layer's time with the cost model and the timeline simulator.
     Simulate {
@@ -239,9 +252,22 @@ where
         Color::Never => false,
         Color::Auto => stderr_is_tty,
     };
-    let mut ctx = Ctx { out, err, color };
+    let mut ctx = Ctx {
+        out,
+        err,
+        color,
+        // `simulate` predicts what a layer would take even where it does not
+        // fit (a what-if); it warns.
+        allow_oversize: true,
+    };
     let result = match cli.command {
-        Command::Check { files } => ctx.check(&files),
+        Command::Check {
+            files,
+            allow_oversize,
+        } => {
+            ctx.allow_oversize = allow_oversize;
+            ctx.check(&files)
+        }
         Command::Fmt { file, write, check } => ctx.fmt(&file, write, check),
         Command::Import {
             config,
@@ -249,8 +275,22 @@ where
             mesh,
             generic,
         } => ctx.import(&config, output.as_deref(), &mesh, generic),
-        Command::Build { file, output, emit } => ctx.build(&file, output.as_deref(), emit),
-        Command::Explain { file } => ctx.explain(&file),
+        Command::Build {
+            file,
+            output,
+            emit,
+            allow_oversize,
+        } => {
+            ctx.allow_oversize = allow_oversize;
+            ctx.build(&file, output.as_deref(), emit)
+        }
+        Command::Explain {
+            file,
+            allow_oversize,
+        } => {
+            ctx.allow_oversize = allow_oversize;
+            ctx.explain(&file)
+        }
         Command::Simulate { file, tokens, json } => ctx.simulate(&file, tokens, json),
         Command::Run(args) => ctx.run(&args),
         Command::Kernels(args) => ctx.kernels(&args),
@@ -273,6 +313,8 @@ struct Ctx<'a> {
     out: &'a mut dyn Write,
     err: &'a mut dyn Write,
     color: bool,
+    /// A plan that does not fit the device is a warning, not an error.
+    allow_oversize: bool,
 }
 
 fn read(path: &Path) -> Result<String, Failure> {
@@ -308,6 +350,22 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// A plan that does not fit its device is an error, unless the command
+    /// allows it (then [`Report::warnings`](crate::compile::Report) says so).
+    fn fits(&mut self, path: &Path, plan: &Plan) -> Result<(), Failure> {
+        if self.allow_oversize || fits_device(plan) {
+            return Ok(());
+        }
+        Err(Failure(
+            EXIT_REJECTED,
+            format!(
+                "{}: {}; pass --allow-oversize to go on anyway",
+                path.display(),
+                memory_warning(plan)
+            ),
+        ))
+    }
+
     fn check(&mut self, files: &[PathBuf]) -> Result<i32, Failure> {
         let mut code = EXIT_OK;
         for path in files {
@@ -322,16 +380,38 @@ impl Ctx<'_> {
             let checked = moec_lang::check_source(&source);
             self.report(path, &source, &checked)?;
             match &checked.program {
-                Some((p, d)) => writeln!(
-                    self.out,
-                    "{}: ok: layer {} ({} experts, top-{}) on {} ranks",
-                    path.display(),
-                    p.layer.name,
-                    p.layer.experts.count,
-                    p.layer.router.top_k,
-                    d.world_size
-                )
-                .map_err(io)?,
+                Some((p, d)) => {
+                    let compiled = match compile(p, &Options::default()) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            writeln!(self.err, "error: {}: {e}", path.display()).map_err(io)?;
+                            code = code.max(EXIT_REJECTED);
+                            continue;
+                        }
+                    };
+                    if let Err(Failure(c, m)) = self.fits(path, &compiled.plan) {
+                        writeln!(self.err, "error: {m}").map_err(io)?;
+                        code = code.max(c);
+                        continue;
+                    }
+                    for warning in &compiled.report.warnings {
+                        writeln!(self.err, "warning: {}: {warning}", path.display()).map_err(io)?;
+                    }
+                    let plan = compiled.plan;
+                    writeln!(
+                        self.out,
+                        "{}: ok: layer {} ({} experts, top-{}) on {} ranks, {} per rank of the {}'s {}",
+                        path.display(),
+                        p.layer.name,
+                        p.layer.experts.count,
+                        p.layer.router.top_k,
+                        d.world_size,
+                        human_bytes(rank_memory_bytes(&plan)),
+                        plan.mesh.device.name,
+                        human_rate(plan.mesh.device.memory, "B"),
+                    )
+                    .map_err(io)?
+                }
                 None => {
                     let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
                     writeln!(self.err, "{}: {errors} error(s)", path.display()).map_err(io)?;
@@ -441,6 +521,7 @@ impl Ctx<'_> {
             Some((program, _)) => {
                 let compiled = compile(program, options)
                     .map_err(|e| Failure(EXIT_REJECTED, format!("{}: {e}", path.display())))?;
+                self.fits(path, &compiled.plan)?;
                 for warning in &compiled.report.warnings {
                     writeln!(self.err, "warning: {}: {warning}", path.display()).map_err(io)?;
                 }

@@ -16,12 +16,12 @@
 //! [`Report::warnings`] says by how much it misses.
 
 use crate::cost::{OverlapCost, RoutingForm};
-use crate::ir::{lower, MetaAnalysis, Model, MoeIr};
+use crate::ir::{lower, MetaAnalysis, Model, MoeIr, AUTO_HEADROOM_FALLBACKS};
 use crate::rules::{family_of, rules};
 use crate::schedule::{schedule_with, Order};
 use crate::timeline::{simulate, Timeline};
 use egg::{EGraph, Extractor, Id, Language, RecExpr, Runner, SimpleScheduler, StopReason};
-use moec_lang::spec::{Overlap, Program};
+use moec_lang::spec::{Headroom, Overlap, Program};
 use moec_runtime::plan::Plan;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -104,6 +104,11 @@ pub struct Compiled {
 }
 
 /// Compiles a checked program.
+///
+/// A dropless layer with `headroom = auto` is compiled with its buffers
+/// sized for [`AUTO_HEADROOM`](crate::ir::AUTO_HEADROOM) times the expected load; when that plan does
+/// not fit the device, with each of [`AUTO_HEADROOM_FALLBACKS`] in turn
+/// until one fits (the last is kept when none does).
 pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String> {
     let mut model = Model::new(program)?;
     if let Some(t) = options.tokens {
@@ -112,6 +117,23 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
         }
         model = model.with_tokens(t);
     }
+    let mut compiled = compile_model(program, options, &model)?;
+    let auto = program.schedule.headroom == Headroom::Auto && model.capacity.is_none();
+    if auto && !fits_device(&compiled.plan) {
+        for &h in AUTO_HEADROOM_FALLBACKS {
+            compiled = compile_model(program, options, &model.with_headroom(Some(h)))?;
+            if fits_device(&compiled.plan) {
+                break;
+            }
+        }
+    }
+    Ok(compiled)
+}
+
+/// Compiles a checked program for `model` (the program's layer and mesh,
+/// with the caller's token count and headroom).
+fn compile_model(program: &Program, options: &Options, model: &Model) -> Result<Compiled, String> {
+    let model = model.clone();
     let has_comm = model.group_ranks > 1;
     let degrees: Vec<u64> = match program.schedule.overlap {
         Overlap::Auto if has_comm => AUTO_DEGREES
@@ -398,7 +420,8 @@ pub fn fits_device(plan: &Plan) -> bool {
     rank_memory_bytes(plan) as f64 <= plan.mesh.device.memory
 }
 
-fn memory_warning(plan: &Plan) -> String {
+/// What a plan that does not fit its device needs, against what the device has.
+pub fn memory_warning(plan: &Plan) -> String {
     const GIB: f64 = (1u64 << 30) as f64;
     let m = &plan.memory;
     let mut text = format!(
@@ -411,10 +434,15 @@ fn memory_warning(plan: &Plan) -> String {
         plan.mesh.device.name,
     );
     if plan.layer.capacity == moec_runtime::plan::CapacityConfig::Dropless {
-        text.push_str(
-            " (a dropless plan reserves the worst case: every token of the EP group \
-             routed to this rank; a capacity limit bounds it)",
-        );
+        text.push_str(&match plan.choices.headroom {
+            Some(h) => format!(
+                " (its dropless buffers hold {h}x the expected load; a smaller `headroom` \
+                 in the schedule section, more ranks or a capacity limit shrink them)"
+            ),
+            None => " (with `headroom = worst_case` a dropless plan reserves every row the \
+                     routing could send; a headroom or a capacity limit bounds it)"
+                .to_string(),
+        });
     }
     text
 }

@@ -166,7 +166,24 @@ pub struct Model {
     /// Where one token's picks land under uniform routing (distinct ranks
     /// and nodes), measured once per model on the layer's selection rule.
     pub destinations: crate::destinations::Destinations,
+    /// Dropless layers: the factor of the expected load the expert-side
+    /// buffers hold (`None`: the worst case; capacity layers: `None`).
+    pub headroom: Option<f64>,
+    /// The busiest EP rank's expected load over the mean, under uniform
+    /// routing (1 with one copy of every expert and as many on every rank;
+    /// replicas and uneven placements raise it).
+    pub load_skew: f64,
 }
+
+/// The headroom `headroom = auto` starts from: twice the expected load, so
+/// uniform routing (whose per-rank fluctuation is a few standard deviations
+/// of a binomial, far below the mean for chunks of tens of tokens) never
+/// overflows, while the buffers stay a small fraction of the worst case,
+/// which is `ep` times (or `top_k` times, per rank) the expected load.
+pub const AUTO_HEADROOM: f64 = 2.0;
+/// What `auto` lowers the headroom to, in turn, when the plan would not fit
+/// the device: more passes re-run, but the layer runs.
+pub const AUTO_HEADROOM_FALLBACKS: &[f64] = &[1.5, 1.25];
 
 impl Model {
     /// Works out the per-rank model of a checked program.
@@ -233,7 +250,15 @@ impl Model {
                 ranks_per_node: (group_ranks_per_node / m.etp.max(1)).max(1),
             },
         );
+        let headroom = match (&capacity, program.schedule.headroom) {
+            (Some(_), _) | (None, spec::Headroom::WorstCase) => None,
+            (None, spec::Headroom::Auto) => Some(AUTO_HEADROOM),
+            (None, spec::Headroom::Factor(h)) => Some(h),
+        };
+        let load_skew = load_skew(l.experts.count, &mesh.experts_of_ep_rank);
         Ok(Model {
+            headroom,
+            load_skew,
             destinations,
             tokens: l.tokens_per_rank,
             hidden: l.hidden,
@@ -321,8 +346,41 @@ impl Model {
 
     /// Worst-case by-rank rows one rank receives in one of `chunks` chunks:
     /// a row from every token of the EP group's chunk.
-    pub fn rank_rows_received_max(&self, chunks: u64) -> u64 {
+    pub fn rank_rows_received_worst(&self, chunks: u64) -> u64 {
         self.chunk_tokens(chunks).saturating_mul(self.group_ranks)
+    }
+
+    /// Rows of one rank's by-rank receive buffers for one of `chunks`
+    /// chunks: the worst case, or for a dropless layer the busiest rank's
+    /// expected rows of a full chunk times the headroom.
+    pub fn rank_rows_received_max(&self, chunks: u64) -> u64 {
+        let expected = self.rank_rows_expected(self.chunk_tokens(chunks) as f64) * self.load_skew;
+        self.bounded(self.rank_rows_received_worst(chunks), expected)
+    }
+
+    /// `worst`, or for a dropless layer with a headroom `h` the rows
+    /// `h x expected` (at least one row, at most `worst`).
+    fn bounded(&self, worst: u64, expected: f64) -> u64 {
+        match (self.capacity, self.headroom) {
+            (None, Some(h)) => {
+                let rows = (h * expected).ceil();
+                if rows.is_finite() && rows < worst as f64 {
+                    (rows as u64).max(1)
+                } else {
+                    worst
+                }
+            }
+            _ => worst,
+        }
+    }
+
+    /// The same model with another headroom (`auto` trying its fallbacks).
+    pub fn with_headroom(&self, headroom: Option<f64>) -> Model {
+        let mut m = self.clone();
+        if m.capacity.is_none() {
+            m.headroom = headroom;
+        }
+        m
     }
 
     /// Tokens of one chunk when the rank's tokens are cut into `chunks`.
@@ -335,7 +393,7 @@ impl Model {
     /// the EP group's chunk, and in capacity mode at most `C` rows in all.
     /// Capacity mode computes every slot (static shapes, no host sync), so
     /// chunking pays there only when `C` is small against a chunk.
-    pub fn expert_rows_max(&self, chunks: u64) -> u64 {
+    pub fn expert_rows_worst(&self, chunks: u64) -> u64 {
         let group_chunk = self.chunk_tokens(chunks).saturating_mul(self.ep);
         match self.capacity {
             Some(c) => c
@@ -348,6 +406,15 @@ impl Model {
         }
     }
 
+    /// Rows of one rank's expert-side buffers for one of `chunks` chunks:
+    /// the worst case (every capacity slot), or for a dropless layer the
+    /// busiest rank's expected rows of a full chunk times the headroom.
+    pub fn expert_rows_max(&self, chunks: u64) -> u64 {
+        let expected =
+            self.chunk_tokens(chunks) as f64 * self.rows_per_token() as f64 * self.load_skew;
+        self.bounded(self.expert_rows_worst(chunks), expected)
+    }
+
     /// Rows the expert GEMMs compute for one of `chunks` chunks: expected rows
     /// under uniform routing (dropless, grouped GEMM on the real counts), or
     /// every slot (capacity mode, batched GEMM over fixed slots).
@@ -356,6 +423,32 @@ impl Model {
             Some(_) => self.expert_rows_max(chunks) as f64,
             None => self.tokens as f64 * self.rows_per_token() as f64 / chunks.max(1) as f64,
         }
+    }
+}
+
+/// The busiest EP rank's expected share of the picks over the mean share,
+/// under uniform routing: every expert expects the same picks, split evenly
+/// between its copies (primaries and replicas).
+fn load_skew(experts: u64, experts_of_rank: &[Vec<u64>]) -> f64 {
+    let mut copies = vec![0u64; experts as usize];
+    for e in experts_of_rank.iter().flatten() {
+        if let Some(c) = copies.get_mut(*e as usize) {
+            *c += 1;
+        }
+    }
+    let load = |rank: &Vec<u64>| -> f64 {
+        rank.iter()
+            .filter_map(|e| copies.get(*e as usize))
+            .map(|&c| 1.0 / c.max(1) as f64)
+            .sum()
+    };
+    let ranks = experts_of_rank.len().max(1) as f64;
+    let mean = experts_of_rank.iter().map(load).sum::<f64>() / ranks;
+    let max = experts_of_rank.iter().map(load).fold(0.0, f64::max);
+    if mean > 0.0 {
+        (max / mean).max(1.0)
+    } else {
+        1.0
     }
 }
 
@@ -489,6 +582,9 @@ pub struct Meta {
     pub num: Option<u64>,
     /// Token chunks the value is split into (1 outside a chunked pipeline body).
     pub chunks: u64,
+    /// Dropless plans: the expected-load bound `rows` is, for a value on the
+    /// expert side (its buffer grows with the bound when a pass overflows).
+    pub bound: Option<rt::RowBound>,
 }
 
 impl Meta {
@@ -502,11 +598,24 @@ impl Meta {
             flops,
             num: None,
             chunks: 1,
+            bound: None,
         }
     }
 
     fn in_chunks(mut self, chunks: u64) -> Meta {
         self.chunks = chunks;
+        self
+    }
+
+    /// The value's rows are `bound` (dropless plans only).
+    fn bounded(mut self, m: &Model, bound: rt::RowBound) -> Meta {
+        self.bound = m.capacity.is_none().then_some(bound);
+        self
+    }
+
+    /// The value has as many rows as `a`, and so its bound.
+    fn rows_of(mut self, a: &Meta) -> Meta {
+        self.bound = a.bound;
         self
     }
 }
@@ -553,6 +662,7 @@ impl Analysis<MoeIr> for MetaAnalysis {
                 flops: 0.0,
                 num: Some(*n),
                 chunks: 1,
+                bound: None,
             },
             MoeIr::Input => Meta::value(m.tokens, m.tokens as f64, h, m.dtype, 0.0),
             MoeIr::Logits(a) => {
@@ -611,20 +721,26 @@ impl Analysis<MoeIr> for MetaAnalysis {
                 } else {
                     a.dtype
                 };
-                Meta::value(a.rows, a.rows_expected, a.cols, dt, a.flops).in_chunks(a.chunks)
+                Meta::value(a.rows, a.rows_expected, a.cols, dt, a.flops)
+                    .in_chunks(a.chunks)
+                    .rows_of(&a)
             }
             MoeIr::Quant(a) => {
                 let a = x(a);
                 Meta::value(a.rows, a.rows_expected, a.cols, DType::Fp8E4m3, a.flops)
                     .in_chunks(a.chunks)
+                    .rows_of(&a)
             }
             MoeIr::Dispatch(a) | MoeIr::DispatchIntra(a) => {
                 let a = x(a);
                 // The expert input of this rank: by symmetry it receives as many
-                // rows as it sends; buffers are sized for the worst case.
+                // rows as it sends; dropless buffers hold the expected load
+                // times the headroom.
                 let rows = m.expert_rows_max(a.chunks);
                 let exp = m.expert_rows_expected(a.chunks);
-                Meta::value(rows, exp, a.cols, a.dtype, a.flops).in_chunks(a.chunks)
+                Meta::value(rows, exp, a.cols, a.dtype, a.flops)
+                    .in_chunks(a.chunks)
+                    .bounded(m, rt::RowBound::ExpertRows)
             }
             MoeIr::DispatchInter(a) => {
                 // Rows staged on the forwarding rank: at most one per token of
@@ -639,21 +755,29 @@ impl Analysis<MoeIr> for MetaAnalysis {
             MoeIr::Up(a) => {
                 let a = x(a);
                 let flops = a.flops + 2.0 * a.rows_expected * h as f64 * up_cols as f64;
-                Meta::value(a.rows, a.rows_expected, up_cols, m.dtype, flops).in_chunks(a.chunks)
+                Meta::value(a.rows, a.rows_expected, up_cols, m.dtype, flops)
+                    .in_chunks(a.chunks)
+                    .rows_of(&a)
             }
             MoeIr::Act(a) => {
                 let a = x(a);
-                Meta::value(a.rows, a.rows_expected, act_cols, m.dtype, a.flops).in_chunks(a.chunks)
+                Meta::value(a.rows, a.rows_expected, act_cols, m.dtype, a.flops)
+                    .in_chunks(a.chunks)
+                    .rows_of(&a)
             }
             MoeIr::UpAct(a) => {
                 let a = x(a);
                 let flops = a.flops + 2.0 * a.rows_expected * h as f64 * up_cols as f64;
-                Meta::value(a.rows, a.rows_expected, act_cols, m.dtype, flops).in_chunks(a.chunks)
+                Meta::value(a.rows, a.rows_expected, act_cols, m.dtype, flops)
+                    .in_chunks(a.chunks)
+                    .rows_of(&a)
             }
             MoeIr::Down(a) => {
                 let a = x(a);
                 let flops = a.flops + 2.0 * a.rows_expected * h as f64 * act_cols as f64;
-                Meta::value(a.rows, a.rows_expected, h, m.dtype, flops).in_chunks(a.chunks)
+                Meta::value(a.rows, a.rows_expected, h, m.dtype, flops)
+                    .in_chunks(a.chunks)
+                    .rows_of(&a)
             }
             MoeIr::Combine([y, a]) | MoeIr::CombineInter([y, a]) | MoeIr::CombineIntra([y, a]) => {
                 // Back to the senders: one row per assignment of this rank's tokens.
@@ -695,7 +819,9 @@ impl Analysis<MoeIr> for MetaAnalysis {
                 let p = x(p);
                 let rows = m.rank_rows_received_max(p.chunks);
                 let exp = m.rank_rows_expected(m.tokens as f64 / p.chunks.max(1) as f64);
-                Meta::value(rows, exp, p.cols, p.dtype, p.flops).in_chunks(p.chunks)
+                Meta::value(rows, exp, p.cols, p.dtype, p.flops)
+                    .in_chunks(p.chunks)
+                    .bounded(m, rt::RowBound::RankRows)
             }
             MoeIr::DispatchRankInter(p) => {
                 // Staged on the forwarder: at most one row per token of every
@@ -719,13 +845,17 @@ impl Analysis<MoeIr> for MetaAnalysis {
                 let r = x(r);
                 let rows = m.expert_rows_max(r.chunks);
                 let exp = m.expert_rows_expected(r.chunks);
-                Meta::value(rows, exp, h, m.dtype, r.flops).in_chunks(r.chunks)
+                Meta::value(rows, exp, h, m.dtype, r.flops)
+                    .in_chunks(r.chunks)
+                    .bounded(m, rt::RowBound::ExpertRows)
             }
             MoeIr::Reduce([y, a]) => {
                 let av = x(a);
                 let rows = m.rank_rows_received_max(av.chunks);
                 let exp = m.rank_rows_expected(av.rows_expected);
-                Meta::value(rows, exp, h, m.dtype, x(y).flops).in_chunks(av.chunks)
+                Meta::value(rows, exp, h, m.dtype, x(y).flops)
+                    .in_chunks(av.chunks)
+                    .bounded(m, rt::RowBound::RankRows)
             }
             MoeIr::CombineRank(r) | MoeIr::CombineRankInter(r) => {
                 // Back on the source: its by-rank rows.

@@ -15,11 +15,13 @@ mod by_rank;
 use crate::cost::{self, node_cost, NodeCost};
 use crate::ir::{value_bytes, Meta, Model, MoeIr};
 use egg::{Id, RecExpr};
+use moec_runtime::plan::arena::allocate;
 use moec_runtime::plan::order::HappensBefore;
 use moec_runtime::plan::{
     A2aAlgorithm, Activation, Buffer, BufferRole, CapacityConfig, Choices, CollectiveKind,
     CollectiveScope, DType, Epilogue, GemmWeight, GroupScore, Kernel, KernelKind, MemoryPlan, Op,
-    OpKind, Phase, Plan, Scoring, SoftmaxOver, Stream, StreamRole, WeightOn, PLAN_FORMAT_VERSION,
+    OpKind, Phase, Plan, RowBound, Scoring, SoftmaxOver, Stream, StreamRole, WeightOn,
+    PLAN_FORMAT_VERSION,
 };
 use std::collections::BTreeMap;
 
@@ -229,6 +231,7 @@ impl<'a> Builder<'a> {
             offset: 0,
             live: (0, 0),
             chunk: self.current_chunk,
+            bound: None,
         });
         (self.buffers.len() - 1) as u32
     }
@@ -1359,8 +1362,22 @@ impl<'a> Builder<'a> {
             }
             other => return Err(format!("internal: `{other}` inside the pipeline")),
         };
+        if let (Value::Buf(b), Some(bound)) = (value, meta.bound) {
+            self.mark_bounded(b, meta.rows, bound);
+        }
         self.values.insert(key, value);
         Ok(value)
+    }
+
+    /// Marks buffer `b` as holding `rows` rows sized by `bound` (the value
+    /// the node of a bounded meta leaves), so the runtime grows it with the
+    /// bound when a pass overflows.
+    pub(super) fn mark_bounded(&mut self, b: u32, rows: u64, bound: RowBound) {
+        if let Some(buf) = self.buffers.get_mut(b as usize) {
+            if buf.shape.first() == Some(&rows) {
+                buf.bound = Some(bound);
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1646,6 +1663,12 @@ impl<'a> Builder<'a> {
         let weight_bytes = weight_bytes(m);
         let chunk_tokens = m.chunk_tokens(self.chunks);
         let has = |k: KernelKind| self.kernels.iter().any(|x| x.kind == k);
+        let dedup_dispatch = self.has_node(|n| {
+            matches!(
+                n,
+                MoeIr::DispatchRank(_) | MoeIr::DispatchRankInter(_) | MoeIr::DispatchRankIntra(_)
+            )
+        });
         let choices = Choices {
             chunks: self.chunks,
             chunk_tokens,
@@ -1665,15 +1688,14 @@ impl<'a> Builder<'a> {
             },
             dispatch_dtype: self.dispatch_dtype,
             expert_rows: self.expert_rows.max(m.expert_rows_max(self.chunks)),
+            rank_rows: if dedup_dispatch {
+                m.rank_rows_received_max(self.chunks)
+            } else {
+                0
+            },
+            headroom: m.headroom.filter(|_| m.capacity.is_none()),
             overflow_flag: m.capacity.is_none(),
-            dedup_dispatch: self.has_node(|n| {
-                matches!(
-                    n,
-                    MoeIr::DispatchRank(_)
-                        | MoeIr::DispatchRankInter(_)
-                        | MoeIr::DispatchRankIntra(_)
-                )
-            }),
+            dedup_dispatch,
             reduce_combine: self.has_node(|n| matches!(n, MoeIr::Reduce(_))),
         };
         for s in streams.iter_mut() {
@@ -1736,42 +1758,4 @@ fn weight_bytes(m: &Model) -> u64 {
         .saturating_mul(m.local_experts)
         .saturating_add(router)
         .saturating_add(shared)
-}
-
-/// Places the buffers in one arena: two buffers may share memory only when
-/// [`HappensBefore::may_share`] allows it, the rule the load checks hold the
-/// plan to. Returns the arena
-/// size. Greedy first fit in order of first use, largest first on ties.
-fn allocate(buffers: &mut [Buffer], uses: &[Vec<u32>], order: &HappensBefore) -> u64 {
-    const ALIGN: u64 = 256;
-    let mut idx: Vec<usize> = (0..buffers.len()).collect();
-    idx.sort_by_key(|&i| (buffers[i].live.0, std::cmp::Reverse(buffers[i].bytes), i));
-    let mut placed: Vec<usize> = Vec::new();
-    let mut peak = 0u64;
-    for i in idx {
-        let disjoint = |j: usize| order.may_share((&buffers[i], &uses[i]), (&buffers[j], &uses[j]));
-        let mut conflicts: Vec<(u64, u64)> = placed
-            .iter()
-            .filter(|&&j| !disjoint(j))
-            .map(|&j| {
-                (
-                    buffers[j].offset,
-                    buffers[j].offset.saturating_add(buffers[j].bytes),
-                )
-            })
-            .collect();
-        conflicts.sort();
-        let mut offset = 0u64;
-        let size = buffers[i].bytes;
-        for (start, end) in conflicts {
-            if offset.saturating_add(size) <= start {
-                break;
-            }
-            offset = offset.max(end.div_ceil(ALIGN).saturating_mul(ALIGN));
-        }
-        buffers[i].offset = offset;
-        peak = peak.max(offset.saturating_add(size));
-        placed.push(i);
-    }
-    peak
 }

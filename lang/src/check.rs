@@ -1950,7 +1950,7 @@ impl Checker {
             &s.body,
             "schedule",
             s.kind.span,
-            &["overlap", "allow", "deny"],
+            &["overlap", "allow", "deny", "headroom"],
         );
         let overlap = match f.get("overlap") {
             Some(e) => {
@@ -2034,7 +2034,75 @@ impl Checker {
                 self.err(d);
             }
         }
-        Some(Schedule { overlap, rules })
+        let headroom = self.headroom(&f, layer)?;
+        Some(Schedule {
+            overlap,
+            rules,
+            headroom,
+        })
+    }
+
+    /// `headroom = auto | worst_case | NUMBER` (a factor of at least 1).
+    fn headroom(&mut self, f: &Fields, layer: Option<&(Layer, LayerSpans)>) -> Option<Headroom> {
+        let Some(e) = f.get("headroom") else {
+            return Some(Headroom::Auto);
+        };
+        let v = self.value(e)?;
+        let headroom = match v.as_name() {
+            Some("auto") => Headroom::Auto,
+            Some("worst_case") => Headroom::WorstCase,
+            Some(other) => {
+                self.err(
+                    Diagnostic::error(
+                        "E0201",
+                        v.span,
+                        format!("`headroom` must be `auto`, `worst_case` or a number, found `{other}`"),
+                    )
+                    .label("unknown headroom")
+                    .help("`headroom = 2` sizes a dropless layer's expert buffers for twice the expected load"),
+                );
+                return None;
+            }
+            None => {
+                let x = match self.scalar(v, "a number")? {
+                    Val::Int(i) => i as f64,
+                    Val::Float(x) => x,
+                    other => {
+                        self.err(
+                            Diagnostic::error(
+                                "E0201",
+                                v.span,
+                                format!("`headroom` must be a number, found {}", other.describe()),
+                            )
+                            .label("wrong type"),
+                        );
+                        return None;
+                    }
+                };
+                if !(x.is_finite() && x >= 1.0) {
+                    self.err(
+                        Diagnostic::error("E0202", v.span, "`headroom` must be at least 1")
+                            .label("out of range")
+                            .help("buffers smaller than the expected load would overflow on most passes; `headroom = 1.25` is the least the compiler picks itself"),
+                    );
+                    return None;
+                }
+                Headroom::Factor(x)
+            }
+        };
+        if let Some((l, _)) = layer {
+            if headroom != Headroom::Auto && l.capacity != Capacity::Dropless {
+                self.err(
+                    Diagnostic::warning(
+                        "W0001",
+                        v.span,
+                        "`headroom` has no effect: the layer has a capacity, whose buffers hold exactly its slots",
+                    )
+                    .label("has no effect"),
+                );
+            }
+        }
+        Some(headroom)
     }
 
     fn rule_list(&mut self, e: &Entry) -> Option<Vec<&'static str>> {

@@ -292,11 +292,26 @@ pub enum Overlap {
     Degree(u64),
 }
 
+/// How many rows a dropless layer's expert-side buffers hold.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Headroom {
+    /// The compiler's choice: twice the expected load, less when the plan
+    /// would not fit the device's memory.
+    Auto,
+    /// This factor of the expected load (at least 1).
+    Factor(f64),
+    /// Every row the routing could send (never overflows, never re-runs).
+    WorstCase,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Schedule {
     pub overlap: Overlap,
     /// The allowed rewrite families, a subset of [`RULES`], in [`RULES`] order.
     pub rules: Vec<&'static str>,
+    /// Rows of a dropless layer's bounded buffers, as a factor of the
+    /// expected load.
+    pub headroom: Headroom,
 }
 
 impl Default for Schedule {
@@ -304,6 +319,7 @@ impl Default for Schedule {
         Schedule {
             overlap: Overlap::Auto,
             rules: RULES.to_vec(),
+            headroom: Headroom::Auto,
         }
     }
 }
@@ -536,7 +552,12 @@ impl fmt::Display for Program {
             Overlap::Auto => write!(f, "auto")?,
             Overlap::Degree(d) => write!(f, "{d}")?,
         }
-        writeln!(f, ", rules [{}]", self.schedule.rules.join(", "))?;
+        write!(f, ", rules [{}]", self.schedule.rules.join(", "))?;
+        match self.schedule.headroom {
+            Headroom::Auto => writeln!(f)?,
+            Headroom::Factor(h) => writeln!(f, ", headroom {h}")?,
+            Headroom::WorstCase => writeln!(f, ", headroom worst_case")?,
+        }
         Ok(())
     }
 }

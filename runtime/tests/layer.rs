@@ -191,7 +191,7 @@ fn a_file_that_is_not_a_plan_is_rejected_with_its_path() {
         ("empty.json", "", &["not a moec plan"][..]),
         (
             "other.json",
-            "{\"version\": 2, \"weights\": []}",
+            "{\"version\": 3, \"weights\": []}",
             &["not a moec plan", "unknown field `weights`"][..],
         ),
         (
@@ -223,7 +223,7 @@ fn a_file_that_is_not_a_plan_is_rejected_with_its_path() {
 
 #[test]
 fn a_plan_of_another_format_version_says_to_rebuild() {
-    let newer = TINY.replacen("\"version\": 2,", "\"version\": 3,", 1);
+    let newer = TINY.replacen("\"version\": 3,", "\"version\": 4,", 1);
     assert_ne!(newer, TINY, "the fixture's version field moved");
     // A newer format may also have fields this runtime does not know.
     let newer = newer.replacen("\"version\"", "\"future_field\": true, \"version\"", 1);
@@ -235,8 +235,8 @@ fn a_plan_of_another_format_version_says_to_rebuild() {
         Error::Plan { source, .. } => assert_eq!(
             **source,
             PlanError::Version {
-                found: 3,
-                expected: 2
+                found: 4,
+                expected: 3
             }
         ),
         other => panic!("expected a plan error, got {other:?}"),
@@ -245,8 +245,8 @@ fn a_plan_of_another_format_version_says_to_rebuild() {
         &err.to_string(),
         &[
             "newer.plan.json",
-            "version 3",
-            "reads version 2",
+            "version 4",
+            "reads version 3",
             "rebuild the plan",
         ],
     );

@@ -31,6 +31,7 @@ fn buffer(
         offset,
         live,
         chunk: None,
+        bound: None,
     }
 }
 
@@ -321,6 +322,8 @@ fn valid_plan() -> Plan {
             dispatch: A2aAlgorithm::Flat,
             dispatch_dtype: Bf16,
             expert_rows: 64,
+            rank_rows: 0,
+            headroom: None,
             overflow_flag: true,
             dedup_dispatch: false,
             reduce_combine: false,
@@ -420,7 +423,7 @@ fn json_round_trip() {
 }
 
 const EXPECTED_TEXT: &str = "\
-moec plan v2: layer tiny
+moec plan v3: layer tiny
 layer    hidden 64, bf16, 16 tokens per rank
          experts 4 x swiglu(32)
          router top-2 softmax over all experts, normalised, scale 1, weight on output
@@ -433,7 +436,7 @@ mesh     1 node x 2 H100 = 2 ranks (ep 2, etp 1, dp 1)
 choices  1 chunk of 16 tokens (no overlap)
          fused: router, permute into the pack, un-permute into the combine, activation into the GEMM epilogue
          dispatch flat, bf16 on the wire
-         expert rows 64 per rank (dropless worst case; device overflow flag, no host sync)
+         expert rows 64 per rank and chunk (dropless worst case; device overflow flag, no host sync)
 kernels (5)
   k0  router_fused   router_fused            dtype=1 experts=4 group_score=0 groups=1 groups_kept=1 hidden=64 normalize=1 scoring=0 selection_bias=0 softmax_over=0 top_k=2
   k1  assign_count   assign                  capacity=0 dtype=1 ep_ranks=2 experts=4 hidden=64 pass=0 top_k=2
@@ -535,7 +538,7 @@ fn text_of_a_bigger_layer() {
     assert_mentions(
         &text,
         &[
-            "moec plan v2: layer big\n",
+            "moec plan v3: layer big\n",
             "layer    hidden 64, bf16 (dispatch in fp8_e4m3), 16 tokens per rank\n",
             "router top-8 sigmoid + selection bias, groups 4 of 8 (top2_sum), normalised, scale 2.5, weight on output\n",
             "shared 1 x swiglu(2048, limit 7) with biases, sigmoid gate\n",
@@ -547,7 +550,7 @@ fn text_of_a_bigger_layer() {
             "fused: router, un-permute into the combine, activation into the GEMM epilogue; not fused: permute into the pack\n",
             "shared experts run concurrently with the dispatch\n",
             "dispatch hierarchical, bf16 on the wire\n",
-            "expert rows 64 per rank (capacity)\n",
+            "expert rows 64 per rank and chunk (capacity)\n",
         ],
     );
 
@@ -627,10 +630,10 @@ fn wrong_version() {
         plan.validate(),
         Err(PlanError::Version {
             found: 7,
-            expected: 2
+            expected: 3
         })
     );
-    assert_mentions(&text, &["version 7", "reads version 2", "rebuild the plan"]);
+    assert_mentions(&text, &["version 7", "reads version 3", "rebuild the plan"]);
 }
 
 #[test]
@@ -1019,13 +1022,13 @@ fn from_json_rejects_garbage() {
 #[test]
 fn from_json_validates() {
     let mut plan = valid_plan();
-    plan.version = 3;
+    plan.version = 4;
     let err = Plan::from_json(&plan.to_json()).unwrap_err();
     assert_eq!(
         err,
         PlanError::Version {
-            found: 3,
-            expected: 2
+            found: 4,
+            expected: 3
         }
     );
     // The version is checked before the rest: a plan of another format
@@ -1037,12 +1040,12 @@ fn from_json_validates() {
     assert_eq!(
         err,
         PlanError::Version {
-            found: 3,
-            expected: 2
+            found: 4,
+            expected: 3
         }
     );
     // serde_json writes a NaN as null, which does not read back as a number.
-    plan.version = 2;
+    plan.version = 3;
     op_mut(&mut plan, 0).estimate_us = f64::NAN;
     let err = Plan::from_json(&plan.to_json()).unwrap_err();
     assert!(matches!(err, PlanError::Json(_)), "{err:?}");

@@ -7,10 +7,18 @@ use super::{Builder, PendingOp, Stage};
 use crate::cost::{self, NodeCost};
 use moec_runtime::plan::{
     by_rank_pick_cols, BufferRole, CollectiveKind, CollectiveScope, DType, KernelKind, OpKind,
-    Phase,
+    Phase, RowBound,
 };
 
 impl Builder<'_> {
+    /// Marks a by-rank receive-side buffer of `rows` rows (dropless plans:
+    /// it grows with `choices.rank_rows`).
+    fn mark_rank_rows(&mut self, b: u32, rows: u64) {
+        if self.model.capacity.is_none() {
+            self.mark_bounded(b, rows, RowBound::RankRows);
+        }
+    }
+
     /// The constants of the native assignment kernels, for `pass`.
     pub(super) fn assign_constants(&self, pass: i64) -> Vec<(String, i64)> {
         let m = self.model;
@@ -76,6 +84,7 @@ impl Builder<'_> {
             vec![rows, by_rank_pick_cols(m.top_k)],
             BufferRole::Comm,
         );
+        self.mark_rank_rows(recv, rows);
         let expected = m.rank_rows_expected(m.tokens as f64 / self.chunks as f64);
         let cost = cost::rank_meta_all_to_all(m, expected);
         let op = self.rank_collective(
@@ -114,6 +123,8 @@ impl Builder<'_> {
             vec![rows, m.top_k],
             BufferRole::Scratch,
         );
+        self.mark_rank_rows(index, rows);
+        self.mark_rank_rows(weights, rows);
         let kernel = self.kernel(
             KernelKind::Assign,
             "assign_expand",

@@ -686,6 +686,8 @@ pub(crate) mod test_plan {
                     dispatch: A2aAlgorithm::Flat,
                     dispatch_dtype: DType::Bf16,
                     expert_rows: 32,
+                    rank_rows: 0,
+                    headroom: None,
                     overflow_flag: true,
                     dedup_dispatch: false,
                     reduce_combine: false,

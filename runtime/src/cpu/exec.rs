@@ -13,6 +13,10 @@
 //!   --shuffle K`).
 
 mod by_rank;
+mod growth;
+
+pub use growth::Growth;
+use growth::PassError;
 
 use super::comm::{Comm, CommError, InProcessComm, Incoming, Outgoing, Run, Tag};
 use super::finite::{self, NonFinite, Trace};
@@ -25,6 +29,7 @@ use super::layout::{
 use super::memory::{self, Arena, Region};
 use super::traffic::{LinkClass, Moved, RankTraffic};
 use crate::footprint::{Budget, Footprint};
+use crate::plan::arena::RowNeed;
 use crate::plan::binding::{binding, library_kind, Arg, LaunchRows};
 use crate::plan::{
     Activation, Buffer, BufferRole, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight,
@@ -141,6 +146,9 @@ pub struct Forward {
     /// What the pass warns of: non-finite output values, where the options
     /// make them a warning ([`NonFinite::Warn`]).
     pub warnings: Vec<String>,
+    /// Dropless plans: the routing of this pass needed more rows than the
+    /// bounded buffers held, and the pass re-ran with grown buffers.
+    pub grown: Option<Growth>,
 }
 
 /// An FFN's weights laid out for the GEMMs: the gate and up projections
@@ -187,6 +195,22 @@ pub struct CpuBackend {
     topo: Option<Topology>,
     regions: Vec<Region>,
     arena_bytes: usize,
+    /// The kernels and weights, which do not depend on the buffers' sizes:
+    /// shared with the backend of the grown plan.
+    prepared: Arc<Prepared>,
+    world: usize,
+    options: CpuOptions,
+    passes: AtomicU64,
+    /// Arenas of finished passes, reused so a pass does not allocate and
+    /// zero its ranks' memory again (every buffer is written before it is read).
+    spare_arenas: Mutex<Vec<Arena>>,
+    /// Dropless plans: the backend of the plan grown for a pass whose routing
+    /// overflowed the bounded buffers; later passes start from it.
+    grown: Mutex<Option<Arc<CpuBackend>>>,
+}
+
+/// What a backend compiles and lays out once: kernels and weights.
+struct Prepared {
     /// One compiled kernel per plan kernel (`None` for the native assignment kernels).
     kernels: Vec<Option<JitKernel>>,
     /// The activation applied in a GEMM epilogue (reads the f32 GEMM result).
@@ -199,12 +223,6 @@ pub struct CpuBackend {
     experts: Vec<PreparedFfn>,
     shared: Option<PreparedFfn>,
     shared_gate: Vec<f32>,
-    world: usize,
-    options: CpuOptions,
-    passes: AtomicU64,
-    /// Arenas of finished passes, reused so a pass does not allocate and
-    /// zero its ranks' memory again (every buffer is written before it is read).
-    spare_arenas: Mutex<Vec<Arena>>,
 }
 
 /// The error when a rank's thread cannot be started.
@@ -325,25 +343,29 @@ impl CpuBackend {
                 }
             }
         }
-        Ok(CpuBackend {
+        let prepared = Prepared {
             router: weights.router.clone(),
             router_logit_bias: weights.router_logit_bias.clone(),
             router_bias: weights.router_bias.clone().unwrap_or_default(),
             experts,
             shared,
             shared_gate: weights.shared_gate.clone().unwrap_or_default(),
+            kernels,
+            expert_epilogue,
+            shared_epilogue,
+        };
+        Ok(CpuBackend {
             plan,
             geo,
             topo,
             regions,
             arena_bytes,
-            kernels,
-            expert_epilogue,
-            shared_epilogue,
+            prepared: Arc::new(prepared),
             world,
             options,
             passes: AtomicU64::new(0),
             spare_arenas: Mutex::new(Vec::new()),
+            grown: Mutex::new(None),
         })
     }
 
@@ -428,6 +450,7 @@ impl CpuBackend {
                 arena,
                 events: (0..self.plan.events).map(|_| Event::default()).collect(),
                 placement: Mutex::new(None),
+                overflow: Mutex::new(None),
                 staged: Mutex::new(BTreeMap::new()),
                 rank_staged: Mutex::new(BTreeMap::new()),
                 phase_seconds: Mutex::new(BTreeMap::new()),
@@ -489,6 +512,7 @@ impl CpuBackend {
             wall_seconds: start.elapsed().as_secs_f64(),
             traffic,
             warnings: Vec::new(),
+            grown: None,
         })
     }
 
@@ -501,6 +525,8 @@ impl CpuBackend {
             return Ok(());
         };
         let trace = Trace::default();
+        // The traced pass runs on the same buffers, so it cannot overflow
+        // where the first did not; if it fails anyway, the phase is unknown.
         let origin = match self.run_concurrent(inputs, Some(&trace)) {
             Ok(_) => trace.first(),
             Err(_) => None,
@@ -535,10 +561,24 @@ impl CpuBackend {
 
     /// Runs the layer on `inputs` (one `[tokens, hidden]` tensor per rank),
     /// every stream of every rank a thread.
+    ///
+    /// A dropless plan whose bounded buffers are too small for this pass's
+    /// routing runs again with grown buffers ([`Forward::grown`] says so).
     pub fn forward(&self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
-        let mut forward = self.run_concurrent(inputs, None)?;
-        self.check_output(inputs, &mut forward)?;
-        Ok(forward)
+        self.with_growth(|backend| {
+            let mut forward = backend.run_concurrent(inputs, None)?;
+            backend.check_output(inputs, &mut forward)?;
+            Ok(forward)
+        })
+    }
+
+    /// The rows the routing needed, when a rank of this pass found that it
+    /// overflows the bounded buffers.
+    fn overflow_of(ranks: &[RankCtx]) -> Option<RowNeed> {
+        ranks
+            .iter()
+            .filter_map(|c| *c.overflow.lock().unwrap_or_else(|p| p.into_inner()))
+            .reduce(RowNeed::max)
     }
 
     /// One pass, every stream of every rank a thread; with `trace`, every
@@ -547,7 +587,7 @@ impl CpuBackend {
         &self,
         inputs: &[Vec<f32>],
         trace: Option<&Trace>,
-    ) -> Result<Forward, ExecError> {
+    ) -> Result<Forward, PassError> {
         self.check_inputs(inputs)?;
         let start = Instant::now();
         // A traced pass starts from zeroed arenas: bytes no op of the pass
@@ -603,21 +643,29 @@ impl CpuBackend {
         });
         let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
         if !errors.is_empty() {
+            if let Some(need) = Self::overflow_of(&ranks) {
+                self.recycle(ranks);
+                return Err(PassError::Overflow(need));
+            }
             // Report the root cause: the first error that is not a consequence of an abort.
             let root = errors
                 .iter()
                 .position(|e| !e.message.starts_with("aborted"))
                 .unwrap_or(0);
-            return Err(errors.swap_remove(root));
+            return Err(errors.swap_remove(root).into());
         }
         let result = self.finish(&ranks, start);
         self.recycle(ranks);
-        result
+        Ok(result?)
     }
 
     /// Runs the layer with every rank's streams interleaved, one op at a time,
     /// in a random order the plan allows (seeded).
     pub fn forward_shuffled(&self, inputs: &[Vec<f32>], seed: u64) -> Result<Forward, ExecError> {
+        self.with_growth(|backend| backend.shuffled_pass(inputs, seed))
+    }
+
+    fn shuffled_pass(&self, inputs: &[Vec<f32>], seed: u64) -> Result<Forward, PassError> {
         self.check_inputs(inputs)?;
         let start = Instant::now();
         let ranks = self.new_ranks(inputs, false)?;
@@ -658,7 +706,8 @@ impl CpuBackend {
             if ready.is_empty() {
                 return Err(ExecError::new(
                     "no op can run: the plan's streams wait on each other (deadlock)",
-                ));
+                )
+                .into());
             }
             let (r, s) = ready[rng.random_range(0..ready.len())];
             let op = &streams[s].ops[pos[r][s]];
@@ -685,7 +734,12 @@ impl CpuBackend {
                     pass,
                     abort: &abort,
                 };
-                run.op(op, None).map_err(|e| tag_err(e, r))?;
+                if let Err(e) = run.op(op, None) {
+                    return Err(match Self::overflow_of(&ranks) {
+                        Some(need) => PassError::Overflow(need),
+                        None => tag_err(e, r).into(),
+                    });
+                }
                 pos[r][s] += 1;
             }
         }
@@ -993,6 +1047,9 @@ struct RankCtx {
     events: Vec<Event>,
     /// The routing table `assign_place` leaves in rank memory.
     placement: Mutex<Option<Arc<Placement>>>,
+    /// Set by `assign_place` when the routing needs more rows than the
+    /// bounded buffers hold (the pass then stops).
+    overflow: Mutex<Option<RowNeed>>,
     /// Routing of the rows a hierarchical dispatch staged, by staging buffer.
     staged: Mutex<BTreeMap<u32, Arc<Staged>>>,
     /// The same for the by-rank legs, by chunk: the reducing combine sums
@@ -1496,7 +1553,7 @@ impl StreamRun<'_> {
                 _ => self.assign(k, inputs, outputs),
             };
         }
-        let Some(Some(jit)) = b.kernels.get(kernel as usize) else {
+        let Some(Some(jit)) = b.prepared.kernels.get(kernel as usize) else {
             return Err(ExecError::new(format!(
                 "kernel `{}` was not compiled",
                 k.name
@@ -1523,13 +1580,13 @@ impl StreamRun<'_> {
                 Arg::Input(i) => args.extend(self.raw(input(i)?, chunk)?),
                 Arg::Output(i) => args.extend(self.raw(output(i)?, chunk)?),
                 Arg::RouterBias => args.push(RawArg::Buf {
-                    ptr: b.router_bias.as_ptr() as *mut u8,
-                    len: b.router_bias.len() as u64,
+                    ptr: b.prepared.router_bias.as_ptr() as *mut u8,
+                    len: b.prepared.router_bias.len() as u64,
                 }),
                 Arg::RouterScale => args.push(RawArg::F32(b.plan.layer.router.scale as f32)),
                 Arg::SharedGate => args.push(RawArg::Buf {
-                    ptr: b.shared_gate.as_ptr() as *mut u8,
-                    len: b.shared_gate.len() as u64,
+                    ptr: b.prepared.shared_gate.as_ptr() as *mut u8,
+                    len: b.prepared.shared_gate.len() as u64,
                 }),
                 Arg::ClampLimit => args.push(RawArg::F32(b.clamp_limit(op.phase == Phase::Shared))),
             }
@@ -1708,18 +1765,26 @@ impl StreamRun<'_> {
             return Err(ExecError::new("the slots buffer is too small"));
         }
         memory::write_i32s(&placement.slots, dst);
+        // Every rank of the group derives the same tables from the exchanged
+        // counts, so all of them find an overflow here and stop together,
+        // before any row moves; the host grows the buffers and re-runs.
+        let need = placement.row_need();
+        let overflow = b.plan.overflows(need);
         if let Some(&flag) = outputs.get(1) {
-            // Worst-case buffers never overflow; the flag records it for the host.
-            let recv_rows = usize::try_from(b.plan.choices.expert_rows).unwrap_or(usize::MAX);
-            let overflow = placement
-                .tables
-                .iter()
-                .any(|t| t.received(self.me()) > recv_rows);
             // SAFETY: as above.
             let f = unsafe { self.ctx.arena.bytes_mut(b.regions[flag as usize]) };
             if let Some(first) = f.first_mut() {
-                *first = u8::from(overflow);
+                *first = u8::from(overflow.is_some());
             }
+        }
+        if let Some(need) = overflow {
+            *self.ctx.overflow.lock().unwrap_or_else(|p| p.into_inner()) = Some(need);
+            let have = b.plan.row_bounds();
+            return Err(ExecError::new(format!(
+                "the routing needs {} expert rows ({} by-rank rows) of one rank in a chunk, \
+                 the buffers hold {} ({}): overflow",
+                need.expert_rows, need.rank_rows, have.expert_rows, have.rank_rows
+            )));
         }
         *self.ctx.placement.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(placement));
         Ok(())
@@ -1746,13 +1811,18 @@ impl StreamRun<'_> {
                 k = h;
                 n = b.geo.experts;
                 let rows = a_region.bytes / (k * a_buf.dtype.bytes() as usize).max(1);
-                groups.push((0..rows, &b.router, b.router_logit_bias.as_deref(), n));
+                groups.push((
+                    0..rows,
+                    &b.prepared.router,
+                    b.prepared.router_logit_bias.as_deref(),
+                    n,
+                ));
             }
             GemmWeight::SharedUp | GemmWeight::SharedDown => {
-                let ffn = b
-                    .shared
-                    .as_ref()
-                    .ok_or_else(|| ExecError::new("a shared-expert GEMM without shared weights"))?;
+                let ffn =
+                    b.prepared.shared.as_ref().ok_or_else(|| {
+                        ExecError::new("a shared-expert GEMM without shared weights")
+                    })?;
                 let rows = b.geo.tokens;
                 if weight == GemmWeight::SharedUp {
                     k = h;
@@ -1770,7 +1840,7 @@ impl StreamRun<'_> {
                 let local = &b.geo.experts_of[me];
                 let first = local
                     .first()
-                    .and_then(|&e| b.experts.get(e))
+                    .and_then(|&e| b.prepared.experts.get(e))
                     .ok_or_else(|| ExecError::new("this rank holds no experts"))?;
                 if weight == GemmWeight::ExpertUp {
                     k = h;
@@ -1780,7 +1850,7 @@ impl StreamRun<'_> {
                     n = h;
                 }
                 for (l, &e) in local.iter().enumerate() {
-                    let ffn = &b.experts[e];
+                    let ffn = &b.prepared.experts[e];
                     let t = table.get();
                     let start = t.expert_start(me, l);
                     let range = start..start + t.expert_rows(me, l);
@@ -1794,8 +1864,8 @@ impl StreamRun<'_> {
         }
         let out_cols = if epilogue == Epilogue::Activation {
             let width = match weight {
-                GemmWeight::SharedUp => b.shared.as_ref().map_or(0, |f| f.width),
-                _ => b.experts.first().map_or(0, |f| f.width),
+                GemmWeight::SharedUp => b.prepared.shared.as_ref().map_or(0, |f| f.width),
+                _ => b.prepared.experts.first().map_or(0, |f| f.width),
             };
             width
         } else {
@@ -1856,8 +1926,8 @@ impl StreamRun<'_> {
                 Epilogue::None => memory::write_f32(&c_f32, c_buf.dtype, c_raw),
                 Epilogue::Activation => {
                     let jit = match weight {
-                        GemmWeight::SharedUp => b.shared_epilogue.as_ref(),
-                        _ => b.expert_epilogue.as_ref(),
+                        GemmWeight::SharedUp => b.prepared.shared_epilogue.as_ref(),
+                        _ => b.prepared.expert_epilogue.as_ref(),
                     }
                     .ok_or_else(|| ExecError::new("no epilogue kernel was compiled"))?;
                     let limit = b.clamp_limit(weight == GemmWeight::SharedUp);

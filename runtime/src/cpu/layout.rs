@@ -39,6 +39,7 @@
 //! table lives in rank memory beside `slots`, written by `assign_place` and
 //! read by the collectives and the grouped GEMMs that the plan orders after it.
 
+use crate::plan::arena::RowNeed;
 use crate::plan::{CapacityConfig, DropPolicy, Plan};
 use std::ops::Range;
 
@@ -390,6 +391,24 @@ pub struct Placement {
     pub dropped: u64,
     /// Dispatch by rank: this rank's by-rank send layout.
     pub by_rank: Option<ByRank>,
+}
+
+impl Placement {
+    /// The rows the group's routing needs in one rank's bounded buffers:
+    /// the most expert-side rows and by-rank rows any rank receives in any
+    /// chunk (every rank of the group computes the same).
+    pub fn row_need(&self) -> RowNeed {
+        let mut need = RowNeed::default();
+        for t in &self.tables {
+            for g in 0..t.group() {
+                need = need.max(RowNeed {
+                    expert_rows: t.received(g) as u64,
+                    rank_rows: t.rank_received(g) as u64,
+                });
+            }
+        }
+        need
+    }
 }
 
 /// This rank's side of a dispatch by rank.

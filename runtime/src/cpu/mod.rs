@@ -12,5 +12,5 @@ pub mod layout;
 pub mod memory;
 pub mod traffic;
 
-pub use exec::{CpuBackend, CpuOptions, ExecError, Forward, RoutingStats};
+pub use exec::{CpuBackend, CpuOptions, ExecError, Forward, Growth, RoutingStats};
 pub use finite::{check_finite, NonFinite};

@@ -350,6 +350,7 @@ impl CudaBackend {
                 // The device's copies are not counted yet.
                 traffic: Vec::new(),
                 warnings: Vec::new(),
+                grown: None,
             },
             pass.timings,
         ))

@@ -10,6 +10,7 @@
 //! [`Plan::from_json`] checks the version and every reference before a backend
 //! sees it. Its [`std::fmt::Display`] is the stable text form `moec build` prints.
 
+pub mod arena;
 pub mod binding;
 mod consistency;
 mod forms;
@@ -21,13 +22,13 @@ mod validate;
 
 pub use consistency::{MAX_DIMS, MAX_ITEMS, MAX_OPS, MAX_STREAMS};
 pub use forms::router_chain;
-pub use text::human_bytes;
+pub use text::{human_bytes, human_rate};
 pub use validate::{buffer_bytes, BufferRef, LostWrite, OpRef, PlanError, Race, Stuck};
 
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the meaning or shape of a plan changes.
-pub const PLAN_FORMAT_VERSION: u32 = 2;
+pub const PLAN_FORMAT_VERSION: u32 = 3;
 
 /// A compiled MoE layer: configuration, kernels, buffers and streams.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -359,11 +360,23 @@ pub struct Choices {
     pub dispatch: A2aAlgorithm,
     /// dtype on the wire for the dispatch (fp8 means per-128 block scales travel too).
     pub dispatch_dtype: DType,
-    /// Rows of the expert input buffer of one rank: the capacity, or the
-    /// dropless worst case.
+    /// Rows of the expert input buffer of one rank for one chunk: every
+    /// capacity slot, or for a dropless layer the expected load times
+    /// `headroom` (at most the worst case). Every buffer marked
+    /// [`RowBound::ExpertRows`] has this many rows.
     pub expert_rows: u64,
-    /// Dropless plans keep worst-case buffers and raise a device-side overflow
-    /// flag instead of synchronising with the host.
+    /// Dispatch by rank: rows of one rank's by-rank receive buffers for one
+    /// chunk, sized like `expert_rows` (every buffer marked
+    /// [`RowBound::RankRows`]); 0 without dispatch by rank.
+    pub rank_rows: u64,
+    /// Dropless layers: the factor of the expected load the bounded buffers
+    /// hold (`None`: the worst case, which never overflows). A pass whose
+    /// routing needs more rows is detected when the counts are exchanged,
+    /// before any row moves, and re-run with buffers grown to the real
+    /// counts ([`Plan::grown`]).
+    pub headroom: Option<f64>,
+    /// Dropless plans raise a device-side overflow flag when a chunk's
+    /// routing needs more rows than the bounded buffers hold.
     pub overflow_flag: bool,
     /// A token travels once per destination EP rank, with its picks there
     /// (`dedup_dispatch`), and is expanded to the experts on arrival.
@@ -497,6 +510,21 @@ pub struct Buffer {
     /// (the input, the routing, the output, ...): an op of chunk `i` reads or
     /// writes only chunk `i`'s rows of those.
     pub chunk: Option<u64>,
+    /// The rows of a buffer sized by the expected load (dropless plans): its
+    /// first dimension is the plan's `choices.expert_rows` or
+    /// `choices.rank_rows`, and grows with them when a pass overflows.
+    pub bound: Option<RowBound>,
+}
+
+/// Which of the plan's bounded row counts sizes a buffer (see
+/// [`Buffer::bound`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowBound {
+    /// The expert-side rows of one chunk (`choices.expert_rows`).
+    ExpertRows,
+    /// The by-rank rows one rank receives in one chunk (`choices.rank_rows`).
+    RankRows,
 }
 
 impl Buffer {

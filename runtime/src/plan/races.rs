@@ -33,7 +33,7 @@
 
 use super::binding::{binding, library_kind, Arg, LaunchRows};
 use super::order::HappensBefore;
-use super::validate::{op_buffers, LostWrite, PlanError, Race};
+use super::validate::{LostWrite, PlanError, Race};
 use super::{Buffer, BufferRole, CollectiveKind, GemmWeight, KernelKind, Op, OpKind, Plan};
 use moec_kernels::ir::{Access, ParamKind};
 use moec_kernels::library::describe;
@@ -196,7 +196,7 @@ impl Plan {
 
     /// The buffers the host reads after the pass: the output and the
     /// dropless overflow flag (the second assignment pass's second output).
-    fn read_after_pass(&self) -> BTreeSet<u32> {
+    pub(super) fn read_after_pass(&self) -> BTreeSet<u32> {
         let mut after: BTreeSet<u32> = (0..self.buffers.len() as u32)
             .filter(|&i| self.buffers[i as usize].role == BufferRole::Output)
             .collect();
@@ -387,21 +387,7 @@ impl Plan {
     /// every use of one happens before every use of the other, and neither
     /// is the input or the output (the rule the compiler places them by).
     pub(super) fn check_arena_sharing(&self, order: &HappensBefore) -> Result<(), PlanError> {
-        let mut uses: Vec<Vec<u32>> = vec![Vec::new(); self.buffers.len()];
-        for (_, op) in self.ops() {
-            for (_, b) in op_buffers(op) {
-                if let Some(u) = uses.get_mut(b as usize) {
-                    u.push(op.id);
-                }
-            }
-        }
-        // Read after the pass: used at the last op too, as the compiler counts it.
-        let last = self.ops().map(|(_, op)| op.id).max().unwrap_or(0);
-        for b in self.read_after_pass() {
-            if let Some(u) = uses.get_mut(b as usize) {
-                u.push(last);
-            }
-        }
+        let uses = self.buffer_uses();
         // Sweep by offset, keeping the buffers whose bytes reach past the
         // current offset (ends were checked against the arena before).
         let mut by_offset: Vec<usize> = (0..self.buffers.len())

@@ -71,7 +71,7 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 /// `160 GB/s`, `3.35 TB/s`, `989 TFLOP/s`: SI prefixes, up to three decimals.
-pub(crate) fn human_rate(v: f64, unit: &str) -> String {
+pub fn human_rate(v: f64, unit: &str) -> String {
     const PREFIXES: [(f64, &str); 5] =
         [(1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")];
     if !v.is_finite() {
@@ -509,15 +509,30 @@ impl Plan {
                 .to_string(),
             );
         }
-        let why = match self.layer.capacity {
-            CapacityConfig::Dropless if c.overflow_flag => {
-                "dropless worst case; device overflow flag, no host sync"
+        let why = match (&self.layer.capacity, c.headroom) {
+            (CapacityConfig::Dropless, Some(h)) => format!(
+                "dropless: {h}x the expected load; device overflow flag, \
+                 a pass that needs more re-runs with grown buffers"
+            ),
+            (CapacityConfig::Dropless, None) if c.overflow_flag => {
+                "dropless worst case; device overflow flag, no host sync".to_string()
             }
-            CapacityConfig::Dropless => "dropless worst case; no overflow flag",
-            CapacityConfig::Limited { .. } if c.overflow_flag => "capacity; device overflow flag",
-            CapacityConfig::Limited { .. } => "capacity",
+            (CapacityConfig::Dropless, None) => "dropless worst case; no overflow flag".to_string(),
+            (CapacityConfig::Limited { .. }, _) if c.overflow_flag => {
+                "capacity; device overflow flag".to_string()
+            }
+            (CapacityConfig::Limited { .. }, _) => "capacity".to_string(),
         };
-        lines.push(format!("expert rows {} per rank ({why})", c.expert_rows));
+        lines.push(format!(
+            "expert rows {} per rank and chunk ({why})",
+            c.expert_rows
+        ));
+        if c.dedup_dispatch {
+            lines.push(format!(
+                "by-rank rows {} received per rank and chunk",
+                c.rank_rows
+            ));
+        }
         lines
     }
 

@@ -26,7 +26,7 @@
 //! number the file made up; all size arithmetic is checked.
 
 use super::order::HappensBefore;
-use super::{Activation, CapacityConfig, DType, Op, OpKind, Plan, PLAN_FORMAT_VERSION};
+use super::{Activation, CapacityConfig, DType, Op, OpKind, Plan, RowBound, PLAN_FORMAT_VERSION};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
@@ -650,6 +650,7 @@ impl Plan {
         self.check_estimates()?;
         self.check_references()?;
         self.check_buffers()?;
+        self.check_row_bounds()?;
         self.check_events()?;
         self.check_order()?;
         if self.layer.capacity == CapacityConfig::Dropless && !self.choices.overflow_flag {
@@ -916,6 +917,62 @@ impl Plan {
         }
         float_dtype("choices.dispatch_dtype", c.dispatch_dtype, true)?;
         positive("choices.expert_rows", c.expert_rows)?;
+        match (c.dedup_dispatch, c.rank_rows) {
+            (true, 0) => {
+                return Err(field(
+                    "choices.rank_rows",
+                    "is 0, but the plan dispatches by rank",
+                ))
+            }
+            (false, r) if r != 0 => {
+                return Err(field(
+                    "choices.rank_rows",
+                    format!("is {r}, but the plan does not dispatch by rank (expected 0)"),
+                ))
+            }
+            _ => {}
+        }
+        match (c.headroom, &self.layer.capacity) {
+            (Some(h), CapacityConfig::Dropless) if !(h.is_finite() && h >= 1.0) => {
+                return Err(field(
+                    "choices.headroom",
+                    format!("is {h}, expected a factor of at least 1 (or null: the worst case)"),
+                ))
+            }
+            (Some(h), CapacityConfig::Limited { .. }) => {
+                return Err(field(
+                    "choices.headroom",
+                    format!("is {h}, but a capacity plan's buffers are exact (expected null)"),
+                ))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Buffers sized by the expected load: only in dropless plans, matrices
+    /// whose rows are exactly the bound they name, so the overflow
+    /// test on the bounds ([`Plan::overflows`]) covers every one of them.
+    fn check_row_bounds(&self) -> Result<(), PlanError> {
+        for (i, b) in self.buffers.iter().enumerate() {
+            let Some(bound) = b.bound else { continue };
+            let wrong = |problem: String| field(format!("buffers[{i}] `{}`", b.name), problem);
+            if self.layer.capacity != CapacityConfig::Dropless {
+                return Err(wrong(
+                    "is bounded by the expected load, but the layer has a capacity".into(),
+                ));
+            }
+            let (what, rows) = match bound {
+                RowBound::ExpertRows => ("choices.expert_rows", self.choices.expert_rows),
+                RowBound::RankRows => ("choices.rank_rows", self.choices.rank_rows),
+            };
+            if b.shape.len() != 2 || b.shape.first() != Some(&rows) {
+                return Err(wrong(format!(
+                    "is bounded by {what} = {rows}, expected a buffer of [{rows}, columns], found {:?}",
+                    b.shape
+                )));
+            }
+        }
         Ok(())
     }
 
