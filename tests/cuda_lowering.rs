@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use moec::compile::{compile, Options};
+use moec::cost::RoutingForm;
 use moec::run::{apply, Overrides};
 use moec_kernels::ir::{Access, Elem, Param, ParamKind, Ty};
 use moec_kernels::native::{NativeKernel, SOURCE as NATIVE_SOURCE};
@@ -493,7 +494,7 @@ fn touched(cmd: &Command) -> Vec<usize> {
             ranks.extend([a.rank, w.rank, c.rank]);
         }
         Command::Copy { src, dst, .. } => ranks.extend([src.rank, dst.rank]),
-        Command::Memset { dst, .. } => ranks.push(dst.rank),
+        Command::Memset { dst, .. } | Command::Upload { dst, .. } => ranks.push(dst.rank),
         Command::ReadBack { src, .. } => ranks.push(src.rank),
         Command::Nccl { sends, recvs } => {
             ranks.extend(sends.iter().chain(recvs).map(|(_, at, _)| at.rank));
@@ -570,7 +571,10 @@ impl Capture {
         }
         if matches!(
             cmd,
-            Command::ReadBack { .. } | Command::Stamp(_) | Command::Nccl { .. }
+            Command::ReadBack { .. }
+                | Command::Stamp(_)
+                | Command::Nccl { .. }
+                | Command::Upload { .. }
         ) {
             return Err(format!("{cmd:?} cannot be captured"));
         }
@@ -858,6 +862,7 @@ impl<'k> Emu<'k> {
             Command::Memset { dst, bytes, value } => {
                 self.put(*dst, &vec![*value; *bytes as usize])?;
             }
+            Command::Upload { dst, bytes } => self.put(*dst, bytes)?,
             Command::Record(e) => {
                 self.events.entry(*e).or_default().1 = gen;
             }
@@ -2178,6 +2183,7 @@ fn check_assignment(
                 e as i64,
                 geo.chunk_tokens as i64,
                 i64::from(probs),
+                e as i64,
             ],
             t as u64,
         );
@@ -2220,6 +2226,7 @@ fn check_assignment(
                     geo.chunks as i64,
                     lmax as i64,
                     cap,
+                    e as i64,
                 ],
                 e as u64,
             )
@@ -2337,7 +2344,7 @@ fn native_assignment_kernels_match_layout_rs() {
     let st = run(
         NativeKernel::AssignCount,
         &mut [&mut ids, &mut w, &mut meta],
-        &[1, 2, 4, 1, 0],
+        &[1, 2, 4, 1, 0, 4],
         1,
     );
     assert_eq!(st[0], moec_kernels::native::STATUS_BAD_EXPERT);
@@ -2350,7 +2357,7 @@ fn native_assignment_kernels_match_layout_rs() {
     let st = run(
         NativeKernel::AssignCount,
         &mut [&mut ids, &mut w, &mut meta],
-        &[1, 2, 4, 1, 0],
+        &[1, 2, 4, 1, 0, 4],
         1,
     );
     assert_eq!(st[0], moec_kernels::native::STATUS_BAD_WEIGHT);
@@ -2490,31 +2497,87 @@ fn the_gpu_benchmark_layers_run_shrunk_on_the_emulated_device() {
     }
 }
 
-/// A plan that dispatches by rank is refused by the CUDA lowering with the
-/// schedule line that builds one it runs (`moec run --backend cuda` compiles
-/// with `Options::cuda()`, which never makes one).
-#[test]
-fn dispatch_by_rank_is_refused_with_a_hint() {
-    let source = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/qwen3_30b_a3b.moe"),
-    )
-    .unwrap();
-    let (program, _) = moec_lang::check_source(&source).program.unwrap();
+/// `source` compiled with only candidates of routing form `form`.
+fn plan_in_form(source: &str, overrides: &Overrides, form: RoutingForm) -> Plan {
+    let checked = moec_lang::check_source(source);
+    let (program, _) = checked
+        .program
+        .unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
     let mut program = program.clone();
-    apply(&mut program, &shrunk(moec_lang::spec::DType::Bf16)).unwrap();
+    apply(&mut program, overrides).unwrap();
     let options = Options {
-        routing: Some(moec::cost::RoutingForm::DedupReduce),
+        routing: Some(form),
         ..Options::default()
     };
-    let plan = compile(&program, &options).unwrap().plan;
-    assert!(plan.choices.dedup_dispatch && plan.choices.reduce_combine);
-    let err = Program::lower(&plan).err().unwrap();
-    assert!(
-        err.contains("deny = [dedup_dispatch, reduce_combine]"),
-        "{err}"
-    );
-    // The CUDA options keep per-pick routing for the same layer.
-    let plan = compile(&program, &Options::cuda()).unwrap().plan;
-    assert!(!plan.choices.dedup_dispatch && !plan.choices.reduce_combine);
-    Program::lower(&plan).unwrap();
+    compile(&program, &options)
+        .unwrap_or_else(|e| panic!("{form:?}: {e}"))
+        .plan
+}
+
+/// The flat by-rank forms (dispatch by rank, with and without the reducing
+/// combine) on the emulated device, against the CPU backend bit for bit,
+/// in order and under shuffled device queues: the router's weight on the
+/// output and on the input, dropless and both capacity drop policies,
+/// chunked plans, shared experts, fp8 dispatch, replicas.
+#[test]
+fn dispatch_by_rank_on_the_emulated_device_matches_the_cpu() {
+    if !have_cxx("dispatch_by_rank_on_the_emulated_device_matches_the_cpu") {
+        return;
+    }
+    let none = Overrides::default();
+    let swiglu = "ffn = swiglu\n intermediate = 24";
+    let layers = [
+        (
+            "weight on the output, shared experts, chunked",
+            small_layer(
+                "scoring = softmax\n top_k = 4\n normalize = true",
+                swiglu,
+                "shared_experts {\n intermediate = 24\n }",
+                "schedule {\n overlap = 2\n }",
+            ),
+        ),
+        (
+            "weight on the input, shared experts",
+            small_layer(
+                "scoring = sigmoid\n top_k = 2\n weight_on = input",
+                swiglu,
+                "shared_experts {\n intermediate = 24\n }",
+                "",
+            ),
+        ),
+        (
+            "capacity drop = position, chunked",
+            small_layer(
+                "scoring = softmax\n top_k = 2",
+                "ffn = relu\n intermediate = 24",
+                "capacity {\n factor = 0.75\n drop = position\n }",
+                "schedule {\n overlap = 3\n }",
+            ),
+        ),
+        (
+            "capacity drop = probs, fp8 dispatch",
+            small_layer(
+                "scoring = softmax\n top_k = 2",
+                swiglu,
+                "dispatch_dtype = fp8_e4m3\n capacity {\n factor = 0.5\n drop = probs\n }",
+                "",
+            ),
+        ),
+        (
+            "replicas",
+            "layer t {\n hidden = 32\n dtype = f32\n tokens_per_rank = 40\n experts {\n count = 8\n ffn = relu\n intermediate = 16\n }\n router {\n scoring = softmax\n top_k = 2\n }\n}\n\nmesh {\n gpus_per_node = 4\n device = H100\n ep = 4\n replicas {\n 0 = [2, 3]\n 5 = [0]\n }\n}\n".to_string(),
+        ),
+    ];
+    for (name, source) in &layers {
+        for form in [RoutingForm::DedupDispatch, RoutingForm::DedupReduce] {
+            let plan = plan_in_form(source, &none, form);
+            assert!(plan.choices.dedup_dispatch, "{name}: {form:?}");
+            assert_eq!(
+                plan.choices.reduce_combine,
+                form == RoutingForm::DedupReduce,
+                "{name}: {form:?}"
+            );
+            compare(&format!("{name}, {form:?}"), &plan, &[1, 2], 0.0);
+        }
+    }
 }

@@ -16,12 +16,13 @@
 //! collectives' own events order the queues, as on a GPU.
 
 use super::program::{
-    launch_shape, ArgT, CollectiveStep, GemmStep, Groups, KernelRef, LaunchStep, Program, Rows,
-    Space, Span, StepKind, Tail, STATUS_BYTES,
+    launch_shape, ArgT, ByRankStep, CollectiveStep, GemmStep, Groups, KernelRef, LaunchStep,
+    Program, Rows, Space, Span, StepKind, Tail, STATUS_BYTES,
 };
 use super::route::{RouteTable, Routes};
 use crate::cpu::comm::Run;
 use crate::cpu::hier::{self, PeerRows, Staged, Topology};
+use crate::cpu::layout::{assign_count, assign_place, expand_index, ByRank, Routing};
 use crate::cpu::memory;
 use crate::cpu::{ExecError, RoutingStats};
 use crate::plan::rows::RowLayout;
@@ -124,6 +125,12 @@ pub enum Command {
         src: Addr,
         dst: Addr,
         bytes: u64,
+    },
+    /// Host bytes copied to the device in stream order (what the host
+    /// computes of a dispatch by rank during a pass).
+    Upload {
+        dst: Addr,
+        bytes: Vec<u8>,
     },
     Memset {
         dst: Addr,
@@ -471,7 +478,21 @@ pub fn collective_runs(
             ))
         }
         CollectiveKind::AllToAllRank => {
-            Err("the CUDA backend does not run dispatch by rank yet".into())
+            let table = table.ok_or("the routing is used before `assign place` ran")?;
+            // Token side: by destination; rank side: by source.
+            let (mut to, mut from) = (Vec::with_capacity(group), Vec::with_capacity(group));
+            for p in 0..group {
+                let (token_side, rank_side) =
+                    (table.rank_send_rows(me, p), table.rank_recv_rows(p, me));
+                let (out, inc) = if c.dispatch {
+                    (token_side, rank_side)
+                } else {
+                    (rank_side, token_side)
+                };
+                to.push(c.send_rows.runs(&[out], &c.send_name)?);
+                from.push(c.recv_rows.runs(&[inc], &c.recv_name)?);
+            }
+            Ok((to, from))
         }
         CollectiveKind::AllToAll | CollectiveKind::AllToAllV => {
             let table = table.ok_or("the routing is used before `assign place` ran")?;
@@ -662,6 +683,9 @@ struct Issuer<'a> {
     /// The routing of the rows each forwarder staged in the inter-node leg,
     /// by local rank index and staging span, for the intra-node leg.
     staged: BTreeMap<(usize, u64), Staged>,
+    /// Dispatch by rank: per local rank, its by-rank send layout, laid out
+    /// on the host with the group's routing.
+    by_rank: Vec<Option<ByRank>>,
 }
 
 impl<'a> Issuer<'a> {
@@ -682,6 +706,7 @@ impl<'a> Issuer<'a> {
             pending: vec![false; local.len()],
             slots: vec![None; local.len()],
             staged: BTreeMap::new(),
+            by_rank: vec![None; local.len()],
             collectives: 0,
             marks: None,
             stamps: 0,
@@ -1019,6 +1044,9 @@ impl<'a> Issuer<'a> {
     /// The routing of local rank index `i`, read back at its first use.
     fn routes(&mut self, i: usize) -> Result<&Routes, ExecError> {
         let r = self.local[i];
+        if self.routes[i].is_none() && self.p.geometry.by_rank {
+            self.by_rank_routes(i)?;
+        }
         if self.routes[i].is_none() {
             if !self.pending[i] {
                 return Err(err(
@@ -1053,6 +1081,90 @@ impl<'a> Issuer<'a> {
                 &bytes[s0..s0 + p.work.stats.bytes as usize],
             )
             .map_err(|e| err(r, None, e))
+    }
+
+    /// The local index of the first rank of local rank index `i`'s EP
+    /// group, when the whole group is local (virtual ranks of this process).
+    fn local_group(&self, i: usize, what: &str) -> Result<usize, ExecError> {
+        let (p, r) = (self.p, self.local[i]);
+        let base = r - p.me(r);
+        let first = i.checked_sub(p.me(r));
+        match first {
+            Some(f) if (0..p.group).all(|q| self.local.get(f + q) == Some(&(base + q))) => Ok(f),
+            _ => Err(err(
+                r,
+                None,
+                format!("the CUDA backend runs {what} between virtual ranks of one process only (the host lays it out from the whole EP group's routing; NCCL legs do not exchange it yet)"),
+            )),
+        }
+    }
+
+    /// Dispatch by rank: reads back the routing of local rank index `i`'s
+    /// whole EP group (tables, statistics, each member's expert ids and
+    /// weights) and lays the by-rank rows out with the CPU backend's
+    /// functions (`assign_count`, `assign_place`): the group's tables gain
+    /// their by-rank counts, every member its by-rank send layout. The
+    /// device's per-pick counts must agree with the host's.
+    fn by_rank_routes(&mut self, i: usize) -> Result<(), ExecError> {
+        let p = self.p;
+        let geo = &p.geometry;
+        let first = self.local_group(i, "dispatch by rank")?;
+        let mut device = Vec::with_capacity(p.group);
+        for q in 0..p.group {
+            let r = self.local[first + q];
+            if !self.pending[first + q] {
+                return Err(err(
+                    r,
+                    None,
+                    "the routing is used before `assign place` ran",
+                ));
+            }
+            let bytes = self.t.fetch(r).map_err(|e| err(r, None, e))?;
+            let routes = self.parse_routes(r, &bytes)?;
+            let routing = self.parse_routing(r, &bytes)?;
+            device.push((routes, routing));
+        }
+        let mut meta_all = Vec::new();
+        for (q, (_, r_q)) in device.iter().enumerate() {
+            let r = self.local[first + q];
+            meta_all.extend(assign_count(geo, q, &routing(r_q)).map_err(|e| err(r, None, e))?);
+        }
+        for (q, (on_device, r_q)) in device.iter().enumerate() {
+            let r = self.local[first + q];
+            let placement =
+                assign_place(geo, q, &routing(r_q), &meta_all).map_err(|e| err(r, None, e))?;
+            if let Some(c) = (0..placement.tables.len())
+                .find(|&c| !same_counts(&placement.tables[c], on_device.tables.get(c)))
+            {
+                return Err(err(
+                    r,
+                    None,
+                    format!("the device's routing table of chunk {c} disagrees with the host's layout of the same routing"),
+                ));
+            }
+            self.routes[first + q] = Some(Routes {
+                tables: placement.tables,
+                routed_per_expert: on_device.routed_per_expert.clone(),
+                dropped: on_device.dropped,
+            });
+            self.by_rank[first + q] = placement.by_rank;
+        }
+        Ok(())
+    }
+
+    /// The expert ids and weights in rank `r`'s read-back bytes (dispatch
+    /// by rank: copied beside the table after `assign_place`).
+    fn parse_routing(&self, r: usize, bytes: &[u8]) -> Result<(Vec<i32>, Vec<f32>), ExecError> {
+        let p = self.p;
+        let part = |s: Span| {
+            let at = (s.offset - p.work.status.offset) as usize;
+            bytes
+                .get(at..at + s.bytes as usize)
+                .ok_or_else(|| err(r, None, "the routing read back is short"))
+        };
+        let ids = memory::read_i32s(part(p.work.routing_ids)?);
+        let weights = memory::read_f32s(part(p.work.routing_weights)?);
+        Ok((ids, weights))
     }
 
     fn table(&mut self, i: usize, chunk: usize) -> Result<RouteTable, ExecError> {
@@ -1109,6 +1221,21 @@ impl<'a> Issuer<'a> {
                 }
             }
             StepKind::Collective(c) => self.collective(stream, c)?,
+            StepKind::Copy { src, dst } => {
+                for &r in local {
+                    let cmd = Command::Copy {
+                        src: Addr::of(r, *src),
+                        dst: Addr::of(r, *dst),
+                        bytes: src.bytes,
+                    };
+                    self.submit(r, stream, cmd)?;
+                }
+            }
+            StepKind::ByRank(b) => {
+                for i in 0..local.len() {
+                    self.by_rank_step(i, stream, *b)?;
+                }
+            }
             StepKind::ReadRoute if self.device_routed => {}
             StepKind::ReadRoute => {
                 let span = self.p.work.readback();
@@ -1141,7 +1268,96 @@ impl<'a> Issuer<'a> {
             // Padded expert slots: every slot.
             Rows::Received(_, max) if self.p.padded > 0 => max,
             Rows::Received(c, _) => self.table(i, c)?.received(me) as u64,
+            Rows::RankSent(c, _) => self.table(i, c)?.rank_sent(me) as u64,
+            Rows::RankReceived(c, _) => self.table(i, c)?.rank_received(me) as u64,
         })
+    }
+
+    /// What the host computes of a dispatch by rank for local rank index
+    /// `i` ([`ByRankStep`]), uploaded on `stream`.
+    fn by_rank_step(&mut self, i: usize, stream: usize, step: ByRankStep) -> Result<(), ExecError> {
+        let p = self.p;
+        let geo = &p.geometry;
+        let r = self.local[i];
+        let me = p.me(r);
+        self.routes(i)?;
+        let missing = |what: &str| err(r, None, format!("the by-rank layout lacks {what}"));
+        match step {
+            ByRankStep::Source {
+                chunk,
+                rank_slots,
+                picks,
+            } => {
+                let by_rank = self.by_rank[i]
+                    .as_ref()
+                    .ok_or_else(|| missing("this rank"))?;
+                let tokens = geo.chunk_range(chunk);
+                let slots = by_rank
+                    .rank_slots
+                    .get(tokens.start * p.group..tokens.end * p.group)
+                    .ok_or_else(|| missing("the chunk's slots"))?;
+                let meta = by_rank
+                    .meta
+                    .get(chunk)
+                    .ok_or_else(|| missing("the chunk's picks"))?;
+                let (slots, meta) = (ints_le(slots), ints_le(meta));
+                self.upload(r, stream, rank_slots, slots, "the by-rank slots")?;
+                self.upload(r, stream, picks, meta, "the by-rank picks")
+            }
+            ByRankStep::Expand {
+                chunk,
+                index,
+                weights,
+            } => {
+                let first = self.local_group(i, "dispatch by rank")?;
+                let table = self.table(i, chunk)?;
+                let cols = geo.rank_meta_cols();
+                // The pick rows every source sent this rank, in the order
+                // the picks' all-to-all lays them out (by source).
+                let mut meta = Vec::new();
+                for s in 0..p.group {
+                    let rows = table.rank_send_rows(s, me);
+                    let sent = self.by_rank[first + s]
+                        .as_ref()
+                        .and_then(|b| b.meta.get(chunk))
+                        .and_then(|m| m.get(rows.start * cols..rows.end * cols))
+                        .ok_or_else(|| missing("a source's picks"))?;
+                    meta.extend_from_slice(sent);
+                }
+                let (rows, scales) =
+                    expand_index(geo, &table, me, &meta).map_err(|e| err(r, None, e))?;
+                let scales: Vec<u8> = scales.iter().flat_map(|w| w.to_le_bytes()).collect();
+                self.upload(r, stream, index, ints_le(&rows), "the expansion index")?;
+                self.upload(r, stream, weights, scales, "the expansion weights")
+            }
+        }
+    }
+
+    /// Queues `bytes` for `span` of rank `r` on `stream` (nothing when empty).
+    fn upload(
+        &mut self,
+        r: usize,
+        stream: usize,
+        span: Span,
+        bytes: Vec<u8>,
+        what: &str,
+    ) -> Result<(), ExecError> {
+        if bytes.len() as u64 > span.bytes {
+            return Err(err(
+                r,
+                None,
+                format!(
+                    "{what}: {} bytes do not fit the buffer's {} bytes",
+                    bytes.len(),
+                    span.bytes
+                ),
+            ));
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let dst = Addr::of(r, span);
+        self.submit(r, stream, Command::Upload { dst, bytes })
     }
 
     fn launch(&mut self, i: usize, stream: usize, l: &LaunchStep) -> Result<(), ExecError> {
@@ -1654,7 +1870,9 @@ impl<'a> Issuer<'a> {
         let p = self.p;
         let r = self.local[i];
         let table = match c.kind {
-            CollectiveKind::AllToAll | CollectiveKind::AllToAllV => Some(self.table(i, c.chunk)?),
+            CollectiveKind::AllToAll | CollectiveKind::AllToAllV | CollectiveKind::AllToAllRank => {
+                Some(self.table(i, c.chunk)?)
+            }
             _ => None,
         };
         let (to, from) = collective_runs(c, p.group, p.me(r), table.as_ref(), p.padded as usize)
@@ -1830,6 +2048,29 @@ impl<'a> Issuer<'a> {
         }
         self.submit(r, stream, Command::Nccl { sends, recvs })
     }
+}
+
+/// A rank's routing read back, as the CPU layout takes it.
+fn routing((ids, weights): &(Vec<i32>, Vec<f32>)) -> Routing<'_> {
+    Routing { ids, weights }
+}
+
+/// `i32` values as little-endian bytes.
+fn ints_le(values: &[i32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Whether the host's table of a chunk counts the same per-pick rows as the
+/// device's (which has no by-rank counts).
+fn same_counts(host: &RouteTable, device: Option<&RouteTable>) -> bool {
+    let Some(device) = device else {
+        return false;
+    };
+    let (g, lmax) = (host.group(), host.max_local());
+    g == device.group()
+        && lmax == device.max_local()
+        && (0..g)
+            .all(|s| (0..g).all(|d| (0..lmax).all(|l| host.rows(s, d, l) == device.rows(s, d, l))))
 }
 
 /// Rows per peer of a sub-group (`members`, EP indices, in the order of
