@@ -1365,6 +1365,7 @@ fn every_example_lowers_to_a_consistent_program() {
                     ) && c.scope == moec_runtime::plan::CollectiveScope::EpGroup;
                     assert_eq!(c.status.is_some(), routed, "{name}: {c:?}");
                     slots.extend(c.status);
+                    slots.extend(c.forwarder_sum.map(|f| f.status));
                 }
                 _ => {}
             }
@@ -1390,7 +1391,14 @@ fn every_example_lowers_to_a_consistent_program() {
             plan.layer.capacity,
             moec_runtime::plan::CapacityConfig::Limited { .. }
         );
-        assert_eq!(p.padded > 0, capacity, "{name}: padded {}", p.padded);
+        // By rank, the expansion index packs the expert side.
+        let by_rank = plan.choices.dedup_dispatch || plan.choices.reduce_combine;
+        assert_eq!(
+            p.padded > 0,
+            capacity && !by_rank,
+            "{name}: padded {}",
+            p.padded
+        );
         assert!(p.weights.router.end() <= p.weights.bytes);
     }
     // The full DeepSeek-V3 example crosses its nodes hierarchically.
@@ -2577,6 +2585,65 @@ fn dispatch_by_rank_on_the_emulated_device_matches_the_cpu() {
                 form == RoutingForm::DedupReduce,
                 "{name}: {form:?}"
             );
+            compare(&format!("{name}, {form:?}"), &plan, &[1, 2], 0.0);
+        }
+    }
+}
+
+/// The hierarchical by-rank legs (one row per token and destination node
+/// over the network, fanned out inside the node; with the reducing combine,
+/// each node's forwarder sums its ranks' partial rows before one row per
+/// token and node returns) on the emulated device: DeepSeek-V3 on two nodes
+/// of eight virtual ranks, and a small capacity layer on two nodes of four,
+/// against the CPU backend bit for bit, in order and shuffled.
+#[test]
+fn the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu() {
+    if !have_cxx("the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu") {
+        return;
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/deepseek_v3.moe");
+    let deepseek = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("bandwidth = 400 Gb/s", "bandwidth = 10 Gb/s");
+    let capacity = "layer t {\n hidden = 32\n dtype = f32\n tokens_per_rank = 40\n experts {\n count = 16\n ffn = relu\n intermediate = 16\n }\n router {\n scoring = softmax\n top_k = 4\n }\n capacity {\n factor = 0.75\n drop = position\n }\n}\n\nmesh {\n nodes = 2\n gpus_per_node = 4\n device = H100\n inter_node {\n bandwidth = 10 Gb/s\n latency = 10 us\n }\n ep = 8\n}\n";
+    let shrunk_to = |dtype| Overrides {
+        ranks: Some(16),
+        tokens: Some(128),
+        dtype: Some(dtype),
+        hidden: Some(64),
+        ffn: Some(32),
+    };
+    let layers = [
+        (
+            "deepseek_v3 f32",
+            deepseek.as_str(),
+            shrunk_to(moec_lang::spec::DType::F32),
+        ),
+        (
+            "deepseek_v3 bf16",
+            deepseek.as_str(),
+            shrunk_to(moec_lang::spec::DType::Bf16),
+        ),
+        ("capacity on two nodes", capacity, Overrides::default()),
+    ];
+    for (name, source, overrides) in &layers {
+        for form in [RoutingForm::NodeDedupDispatch, RoutingForm::NodeDedupReduce] {
+            let plan = plan_in_form(source, overrides, form);
+            assert_eq!(
+                plan.choices.dispatch,
+                moec_runtime::plan::A2aAlgorithm::Hierarchical,
+                "{name}: {form:?}"
+            );
+            let reduce = form == RoutingForm::NodeDedupReduce;
+            assert_eq!(plan.choices.reduce_combine, reduce, "{name}: {form:?}");
+            // The reducing combine sums on the forwarder, on the device.
+            let program = Program::lower(&plan).unwrap();
+            let sums = program
+                .steps
+                .iter()
+                .filter(|s| matches!(&s.kind, StepKind::Collective(c) if c.forwarder_sum.is_some()))
+                .count();
+            assert_eq!(sums > 0, reduce, "{name}: {form:?}");
             compare(&format!("{name}, {form:?}"), &plan, &[1, 2], 0.0);
         }
     }

@@ -21,7 +21,7 @@ use super::program::{
 };
 use super::route::{RouteTable, Routes};
 use crate::cpu::comm::Run;
-use crate::cpu::hier::{self, PeerRows, Staged, Topology};
+use crate::cpu::hier::{self, ByRankBlocks, PeerRows, Staged, Topology};
 use crate::cpu::layout::{assign_count, assign_place, expand_index, ByRank, Routing};
 use crate::cpu::memory;
 use crate::cpu::{ExecError, RoutingStats};
@@ -29,7 +29,7 @@ use crate::plan::rows::RowLayout;
 use crate::plan::{CollectiveKind, CollectiveScope, DType, GemmWeight};
 use crate::weights::{Ffn, LayerWeights};
 use moec_kernels::cuda::{STATUS_DIV_ZERO, STATUS_OOB_ARRAY, STATUS_OOB_BUFFER};
-use moec_kernels::ir::Param;
+use moec_kernels::ir::{Param, ParamKind};
 use moec_kernels::native::{
     NativeKernel, STATUS_BAD_EXPERT, STATUS_BAD_METADATA, STATUS_BAD_WEIGHT, STATUS_COUNTS_DISAGREE,
 };
@@ -686,6 +686,9 @@ struct Issuer<'a> {
     /// Dispatch by rank: per local rank, its by-rank send layout, laid out
     /// on the host with the group's routing.
     by_rank: Vec<Option<ByRank>>,
+    /// The same staged routing by local rank index and chunk, for the
+    /// by-rank combine legs (the forwarder sums and returns by it).
+    rank_staged: BTreeMap<(usize, usize), Staged>,
 }
 
 impl<'a> Issuer<'a> {
@@ -707,6 +710,7 @@ impl<'a> Issuer<'a> {
             slots: vec![None; local.len()],
             staged: BTreeMap::new(),
             by_rank: vec![None; local.len()],
+            rank_staged: BTreeMap::new(),
             collectives: 0,
             marks: None,
             stamps: 0,
@@ -1720,10 +1724,17 @@ impl<'a> Issuer<'a> {
         let tables = (0..group)
             .map(|q| self.table(first + q, c.chunk))
             .collect::<Result<Vec<_>, _>>()?;
+        let by_rank = c.kind == CollectiveKind::AllToAllRank;
         // Rows per rank and peer (EP indices), then as byte runs.
         let rows: Vec<(PeerRows, PeerRows)> = match (c.dispatch, c.scope) {
             (true, CollectiveScope::InterNode) => {
                 self.dispatch_inter_rows(c, first, &topo, &tables)?
+            }
+            (false, CollectiveScope::IntraNode) if by_rank => {
+                return self.combine_intra_reduce(stream, c, (first, ordinal), &topo, &tables);
+            }
+            (false, _) if by_rank => {
+                return self.combine_inter_by_rank(stream, c, (first, ordinal), &topo);
             }
             (true, _) => (0..group)
                 .map(|q| {
@@ -1736,13 +1747,14 @@ impl<'a> Issuer<'a> {
                         )
                     })?;
                     let within = topo.within(q);
+                    let recv = if by_rank {
+                        hier::dispatch_intra_recv(&topo, &ByRankBlocks(&tables[q]), q)
+                    } else {
+                        hier::dispatch_intra_recv(&topo, &tables[q], q)
+                    };
                     Ok((
                         spread(group, &within, staged.sends(topo.per_node)),
-                        spread(
-                            group,
-                            &within,
-                            hier::dispatch_intra_recv(&topo, &tables[q], q),
-                        ),
+                        spread(group, &within, recv),
                     ))
                 })
                 .collect::<Result<_, ExecError>>()?,
@@ -1765,7 +1777,19 @@ impl<'a> Issuer<'a> {
                 })
                 .collect(),
         };
-        let mut members = Vec::with_capacity(group);
+        let members = self.members(c, first, rows)?;
+        self.virtual_exchange(stream, c, &members, ordinal)
+    }
+
+    /// The rows each member of the group at local index `first` sends and
+    /// receives in `c`, per peer, as byte runs of its buffers.
+    fn members(
+        &self,
+        c: &CollectiveStep,
+        first: usize,
+        rows: Vec<(PeerRows, PeerRows)>,
+    ) -> Result<Vec<(usize, PeerRuns, PeerRuns)>, ExecError> {
+        let mut members = Vec::with_capacity(rows.len());
         for (q, (to, from)) in rows.into_iter().enumerate() {
             let r = self.local[first + q];
             let bytes = |layout: &RowLayout, name: &str, peers: PeerRows| {
@@ -1779,6 +1803,180 @@ impl<'a> Issuer<'a> {
             let from = bytes(&c.recv_rows, &c.recv_name, from)?;
             members.push((r, to, from));
         }
+        Ok(members)
+    }
+
+    /// The reducing combine's intra-node leg (`cpu::hier::combine_intra`
+    /// over by-rank blocks, then `forwarder_parts`): every expert rank's
+    /// partial rows go to the forwarder at the token's source index, into
+    /// the stream's `forward_parts`; the forwarder's sum kernel then adds
+    /// each staged token's parts, in destination order, into one row of the
+    /// leg's receive buffer (by source node, then token, as staged).
+    fn combine_intra_reduce(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        (first, ordinal): (usize, u32),
+        topo: &Topology,
+        tables: &[RouteTable],
+    ) -> Result<(), ExecError> {
+        let p = self.p;
+        let r0 = self.local[first];
+        let sum = c
+            .forwarder_sum
+            .ok_or_else(|| err(r0, None, "a reducing combine leg without its sum"))?;
+        let work = p
+            .work
+            .streams
+            .get(stream)
+            .copied()
+            .ok_or_else(|| err(r0, None, format!("no workspace for stream {stream}")))?;
+        let row_bytes = c.send_rows.row_bytes;
+        let parts_rows = RowLayout {
+            rows: work.forward_parts.bytes / row_bytes.max(1),
+            row_bytes,
+            scales: None,
+        };
+        let staging = CollectiveStep {
+            recv: work.forward_parts,
+            recv_rows: parts_rows,
+            recv_name: "the forwarder's partial rows".into(),
+            ..c.clone()
+        };
+        let rows = (0..p.group)
+            .map(|q| {
+                let (to, from) = hier::combine_intra(topo, &ByRankBlocks(&tables[q]), q);
+                let within = topo.within(q);
+                (spread(p.group, &within, to), spread(p.group, &within, from))
+            })
+            .collect();
+        let members = self.members(&staging, first, rows)?;
+        self.virtual_exchange(stream, &staging, &members, ordinal)?;
+        let kernel = KernelRef::Generated(sum.kernel);
+        let elem = match p.params(kernel).first().map(|param| param.kind) {
+            Some(ParamKind::Buffer { elem, .. }) => elem.bytes() as u64,
+            _ => return Err(err(r0, None, "the forwarder's sum has no row parameter")),
+        };
+        for (q, table) in tables.iter().enumerate() {
+            let r = self.local[first + q];
+            let staged = self.rank_staged.get(&(first + q, c.chunk)).ok_or_else(|| {
+                err(
+                    r,
+                    None,
+                    "the reducing combine runs before the dispatch staged its rows",
+                )
+            })?;
+            let sums =
+                hier::forwarder_parts(topo, table, q, staged).map_err(|e| err(r, None, e))?;
+            if sums.is_empty() {
+                continue;
+            }
+            let index =
+                parts_index(&sums, sum.width, parts_rows.rows).map_err(|e| err(r, None, e))?;
+            if sums.len() as u64 > c.recv_rows.rows {
+                return Err(err(
+                    r,
+                    None,
+                    format!(
+                        "`{}` is too small for the {} rows this rank forwards",
+                        c.recv_name,
+                        sums.len()
+                    ),
+                ));
+            }
+            self.upload(
+                r,
+                stream,
+                work.forward_index,
+                ints_le(&index),
+                "the forwarder's parts",
+            )?;
+            let buf = |span: Span, elem: u64| Arg::Buf {
+                addr: Addr::of(r, span),
+                len: span.bytes / elem,
+            };
+            // The weights are not read (`weight_on_input = 1`).
+            let args = vec![
+                buf(work.forward_parts, elem),
+                buf(work.forward_index, 4),
+                buf(work.forward_index, 4),
+                buf(c.recv, elem),
+            ];
+            let cmd = self.launch_cmd(r, stream, kernel, args, sums.len() as u64, sum.status)?;
+            self.submit(r, stream, cmd)?;
+        }
+        Ok(())
+    }
+
+    /// The reducing combine's inter-node leg: each forwarder returns a
+    /// source's per-node sums (one row per token that went to its node);
+    /// they land on the by-rank row of the token's first rank on that node
+    /// (`cpu::hier::node_sums_on_source`), and its other ranks' rows there
+    /// are zeroed, so that `sum over ranks` adds every node once.
+    fn combine_inter_by_rank(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        (first, ordinal): (usize, u32),
+        topo: &Topology,
+    ) -> Result<(), ExecError> {
+        let p = self.p;
+        let group = p.group;
+        let row = c.recv_rows.row_bytes;
+        let tokens = p.geometry.chunk_range(c.chunk);
+        let mut rows = Vec::with_capacity(group);
+        for q in 0..group {
+            let (i, r) = (first + q, self.local[first + q]);
+            let staged = self.rank_staged.get(&(i, c.chunk)).ok_or_else(|| {
+                err(
+                    r,
+                    None,
+                    "the reducing combine runs before the dispatch staged its rows",
+                )
+            })?;
+            let to: PeerRows = staged.node_rows().into_iter().map(|r| vec![r]).collect();
+            let rank_slots = self.by_rank[i]
+                .as_ref()
+                .and_then(|b| b.rank_slots.get(tokens.start * group..tokens.end * group))
+                .ok_or_else(|| err(r, None, "the by-rank slots do not cover this chunk"))?;
+            let landing = hier::node_sums_on_source(topo, rank_slots);
+            let from: PeerRows = landing
+                .iter()
+                .map(|list| list.iter().map(|(f, _)| *f..*f + 1).collect())
+                .collect();
+            let mut zero: Vec<usize> = landing
+                .iter()
+                .flatten()
+                .flat_map(|(_, others)| others.iter().copied())
+                .collect();
+            zero.sort_unstable();
+            for range in merged(&zero) {
+                if range.end as u64 > c.recv_rows.rows {
+                    return Err(err(
+                        r,
+                        None,
+                        format!(
+                            "`{}` is too small for this rank's by-rank rows",
+                            c.recv_name
+                        ),
+                    ));
+                }
+                let dst = Addr::of(r, c.recv).plus(range.start as u64 * row);
+                let bytes = range.len() as u64 * row;
+                self.submit(
+                    r,
+                    stream,
+                    Command::Memset {
+                        dst,
+                        bytes,
+                        value: 0,
+                    },
+                )?;
+            }
+            let across = topo.across(q);
+            rows.push((spread(group, &across, to), spread(group, &across, from)));
+        }
+        let members = self.members(c, first, rows)?;
         self.virtual_exchange(stream, c, &members, ordinal)
     }
 
@@ -1797,12 +1995,22 @@ impl<'a> Issuer<'a> {
         let group = p.group;
         let tokens = p.geometry.chunk_range(c.chunk);
         let mut sends = Vec::with_capacity(group);
+        let by_rank = c.kind == CollectiveKind::AllToAllRank;
         for (q, table) in tables.iter().enumerate() {
             let r = self.local[first + q];
-            let slots = self.slots(first + q)?;
-            let out =
+            let out = if by_rank {
+                // One row per token and destination rank, by rank blocks.
+                let rank_slots = &self.by_rank[first + q]
+                    .as_ref()
+                    .ok_or_else(|| err(r, None, "a by-rank leg without by-rank routing"))?
+                    .rank_slots;
+                let blocks = ByRankBlocks(table);
+                hier::dispatch_inter_send(topo, &blocks, q, rank_slots, p.group, tokens.clone())
+            } else {
+                let slots = self.slots(first + q)?;
                 hier::dispatch_inter_send(topo, table, q, &slots, p.geometry.top_k, tokens.clone())
-                    .map_err(|e| err(r, None, e))?;
+            }
+            .map_err(|e| err(r, None, e))?;
             sends.push(out);
         }
         let mut rows = Vec::with_capacity(group);
@@ -1829,6 +2037,11 @@ impl<'a> Issuer<'a> {
             }
             let staged = Staged::decode(&counts, &routing, topo.per_node)
                 .map_err(|e| err(self.local[first + f], None, e))?;
+            if by_rank {
+                // The reducing combine of this chunk sums by the same routing.
+                self.rank_staged
+                    .insert((first + f, c.chunk), staged.clone());
+            }
             self.staged.insert((first + f, c.recv.offset), staged);
             rows.push((spread(group, &across, to), spread(group, &across, from)));
         }
@@ -2053,6 +2266,39 @@ impl<'a> Issuer<'a> {
 /// A rank's routing read back, as the CPU layout takes it.
 fn routing((ids, weights): &(Vec<i32>, Vec<f32>)) -> Routing<'_> {
     Routing { ids, weights }
+}
+
+/// Ascending row numbers as ranges of consecutive rows.
+fn merged(rows: &[usize]) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for &r in rows {
+        match out.last_mut() {
+            Some(last) if last.end == r => last.end = r + 1,
+            _ => out.push(r..r + 1),
+        }
+    }
+    out
+}
+
+/// The forwarder sum's index: `width` part rows per staged token, `-1`
+/// past its parts; every part inside the `parts` rows staged.
+fn parts_index(sums: &[Vec<usize>], width: usize, parts: u64) -> Result<Vec<i32>, String> {
+    let mut index = vec![-1i32; sums.len() * width];
+    for (k, list) in sums.iter().enumerate() {
+        if list.len() > width {
+            return Err(format!(
+                "staged row {k} adds {} parts, more than the {width} ranks of a node",
+                list.len()
+            ));
+        }
+        for (j, &part) in list.iter().enumerate() {
+            index[k * width + j] = i32::try_from(part)
+                .ok()
+                .filter(|&v| (v as u64) < parts)
+                .ok_or_else(|| format!("part row {part} lies beyond the {parts} rows staged"))?;
+        }
+    }
+    Ok(index)
 }
 
 /// `i32` values as little-endian bytes.

@@ -215,6 +215,23 @@ pub struct CollectiveStep {
     pub status: Option<usize>,
     /// The EP group (flat), or one leg of the hierarchical all-to-all.
     pub scope: CollectiveScope,
+    /// The reducing combine's intra-node leg: the forwarder's sum.
+    pub forwarder_sum: Option<ForwarderSum>,
+}
+
+/// The sum a forwarder runs after the reducing combine's intra-node leg:
+/// the leg moves the partial rows into the stream's `forward_parts`, the
+/// host uploads which parts each staged token adds (`forward_index`, one
+/// row of `width` per token, `-1` past its parts), and the
+/// [`super::plan::FORWARDER_SUM`] kernel adds them into the leg's receive
+/// buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwarderSum {
+    /// The kernel's index in the module.
+    pub kernel: usize,
+    pub status: usize,
+    /// Parts per token at most (the ranks of a node).
+    pub width: usize,
 }
 
 /// What the host computes of a dispatch by rank, from the routing it read
@@ -332,6 +349,10 @@ pub struct StreamWork {
     pub acc: Span,
     pub biased: Span,
     pub scratch: Span,
+    /// The reducing hierarchical combine's partial rows and their index on
+    /// a forwarder ([`ForwarderSum`]; empty on streams without that leg).
+    pub forward_parts: Span,
+    pub forward_index: Span,
 }
 
 /// Where a rank's workspace lives.
@@ -636,6 +657,8 @@ struct Lowering<'p> {
     acc_need: Vec<u64>,
     biased_need: Vec<u64>,
     scratch_need: Vec<u64>,
+    /// Per stream: bytes of the forwarder's partial rows and of their index.
+    forward_need: Vec<(u64, u64)>,
     /// Placeholders of the workspace spans that do not depend on the
     /// streams (see [`Lowering::work`]), patched in `finish`.
     work_fixed: [Span; FIXED_WORK],
@@ -658,13 +681,8 @@ impl<'p> Lowering<'p> {
         let hierarchical = plan.ops().any(|(_, op)| {
             matches!(op.kind, OpKind::Collective { scope, .. } if scope != CollectiveScope::EpGroup)
         });
-        if hierarchical && geo.by_rank {
-            return Err(
-                "the CUDA backend does not run the hierarchical all-to-all's by-rank legs yet; deny them in the schedule (`deny = [dedup_dispatch, reduce_combine]`) or use --backend cpu"
-                    .into(),
-            );
-        }
-        if hierarchical && geo.capacity.is_some() {
+        // By rank, the expert side is packed (see `padded` below).
+        if hierarchical && geo.capacity.is_some() && !geo.by_rank {
             return Err(
                 "the CUDA backend runs the hierarchical all-to-all for dropless layers only (a capacity plan keeps its expert slots padded on the device, which the legs' host-side routing does not follow yet); deny it in the schedule (`deny = [hierarchical_a2a]`) or use --backend cpu"
                     .into(),
@@ -770,6 +788,7 @@ impl<'p> Lowering<'p> {
             acc_need: vec![0; streams],
             biased_need: vec![0; streams],
             scratch_need: vec![0; streams],
+            forward_need: vec![(0, 0); streams],
             work_fixed: fixed,
             padded,
             slots: None,
@@ -931,6 +950,14 @@ impl<'p> Lowering<'p> {
                 } else {
                     None
                 };
+                let forwarder_sum = if *kind == CollectiveKind::AllToAllRank
+                    && !dispatch
+                    && *scope == CollectiveScope::IntraNode
+                {
+                    Some(self.forwarder_sum(index, stream, op, &send_rows)?)
+                } else {
+                    None
+                };
                 let step = CollectiveStep {
                     kind: *kind,
                     send: send_span,
@@ -943,11 +970,69 @@ impl<'p> Lowering<'p> {
                     chunk: op.chunk.unwrap_or(0) as usize,
                     status,
                     scope: *scope,
+                    forwarder_sum,
                 };
                 self.push(index, stream, StepKind::Collective(step));
             }
         }
         Ok(())
+    }
+
+    /// The forwarder's sum after a reducing intra-node combine leg whose
+    /// send buffer has rows `rows`: its kernel and status block, and the
+    /// stream's staging for the partial rows (a forwarder stages at most one
+    /// row per token of every source at its index, `nodes × chunk tokens`,
+    /// and receives at most one part per rank of its node for each, so at
+    /// most `group × chunk tokens` parts).
+    fn forwarder_sum(
+        &mut self,
+        index: usize,
+        stream: usize,
+        op: &crate::plan::Op,
+        rows: &RowLayout,
+    ) -> Result<ForwarderSum, String> {
+        if rows.scales.is_some() {
+            return Err(
+                "the reducing combine sums rows of the layer's float dtype, not fp8".into(),
+            );
+        }
+        let topo =
+            crate::cpu::hier::Topology::new(self.geo.group, self.plan.mesh.gpus_per_node as usize)?;
+        let parts = mul(&[self.geo.chunk_tokens as u64, self.geo.group as u64])?;
+        let need = (mul(&[parts, rows.row_bytes])?, mul(&[parts, 4])?);
+        let have = &mut self.forward_need[stream];
+        *have = (have.0.max(need.0), have.1.max(need.1));
+        let kernel = self.labelled(super::plan::FORWARDER_SUM)?;
+        let kref = KernelRef::Generated(kernel);
+        let scratch = self.scratch_per_thread_of(kref);
+        if scratch > 0 {
+            let need = mul(&[u64::from(SCRATCH_GRID), u64::from(SCRATCH_BLOCK), scratch])?;
+            self.scratch_need[stream] = self.scratch_need[stream].max(need);
+        }
+        let params = self.params_of(kref);
+        let status = self.slot(
+            index,
+            &format!("{} (forwarder sum)", op.name),
+            params,
+            false,
+        );
+        Ok(ForwarderSum {
+            kernel,
+            status,
+            width: topo.per_node,
+        })
+    }
+
+    fn scratch_per_thread_of(&self, kernel: KernelRef) -> u64 {
+        match kernel {
+            KernelRef::Generated(i) => self
+                .kernels
+                .module
+                .kernels()
+                .get(i)
+                .map_or(0, |k| k.scratch_bytes_per_thread()),
+            KernelRef::Native(_) => 0,
+        }
     }
 
     fn module_index(&self, table_index: usize) -> Result<usize, String> {
@@ -1059,15 +1144,7 @@ impl<'p> Lowering<'p> {
     ) -> Result<(), String> {
         let params = self.params_of(kernel);
         check_args(label, &params, &args)?;
-        let scratch_per_thread = match kernel {
-            KernelRef::Generated(i) => self
-                .kernels
-                .module
-                .kernels()
-                .get(i)
-                .map_or(0, |k| k.scratch_bytes_per_thread()),
-            KernelRef::Native(_) => 0,
-        };
+        let scratch_per_thread = self.scratch_per_thread_of(kernel);
         if scratch_per_thread > 0 {
             let need = mul(&[
                 u64::from(SCRATCH_GRID),
@@ -1682,6 +1759,7 @@ impl<'p> Lowering<'p> {
             acc_need,
             biased_need,
             scratch_need,
+            forward_need,
             work_fixed,
             padded,
             ..
@@ -1695,11 +1773,18 @@ impl<'p> Lowering<'p> {
         let [table, stats, keep_own, kept_own, send_off, recv_off, ..] = placed;
         let (routing_ids, routing_weights) = (placed[ROUTING_WORK], placed[ROUTING_WORK + 1]);
         let mut streams = Vec::with_capacity(acc_need.len());
-        for ((acc, biased), scratch) in acc_need.iter().zip(&biased_need).zip(&scratch_need) {
+        for (((acc, biased), scratch), forward) in acc_need
+            .iter()
+            .zip(&biased_need)
+            .zip(&scratch_need)
+            .zip(&forward_need)
+        {
             streams.push(StreamWork {
                 acc: w.take(*acc)?,
                 biased: w.take(*biased)?,
                 scratch: w.take(*scratch)?,
+                forward_parts: w.take(forward.0)?,
+                forward_index: w.take(forward.1)?,
             });
         }
         let work = WorkLayout {
