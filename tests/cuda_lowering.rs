@@ -65,14 +65,19 @@ fn examples() -> Vec<PathBuf> {
     files
 }
 
+/// The plan the CUDA backend runs on virtual ranks (any routing form).
 fn plan_of(source: &str, overrides: &Overrides) -> Plan {
+    plan_with(source, overrides, &Options::cuda())
+}
+
+fn plan_with(source: &str, overrides: &Overrides, options: &Options) -> Plan {
     let checked = moec_lang::check_source(source);
     let (program, _) = checked
         .program
         .unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
     let mut program = program.clone();
     apply(&mut program, overrides).unwrap();
-    compile(&program, &Options::cuda()).unwrap().plan
+    compile(&program, options).unwrap().plan
 }
 
 fn shrunk(dtype: moec_lang::spec::DType) -> Overrides {
@@ -85,14 +90,18 @@ fn shrunk(dtype: moec_lang::spec::DType) -> Overrides {
     }
 }
 
-/// Every example shrunk (f32), by name.
+/// Every example shrunk, by name.
 fn shrunk_examples(dtype: moec_lang::spec::DType) -> Vec<(String, Plan)> {
+    shrunk_examples_with(dtype, &Options::cuda())
+}
+
+fn shrunk_examples_with(dtype: moec_lang::spec::DType, options: &Options) -> Vec<(String, Plan)> {
     examples()
         .into_iter()
         .map(|path| {
             let name = path.file_stem().unwrap().to_string_lossy().into_owned();
             let source = std::fs::read_to_string(&path).unwrap();
-            (name, plan_of(&source, &shrunk(dtype)))
+            (name, plan_with(&source, &shrunk(dtype), options))
         })
         .collect()
 }
@@ -108,12 +117,17 @@ fn small_layer(router: &str, experts: &str, extra: &str, schedule: &str) -> Stri
 /// chunked (overlapped) plans with and without capacity, unfused kernel
 /// chains, biases, the clamped SwiGLU, GELU, replicated experts.
 fn small_layers() -> Vec<(String, Plan)> {
+    small_layers_with(&Options::cuda())
+}
+
+fn small_layers_with(options: &Options) -> Vec<(String, Plan)> {
     let none = Overrides::default();
     let relu = "ffn = relu\n intermediate = 24";
     let swiglu = "ffn = swiglu\n intermediate = 24";
     let mut out = Vec::new();
-    let mut add =
-        |name: &str, source: String| out.push((name.to_string(), plan_of(&source, &none)));
+    let mut add = |name: &str, source: String| {
+        out.push((name.to_string(), plan_with(&source, &none, options)))
+    };
     for drop in ["position", "probs"] {
         for k in [1, 2] {
             add(
@@ -202,7 +216,7 @@ fn small_layers() -> Vec<(String, Plan)> {
     );
     out.push((
         "one rank".to_string(),
-        plan_of(
+        plan_with(
             &std::fs::read_to_string(
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny.moe"),
             )
@@ -212,6 +226,7 @@ fn small_layers() -> Vec<(String, Plan)> {
                 tokens: Some(64),
                 ..Overrides::default()
             },
+            options,
         ),
     ));
     out
@@ -1270,9 +1285,13 @@ fn every_example_lowers_to_a_consistent_program() {
         .chain(shrunk_examples(moec_lang::spec::DType::Bf16))
         .chain(small_layers());
     let mut hierarchical = 0;
+    let mut by_rank_full = Vec::new();
     for (name, plan) in all {
         if plan.choices.dispatch == moec_runtime::plan::A2aAlgorithm::Hierarchical {
             hierarchical += 1;
+        }
+        if plan.choices.dedup_dispatch && name.ends_with("(full)") {
+            by_rank_full.push(name.clone());
         }
         let p = Program::lower(&plan).unwrap_or_else(|e| panic!("{name}: {e}"));
         // Every op, in id order, with at least one step on its own stream.
@@ -1403,6 +1422,15 @@ fn every_example_lowers_to_a_consistent_program() {
     }
     // The full DeepSeek-V3 example crosses its nodes hierarchically.
     assert!(hierarchical >= 1, "no hierarchical plan was lowered");
+    // No routing form is held back from the GPU: the full examples whose
+    // best plan dispatches by rank (DeepSeek-V3's hierarchically) lower as
+    // they are, with every other (Llama-4 routes top-1: a token already
+    // travels once per rank).
+    eprintln!("full examples dispatching by rank: {by_rank_full:?}");
+    assert!(
+        by_rank_full.iter().any(|n| n == "deepseek_v3 (full)"),
+        "{by_rank_full:?}"
+    );
 }
 
 /// DeepSeek-V3 on two nodes of eight virtual ranks over a slow network,
@@ -1582,12 +1610,14 @@ fn capacity_plans_run_as_a_graph() {
     if !have_cxx("capacity_plans_run_as_a_graph") {
         return;
     }
-    let mut plans: Vec<(String, Plan)> = small_layers()
+    // What `--graph` compiles: per-pick routing, found on the device.
+    let routed = Options::cuda_device_routed();
+    let mut plans: Vec<(String, Plan)> = small_layers_with(&routed)
         .into_iter()
         .filter(|(n, _)| n.contains("capacity"))
         .collect();
     plans.extend(
-        shrunk_examples(moec_lang::spec::DType::Bf16)
+        shrunk_examples_with(moec_lang::spec::DType::Bf16, &routed)
             .into_iter()
             .filter(|(n, _)| n == "switch_base_128"),
     );
@@ -1659,7 +1689,7 @@ fn a_graph_is_captured_after_an_eager_pass() {
     if !have_cxx("a_graph_is_captured_after_an_eager_pass") {
         return;
     }
-    let (name, plan) = small_layers()
+    let (name, plan) = small_layers_with(&Options::cuda_device_routed())
         .into_iter()
         .find(|(n, _)| n.contains("capacity"))
         .unwrap();
@@ -1691,7 +1721,7 @@ fn host_writes_are_ordered_before_every_stream() {
     if !have_cxx("host_writes_are_ordered_before_every_stream") {
         return;
     }
-    let (name, plan) = small_layers()
+    let (name, plan) = small_layers_with(&Options::cuda_device_routed())
         .into_iter()
         .find(|(n, p)| n.contains("capacity") && p.streams.len() > 1)
         .unwrap();
@@ -1757,12 +1787,14 @@ fn the_nccl_path_matches_the_cpu() {
     if !have_cxx("the_nccl_path_matches_the_cpu") {
         return;
     }
-    let mut plans: Vec<(String, Plan)> = shrunk_examples(moec_lang::spec::DType::F32)
+    // What a multi-process launch compiles: per-pick routing.
+    let routed = Options::cuda_device_routed();
+    let mut plans: Vec<(String, Plan)> = shrunk_examples_with(moec_lang::spec::DType::F32, &routed)
         .into_iter()
         .filter(|(n, _)| ["tiny", "qwen2_57b_a14b", "gpt_oss_20b"].contains(&n.as_str()))
         .collect();
     plans.extend(
-        small_layers()
+        small_layers_with(&routed)
             .into_iter()
             .filter(|(n, _)| n.starts_with("capacity drop = probs") || n.starts_with("chunked")),
     );
@@ -2430,11 +2462,19 @@ fn the_gpu_benchmark_layers_fit_on_one_gpu() {
         } else {
             80_000_000_000
         };
-        let plan = plan_of(&std::fs::read_to_string(&f).unwrap(), &Overrides::default());
+        let source = std::fs::read_to_string(&f).unwrap();
+        let plan = plan_of(&source, &Overrides::default());
         let p = Program::lower(&plan).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         if f.ends_with("qwen3_capacity.moe") {
-            let local: Vec<usize> = (0..p.ranks).collect();
-            assert!(moec_runtime::cuda::issue::capturable(&p, &local));
+            // As `moec bench --graph` compiles it.
+            let routed = plan_with(
+                &source,
+                &Overrides::default(),
+                &Options::cuda_device_routed(),
+            );
+            let routed = Program::lower(&routed).unwrap();
+            let local: Vec<usize> = (0..routed.ranks).collect();
+            assert!(moec_runtime::cuda::issue::capturable(&routed, &local));
         }
         let per_rank = p.arena_bytes + p.weights.bytes + p.work.bytes;
         // Besides the allocations: a cuBLAS workspace per stream and rank,
@@ -2588,6 +2628,39 @@ fn dispatch_by_rank_on_the_emulated_device_matches_the_cpu() {
             compare(&format!("{name}, {form:?}"), &plan, &[1, 2], 0.0);
         }
     }
+    // The host lays the by-rank rows out from the whole group's routing:
+    // a rank alone in its process (NCCL) says so, and a graph is refused.
+    let plan = plan_in_form(&layers[0].1, &none, RoutingForm::DedupReduce);
+    let program = Program::lower(&plan).unwrap();
+    let kernels = HostKernels::new(&program);
+    let inputs = random_inputs(&plan.layer, 4, plan.layer.tokens_per_rank as usize, 3);
+    let mailbox = Arc::new(Mailbox::default());
+    let errors: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|r| {
+                let (program, kernels, mailbox) = (&program, &kernels, mailbox.clone());
+                let input = vec![inputs[r].clone()];
+                s.spawn(move || {
+                    let mut emu = Emu::new(program, kernels, None);
+                    emu.mailbox = Some(mailbox);
+                    run_pass(program, &mut emu, &[r], &input, PassMode::Eager)
+                        .err()
+                        .map(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap_or_default())
+            .collect()
+    });
+    for e in errors {
+        assert!(e.contains("virtual ranks of one process"), "{e}");
+    }
+    let mut emu = Emu::new(&program, &kernels, None);
+    let local: Vec<usize> = (0..4).collect();
+    let e = run_pass(&program, &mut emu, &local, &inputs, PassMode::Capture).unwrap_err();
+    assert!(e.to_string().contains("dispatches by rank"), "{e}");
 }
 
 /// The hierarchical by-rank legs (one row per token and destination node

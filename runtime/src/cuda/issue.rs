@@ -640,7 +640,9 @@ fn whole_groups(p: &Program, local: &[usize]) -> bool {
 }
 
 fn not_capturable(p: &Program, local: &[usize]) -> String {
-    if p.padded == 0 {
+    if p.geometry.by_rank {
+        "a plan that dispatches by rank cannot run as a CUDA graph: the host lays its by-rank rows out from the routing it reads back during the pass (compile it with per-pick routing, as `--graph` does)".into()
+    } else if p.padded == 0 {
         "only capacity plans can run as a CUDA graph: a dropless plan sizes its expert GEMMs from the routing, which the host reads back during the pass (give the layer a `capacity`)".into()
     } else {
         format!(
