@@ -1779,6 +1779,32 @@ fn host_writes_are_ordered_before_every_stream() {
     emu.submit(0, 0, memset).unwrap();
 }
 
+/// A pass with one emulated process per rank (a thread each, one rank
+/// each), the collectives as NCCL send and receive lists through a mailbox.
+fn nccl_passes(
+    program: &Program,
+    kernels: &HostKernels,
+    weights: &LayerWeights,
+    inputs: &[Vec<f32>],
+) -> Vec<Result<Pass, moec_runtime::cpu::ExecError>> {
+    let mailbox = Arc::new(Mailbox::default());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..inputs.len())
+            .map(|r| {
+                let mailbox = mailbox.clone();
+                let input = vec![inputs[r].clone()];
+                s.spawn(move || {
+                    let mut emu = Emu::new(program, kernels, None);
+                    emu.mailbox = Some(mailbox);
+                    upload_weights(program, &mut emu, &[r], weights).unwrap();
+                    run_pass(program, &mut emu, &[r], &input, PassMode::Eager)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// One emulated process per rank, the collectives as NCCL send and receive
 /// lists through a mailbox (sizes checked pair by pair): the issuer's NCCL
 /// path gives the CPU backend's outputs too.
@@ -1806,23 +1832,7 @@ fn the_nccl_path_matches_the_cpu() {
         let ranks = plan.mesh.world_size() as usize;
         let weights = LayerWeights::random(&layer, 3);
         let inputs = random_inputs(&layer, ranks, layer.tokens_per_rank as usize, 3);
-        let mailbox = Arc::new(Mailbox::default());
-        let passes: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..ranks)
-                .map(|r| {
-                    let (program, kernels, weights, mailbox) =
-                        (&program, &kernels, &weights, mailbox.clone());
-                    let input = vec![inputs[r].clone()];
-                    s.spawn(move || {
-                        let mut emu = Emu::new(program, kernels, None);
-                        emu.mailbox = Some(mailbox);
-                        upload_weights(program, &mut emu, &[r], weights).unwrap();
-                        run_pass(program, &mut emu, &[r], &input, PassMode::Eager)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let passes = nccl_passes(&program, &kernels, &weights, &inputs);
         let mut outputs = Vec::new();
         let mut routed = vec![0u64; plan.layer.experts as usize];
         let mut dropped = 0;
@@ -2634,26 +2644,11 @@ fn dispatch_by_rank_on_the_emulated_device_matches_the_cpu() {
     let program = Program::lower(&plan).unwrap();
     let kernels = HostKernels::new(&program);
     let inputs = random_inputs(&plan.layer, 4, plan.layer.tokens_per_rank as usize, 3);
-    let mailbox = Arc::new(Mailbox::default());
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..4)
-            .map(|r| {
-                let (program, kernels, mailbox) = (&program, &kernels, mailbox.clone());
-                let input = vec![inputs[r].clone()];
-                s.spawn(move || {
-                    let mut emu = Emu::new(program, kernels, None);
-                    emu.mailbox = Some(mailbox);
-                    run_pass(program, &mut emu, &[r], &input, PassMode::Eager)
-                        .err()
-                        .map(|e| e.to_string())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap().unwrap_or_default())
-            .collect()
-    });
+    let weights = LayerWeights::random(&plan.layer, 3);
+    let errors: Vec<String> = nccl_passes(&program, &kernels, &weights, &inputs)
+        .into_iter()
+        .map(|p| p.err().map(|e| e.to_string()).unwrap_or_default())
+        .collect();
     for e in errors {
         assert!(e.contains("virtual ranks of one process"), "{e}");
     }

@@ -626,15 +626,7 @@ impl Program {
 
     /// Scratch bytes per thread of a generated kernel.
     pub fn scratch_per_thread(&self, k: KernelRef) -> u64 {
-        match k {
-            KernelRef::Generated(i) => self
-                .kernels
-                .module
-                .kernels()
-                .get(i)
-                .map_or(0, |k| k.scratch_bytes_per_thread()),
-            KernelRef::Native(_) => 0,
-        }
+        scratch_per_thread(&self.kernels, k)
     }
 
     /// The EP index of global rank `rank`.
@@ -1004,7 +996,7 @@ impl<'p> Lowering<'p> {
         *have = (have.0.max(need.0), have.1.max(need.1));
         let kernel = self.labelled(super::plan::FORWARDER_SUM)?;
         let kref = KernelRef::Generated(kernel);
-        let scratch = self.scratch_per_thread_of(kref);
+        let scratch = scratch_per_thread(&self.kernels, kref);
         if scratch > 0 {
             let need = mul(&[u64::from(SCRATCH_GRID), u64::from(SCRATCH_BLOCK), scratch])?;
             self.scratch_need[stream] = self.scratch_need[stream].max(need);
@@ -1021,18 +1013,6 @@ impl<'p> Lowering<'p> {
             status,
             width: topo.per_node,
         })
-    }
-
-    fn scratch_per_thread_of(&self, kernel: KernelRef) -> u64 {
-        match kernel {
-            KernelRef::Generated(i) => self
-                .kernels
-                .module
-                .kernels()
-                .get(i)
-                .map_or(0, |k| k.scratch_bytes_per_thread()),
-            KernelRef::Native(_) => 0,
-        }
     }
 
     fn module_index(&self, table_index: usize) -> Result<usize, String> {
@@ -1144,7 +1124,7 @@ impl<'p> Lowering<'p> {
     ) -> Result<(), String> {
         let params = self.params_of(kernel);
         check_args(label, &params, &args)?;
-        let scratch_per_thread = self.scratch_per_thread_of(kernel);
+        let scratch_per_thread = scratch_per_thread(&self.kernels, kernel);
         if scratch_per_thread > 0 {
             let need = mul(&[
                 u64::from(SCRATCH_GRID),
@@ -1880,6 +1860,18 @@ impl<'p> Lowering<'p> {
             gpus_per_node: usize::try_from(plan.mesh.gpus_per_node)
                 .map_err(|_| "gpus_per_node does not fit this machine")?,
         })
+    }
+}
+
+/// Scratch bytes per thread of a kernel (a generated one's local arrays).
+fn scratch_per_thread(kernels: &PlanKernels, k: KernelRef) -> u64 {
+    match k {
+        KernelRef::Generated(i) => kernels
+            .module
+            .kernels()
+            .get(i)
+            .map_or(0, |k| k.scratch_bytes_per_thread()),
+        KernelRef::Native(_) => 0,
     }
 }
 
