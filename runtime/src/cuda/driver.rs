@@ -1000,8 +1000,10 @@ impl Target for CudaTarget {
                 let st = self.stream(rank, stream)?.cu_stream();
                 // SAFETY: the range lies in a live allocation (checked);
                 // the plan's events give the step its buffer. `bytes` is
-                // pageable: the driver stages it before returning, so it
-                // may be dropped afterwards.
+                // pageable: the driver stages it before returning (it may
+                // wait for the stream's earlier work, all of it issued
+                // already, so it cannot deadlock), so it may be dropped
+                // afterwards.
                 drv("cuMemcpyHtoDAsync", unsafe {
                     result::memcpy_htod_async(d, &bytes, st)
                 })

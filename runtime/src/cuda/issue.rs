@@ -1319,7 +1319,9 @@ impl<'a> Issuer<'a> {
                 let table = self.table(i, chunk)?;
                 let cols = geo.rank_meta_cols();
                 // The pick rows every source sent this rank, in the order
-                // the picks' all-to-all lays them out (by source).
+                // the picks' all-to-all lays them out (by source): the host
+                // holds every source's, so it need not wait for the device's
+                // copy of them.
                 let mut meta = Vec::new();
                 for s in 0..p.group {
                     let rows = table.rank_send_rows(s, me);
@@ -1330,11 +1332,17 @@ impl<'a> Issuer<'a> {
                         .ok_or_else(|| missing("a source's picks"))?;
                     meta.extend_from_slice(sent);
                 }
-                let (rows, scales) =
+                let (expert_rows, pick_weights) =
                     expand_index(geo, &table, me, &meta).map_err(|e| err(r, None, e))?;
-                let scales: Vec<u8> = scales.iter().flat_map(|w| w.to_le_bytes()).collect();
-                self.upload(r, stream, index, ints_le(&rows), "the expansion index")?;
-                self.upload(r, stream, weights, scales, "the expansion weights")
+                let pick_weights = pick_weights.iter().flat_map(|w| w.to_le_bytes()).collect();
+                self.upload(
+                    r,
+                    stream,
+                    index,
+                    ints_le(&expert_rows),
+                    "the expansion index",
+                )?;
+                self.upload(r, stream, weights, pick_weights, "the expansion weights")
             }
         }
     }
