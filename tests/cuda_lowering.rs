@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use moec::compile::{compile, Options};
+use moec::cost::RoutingForm;
 use moec::run::{apply, Overrides};
 use moec_kernels::ir::{Access, Elem, Param, ParamKind, Ty};
 use moec_kernels::native::{NativeKernel, SOURCE as NATIVE_SOURCE};
@@ -64,14 +65,19 @@ fn examples() -> Vec<PathBuf> {
     files
 }
 
+/// The plan the CUDA backend runs on virtual ranks (any routing form).
 fn plan_of(source: &str, overrides: &Overrides) -> Plan {
+    plan_with(source, overrides, &Options::cuda())
+}
+
+fn plan_with(source: &str, overrides: &Overrides, options: &Options) -> Plan {
     let checked = moec_lang::check_source(source);
     let (program, _) = checked
         .program
         .unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
     let mut program = program.clone();
     apply(&mut program, overrides).unwrap();
-    compile(&program, &Options::cuda()).unwrap().plan
+    compile(&program, options).unwrap().plan
 }
 
 fn shrunk(dtype: moec_lang::spec::DType) -> Overrides {
@@ -84,14 +90,18 @@ fn shrunk(dtype: moec_lang::spec::DType) -> Overrides {
     }
 }
 
-/// Every example shrunk (f32), by name.
+/// Every example shrunk, by name.
 fn shrunk_examples(dtype: moec_lang::spec::DType) -> Vec<(String, Plan)> {
+    shrunk_examples_with(dtype, &Options::cuda())
+}
+
+fn shrunk_examples_with(dtype: moec_lang::spec::DType, options: &Options) -> Vec<(String, Plan)> {
     examples()
         .into_iter()
         .map(|path| {
             let name = path.file_stem().unwrap().to_string_lossy().into_owned();
             let source = std::fs::read_to_string(&path).unwrap();
-            (name, plan_of(&source, &shrunk(dtype)))
+            (name, plan_with(&source, &shrunk(dtype), options))
         })
         .collect()
 }
@@ -107,12 +117,17 @@ fn small_layer(router: &str, experts: &str, extra: &str, schedule: &str) -> Stri
 /// chunked (overlapped) plans with and without capacity, unfused kernel
 /// chains, biases, the clamped SwiGLU, GELU, replicated experts.
 fn small_layers() -> Vec<(String, Plan)> {
+    small_layers_with(&Options::cuda())
+}
+
+fn small_layers_with(options: &Options) -> Vec<(String, Plan)> {
     let none = Overrides::default();
     let relu = "ffn = relu\n intermediate = 24";
     let swiglu = "ffn = swiglu\n intermediate = 24";
     let mut out = Vec::new();
-    let mut add =
-        |name: &str, source: String| out.push((name.to_string(), plan_of(&source, &none)));
+    let mut add = |name: &str, source: String| {
+        out.push((name.to_string(), plan_with(&source, &none, options)))
+    };
     for drop in ["position", "probs"] {
         for k in [1, 2] {
             add(
@@ -201,7 +216,7 @@ fn small_layers() -> Vec<(String, Plan)> {
     );
     out.push((
         "one rank".to_string(),
-        plan_of(
+        plan_with(
             &std::fs::read_to_string(
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny.moe"),
             )
@@ -211,6 +226,7 @@ fn small_layers() -> Vec<(String, Plan)> {
                 tokens: Some(64),
                 ..Overrides::default()
             },
+            options,
         ),
     ));
     out
@@ -493,7 +509,7 @@ fn touched(cmd: &Command) -> Vec<usize> {
             ranks.extend([a.rank, w.rank, c.rank]);
         }
         Command::Copy { src, dst, .. } => ranks.extend([src.rank, dst.rank]),
-        Command::Memset { dst, .. } => ranks.push(dst.rank),
+        Command::Memset { dst, .. } | Command::Upload { dst, .. } => ranks.push(dst.rank),
         Command::ReadBack { src, .. } => ranks.push(src.rank),
         Command::Nccl { sends, recvs } => {
             ranks.extend(sends.iter().chain(recvs).map(|(_, at, _)| at.rank));
@@ -570,7 +586,10 @@ impl Capture {
         }
         if matches!(
             cmd,
-            Command::ReadBack { .. } | Command::Stamp(_) | Command::Nccl { .. }
+            Command::ReadBack { .. }
+                | Command::Stamp(_)
+                | Command::Nccl { .. }
+                | Command::Upload { .. }
         ) {
             return Err(format!("{cmd:?} cannot be captured"));
         }
@@ -858,6 +877,7 @@ impl<'k> Emu<'k> {
             Command::Memset { dst, bytes, value } => {
                 self.put(*dst, &vec![*value; *bytes as usize])?;
             }
+            Command::Upload { dst, bytes } => self.put(*dst, bytes)?,
             Command::Record(e) => {
                 self.events.entry(*e).or_default().1 = gen;
             }
@@ -1265,9 +1285,13 @@ fn every_example_lowers_to_a_consistent_program() {
         .chain(shrunk_examples(moec_lang::spec::DType::Bf16))
         .chain(small_layers());
     let mut hierarchical = 0;
+    let mut by_rank_full = Vec::new();
     for (name, plan) in all {
         if plan.choices.dispatch == moec_runtime::plan::A2aAlgorithm::Hierarchical {
             hierarchical += 1;
+        }
+        if plan.choices.dedup_dispatch && name.ends_with("(full)") {
+            by_rank_full.push(name.clone());
         }
         let p = Program::lower(&plan).unwrap_or_else(|e| panic!("{name}: {e}"));
         // Every op, in id order, with at least one step on its own stream.
@@ -1360,6 +1384,7 @@ fn every_example_lowers_to_a_consistent_program() {
                     ) && c.scope == moec_runtime::plan::CollectiveScope::EpGroup;
                     assert_eq!(c.status.is_some(), routed, "{name}: {c:?}");
                     slots.extend(c.status);
+                    slots.extend(c.forwarder_sum.map(|f| f.status));
                 }
                 _ => {}
             }
@@ -1385,11 +1410,27 @@ fn every_example_lowers_to_a_consistent_program() {
             plan.layer.capacity,
             moec_runtime::plan::CapacityConfig::Limited { .. }
         );
-        assert_eq!(p.padded > 0, capacity, "{name}: padded {}", p.padded);
+        // By rank, the expansion index packs the expert side.
+        let by_rank = plan.choices.dedup_dispatch || plan.choices.reduce_combine;
+        assert_eq!(
+            p.padded > 0,
+            capacity && !by_rank,
+            "{name}: padded {}",
+            p.padded
+        );
         assert!(p.weights.router.end() <= p.weights.bytes);
     }
     // The full DeepSeek-V3 example crosses its nodes hierarchically.
     assert!(hierarchical >= 1, "no hierarchical plan was lowered");
+    // No routing form is held back from the GPU: the full examples whose
+    // best plan dispatches by rank (DeepSeek-V3's hierarchically) lower as
+    // they are, with every other (Llama-4 routes top-1: a token already
+    // travels once per rank).
+    eprintln!("full examples dispatching by rank: {by_rank_full:?}");
+    assert!(
+        by_rank_full.iter().any(|n| n == "deepseek_v3 (full)"),
+        "{by_rank_full:?}"
+    );
 }
 
 /// DeepSeek-V3 on two nodes of eight virtual ranks over a slow network,
@@ -1569,12 +1610,14 @@ fn capacity_plans_run_as_a_graph() {
     if !have_cxx("capacity_plans_run_as_a_graph") {
         return;
     }
-    let mut plans: Vec<(String, Plan)> = small_layers()
+    // What `--graph` compiles: per-pick routing, found on the device.
+    let routed = Options::cuda_device_routed();
+    let mut plans: Vec<(String, Plan)> = small_layers_with(&routed)
         .into_iter()
         .filter(|(n, _)| n.contains("capacity"))
         .collect();
     plans.extend(
-        shrunk_examples(moec_lang::spec::DType::Bf16)
+        shrunk_examples_with(moec_lang::spec::DType::Bf16, &routed)
             .into_iter()
             .filter(|(n, _)| n == "switch_base_128"),
     );
@@ -1646,7 +1689,7 @@ fn a_graph_is_captured_after_an_eager_pass() {
     if !have_cxx("a_graph_is_captured_after_an_eager_pass") {
         return;
     }
-    let (name, plan) = small_layers()
+    let (name, plan) = small_layers_with(&Options::cuda_device_routed())
         .into_iter()
         .find(|(n, _)| n.contains("capacity"))
         .unwrap();
@@ -1678,7 +1721,7 @@ fn host_writes_are_ordered_before_every_stream() {
     if !have_cxx("host_writes_are_ordered_before_every_stream") {
         return;
     }
-    let (name, plan) = small_layers()
+    let (name, plan) = small_layers_with(&Options::cuda_device_routed())
         .into_iter()
         .find(|(n, p)| n.contains("capacity") && p.streams.len() > 1)
         .unwrap();
@@ -1736,6 +1779,32 @@ fn host_writes_are_ordered_before_every_stream() {
     emu.submit(0, 0, memset).unwrap();
 }
 
+/// A pass with one emulated process per rank (a thread each, one rank
+/// each), the collectives as NCCL send and receive lists through a mailbox.
+fn nccl_passes(
+    program: &Program,
+    kernels: &HostKernels,
+    weights: &LayerWeights,
+    inputs: &[Vec<f32>],
+) -> Vec<Result<Pass, moec_runtime::cpu::ExecError>> {
+    let mailbox = Arc::new(Mailbox::default());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..inputs.len())
+            .map(|r| {
+                let mailbox = mailbox.clone();
+                let input = vec![inputs[r].clone()];
+                s.spawn(move || {
+                    let mut emu = Emu::new(program, kernels, None);
+                    emu.mailbox = Some(mailbox);
+                    upload_weights(program, &mut emu, &[r], weights).unwrap();
+                    run_pass(program, &mut emu, &[r], &input, PassMode::Eager)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// One emulated process per rank, the collectives as NCCL send and receive
 /// lists through a mailbox (sizes checked pair by pair): the issuer's NCCL
 /// path gives the CPU backend's outputs too.
@@ -1744,12 +1813,14 @@ fn the_nccl_path_matches_the_cpu() {
     if !have_cxx("the_nccl_path_matches_the_cpu") {
         return;
     }
-    let mut plans: Vec<(String, Plan)> = shrunk_examples(moec_lang::spec::DType::F32)
+    // What a multi-process launch compiles: per-pick routing.
+    let routed = Options::cuda_device_routed();
+    let mut plans: Vec<(String, Plan)> = shrunk_examples_with(moec_lang::spec::DType::F32, &routed)
         .into_iter()
         .filter(|(n, _)| ["tiny", "qwen2_57b_a14b", "gpt_oss_20b"].contains(&n.as_str()))
         .collect();
     plans.extend(
-        small_layers()
+        small_layers_with(&routed)
             .into_iter()
             .filter(|(n, _)| n.starts_with("capacity drop = probs") || n.starts_with("chunked")),
     );
@@ -1761,23 +1832,7 @@ fn the_nccl_path_matches_the_cpu() {
         let ranks = plan.mesh.world_size() as usize;
         let weights = LayerWeights::random(&layer, 3);
         let inputs = random_inputs(&layer, ranks, layer.tokens_per_rank as usize, 3);
-        let mailbox = Arc::new(Mailbox::default());
-        let passes: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..ranks)
-                .map(|r| {
-                    let (program, kernels, weights, mailbox) =
-                        (&program, &kernels, &weights, mailbox.clone());
-                    let input = vec![inputs[r].clone()];
-                    s.spawn(move || {
-                        let mut emu = Emu::new(program, kernels, None);
-                        emu.mailbox = Some(mailbox);
-                        upload_weights(program, &mut emu, &[r], weights).unwrap();
-                        run_pass(program, &mut emu, &[r], &input, PassMode::Eager)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let passes = nccl_passes(&program, &kernels, &weights, &inputs);
         let mut outputs = Vec::new();
         let mut routed = vec![0u64; plan.layer.experts as usize];
         let mut dropped = 0;
@@ -2178,6 +2233,7 @@ fn check_assignment(
                 e as i64,
                 geo.chunk_tokens as i64,
                 i64::from(probs),
+                e as i64,
             ],
             t as u64,
         );
@@ -2220,6 +2276,7 @@ fn check_assignment(
                     geo.chunks as i64,
                     lmax as i64,
                     cap,
+                    e as i64,
                 ],
                 e as u64,
             )
@@ -2337,7 +2394,7 @@ fn native_assignment_kernels_match_layout_rs() {
     let st = run(
         NativeKernel::AssignCount,
         &mut [&mut ids, &mut w, &mut meta],
-        &[1, 2, 4, 1, 0],
+        &[1, 2, 4, 1, 0, 4],
         1,
     );
     assert_eq!(st[0], moec_kernels::native::STATUS_BAD_EXPERT);
@@ -2350,7 +2407,7 @@ fn native_assignment_kernels_match_layout_rs() {
     let st = run(
         NativeKernel::AssignCount,
         &mut [&mut ids, &mut w, &mut meta],
-        &[1, 2, 4, 1, 0],
+        &[1, 2, 4, 1, 0, 4],
         1,
     );
     assert_eq!(st[0], moec_kernels::native::STATUS_BAD_WEIGHT);
@@ -2415,11 +2472,19 @@ fn the_gpu_benchmark_layers_fit_on_one_gpu() {
         } else {
             80_000_000_000
         };
-        let plan = plan_of(&std::fs::read_to_string(&f).unwrap(), &Overrides::default());
+        let source = std::fs::read_to_string(&f).unwrap();
+        let plan = plan_of(&source, &Overrides::default());
         let p = Program::lower(&plan).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         if f.ends_with("qwen3_capacity.moe") {
-            let local: Vec<usize> = (0..p.ranks).collect();
-            assert!(moec_runtime::cuda::issue::capturable(&p, &local));
+            // As `moec bench --graph` compiles it.
+            let routed = plan_with(
+                &source,
+                &Overrides::default(),
+                &Options::cuda_device_routed(),
+            );
+            let routed = Program::lower(&routed).unwrap();
+            let local: Vec<usize> = (0..routed.ranks).collect();
+            assert!(moec_runtime::cuda::issue::capturable(&routed, &local));
         }
         let per_rank = p.arena_bytes + p.weights.bytes + p.work.bytes;
         // Besides the allocations: a cuBLAS workspace per stream and rank,
@@ -2490,31 +2555,164 @@ fn the_gpu_benchmark_layers_run_shrunk_on_the_emulated_device() {
     }
 }
 
-/// A plan that dispatches by rank is refused by the CUDA lowering with the
-/// schedule line that builds one it runs (`moec run --backend cuda` compiles
-/// with `Options::cuda()`, which never makes one).
-#[test]
-fn dispatch_by_rank_is_refused_with_a_hint() {
-    let source = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/qwen3_30b_a3b.moe"),
-    )
-    .unwrap();
-    let (program, _) = moec_lang::check_source(&source).program.unwrap();
+/// `source` compiled with only candidates of routing form `form`.
+fn plan_in_form(source: &str, overrides: &Overrides, form: RoutingForm) -> Plan {
+    let checked = moec_lang::check_source(source);
+    let (program, _) = checked
+        .program
+        .unwrap_or_else(|| panic!("{:?}", checked.diagnostics));
     let mut program = program.clone();
-    apply(&mut program, &shrunk(moec_lang::spec::DType::Bf16)).unwrap();
+    apply(&mut program, overrides).unwrap();
     let options = Options {
-        routing: Some(moec::cost::RoutingForm::DedupReduce),
+        routing: Some(form),
         ..Options::default()
     };
-    let plan = compile(&program, &options).unwrap().plan;
-    assert!(plan.choices.dedup_dispatch && plan.choices.reduce_combine);
-    let err = Program::lower(&plan).err().unwrap();
-    assert!(
-        err.contains("deny = [dedup_dispatch, reduce_combine]"),
-        "{err}"
-    );
-    // The CUDA options keep per-pick routing for the same layer.
-    let plan = compile(&program, &Options::cuda()).unwrap().plan;
-    assert!(!plan.choices.dedup_dispatch && !plan.choices.reduce_combine);
-    Program::lower(&plan).unwrap();
+    compile(&program, &options)
+        .unwrap_or_else(|e| panic!("{form:?}: {e}"))
+        .plan
+}
+
+/// The flat by-rank forms (dispatch by rank, with and without the reducing
+/// combine) on the emulated device, against the CPU backend bit for bit,
+/// in order and under shuffled device queues: the router's weight on the
+/// output and on the input, dropless and both capacity drop policies,
+/// chunked plans, shared experts, fp8 dispatch, replicas.
+#[test]
+fn dispatch_by_rank_on_the_emulated_device_matches_the_cpu() {
+    if !have_cxx("dispatch_by_rank_on_the_emulated_device_matches_the_cpu") {
+        return;
+    }
+    let none = Overrides::default();
+    let swiglu = "ffn = swiglu\n intermediate = 24";
+    let layers = [
+        (
+            "weight on the output, shared experts, chunked",
+            small_layer(
+                "scoring = softmax\n top_k = 4\n normalize = true",
+                swiglu,
+                "shared_experts {\n intermediate = 24\n }",
+                "schedule {\n overlap = 2\n }",
+            ),
+        ),
+        (
+            "weight on the input, shared experts",
+            small_layer(
+                "scoring = sigmoid\n top_k = 2\n weight_on = input",
+                swiglu,
+                "shared_experts {\n intermediate = 24\n }",
+                "",
+            ),
+        ),
+        (
+            "capacity drop = position, chunked",
+            small_layer(
+                "scoring = softmax\n top_k = 2",
+                "ffn = relu\n intermediate = 24",
+                "capacity {\n factor = 0.75\n drop = position\n }",
+                "schedule {\n overlap = 3\n }",
+            ),
+        ),
+        (
+            "capacity drop = probs, fp8 dispatch",
+            small_layer(
+                "scoring = softmax\n top_k = 2",
+                swiglu,
+                "dispatch_dtype = fp8_e4m3\n capacity {\n factor = 0.5\n drop = probs\n }",
+                "",
+            ),
+        ),
+        (
+            "replicas",
+            "layer t {\n hidden = 32\n dtype = f32\n tokens_per_rank = 40\n experts {\n count = 8\n ffn = relu\n intermediate = 16\n }\n router {\n scoring = softmax\n top_k = 2\n }\n}\n\nmesh {\n gpus_per_node = 4\n device = H100\n ep = 4\n replicas {\n 0 = [2, 3]\n 5 = [0]\n }\n}\n".to_string(),
+        ),
+    ];
+    for (name, source) in &layers {
+        for form in [RoutingForm::DedupDispatch, RoutingForm::DedupReduce] {
+            let plan = plan_in_form(source, &none, form);
+            assert!(plan.choices.dedup_dispatch, "{name}: {form:?}");
+            assert_eq!(
+                plan.choices.reduce_combine,
+                form == RoutingForm::DedupReduce,
+                "{name}: {form:?}"
+            );
+            compare(&format!("{name}, {form:?}"), &plan, &[1, 2], 0.0);
+        }
+    }
+    // The host lays the by-rank rows out from the whole group's routing:
+    // a rank alone in its process (NCCL) says so, and a graph is refused.
+    let plan = plan_in_form(&layers[0].1, &none, RoutingForm::DedupReduce);
+    let program = Program::lower(&plan).unwrap();
+    let kernels = HostKernels::new(&program);
+    let inputs = random_inputs(&plan.layer, 4, plan.layer.tokens_per_rank as usize, 3);
+    let weights = LayerWeights::random(&plan.layer, 3);
+    let errors: Vec<String> = nccl_passes(&program, &kernels, &weights, &inputs)
+        .into_iter()
+        .map(|p| p.err().map(|e| e.to_string()).unwrap_or_default())
+        .collect();
+    for e in errors {
+        assert!(e.contains("virtual ranks of one process"), "{e}");
+    }
+    let mut emu = Emu::new(&program, &kernels, None);
+    let local: Vec<usize> = (0..4).collect();
+    let e = run_pass(&program, &mut emu, &local, &inputs, PassMode::Capture).unwrap_err();
+    assert!(e.to_string().contains("dispatches by rank"), "{e}");
+}
+
+/// The hierarchical by-rank legs (one row per token and destination node
+/// over the network, fanned out inside the node; with the reducing combine,
+/// each node's forwarder sums its ranks' partial rows before one row per
+/// token and node returns) on the emulated device: DeepSeek-V3 on two nodes
+/// of eight virtual ranks, and a small capacity layer on two nodes of four,
+/// against the CPU backend bit for bit, in order and shuffled.
+#[test]
+fn the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu() {
+    if !have_cxx("the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu") {
+        return;
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/deepseek_v3.moe");
+    let deepseek = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("bandwidth = 400 Gb/s", "bandwidth = 10 Gb/s");
+    let capacity = "layer t {\n hidden = 32\n dtype = f32\n tokens_per_rank = 40\n experts {\n count = 16\n ffn = relu\n intermediate = 16\n }\n router {\n scoring = softmax\n top_k = 4\n }\n capacity {\n factor = 0.75\n drop = position\n }\n}\n\nmesh {\n nodes = 2\n gpus_per_node = 4\n device = H100\n inter_node {\n bandwidth = 10 Gb/s\n latency = 10 us\n }\n ep = 8\n}\n";
+    let shrunk_to = |dtype| Overrides {
+        ranks: Some(16),
+        tokens: Some(128),
+        dtype: Some(dtype),
+        hidden: Some(64),
+        ffn: Some(32),
+    };
+    let layers = [
+        (
+            "deepseek_v3 f32",
+            deepseek.as_str(),
+            shrunk_to(moec_lang::spec::DType::F32),
+        ),
+        (
+            "deepseek_v3 bf16",
+            deepseek.as_str(),
+            shrunk_to(moec_lang::spec::DType::Bf16),
+        ),
+        ("capacity on two nodes", capacity, Overrides::default()),
+    ];
+    for (name, source, overrides) in &layers {
+        for form in [RoutingForm::NodeDedupDispatch, RoutingForm::NodeDedupReduce] {
+            let plan = plan_in_form(source, overrides, form);
+            assert_eq!(
+                plan.choices.dispatch,
+                moec_runtime::plan::A2aAlgorithm::Hierarchical,
+                "{name}: {form:?}"
+            );
+            let reduce = form == RoutingForm::NodeDedupReduce;
+            assert_eq!(plan.choices.reduce_combine, reduce, "{name}: {form:?}");
+            // The reducing combine sums on the forwarder, on the device.
+            let program = Program::lower(&plan).unwrap();
+            let sums = program
+                .steps
+                .iter()
+                .filter(|s| matches!(&s.kind, StepKind::Collective(c) if c.forwarder_sum.is_some()))
+                .count();
+            assert_eq!(sums > 0, reduce, "{name}: {form:?}");
+            compare(&format!("{name}, {form:?}"), &plan, &[1, 2], 0.0);
+        }
+    }
 }

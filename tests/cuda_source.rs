@@ -330,13 +330,14 @@ fn moec_kernels_check() {
         return;
     }
     assert_eq!(r.code, 0, "{}", r.err);
-    // One line per kernel (10: the table's eight less the two native
-    // assignment kernels, the two bf16 down projections' stores sharing one
-    // `gemm_store`, two epilogues sharing one activation kernel), then the
+    // One line per kernel (13: the table's twelve less the four assignment
+    // passes, the two bf16 down projections' stores sharing one
+    // `gemm_store`, two epilogues sharing one activation kernel, and the
+    // forwarder's sum of the reducing hierarchical combine), then the
     // summary.
     let lines: Vec<&str> = r.out.lines().collect();
-    assert_eq!(lines.len(), 11, "{}", r.out);
-    for l in &lines[..10] {
+    assert_eq!(lines.len(), 14, "{}", r.out);
+    for l in &lines[..13] {
         assert!(l.ends_with(" B PTX"), "{l}");
         assert!(l.contains(" moec_"), "{l}");
     }
@@ -346,20 +347,27 @@ fn moec_kernels_check() {
     assert!(
         lines
             .iter()
-            .any(|l| l.contains(" permute_pack ") && l.contains(" block/row ")),
+            .any(|l| l.contains(" pack_rank ") && l.contains(" block/row ")),
         "{}",
         r.out
     );
     assert!(
-        lines[6].starts_with("--   expert_down_store "),
+        lines[8].starts_with("--   expert_down_store "),
         "{}",
-        lines[6]
+        lines[8]
     );
     assert!(
-        lines[10].starts_with("10 kernels (8 distinct) in "),
+        lines[12].starts_with("--   forwarder_sum "),
         "{}",
-        lines[10]
+        lines[12]
     );
-    assert!(lines[10].contains("for sm_90 with NVRTC"), "{}", lines[10]);
-    assert!(lines[10].ends_with("native, not generated: assign_count, assign_place_1"));
+    assert!(
+        lines[13].starts_with("13 kernels (11 distinct) in "),
+        "{}",
+        lines[13]
+    );
+    assert!(lines[13].contains("for sm_90 with NVRTC"), "{}", lines[13]);
+    assert!(lines[13].ends_with(
+        "native, not generated: assign_count, assign_place_1, assign_rank_2, assign_expand_3"
+    ));
 }

@@ -730,7 +730,7 @@ impl Ctx<'_> {
         crate::run::apply(&mut program, &overrides).map_err(|e| Failure(EXIT_USAGE, e))?;
         let options = match a.backend {
             Backend::Cpu => Options::default(),
-            Backend::Cuda => Options::cuda(),
+            Backend::Cuda => Options::cuda_run(a.graph),
         };
         let compiled = compile(&program, &options)
             .map_err(|e| Failure(EXIT_REJECTED, format!("{}: {e}", a.file.display())))?;

@@ -48,14 +48,34 @@ pub struct Options {
 }
 
 impl Options {
-    /// The options of a plan the CUDA backend will run: per-pick routing
-    /// only, since its device-side assignment does not write the by-rank
-    /// layout yet (`moec run` and `moec bench` use these with
-    /// `--backend cuda`; a by-rank plan file is refused there with a hint).
+    /// The options of a plan the CUDA backend runs between the virtual
+    /// ranks of one process: every routing form (the host lays the by-rank
+    /// rows out from the routing it reads back after `assign_place`).
     pub fn cuda() -> Options {
+        Options::default()
+    }
+
+    /// The options of a plan whose pass must not need the host's routing
+    /// of the whole EP group: a CUDA graph (`--graph`: nothing may wait for
+    /// the host during the pass), or EP groups spread over processes (NCCL:
+    /// a process reads back only its own ranks' routing). Per-pick routing
+    /// only, since the by-rank layout is laid out on the host from every
+    /// rank's routing.
+    pub fn cuda_device_routed() -> Options {
         Options {
             routing: Some(RoutingForm::PerAssignment),
             ..Options::default()
+        }
+    }
+
+    /// The CUDA options of a run: [`Options::cuda_device_routed`] for a
+    /// CUDA graph or under a multi-process launch (NCCL), else
+    /// [`Options::cuda`].
+    pub fn cuda_run(graph: bool) -> Options {
+        if graph || moec_runtime::cuda::rdzv::nccl_from_env() {
+            Options::cuda_device_routed()
+        } else {
+            Options::cuda()
         }
     }
 }

@@ -129,6 +129,7 @@ impl NativeKernel {
                 int("experts"),
                 int("chunk_tokens"),
                 int("probs"),
+                int("chunk_stride"),
             ],
             NativeKernel::AssignKeepCounts => vec![
                 buf("meta_all", Elem::I32, Read),
@@ -142,6 +143,7 @@ impl NativeKernel {
                 int("chunks"),
                 int("max_local"),
                 int("capacity"),
+                int("chunk_stride"),
             ],
             NativeKernel::ProbsCount => vec![
                 buf("meta_all", Elem::I32, Read),

@@ -204,7 +204,7 @@ fn plan_of(a: &BenchArgs, err: &mut dyn Write, color: bool) -> Result<Result<Pla
     crate::run::apply(&mut program, &overrides).map_err(|e| (EXIT_USAGE, e))?;
     let options = match a.backend {
         crate::cli::Backend::Cpu => Options::default(),
-        crate::cli::Backend::Cuda => Options::cuda(),
+        crate::cli::Backend::Cuda => Options::cuda_run(a.graph),
     };
     let compiled = compile(&program, &options)
         .map_err(|e| (EXIT_REJECTED, format!("{}: {e}", a.file.display())))?;

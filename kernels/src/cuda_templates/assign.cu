@@ -60,14 +60,18 @@ static __device__ __forceinline__ unsigned int moec_total_key(unsigned int bits)
 }
 
 // assign_count: this rank's metadata for the exchange. One row per token t.
-// Counts (dropless, drop = position): meta[c * E + e] += 1 for each
-// assignment (meta zeroed before the launch). drop = probs (probs = 1):
+// Counts (dropless, drop = position): meta[c * chunk_stride + e] += 1 for
+// each assignment (meta zeroed before the launch). chunk_stride is E, or
+// E + G when the plan dispatches by rank: the CPU's layout keeps G by-rank
+// row counts after each chunk's expert counts; on the GPU they stay zero,
+// as the host derives the by-rank layout from the routing it reads back. drop = probs (probs = 1):
 // meta[t * 2k + j] = e, meta[t * 2k + k + j] = the weight's bits.
 extern "C" __global__ void moec_assign_count(
     const int* __restrict__ p0_ids, unsigned long long p0_ids_len,
     const float* __restrict__ p1_weights, unsigned long long p1_weights_len,
     int* __restrict__ p2_meta, unsigned long long p2_meta_len,
     long long tokens, long long top_k, long long experts, long long chunk_tokens, long long probs,
+    long long chunk_stride,
     long long moec_rows,
     long long* __restrict__ moec_status)
 {
@@ -91,7 +95,7 @@ extern "C" __global__ void moec_assign_count(
                 p2_meta[b] = (int)__float_as_uint(w);
             } else {
                 const long long c = chunk_tokens > 0 ? t / chunk_tokens : 0;
-                const long long m = c * experts + e;
+                const long long m = c * chunk_stride + e;
                 MOEC_IN(2, p2_meta_len, m);
                 atomicAdd(&p2_meta[m], 1);
             }
@@ -103,7 +107,8 @@ extern "C" __global__ void moec_assign_count(
 // Walks the group's counts in (source, chunk) order, keeps the first
 // `capacity` assignments of e (all with capacity < 0), adds the kept rows to
 // table[c][s][dest(s, e)] (zeroed before) and writes this rank's kept count
-// per chunk to keep_own[c * E + e].
+// per chunk to keep_own[c * E + e]. A rank's counts are `chunks` runs of
+// chunk_stride values (see assign_count).
 extern "C" __global__ void moec_assign_keep_counts(
     const int* __restrict__ p0_meta_all, unsigned long long p0_meta_all_len,
     const int* __restrict__ p1_dest_rank, unsigned long long p1_dest_rank_len,
@@ -111,13 +116,13 @@ extern "C" __global__ void moec_assign_keep_counts(
     int* __restrict__ p3_table, unsigned long long p3_table_len,
     int* __restrict__ p4_keep_own, unsigned long long p4_keep_own_len,
     long long group, long long me, long long experts, long long chunks, long long max_local,
-    long long capacity,
+    long long capacity, long long chunk_stride,
     long long moec_rows,
     long long* __restrict__ moec_status)
 {
     MOEC_ROWS_BEGIN
         const long long e = moec_row;
-        const long long per = chunks * experts;
+        const long long per = chunks * chunk_stride;
         long long before = 0;
         for (long long s = 0; s < group; ++s) {
             MOEC_IN(1, p1_dest_rank_len, s * experts + e);
@@ -125,8 +130,8 @@ extern "C" __global__ void moec_assign_keep_counts(
             const long long g = p1_dest_rank[s * experts + e];
             const long long l = p2_dest_local[s * experts + e];
             for (long long c = 0; c < chunks; ++c) {
-                MOEC_IN(0, p0_meta_all_len, s * per + c * experts + e);
-                const long long n = p0_meta_all[s * per + c * experts + e];
+                MOEC_IN(0, p0_meta_all_len, s * per + c * chunk_stride + e);
+                const long long n = p0_meta_all[s * per + c * chunk_stride + e];
                 if (n < 0) { moec_native_fail(moec_status, 6, s, n, moec_row); return; }
                 long long keep = n;
                 if (capacity >= 0) {

@@ -995,6 +995,19 @@ impl Target for CudaTarget {
                     result::memcpy_dtod_async(d, s, bytes as usize, st)
                 })
             }
+            Command::Upload { dst, bytes } => {
+                let d = self.ptr(dst, bytes.len() as u64)?;
+                let st = self.stream(rank, stream)?.cu_stream();
+                // SAFETY: the range lies in a live allocation (checked);
+                // the plan's events give the step its buffer. `bytes` is
+                // pageable: the driver stages it before returning (it may
+                // wait for the stream's earlier work, all of it issued
+                // already, so it cannot deadlock), so it may be dropped
+                // afterwards.
+                drv("cuMemcpyHtoDAsync", unsafe {
+                    result::memcpy_htod_async(d, &bytes, st)
+                })
+            }
             Command::Memset { dst, bytes, value } => {
                 let d = self.ptr(dst, bytes)?;
                 let st = self.stream(rank, stream)?.cu_stream();

@@ -16,19 +16,20 @@
 //! collectives' own events order the queues, as on a GPU.
 
 use super::program::{
-    launch_shape, ArgT, CollectiveStep, GemmStep, Groups, KernelRef, LaunchStep, Program, Rows,
-    Space, Span, StepKind, Tail, STATUS_BYTES,
+    launch_shape, ArgT, ByRankStep, CollectiveStep, GemmStep, Groups, KernelRef, LaunchStep,
+    Program, Rows, Space, Span, StepKind, Tail, STATUS_BYTES,
 };
 use super::route::{RouteTable, Routes};
 use crate::cpu::comm::Run;
-use crate::cpu::hier::{self, PeerRows, Staged, Topology};
+use crate::cpu::hier::{self, ByRankBlocks, PeerRows, Staged, Topology};
+use crate::cpu::layout::{assign_count, assign_place, expand_index, ByRank, Routing};
 use crate::cpu::memory;
 use crate::cpu::{ExecError, RoutingStats};
 use crate::plan::rows::RowLayout;
 use crate::plan::{CollectiveKind, CollectiveScope, DType, GemmWeight};
 use crate::weights::{Ffn, LayerWeights};
 use moec_kernels::cuda::{STATUS_DIV_ZERO, STATUS_OOB_ARRAY, STATUS_OOB_BUFFER};
-use moec_kernels::ir::Param;
+use moec_kernels::ir::{Param, ParamKind};
 use moec_kernels::native::{
     NativeKernel, STATUS_BAD_EXPERT, STATUS_BAD_METADATA, STATUS_BAD_WEIGHT, STATUS_COUNTS_DISAGREE,
 };
@@ -124,6 +125,12 @@ pub enum Command {
         src: Addr,
         dst: Addr,
         bytes: u64,
+    },
+    /// Host bytes copied to the device in stream order (what the host
+    /// computes of a dispatch by rank during a pass).
+    Upload {
+        dst: Addr,
+        bytes: Vec<u8>,
     },
     Memset {
         dst: Addr,
@@ -471,7 +478,21 @@ pub fn collective_runs(
             ))
         }
         CollectiveKind::AllToAllRank => {
-            Err("the CUDA backend does not run dispatch by rank yet".into())
+            let table = table.ok_or("the routing is used before `assign place` ran")?;
+            // Token side: by destination; rank side: by source.
+            let (mut to, mut from) = (Vec::with_capacity(group), Vec::with_capacity(group));
+            for p in 0..group {
+                let (token_side, rank_side) =
+                    (table.rank_send_rows(me, p), table.rank_recv_rows(p, me));
+                let (out, inc) = if c.dispatch {
+                    (token_side, rank_side)
+                } else {
+                    (rank_side, token_side)
+                };
+                to.push(c.send_rows.runs(&[out], &c.send_name)?);
+                from.push(c.recv_rows.runs(&[inc], &c.recv_name)?);
+            }
+            Ok((to, from))
         }
         CollectiveKind::AllToAll | CollectiveKind::AllToAllV => {
             let table = table.ok_or("the routing is used before `assign place` ran")?;
@@ -619,7 +640,9 @@ fn whole_groups(p: &Program, local: &[usize]) -> bool {
 }
 
 fn not_capturable(p: &Program, local: &[usize]) -> String {
-    if p.padded == 0 {
+    if p.geometry.by_rank {
+        "a plan that dispatches by rank cannot run as a CUDA graph: the host lays its by-rank rows out from the routing it reads back during the pass (compile it with per-pick routing, as `--graph` does)".into()
+    } else if p.padded == 0 {
         "only capacity plans can run as a CUDA graph: a dropless plan sizes its expert GEMMs from the routing, which the host reads back during the pass (give the layer a `capacity`)".into()
     } else {
         format!(
@@ -662,6 +685,12 @@ struct Issuer<'a> {
     /// The routing of the rows each forwarder staged in the inter-node leg,
     /// by local rank index and staging span, for the intra-node leg.
     staged: BTreeMap<(usize, u64), Staged>,
+    /// Dispatch by rank: per local rank, its by-rank send layout, laid out
+    /// on the host with the group's routing.
+    by_rank: Vec<Option<ByRank>>,
+    /// The same staged routing by local rank index and chunk, for the
+    /// by-rank combine legs (the forwarder sums and returns by it).
+    rank_staged: BTreeMap<(usize, usize), Staged>,
 }
 
 impl<'a> Issuer<'a> {
@@ -682,6 +711,8 @@ impl<'a> Issuer<'a> {
             pending: vec![false; local.len()],
             slots: vec![None; local.len()],
             staged: BTreeMap::new(),
+            by_rank: vec![None; local.len()],
+            rank_staged: BTreeMap::new(),
             collectives: 0,
             marks: None,
             stamps: 0,
@@ -1019,6 +1050,9 @@ impl<'a> Issuer<'a> {
     /// The routing of local rank index `i`, read back at its first use.
     fn routes(&mut self, i: usize) -> Result<&Routes, ExecError> {
         let r = self.local[i];
+        if self.routes[i].is_none() && self.p.geometry.by_rank {
+            self.by_rank_routes(i)?;
+        }
         if self.routes[i].is_none() {
             if !self.pending[i] {
                 return Err(err(
@@ -1053,6 +1087,90 @@ impl<'a> Issuer<'a> {
                 &bytes[s0..s0 + p.work.stats.bytes as usize],
             )
             .map_err(|e| err(r, None, e))
+    }
+
+    /// The local index of the first rank of local rank index `i`'s EP
+    /// group, when the whole group is local (virtual ranks of this process).
+    fn local_group(&self, i: usize, what: &str) -> Result<usize, ExecError> {
+        let (p, r) = (self.p, self.local[i]);
+        let base = r - p.me(r);
+        let first = i.checked_sub(p.me(r));
+        match first {
+            Some(f) if (0..p.group).all(|q| self.local.get(f + q) == Some(&(base + q))) => Ok(f),
+            _ => Err(err(
+                r,
+                None,
+                format!("the CUDA backend runs {what} between virtual ranks of one process only (the host lays it out from the whole EP group's routing; NCCL legs do not exchange it yet)"),
+            )),
+        }
+    }
+
+    /// Dispatch by rank: reads back the routing of local rank index `i`'s
+    /// whole EP group (tables, statistics, each member's expert ids and
+    /// weights) and lays the by-rank rows out with the CPU backend's
+    /// functions (`assign_count`, `assign_place`): the group's tables gain
+    /// their by-rank counts, every member its by-rank send layout. The
+    /// device's per-pick counts must agree with the host's.
+    fn by_rank_routes(&mut self, i: usize) -> Result<(), ExecError> {
+        let p = self.p;
+        let geo = &p.geometry;
+        let first = self.local_group(i, "dispatch by rank")?;
+        let mut device = Vec::with_capacity(p.group);
+        for q in 0..p.group {
+            let r = self.local[first + q];
+            if !self.pending[first + q] {
+                return Err(err(
+                    r,
+                    None,
+                    "the routing is used before `assign place` ran",
+                ));
+            }
+            let bytes = self.t.fetch(r).map_err(|e| err(r, None, e))?;
+            let routes = self.parse_routes(r, &bytes)?;
+            let routing = self.parse_routing(r, &bytes)?;
+            device.push((routes, routing));
+        }
+        let mut meta_all = Vec::new();
+        for (q, (_, r_q)) in device.iter().enumerate() {
+            let r = self.local[first + q];
+            meta_all.extend(assign_count(geo, q, &routing(r_q)).map_err(|e| err(r, None, e))?);
+        }
+        for (q, (on_device, r_q)) in device.iter().enumerate() {
+            let r = self.local[first + q];
+            let placement =
+                assign_place(geo, q, &routing(r_q), &meta_all).map_err(|e| err(r, None, e))?;
+            if let Some(c) = (0..placement.tables.len())
+                .find(|&c| !same_counts(&placement.tables[c], on_device.tables.get(c)))
+            {
+                return Err(err(
+                    r,
+                    None,
+                    format!("the device's routing table of chunk {c} disagrees with the host's layout of the same routing"),
+                ));
+            }
+            self.routes[first + q] = Some(Routes {
+                tables: placement.tables,
+                routed_per_expert: on_device.routed_per_expert.clone(),
+                dropped: on_device.dropped,
+            });
+            self.by_rank[first + q] = placement.by_rank;
+        }
+        Ok(())
+    }
+
+    /// The expert ids and weights in rank `r`'s read-back bytes (dispatch
+    /// by rank: copied beside the table after `assign_place`).
+    fn parse_routing(&self, r: usize, bytes: &[u8]) -> Result<(Vec<i32>, Vec<f32>), ExecError> {
+        let p = self.p;
+        let part = |s: Span| {
+            let at = (s.offset - p.work.status.offset) as usize;
+            bytes
+                .get(at..at + s.bytes as usize)
+                .ok_or_else(|| err(r, None, "the routing read back is short"))
+        };
+        let ids = memory::read_i32s(part(p.work.routing_ids)?);
+        let weights = memory::read_f32s(part(p.work.routing_weights)?);
+        Ok((ids, weights))
     }
 
     fn table(&mut self, i: usize, chunk: usize) -> Result<RouteTable, ExecError> {
@@ -1109,6 +1227,21 @@ impl<'a> Issuer<'a> {
                 }
             }
             StepKind::Collective(c) => self.collective(stream, c)?,
+            StepKind::Copy { src, dst } => {
+                for &r in local {
+                    let cmd = Command::Copy {
+                        src: Addr::of(r, *src),
+                        dst: Addr::of(r, *dst),
+                        bytes: src.bytes,
+                    };
+                    self.submit(r, stream, cmd)?;
+                }
+            }
+            StepKind::ByRank(b) => {
+                for i in 0..local.len() {
+                    self.by_rank_step(i, stream, *b)?;
+                }
+            }
             StepKind::ReadRoute if self.device_routed => {}
             StepKind::ReadRoute => {
                 let span = self.p.work.readback();
@@ -1141,7 +1274,104 @@ impl<'a> Issuer<'a> {
             // Padded expert slots: every slot.
             Rows::Received(_, max) if self.p.padded > 0 => max,
             Rows::Received(c, _) => self.table(i, c)?.received(me) as u64,
+            Rows::RankSent(c, _) => self.table(i, c)?.rank_sent(me) as u64,
+            Rows::RankReceived(c, _) => self.table(i, c)?.rank_received(me) as u64,
         })
+    }
+
+    /// What the host computes of a dispatch by rank for local rank index
+    /// `i` ([`ByRankStep`]), uploaded on `stream`.
+    fn by_rank_step(&mut self, i: usize, stream: usize, step: ByRankStep) -> Result<(), ExecError> {
+        let p = self.p;
+        let geo = &p.geometry;
+        let r = self.local[i];
+        let me = p.me(r);
+        self.routes(i)?;
+        let missing = |what: &str| err(r, None, format!("the by-rank layout lacks {what}"));
+        match step {
+            ByRankStep::Source {
+                chunk,
+                rank_slots,
+                picks,
+            } => {
+                let by_rank = self.by_rank[i]
+                    .as_ref()
+                    .ok_or_else(|| missing("this rank"))?;
+                let tokens = geo.chunk_range(chunk);
+                let slots = by_rank
+                    .rank_slots
+                    .get(tokens.start * p.group..tokens.end * p.group)
+                    .ok_or_else(|| missing("the chunk's slots"))?;
+                let meta = by_rank
+                    .meta
+                    .get(chunk)
+                    .ok_or_else(|| missing("the chunk's picks"))?;
+                let (slots, meta) = (ints_le(slots), ints_le(meta));
+                self.upload(r, stream, rank_slots, slots, "the by-rank slots")?;
+                self.upload(r, stream, picks, meta, "the by-rank picks")
+            }
+            ByRankStep::Expand {
+                chunk,
+                index,
+                weights,
+            } => {
+                let first = self.local_group(i, "dispatch by rank")?;
+                let table = self.table(i, chunk)?;
+                let cols = geo.rank_meta_cols();
+                // The pick rows every source sent this rank, in the order
+                // the picks' all-to-all lays them out (by source): the host
+                // holds every source's, so it need not wait for the device's
+                // copy of them.
+                let mut meta = Vec::new();
+                for s in 0..p.group {
+                    let rows = table.rank_send_rows(s, me);
+                    let sent = self.by_rank[first + s]
+                        .as_ref()
+                        .and_then(|b| b.meta.get(chunk))
+                        .and_then(|m| m.get(rows.start * cols..rows.end * cols))
+                        .ok_or_else(|| missing("a source's picks"))?;
+                    meta.extend_from_slice(sent);
+                }
+                let (expert_rows, pick_weights) =
+                    expand_index(geo, &table, me, &meta).map_err(|e| err(r, None, e))?;
+                let pick_weights = pick_weights.iter().flat_map(|w| w.to_le_bytes()).collect();
+                self.upload(
+                    r,
+                    stream,
+                    index,
+                    ints_le(&expert_rows),
+                    "the expansion index",
+                )?;
+                self.upload(r, stream, weights, pick_weights, "the expansion weights")
+            }
+        }
+    }
+
+    /// Queues `bytes` for `span` of rank `r` on `stream` (nothing when empty).
+    fn upload(
+        &mut self,
+        r: usize,
+        stream: usize,
+        span: Span,
+        bytes: Vec<u8>,
+        what: &str,
+    ) -> Result<(), ExecError> {
+        if bytes.len() as u64 > span.bytes {
+            return Err(err(
+                r,
+                None,
+                format!(
+                    "{what}: {} bytes do not fit the buffer's {} bytes",
+                    bytes.len(),
+                    span.bytes
+                ),
+            ));
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let dst = Addr::of(r, span);
+        self.submit(r, stream, Command::Upload { dst, bytes })
     }
 
     fn launch(&mut self, i: usize, stream: usize, l: &LaunchStep) -> Result<(), ExecError> {
@@ -1504,10 +1734,17 @@ impl<'a> Issuer<'a> {
         let tables = (0..group)
             .map(|q| self.table(first + q, c.chunk))
             .collect::<Result<Vec<_>, _>>()?;
+        let by_rank = c.kind == CollectiveKind::AllToAllRank;
         // Rows per rank and peer (EP indices), then as byte runs.
         let rows: Vec<(PeerRows, PeerRows)> = match (c.dispatch, c.scope) {
             (true, CollectiveScope::InterNode) => {
                 self.dispatch_inter_rows(c, first, &topo, &tables)?
+            }
+            (false, CollectiveScope::IntraNode) if by_rank => {
+                return self.combine_intra_reduce(stream, c, (first, ordinal), &topo, &tables);
+            }
+            (false, _) if by_rank => {
+                return self.combine_inter_by_rank(stream, c, (first, ordinal), &topo);
             }
             (true, _) => (0..group)
                 .map(|q| {
@@ -1520,13 +1757,14 @@ impl<'a> Issuer<'a> {
                         )
                     })?;
                     let within = topo.within(q);
+                    let recv = if by_rank {
+                        hier::dispatch_intra_recv(&topo, &ByRankBlocks(&tables[q]), q)
+                    } else {
+                        hier::dispatch_intra_recv(&topo, &tables[q], q)
+                    };
                     Ok((
                         spread(group, &within, staged.sends(topo.per_node)),
-                        spread(
-                            group,
-                            &within,
-                            hier::dispatch_intra_recv(&topo, &tables[q], q),
-                        ),
+                        spread(group, &within, recv),
                     ))
                 })
                 .collect::<Result<_, ExecError>>()?,
@@ -1549,7 +1787,19 @@ impl<'a> Issuer<'a> {
                 })
                 .collect(),
         };
-        let mut members = Vec::with_capacity(group);
+        let members = self.members(c, first, rows)?;
+        self.virtual_exchange(stream, c, &members, ordinal)
+    }
+
+    /// The rows each member of the group at local index `first` sends and
+    /// receives in `c`, per peer, as byte runs of its buffers.
+    fn members(
+        &self,
+        c: &CollectiveStep,
+        first: usize,
+        rows: Vec<(PeerRows, PeerRows)>,
+    ) -> Result<Vec<(usize, PeerRuns, PeerRuns)>, ExecError> {
+        let mut members = Vec::with_capacity(rows.len());
         for (q, (to, from)) in rows.into_iter().enumerate() {
             let r = self.local[first + q];
             let bytes = |layout: &RowLayout, name: &str, peers: PeerRows| {
@@ -1563,6 +1813,180 @@ impl<'a> Issuer<'a> {
             let from = bytes(&c.recv_rows, &c.recv_name, from)?;
             members.push((r, to, from));
         }
+        Ok(members)
+    }
+
+    /// The reducing combine's intra-node leg (`cpu::hier::combine_intra`
+    /// over by-rank blocks, then `forwarder_parts`): every expert rank's
+    /// partial rows go to the forwarder at the token's source index, into
+    /// the stream's `forward_parts`; the forwarder's sum kernel then adds
+    /// each staged token's parts, in destination order, into one row of the
+    /// leg's receive buffer (by source node, then token, as staged).
+    fn combine_intra_reduce(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        (first, ordinal): (usize, u32),
+        topo: &Topology,
+        tables: &[RouteTable],
+    ) -> Result<(), ExecError> {
+        let p = self.p;
+        let r0 = self.local[first];
+        let sum = c
+            .forwarder_sum
+            .ok_or_else(|| err(r0, None, "a reducing combine leg without its sum"))?;
+        let work = p
+            .work
+            .streams
+            .get(stream)
+            .copied()
+            .ok_or_else(|| err(r0, None, format!("no workspace for stream {stream}")))?;
+        let row_bytes = c.send_rows.row_bytes;
+        let parts_rows = RowLayout {
+            rows: work.forward_parts.bytes / row_bytes.max(1),
+            row_bytes,
+            scales: None,
+        };
+        let staging = CollectiveStep {
+            recv: work.forward_parts,
+            recv_rows: parts_rows,
+            recv_name: "the forwarder's partial rows".into(),
+            ..c.clone()
+        };
+        let rows = (0..p.group)
+            .map(|q| {
+                let (to, from) = hier::combine_intra(topo, &ByRankBlocks(&tables[q]), q);
+                let within = topo.within(q);
+                (spread(p.group, &within, to), spread(p.group, &within, from))
+            })
+            .collect();
+        let members = self.members(&staging, first, rows)?;
+        self.virtual_exchange(stream, &staging, &members, ordinal)?;
+        let kernel = KernelRef::Generated(sum.kernel);
+        let elem = match p.params(kernel).first().map(|param| param.kind) {
+            Some(ParamKind::Buffer { elem, .. }) => elem.bytes() as u64,
+            _ => return Err(err(r0, None, "the forwarder's sum has no row parameter")),
+        };
+        for (q, table) in tables.iter().enumerate() {
+            let r = self.local[first + q];
+            let staged = self.rank_staged.get(&(first + q, c.chunk)).ok_or_else(|| {
+                err(
+                    r,
+                    None,
+                    "the reducing combine runs before the dispatch staged its rows",
+                )
+            })?;
+            let sums =
+                hier::forwarder_parts(topo, table, q, staged).map_err(|e| err(r, None, e))?;
+            if sums.is_empty() {
+                continue;
+            }
+            let index =
+                parts_index(&sums, sum.width, parts_rows.rows).map_err(|e| err(r, None, e))?;
+            if sums.len() as u64 > c.recv_rows.rows {
+                return Err(err(
+                    r,
+                    None,
+                    format!(
+                        "`{}` is too small for the {} rows this rank forwards",
+                        c.recv_name,
+                        sums.len()
+                    ),
+                ));
+            }
+            self.upload(
+                r,
+                stream,
+                work.forward_index,
+                ints_le(&index),
+                "the forwarder's parts",
+            )?;
+            let buf = |span: Span, elem: u64| Arg::Buf {
+                addr: Addr::of(r, span),
+                len: span.bytes / elem,
+            };
+            // The weights are not read (`weight_on_input = 1`).
+            let args = vec![
+                buf(work.forward_parts, elem),
+                buf(work.forward_index, 4),
+                buf(work.forward_index, 4),
+                buf(c.recv, elem),
+            ];
+            let cmd = self.launch_cmd(r, stream, kernel, args, sums.len() as u64, sum.status)?;
+            self.submit(r, stream, cmd)?;
+        }
+        Ok(())
+    }
+
+    /// The reducing combine's inter-node leg: each forwarder returns a
+    /// source's per-node sums (one row per token that went to its node);
+    /// they land on the by-rank row of the token's first rank on that node
+    /// (`cpu::hier::node_sums_on_source`), and its other ranks' rows there
+    /// are zeroed, so that `sum over ranks` adds every node once.
+    fn combine_inter_by_rank(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        (first, ordinal): (usize, u32),
+        topo: &Topology,
+    ) -> Result<(), ExecError> {
+        let p = self.p;
+        let group = p.group;
+        let row = c.recv_rows.row_bytes;
+        let tokens = p.geometry.chunk_range(c.chunk);
+        let mut rows = Vec::with_capacity(group);
+        for q in 0..group {
+            let (i, r) = (first + q, self.local[first + q]);
+            let staged = self.rank_staged.get(&(i, c.chunk)).ok_or_else(|| {
+                err(
+                    r,
+                    None,
+                    "the reducing combine runs before the dispatch staged its rows",
+                )
+            })?;
+            let to: PeerRows = staged.node_rows().into_iter().map(|r| vec![r]).collect();
+            let rank_slots = self.by_rank[i]
+                .as_ref()
+                .and_then(|b| b.rank_slots.get(tokens.start * group..tokens.end * group))
+                .ok_or_else(|| err(r, None, "the by-rank slots do not cover this chunk"))?;
+            let landing = hier::node_sums_on_source(topo, rank_slots);
+            let from: PeerRows = landing
+                .iter()
+                .map(|list| list.iter().map(|(f, _)| *f..*f + 1).collect())
+                .collect();
+            let mut zero: Vec<usize> = landing
+                .iter()
+                .flatten()
+                .flat_map(|(_, others)| others.iter().copied())
+                .collect();
+            zero.sort_unstable();
+            for range in merged(&zero) {
+                if range.end as u64 > c.recv_rows.rows {
+                    return Err(err(
+                        r,
+                        None,
+                        format!(
+                            "`{}` is too small for this rank's by-rank rows",
+                            c.recv_name
+                        ),
+                    ));
+                }
+                let dst = Addr::of(r, c.recv).plus(range.start as u64 * row);
+                let bytes = range.len() as u64 * row;
+                self.submit(
+                    r,
+                    stream,
+                    Command::Memset {
+                        dst,
+                        bytes,
+                        value: 0,
+                    },
+                )?;
+            }
+            let across = topo.across(q);
+            rows.push((spread(group, &across, to), spread(group, &across, from)));
+        }
+        let members = self.members(c, first, rows)?;
         self.virtual_exchange(stream, c, &members, ordinal)
     }
 
@@ -1581,12 +2005,22 @@ impl<'a> Issuer<'a> {
         let group = p.group;
         let tokens = p.geometry.chunk_range(c.chunk);
         let mut sends = Vec::with_capacity(group);
+        let by_rank = c.kind == CollectiveKind::AllToAllRank;
         for (q, table) in tables.iter().enumerate() {
             let r = self.local[first + q];
-            let slots = self.slots(first + q)?;
-            let out =
+            let out = if by_rank {
+                // One row per token and destination rank, by rank blocks.
+                let rank_slots = &self.by_rank[first + q]
+                    .as_ref()
+                    .ok_or_else(|| err(r, None, "a by-rank leg without by-rank routing"))?
+                    .rank_slots;
+                let blocks = ByRankBlocks(table);
+                hier::dispatch_inter_send(topo, &blocks, q, rank_slots, p.group, tokens.clone())
+            } else {
+                let slots = self.slots(first + q)?;
                 hier::dispatch_inter_send(topo, table, q, &slots, p.geometry.top_k, tokens.clone())
-                    .map_err(|e| err(r, None, e))?;
+            }
+            .map_err(|e| err(r, None, e))?;
             sends.push(out);
         }
         let mut rows = Vec::with_capacity(group);
@@ -1613,6 +2047,11 @@ impl<'a> Issuer<'a> {
             }
             let staged = Staged::decode(&counts, &routing, topo.per_node)
                 .map_err(|e| err(self.local[first + f], None, e))?;
+            if by_rank {
+                // The reducing combine of this chunk sums by the same routing.
+                self.rank_staged
+                    .insert((first + f, c.chunk), staged.clone());
+            }
             self.staged.insert((first + f, c.recv.offset), staged);
             rows.push((spread(group, &across, to), spread(group, &across, from)));
         }
@@ -1654,7 +2093,9 @@ impl<'a> Issuer<'a> {
         let p = self.p;
         let r = self.local[i];
         let table = match c.kind {
-            CollectiveKind::AllToAll | CollectiveKind::AllToAllV => Some(self.table(i, c.chunk)?),
+            CollectiveKind::AllToAll | CollectiveKind::AllToAllV | CollectiveKind::AllToAllRank => {
+                Some(self.table(i, c.chunk)?)
+            }
             _ => None,
         };
         let (to, from) = collective_runs(c, p.group, p.me(r), table.as_ref(), p.padded as usize)
@@ -1830,6 +2271,62 @@ impl<'a> Issuer<'a> {
         }
         self.submit(r, stream, Command::Nccl { sends, recvs })
     }
+}
+
+/// A rank's routing read back, as the CPU layout takes it.
+fn routing((ids, weights): &(Vec<i32>, Vec<f32>)) -> Routing<'_> {
+    Routing { ids, weights }
+}
+
+/// Ascending row numbers as ranges of consecutive rows.
+fn merged(rows: &[usize]) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for &r in rows {
+        match out.last_mut() {
+            Some(last) if last.end == r => last.end = r + 1,
+            _ => out.push(r..r + 1),
+        }
+    }
+    out
+}
+
+/// The forwarder sum's index: `width` part rows per staged token, `-1`
+/// past its parts; every part inside the `parts` rows staged.
+fn parts_index(sums: &[Vec<usize>], width: usize, parts: u64) -> Result<Vec<i32>, String> {
+    let mut index = vec![-1i32; sums.len() * width];
+    for (k, list) in sums.iter().enumerate() {
+        if list.len() > width {
+            return Err(format!(
+                "staged row {k} adds {} parts, more than the {width} ranks of a node",
+                list.len()
+            ));
+        }
+        for (j, &part) in list.iter().enumerate() {
+            index[k * width + j] = i32::try_from(part)
+                .ok()
+                .filter(|&v| (v as u64) < parts)
+                .ok_or_else(|| format!("part row {part} lies beyond the {parts} rows staged"))?;
+        }
+    }
+    Ok(index)
+}
+
+/// `i32` values as little-endian bytes.
+fn ints_le(values: &[i32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Whether the host's table of a chunk counts the same per-pick rows as the
+/// device's (which has no by-rank counts).
+fn same_counts(host: &RouteTable, device: Option<&RouteTable>) -> bool {
+    let Some(device) = device else {
+        return false;
+    };
+    let (g, lmax) = (host.group(), host.max_local());
+    g == device.group()
+        && lmax == device.max_local()
+        && (0..g)
+            .all(|s| (0..g).all(|d| (0..lmax).all(|l| host.rows(s, d, l) == device.rows(s, d, l))))
 }
 
 /// Rows per peer of a sub-group (`members`, EP indices, in the order of

@@ -162,7 +162,51 @@ pub fn plan_kernels(plan: &Plan) -> Result<PlanKernels, PlanKernelsError> {
         ];
         add(&mut out, label, None, Kind::Activation, &constants)?;
     }
+    if let Some(constants) = forwarder_sum_constants(plan) {
+        add(
+            &mut out,
+            FORWARDER_SUM,
+            None,
+            Kind::UnpermuteWeightedSum,
+            &constants,
+        )?;
+    }
     Ok(out)
+}
+
+/// The label of the kernel that sums, on a forwarder, the partial rows its
+/// node's ranks return in the reducing hierarchical combine
+/// (`cpu::hier::forwarder_parts` names them): `unpermute_weighted_sum`,
+/// unweighted, over up to one part per rank of the node, as the CPU
+/// backend adds them (in `f32`, in destination order, rounded once).
+pub const FORWARDER_SUM: &str = "forwarder_sum";
+
+/// The constants of the [`FORWARDER_SUM`] kernel, when the plan has a
+/// reducing intra-node combine leg.
+fn forwarder_sum_constants(plan: &Plan) -> Option<Vec<(String, i64)>> {
+    let leg = plan.ops().find_map(|(_, op)| match op.kind {
+        OpKind::Collective {
+            kind: crate::plan::CollectiveKind::AllToAllRank,
+            scope: crate::plan::CollectiveScope::IntraNode,
+            send,
+            ..
+        } if op.phase == crate::plan::Phase::Combine => plan.buffers.get(send as usize),
+        _ => None,
+    })?;
+    let width = leg.shape.get(1).copied().unwrap_or(0);
+    Some(vec![
+        ("dtype".to_string(), leg.dtype.code()),
+        (
+            "hidden".to_string(),
+            i64::try_from(width).unwrap_or(i64::MAX),
+        ),
+        // One part per rank of the node (`cpu::hier::Topology`).
+        (
+            "top_k".to_string(),
+            i64::try_from(plan.mesh.ep.min(plan.mesh.gpus_per_node).max(1)).unwrap_or(i64::MAX),
+        ),
+        ("weight_on_input".to_string(), 1),
+    ])
 }
 
 /// The name of a GEMM weight in kernel labels.

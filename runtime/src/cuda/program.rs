@@ -125,6 +125,11 @@ pub enum Rows {
     /// The rows this rank receives in the chunk (routing-dependent), and the
     /// most there can be (the buffer's rows; every slot of a padded layout).
     Received(usize, u64),
+    /// Dispatch by rank: the by-rank rows (one per token and destination
+    /// rank) this rank sends, or receives, in the chunk, and the most there
+    /// can be.
+    RankSent(usize, u64),
+    RankReceived(usize, u64),
 }
 
 /// A kernel launch.
@@ -210,6 +215,46 @@ pub struct CollectiveStep {
     pub status: Option<usize>,
     /// The EP group (flat), or one leg of the hierarchical all-to-all.
     pub scope: CollectiveScope,
+    /// The reducing combine's intra-node leg: the forwarder's sum.
+    pub forwarder_sum: Option<ForwarderSum>,
+}
+
+/// The sum a forwarder runs after the reducing combine's intra-node leg:
+/// the leg moves the partial rows into the stream's `forward_parts`, the
+/// host uploads which parts each staged token adds (`forward_index`, one
+/// row of `width` per token, `-1` past its parts), and the
+/// [`super::plan::FORWARDER_SUM`] kernel adds them into the leg's receive
+/// buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwarderSum {
+    /// The kernel's index in the module.
+    pub kernel: usize,
+    pub status: usize,
+    /// Parts per token at most (the ranks of a node).
+    pub width: usize,
+}
+
+/// What the host computes of a dispatch by rank, from the routing it read
+/// back, with the CPU backend's layout functions (`cpu::layout`: one
+/// implementation of the by-rank layout for both backends), and uploads in
+/// stream order where the plan runs the assignment pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByRankStep {
+    /// `assign_rank` (pass 2): the chunk's by-rank slots (`[tokens, G]`
+    /// i32) and the pick rows sent beside the rows (`[rows, 2k]` i32).
+    Source {
+        chunk: usize,
+        rank_slots: Span,
+        picks: Span,
+    },
+    /// `assign_expand` (pass 3): the expert-side row and weight of every
+    /// pick of every received by-rank row (`[rows, k]` i32 and f32), from
+    /// the pick rows the group's sources sent this rank.
+    Expand {
+        chunk: usize,
+        index: Span,
+        weights: Span,
+    },
 }
 
 /// One piece of device work on one stream.
@@ -224,6 +269,13 @@ pub enum StepKind {
     Launch(LaunchStep),
     Gemm(GemmStep),
     Collective(CollectiveStep),
+    /// A device-to-device copy of `src.bytes` bytes within the rank.
+    Copy {
+        src: Span,
+        dst: Span,
+    },
+    /// A by-rank layout the host computes and uploads.
+    ByRank(ByRankStep),
     /// Copy the status blocks and the routing `assign_place` wrote to the
     /// host (the routing-dependent steps after it wait for the copy).
     ReadRoute,
@@ -297,6 +349,10 @@ pub struct StreamWork {
     pub acc: Span,
     pub biased: Span,
     pub scratch: Span,
+    /// The reducing hierarchical combine's partial rows and their index on
+    /// a forwarder ([`ForwarderSum`]; empty on streams without that leg).
+    pub forward_parts: Span,
+    pub forward_index: Span,
 }
 
 /// Where a rank's workspace lives.
@@ -311,18 +367,29 @@ pub struct WorkLayout {
     /// the expert side (`route_offsets`, read by `route_copy`).
     pub send_off: Span,
     pub recv_off: Span,
+    /// Dispatch by rank: copies of the routing (`[tokens, k]` expert ids
+    /// and weights) taken right after `assign_place`, read back with the
+    /// table (empty otherwise).
+    pub routing_ids: Span,
+    pub routing_weights: Span,
     pub streams: Vec<StreamWork>,
     pub bytes: u64,
 }
 
 impl WorkLayout {
-    /// What [`StepKind::ReadRoute`] copies: the status blocks, the table and
-    /// the statistics (contiguous).
+    /// What [`StepKind::ReadRoute`] copies: the status blocks, the table,
+    /// the statistics and, with dispatch by rank, the routing (contiguous).
     pub fn readback(&self) -> Span {
+        let end = [self.stats, self.routing_ids, self.routing_weights]
+            .iter()
+            .filter(|s| s.bytes > 0)
+            .map(Span::end)
+            .max()
+            .unwrap_or(self.stats.end());
         Span {
             space: Space::Work,
             offset: self.status.offset,
-            bytes: self.stats.end() - self.status.offset,
+            bytes: end - self.status.offset,
         }
     }
 }
@@ -459,9 +526,14 @@ impl Placer {
 }
 
 /// The workspace spans that do not depend on the streams.
-const FIXED_WORK: usize = 12;
+const FIXED_WORK: usize = 14;
 /// The first of the `drop = probs` sort's spans in the fixed workspace.
 const PROBS_WORK: usize = 6;
+/// The routing copies of dispatch by rank in the fixed workspace.
+const ROUTING_WORK: usize = 12;
+/// The order the fixed workspace is placed in: what the routing's
+/// read-back copies first (table, statistics, routing copies), contiguous.
+const FIXED_ORDER: [usize; FIXED_WORK] = [0, 1, 12, 13, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
 
 /// What the `drop = probs` keep decision reads and writes besides its own
 /// sort's workspace.
@@ -554,15 +626,7 @@ impl Program {
 
     /// Scratch bytes per thread of a generated kernel.
     pub fn scratch_per_thread(&self, k: KernelRef) -> u64 {
-        match k {
-            KernelRef::Generated(i) => self
-                .kernels
-                .module
-                .kernels()
-                .get(i)
-                .map_or(0, |k| k.scratch_bytes_per_thread()),
-            KernelRef::Native(_) => 0,
-        }
+        scratch_per_thread(&self.kernels, k)
     }
 
     /// The EP index of global rank `rank`.
@@ -585,6 +649,8 @@ struct Lowering<'p> {
     acc_need: Vec<u64>,
     biased_need: Vec<u64>,
     scratch_need: Vec<u64>,
+    /// Per stream: bytes of the forwarder's partial rows and of their index.
+    forward_need: Vec<(u64, u64)>,
     /// Placeholders of the workspace spans that do not depend on the
     /// streams (see [`Lowering::work`]), patched in `finish`.
     work_fixed: [Span; FIXED_WORK],
@@ -604,16 +670,11 @@ impl<'p> Lowering<'p> {
                 "{world} ranks do not divide into EP groups of {group}"
             ));
         }
-        if plan.choices.dedup_dispatch || plan.choices.reduce_combine {
-            return Err(
-                "the CUDA backend does not run dispatch by rank or the reducing combine yet (the device's `assign_place` does not write the by-rank layout); deny them in the schedule (`deny = [dedup_dispatch, reduce_combine]`) or use --backend cpu"
-                    .into(),
-            );
-        }
         let hierarchical = plan.ops().any(|(_, op)| {
             matches!(op.kind, OpKind::Collective { scope, .. } if scope != CollectiveScope::EpGroup)
         });
-        if hierarchical && geo.capacity.is_some() {
+        // By rank, the expert side is packed (see `padded` below).
+        if hierarchical && geo.capacity.is_some() && !geo.by_rank {
             return Err(
                 "the CUDA backend runs the hierarchical all-to-all for dropless layers only (a capacity plan keeps its expert slots padded on the device, which the legs' host-side routing does not follow yet); deny it in the schedule (`deny = [hierarchical_a2a]`) or use --backend cpu"
                     .into(),
@@ -666,6 +727,11 @@ impl<'p> Lowering<'p> {
             }
             _ => (0, 0),
         };
+        let routing = if geo.by_rank {
+            mul(&[tokens, k, 4])?
+        } else {
+            0
+        };
         let fixed = [
             placeholder(1, mul(&[shape.table_len() as u64, 4])?),
             placeholder(2, mul(&[shape.stats_len() as u64, 4])?),
@@ -679,12 +745,17 @@ impl<'p> Lowering<'p> {
             placeholder(10, mul(&[sorted, 4])?),
             placeholder(11, mul(&[sorted, 4])?),
             placeholder(12, mul(&[sorted, 4])?),
+            placeholder(13, routing),
+            placeholder(14, routing),
         ];
         // Capacity plans: an expert gets at most `capacity` rows in all, and
         // in a chunk at most one per token of the group; its expert-side
         // slot holds that many, when the plan's expert buffers hold a slot
-        // for every local expert.
+        // for every local expert. Not with dispatch by rank: its expansion
+        // index (`cpu::layout::expand_index`) lays the expert side out
+        // packed, and the host reads the routing back anyway.
         let padded = match geo.capacity {
+            Some(_) if geo.by_rank => 0,
             Some((cap, _)) => {
                 let slot = (cap as u64).min(mul(&[geo.chunk_tokens as u64, geo.group as u64])?);
                 let need = mul(&[slot, shape.max_local as u64])?;
@@ -709,6 +780,7 @@ impl<'p> Lowering<'p> {
             acc_need: vec![0; streams],
             biased_need: vec![0; streams],
             scratch_need: vec![0; streams],
+            forward_need: vec![(0, 0); streams],
             work_fixed: fixed,
             padded,
             slots: None,
@@ -870,6 +942,14 @@ impl<'p> Lowering<'p> {
                 } else {
                     None
                 };
+                let forwarder_sum = if *kind == CollectiveKind::AllToAllRank
+                    && !dispatch
+                    && *scope == CollectiveScope::IntraNode
+                {
+                    Some(self.forwarder_sum(index, stream, op, &send_rows)?)
+                } else {
+                    None
+                };
                 let step = CollectiveStep {
                     kind: *kind,
                     send: send_span,
@@ -882,11 +962,57 @@ impl<'p> Lowering<'p> {
                     chunk: op.chunk.unwrap_or(0) as usize,
                     status,
                     scope: *scope,
+                    forwarder_sum,
                 };
                 self.push(index, stream, StepKind::Collective(step));
             }
         }
         Ok(())
+    }
+
+    /// The forwarder's sum after a reducing intra-node combine leg whose
+    /// send buffer has rows `rows`: its kernel and status block, and the
+    /// stream's staging for the partial rows (a forwarder stages at most one
+    /// row per token of every source at its index, `nodes × chunk tokens`,
+    /// and receives at most one part per rank of its node for each, so at
+    /// most `group × chunk tokens` parts).
+    fn forwarder_sum(
+        &mut self,
+        index: usize,
+        stream: usize,
+        op: &crate::plan::Op,
+        rows: &RowLayout,
+    ) -> Result<ForwarderSum, String> {
+        if rows.scales.is_some() {
+            return Err(
+                "the reducing combine sums rows of the layer's float dtype, not fp8".into(),
+            );
+        }
+        let topo =
+            crate::cpu::hier::Topology::new(self.geo.group, self.plan.mesh.gpus_per_node as usize)?;
+        let parts = mul(&[self.geo.chunk_tokens as u64, self.geo.group as u64])?;
+        let need = (mul(&[parts, rows.row_bytes])?, mul(&[parts, 4])?);
+        let have = &mut self.forward_need[stream];
+        *have = (have.0.max(need.0), have.1.max(need.1));
+        let kernel = self.labelled(super::plan::FORWARDER_SUM)?;
+        let kref = KernelRef::Generated(kernel);
+        let scratch = scratch_per_thread(&self.kernels, kref);
+        if scratch > 0 {
+            let need = mul(&[u64::from(SCRATCH_GRID), u64::from(SCRATCH_BLOCK), scratch])?;
+            self.scratch_need[stream] = self.scratch_need[stream].max(need);
+        }
+        let params = self.params_of(kref);
+        let status = self.slot(
+            index,
+            &format!("{} (forwarder sum)", op.name),
+            params,
+            false,
+        );
+        Ok(ForwarderSum {
+            kernel,
+            status,
+            width: topo.per_node,
+        })
     }
 
     fn module_index(&self, table_index: usize) -> Result<usize, String> {
@@ -922,7 +1048,7 @@ impl<'p> Lowering<'p> {
             .get(kernel as usize)
             .ok_or_else(|| format!("kernel k{kernel} does not exist"))?;
         if k.kind == KernelKind::Assign {
-            return self.assign(index, stream, k, inputs, outputs);
+            return self.assign(index, stream, op.chunk, k, inputs, outputs);
         }
         let module = self.module_index(kernel as usize)?;
         let chunk = op.chunk;
@@ -968,13 +1094,16 @@ impl<'p> Lowering<'p> {
             LaunchRows::ChunkTokens => Rows::Fixed(tokens),
             LaunchRows::LayerTokens => Rows::Fixed(self.geo.tokens as u64),
             LaunchRows::Sent => Rows::Sent(c, self.common_rows(input(0)?, output(0)?)?),
-            LaunchRows::Received | LaunchRows::WireReceived => {
-                Rows::Received(c, self.common_rows(input(0)?, output(0)?)?)
+            LaunchRows::Received => Rows::Received(c, self.common_rows(input(0)?, output(0)?)?),
+            LaunchRows::WireSent if self.geo.by_rank => {
+                Rows::RankSent(c, self.common_rows(input(0)?, output(0)?)?)
             }
             LaunchRows::WireSent => Rows::Sent(c, self.common_rows(input(0)?, output(0)?)?),
-            // Refused in `Lowering::new` (no dispatch by rank on the GPU yet).
-            LaunchRows::ReceivedByRank => {
-                return Err(format!("`{}`: dispatch by rank on the GPU", k.name))
+            LaunchRows::WireReceived if !self.geo.by_rank => {
+                Rows::Received(c, self.common_rows(input(0)?, output(0)?)?)
+            }
+            LaunchRows::WireReceived | LaunchRows::ReceivedByRank => {
+                Rows::RankReceived(c, self.common_rows(input(0)?, output(0)?)?)
             }
         };
         let kref = KernelRef::Generated(module);
@@ -995,15 +1124,7 @@ impl<'p> Lowering<'p> {
     ) -> Result<(), String> {
         let params = self.params_of(kernel);
         check_args(label, &params, &args)?;
-        let scratch_per_thread = match kernel {
-            KernelRef::Generated(i) => self
-                .kernels
-                .module
-                .kernels()
-                .get(i)
-                .map_or(0, |k| k.scratch_bytes_per_thread()),
-            KernelRef::Native(_) => 0,
-        };
+        let scratch_per_thread = scratch_per_thread(&self.kernels, kernel);
         if scratch_per_thread > 0 {
             let need = mul(&[
                 u64::from(SCRATCH_GRID),
@@ -1185,6 +1306,7 @@ impl<'p> Lowering<'p> {
         &mut self,
         index: usize,
         stream: usize,
+        chunk: Option<u64>,
         k: &crate::plan::Kernel,
         inputs: &[u32],
         outputs: &[u32],
@@ -1195,6 +1317,9 @@ impl<'p> Lowering<'p> {
             .find(|(n, _)| n == "pass")
             .map(|(_, v)| *v)
             .ok_or_else(|| format!("`{}` has no `pass` constant", k.name))?;
+        if pass >= 2 {
+            return self.assign_by_rank(index, stream, chunk, k, pass, outputs);
+        }
         let (Some(&ids), Some(&weights), Some(&out)) =
             (inputs.first(), inputs.get(1), outputs.first())
         else {
@@ -1212,6 +1337,9 @@ impl<'p> Lowering<'p> {
             })
         };
         let probs = matches!(geo.capacity, Some((_, crate::plan::DropPolicy::Probs)));
+        // The counts of a chunk in the metadata: one per expert, then (by
+        // rank) one per destination rank (`Geometry::meta_len`).
+        let chunk_stride = geo.experts + if geo.by_rank { geo.group } else { 0 };
         let ids_arg = whole(self, ids)?;
         let weights_arg = whole(self, weights)?;
         let n = (geo.tokens * geo.top_k) as u64;
@@ -1242,6 +1370,7 @@ impl<'p> Lowering<'p> {
                 i64v(geo.experts),
                 i64v(geo.chunk_tokens),
                 ArgT::I64(i64::from(probs)),
+                i64v(chunk_stride),
             ];
             let rows = Rows::Fixed(geo.tokens as u64);
             return self.add_launch(
@@ -1317,6 +1446,7 @@ impl<'p> Lowering<'p> {
                 i64v(geo.chunks),
                 i64v(max_local),
                 ArgT::I64(capacity),
+                i64v(chunk_stride),
             ];
             let rows = Rows::Fixed(geo.experts as u64);
             self.add_launch(
@@ -1404,7 +1534,57 @@ impl<'p> Lowering<'p> {
             Rows::Fixed((geo.chunks * geo.group * geo.group) as u64),
             true,
         )?;
+        if geo.by_rank {
+            // The routing travels back with the table: the host lays the
+            // by-rank rows out from it (`StepKind::ByRank`).
+            for (b, to) in [(ids, ROUTING_WORK), (weights, ROUTING_WORK + 1)] {
+                let src = self.regions[b as usize].sub(0, n * 4, &self.buffer(b)?.name)?;
+                let dst = self.work(to);
+                self.push(index, stream, StepKind::Copy { src, dst });
+            }
+        }
         self.push(index, stream, StepKind::ReadRoute);
+        Ok(())
+    }
+
+    /// `assign_rank` (pass 2) and `assign_expand` (pass 3): what the host
+    /// computes and uploads ([`ByRankStep`]), into the chunk's part of the
+    /// outputs.
+    fn assign_by_rank(
+        &mut self,
+        index: usize,
+        stream: usize,
+        chunk: Option<u64>,
+        k: &crate::plan::Kernel,
+        pass: i64,
+        outputs: &[u32],
+    ) -> Result<(), String> {
+        let (Some(&first), Some(&second)) = (outputs.first(), outputs.get(1)) else {
+            return Err(format!("`{}` lacks its buffers", k.name));
+        };
+        if !self.geo.by_rank {
+            return Err(format!(
+                "`{}` in a plan that does not dispatch by rank",
+                k.name
+            ));
+        }
+        let (first, _) = self.region(first, chunk)?;
+        let (second, _) = self.region(second, chunk)?;
+        let chunk = chunk.unwrap_or(0) as usize;
+        let step = match pass {
+            2 => ByRankStep::Source {
+                chunk,
+                rank_slots: first,
+                picks: second,
+            },
+            3 => ByRankStep::Expand {
+                chunk,
+                index: first,
+                weights: second,
+            },
+            other => return Err(format!("`{}`: no assignment pass {other}", k.name)),
+        };
+        self.push(index, stream, StepKind::ByRank(step));
         Ok(())
     }
 
@@ -1559,6 +1739,7 @@ impl<'p> Lowering<'p> {
             acc_need,
             biased_need,
             scratch_need,
+            forward_need,
             work_fixed,
             padded,
             ..
@@ -1566,16 +1747,24 @@ impl<'p> Lowering<'p> {
         let mut w = Placer::new(Space::Work);
         let status_span = w.take(mul(&[status.len() as u64, STATUS_BYTES])?)?;
         let mut placed = work_fixed;
-        for span in &mut placed {
-            *span = w.take(span.bytes)?;
+        for i in FIXED_ORDER {
+            placed[i] = w.take(placed[i].bytes)?;
         }
         let [table, stats, keep_own, kept_own, send_off, recv_off, ..] = placed;
+        let (routing_ids, routing_weights) = (placed[ROUTING_WORK], placed[ROUTING_WORK + 1]);
         let mut streams = Vec::with_capacity(acc_need.len());
-        for ((acc, biased), scratch) in acc_need.iter().zip(&biased_need).zip(&scratch_need) {
+        for (((acc, biased), scratch), forward) in acc_need
+            .iter()
+            .zip(&biased_need)
+            .zip(&scratch_need)
+            .zip(&forward_need)
+        {
             streams.push(StreamWork {
                 acc: w.take(*acc)?,
                 biased: w.take(*biased)?,
                 scratch: w.take(*scratch)?,
+                forward_parts: w.take(forward.0)?,
+                forward_index: w.take(forward.1)?,
             });
         }
         let work = WorkLayout {
@@ -1586,6 +1775,8 @@ impl<'p> Lowering<'p> {
             kept_own,
             send_off,
             recv_off,
+            routing_ids,
+            routing_weights,
             streams,
             bytes: w.total(),
         };
@@ -1601,6 +1792,10 @@ impl<'p> Lowering<'p> {
         for step in &mut steps {
             match &mut step.kind {
                 StepKind::Memset { span, .. } => patch(span),
+                StepKind::Copy { src, dst } => {
+                    patch(src);
+                    patch(dst);
+                }
                 StepKind::Launch(l) => {
                     for a in &mut l.args {
                         if let ArgT::Buf { span, .. } = a {
@@ -1665,6 +1860,18 @@ impl<'p> Lowering<'p> {
             gpus_per_node: usize::try_from(plan.mesh.gpus_per_node)
                 .map_err(|_| "gpus_per_node does not fit this machine")?,
         })
+    }
+}
+
+/// Scratch bytes per thread of a kernel (a generated one's local arrays).
+fn scratch_per_thread(kernels: &PlanKernels, k: KernelRef) -> u64 {
+    match k {
+        KernelRef::Generated(i) => kernels
+            .module
+            .kernels()
+            .get(i)
+            .map_or(0, |k| k.scratch_bytes_per_thread()),
+        KernelRef::Native(_) => 0,
     }
 }
 

@@ -93,6 +93,18 @@ impl Launch {
     }
 }
 
+/// Whether this process's ranks talk over NCCL by the environment: a
+/// multi-process launch, or `MOEC_COMM=nccl` (as the CUDA backend's
+/// default `CommChoice::Auto` decides; an unreadable launch counts as one,
+/// so its error comes from the backend).
+pub fn nccl_from_env() -> bool {
+    match std::env::var("MOEC_COMM").ok().as_deref() {
+        Some("nccl") => true,
+        Some("virtual") => false,
+        _ => !matches!(Launch::from_env(), Ok(None)),
+    }
+}
+
 /// A 64-bit FNV-1a hash (plans are compared by the hash of their JSON).
 pub fn fnv64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -29,6 +29,18 @@ impl RouteTable {
         start..start + self.rows(s, g, l)
     }
 
+    /// By-rank send rows of source `s` for EP rank `g` (token side).
+    pub fn rank_send_rows(&self, s: usize, g: usize) -> Range<usize> {
+        let start = self.rank_send_start(s, g);
+        start..start + self.rank_rows(s, g)
+    }
+
+    /// By-rank receive rows on rank `g` of the rows from source `s` (rank side).
+    pub fn rank_recv_rows(&self, s: usize, g: usize) -> Range<usize> {
+        let start = self.rank_recv_start(s, g);
+        start..start + self.rank_rows(s, g)
+    }
+
     /// First row of local expert `l` on rank `g` on the expert side: packed
     /// (`padded` 0), or its slot of `padded` rows.
     pub fn slot_start(&self, g: usize, l: usize, padded: usize) -> usize {
