@@ -1466,6 +1466,60 @@ fn the_hierarchical_all_to_all_on_the_emulated_device_matches_the_cpu() {
     }
 }
 
+/// A dropless plan whose routing needs more rows than its bounded buffers
+/// hold (`headroom = 1`, random routing): the emulated device refuses the
+/// pass at the routing read-back, before any row moves, with the rows and
+/// what to change; the CPU backend grows its buffers and runs it.
+#[test]
+fn an_overflowing_dropless_pass_is_refused_on_the_device() {
+    if !have_cxx("an_overflowing_dropless_pass_is_refused_on_the_device") {
+        return;
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny.moe");
+    let source = format!(
+        "{}\nschedule {{\n    headroom = 1\n}}\n",
+        std::fs::read_to_string(path).unwrap()
+    );
+    for routing in [RoutingForm::PerAssignment, RoutingForm::DedupReduce] {
+        let options = Options {
+            routing: Some(routing),
+            ..Options::default()
+        };
+        let plan = plan_with(&source, &Overrides::default(), &options);
+        let program = Program::lower(&plan).unwrap();
+        let kernels = HostKernels::new(&program);
+        // The check sits where the host first reads the routing back, which
+        // every step that moves a row waits for.
+        let (mut emu, _) = emu_passes(&plan, &program, &kernels, 3, None, &[]);
+        let inputs = random_inputs(&plan.layer, 4, 32, 3);
+        let local: Vec<usize> = (0..4).collect();
+        let e = run_pass(&program, &mut emu, &local, &inputs, PassMode::Eager)
+            .err()
+            .unwrap_or_else(|| panic!("{}: the pass should overflow", routing.name()))
+            .to_string();
+        for part in ["expert rows", "buffers hold 64", "headroom = worst_case"] {
+            assert!(
+                e.contains(part),
+                "{}: `{part}` is not in: {e}",
+                routing.name()
+            );
+        }
+        let f = CpuBackend::new(
+            plan.clone(),
+            &LayerWeights::random(&plan.layer, 3),
+            CpuOptions::default(),
+        )
+        .unwrap()
+        .forward(&inputs)
+        .unwrap();
+        assert!(
+            f.grown.is_some(),
+            "{}: the CPU pass did not grow",
+            routing.name()
+        );
+    }
+}
+
 /// Every example shrunk, in f32: the emulated device gives the CPU
 /// backend's outputs and routing statistics.
 #[test]

@@ -914,6 +914,27 @@ impl Ctx<'_> {
             stats.imbalance()
         )
         .map_err(io)?;
+        if let Some(g) = &result.grown {
+            let rank = if g.needed.rank_rows > 0 {
+                format!(
+                    " ({} by-rank rows; held {})",
+                    g.needed.rank_rows, g.planned.rank_rows
+                )
+            } else {
+                String::new()
+            };
+            writeln!(
+                self.out,
+                "grown: the routing needed {} expert rows of one rank in a chunk, the plan's buffers held {}{rank}; \
+                 the pass stopped at the assignment and re-ran on buffers grown to the real counts \
+                 ({} run(s) stopped, arena now {} per rank)",
+                g.needed.expert_rows,
+                g.planned.expert_rows,
+                g.reruns,
+                human_bytes(g.arena_bytes),
+            )
+            .map_err(io)?;
+        }
         let values = result.outputs.iter().flatten();
         let (mut sum, mut max, mut n) = (0.0f64, 0.0f64, 0usize);
         for v in values {

@@ -398,17 +398,25 @@ impl Placement {
     /// the most expert-side rows and by-rank rows any rank receives in any
     /// chunk (every rank of the group computes the same).
     pub fn row_need(&self) -> RowNeed {
-        let mut need = RowNeed::default();
-        for t in &self.tables {
-            for g in 0..t.group() {
-                need = need.max(RowNeed {
-                    expert_rows: t.received(g) as u64,
-                    rank_rows: t.rank_received(g) as u64,
-                });
-            }
-        }
-        need
+        row_need(&self.tables)
     }
+}
+
+/// The rows the routing of `tables` (one per chunk) needs in one rank's
+/// bounded buffers: the most expert-side rows and by-rank rows any rank of
+/// the group receives in any chunk. Both backends test it against the
+/// plan's bounds before any row moves.
+pub fn row_need(tables: &[ChunkTable]) -> RowNeed {
+    let mut need = RowNeed::default();
+    for t in tables {
+        for g in 0..t.group() {
+            need = need.max(RowNeed {
+                expert_rows: t.received(g) as u64,
+                rank_rows: t.rank_received(g) as u64,
+            });
+        }
+    }
+    need
 }
 
 /// This rank's side of a dispatch by rank.

@@ -22,7 +22,7 @@ use super::program::{
 use super::route::{RouteTable, Routes};
 use crate::cpu::comm::Run;
 use crate::cpu::hier::{self, ByRankBlocks, PeerRows, Staged, Topology};
-use crate::cpu::layout::{assign_count, assign_place, expand_index, ByRank, Routing};
+use crate::cpu::layout::{assign_count, assign_place, expand_index, row_need, ByRank, Routing};
 use crate::cpu::memory;
 use crate::cpu::{ExecError, RoutingStats};
 use crate::plan::rows::RowLayout;
@@ -1050,24 +1050,53 @@ impl<'a> Issuer<'a> {
     /// The routing of local rank index `i`, read back at its first use.
     fn routes(&mut self, i: usize) -> Result<&Routes, ExecError> {
         let r = self.local[i];
-        if self.routes[i].is_none() && self.p.geometry.by_rank {
-            self.by_rank_routes(i)?;
-        }
         if self.routes[i].is_none() {
-            if !self.pending[i] {
-                return Err(err(
-                    r,
-                    None,
-                    "the routing is used before `assign place` ran",
-                ));
+            if self.p.geometry.by_rank {
+                self.by_rank_routes(i)?;
             }
-            let bytes = self.t.fetch(r).map_err(|e| err(r, None, e))?;
-            let routes = self.parse_routes(r, &bytes)?;
-            self.routes[i] = Some(routes);
+            if self.routes[i].is_none() {
+                if !self.pending[i] {
+                    return Err(err(
+                        r,
+                        None,
+                        "the routing is used before `assign place` ran",
+                    ));
+                }
+                let bytes = self.t.fetch(r).map_err(|e| err(r, None, e))?;
+                let routes = self.parse_routes(r, &bytes)?;
+                self.routes[i] = Some(routes);
+            }
+            self.check_row_bounds(i)?;
         }
         self.routes[i]
             .as_ref()
             .ok_or_else(|| err(r, None, "the routing is missing"))
+    }
+
+    /// The routing just read back must fit the plan's bounded buffers. The
+    /// tables are the whole group's, so one check covers every member, and
+    /// it comes before any routing-dependent step moves a row.
+    fn check_row_bounds(&self, i: usize) -> Result<(), ExecError> {
+        let r = self.local[i];
+        let Some(routes) = self.routes[i].as_ref() else {
+            return Err(err(r, None, "the routing is missing"));
+        };
+        let need = row_need(&routes.tables);
+        let have = self.p.row_bounds;
+        if !need.exceeds(have) {
+            return Ok(());
+        }
+        Err(err(
+            r,
+            None,
+            format!(
+                "the routing of this pass needs {} expert rows ({} by-rank rows) of one rank in a chunk, \
+                 the plan's buffers hold {} ({}): the CUDA backend does not grow a dropless plan's \
+                 buffers yet (the CPU backend does); build the layer with a larger `headroom`, or \
+                 `headroom = worst_case`, in its schedule section",
+                need.expert_rows, need.rank_rows, have.expert_rows, have.rank_rows
+            ),
+        ))
     }
 
     /// The routing in rank `r`'s read-back bytes (status blocks, table,

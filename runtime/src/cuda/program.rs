@@ -26,6 +26,7 @@
 //! `launch`) exactly, and every one is checked against the kernel's
 //! description when the program is built.
 
+use crate::plan::arena::RowNeed;
 use crate::plan::binding::{binding, Arg, LaunchRows};
 use std::collections::BTreeMap;
 
@@ -427,6 +428,9 @@ pub struct Program {
     /// hierarchical all-to-all's inter-node leg.
     pub slots: Option<Span>,
     pub gpus_per_node: usize,
+    /// What the plan's bounded buffers hold (rows of one rank and chunk):
+    /// a pass whose routing needs more is refused before any row moves.
+    pub row_bounds: RowNeed,
 }
 
 /// Bytes of each cuBLAS handle's workspace (what NVIDIA recommends for
@@ -1859,6 +1863,7 @@ impl<'p> Lowering<'p> {
             slots: self.slots,
             gpus_per_node: usize::try_from(plan.mesh.gpus_per_node)
                 .map_err(|_| "gpus_per_node does not fit this machine")?,
+            row_bounds: plan.row_bounds(),
         })
     }
 }

@@ -66,6 +66,12 @@ pub struct RowNeed {
 }
 
 impl RowNeed {
+    /// More rows than `have` in either bound (a plan without dispatch by
+    /// rank needs no by-rank rows, so its 0 bound is never exceeded).
+    pub fn exceeds(self, have: RowNeed) -> bool {
+        self.expert_rows > have.expert_rows || self.rank_rows > have.rank_rows
+    }
+
     /// The larger of the two needs, field by field.
     pub fn max(self, other: RowNeed) -> RowNeed {
         RowNeed {
@@ -88,9 +94,7 @@ impl Plan {
     /// fits: the overflow test every backend makes once the counts are
     /// exchanged, before any row moves.
     pub fn overflows(&self, need: RowNeed) -> Option<RowNeed> {
-        let have = self.row_bounds();
-        let rank = self.choices.dedup_dispatch && need.rank_rows > have.rank_rows;
-        (need.expert_rows > have.expert_rows || rank).then_some(need)
+        need.exceeds(self.row_bounds()).then_some(need)
     }
 
     /// The ops that use each buffer, by op id; a buffer the host reads after
