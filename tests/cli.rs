@@ -152,6 +152,83 @@ fn a_plan_that_does_not_fit_the_device_is_refused_unless_allowed() {
     }
 }
 
+/// `moec run --stats-out` writes the pass's routing as a statistics file
+/// that `moec simulate --stats` reads: the file's tokens per expert are the
+/// run's, perfectly even loads (without the per-token routing) predict
+/// exactly what uniform routing does, a skewed load predicts a slower layer
+/// and says how skewed, and a file of another layer is refused.
+#[test]
+fn routing_statistics_from_a_run_drive_the_simulator() {
+    let stats = TempFile::new("stats", "json");
+    let r = moec(&["run", &example("tiny.moe"), "--stats-out", &stats.path()]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(
+        r.out.contains("stats: 128 tokens' routing written"),
+        "{}",
+        r.out
+    );
+    let file = moec_runtime::stats::RoutingStatistics::load(&stats.0).unwrap();
+    assert_eq!(file.tokens, 128);
+    assert_eq!(file.tokens_per_expert.iter().sum::<u64>(), 256);
+    let line = r
+        .out
+        .lines()
+        .find(|l| l.starts_with("tokens per expert:"))
+        .unwrap();
+    for (e, n) in file.tokens_per_expert.iter().enumerate() {
+        assert!(line.contains(&format!(" {e}:{n}")), "{line}");
+    }
+
+    let predicted = |args: &[&str]| -> f64 {
+        let r = moec(args);
+        assert_eq!(r.code, 0, "{}", r.err);
+        let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+        v["total_us"].as_f64().unwrap()
+    };
+    let mixtral = example("mixtral_8x7b.moe");
+    let uniform = predicted(&["simulate", "--json", &mixtral]);
+    let stats_of = |per: [u64; 8]| {
+        let tokens = per.iter().sum::<u64>() / 2;
+        let text = serde_json::json!({
+            "format": "moec-routing-stats", "version": 1, "experts": 8, "top_k": 2,
+            "tokens": tokens, "tokens_per_expert": per,
+            "coactivation": vec![vec![0u64; 8]; 8],
+        });
+        TempFile::with("stats", "json", &text.to_string())
+    };
+    let even = stats_of([1000; 8]);
+    assert_eq!(
+        predicted(&["simulate", "--json", "--stats", &even.path(), &mixtral]),
+        uniform
+    );
+    let skewed = stats_of([4000, 1000, 1000, 500, 500, 500, 300, 200]);
+    let slow = predicted(&["simulate", "--json", "--stats", &skewed.path(), &mixtral]);
+    assert!(
+        slow > 1.5 * uniform,
+        "{slow} us skewed against {uniform} us uniform"
+    );
+    let r = moec(&["simulate", "--stats", &skewed.path(), &mixtral]);
+    assert!(
+        r.out
+            .contains("the busiest EP rank gets 4.00x the mean load"),
+        "{}",
+        r.out
+    );
+    let r = moec(&[
+        "simulate",
+        "--stats",
+        &stats.path(),
+        &example("qwen3_30b_a3b.moe"),
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.err
+            .contains("of 8 experts, top-2; the layer has 128 experts, top-8"),
+        "{}",
+        r.err
+    );
+}
+
 #[test]
 fn check_broken_file_reports_with_location() {
     let path = corpus("e0301_top_k_larger_than_experts.moe");

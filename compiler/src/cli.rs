@@ -110,8 +110,32 @@ enum Command {
         /// Tokens per rank instead of the file's `tokens_per_rank`.
         #[arg(long)]
         tokens: Option<u64>,
+        /// Predict under the routing of a statistics file (`moec run
+        /// --stats-out`) instead of uniform routing: the busiest rank's
+        /// load and the ranks and nodes tokens reach.
+        #[arg(long, value_name = "STATS")]
+        stats: Option<PathBuf>,
         /// Print JSON: `total_us`, `baseline_total_us` and `phases` with
         /// `name`, `time_us`, `bytes` and `exposed_us`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Choose which experts go on which EP rank (and which get extra copies)
+    /// for the traffic of a routing statistics file, by the simulator.
+    Place {
+        /// The .moe file describing the layer and its mesh.
+        file: PathBuf,
+        /// The routing statistics (`moec run --stats-out`, or your router's logs).
+        #[arg(long, value_name = "STATS")]
+        stats: PathBuf,
+        /// Write the .moe file with the chosen placement here.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Extra copies of hot experts to place (each on a rank of its own).
+        #[arg(long, default_value_t = 0)]
+        replicas: u64,
+        /// Print JSON: every candidate with its predicted time, imbalance,
+        /// remote nodes per token and co-activation cut; the chosen first.
         #[arg(long)]
         json: bool,
     },
@@ -169,6 +193,10 @@ struct RunArgs {
     /// Write `run.safetensors` (inputs, outputs, weights) and `config.json` here.
     #[arg(long)]
     save: Option<PathBuf>,
+    /// Write the pass's routing statistics here (JSON: every token's picks,
+    /// tokens per expert, co-activation counts), for `moec simulate --stats`.
+    #[arg(long, value_name = "FILE")]
+    stats_out: Option<PathBuf>,
     /// Also run K times with the streams interleaved in random legal orders and
     /// fail if any output differs (a race check of the plan's events).
     #[arg(long, value_name = "K")]
@@ -291,7 +319,19 @@ where
             ctx.allow_oversize = allow_oversize;
             ctx.explain(&file)
         }
-        Command::Simulate { file, tokens, json } => ctx.simulate(&file, tokens, json),
+        Command::Simulate {
+            file,
+            tokens,
+            stats,
+            json,
+        } => ctx.simulate(&file, tokens, stats.as_deref(), json),
+        Command::Place {
+            file,
+            stats,
+            output,
+            replicas,
+            json,
+        } => ctx.place(&file, &stats, output.as_deref(), replicas, json),
         Command::Run(args) => ctx.run(&args),
         Command::Kernels(args) => ctx.kernels(&args),
         Command::Bench(args) => crate::bench::bench(&args, ctx.out, ctx.err, ctx.color)
@@ -604,15 +644,30 @@ impl Ctx<'_> {
         Ok(EXIT_OK)
     }
 
-    fn simulate(&mut self, path: &Path, tokens: Option<u64>, json: bool) -> Result<i32, Failure> {
+    fn simulate(
+        &mut self,
+        path: &Path,
+        tokens: Option<u64>,
+        stats: Option<&Path>,
+        json: bool,
+    ) -> Result<i32, Failure> {
         if tokens == Some(0) {
             return Err(Failure(EXIT_USAGE, "--tokens must be at least 1".into()));
         }
+        let stats = match stats {
+            Some(p) => Some(
+                moec_runtime::stats::RoutingStatistics::load(p)
+                    .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?,
+            ),
+            None => None,
+        };
+        let measured = stats.is_some();
         let Some(c) = self.compile(
             path,
             &Options {
                 tokens,
                 routing: None,
+                stats,
             },
         )?
         else {
@@ -628,6 +683,10 @@ impl Ctx<'_> {
                 );
                 obj.insert("ranks".into(), c.plan.mesh.world_size().into());
                 obj.insert("chunks".into(), c.plan.choices.chunks.into());
+                obj.insert(
+                    "routing".into(),
+                    if measured { "measured" } else { "uniform" }.into(),
+                );
                 let base = c.baseline_timeline.to_json();
                 obj.insert(
                     "baseline_total_us".into(),
@@ -654,6 +713,19 @@ impl Ctx<'_> {
                 c.baseline_timeline.total_us / c.timeline.total_us.max(1e-9),
             )
             .map_err(io)?;
+            if measured {
+                writeln!(
+                    self.out,
+                    "measured routing: the busiest EP rank gets {:.2}x the mean load{}\n",
+                    c.report.load_skew,
+                    if p.layer.capacity == moec_runtime::plan::CapacityConfig::Dropless {
+                        ""
+                    } else {
+                        " (a capacity layer computes every slot: its time does not follow the load)"
+                    }
+                )
+                .map_err(io)?;
+            }
             write!(self.out, "{}", c.timeline.phase_table()).map_err(io)?;
         }
         Ok(EXIT_OK)
@@ -685,6 +757,134 @@ fn weights_line(path: &Path, report: &moec_runtime::weights::LoadReport) -> Stri
 }
 
 impl Ctx<'_> {
+    fn place(
+        &mut self,
+        path: &Path,
+        stats: &Path,
+        output: Option<&Path>,
+        replicas: u64,
+        json: bool,
+    ) -> Result<i32, Failure> {
+        let source = read(path)?;
+        let checked = moec_lang::check_source(&source);
+        self.report(path, &source, &checked)?;
+        let Some((program, _)) = &checked.program else {
+            let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
+            writeln!(self.err, "{}: {errors} error(s)", path.display()).map_err(io)?;
+            return Ok(EXIT_REJECTED);
+        };
+        let stats = moec_runtime::stats::RoutingStatistics::load(stats)
+            .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?;
+        let placed = crate::place::place(program, &stats, replicas)
+            .map_err(|e| Failure(EXIT_REJECTED, format!("{}: {e}", path.display())))?;
+        let best = placed.best();
+        let placed_source = crate::place::rewrite_source(&source, &best.layout)
+            .map_err(|e| Failure(EXIT_REJECTED, format!("{}: {e}", path.display())))?;
+        if json {
+            let candidates: Vec<serde_json::Value> = placed
+                .candidates
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "placement": c.name,
+                        "total_us": c.total_us,
+                        "imbalance": c.imbalance,
+                        "remote_nodes_per_token": c.remote_nodes,
+                        "coactivation_cut": c.cut,
+                        "experts_of_rank": c.layout.primaries,
+                        "replicas": c.layout.replicas,
+                    })
+                })
+                .collect();
+            let text = serde_json::to_string_pretty(&serde_json::json!({
+                "layer": program.layer.name,
+                "tokens": stats.tokens,
+                "candidates": candidates,
+            }))
+            .map_err(|e| Failure(EXIT_USAGE, format!("cannot print JSON: {e}")))?;
+            writeln!(self.out, "{text}").map_err(io)?;
+        } else {
+            writeln!(
+                self.out,
+                "{}: {} experts on {} EP ranks, {} node(s); statistics of {} tokens\n",
+                program.layer.name,
+                program.layer.experts.count,
+                program.mesh.ep,
+                program.mesh.nodes,
+                stats.tokens
+            )
+            .map_err(io)?;
+            writeln!(
+                self.out,
+                "{:<26} {:>13} {:>13} {:>13} {:>12}",
+                "placement", "predicted us", "busiest/mean", "remote nodes", "cut pairs"
+            )
+            .map_err(io)?;
+            for (i, c) in placed.candidates.iter().enumerate() {
+                writeln!(
+                    self.out,
+                    "{:<26} {:>13.1} {:>13.2} {:>13.2} {:>12}{}",
+                    c.name,
+                    c.total_us,
+                    c.imbalance,
+                    c.remote_nodes,
+                    c.cut,
+                    if i == 0 { "  <- chosen" } else { "" }
+                )
+                .map_err(io)?;
+            }
+        }
+        match output {
+            Some(out) => {
+                std::fs::write(out, &placed_source).map_err(|e| {
+                    Failure(EXIT_USAGE, format!("cannot write `{}`: {e}", out.display()))
+                })?;
+                writeln!(self.err, "wrote {}", out.display()).map_err(io)?;
+            }
+            None if !json => {
+                writeln!(self.out, "\n{}", best.layout.moe_entries().trim_end()).map_err(io)?;
+            }
+            None => {}
+        }
+        Ok(EXIT_OK)
+    }
+
+    /// `moec run --stats-out`: the pass's routing as a statistics file.
+    fn write_stats(
+        &mut self,
+        path: &Path,
+        layer: &moec_runtime::plan::LayerConfig,
+        result: &moec_runtime::Forward,
+    ) -> Result<(), Failure> {
+        if result.routing.is_empty() {
+            return Err(Failure(
+                EXIT_USAGE,
+                "--stats-out: this backend does not report the per-token routing yet; run with --backend cpu"
+                    .into(),
+            ));
+        }
+        let stats = moec_runtime::stats::RoutingStatistics::from_passes(
+            layer.experts,
+            layer.router.top_k,
+            &result.routing,
+        )
+        .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?;
+        std::fs::write(path, stats.to_json()).map_err(|e| {
+            Failure(
+                EXIT_USAGE,
+                format!("cannot write `{}`: {e}", path.display()),
+            )
+        })?;
+        writeln!(
+            self.out,
+            "stats: {} tokens' routing written to {}",
+            stats.tokens,
+            path.display()
+        )
+        .map_err(io)?;
+        Ok(())
+    }
+
     fn run(&mut self, a: &RunArgs) -> Result<i32, Failure> {
         use moec_runtime::cpu::{CpuBackend, CpuOptions};
         use moec_runtime::weights::{
@@ -967,6 +1167,9 @@ impl Ctx<'_> {
                 "shuffle: {k} random interleavings gave identical outputs"
             )
             .map_err(io)?;
+        }
+        if let Some(path) = &a.stats_out {
+            self.write_stats(path, &layer, &result)?;
         }
         if let Some(dir) = &a.save {
             if result.outputs.len() != ranks as usize {

@@ -45,6 +45,9 @@ pub struct Options {
     /// Only candidates of this routing form (the tests use it to run each
     /// form; an error when the rewrites could not make it).
     pub routing: Option<RoutingForm>,
+    /// Measured routing instead of uniform routing (`moec simulate --stats`):
+    /// the busiest rank's load and the ranks and nodes tokens reach.
+    pub stats: Option<moec_runtime::stats::RoutingStatistics>,
 }
 
 impl Options {
@@ -113,6 +116,13 @@ pub struct Report {
     /// What the user should know about the chosen plan (`moec` prints these
     /// on stderr): today, a plan that does not fit the device's memory.
     pub warnings: Vec<String>,
+    /// The busiest EP rank's load over the mean that the prediction assumes
+    /// (1 under uniform routing on an even placement; measured with
+    /// `Options::stats`).
+    pub load_skew: f64,
+    /// Expected nodes other than its own that a token's picks reach (0 on
+    /// one node), under uniform or measured routing.
+    pub remote_nodes: f64,
 }
 
 pub struct Compiled {
@@ -136,6 +146,9 @@ pub fn compile(program: &Program, options: &Options) -> Result<Compiled, String>
             return Err("--tokens must be at least 1".into());
         }
         model = model.with_tokens(t);
+    }
+    if let Some(stats) = &options.stats {
+        model = model.with_stats(stats)?;
     }
     let mut compiled = compile_model(program, options, &model)?;
     let auto = program.schedule.headroom == Headroom::Auto && model.capacity.is_none();
@@ -373,6 +386,8 @@ fn compile_model(program: &Program, options: &Options, model: &Model) -> Result<
             candidates,
             chosen_expr,
             warnings,
+            load_skew: model.load_skew,
+            remote_nodes: crate::cost::expected_remote_nodes(&model),
         },
     })
 }

@@ -94,6 +94,20 @@ pub fn memory_kernel(model: &Model, bytes: f64) -> NodeCost {
     }
 }
 
+/// The busiest EP rank's load over the mean, which sets the pace of every
+/// step whose work follows the routing (a collective ends when its busiest
+/// receiver, on the way out, or sender, on the way back, is done; the expert
+/// GEMMs when the busiest rank's are): the placement's skew under uniform
+/// routing, or the measured one (`moec simulate --stats`). Capacity layers
+/// compute every slot and send at most the capacity, so 1 there.
+pub fn busiest_rank(model: &Model) -> f64 {
+    if model.capacity.is_none() {
+        model.load_skew.max(1.0)
+    } else {
+        1.0
+    }
+}
+
 /// One leg of a collective: `latency + bytes / bandwidth`, us.
 fn leg_us(bytes: f64, latency: f64, bandwidth: f64) -> f64 {
     if bytes <= 0.0 {
@@ -124,12 +138,21 @@ pub fn flat_all_to_all(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
     let (_, intra, inter) = destination_shares(model);
     let intra_bytes = rows * intra * row_bytes;
     let inter_bytes = rows * inter * row_bytes;
+    let busiest = busiest_rank(model);
     let intra_link = model.mesh.intra_node;
-    let intra_us = leg_us(intra_bytes, intra_link.latency, intra_link.bandwidth);
+    let intra_us = leg_us(
+        intra_bytes * busiest,
+        intra_link.latency,
+        intra_link.bandwidth,
+    );
     let inter_us = match model.mesh.inter_node {
-        Some(l) => leg_us(inter_bytes, l.latency, l.bandwidth),
+        Some(l) => leg_us(inter_bytes * busiest, l.latency, l.bandwidth),
         // One node: everything goes over the node's links.
-        None => leg_us(inter_bytes, intra_link.latency, intra_link.bandwidth),
+        None => leg_us(
+            inter_bytes * busiest,
+            intra_link.latency,
+            intra_link.bandwidth,
+        ),
     };
     NodeCost {
         network_us: intra_us.max(inter_us),
@@ -259,17 +282,11 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
             } else {
                 model.ffn_local
             };
-            let mut c = gemm(
-                model,
-                v.rows_expected,
-                n,
-                h,
-                model.local_experts,
-                model.dtype,
-            );
+            let rows = v.rows_expected * busiest_rank(model);
+            let mut c = gemm(model, rows, n, h, model.local_experts, model.dtype);
             if matches!(node, MoeIr::UpAct(_)) {
                 // The epilogue writes the activated half-width result instead.
-                let saved = v.rows_expected * (n - model.ffn_local) as f64 * db;
+                let saved = rows * (n - model.ffn_local) as f64 * db;
                 c.memory_bytes -= saved;
                 c = recost(model, c);
             }
@@ -279,14 +296,17 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
             let v = meta(*u);
             memory_kernel(
                 model,
-                v.rows_expected * (v.cols as f64 + model.ffn_local as f64) * db,
+                v.rows_expected
+                    * busiest_rank(model)
+                    * (v.cols as f64 + model.ffn_local as f64)
+                    * db,
             )
         }
         MoeIr::Down(a) => {
             let v = meta(*a);
             gemm(
                 model,
-                v.rows_expected,
+                v.rows_expected * busiest_rank(model),
                 h,
                 model.ffn_local,
                 model.local_experts,
@@ -341,12 +361,11 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
             // `assign_expand` (the expert row of every pick), then each
             // received row copied to its picks' expert rows.
             let v = meta(*r);
-            let expert_rows = model.expert_rows_expected(v.chunks);
-            let index = expand_index_cost(model, v.rows_expected);
-            let copy = memory_kernel(
-                model,
-                (v.rows_expected + expert_rows) * h as f64 * db + v.rows_expected * k * 8.0,
-            );
+            let busiest = busiest_rank(model);
+            let expert_rows = model.expert_rows_expected(v.chunks) * busiest;
+            let rows = v.rows_expected * busiest;
+            let index = expand_index_cost(model, rows);
+            let copy = memory_kernel(model, (rows + expert_rows) * h as f64 * db + rows * k * 8.0);
             NodeCost {
                 compute_us: index.compute_us + copy.compute_us,
                 memory_bytes: index.memory_bytes + copy.memory_bytes,
@@ -354,8 +373,9 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
             }
         }
         MoeIr::Reduce([y, a]) => {
-            let expert_rows = meta(*y).rows_expected;
-            let rows = model.rank_rows_expected(meta(*a).rows_expected);
+            let busiest = busiest_rank(model);
+            let expert_rows = meta(*y).rows_expected * busiest;
+            let rows = model.rank_rows_expected(meta(*a).rows_expected) * busiest;
             memory_kernel(model, (expert_rows + rows) * h as f64 * db + rows * k * 8.0)
         }
         MoeIr::CombineRank(r) => {
@@ -468,7 +488,7 @@ pub fn group_link(model: &Model) -> LinkConfig {
 fn inter_leg(model: &Model, bytes: f64) -> NodeCost {
     let link = group_link(model);
     NodeCost {
-        network_us: leg_us(bytes, link.latency, link.bandwidth),
+        network_us: leg_us(bytes * busiest_rank(model), link.latency, link.bandwidth),
         wire_bytes: bytes,
         ..NodeCost::default()
     }
@@ -482,7 +502,7 @@ pub fn intra_leg(model: &Model, rows: f64, row_bytes: f64) -> NodeCost {
     let bytes = rows * (per_node - 1.0) / per_node * row_bytes;
     let link = model.mesh.intra_node;
     NodeCost {
-        network_us: leg_us(bytes, link.latency, link.bandwidth),
+        network_us: leg_us(bytes * busiest_rank(model), link.latency, link.bandwidth),
         wire_bytes: bytes,
         ..NodeCost::default()
     }

@@ -73,38 +73,111 @@ pub fn expected(experts: u64, router: &RouterConfig, mesh: &Mesh<'_>) -> Destina
     let mut rng = SplitMix64(0x6d6f_6563_2d64_6573); // "moec-des"
     let mut scores = vec![0.0f64; e];
     let mut picks = Vec::with_capacity(router.top_k as usize);
-    let (mut ranks_sum, mut nodes_sum, mut remote_sum) = (0usize, 0usize, 0usize);
-    let mut seen_rank = vec![usize::MAX; group];
-    let mut seen_node = vec![usize::MAX; group.div_ceil(per_node)];
-    for t in 0..tokens {
+    let mut tally = Tally::new(copies, group, per_node);
+    for _ in 0..tokens {
         for s in scores.iter_mut() {
             *s = score(router.scoring, rng.normal());
         }
         select(router, &scores, &mut picks);
-        // Source ranks take turns, so replicas are shared out as in the runtime.
-        let src = t % group;
-        for &x in &picks {
-            let holders = &copies[x];
-            let g = holders[src % holders.len()];
-            if seen_rank[g] != t {
-                seen_rank[g] = t;
-                ranks_sum += 1;
+        tally.token(&picks);
+    }
+    tally.destinations()
+}
+
+/// Where the tokens of a measured routing (`moec simulate --stats`) land
+/// under `mesh`'s placement: the same counts as [`expected`], over the
+/// file's tokens instead of sampled ones. `None` when a pick names an
+/// expert the placement does not hold.
+pub fn measured(tokens: &[Vec<u32>], mesh: &Mesh<'_>) -> Option<Destinations> {
+    let group = mesh.experts_of_ep_rank.len().max(1);
+    let per_node = mesh.ranks_per_node.max(1) as usize;
+    let experts = mesh
+        .experts_of_ep_rank
+        .iter()
+        .flatten()
+        .max()
+        .map_or(0, |&m| m as usize + 1);
+    let mut copies: Vec<Vec<usize>> = vec![Vec::new(); experts];
+    for (g, list) in mesh.experts_of_ep_rank.iter().enumerate() {
+        for &x in list {
+            copies[x as usize].push(g);
+        }
+    }
+    let mut tally = Tally::new(copies, group, per_node);
+    let mut picks = Vec::new();
+    for t in tokens {
+        picks.clear();
+        for &x in t {
+            let x = x as usize;
+            if tally.copies.get(x).is_none_or(Vec::is_empty) {
+                return None;
             }
-            let n = g / per_node;
-            if seen_node[n] != t {
-                seen_node[n] = t;
-                nodes_sum += 1;
-                if n != src / per_node {
-                    remote_sum += 1;
+            picks.push(x);
+        }
+        tally.token(&picks);
+    }
+    Some(tally.destinations())
+}
+
+/// Distinct ranks and nodes per token, summed token by token. Source ranks
+/// take turns, so replicas are shared out as in the runtime.
+struct Tally {
+    /// `copies[e]`: the EP ranks holding expert `e`, ascending.
+    copies: Vec<Vec<usize>>,
+    group: usize,
+    per_node: usize,
+    tokens: usize,
+    seen_rank: Vec<usize>,
+    seen_node: Vec<usize>,
+    ranks: usize,
+    nodes: usize,
+    remote: usize,
+}
+
+impl Tally {
+    fn new(copies: Vec<Vec<usize>>, group: usize, per_node: usize) -> Tally {
+        Tally {
+            copies,
+            group,
+            per_node,
+            tokens: 0,
+            seen_rank: vec![usize::MAX; group],
+            seen_node: vec![usize::MAX; group.div_ceil(per_node)],
+            ranks: 0,
+            nodes: 0,
+            remote: 0,
+        }
+    }
+
+    fn token(&mut self, picks: &[usize]) {
+        let t = self.tokens;
+        let src = t % self.group;
+        for &x in picks {
+            let holders = &self.copies[x];
+            let g = holders[src % holders.len()];
+            if self.seen_rank[g] != t {
+                self.seen_rank[g] = t;
+                self.ranks += 1;
+            }
+            let n = g / self.per_node;
+            if self.seen_node[n] != t {
+                self.seen_node[n] = t;
+                self.nodes += 1;
+                if n != src / self.per_node {
+                    self.remote += 1;
                 }
             }
         }
+        self.tokens += 1;
     }
-    let tokens = tokens as f64;
-    Destinations {
-        ranks: ranks_sum as f64 / tokens,
-        nodes: nodes_sum as f64 / tokens,
-        remote_nodes: remote_sum as f64 / tokens,
+
+    fn destinations(&self) -> Destinations {
+        let tokens = self.tokens.max(1) as f64;
+        Destinations {
+            ranks: self.ranks as f64 / tokens,
+            nodes: self.nodes as f64 / tokens,
+            remote_nodes: self.remote as f64 / tokens,
+        }
     }
 }
 

@@ -255,7 +255,9 @@ impl Model {
             (None, spec::Headroom::Auto) => Some(AUTO_HEADROOM),
             (None, spec::Headroom::Factor(h)) => Some(h),
         };
-        let load_skew = load_skew(l.experts.count, &mesh.experts_of_ep_rank);
+        // Uniform routing: every expert the same share of the picks.
+        let uniform = vec![1.0; l.experts.count as usize];
+        let load_skew = rank_load_skew(&uniform, &mesh.experts_of_ep_rank);
         Ok(Model {
             headroom,
             load_skew,
@@ -374,6 +376,34 @@ impl Model {
         }
     }
 
+    /// The same model under measured routing (`moec simulate --stats`): the
+    /// busiest rank's share of the picks from the file's tokens per expert
+    /// under this placement, and, when the file keeps the per-token routing,
+    /// the distinct ranks and nodes its tokens reach.
+    pub fn with_stats(
+        &self,
+        stats: &moec_runtime::stats::RoutingStatistics,
+    ) -> Result<Model, String> {
+        if stats.experts != self.experts || stats.top_k != self.top_k {
+            return Err(format!(
+                "the statistics are of {} experts, top-{}; the layer has {} experts, top-{}",
+                stats.experts, stats.top_k, self.experts, self.top_k
+            ));
+        }
+        let mut m = self.clone();
+        m.load_skew = rank_load_skew(&stats.load_shares(), &self.mesh.experts_of_ep_rank);
+        if let Some(routing) = &stats.routing {
+            let mesh = crate::destinations::Mesh {
+                experts_of_ep_rank: &self.mesh.experts_of_ep_rank,
+                ranks_per_node: (self.group_ranks_per_node / self.etp.max(1)).max(1),
+            };
+            if let Some(d) = crate::destinations::measured(&routing.experts, &mesh) {
+                m.destinations = d;
+            }
+        }
+        Ok(m)
+    }
+
     /// The same model with another headroom (`auto` trying its fallbacks).
     pub fn with_headroom(&self, headroom: Option<f64>) -> Model {
         let mut m = self.clone();
@@ -426,11 +456,11 @@ impl Model {
     }
 }
 
-/// The busiest EP rank's expected share of the picks over the mean share,
-/// under uniform routing: every expert expects the same picks, split evenly
-/// between its copies (primaries and replicas).
-fn load_skew(experts: u64, experts_of_rank: &[Vec<u64>]) -> f64 {
-    let mut copies = vec![0u64; experts as usize];
+/// The busiest EP rank's share of the picks over the mean share: every
+/// expert's share of the picks (`shares`) is split evenly between its copies
+/// (primaries and replicas).
+pub fn rank_load_skew(shares: &[f64], experts_of_rank: &[Vec<u64>]) -> f64 {
+    let mut copies = vec![0u64; shares.len()];
     for e in experts_of_rank.iter().flatten() {
         if let Some(c) = copies.get_mut(*e as usize) {
             *c += 1;
@@ -438,8 +468,9 @@ fn load_skew(experts: u64, experts_of_rank: &[Vec<u64>]) -> f64 {
     }
     let load = |rank: &Vec<u64>| -> f64 {
         rank.iter()
-            .filter_map(|e| copies.get(*e as usize))
-            .map(|&c| 1.0 / c.max(1) as f64)
+            .filter_map(|&e| {
+                Some(shares.get(e as usize)? / *copies.get(e as usize)?.max(&1) as f64)
+            })
             .sum()
     };
     let ranks = experts_of_rank.len().max(1) as f64;

@@ -14,6 +14,7 @@ pub mod destinations;
 pub mod explain;
 pub mod ir;
 pub mod kernels_cmd;
+pub mod place;
 pub mod rules;
 pub mod run;
 pub mod schedule;

@@ -41,6 +41,7 @@ pub mod files;
 pub mod footprint;
 pub mod layer;
 pub mod plan;
+pub mod stats;
 pub mod weights;
 
 pub use cpu::{CpuOptions, Forward, RoutingStats};

@@ -35,6 +35,7 @@ use crate::plan::{
     Activation, Buffer, BufferRole, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight,
     KernelKind, Op, OpKind, Phase, Plan, WeightOn,
 };
+use crate::stats::TokenRouting;
 use crate::weights::{Ffn, LayerWeights};
 use moec_kernels::library::{self, Kind};
 use rand::{Rng, SeedableRng};
@@ -149,6 +150,10 @@ pub struct Forward {
     /// Dropless plans: the routing of this pass needed more rows than the
     /// bounded buffers held, and the pass re-ran with grown buffers.
     pub grown: Option<Growth>,
+    /// Per rank, what its router chose (empty where a backend does not keep
+    /// it, today the CUDA backend): the data of a statistics file
+    /// ([`RoutingStatistics::from_passes`](crate::stats::RoutingStatistics::from_passes)).
+    pub routing: Vec<TokenRouting>,
 }
 
 /// An FFN's weights laid out for the GEMMs: the gate and up projections
@@ -450,6 +455,7 @@ impl CpuBackend {
                 arena,
                 events: (0..self.plan.events).map(|_| Event::default()).collect(),
                 placement: Mutex::new(None),
+                routing: Mutex::new(None),
                 overflow: Mutex::new(None),
                 staged: Mutex::new(BTreeMap::new()),
                 rank_staged: Mutex::new(BTreeMap::new()),
@@ -476,6 +482,7 @@ impl CpuBackend {
         };
         let mut phase_seconds: BTreeMap<Phase, f64> = BTreeMap::new();
         let mut traffic = Vec::with_capacity(ranks.len());
+        let mut routing = Vec::with_capacity(ranks.len());
         for ctx in ranks {
             traffic.push(
                 ctx.traffic
@@ -495,6 +502,16 @@ impl CpuBackend {
                 }
                 stats.dropped += p.dropped;
             }
+            let picks = ctx.routing.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let (Some((ids, weights)), Some(p)) = (picks, placement.as_ref()) {
+                let n = self.geo.tokens * self.geo.top_k;
+                let dropped = p.slots.iter().take(n).map(|&s| s < 0).collect();
+                routing.push(TokenRouting {
+                    experts: ids.into_iter().take(n).collect(),
+                    weights: weights.into_iter().take(n).collect(),
+                    dropped,
+                });
+            }
             for (phase, s) in ctx
                 .phase_seconds
                 .lock()
@@ -513,6 +530,7 @@ impl CpuBackend {
             traffic,
             warnings: Vec::new(),
             grown: None,
+            routing,
         })
     }
 
@@ -1047,6 +1065,9 @@ struct RankCtx {
     events: Vec<Event>,
     /// The routing table `assign_place` leaves in rank memory.
     placement: Mutex<Option<Arc<Placement>>>,
+    /// The router's picks and weights (`[tokens, top_k]`), kept by
+    /// `assign_place` for the pass's statistics.
+    routing: Mutex<Option<(Vec<i32>, Vec<f32>)>>,
     /// Set by `assign_place` when the routing needs more rows than the
     /// bounded buffers hold (the pass then stops).
     overflow: Mutex<Option<RowNeed>>,
@@ -1787,6 +1808,7 @@ impl StreamRun<'_> {
             )));
         }
         *self.ctx.placement.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(placement));
+        *self.ctx.routing.lock().unwrap_or_else(|p| p.into_inner()) = Some((ids, weights));
         Ok(())
     }
 

@@ -351,6 +351,7 @@ impl CudaBackend {
                 traffic: Vec::new(),
                 warnings: Vec::new(),
                 grown: None,
+                routing: Vec::new(),
             },
             pass.timings,
         ))
