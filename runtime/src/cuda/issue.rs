@@ -686,7 +686,7 @@ struct Issuer<'a> {
     /// by local rank index and staging span, for the intra-node leg.
     staged: BTreeMap<(usize, u64), Staged>,
     /// Dispatch by rank: per local rank, its by-rank send layout, laid out
-    /// on the host with the group's routing.
+    /// on the host from its routing and the gathered metadata.
     by_rank: Vec<Option<ByRank>>,
     /// The same staged routing by local rank index and chunk, for the
     /// by-rank combine legs (the forwarder sums and returns by it).

@@ -777,8 +777,8 @@ impl<'p> Lowering<'p> {
         // in a chunk at most one per token of the group; its expert-side
         // slot holds that many, when the plan's expert buffers hold a slot
         // for every local expert. Not with dispatch by rank: its expansion
-        // index (`cpu::layout::expand_index`) lays the expert side out
-        // packed, and the host reads the routing back anyway.
+        // (`assign_expand`, as `cpu::layout::expand_index`) lays the expert
+        // side out packed, and the host reads the routing back anyway.
         let padded = match geo.capacity {
             Some(_) if geo.by_rank => 0,
             Some((cap, _)) => {
