@@ -37,7 +37,9 @@ use moec::run::{apply, Overrides};
 use moec_kernels::ir::{Access, Elem, Param, ParamKind, Ty};
 use moec_kernels::native::{NativeKernel, SOURCE as NATIVE_SOURCE};
 use moec_runtime::cpu::comm::Run;
-use moec_runtime::cpu::layout::{assign_count, assign_place, Geometry, Routing};
+use moec_runtime::cpu::layout::{
+    assign_count, assign_place, expand_index, Geometry, Placement, Routing,
+};
 use moec_runtime::cpu::memory;
 use moec_runtime::cpu::{CpuBackend, CpuOptions};
 use moec_runtime::cuda::issue::{
@@ -1867,7 +1869,7 @@ fn the_nccl_path_matches_the_cpu() {
     if !have_cxx("the_nccl_path_matches_the_cpu") {
         return;
     }
-    // What a multi-process launch compiles: per-pick routing.
+    // Per-pick routing (the by-rank forms have their own NCCL test).
     let routed = Options::cuda_device_routed();
     let mut plans: Vec<(String, Plan)> = shrunk_examples_with(moec_lang::spec::DType::F32, &routed)
         .into_iter()
@@ -1879,35 +1881,41 @@ fn the_nccl_path_matches_the_cpu() {
             .filter(|(n, _)| n.starts_with("capacity drop = probs") || n.starts_with("chunked")),
     );
     for (name, plan) in plans {
-        let program = Program::lower(&plan).unwrap();
-        let kernels = HostKernels::new(&program);
-        let want = cpu_run(&plan, 3);
-        let layer = plan.layer.clone();
-        let ranks = plan.mesh.world_size() as usize;
-        let weights = LayerWeights::random(&layer, 3);
-        let inputs = random_inputs(&layer, ranks, layer.tokens_per_rank as usize, 3);
-        let passes = nccl_passes(&program, &kernels, &weights, &inputs);
-        let mut outputs = Vec::new();
-        let mut routed = vec![0u64; plan.layer.experts as usize];
-        let mut dropped = 0;
-        let errors: Vec<String> = passes
-            .iter()
-            .filter_map(|p| p.as_ref().err().map(|e| e.to_string()))
-            .collect();
-        assert!(errors.is_empty(), "{name}: {errors:#?}");
-        for p in passes {
-            let p = p.unwrap_or_else(|e| panic!("{name}: {e}"));
-            outputs.extend(p.outputs);
-            for (a, b) in routed.iter_mut().zip(&p.stats.routed_per_expert) {
-                *a += b;
-            }
-            dropped += p.stats.dropped;
-        }
-        assert_eq!(routed, want.routed, "{name}");
-        assert_eq!(dropped, want.dropped, "{name}");
-        assert!(outputs == want.outputs, "{name}: the NCCL path differs");
-        eprintln!("{name}: the NCCL path matches the CPU backend");
+        nccl_matches_the_cpu(&name, &plan);
     }
+}
+
+/// `plan` with one emulated process per rank (NCCL) gives the CPU
+/// backend's outputs bit for bit and its routing statistics.
+fn nccl_matches_the_cpu(name: &str, plan: &Plan) {
+    let program = Program::lower(plan).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let kernels = HostKernels::new(&program);
+    let want = cpu_run(plan, 3);
+    let layer = plan.layer.clone();
+    let ranks = plan.mesh.world_size() as usize;
+    let weights = LayerWeights::random(&layer, 3);
+    let inputs = random_inputs(&layer, ranks, layer.tokens_per_rank as usize, 3);
+    let passes = nccl_passes(&program, &kernels, &weights, &inputs);
+    let mut outputs = Vec::new();
+    let mut routed = vec![0u64; plan.layer.experts as usize];
+    let mut dropped = 0;
+    let errors: Vec<String> = passes
+        .iter()
+        .filter_map(|p| p.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(errors.is_empty(), "{name}: {errors:#?}");
+    for p in passes {
+        let p = p.unwrap_or_else(|e| panic!("{name}: {e}"));
+        outputs.extend(p.outputs);
+        for (a, b) in routed.iter_mut().zip(&p.stats.routed_per_expert) {
+            *a += b;
+        }
+        dropped += p.stats.dropped;
+    }
+    assert_eq!(routed, want.routed, "{name}");
+    assert_eq!(dropped, want.dropped, "{name}");
+    assert!(outputs == want.outputs, "{name}: the NCCL path differs");
+    eprintln!("{name}: the NCCL path matches the CPU backend");
 }
 
 /// Random routing on every example's geometry: for each all-to-all, what a
@@ -2231,15 +2239,19 @@ fn random_routing(
 
 /// The native assignment kernels on one routing of every rank of `plan`'s
 /// EP group against `layout.rs`: the same metadata, then for every rank the
-/// same slots, routing tables, routed and dropped counts and overflow flag.
+/// same slots, routing tables, routed and dropped counts and overflow flag;
+/// with `by_rank` (dispatch by rank, whatever the plan chose), the by-rank
+/// counts in the metadata and the expansion of every rank's received rows
+/// too ([`check_expansion`]).
 fn check_assignment(
     native: &NativeHost,
     name: &str,
     plan: &Plan,
-    ids: &[Vec<i32>],
-    weights: &[Vec<f32>],
+    by_rank: bool,
+    (ids, weights): (&[Vec<i32>], &[Vec<f32>]),
 ) {
-    let geo = Geometry::new(plan).unwrap();
+    let mut geo = Geometry::new(plan).unwrap();
+    geo.by_rank = by_rank;
     let p = Program::lower(plan).unwrap();
     let (g, e, t, k) = (geo.group, geo.experts, geo.tokens, geo.top_k);
     let lmax = p.route.max_local;
@@ -2248,6 +2260,8 @@ fn check_assignment(
         Some((_, moec_runtime::plan::DropPolicy::Probs))
     );
     let cap = geo.capacity.map_or(-1, |(c, _)| c as i64);
+    // A chunk's counts: per expert, then (by rank) per destination rank.
+    let stride = (e + if by_rank { g } else { 0 }) as i64;
     let mut dest_rank = Vec::new();
     let mut dest_local = Vec::new();
     for s in 0..g {
@@ -2287,14 +2301,30 @@ fn check_assignment(
                 e as i64,
                 geo.chunk_tokens as i64,
                 i64::from(probs),
-                e as i64,
+                stride,
             ],
             t as u64,
         );
         assert_eq!(st, [0; 4], "{name}: assign_count");
+        if by_rank && !probs {
+            let st = run(
+                NativeKernel::AssignRankCount,
+                &mut [&mut idb, &mut le(&dest_rank), &mut meta],
+                &[
+                    q as i64,
+                    k as i64,
+                    e as i64,
+                    geo.chunk_tokens as i64,
+                    stride,
+                ],
+                t as u64,
+            );
+            assert_eq!(st, [0; 4], "{name}: assign_rank_count");
+        }
         dev_meta.extend(meta);
     }
     assert_eq!(ints(&dev_meta), metas, "{name} : metadata");
+    let mut placements = Vec::with_capacity(g);
     for me in 0..g {
         let want = assign_place(
             &geo,
@@ -2330,7 +2360,7 @@ fn check_assignment(
                     geo.chunks as i64,
                     lmax as i64,
                     cap,
-                    e as i64,
+                    stride,
                 ],
                 e as u64,
             )
@@ -2404,7 +2434,89 @@ fn check_assignment(
             .iter()
             .any(|ct| ct.received(me) as u64 > plan.choices.expert_rows);
         assert_eq!(flag[0], u8::from(over));
+        placements.push(want);
     }
+    if by_rank {
+        check_expansion(native, name, &geo, lmax, &placements);
+    }
+}
+
+/// `assign_expand` against `layout.rs`'s `expand_index` on every rank and
+/// chunk of a group whose placements (`layout.rs`, one per rank) are
+/// given: the pick rows each rank receives (every source's by-rank
+/// metadata for it, by source) expand to the same expert-side rows and
+/// weights; a pick beyond the table and a pick missing from it are refused
+/// by both.
+fn check_expansion(
+    native: &NativeHost,
+    name: &str,
+    geo: &Geometry,
+    lmax: usize,
+    placements: &[Placement],
+) {
+    let (g, k) = (geo.group, geo.top_k);
+    let cols = geo.rank_meta_cols();
+    let mut corrupted = false;
+    for me in 0..g {
+        let frames: Vec<i32> = placements[me]
+            .tables
+            .iter()
+            .flat_map(|t| t.expand_frame(me).unwrap())
+            .collect();
+        for (c, table) in placements[me].tables.iter().enumerate() {
+            let mut picks = Vec::new();
+            for (s, placement) in placements.iter().enumerate() {
+                let rows = table.rank_send_rows(s, me);
+                let meta = &placement.by_rank.as_ref().unwrap().meta[c];
+                picks.extend_from_slice(&meta[rows.start * cols..rows.end * cols]);
+            }
+            let expand = |picks: &[i32]| {
+                let received = picks.len() / cols;
+                let mut index = le(&vec![0x5555; received * k]);
+                let mut weights = le(&vec![0x5555; received * k]);
+                let st = native.run(
+                    NativeKernel::AssignExpand,
+                    &mut [&mut le(picks), &mut le(&frames), &mut index, &mut weights],
+                    &[g as i64, lmax as i64, k as i64, c as i64],
+                    (g * lmax) as u64,
+                );
+                (st, ints(&index), ints(&weights))
+            };
+            let (st, index, weights) = expand(&picks);
+            let (want_index, want_weights) = expand_index(geo, table, me, &picks).unwrap();
+            assert_eq!(st, [0; 4], "{name}: assign_expand (rank {me}, chunk {c})");
+            assert_eq!(
+                index, want_index,
+                "{name}: expansion index (rank {me}, chunk {c})"
+            );
+            let want_bits: Vec<i32> = want_weights.iter().map(|w| w.to_bits() as i32).collect();
+            assert_eq!(
+                weights, want_bits,
+                "{name}: expansion weights (rank {me}, chunk {c})"
+            );
+            // Corrupt metadata: the first pick landing here beyond the
+            // table, or missing.
+            let Some(at) = (0..picks.len() / cols)
+                .flat_map(|row| (0..k).map(move |j| row * cols + j))
+                .find(|&i| picks[i] >= 0)
+            else {
+                continue;
+            };
+            for bad in [lmax as i32, -1] {
+                let mut broken = picks.clone();
+                broken[at] = bad;
+                assert!(expand_index(geo, table, me, &broken).is_err());
+                let (st, _, _) = expand(&broken);
+                assert_eq!(
+                    st[0],
+                    moec_kernels::native::STATUS_BAD_METADATA,
+                    "{name}: corrupt pick {bad} (rank {me}, chunk {c})"
+                );
+            }
+            corrupted = true;
+        }
+    }
+    assert!(corrupted, "{name}: no rank received a pick");
 }
 
 /// The native assignment kernels, compiled for the host, against the CPU
@@ -2431,13 +2543,15 @@ fn native_assignment_kernels_match_layout_rs() {
                 geo.experts,
                 trial >= 2,
             );
-            check_assignment(
-                &native,
-                &format!("{name} (trial {trial})"),
-                &plan,
-                &ids,
-                &weights,
-            );
+            for by_rank in [false, true] {
+                check_assignment(
+                    &native,
+                    &format!("{name} (trial {trial}, by rank: {by_rank})"),
+                    &plan,
+                    by_rank,
+                    (&ids, &weights),
+                );
+            }
         }
         eprintln!("{name}: the native assignment kernels match layout.rs");
     }
@@ -2499,7 +2613,7 @@ fn probs_ranking_of_many_tied_tokens_matches_layout_rs() {
         let (ids, weights) =
             random_routing(7, geo.group, geo.tokens, geo.top_k, geo.experts, skewed);
         let name = format!("probs, 4096 tokens, skewed = {skewed}");
-        check_assignment(&native, &name, &plan, &ids, &weights);
+        check_assignment(&native, &name, &plan, false, (&ids, &weights));
     }
 }
 
@@ -2626,19 +2740,12 @@ fn plan_in_form(source: &str, overrides: &Overrides, form: RoutingForm) -> Plan 
         .plan
 }
 
-/// The flat by-rank forms (dispatch by rank, with and without the reducing
-/// combine) on the emulated device, against the CPU backend bit for bit,
-/// in order and under shuffled device queues: the router's weight on the
+/// Small layers for the flat by-rank forms: the router's weight on the
 /// output and on the input, dropless and both capacity drop policies,
 /// chunked plans, shared experts, fp8 dispatch, replicas.
-#[test]
-fn dispatch_by_rank_on_the_emulated_device_matches_the_cpu() {
-    if !have_cxx("dispatch_by_rank_on_the_emulated_device_matches_the_cpu") {
-        return;
-    }
-    let none = Overrides::default();
+fn by_rank_layers() -> [(&'static str, String); 5] {
     let swiglu = "ffn = swiglu\n intermediate = 24";
-    let layers = [
+    [
         (
             "weight on the output, shared experts, chunked",
             small_layer(
@@ -2679,7 +2786,21 @@ fn dispatch_by_rank_on_the_emulated_device_matches_the_cpu() {
             "replicas",
             "layer t {\n hidden = 32\n dtype = f32\n tokens_per_rank = 40\n experts {\n count = 8\n ffn = relu\n intermediate = 16\n }\n router {\n scoring = softmax\n top_k = 2\n }\n}\n\nmesh {\n gpus_per_node = 4\n device = H100\n ep = 4\n replicas {\n 0 = [2, 3]\n 5 = [0]\n }\n}\n".to_string(),
         ),
-    ];
+    ]
+}
+
+/// The flat by-rank forms (dispatch by rank, with and without the reducing
+/// combine) on the emulated device, against the CPU backend bit for bit,
+/// in order and under shuffled device queues: the router's weight on the
+/// output and on the input, dropless and both capacity drop policies,
+/// chunked plans, shared experts, fp8 dispatch, replicas.
+#[test]
+fn dispatch_by_rank_on_the_emulated_device_matches_the_cpu() {
+    if !have_cxx("dispatch_by_rank_on_the_emulated_device_matches_the_cpu") {
+        return;
+    }
+    let none = Overrides::default();
+    let layers = by_rank_layers();
     for (name, source) in &layers {
         for form in [RoutingForm::DedupDispatch, RoutingForm::DedupReduce] {
             let plan = plan_in_form(source, &none, form);
@@ -2689,27 +2810,49 @@ fn dispatch_by_rank_on_the_emulated_device_matches_the_cpu() {
                 form == RoutingForm::DedupReduce,
                 "{name}: {form:?}"
             );
+            // The received rows are laid out on the device (pass 3).
+            let program = Program::lower(&plan).unwrap();
+            assert!(
+                program.steps.iter().any(|s| matches!(
+                    &s.kind,
+                    StepKind::Launch(l) if l.kernel == KernelRef::Native(NativeKernel::AssignExpand)
+                )),
+                "{name}: {form:?}"
+            );
             compare(&format!("{name}, {form:?}"), &plan, &[1, 2], 0.0);
         }
     }
-    // The host lays the by-rank rows out from the whole group's routing:
-    // a rank alone in its process (NCCL) says so, and a graph is refused.
+    // The host lays the by-rank send rows out from the routing it reads
+    // back during the pass: a graph is refused.
     let plan = plan_in_form(&layers[0].1, &none, RoutingForm::DedupReduce);
     let program = Program::lower(&plan).unwrap();
     let kernels = HostKernels::new(&program);
     let inputs = random_inputs(&plan.layer, 4, plan.layer.tokens_per_rank as usize, 3);
-    let weights = LayerWeights::random(&plan.layer, 3);
-    let errors: Vec<String> = nccl_passes(&program, &kernels, &weights, &inputs)
-        .into_iter()
-        .map(|p| p.err().map(|e| e.to_string()).unwrap_or_default())
-        .collect();
-    for e in errors {
-        assert!(e.contains("virtual ranks of one process"), "{e}");
-    }
     let mut emu = Emu::new(&program, &kernels, None);
     let local: Vec<usize> = (0..4).collect();
     let e = run_pass(&program, &mut emu, &local, &inputs, PassMode::Capture).unwrap_err();
     assert!(e.to_string().contains("dispatches by rank"), "{e}");
+}
+
+/// The flat by-rank forms with one emulated process per rank: each process
+/// reads back only its own routing and the gathered metadata, lays out its
+/// own send side with `layout.rs`, exchanges rows and picks by NCCL sends
+/// and receives, and expands what it received on the device; the outputs
+/// are the CPU backend's bit for bit, on every layer of
+/// [`by_rank_layers`], with and without the reducing combine.
+#[test]
+fn dispatch_by_rank_over_nccl_matches_the_cpu() {
+    if !have_cxx("dispatch_by_rank_over_nccl_matches_the_cpu") {
+        return;
+    }
+    let none = Overrides::default();
+    for (name, source) in &by_rank_layers() {
+        for form in [RoutingForm::DedupDispatch, RoutingForm::DedupReduce] {
+            let plan = plan_in_form(source, &none, form);
+            assert!(plan.choices.dedup_dispatch, "{name}: {form:?}");
+            nccl_matches_the_cpu(&format!("{name}, {form:?}, NCCL"), &plan);
+        }
+    }
 }
 
 /// The hierarchical by-rank legs (one row per token and destination node

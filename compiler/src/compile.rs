@@ -51,19 +51,16 @@ pub struct Options {
 }
 
 impl Options {
-    /// The options of a plan the CUDA backend runs between the virtual
-    /// ranks of one process: every routing form (the host lays the by-rank
-    /// rows out from the routing it reads back after `assign_place`).
+    /// The options of a plan the CUDA backend runs eagerly, on virtual ranks
+    /// or over NCCL: every routing form (each rank's host lays its by-rank
+    /// rows out from its own routing, read back after `assign_place`).
     pub fn cuda() -> Options {
         Options::default()
     }
 
-    /// The options of a plan whose pass must not need the host's routing
-    /// of the whole EP group: a CUDA graph (`--graph`: nothing may wait for
-    /// the host during the pass), or EP groups spread over processes (NCCL:
-    /// a process reads back only its own ranks' routing). Per-pick routing
-    /// only, since the by-rank layout is laid out on the host from every
-    /// rank's routing.
+    /// The options of a plan whose pass must not wait for the host: a CUDA
+    /// graph (`--graph`). Per-pick routing only, since the by-rank send
+    /// layout is laid out on the host from the routing read back mid-pass.
     pub fn cuda_device_routed() -> Options {
         Options {
             routing: Some(RoutingForm::PerAssignment),
@@ -72,10 +69,9 @@ impl Options {
     }
 
     /// The CUDA options of a run: [`Options::cuda_device_routed`] for a
-    /// CUDA graph or under a multi-process launch (NCCL), else
-    /// [`Options::cuda`].
+    /// CUDA graph, else [`Options::cuda`].
     pub fn cuda_run(graph: bool) -> Options {
-        if graph || moec_runtime::cuda::rdzv::nccl_from_env() {
+        if graph {
             Options::cuda_device_routed()
         } else {
             Options::cuda()

@@ -37,6 +37,10 @@ pub enum NativeKernel {
     /// added into a zeroed `meta`; or, for `drop = probs`, every
     /// assignment's expert and weight bits).
     AssignCount,
+    /// Dispatch by rank (counts), one row per token: the by-rank row counts
+    /// (one per distinct destination rank of the token's picks) added into
+    /// `meta` after each chunk's expert counts.
+    AssignRankCount,
     /// One row per expert: the kept rows of the group into the zeroed routing
     /// table, this rank's kept counts per chunk (dropless, `drop = position`).
     AssignKeepCounts,
@@ -65,6 +69,11 @@ pub enum NativeKernel {
     /// start in the source's send buffer and in the rank's expert buffer
     /// (packed, or `padded` rows per local expert in capacity plans).
     RouteOffsets,
+    /// Dispatch by rank, pass 3, one row per (source, local expert): the
+    /// expert-side row and weight of every pick of the by-rank rows one
+    /// chunk received, from the received pick rows and the chunk's table
+    /// (`cpu::layout::expand_index` on the device).
+    AssignExpand,
     /// An all-to-all's rows from one peer, pulled by the receiving rank
     /// (virtual ranks of one GPU): one block per (local expert, row) unit.
     RouteCopy,
@@ -85,8 +94,9 @@ fn int(name: &str) -> Param {
 }
 
 impl NativeKernel {
-    pub const ALL: [NativeKernel; 11] = [
+    pub const ALL: [NativeKernel; 13] = [
         NativeKernel::AssignCount,
+        NativeKernel::AssignRankCount,
         NativeKernel::AssignKeepCounts,
         NativeKernel::ProbsCount,
         NativeKernel::ProbsStarts,
@@ -96,6 +106,7 @@ impl NativeKernel {
         NativeKernel::AssignSlots,
         NativeKernel::AssignOverflow,
         NativeKernel::RouteOffsets,
+        NativeKernel::AssignExpand,
         NativeKernel::RouteCopy,
     ];
 
@@ -103,6 +114,7 @@ impl NativeKernel {
     pub fn symbol(self) -> &'static str {
         match self {
             NativeKernel::AssignCount => "moec_assign_count",
+            NativeKernel::AssignRankCount => "moec_assign_rank_count",
             NativeKernel::AssignKeepCounts => "moec_assign_keep_counts",
             NativeKernel::ProbsCount => "moec_probs_count",
             NativeKernel::ProbsStarts => "moec_probs_starts",
@@ -112,6 +124,7 @@ impl NativeKernel {
             NativeKernel::AssignSlots => "moec_assign_slots",
             NativeKernel::AssignOverflow => "moec_assign_overflow",
             NativeKernel::RouteOffsets => "moec_route_offsets",
+            NativeKernel::AssignExpand => "moec_assign_expand",
             NativeKernel::RouteCopy => "moec_route_copy",
         }
     }
@@ -129,6 +142,16 @@ impl NativeKernel {
                 int("experts"),
                 int("chunk_tokens"),
                 int("probs"),
+                int("chunk_stride"),
+            ],
+            NativeKernel::AssignRankCount => vec![
+                buf("ids", Elem::I32, Read),
+                buf("dest_rank", Elem::I32, Read),
+                buf("meta", Elem::I32, ReadWrite),
+                int("me"),
+                int("top_k"),
+                int("experts"),
+                int("chunk_tokens"),
                 int("chunk_stride"),
             ],
             NativeKernel::AssignKeepCounts => vec![
@@ -224,6 +247,16 @@ impl NativeKernel {
                 int("group"),
                 int("max_local"),
                 int("padded"),
+            ],
+            NativeKernel::AssignExpand => vec![
+                buf("picks", Elem::I32, Read),
+                buf("frame", Elem::I32, Read),
+                buf("index", Elem::I32, Write),
+                buf("weights", Elem::F32, Write),
+                int("group"),
+                int("max_local"),
+                int("top_k"),
+                int("chunk"),
             ],
             NativeKernel::RouteCopy => vec![
                 buf("src", Elem::U8, Read),

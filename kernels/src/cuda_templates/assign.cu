@@ -63,8 +63,8 @@ static __device__ __forceinline__ unsigned int moec_total_key(unsigned int bits)
 // Counts (dropless, drop = position): meta[c * chunk_stride + e] += 1 for
 // each assignment (meta zeroed before the launch). chunk_stride is E, or
 // E + G when the plan dispatches by rank: the CPU's layout keeps G by-rank
-// row counts after each chunk's expert counts; on the GPU they stay zero,
-// as the host derives the by-rank layout from the routing it reads back. drop = probs (probs = 1):
+// row counts after each chunk's expert counts, which assign_rank_count adds.
+// drop = probs (probs = 1):
 // meta[t * 2k + j] = e, meta[t * 2k + k + j] = the weight's bits.
 extern "C" __global__ void moec_assign_count(
     const int* __restrict__ p0_ids, unsigned long long p0_ids_len,
@@ -99,6 +99,49 @@ extern "C" __global__ void moec_assign_count(
                 MOEC_IN(2, p2_meta_len, m);
                 atomicAdd(&p2_meta[m], 1);
             }
+        }
+    MOEC_ROWS_END
+}
+
+// assign_rank_count (dispatch by rank, dropless and drop = position): one
+// row per token t. Adds one to meta[c * chunk_stride + experts + g] for each
+// distinct destination EP rank g of t's picks (g = dest_rank[me * E + e]),
+// as cpu::layout's Geometry::for_each_rank visits them: the by-rank row
+// counts the exchange carries after each chunk's expert counts, from which
+// every rank of the group derives the by-rank routing table. Launched after
+// assign_count on the same meta.
+extern "C" __global__ void moec_assign_rank_count(
+    const int* __restrict__ p0_ids, unsigned long long p0_ids_len,
+    const int* __restrict__ p1_dest_rank, unsigned long long p1_dest_rank_len,
+    int* __restrict__ p2_meta, unsigned long long p2_meta_len,
+    long long me, long long top_k, long long experts, long long chunk_tokens,
+    long long chunk_stride,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    MOEC_ROWS_BEGIN
+        const long long t = moec_row;
+        const long long c = chunk_tokens > 0 ? t / chunk_tokens : 0;
+        for (long long j = 0; j < top_k; ++j) {
+            MOEC_IN(0, p0_ids_len, t * top_k + j);
+            const long long e = p0_ids[t * top_k + j];
+            if (e < 0 || e >= experts) { moec_native_fail(moec_status, 4, e, t * top_k + j, moec_row); return; }
+            MOEC_IN(1, p1_dest_rank_len, me * experts + e);
+            const long long g = p1_dest_rank[me * experts + e];
+            bool seen = false;
+            for (long long j2 = 0; j2 < j; ++j2) {
+                // In bounds: the iteration of j2 checked both indices.
+                const long long e2 = p0_ids[t * top_k + j2];
+                seen = seen || p1_dest_rank[me * experts + e2] == g;
+            }
+            if (seen) continue;
+            if (g < 0 || experts + g >= chunk_stride) {
+                moec_native_fail(moec_status, 1, 1, me * experts + e, moec_row);
+                return;
+            }
+            const long long m = c * chunk_stride + experts + g;
+            MOEC_IN(2, p2_meta_len, m);
+            atomicAdd(&p2_meta[m], 1);
         }
     MOEC_ROWS_END
 }
@@ -542,6 +585,75 @@ extern "C" __global__ void moec_route_offsets(
             send += p0_table[cell];
             before_expert += expert_rows;
         }
+    MOEC_ROWS_END
+}
+
+// assign_expand (dispatch by rank, pass 3): where the by-rank rows one
+// chunk received go on the expert side, as cpu::layout::expand_index lays
+// them out (a test checks it against that function). `picks` is the pick
+// rows that arrived with the rows (2k ints each: the local expert of each
+// pick j that lands here or -1, then the k weights' bits); `frame` holds,
+// per chunk, its routing table as the host has it (cuda::route::expand_frame,
+// 2G + 2G * max_local ints from chunk * that): per source s, its first
+// received row and its row count, then per (source s, local expert l), the
+// first expert-side row and the row count.
+// One row per (s, l): it walks source s's rows in order and gives the picks
+// of local expert l consecutive expert-side rows in index[row * k + j],
+// their weights in weights[row * k + j]; row (s, 0) also marks the picks
+// that land nowhere here (-1, weight 0). A pick beyond the table, or picks
+// whose count disagrees with the table's, are corrupt metadata from s
+// (code 6: [1] s, [2] the local expert).
+extern "C" __global__ void moec_assign_expand(
+    const int* __restrict__ p0_picks, unsigned long long p0_picks_len,
+    const int* __restrict__ p1_frame, unsigned long long p1_frame_len,
+    int* __restrict__ p2_index, unsigned long long p2_index_len,
+    float* __restrict__ p3_weights, unsigned long long p3_weights_len,
+    long long group, long long max_local, long long top_k, long long chunk,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    MOEC_ROWS_BEGIN
+        const long long s = moec_row / max_local;
+        const long long l = moec_row % max_local;
+        const long long cols = 2 * top_k;
+        const long long base = chunk * (2 * group + 2 * group * max_local);
+        const long long cell = base + 2 * group + 2 * (s * max_local + l);
+        MOEC_IN(1, p1_frame_len, base + 2 * s + 1);
+        MOEC_IN(1, p1_frame_len, cell + 1);
+        const long long start = p1_frame[base + 2 * s];
+        const long long rows = p1_frame[base + 2 * s + 1];
+        const long long first = p1_frame[cell];
+        const long long want = p1_frame[cell + 1];
+        long long cursor = 0;
+        for (long long r = start; r < start + rows; ++r) {
+            for (long long j = 0; j < top_k; ++j) {
+                MOEC_IN(0, p0_picks_len, r * cols + j);
+                const long long v = p0_picks[r * cols + j];
+                const long long o = r * top_k + j;
+                if (v < 0) {
+                    if (l == 0) {
+                        MOEC_IN(2, p2_index_len, o);
+                        MOEC_IN(3, p3_weights_len, o);
+                        p2_index[o] = -1;
+                        p3_weights[o] = 0.0f;
+                    }
+                    continue;
+                }
+                if (v >= max_local) {
+                    if (l == 0) { moec_native_fail(moec_status, 6, s, v, moec_row); return; }
+                    continue;
+                }
+                if (v != l) continue;
+                if (cursor >= want) { moec_native_fail(moec_status, 6, s, l, moec_row); return; }
+                MOEC_IN(0, p0_picks_len, r * cols + top_k + j);
+                MOEC_IN(2, p2_index_len, o);
+                MOEC_IN(3, p3_weights_len, o);
+                p2_index[o] = (int)(first + cursor);
+                p3_weights[o] = __uint_as_float((unsigned int)p0_picks[r * cols + top_k + j]);
+                ++cursor;
+            }
+        }
+        if (cursor != want) { moec_native_fail(moec_status, 6, s, l, moec_row); return; }
     MOEC_ROWS_END
 }
 

@@ -19,10 +19,10 @@ use super::program::{
     launch_shape, ArgT, ByRankStep, CollectiveStep, GemmStep, Groups, KernelRef, LaunchStep,
     Program, Rows, Space, Span, StepKind, Tail, STATUS_BYTES,
 };
-use super::route::{RouteTable, Routes};
+use super::route::{expand_frame_len, RouteTable, Routes};
 use crate::cpu::comm::Run;
 use crate::cpu::hier::{self, ByRankBlocks, PeerRows, Staged, Topology};
-use crate::cpu::layout::{assign_count, assign_place, expand_index, row_need, ByRank, Routing};
+use crate::cpu::layout::{assign_place, row_need, ByRank, Routing};
 use crate::cpu::memory;
 use crate::cpu::{ExecError, RoutingStats};
 use crate::plan::rows::RowLayout;
@@ -686,7 +686,7 @@ struct Issuer<'a> {
     /// by local rank index and staging span, for the intra-node leg.
     staged: BTreeMap<(usize, u64), Staged>,
     /// Dispatch by rank: per local rank, its by-rank send layout, laid out
-    /// on the host with the group's routing.
+    /// on the host from its routing and the gathered metadata.
     by_rank: Vec<Option<ByRank>>,
     /// The same staged routing by local rank index and chunk, for the
     /// by-rank combine legs (the forwarder sums and returns by it).
@@ -1118,78 +1118,54 @@ impl<'a> Issuer<'a> {
             .map_err(|e| err(r, None, e))
     }
 
-    /// The local index of the first rank of local rank index `i`'s EP
-    /// group, when the whole group is local (virtual ranks of this process).
-    fn local_group(&self, i: usize, what: &str) -> Result<usize, ExecError> {
-        let (p, r) = (self.p, self.local[i]);
-        let base = r - p.me(r);
-        let first = i.checked_sub(p.me(r));
-        match first {
-            Some(f) if (0..p.group).all(|q| self.local.get(f + q) == Some(&(base + q))) => Ok(f),
-            _ => Err(err(
-                r,
-                None,
-                format!("the CUDA backend runs {what} between virtual ranks of one process only (the host lays it out from the whole EP group's routing; NCCL legs do not exchange it yet)"),
-            )),
-        }
-    }
-
-    /// Dispatch by rank: reads back the routing of local rank index `i`'s
-    /// whole EP group (tables, statistics, each member's expert ids and
-    /// weights) and lays the by-rank rows out with the CPU backend's
-    /// functions (`assign_count`, `assign_place`): the group's tables gain
-    /// their by-rank counts, every member its by-rank send layout. The
-    /// device's per-pick counts must agree with the host's.
+    /// Dispatch by rank: reads back local rank index `i`'s routing (tables,
+    /// statistics, its expert ids and weights, and the group's gathered
+    /// assignment metadata) and lays its by-rank rows out with the CPU
+    /// backend's `assign_place`: the tables gain their by-rank counts, the
+    /// rank its by-rank send layout. The gathered metadata is all it needs
+    /// of the other ranks, so the rank's process need not hold them (NCCL).
+    /// The device's per-pick counts must agree with the host's.
     fn by_rank_routes(&mut self, i: usize) -> Result<(), ExecError> {
         let p = self.p;
-        let geo = &p.geometry;
-        let first = self.local_group(i, "dispatch by rank")?;
-        let mut device = Vec::with_capacity(p.group);
-        for q in 0..p.group {
-            let r = self.local[first + q];
-            if !self.pending[first + q] {
-                return Err(err(
-                    r,
-                    None,
-                    "the routing is used before `assign place` ran",
-                ));
-            }
-            let bytes = self.t.fetch(r).map_err(|e| err(r, None, e))?;
-            let routes = self.parse_routes(r, &bytes)?;
-            let routing = self.parse_routing(r, &bytes)?;
-            device.push((routes, routing));
+        let r = self.local[i];
+        if !self.pending[i] {
+            return Err(err(
+                r,
+                None,
+                "the routing is used before `assign place` ran",
+            ));
         }
-        let mut meta_all = Vec::new();
-        for (q, (_, r_q)) in device.iter().enumerate() {
-            let r = self.local[first + q];
-            meta_all.extend(assign_count(geo, q, &routing(r_q)).map_err(|e| err(r, None, e))?);
+        let bytes = self.t.fetch(r).map_err(|e| err(r, None, e))?;
+        let on_device = self.parse_routes(r, &bytes)?;
+        let own = self.parse_routing(r, &bytes)?;
+        let routing = Routing {
+            ids: &own.ids,
+            weights: &own.weights,
+        };
+        let placement = assign_place(&p.geometry, p.me(r), &routing, &own.meta_all)
+            .map_err(|e| err(r, None, e))?;
+        if let Some(c) = (0..placement.tables.len())
+            .find(|&c| !same_counts(&placement.tables[c], on_device.tables.get(c)))
+        {
+            return Err(err(
+                r,
+                None,
+                format!("the device's routing table of chunk {c} disagrees with the host's layout of the same routing"),
+            ));
         }
-        for (q, (on_device, r_q)) in device.iter().enumerate() {
-            let r = self.local[first + q];
-            let placement =
-                assign_place(geo, q, &routing(r_q), &meta_all).map_err(|e| err(r, None, e))?;
-            if let Some(c) = (0..placement.tables.len())
-                .find(|&c| !same_counts(&placement.tables[c], on_device.tables.get(c)))
-            {
-                return Err(err(
-                    r,
-                    None,
-                    format!("the device's routing table of chunk {c} disagrees with the host's layout of the same routing"),
-                ));
-            }
-            self.routes[first + q] = Some(Routes {
-                tables: placement.tables,
-                routed_per_expert: on_device.routed_per_expert.clone(),
-                dropped: on_device.dropped,
-            });
-            self.by_rank[first + q] = placement.by_rank;
-        }
+        self.routes[i] = Some(Routes {
+            tables: placement.tables,
+            routed_per_expert: on_device.routed_per_expert,
+            dropped: on_device.dropped,
+        });
+        self.by_rank[i] = placement.by_rank;
         Ok(())
     }
 
-    /// The expert ids and weights in rank `r`'s read-back bytes (dispatch
-    /// by rank: copied beside the table after `assign_place`).
-    fn parse_routing(&self, r: usize, bytes: &[u8]) -> Result<(Vec<i32>, Vec<f32>), ExecError> {
+    /// The expert ids, the weights and the group's gathered metadata in
+    /// rank `r`'s read-back bytes (dispatch by rank: copied beside the table
+    /// after `assign_place`).
+    fn parse_routing(&self, r: usize, bytes: &[u8]) -> Result<OwnRouting, ExecError> {
         let p = self.p;
         let part = |s: Span| {
             let at = (s.offset - p.work.status.offset) as usize;
@@ -1199,7 +1175,12 @@ impl<'a> Issuer<'a> {
         };
         let ids = memory::read_i32s(part(p.work.routing_ids)?);
         let weights = memory::read_f32s(part(p.work.routing_weights)?);
-        Ok((ids, weights))
+        let meta_all = memory::read_i32s(part(p.work.routing_meta)?);
+        Ok(OwnRouting {
+            ids,
+            weights,
+            meta_all,
+        })
     }
 
     fn table(&mut self, i: usize, chunk: usize) -> Result<RouteTable, ExecError> {
@@ -1339,39 +1320,16 @@ impl<'a> Issuer<'a> {
                 self.upload(r, stream, rank_slots, slots, "the by-rank slots")?;
                 self.upload(r, stream, picks, meta, "the by-rank picks")
             }
-            ByRankStep::Expand {
-                chunk,
-                index,
-                weights,
-            } => {
-                let first = self.local_group(i, "dispatch by rank")?;
+            ByRankStep::Frame { chunk } => {
                 let table = self.table(i, chunk)?;
-                let cols = geo.rank_meta_cols();
-                // The pick rows every source sent this rank, in the order
-                // the picks' all-to-all lays them out (by source): the host
-                // holds every source's, so it need not wait for the device's
-                // copy of them.
-                let mut meta = Vec::new();
-                for s in 0..p.group {
-                    let rows = table.rank_send_rows(s, me);
-                    let sent = self.by_rank[first + s]
-                        .as_ref()
-                        .and_then(|b| b.meta.get(chunk))
-                        .and_then(|m| m.get(rows.start * cols..rows.end * cols))
-                        .ok_or_else(|| missing("a source's picks"))?;
-                    meta.extend_from_slice(sent);
-                }
-                let (expert_rows, pick_weights) =
-                    expand_index(geo, &table, me, &meta).map_err(|e| err(r, None, e))?;
-                let pick_weights = pick_weights.iter().flat_map(|w| w.to_le_bytes()).collect();
-                self.upload(
-                    r,
-                    stream,
-                    index,
-                    ints_le(&expert_rows),
-                    "the expansion index",
-                )?;
-                self.upload(r, stream, weights, pick_weights, "the expansion weights")
+                let frame = table.expand_frame(me).map_err(|e| err(r, None, e))?;
+                let len = expand_frame_len(p.group, table.max_local()) as u64 * 4;
+                let span = p
+                    .work
+                    .expand_frame
+                    .sub(chunk as u64 * len, len, "the expansion frames")
+                    .map_err(|e| err(r, None, e))?;
+                self.upload(r, stream, span, ints_le(&frame), "the expansion frame")
             }
         }
     }
@@ -2302,9 +2260,13 @@ impl<'a> Issuer<'a> {
     }
 }
 
-/// A rank's routing read back, as the CPU layout takes it.
-fn routing((ids, weights): &(Vec<i32>, Vec<f32>)) -> Routing<'_> {
-    Routing { ids, weights }
+/// What a rank of a by-rank plan reads back besides its table: its own
+/// routing (`[tokens, k]` expert ids and weights) and the group's gathered
+/// assignment metadata.
+struct OwnRouting {
+    ids: Vec<i32>,
+    weights: Vec<f32>,
+    meta_all: Vec<i32>,
 }
 
 /// Ascending row numbers as ranges of consecutive rows.

@@ -34,7 +34,7 @@ use moec_kernels::ir::{Param, ParamKind, Ty};
 use moec_kernels::native::NativeKernel;
 
 use super::plan::{plan_kernels, PlanKernels};
-use super::route::RouteShape;
+use super::route::{expand_frame_len, RouteShape};
 use crate::cpu::layout::Geometry;
 use crate::plan::{
     Buffer, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight, KernelKind, OpKind,
@@ -235,10 +235,11 @@ pub struct ForwarderSum {
     pub width: usize,
 }
 
-/// What the host computes of a dispatch by rank, from the routing it read
-/// back, with the CPU backend's layout functions (`cpu::layout`: one
-/// implementation of the by-rank layout for both backends), and uploads in
-/// stream order where the plan runs the assignment pass.
+/// What the host computes of a dispatch by rank, from this rank's routing
+/// and the gathered metadata it read back, with the CPU backend's layout
+/// functions (`cpu::layout`: one implementation of the by-rank layout for
+/// both backends), and uploads in stream order where the plan runs the
+/// assignment pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ByRankStep {
     /// `assign_rank` (pass 2): the chunk's by-rank slots (`[tokens, G]`
@@ -248,14 +249,10 @@ pub enum ByRankStep {
         rank_slots: Span,
         picks: Span,
     },
-    /// `assign_expand` (pass 3): the expert-side row and weight of every
-    /// pick of every received by-rank row (`[rows, k]` i32 and f32), from
-    /// the pick rows the group's sources sent this rank.
-    Expand {
-        chunk: usize,
-        index: Span,
-        weights: Span,
-    },
+    /// Before `assign_expand` (pass 3, on the device): the chunk's
+    /// [`RouteTable::expand_frame`](super::route::RouteTable::expand_frame)
+    /// into its part of [`WorkLayout::expand_frame`].
+    Frame { chunk: usize },
 }
 
 /// One piece of device work on one stream.
@@ -369,24 +366,38 @@ pub struct WorkLayout {
     pub send_off: Span,
     pub recv_off: Span,
     /// Dispatch by rank: copies of the routing (`[tokens, k]` expert ids
-    /// and weights) taken right after `assign_place`, read back with the
-    /// table (empty otherwise).
+    /// and weights) and of the group's gathered assignment metadata
+    /// (`meta_all`), taken right after `assign_place` and read back with
+    /// the table (empty otherwise): all the host needs to lay out this
+    /// rank's by-rank rows (`cpu::layout::assign_place`), whichever process
+    /// holds the other ranks.
     pub routing_ids: Span,
     pub routing_weights: Span,
+    pub routing_meta: Span,
+    /// Dispatch by rank: per chunk, the routing table's
+    /// [`RouteTable::expand_frame`](super::route::RouteTable::expand_frame)
+    /// of this rank, uploaded in stream order before `assign_expand`.
+    pub expand_frame: Span,
     pub streams: Vec<StreamWork>,
     pub bytes: u64,
 }
 
 impl WorkLayout {
     /// What [`StepKind::ReadRoute`] copies: the status blocks, the table,
-    /// the statistics and, with dispatch by rank, the routing (contiguous).
+    /// the statistics and, with dispatch by rank, the routing and the
+    /// gathered metadata (contiguous).
     pub fn readback(&self) -> Span {
-        let end = [self.stats, self.routing_ids, self.routing_weights]
-            .iter()
-            .filter(|s| s.bytes > 0)
-            .map(Span::end)
-            .max()
-            .unwrap_or(self.stats.end());
+        let end = [
+            self.stats,
+            self.routing_ids,
+            self.routing_weights,
+            self.routing_meta,
+        ]
+        .iter()
+        .filter(|s| s.bytes > 0)
+        .map(Span::end)
+        .max()
+        .unwrap_or(self.stats.end());
         Span {
             space: Space::Work,
             offset: self.status.offset,
@@ -530,14 +541,17 @@ impl Placer {
 }
 
 /// The workspace spans that do not depend on the streams.
-const FIXED_WORK: usize = 14;
+const FIXED_WORK: usize = 16;
 /// The first of the `drop = probs` sort's spans in the fixed workspace.
 const PROBS_WORK: usize = 6;
-/// The routing copies of dispatch by rank in the fixed workspace.
+/// The routing copies of dispatch by rank in the fixed workspace (expert
+/// ids, weights, gathered metadata).
 const ROUTING_WORK: usize = 12;
+/// The by-rank expansion frames in the fixed workspace.
+const FRAME_WORK: usize = 15;
 /// The order the fixed workspace is placed in: what the routing's
 /// read-back copies first (table, statistics, routing copies), contiguous.
-const FIXED_ORDER: [usize; FIXED_WORK] = [0, 1, 12, 13, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+const FIXED_ORDER: [usize; FIXED_WORK] = [0, 1, 12, 13, 14, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 15];
 
 /// What the `drop = probs` keep decision reads and writes besides its own
 /// sort's workspace.
@@ -731,10 +745,15 @@ impl<'p> Lowering<'p> {
             }
             _ => (0, 0),
         };
-        let routing = if geo.by_rank {
-            mul(&[tokens, k, 4])?
+        let (routing, meta_all, frames) = if geo.by_rank {
+            let frame = expand_frame_len(geo.group, shape.max_local) as u64;
+            (
+                mul(&[tokens, k, 4])?,
+                mul(&[geo.meta_len() as u64, geo.group as u64, 4])?,
+                mul(&[geo.chunks as u64, frame, 4])?,
+            )
         } else {
-            0
+            (0, 0, 0)
         };
         let fixed = [
             placeholder(1, mul(&[shape.table_len() as u64, 4])?),
@@ -751,13 +770,15 @@ impl<'p> Lowering<'p> {
             placeholder(12, mul(&[sorted, 4])?),
             placeholder(13, routing),
             placeholder(14, routing),
+            placeholder(15, meta_all),
+            placeholder(16, frames),
         ];
         // Capacity plans: an expert gets at most `capacity` rows in all, and
         // in a chunk at most one per token of the group; its expert-side
         // slot holds that many, when the plan's expert buffers hold a slot
         // for every local expert. Not with dispatch by rank: its expansion
-        // index (`cpu::layout::expand_index`) lays the expert side out
-        // packed, and the host reads the routing back anyway.
+        // (`assign_expand`, as `cpu::layout::expand_index`) lays the expert
+        // side out packed, and the host reads the routing back anyway.
         let padded = match geo.capacity {
             Some(_) if geo.by_rank => 0,
             Some((cap, _)) => {
@@ -1322,7 +1343,7 @@ impl<'p> Lowering<'p> {
             .map(|(_, v)| *v)
             .ok_or_else(|| format!("`{}` has no `pass` constant", k.name))?;
         if pass >= 2 {
-            return self.assign_by_rank(index, stream, chunk, k, pass, outputs);
+            return self.assign_by_rank(index, stream, chunk, k, pass, (inputs, outputs));
         }
         let (Some(&ids), Some(&weights), Some(&out)) =
             (inputs.first(), inputs.get(1), outputs.first())
@@ -1377,7 +1398,7 @@ impl<'p> Lowering<'p> {
                 i64v(chunk_stride),
             ];
             let rows = Rows::Fixed(geo.tokens as u64);
-            return self.add_launch(
+            self.add_launch(
                 index,
                 stream,
                 KernelRef::Native(NativeKernel::AssignCount),
@@ -1385,7 +1406,37 @@ impl<'p> Lowering<'p> {
                 args,
                 rows,
                 true,
-            );
+            )?;
+            if geo.by_rank && !probs {
+                // The by-rank row counts travel with the expert counts, so
+                // that every rank derives the by-rank table from the
+                // exchange alone (`drop = probs` derives them from the
+                // exchanged picks).
+                let dest_rank = ArgT::Buf {
+                    span: self.weights.dest_rank,
+                    len: self.weights.dest_rank.bytes / 4,
+                };
+                let args = vec![
+                    ids_arg,
+                    dest_rank,
+                    whole(self, out)?,
+                    ArgT::Me,
+                    i64v(geo.top_k),
+                    i64v(geo.experts),
+                    i64v(geo.chunk_tokens),
+                    i64v(chunk_stride),
+                ];
+                self.add_launch(
+                    index,
+                    stream,
+                    KernelRef::Native(NativeKernel::AssignRankCount),
+                    &k.name,
+                    args,
+                    rows,
+                    true,
+                )?;
+            }
+            return Ok(());
         }
         let meta_all = inputs
             .get(2)
@@ -1539,10 +1590,16 @@ impl<'p> Lowering<'p> {
             true,
         )?;
         if geo.by_rank {
-            // The routing travels back with the table: the host lays the
-            // by-rank rows out from it (`StepKind::ByRank`).
-            for (b, to) in [(ids, ROUTING_WORK), (weights, ROUTING_WORK + 1)] {
-                let src = self.regions[b as usize].sub(0, n * 4, &self.buffer(b)?.name)?;
+            // The routing and the gathered metadata travel back with the
+            // table: the host lays this rank's by-rank rows out from them
+            // (`StepKind::ByRank`), needing no other rank's routing.
+            let all = (geo.meta_len() * geo.group) as u64 * 4;
+            for (b, to, bytes) in [
+                (ids, ROUTING_WORK, n * 4),
+                (weights, ROUTING_WORK + 1, n * 4),
+                (meta_all, ROUTING_WORK + 2, all),
+            ] {
+                let src = self.regions[b as usize].sub(0, bytes, &self.buffer(b)?.name)?;
                 let dst = self.work(to);
                 self.push(index, stream, StepKind::Copy { src, dst });
             }
@@ -1551,9 +1608,13 @@ impl<'p> Lowering<'p> {
         Ok(())
     }
 
-    /// `assign_rank` (pass 2) and `assign_expand` (pass 3): what the host
-    /// computes and uploads ([`ByRankStep`]), into the chunk's part of the
-    /// outputs.
+    /// `assign_rank` (pass 2): what the host computes of this rank's send
+    /// side and uploads ([`ByRankStep::Source`]) into the chunk's part of
+    /// the outputs. `assign_expand` (pass 3): the device lays out the
+    /// received rows from the picks that came with them
+    /// ([`NativeKernel::AssignExpand`]), after the host uploads the chunk's
+    /// table frame ([`ByRankStep::Frame`]) on the same stream, so no pass
+    /// waits for the host a second time.
     fn assign_by_rank(
         &mut self,
         index: usize,
@@ -1561,7 +1622,7 @@ impl<'p> Lowering<'p> {
         chunk: Option<u64>,
         k: &crate::plan::Kernel,
         pass: i64,
-        outputs: &[u32],
+        (inputs, outputs): (&[u32], &[u32]),
     ) -> Result<(), String> {
         let (Some(&first), Some(&second)) = (outputs.first(), outputs.get(1)) else {
             return Err(format!("`{}` lacks its buffers", k.name));
@@ -1574,22 +1635,56 @@ impl<'p> Lowering<'p> {
         }
         let (first, _) = self.region(first, chunk)?;
         let (second, _) = self.region(second, chunk)?;
+        let op_chunk = chunk;
         let chunk = chunk.unwrap_or(0) as usize;
-        let step = match pass {
-            2 => ByRankStep::Source {
-                chunk,
-                rank_slots: first,
-                picks: second,
-            },
-            3 => ByRankStep::Expand {
-                chunk,
-                index: first,
-                weights: second,
-            },
-            other => return Err(format!("`{}`: no assignment pass {other}", k.name)),
-        };
-        self.push(index, stream, StepKind::ByRank(step));
-        Ok(())
+        match pass {
+            2 => {
+                let step = ByRankStep::Source {
+                    chunk,
+                    rank_slots: first,
+                    picks: second,
+                };
+                self.push(index, stream, StepKind::ByRank(step));
+                Ok(())
+            }
+            3 => {
+                let picks = inputs
+                    .first()
+                    .copied()
+                    .ok_or_else(|| format!("`{}` lacks its pick rows", k.name))?;
+                let (picks, _) = self.region(picks, op_chunk)?;
+                self.push(index, stream, StepKind::ByRank(ByRankStep::Frame { chunk }));
+                let ints = |span: Span| ArgT::Buf {
+                    span,
+                    len: span.bytes / 4,
+                };
+                let i64v = |v: usize| ArgT::I64(v as i64);
+                let group = self.geo.group;
+                let max_local = self.route_max_local();
+                let args = vec![
+                    ints(picks),
+                    ints(self.work(FRAME_WORK)),
+                    ints(first),
+                    ints(second),
+                    i64v(group),
+                    i64v(max_local),
+                    i64v(self.geo.top_k),
+                    i64v(chunk),
+                ];
+                let rows = Rows::Fixed(mul(&[group as u64, max_local as u64])?);
+                let label = k.name.clone();
+                self.add_launch(
+                    index,
+                    stream,
+                    KernelRef::Native(NativeKernel::AssignExpand),
+                    &label,
+                    args,
+                    rows,
+                    false,
+                )
+            }
+            other => Err(format!("`{}`: no assignment pass {other}", k.name)),
+        }
     }
 
     fn route_max_local(&self) -> usize {
@@ -1755,7 +1850,11 @@ impl<'p> Lowering<'p> {
             placed[i] = w.take(placed[i].bytes)?;
         }
         let [table, stats, keep_own, kept_own, send_off, recv_off, ..] = placed;
-        let (routing_ids, routing_weights) = (placed[ROUTING_WORK], placed[ROUTING_WORK + 1]);
+        let (routing_ids, routing_weights, routing_meta) = (
+            placed[ROUTING_WORK],
+            placed[ROUTING_WORK + 1],
+            placed[ROUTING_WORK + 2],
+        );
         let mut streams = Vec::with_capacity(acc_need.len());
         for (((acc, biased), scratch), forward) in acc_need
             .iter()
@@ -1781,6 +1880,8 @@ impl<'p> Lowering<'p> {
             recv_off,
             routing_ids,
             routing_weights,
+            routing_meta,
+            expand_frame: placed[FRAME_WORK],
             streams,
             bytes: w.total(),
         };

@@ -59,6 +59,41 @@ impl RouteTable {
     }
 }
 
+/// `i32` entries of one chunk's [`RouteTable::expand_frame`] for a group of
+/// `group` ranks of `max_local` local experts.
+pub fn expand_frame_len(group: usize, max_local: usize) -> usize {
+    2 * group + 2 * group * max_local
+}
+
+impl RouteTable {
+    /// What the device's `assign_expand` (`assign.cu`) needs of the table to
+    /// lay out the by-rank rows rank `g` received: per source `s`, the first
+    /// received row of its rows and their count
+    /// ([`RouteTable::rank_recv_rows`]); then per (source `s`, local expert
+    /// `l`), the first expert-side row and the count of the picks `s` sent
+    /// to `l` ([`RouteTable::recv_rows`], packed). The formulas stay here,
+    /// on the host, in one place; the kernel only walks the picks.
+    pub fn expand_frame(&self, g: usize) -> Result<Vec<i32>, String> {
+        let (group, lmax) = (self.group(), self.max_local());
+        let mut frame = Vec::with_capacity(expand_frame_len(group, lmax));
+        let mut push = |range: Range<usize>| -> Result<(), String> {
+            for v in [range.start, range.len()] {
+                frame.push(i32::try_from(v).map_err(|_| "by-rank rows overflow i32")?);
+            }
+            Ok(())
+        };
+        for s in 0..group {
+            push(self.rank_recv_rows(s, g))?;
+        }
+        for s in 0..group {
+            for l in 0..lmax {
+                push(self.recv_rows(s, g, l))?;
+            }
+        }
+        Ok(frame)
+    }
+}
+
 /// What one rank's `assign_place` left: a table per chunk and its statistics.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Routes {
@@ -145,6 +180,19 @@ mod tests {
         assert_eq!(t.expert_side_rows(1, 1, 1, 8), 11..12);
         assert_eq!(t.expert_side_rows(1, 0, 0, 8), 1..5);
         assert!(RouteTable::new(2, 2, vec![0; 7]).is_err());
+    }
+
+    #[test]
+    fn the_expansion_frame_holds_the_receive_side_of_the_table() {
+        // Per-pick counts as in the test above; no by-rank counts, so every
+        // source's received by-rank rows are empty.
+        let t = RouteTable::new(2, 2, vec![1, 2, 0, 3, 4, 0, 1, 1]).unwrap();
+        let frame = t.expand_frame(1).unwrap();
+        assert_eq!(frame.len(), expand_frame_len(2, 2));
+        assert_eq!(&frame[..4], &[0, 0, 0, 0]);
+        // (s, l) on rank 1: recv_rows(s, 1, l).
+        let cells: Vec<(i32, i32)> = frame[4..].chunks(2).map(|c| (c[0], c[1])).collect();
+        assert_eq!(cells, vec![(0, 0), (1, 3), (0, 1), (4, 1)]);
     }
 
     #[test]
