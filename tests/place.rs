@@ -199,3 +199,71 @@ fn a_placed_layer_computes_what_the_unplaced_one_does() {
     }
     assert!(outputs[0] == outputs[1], "placement changed the outputs");
 }
+
+/// `moec tune` on an example: every mesh of its GPU count that the checker
+/// accepts, ranked (fitting plans first, then by predicted time); the file's
+/// own mesh among them, none ranked above it slower; the best written as a
+/// file that checks and compiles to its predicted time.
+fn tune_ranks(name: &str) {
+    let source = example(name);
+    let program = program_of(&source);
+    let gpus = program.mesh.nodes * program.mesh.gpus_per_node;
+    let options = moec::tune::TuneOptions {
+        gpus,
+        ..Default::default()
+    };
+    let ranked = moec::tune::tune(&source, &program, &options, &mut |_, _| {}).unwrap();
+    let own = ranked
+        .iter()
+        .position(|t| t.own)
+        .unwrap_or_else(|| panic!("{name}: the file's mesh is not among the candidates"));
+    let best = &ranked[0];
+    assert!(
+        best.total_us <= ranked[own].total_us || (best.fits && !ranked[own].fits),
+        "{name}: the best predicts {} us, the file's mesh {} us",
+        best.total_us,
+        ranked[own].total_us
+    );
+    for pair in ranked.windows(2) {
+        assert!(
+            (pair[0].fits && !pair[1].fits)
+                || (pair[0].fits == pair[1].fits && pair[0].total_us <= pair[1].total_us),
+            "{name}: not ranked"
+        );
+    }
+    let again = program_of(&best.source);
+    assert_eq!(
+        again.mesh.ep * again.mesh.etp * again.mesh.dp,
+        gpus,
+        "{name}"
+    );
+    let compiled = compile(&again, &Options::default()).unwrap();
+    assert!(
+        (compiled.timeline.total_us - best.total_us).abs() < 1e-6,
+        "{name}"
+    );
+}
+
+#[test]
+fn tune_ranks_the_meshes_of_small_examples() {
+    for name in ["tiny.moe", "mixtral_8x7b.moe", "gpt_oss_20b.moe"] {
+        tune_ranks(name);
+    }
+}
+
+/// Every example (minutes in a debug build:
+/// `cargo test -p moec-tests --release --test place -- --ignored`).
+#[test]
+#[ignore]
+fn tune_ranks_the_meshes_of_every_example() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".moe"))
+        .collect();
+    names.sort();
+    for name in names {
+        tune_ranks(&name);
+    }
+}

@@ -139,6 +139,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rank the meshes of N GPUs for a layer (ep x etp x dp, nodes, the
+    /// capacity factor) by predicted time and memory per rank.
+    Tune {
+        /// The .moe file describing the layer (its mesh gives the node size,
+        /// the device and the links).
+        file: PathBuf,
+        /// GPUs in all.
+        #[arg(long)]
+        gpus: u64,
+        /// Nodes (default: nodes of the file's GPUs per node).
+        #[arg(long)]
+        nodes: Option<u64>,
+        /// A device preset instead of the file's (H100, H200, H800, A100, ...).
+        #[arg(long)]
+        device: Option<String>,
+        /// Write the best mesh's .moe file here.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Print JSON: every candidate, ranked.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compile a .moe file and run the layer: on the CPU (every rank a
     /// thread) or on NVIDIA GPUs.
     Run(RunArgs),
@@ -332,6 +354,21 @@ where
             replicas,
             json,
         } => ctx.place(&file, &stats, output.as_deref(), replicas, json),
+        Command::Tune {
+            file,
+            gpus,
+            nodes,
+            device,
+            output,
+            json,
+        } => {
+            let options = crate::tune::TuneOptions {
+                gpus,
+                nodes,
+                device,
+            };
+            ctx.tune(&file, &options, output.as_deref(), json)
+        }
         Command::Run(args) => ctx.run(&args),
         Command::Kernels(args) => ctx.kernels(&args),
         Command::Bench(args) => crate::bench::bench(&args, ctx.out, ctx.err, ctx.color)
@@ -757,6 +794,131 @@ fn weights_line(path: &Path, report: &moec_runtime::weights::LoadReport) -> Stri
 }
 
 impl Ctx<'_> {
+    fn tune(
+        &mut self,
+        path: &Path,
+        options: &crate::tune::TuneOptions,
+        output: Option<&Path>,
+        json: bool,
+    ) -> Result<i32, Failure> {
+        let source = read(path)?;
+        let checked = moec_lang::check_source(&source);
+        self.report(path, &source, &checked)?;
+        let Some((program, _)) = &checked.program else {
+            let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
+            writeln!(self.err, "{}: {errors} error(s)", path.display()).map_err(io)?;
+            return Ok(EXIT_REJECTED);
+        };
+        // Progress on stderr, a line per tenth of the candidates.
+        let err = &mut *self.err;
+        let mut shown = 0;
+        let mut progress = |done: usize, total: usize| {
+            let tenth = (done * 10) / total.max(1);
+            if total > 10 && tenth > shown {
+                shown = tenth;
+                let _ = writeln!(err, "tune: {done} of {total} meshes compiled");
+            }
+        };
+        let ranked = crate::tune::tune(&source, program, options, &mut progress)
+            .map_err(|e| Failure(EXIT_REJECTED, format!("{}: {e}", path.display())))?;
+        let Some(best) = ranked.first() else {
+            return Err(Failure(
+                EXIT_REJECTED,
+                format!(
+                    "{}: no mesh of {} GPUs passes the checker for this layer",
+                    path.display(),
+                    options.gpus
+                ),
+            ));
+        };
+        if json {
+            let rows: Vec<serde_json::Value> = ranked
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "nodes": t.nodes, "gpus_per_node": t.gpus_per_node,
+                        "ep": t.ep, "etp": t.etp, "dp": t.dp,
+                        "capacity_factor": t.capacity_factor,
+                        "total_us": t.total_us, "memory_bytes": t.memory_bytes,
+                        "fits": t.fits, "chunks": t.chunks,
+                        "tokens_travel": t.routing.name(), "own": t.own,
+                    })
+                })
+                .collect();
+            let text = serde_json::to_string_pretty(&serde_json::json!({
+                "layer": program.layer.name,
+                "gpus": options.gpus,
+                "candidates": rows,
+            }))
+            .map_err(|e| Failure(EXIT_USAGE, format!("cannot print JSON: {e}")))?;
+            writeln!(self.out, "{text}").map_err(io)?;
+        } else {
+            writeln!(
+                self.out,
+                "{}: {} meshes of {} GPUs ({} node(s) of {}), ranked by predicted time (fitting plans first)\n",
+                program.layer.name,
+                ranked.len(),
+                options.gpus,
+                best.nodes,
+                best.gpus_per_node
+            )
+            .map_err(io)?;
+            let factor = ranked.iter().any(|t| t.capacity_factor.is_some());
+            writeln!(
+                self.out,
+                "{:>4} {:>5} {:>4} {:>4}{} {:>13} {:>12} {:>7}  tokens travel",
+                "rank",
+                "ep",
+                "etp",
+                "dp",
+                if factor { "  capacity" } else { "" },
+                "predicted us",
+                "memory/rank",
+                "chunks",
+            )
+            .map_err(io)?;
+            for (i, t) in ranked.iter().enumerate() {
+                let mut note = Vec::new();
+                if t.own {
+                    note.push("the file's mesh");
+                }
+                if !t.fits {
+                    note.push("does not fit the device");
+                }
+                writeln!(
+                    self.out,
+                    "{:>4} {:>5} {:>4} {:>4}{} {:>13.1} {:>12} {:>7}  {}{}",
+                    i + 1,
+                    t.ep,
+                    t.etp,
+                    t.dp,
+                    match t.capacity_factor {
+                        Some(f) if factor => format!("  {f:>8}"),
+                        _ if factor => format!("  {:>8}", "-"),
+                        _ => String::new(),
+                    },
+                    t.total_us,
+                    human_bytes(t.memory_bytes),
+                    t.chunks,
+                    t.routing.name(),
+                    if note.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  ({})", note.join(", "))
+                    }
+                )
+                .map_err(io)?;
+            }
+        }
+        if let Some(out) = output {
+            std::fs::write(out, &best.source).map_err(|e| {
+                Failure(EXIT_USAGE, format!("cannot write `{}`: {e}", out.display()))
+            })?;
+            writeln!(self.err, "wrote {}", out.display()).map_err(io)?;
+        }
+        Ok(EXIT_OK)
+    }
+
     fn place(
         &mut self,
         path: &Path,

@@ -18,4 +18,6 @@ pub mod place;
 pub mod rules;
 pub mod run;
 pub mod schedule;
+pub mod source_edit;
 pub mod timeline;
+pub mod tune;

@@ -397,53 +397,11 @@ fn out_replicas(layout: &Layout, e: u64) -> usize {
 /// replaced by `layout`'s, in canonical form; checked again, so a file it
 /// returns is one `moec check` accepts. Comments elsewhere stay.
 pub fn rewrite_source(source: &str, layout: &Layout) -> Result<String, String> {
-    let parsed = moec_lang::parser::parse(source);
-    let file = parsed
-        .file
-        .ok_or("the file does not parse; run `moec check` on it")?;
-    let mesh = file
-        .items
-        .iter()
-        .find_map(|item| match item {
-            moec_lang::ast::Item::Section(s) if s.kind.name == "mesh" => Some(s),
-            _ => None,
-        })
-        .ok_or("the file has no mesh section")?;
-    let mut text = source.to_string();
-    // The new entries go last in the block (before its closing brace), then
-    // the old ones are cut, from the end back, so no offset moves under us.
-    let close = mesh.body.span.end.saturating_sub(1);
-    if source.get(close..close + 1) != Some("}") {
-        return Err("the mesh section's closing brace is not where the parser says".into());
-    }
-    text.insert_str(close, &format!("\n{}", layout.moe_entries()));
-    let mut cuts: Vec<(usize, usize)> = mesh
-        .body
-        .entries
-        .iter()
-        .filter(|e| matches!(e.key.text(), "placement" | "replicas"))
-        .map(|e| (e.span.start, e.span.end))
-        .collect();
-    cuts.sort_unstable();
-    for &(start, end) in cuts.iter().rev() {
-        text.replace_range(start..end, "");
-    }
-    let formatted = moec_lang::format_source(&text).map_err(|d| {
-        format!(
-            "internal: the placed file does not parse ({})",
-            d.first().map_or(String::new(), |d| d.message.clone())
-        )
-    })?;
-    let checked = moec_lang::check_source(&formatted);
-    if checked.program.is_none() {
-        let first = checked
-            .diagnostics
-            .iter()
-            .find(|d| d.is_error())
-            .map_or(String::new(), |d| d.message.clone());
-        return Err(format!(
-            "internal: the placed file does not check ({first})"
-        ));
-    }
-    Ok(formatted)
+    let text = crate::source_edit::replace_entries(
+        source,
+        "mesh",
+        &["placement", "replicas"],
+        &layout.moe_entries(),
+    )?;
+    crate::source_edit::checked(&text)
 }

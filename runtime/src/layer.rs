@@ -234,6 +234,12 @@ impl Layer {
         Ok(self.backend.forward(inputs)?)
     }
 
+    /// [`forward`](Layer::forward) on borrowed tensors, one `[tokens_per_rank,
+    /// hidden]` slice per rank, read without a copy of their own.
+    pub fn forward_slices(&self, inputs: &[&[f32]]) -> Result<Forward, Error> {
+        Ok(self.backend.forward_slices(inputs)?)
+    }
+
     /// Runs the layer on one global `[ranks * tokens_per_rank, hidden]` tensor
     /// in rank-major order (rank 0's tokens first) and returns the output in
     /// the same layout: [`forward`](Layer::forward) on the per-rank slices,

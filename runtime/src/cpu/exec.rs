@@ -401,7 +401,7 @@ impl CpuBackend {
             .ok_or_else(|| ExecError::new(format!("the plan has no {role:?} buffer")))
     }
 
-    fn check_inputs(&self, inputs: &[Vec<f32>]) -> Result<(), ExecError> {
+    fn check_inputs(&self, inputs: &[&[f32]]) -> Result<(), ExecError> {
         let per = self.geo.tokens * self.plan.layer.hidden as usize;
         if inputs.len() != self.world {
             return Err(ExecError::new(format!(
@@ -434,7 +434,7 @@ impl CpuBackend {
     /// Rank contexts holding `inputs`; `reuse` takes arenas of earlier passes
     /// (never for the race check: stale values of an earlier pass could hide
     /// a read that the plan does not order after its write).
-    fn new_ranks(&self, inputs: &[Vec<f32>], reuse: bool) -> Result<Vec<RankCtx>, ExecError> {
+    fn new_ranks(&self, inputs: &[&[f32]], reuse: bool) -> Result<Vec<RankCtx>, ExecError> {
         let x = self.buffer_index(BufferRole::Input)?;
         let mut ranks = Vec::with_capacity(self.world);
         for (r, input) in inputs.iter().enumerate() {
@@ -538,7 +538,7 @@ impl CpuBackend {
     /// with every op's written buffers checked (passes are deterministic),
     /// so the message names the op and phase where the values first
     /// appeared; then it is an error or, with [`NonFinite::Warn`], a warning.
-    fn check_output(&self, inputs: &[Vec<f32>], forward: &mut Forward) -> Result<(), ExecError> {
+    fn check_output(&self, inputs: &[&[f32]], forward: &mut Forward) -> Result<(), ExecError> {
         let Some(bad) = finite::scan_outputs(&forward.outputs) else {
             return Ok(());
         };
@@ -583,6 +583,15 @@ impl CpuBackend {
     /// A dropless plan whose bounded buffers are too small for this pass's
     /// routing runs again with grown buffers ([`Forward::grown`] says so).
     pub fn forward(&self, inputs: &[Vec<f32>]) -> Result<Forward, ExecError> {
+        let slices: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+        self.forward_slices(&slices)
+    }
+
+    /// [`forward`](CpuBackend::forward) on borrowed tensors (one
+    /// `[tokens, hidden]` slice per rank): the inputs are read straight
+    /// into the ranks' arenas, with no copy of their own (what the Python
+    /// binding uses for a NumPy array).
+    pub fn forward_slices(&self, inputs: &[&[f32]]) -> Result<Forward, ExecError> {
         self.with_growth(|backend| {
             let mut forward = backend.run_concurrent(inputs, None)?;
             backend.check_output(inputs, &mut forward)?;
@@ -603,7 +612,7 @@ impl CpuBackend {
     /// op's written buffers are checked for non-finite values after it.
     fn run_concurrent(
         &self,
-        inputs: &[Vec<f32>],
+        inputs: &[&[f32]],
         trace: Option<&Trace>,
     ) -> Result<Forward, PassError> {
         self.check_inputs(inputs)?;
@@ -680,10 +689,11 @@ impl CpuBackend {
     /// Runs the layer with every rank's streams interleaved, one op at a time,
     /// in a random order the plan allows (seeded).
     pub fn forward_shuffled(&self, inputs: &[Vec<f32>], seed: u64) -> Result<Forward, ExecError> {
-        self.with_growth(|backend| backend.shuffled_pass(inputs, seed))
+        let slices: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+        self.with_growth(|backend| backend.shuffled_pass(&slices, seed))
     }
 
-    fn shuffled_pass(&self, inputs: &[Vec<f32>], seed: u64) -> Result<Forward, PassError> {
+    fn shuffled_pass(&self, inputs: &[&[f32]], seed: u64) -> Result<Forward, PassError> {
         self.check_inputs(inputs)?;
         let start = Instant::now();
         let ranks = self.new_ranks(inputs, false)?;
