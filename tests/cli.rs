@@ -229,6 +229,33 @@ fn routing_statistics_from_a_run_drive_the_simulator() {
     );
 }
 
+/// `schedule { headroom = ... }`: a factor below 1 and an unknown word are
+/// errors with the field's name; `worst_case` and a factor check.
+#[test]
+fn headroom_is_checked() {
+    let tiny = std::fs::read_to_string(repo().join("examples/tiny.moe")).unwrap();
+    for (value, code, part) in [
+        ("0.5", 1, "`headroom` must be at least 1"),
+        (
+            "fast",
+            1,
+            "`headroom` must be `auto`, `worst_case` or a number",
+        ),
+        ("\"2\"", 1, "`headroom` must be a number"),
+        ("worst_case", 0, ""),
+        ("1.5", 0, ""),
+    ] {
+        let f = TempFile::with(
+            "headroom",
+            "moe",
+            &format!("{tiny}\nschedule {{\n    headroom = {value}\n}}\n"),
+        );
+        let r = moec(&["check", &f.path()]);
+        assert_eq!(r.code, code, "headroom = {value}: {}", r.err);
+        assert!(r.err.contains(part), "headroom = {value}: {}", r.err);
+    }
+}
+
 #[test]
 fn check_broken_file_reports_with_location() {
     let path = corpus("e0301_top_k_larger_than_experts.moe");

@@ -711,32 +711,7 @@ impl Ctx<'_> {
             return Ok(EXIT_REJECTED);
         };
         if json {
-            let mut value = c.timeline.to_json();
-            if let Some(obj) = value.as_object_mut() {
-                obj.insert("layer".into(), c.plan.layer.name.clone().into());
-                obj.insert(
-                    "tokens_per_rank".into(),
-                    c.plan.layer.tokens_per_rank.into(),
-                );
-                obj.insert("ranks".into(), c.plan.mesh.world_size().into());
-                obj.insert("chunks".into(), c.plan.choices.chunks.into());
-                obj.insert(
-                    "routing".into(),
-                    if measured { "measured" } else { "uniform" }.into(),
-                );
-                let base = c.baseline_timeline.to_json();
-                obj.insert(
-                    "baseline_total_us".into(),
-                    base.get("total_us").cloned().unwrap_or_default(),
-                );
-                obj.insert(
-                    "baseline_phases".into(),
-                    base.get("phases").cloned().unwrap_or_default(),
-                );
-            }
-            let text = serde_json::to_string_pretty(&value)
-                .map_err(|e| Failure(EXIT_USAGE, format!("cannot print JSON: {e}")))?;
-            writeln!(self.out, "{text}").map_err(io)?;
+            self.print_json(&c.simulation_json(measured))?;
         } else {
             let p = &c.plan;
             writeln!(
@@ -794,6 +769,32 @@ fn weights_line(path: &Path, report: &moec_runtime::weights::LoadReport) -> Stri
 }
 
 impl Ctx<'_> {
+    /// Reads and checks a `.moe` file, its diagnostics on stderr: its text
+    /// and program, or `None` when it has errors.
+    fn checked_program(
+        &mut self,
+        path: &Path,
+    ) -> Result<Option<(String, moec_lang::Program)>, Failure> {
+        let source = read(path)?;
+        let checked = moec_lang::check_source(&source);
+        self.report(path, &source, &checked)?;
+        match checked.program {
+            Some((program, _)) => Ok(Some((source, program))),
+            None => {
+                let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
+                writeln!(self.err, "{}: {errors} error(s)", path.display()).map_err(io)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// `value` as pretty JSON on stdout.
+    fn print_json(&mut self, value: &serde_json::Value) -> Result<(), Failure> {
+        let text = serde_json::to_string_pretty(value)
+            .map_err(|e| Failure(EXIT_USAGE, format!("cannot print JSON: {e}")))?;
+        writeln!(self.out, "{text}").map_err(io)
+    }
+
     fn tune(
         &mut self,
         path: &Path,
@@ -801,14 +802,10 @@ impl Ctx<'_> {
         output: Option<&Path>,
         json: bool,
     ) -> Result<i32, Failure> {
-        let source = read(path)?;
-        let checked = moec_lang::check_source(&source);
-        self.report(path, &source, &checked)?;
-        let Some((program, _)) = &checked.program else {
-            let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
-            writeln!(self.err, "{}: {errors} error(s)", path.display()).map_err(io)?;
+        let Some((source, program)) = self.checked_program(path)? else {
             return Ok(EXIT_REJECTED);
         };
+        let program = &program;
         // Progress on stderr, a line per tenth of the candidates.
         let err = &mut *self.err;
         let mut shown = 0;
@@ -845,13 +842,11 @@ impl Ctx<'_> {
                     })
                 })
                 .collect();
-            let text = serde_json::to_string_pretty(&serde_json::json!({
+            self.print_json(&serde_json::json!({
                 "layer": program.layer.name,
                 "gpus": options.gpus,
                 "candidates": rows,
-            }))
-            .map_err(|e| Failure(EXIT_USAGE, format!("cannot print JSON: {e}")))?;
-            writeln!(self.out, "{text}").map_err(io)?;
+            }))?;
         } else {
             writeln!(
                 self.out,
@@ -927,14 +922,10 @@ impl Ctx<'_> {
         replicas: u64,
         json: bool,
     ) -> Result<i32, Failure> {
-        let source = read(path)?;
-        let checked = moec_lang::check_source(&source);
-        self.report(path, &source, &checked)?;
-        let Some((program, _)) = &checked.program else {
-            let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
-            writeln!(self.err, "{}: {errors} error(s)", path.display()).map_err(io)?;
+        let Some((source, program)) = self.checked_program(path)? else {
             return Ok(EXIT_REJECTED);
         };
+        let program = &program;
         let stats = moec_runtime::stats::RoutingStatistics::load(stats)
             .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?;
         let placed = crate::place::place(program, &stats, replicas)
@@ -958,13 +949,11 @@ impl Ctx<'_> {
                     })
                 })
                 .collect();
-            let text = serde_json::to_string_pretty(&serde_json::json!({
+            self.print_json(&serde_json::json!({
                 "layer": program.layer.name,
                 "tokens": stats.tokens,
                 "candidates": candidates,
-            }))
-            .map_err(|e| Failure(EXIT_USAGE, format!("cannot print JSON: {e}")))?;
-            writeln!(self.out, "{text}").map_err(io)?;
+            }))?;
         } else {
             writeln!(
                 self.out,

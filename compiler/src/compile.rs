@@ -129,6 +129,38 @@ pub struct Compiled {
     pub report: Report,
 }
 
+impl Compiled {
+    /// What `moec simulate --json` prints (and the Python `Plan.simulate`
+    /// returns): the timeline's `total_us`, `idle_us` and `phases`, the
+    /// layer, tokens per rank, ranks, chunks, whether the routing was
+    /// `measured` (`--stats`) or `uniform`, and the baseline's total and
+    /// phases.
+    pub fn simulation_json(&self, measured: bool) -> serde_json::Value {
+        let mut value = self.timeline.to_json();
+        if let Some(obj) = value.as_object_mut() {
+            let p = &self.plan;
+            obj.insert("layer".into(), p.layer.name.clone().into());
+            obj.insert("tokens_per_rank".into(), p.layer.tokens_per_rank.into());
+            obj.insert("ranks".into(), p.mesh.world_size().into());
+            obj.insert("chunks".into(), p.choices.chunks.into());
+            obj.insert(
+                "routing".into(),
+                if measured { "measured" } else { "uniform" }.into(),
+            );
+            let base = self.baseline_timeline.to_json();
+            obj.insert(
+                "baseline_total_us".into(),
+                base.get("total_us").cloned().unwrap_or_default(),
+            );
+            obj.insert(
+                "baseline_phases".into(),
+                base.get("phases").cloned().unwrap_or_default(),
+            );
+        }
+        value
+    }
+}
+
 /// Compiles a checked program.
 ///
 /// A dropless layer with `headroom = auto` is compiled with its buffers

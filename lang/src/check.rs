@@ -643,13 +643,12 @@ impl Checker {
         self.int(f, name, min)
     }
 
-    /// A positive, finite decimal number.
-    fn positive(&mut self, f: &Fields, name: &str) -> Option<f64> {
-        let e = f.get(name)?;
-        let v = self.value(e)?;
-        let x = match self.scalar(v, "a number")? {
-            Val::Int(i) => i as f64,
-            Val::Float(x) => x,
+    /// The number `v` (an integer or a decimal) of the field `name`, or an
+    /// E0201 naming what it is instead.
+    fn number(&mut self, v: &Value, name: &str) -> Option<f64> {
+        match self.scalar(v, "a number")? {
+            Val::Int(i) => Some(i as f64),
+            Val::Float(x) => Some(x),
             other => {
                 self.err(
                     Diagnostic::error(
@@ -659,9 +658,16 @@ impl Checker {
                     )
                     .label("wrong type"),
                 );
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// A positive, finite decimal number.
+    fn positive(&mut self, f: &Fields, name: &str) -> Option<f64> {
+        let e = f.get(name)?;
+        let v = self.value(e)?;
+        let x = self.number(v, name)?;
         if x <= 0.0 || !x.is_finite() {
             self.err(
                 Diagnostic::error(
@@ -2064,21 +2070,7 @@ impl Checker {
                 return None;
             }
             None => {
-                let x = match self.scalar(v, "a number")? {
-                    Val::Int(i) => i as f64,
-                    Val::Float(x) => x,
-                    other => {
-                        self.err(
-                            Diagnostic::error(
-                                "E0201",
-                                v.span,
-                                format!("`headroom` must be a number, found {}", other.describe()),
-                            )
-                            .label("wrong type"),
-                        );
-                        return None;
-                    }
-                };
+                let x = self.number(v, "headroom")?;
                 if !(x.is_finite() && x >= 1.0) {
                     self.err(
                         Diagnostic::error("E0202", v.span, "`headroom` must be at least 1")

@@ -100,26 +100,7 @@ impl Plan {
 
     /// The predicted timeline: the fields of `moec simulate --json`.
     fn simulate<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let c = &self.compiled;
-        let mut value = c.timeline.to_json();
-        if let Some(obj) = value.as_object_mut() {
-            obj.insert("layer".into(), c.plan.layer.name.clone().into());
-            obj.insert(
-                "tokens_per_rank".into(),
-                c.plan.layer.tokens_per_rank.into(),
-            );
-            obj.insert("ranks".into(), c.plan.mesh.world_size().into());
-            obj.insert("chunks".into(), c.plan.choices.chunks.into());
-            let base = c.baseline_timeline.to_json();
-            obj.insert(
-                "baseline_total_us".into(),
-                base.get("total_us").cloned().unwrap_or_default(),
-            );
-            obj.insert(
-                "baseline_phases".into(),
-                base.get("phases").cloned().unwrap_or_default(),
-            );
-        }
+        let value = self.compiled.simulation_json(false);
         let json = py.import("json")?;
         json.call_method1("loads", (value.to_string(),))
     }
