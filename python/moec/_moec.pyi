@@ -39,13 +39,14 @@ class Layer:
     def __init__(
         self,
         plan: Union[Plan, str],
-        weights: Optional[str] = None,
+        weights: Union[None, str, Dict[str, Array]] = None,
         *,
         seed: int = 0,
         backend: str = "cpu",
         prefix: str = "",
     ) -> None:
-        """A plan (a Plan or its JSON) with random weights (`seed`) or a safetensors checkpoint."""
+        """A plan (a Plan or its JSON) with random weights (`seed`), a safetensors
+        checkpoint's path, or a dict of float32 arrays by Hugging Face name."""
     @property
     def ranks(self) -> int: ...
     @property

@@ -164,7 +164,7 @@ impl Layer {
     fn new(
         py: Python<'_>,
         plan: &Bound<'_, PyAny>,
-        weights: Option<&str>,
+        weights: Option<&Bound<'_, PyAny>>,
         seed: u64,
         backend: &str,
         prefix: &str,
@@ -183,16 +183,38 @@ impl Layer {
                 moec_runtime::Plan::from_json(&json).map_err(|e| moe_error(e.to_string()))?
             }
         };
+        // A dict of arrays goes through a safetensors file of its own, so
+        // it meets the very checks a checkpoint does (names, shapes, values).
+        let mut scratch: Option<std::path::PathBuf> = None;
         let weights = match weights {
             None => Weights::Random { seed },
-            Some(path) => Weights::File {
-                path: path.into(),
-                prefix: prefix.to_string(),
+            Some(w) => match w.downcast::<PyDict>() {
+                Ok(dict) => {
+                    let path = write_dict(dict)?;
+                    scratch = Some(path.clone());
+                    Weights::File {
+                        path,
+                        prefix: prefix.to_string(),
+                    }
+                }
+                Err(_) => {
+                    let path: String = w.extract().map_err(|_| {
+                        PyTypeError::new_err(
+                            "weights: expected None, a checkpoint's path or a dict of float32 arrays",
+                        )
+                    })?;
+                    Weights::File {
+                        path: path.into(),
+                        prefix: prefix.to_string(),
+                    }
+                }
             },
         };
-        let layer = py
-            .allow_threads(|| RtLayer::from_plan(plan, weights, CpuOptions::default()))
-            .map_err(|e| moe_error(e.to_string()))?;
+        let layer = py.allow_threads(|| RtLayer::from_plan(plan, weights, CpuOptions::default()));
+        if let Some(path) = scratch {
+            let _ = std::fs::remove_file(path);
+        }
+        let layer = layer.map_err(|e| moe_error(e.to_string()))?;
         Ok(Layer {
             layer,
             stats: std::sync::Mutex::new(None),
@@ -318,6 +340,47 @@ impl Layer {
             ..forward
         });
     }
+}
+
+/// Writes a dict of float32 arrays (Hugging Face names) to a safetensors
+/// file in the temporary directory and returns its path.
+fn write_dict(dict: &Bound<'_, PyDict>) -> PyResult<std::path::PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(dict.len());
+    for (name, value) in dict.iter() {
+        let name: String = name
+            .extract()
+            .map_err(|_| PyTypeError::new_err("weights: every key must be a tensor name (str)"))?;
+        let array = value
+            .downcast::<numpy::PyArrayDyn<f32>>()
+            .map_err(|_| {
+                PyValueError::new_err(format!("weights[{name:?}]: expected a float32 NumPy array"))
+            })?
+            .readonly();
+        let values = array.as_array();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        owned.push((name, array.shape().to_vec(), bytes));
+    }
+    let mut views = Vec::with_capacity(owned.len());
+    for (name, shape, bytes) in &owned {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map_err(|e| PyValueError::new_err(format!("weights[{name:?}]: {e}")))?;
+        views.push((name.as_str(), view));
+    }
+    let path = std::env::temp_dir().join(format!(
+        "moec-python-weights-{}-{}.safetensors",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    safetensors::serialize_to_file(views, None, &path).map_err(|e| {
+        moe_error(format!(
+            "cannot write the weights to {}: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(path)
 }
 
 /// `x` as a C-contiguous float32 array of `shape`, read in place; anything

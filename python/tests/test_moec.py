@@ -90,6 +90,24 @@ def test_the_output_against_an_independent_reference():
     assert err < 1e-5, err
 
 
+def test_weights_from_a_dict_of_arrays():
+    """The weights Layer(plan, seed=3) draws, given back as a dict, make the
+    same layer; a wrong shape or a missing tensor is moec's error."""
+    plan = moec.compile(TINY)
+    w = moec.random_weights(plan, seed=3)
+    x = moec.random_inputs(moec.Layer(plan, seed=0), seed=4)
+    np.testing.assert_array_equal(moec.Layer(plan, weights=w)(x), moec.Layer(plan, seed=3)(x))
+    broken = dict(w)
+    broken["mlp.gate.weight"] = broken["mlp.gate.weight"][:, :10].copy()
+    with pytest.raises(moec.MoeError, match="mlp.gate.weight"):
+        moec.Layer(plan, weights=broken)
+    del broken["mlp.gate.weight"]
+    with pytest.raises(moec.MoeError):
+        moec.Layer(plan, weights=broken)
+    with pytest.raises(ValueError, match="float32"):
+        moec.Layer(plan, weights={"mlp.gate.weight": w["mlp.gate.weight"].astype(np.float64)})
+
+
 def test_bad_inputs_are_value_errors_never_copies():
     layer = moec.Layer(moec.compile(TINY), seed=0)
     x = moec.random_inputs(layer)
