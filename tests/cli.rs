@@ -778,6 +778,9 @@ fn run_save_writes_safetensors_and_config_with_the_listed_keys() {
     assert_eq!(config["hidden_size"], 32);
     assert_eq!(config["ranks"], 2);
     assert_eq!(config["swiglu_limit"], 7.0);
+    let stats =
+        moec_runtime::stats::RoutingStatistics::load(&dir.0.join("routing-stats.json")).unwrap();
+    assert_eq!((stats.tokens, stats.top_k), (16, 4));
     let run = moec_runtime::weights::load_run(&dir.0).unwrap();
     assert_eq!(run.inputs.len(), 2);
     assert_eq!(run.outputs[1].len(), 8 * 32);

@@ -212,7 +212,8 @@ struct RunArgs {
         conflicts_with = "prefix"
     )]
     layer: Option<u64>,
-    /// Write `run.safetensors` (inputs, outputs, weights) and `config.json` here.
+    /// Write `run.safetensors` (inputs, outputs, weights), `config.json` and
+    /// (CPU backend) `routing-stats.json` here.
     #[arg(long)]
     save: Option<PathBuf>,
     /// Write the pass's routing statistics here (JSON: every token's picks,
@@ -1007,29 +1008,10 @@ impl Ctx<'_> {
         layer: &moec_runtime::plan::LayerConfig,
         result: &moec_runtime::Forward,
     ) -> Result<(), Failure> {
-        if result.routing.is_empty() {
-            return Err(Failure(
-                EXIT_USAGE,
-                "--stats-out: this backend does not report the per-token routing yet; run with --backend cpu"
-                    .into(),
-            ));
-        }
-        let stats = moec_runtime::stats::RoutingStatistics::from_passes(
-            layer.experts,
-            layer.router.top_k,
-            &result.routing,
-        )
-        .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?;
-        std::fs::write(path, stats.to_json()).map_err(|e| {
-            Failure(
-                EXIT_USAGE,
-                format!("cannot write `{}`: {e}", path.display()),
-            )
-        })?;
+        let tokens = save_stats(path, layer, result)?;
         writeln!(
             self.out,
-            "stats: {} tokens' routing written to {}",
-            stats.tokens,
+            "stats: {tokens} tokens' routing written to {}",
             path.display()
         )
         .map_err(io)?;
@@ -1340,15 +1322,51 @@ impl Ctx<'_> {
                 &result.outputs,
             )
             .map_err(|e| Failure(EXIT_USAGE, e.to_string()))?;
+            // The routing too, where the backend reports it (the CPU backend).
+            let stats = if result.routing.is_empty() {
+                ""
+            } else {
+                save_stats(&dir.join("routing-stats.json"), &layer, &result)?;
+                " and routing-stats.json"
+            };
             writeln!(
                 self.out,
-                "saved {}/run.safetensors and config.json",
+                "saved {}/run.safetensors, config.json{stats}",
                 dir.display()
             )
             .map_err(io)?;
         }
         Ok(EXIT_OK)
     }
+}
+
+/// Writes the routing statistics of `result` to `path`; returns the tokens
+/// counted.
+fn save_stats(
+    path: &Path,
+    layer: &moec_runtime::plan::LayerConfig,
+    result: &moec_runtime::Forward,
+) -> Result<u64, Failure> {
+    if result.routing.is_empty() {
+        return Err(Failure(
+            EXIT_USAGE,
+            "the routing statistics: this backend does not report the per-token routing yet; run with --backend cpu"
+                .into(),
+        ));
+    }
+    let stats = moec_runtime::stats::RoutingStatistics::from_passes(
+        layer.experts,
+        layer.router.top_k,
+        &result.routing,
+    )
+    .map_err(|e| Failure(EXIT_REJECTED, e.to_string()))?;
+    std::fs::write(path, stats.to_json()).map_err(|e| {
+        Failure(
+            EXIT_USAGE,
+            format!("cannot write `{}`: {e}", path.display()),
+        )
+    })?;
+    Ok(stats.tokens)
 }
 
 /// The first (rank, index) where two runs' outputs differ bit for bit.
