@@ -108,11 +108,16 @@ pub fn tune(
         ));
     }
     let l = &program.layer;
-    let factors: Vec<Option<f64>> = match l.capacity {
+    // The layer's own capacity factor, and the factors tried beside it.
+    let own_factor = match l.capacity {
         Capacity::Limited {
             limit: CapacityLimit::Factor(f),
             ..
-        } => {
+        } => Some(f),
+        _ => None,
+    };
+    let factors: Vec<Option<f64>> = match own_factor {
+        Some(f) => {
             let mut fs: Vec<f64> = FACTORS.to_vec();
             if !fs.iter().any(|x| (x - f).abs() < 1e-12) {
                 fs.push(f);
@@ -120,14 +125,7 @@ pub fn tune(
             fs.sort_by(f64::total_cmp);
             fs.into_iter().map(Some).collect()
         }
-        _ => vec![None],
-    };
-    let own_factor = match l.capacity {
-        Capacity::Limited {
-            limit: CapacityLimit::Factor(f),
-            ..
-        } => Some(f),
-        _ => None,
+        None => vec![None],
     };
     let mut shapes = Vec::new();
     for ep in divisors(n) {
