@@ -50,7 +50,7 @@ use moec_runtime::cuda::program::{
     check_args, ArgT, KernelRef, Program, Space, Span, StepKind, Tail, CUBLAS_WORKSPACE_BYTES,
 };
 use moec_runtime::cuda::route::RouteTable;
-use moec_runtime::plan::{DType, OpKind, Plan};
+use moec_runtime::plan::{DType, GemmWeight, OpKind, Plan, WeightOn};
 use moec_runtime::weights::{random_inputs, LayerWeights};
 
 // ---------------------------------------------------------------- plans
@@ -1365,8 +1365,22 @@ fn every_example_lowers_to_a_consistent_program() {
                         inside(span);
                     }
                     // The second accumulator only where a bias is added
-                    // before an activation, and as large as the first.
-                    let biased = matches!(g.tail, Tail::Activation { store: Some(_), .. });
+                    // before an activation or a reduction, and as large as
+                    // the first.
+                    let biased = matches!(
+                        g.tail,
+                        Tail::Activation { store: Some(_), .. }
+                            | Tail::Reduce { store: Some(_), .. }
+                    );
+                    if let Some(x) = g.gather {
+                        for span in [&x.rows, &x.index, &x.weights] {
+                            inside(span);
+                        }
+                        assert!(
+                            g.a.bytes <= p.work.streams[s.stream].gathered.bytes,
+                            "{name}"
+                        );
+                    }
                     let want = if biased { g.acc.bytes } else { 0 };
                     assert_eq!(g.biased.bytes, want, "{name}: {} biased", g.label);
                     let stream = &p.work.streams[s.stream];
@@ -2743,7 +2757,7 @@ fn plan_in_form(source: &str, overrides: &Overrides, form: RoutingForm) -> Plan 
 /// Small layers for the flat by-rank forms: the router's weight on the
 /// output and on the input, dropless and both capacity drop policies,
 /// chunked plans, shared experts, fp8 dispatch, replicas.
-fn by_rank_layers() -> [(&'static str, String); 5] {
+fn by_rank_layers() -> [(&'static str, String); 6] {
     let swiglu = "ffn = swiglu\n intermediate = 24";
     [
         (
@@ -2783,6 +2797,16 @@ fn by_rank_layers() -> [(&'static str, String); 5] {
             ),
         ),
         (
+            "expert biases, clamped swiglu, bf16",
+            small_layer(
+                "scoring = softmax\n top_k = 4",
+                "ffn = swiglu\n intermediate = 24\n bias = true\n swiglu_limit = 7.0",
+                "",
+                "",
+            )
+            .replace("dtype = f32", "dtype = bf16"),
+        ),
+        (
             "replicas",
             "layer t {\n hidden = 32\n dtype = f32\n tokens_per_rank = 40\n experts {\n count = 8\n ffn = relu\n intermediate = 16\n }\n router {\n scoring = softmax\n top_k = 2\n }\n}\n\nmesh {\n gpus_per_node = 4\n device = H100\n ep = 4\n replicas {\n 0 = [2, 3]\n 5 = [0]\n }\n}\n".to_string(),
         ),
@@ -2807,6 +2831,21 @@ fn dispatch_by_rank_on_the_emulated_device_matches_the_cpu() {
             assert!(plan.choices.dedup_dispatch, "{name}: {form:?}");
             assert_eq!(
                 plan.choices.reduce_combine,
+                form == RoutingForm::DedupReduce,
+                "{name}: {form:?}"
+            );
+            // The expansion is fused into the up projection where the
+            // layer weighs the outputs, the reduction into the down
+            // projection's epilogue whenever the form reduces.
+            let fused = |w: GemmWeight| {
+                plan.ops().any(|(_, op)| {
+                    matches!(op.kind, OpKind::Gemm { weight, by_rank: Some(_), .. } if weight == w)
+                })
+            };
+            let on_output = plan.layer.router.weight_on == WeightOn::Output;
+            assert_eq!(fused(GemmWeight::ExpertUp), on_output, "{name}: {form:?}");
+            assert_eq!(
+                fused(GemmWeight::ExpertDown),
                 form == RoutingForm::DedupReduce,
                 "{name}: {form:?}"
             );

@@ -517,6 +517,16 @@ fn dispatch_by_rank_and_reducing_combine_match_the_reference() {
             ),
         ),
         (
+            // The fused reduction sums the biased products.
+            "expert biases",
+            layer(
+                "scoring = softmax\n top_k = 4",
+                "ffn = swiglu\n intermediate = 24\n bias = true\n swiglu_limit = 7.0",
+                "",
+                "",
+            ),
+        ),
+        (
             "capacity probs",
             layer(
                 "scoring = softmax\n top_k = 3",

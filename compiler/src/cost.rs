@@ -372,6 +372,30 @@ pub fn node_cost(model: &Model, node: &MoeIr, meta: &dyn Fn(Id) -> Meta) -> Node
                 ..NodeCost::default()
             }
         }
+        MoeIr::Gather([r, _]) => {
+            // `assign_expand` only: the up projection reads the received rows
+            // through the index, as many bytes as it reads of expert rows.
+            let v = meta(*r);
+            expand_index_cost(model, v.rows_expected * busiest_rank(model))
+        }
+        MoeIr::DownReduce([y, a]) => {
+            // The down projection whose epilogue sums each received row's
+            // picks (index and weights read) and writes one row per
+            // received by-rank row instead of one per pick.
+            let busiest = busiest_rank(model);
+            let expert_rows = meta(*y).rows_expected * busiest;
+            let rows = model.rank_rows_expected(meta(*a).rows_expected) * busiest;
+            let mut c = gemm(
+                model,
+                expert_rows,
+                h,
+                model.ffn_local,
+                model.local_experts,
+                model.dtype,
+            );
+            c.memory_bytes += (rows - expert_rows) * h as f64 * db + rows * k * 8.0;
+            recost(model, c)
+        }
         MoeIr::Reduce([y, a]) => {
             let busiest = busiest_rank(model);
             let expert_rows = meta(*y).rows_expected * busiest;
@@ -683,7 +707,7 @@ impl RoutingForm {
             node,
             MoeIr::Dispatch(_) | MoeIr::DispatchInter(_) | MoeIr::DispatchIntra(_)
         );
-        let reduce = matches!(node, MoeIr::Reduce(_));
+        let reduce = matches!(node, MoeIr::Reduce(_) | MoeIr::DownReduce(_));
         let plain_combine = matches!(
             node,
             MoeIr::Combine(_) | MoeIr::CombineInter(_) | MoeIr::CombineIntra(_)
@@ -710,7 +734,7 @@ impl RoutingForm {
     pub fn possible(self, has: &HasNode) -> bool {
         let rank = || has(&|n| matches!(n, MoeIr::DispatchRank(_)));
         let node = || has(&|n| matches!(n, MoeIr::DispatchRankInter(_)));
-        let reduce = || has(&|n| matches!(n, MoeIr::Reduce(_)));
+        let reduce = || has(&|n| matches!(n, MoeIr::Reduce(_) | MoeIr::DownReduce(_)));
         let node_reduce = || has(&|n| matches!(n, MoeIr::CombineRankIntra(_)));
         match self {
             RoutingForm::PerAssignment => true,

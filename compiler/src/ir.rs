@@ -81,7 +81,9 @@ define_language! {
         "pack_rank" = PackRank([Id; 2]),
         "dispatch_rank" = DispatchRank(Id),
         "expand" = Expand([Id; 2]),
+        "gather" = Gather([Id; 2]),
         "reduce" = Reduce([Id; 2]),
+        "down_reduce" = DownReduce([Id; 2]),
         "combine_rank" = CombineRank(Id),
         "dispatch_rank_inter" = DispatchRankInter(Id),
         "dispatch_rank_intra" = DispatchRankIntra(Id),
@@ -871,8 +873,9 @@ impl Analysis<MoeIr> for MetaAnalysis {
                 let exp = m.tokens as f64 / r.chunks.max(1) as f64 * m.destinations.nodes;
                 Meta::value(rows, exp, h, m.dtype, r.flops).in_chunks(r.chunks)
             }
-            MoeIr::Expand([r, _]) => {
-                // The expert input, as `dispatch` delivers it.
+            MoeIr::Expand([r, _]) | MoeIr::Gather([r, _]) => {
+                // The expert input, as `dispatch` delivers it (`gather`: read
+                // in place by the up projection through the index).
                 let r = x(r);
                 let rows = m.expert_rows_max(r.chunks);
                 let exp = m.expert_rows_expected(r.chunks);
@@ -880,11 +883,17 @@ impl Analysis<MoeIr> for MetaAnalysis {
                     .in_chunks(r.chunks)
                     .bounded(m, rt::RowBound::ExpertRows)
             }
-            MoeIr::Reduce([y, a]) => {
+            MoeIr::Reduce([y, a]) | MoeIr::DownReduce([y, a]) => {
                 let av = x(a);
                 let rows = m.rank_rows_received_max(av.chunks);
                 let exp = m.rank_rows_expected(av.rows_expected);
-                Meta::value(rows, exp, h, m.dtype, x(y).flops)
+                let yv = x(y);
+                let flops = if matches!(enode, MoeIr::DownReduce(_)) {
+                    yv.flops + 2.0 * yv.rows_expected * h as f64 * act_cols as f64
+                } else {
+                    yv.flops
+                };
+                Meta::value(rows, exp, h, m.dtype, flops)
                     .in_chunks(av.chunks)
                     .bounded(m, rt::RowBound::RankRows)
             }

@@ -74,9 +74,20 @@ pub fn rules(model: &Model, allowed: &[&str], degrees: &[u64]) -> Result<Vec<Moe
         rules.push(rewrite!("dedup_dispatch";
             "(dispatch (pack (permute ?x ?a)))" => "(expand (dispatch_rank (pack_rank ?x ?a)) ?a)"));
     }
+    // The expansion fused into the up projection's operand load: it reads
+    // each received row through the index. Not when the layer weighs the
+    // inputs: every copy of a row is scaled by its pick's weight, so the
+    // copies differ and the expansion stays a pass of its own.
+    if on("dedup_dispatch") && by_rank && model.layer.router.weight_on == rt::WeightOn::Output {
+        rules.push(rewrite!("dedup_dispatch/gather";
+            "(up (expand ?r ?a))" => "(up (gather ?r ?a))"));
+    }
     if on("reduce_combine") && by_rank {
         rules.push(rewrite!("reduce_combine";
             "(wsum (unpermute (combine ?y ?a) ?a) ?a)" => "(sum_rank (combine_rank (reduce ?y ?a)) ?a)"));
+        // The reduction fused into the down projection's epilogue.
+        rules.push(rewrite!("reduce_combine/epilogue";
+            "(reduce (down ?u) ?a)" => "(down_reduce ?u ?a)"));
     }
     if on("fp8_dispatch") && model.fp8_dispatch_allowed && model.dtype != DType::Fp8E4m3 {
         rules.push(rewrite!("fp8_dispatch";

@@ -20,7 +20,7 @@ use moec_runtime::plan::order::HappensBefore;
 use moec_runtime::plan::{
     A2aAlgorithm, Activation, Buffer, BufferRole, CapacityConfig, Choices, CollectiveKind,
     CollectiveScope, DType, Epilogue, GemmWeight, GroupScore, Kernel, KernelKind, MemoryPlan, Op,
-    OpKind, Phase, Plan, RowBound, Scoring, SoftmaxOver, Stream, StreamRole, WeightOn,
+    OpKind, Phase, Plan, RankIndex, RowBound, Scoring, SoftmaxOver, Stream, StreamRole, WeightOn,
     PLAN_FORMAT_VERSION,
 };
 use std::collections::BTreeMap;
@@ -140,6 +140,9 @@ enum Value {
     Assign { slots: u32 },
     /// A leaf without storage (a number).
     Nothing,
+    /// Received by-rank rows that the up projection reads through the
+    /// chunk's expansion index (`gather`).
+    Gathered { rows: u32, index: u32, weights: u32 },
 }
 
 #[derive(Clone, Copy)]
@@ -187,7 +190,9 @@ impl<'a> Builder<'a> {
                     MoeIr::PackRank(_)
                         | MoeIr::DispatchRank(_)
                         | MoeIr::Expand(_)
+                        | MoeIr::Gather(_)
                         | MoeIr::Reduce(_)
+                        | MoeIr::DownReduce(_)
                 )
             }),
             rank_slots: None,
@@ -504,6 +509,7 @@ impl<'a> Builder<'a> {
                         k: self.model.hidden,
                         groups: 1,
                         epilogue: Epilogue::None,
+                        by_rank: None,
                     },
                     estimate_us: cost.compute_us,
                 });
@@ -805,7 +811,9 @@ impl<'a> Builder<'a> {
             MoeIr::DispatchRank(_) | MoeIr::DispatchRankInter(_) | MoeIr::DispatchRankIntra(_) => {
                 Stage::Dispatch
             }
-            MoeIr::Expand(_) | MoeIr::Reduce(_) => Stage::Experts,
+            MoeIr::Expand(_) | MoeIr::Gather(_) | MoeIr::Reduce(_) | MoeIr::DownReduce(_) => {
+                Stage::Experts
+            }
             MoeIr::Combine(_)
             | MoeIr::CombineInter(_)
             | MoeIr::CombineIntra(_)
@@ -869,6 +877,9 @@ impl<'a> Builder<'a> {
                 Value::Assign { slots } => Ok(slots),
                 Value::Route { weights, .. } => Ok(weights),
                 Value::Nothing => Err("internal: a value without storage".into()),
+                Value::Gathered { .. } => Err(
+                    "internal: gathered rows read by another node than the up projection".into(),
+                ),
             }
         };
         let value = match &node {
@@ -995,8 +1006,24 @@ impl<'a> Builder<'a> {
                 self.push_stage(chunk, op, stage);
                 Value::Buf(recv)
             }
-            MoeIr::Up(r) | MoeIr::UpAct(r) | MoeIr::Down(r) => {
-                let a = buf_of(self, *r)?;
+            MoeIr::Up(r) | MoeIr::UpAct(r) | MoeIr::Down(r) | MoeIr::DownReduce([r, _]) => {
+                let (a, by_rank) = match self.emit_in_chunk(*r, chunk, routed_out)? {
+                    Value::Gathered {
+                        rows,
+                        index,
+                        weights,
+                    } if !matches!(node, MoeIr::Down(_) | MoeIr::DownReduce(_)) => {
+                        (rows, Some(RankIndex { index, weights }))
+                    }
+                    _ => (buf_of(self, *r)?, None),
+                };
+                let by_rank = match node {
+                    MoeIr::DownReduce(_) => {
+                        let (index, weights) = self.rank_expand_index(chunk)?;
+                        Some(RankIndex { index, weights })
+                    }
+                    _ => by_rank,
+                };
                 let (weight, n, k, epilogue, bname) = match node {
                     MoeIr::Up(_) => (
                         GemmWeight::ExpertUp,
@@ -1023,13 +1050,24 @@ impl<'a> Builder<'a> {
                 if matches!(node, MoeIr::UpAct(_)) {
                     self.fused.insert("activation", true);
                 }
+                // The reducing epilogue writes the return trip's send rows.
+                let (bname, role) = match node {
+                    MoeIr::DownReduce(_) => ("reduced", BufferRole::Comm),
+                    _ => (bname, BufferRole::Scratch),
+                };
                 let out = self.buffer(
                     &format!("{bname}{suffix}"),
                     m.dtype,
                     vec![meta.rows, meta.cols],
-                    BufferRole::Scratch,
+                    role,
                 );
+                // The GEMM runs over the expert rows, whichever side is by rank.
+                let gemm_rows = match node {
+                    MoeIr::DownReduce(_) => self.meta(*r).rows,
+                    _ => meta.rows,
+                };
                 let name = match node {
+                    MoeIr::DownReduce(_) => "experts down gemm + reduce per rank",
                     MoeIr::Down(_) => "experts down gemm",
                     MoeIr::UpAct(_) => "experts up gemm + activation",
                     _ => "experts up gemm",
@@ -1043,11 +1081,12 @@ impl<'a> Builder<'a> {
                         weight,
                         a,
                         c: out,
-                        m: meta.rows,
+                        m: gemm_rows,
                         n,
                         k,
                         groups: m.local_experts,
                         epilogue,
+                        by_rank,
                     },
                     estimate_us: cost.compute_us,
                 };
@@ -1230,6 +1269,16 @@ impl<'a> Builder<'a> {
                     self.rank_picks_received(chunk)?;
                 }
                 Value::Buf(recv)
+            }
+            MoeIr::Gather([r, _]) => {
+                let rows = buf_of(self, *r)?;
+                let (index, weights) = self.rank_expand_index(chunk)?;
+                self.expert_rows = self.expert_rows.max(meta.rows);
+                Value::Gathered {
+                    rows,
+                    index,
+                    weights,
+                }
             }
             MoeIr::Expand([r, _]) | MoeIr::Reduce([r, _]) => {
                 let input = buf_of(self, *r)?;
@@ -1515,6 +1564,7 @@ impl<'a> Builder<'a> {
                         k,
                         groups: 1,
                         epilogue,
+                        by_rank: None,
                     },
                     estimate_us: cost.compute_us,
                 });
@@ -1696,7 +1746,7 @@ impl<'a> Builder<'a> {
             headroom: m.headroom.filter(|_| m.capacity.is_none()),
             overflow_flag: m.capacity.is_none(),
             dedup_dispatch,
-            reduce_combine: self.has_node(|n| matches!(n, MoeIr::Reduce(_))),
+            reduce_combine: self.has_node(|n| matches!(n, MoeIr::Reduce(_) | MoeIr::DownReduce(_))),
         };
         for s in streams.iter_mut() {
             s.ops.sort_by_key(|o| o.id);
@@ -1721,14 +1771,7 @@ impl<'a> Builder<'a> {
 
 /// The buffers an op touches.
 pub fn op_buffers(kind: &OpKind) -> Vec<u32> {
-    match kind {
-        OpKind::Launch {
-            inputs, outputs, ..
-        } => inputs.iter().chain(outputs).copied().collect(),
-        OpKind::Gemm { a, c, .. } => vec![*a, *c],
-        OpKind::Collective { send, recv, .. } => vec![*send, *recv],
-        OpKind::Record { .. } | OpKind::Wait { .. } => Vec::new(),
-    }
+    kind.buffers().into_iter().map(|(_, b)| b).collect()
 }
 
 /// Weights one rank holds: router gate, its experts (primaries and replicas),

@@ -146,11 +146,13 @@ pub enum Kind {
     /// slot's row is zeros already), or `Σ_j unpermuted[t·k+j]` with
     /// `weight_on_input = 1`.
     WeightedSum,
-    /// `unpermute_weighted_sum`: `combined dt [rows,H] Read`,
+    /// `unpermute_weighted_sum`: `combined in_dt [rows,H] Read`,
     /// `slots i32 [T,k] Read`, `weights f32 [T,k] Read`, `out dt [T,H] Write`.
     ///
     /// `out[t] = Σ_j w_j · combined[slots[t,j]]` over the slots `≥ 0` (the
-    /// weight is left out with `weight_on_input = 1`).
+    /// weight is left out with `weight_on_input = 1`). With `in_dtype = f32`
+    /// it sums a GEMM's `f32` product (the down projection's reducing
+    /// epilogue).
     UnpermuteWeightedSum,
     /// `shared_gate`: `x dt [T,H] Read`, `y dt [T,H] ReadWrite`,
     /// `w f32 [H] Read`. `y ← y · σ(Σ_h x_h · w_h)`.
@@ -672,9 +674,13 @@ fn weighted_sum(c: &Consts<'_>) -> Res<Kernel> {
 /// `unpermute_weighted_sum`.
 fn unpermute_weighted_sum(c: &Consts<'_>) -> Res<Kernel> {
     let (dt, h, k) = (c.dtype()?, c.hidden()?, c.top_k()?);
+    let in_dt = match c.get("in_dtype")? {
+        Some(code) => c.dtype_code("in_dtype", code)?,
+        None => dt,
+    };
     let unweighted = c.switch("weight_on_input")?;
     let mut b = Builder::new(Kind::UnpermuteWeightedSum.name());
-    let combined = b.buffer("combined", dt, Access::Read);
+    let combined = b.buffer("combined", in_dt, Access::Read);
     let slots = b.buffer("slots", Elem::I32, Access::Read);
     let weights = b.buffer("weights", Elem::F32, Access::Read);
     let out = b.buffer("out", dt, Access::Write);

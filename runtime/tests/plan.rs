@@ -103,6 +103,7 @@ fn valid_plan() -> Plan {
         k,
         groups,
         epilogue,
+        by_rank: None,
     };
     let compute = Stream {
         name: "compute".to_string(),

@@ -780,6 +780,7 @@ pub(crate) mod test_plan {
                 k: 64,
                 groups: 1,
                 epilogue: Epilogue::None,
+                by_rank: None,
             };
             self.push(s, name, phase, chunk, kind, us)
         }

@@ -31,6 +31,7 @@ use super::traffic::{LinkClass, Moved, RankTraffic};
 use crate::footprint::{Budget, Footprint};
 use crate::plan::arena::RowNeed;
 use crate::plan::binding::{binding, library_kind, Arg, LaunchRows};
+use crate::plan::{binding, RankIndex};
 use crate::plan::{
     Activation, Buffer, BufferRole, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight,
     KernelKind, Op, OpKind, Phase, Plan, WeightOn,
@@ -220,6 +221,9 @@ struct Prepared {
     kernels: Vec<Option<JitKernel>>,
     /// The activation applied in a GEMM epilogue (reads the f32 GEMM result).
     expert_epilogue: Option<JitKernel>,
+    /// The down projection's reducing epilogue (`unpermute_weighted_sum`
+    /// over its `f32` product), when a GEMM sums through the expansion index.
+    rank_reduce: Option<JitKernel>,
     shared_epilogue: Option<JitKernel>,
     router: Vec<f32>,
     /// The router's logit bias, added in the router GEMM (gpt-oss).
@@ -348,6 +352,24 @@ impl CpuBackend {
                 }
             }
         }
+        let reduces_in_gemm = plan.ops().any(|(_, op)| {
+            matches!(
+                op.kind,
+                OpKind::Gemm {
+                    weight: GemmWeight::ExpertDown,
+                    by_rank: Some(_),
+                    ..
+                }
+            )
+        });
+        let rank_reduce = if reduces_in_gemm {
+            Some(compile(
+                Kind::UnpermuteWeightedSum,
+                &binding::reduce_epilogue_constants(&plan),
+            )?)
+        } else {
+            None
+        };
         let prepared = Prepared {
             router: weights.router.clone(),
             router_logit_bias: weights.router_logit_bias.clone(),
@@ -357,6 +379,7 @@ impl CpuBackend {
             shared_gate: weights.shared_gate.clone().unwrap_or_default(),
             kernels,
             expert_epilogue,
+            rank_reduce,
             shared_epilogue,
         };
         Ok(CpuBackend {
@@ -1128,8 +1151,9 @@ impl StreamRun<'_> {
                 a,
                 c,
                 epilogue,
+                by_rank,
                 ..
-            } => self.gemm(op, *weight, *a, *c, *epilogue)?,
+            } => self.gemm(op, *weight, (*a, *c), *epilogue, *by_rank)?,
             OpKind::Collective { .. } => {
                 let comm =
                     comm.ok_or_else(|| ExecError::new("internal: a collective without a comm"))?;
@@ -1826,14 +1850,28 @@ impl StreamRun<'_> {
         &self,
         op: &Op,
         weight: GemmWeight,
-        a: u32,
-        c: u32,
+        (a, c): (u32, u32),
         epilogue: Epilogue,
+        by_rank: Option<RankIndex>,
     ) -> Result<(), ExecError> {
         let b = self.backend;
         let h = b.plan.layer.hidden as usize;
         let (a_region, a_buf) = self.region(a, op.chunk)?;
         let (c_region, c_buf) = self.region(c, op.chunk)?;
+        let expansion = match by_rank {
+            Some(r) => Some(self.expansion(op.chunk, r)?),
+            None => None,
+        };
+        // The up projection reads its expert rows through the index: the
+        // by-rank row each expert row is a copy of.
+        let gather = match (&expansion, weight) {
+            (Some(x), GemmWeight::ExpertUp) => Some(x.sources()?),
+            _ => None,
+        };
+        // The down projection sums through it: its product, every expert
+        // row of the chunk in `f32`, is kept for the reducing epilogue.
+        let reduce = matches!(weight, GemmWeight::ExpertDown) && expansion.is_some();
+        let mut product: Vec<f32> = Vec::new();
         let threads = b.options.gemm_threads;
         // Row groups: (rows of a and c, weights).
         let mut groups: Vec<GemmGroup<'_>> = Vec::new();
@@ -1903,7 +1941,6 @@ impl StreamRun<'_> {
         } else {
             n
         };
-        let a_elem = a_buf.dtype.bytes() as usize;
         let c_elem = c_buf.dtype.bytes() as usize;
         let mut a_f32: Vec<f32> = Vec::new();
         let mut c_f32: Vec<f32> = Vec::new();
@@ -1912,40 +1949,38 @@ impl StreamRun<'_> {
                 continue;
             }
             let m = rows.len();
-            let a_bytes = Region {
-                offset: a_region.offset + rows.start * k * a_elem,
-                bytes: m * k * a_elem,
-            };
+            if reduce {
+                product.resize(product.len().max(rows.end * n), 0.0);
+                let a_in = self.gemm_input(a_region, a_buf, &rows, k, &mut a_f32)?;
+                let out = &mut product[rows.start * n..rows.end * n];
+                matmul_wt(a_in, w, bias, out, m, n, k, threads).map_err(ExecError::new)?;
+                continue;
+            }
             let c_bytes = Region {
                 offset: c_region.offset + rows.start * out_cols * c_elem,
                 bytes: m * out_cols * c_elem,
             };
-            if a_bytes.offset + a_bytes.bytes > a_region.offset + a_region.bytes
-                || c_bytes.offset + c_bytes.bytes > c_region.offset + c_region.bytes
-            {
+            if c_bytes.offset + c_bytes.bytes > c_region.offset + c_region.bytes {
                 return Err(ExecError::new(format!(
-                    "GEMM rows {}..{} fall outside `{}` or `{}`",
-                    rows.start, rows.end, a_buf.name, c_buf.name
+                    "GEMM rows {}..{} fall outside `{}`",
+                    rows.start, rows.end, c_buf.name
                 )));
             }
-            // SAFETY: the plan's events give this op the input to read and the
-            // output to write; the two are distinct live buffers.
-            let (a_raw, c_raw) = unsafe {
-                (
-                    self.ctx.arena.bytes(a_bytes),
-                    self.ctx.arena.bytes_mut(c_bytes),
-                )
-            };
-            // f32 operands are used in place; other dtypes are widened into
-            // reused scratch (the GEMM accumulates in f32 either way).
-            let a_in: &[f32] = match (a_buf.dtype, memory::as_f32s(a_raw)) {
-                (DType::F32, Some(a)) => a,
-                _ => {
-                    a_f32.resize(m * k, 0.0);
-                    memory::read_f32(a_raw, a_buf.dtype, &mut a_f32);
-                    &a_f32
+            let a_in: &[f32] = match &gather {
+                Some(sources) => {
+                    let src = sources.get(rows.clone()).ok_or_else(|| {
+                        ExecError::new(format!(
+                            "GEMM rows {}..{} lie beyond the expansion index",
+                            rows.start, rows.end
+                        ))
+                    })?;
+                    self.gathered_input(a_region, a_buf, src, k, &mut a_f32)?
                 }
+                None => self.gemm_input(a_region, a_buf, &rows, k, &mut a_f32)?,
             };
+            // SAFETY: the plan's events give this op the output to write; it
+            // is a live buffer distinct from the input.
+            let c_raw = unsafe { self.ctx.arena.bytes_mut(c_bytes) };
             if epilogue == Epilogue::None && c_buf.dtype == DType::F32 {
                 if let Some(c_out) = memory::as_f32s_mut(c_raw) {
                     matmul_wt(a_in, w, bias, c_out, m, n, k, threads).map_err(ExecError::new)?;
@@ -1981,7 +2016,213 @@ impl StreamRun<'_> {
                 }
             }
         }
+        if let (true, Some(x)) = (reduce, &expansion) {
+            self.reduce_epilogue(x, &mut product, n, c_region)?;
+        }
         Ok(())
+    }
+
+    /// Rows `rows` of a GEMM input: `f32` in place, other dtypes widened
+    /// into `scratch` (the GEMM accumulates in `f32` either way).
+    fn gemm_input<'s>(
+        &'s self,
+        region: Region,
+        buf: &Buffer,
+        rows: &Range<usize>,
+        k: usize,
+        scratch: &'s mut Vec<f32>,
+    ) -> Result<&'s [f32], ExecError> {
+        let elem = buf.dtype.bytes() as usize;
+        let part = Region {
+            offset: region.offset + rows.start * k * elem,
+            bytes: rows.len() * k * elem,
+        };
+        if part.offset + part.bytes > region.offset + region.bytes {
+            return Err(ExecError::new(format!(
+                "GEMM rows {}..{} fall outside `{}`",
+                rows.start, rows.end, buf.name
+            )));
+        }
+        // SAFETY: the plan's events give this op its input to read; nothing
+        // writes it concurrently.
+        let raw = unsafe { self.ctx.arena.bytes(part) };
+        if let (DType::F32, Some(a)) = (buf.dtype, memory::as_f32s(raw)) {
+            return Ok(a);
+        }
+        scratch.resize(rows.len() * k, 0.0);
+        memory::read_f32(raw, buf.dtype, scratch);
+        Ok(scratch)
+    }
+
+    /// A GEMM input read through the expansion index: row `i` is by-rank row
+    /// `sources[i]` of `buf`, widened to `f32` into `scratch` (a copy is
+    /// exact, so this is the unfused expansion's input bit for bit).
+    fn gathered_input<'s>(
+        &self,
+        region: Region,
+        buf: &Buffer,
+        sources: &[usize],
+        k: usize,
+        scratch: &'s mut Vec<f32>,
+    ) -> Result<&'s [f32], ExecError> {
+        let row = k * buf.dtype.bytes() as usize;
+        // SAFETY: as in `gemm_input`.
+        let raw = unsafe { self.ctx.arena.bytes(region) };
+        scratch.resize(sources.len() * k, 0.0);
+        for (out, &src) in scratch.chunks_exact_mut(k.max(1)).zip(sources) {
+            let from = raw.get(src * row..(src + 1) * row).ok_or_else(|| {
+                ExecError::new(format!(
+                    "the expansion index points at by-rank row {src}, beyond `{}`",
+                    buf.name
+                ))
+            })?;
+            memory::read_f32(from, buf.dtype, out);
+        }
+        Ok(scratch)
+    }
+
+    /// The expansion index of the op's chunk, read for a fused GEMM.
+    fn expansion(&self, chunk: Option<u64>, r: RankIndex) -> Result<Expansion, ExecError> {
+        let table = self.chunk_table(chunk)?;
+        let me = self.me();
+        let t = table.get();
+        let received = t.rank_received(me);
+        let locals = self.backend.geo.experts_of.get(me).map_or(0, Vec::len);
+        let expert_rows = (0..locals)
+            .map(|l| t.expert_start(me, l) + t.expert_rows(me, l))
+            .max()
+            .unwrap_or(0);
+        let (index_region, _) = self.region(r.index, chunk)?;
+        let (weights_region, _) = self.region(r.weights, chunk)?;
+        // SAFETY: `assign_expand` wrote both before this op (plan events).
+        let (index, weights) = unsafe {
+            (
+                memory::read_i32s(self.ctx.arena.bytes(index_region)),
+                self.ctx.arena.bytes(weights_region),
+            )
+        };
+        let k = self.backend.geo.top_k;
+        if index.len() < received * k || weights.len() < received * k * 4 {
+            return Err(ExecError::new(
+                "the expansion index is smaller than the rows this rank received",
+            ));
+        }
+        Ok(Expansion {
+            index,
+            weights_region,
+            index_region,
+            received,
+            expert_rows,
+            top_k: k,
+        })
+    }
+
+    /// The down projection's reducing epilogue: the `f32` product of every
+    /// expert row summed per received by-rank row into `c`, by the same
+    /// library kernel the CUDA backend runs on its accumulator.
+    fn reduce_epilogue(
+        &self,
+        x: &Expansion,
+        product: &mut [f32],
+        n: usize,
+        c_region: Region,
+    ) -> Result<(), ExecError> {
+        let jit = self
+            .backend
+            .prepared
+            .rank_reduce
+            .as_ref()
+            .ok_or_else(|| ExecError::new("no reducing epilogue was compiled"))?;
+        if product.len() < x.expert_rows * n {
+            return Err(ExecError::new(
+                "the expansion index names expert rows the GEMM did not compute",
+            ));
+        }
+        let rows = x.received;
+        let out_bytes = c_region
+            .bytes
+            .min(rows * n * self.backend.plan.layer.dtype.bytes() as usize);
+        // SAFETY: the plan's events give this op its output and the index
+        // (written by `assign_expand`) to read; the product is this op's own.
+        let (index, weights, out) = unsafe {
+            (
+                self.ctx.arena.bytes(x.index_region),
+                self.ctx.arena.bytes(x.weights_region),
+                self.ctx.arena.bytes_mut(Region {
+                    offset: c_region.offset,
+                    bytes: out_bytes,
+                }),
+            )
+        };
+        let k = x.top_k as u64;
+        let args = [
+            RawArg::Buf {
+                ptr: product.as_mut_ptr().cast(),
+                len: product.len() as u64,
+            },
+            RawArg::Buf {
+                ptr: index.as_ptr().cast_mut(),
+                len: rows as u64 * k,
+            },
+            RawArg::Buf {
+                ptr: weights.as_ptr().cast_mut(),
+                len: rows as u64 * k,
+            },
+            RawArg::Buf {
+                ptr: out.as_mut_ptr(),
+                len: (out_bytes / self.backend.plan.layer.dtype.bytes().max(1) as usize) as u64,
+            },
+        ];
+        // SAFETY: every buffer is a live slice of the stated length, the
+        // kernel only reads the first three, and this op owns the output.
+        unsafe { jit.launch_raw(&args, 0..rows as u64) }
+            .map_err(|e| ExecError::new(format!("reducing epilogue: {e}")))
+    }
+}
+
+/// A chunk's expansion index as a fused GEMM reads it.
+struct Expansion {
+    /// `[received, top_k]`: the expert row of every pick of every received
+    /// by-rank row, or `-1`.
+    index: Vec<i32>,
+    index_region: Region,
+    weights_region: Region,
+    received: usize,
+    /// The expert rows of this rank in the chunk.
+    expert_rows: usize,
+    top_k: usize,
+}
+
+impl Expansion {
+    /// The by-rank row each expert row copies: every expert row must be the
+    /// pick of exactly one received row, or the index is corrupt.
+    fn sources(&self) -> Result<Vec<usize>, ExecError> {
+        let mut src = vec![usize::MAX; self.expert_rows];
+        for (i, &e) in self
+            .index
+            .iter()
+            .take(self.received * self.top_k)
+            .enumerate()
+        {
+            if e < 0 {
+                continue;
+            }
+            match src.get_mut(e as usize) {
+                Some(s) if *s == usize::MAX => *s = i / self.top_k,
+                _ => {
+                    return Err(ExecError::new(format!(
+                        "corrupt expansion index: expert row {e} is named twice or lies beyond the {} expert rows",
+                        self.expert_rows
+                    )))
+                }
+            }
+        }
+        if let Some(row) = src.iter().position(|&s| s == usize::MAX) {
+            return Err(ExecError::new(format!(
+                "corrupt expansion index: expert row {row} has no received row"
+            )));
+        }
+        Ok(src)
     }
 }
 

@@ -1445,6 +1445,46 @@ impl<'a> Issuer<'a> {
             }
         };
         let (a_elem, c_elem) = (g.a_dtype.bytes(), g.c_dtype.bytes());
+        // The received by-rank rows of the chunk, for a GEMM fused with the
+        // expansion index.
+        let fused = g.gather.is_some() || matches!(g.tail, Tail::Reduce { .. });
+        let received = match g.groups {
+            Groups::Experts(c) if fused && !self.device_routed => {
+                self.table(i, c)?.rank_received(me) as u64
+            }
+            _ if fused => {
+                return Err(err(
+                    r,
+                    None,
+                    format!(
+                        "`{}`: a GEMM through the expansion index needs the routing on the host",
+                        g.label
+                    ),
+                ))
+            }
+            _ => 0,
+        };
+        let buf = |s: Span, elem: u64| Arg::Buf {
+            addr: Addr::of(r, s),
+            len: s.bytes / elem,
+        };
+        if let Some(x) = g.gather {
+            let args = vec![
+                buf(x.rows, a_elem),
+                buf(x.index, 4),
+                buf(x.weights, 4),
+                buf(g.a, a_elem),
+            ];
+            let cmd = self.launch_cmd(
+                r,
+                stream,
+                KernelRef::Generated(x.kernel),
+                args,
+                received,
+                g.status,
+            )?;
+            self.submit(r, stream, cmd)?;
+        }
         // Equal slots and evenly spaced weights: one strided-batched GEMM,
         // then each expert's epilogue.
         let batched = self.batched_gemm(r, g, &groups)?;
@@ -1457,12 +1497,18 @@ impl<'a> Issuer<'a> {
             if m == 0 {
                 continue;
             }
+            // The reducing tail writes the by-rank rows after every group.
+            let c_rows = if fused && g.gather.is_none() {
+                (0, 0)
+            } else {
+                (start, m)
+            };
             let a =
                 g.a.sub(start * g.k * a_elem, m * g.k * a_elem, "the GEMM input")
                     .and_then(|a| {
                         g.c.sub(
-                            start * g.out_cols * c_elem,
-                            m * g.out_cols * c_elem,
+                            c_rows.0 * g.out_cols * c_elem,
+                            c_rows.1 * g.out_cols * c_elem,
                             "the GEMM output",
                         )
                         .map(|c| (a, c))
@@ -1489,10 +1535,6 @@ impl<'a> Issuer<'a> {
                 };
                 self.submit_gemm(r, stream, cmd, (m, g.n, g.k))?;
             }
-            let buf = |s: Span, elem: u64| Arg::Buf {
-                addr: Addr::of(r, s),
-                len: s.bytes / elem,
-            };
             let bias_arg = match bias {
                 Some(b) => buf(b, 4),
                 None => Arg::Buf {
@@ -1551,7 +1593,42 @@ impl<'a> Issuer<'a> {
                     )?;
                     self.submit(r, stream, cmd)?;
                 }
+                Tail::Reduce { store: Some(s), .. } => {
+                    let biased = g
+                        .biased
+                        .sub(start * g.n * 4, m * g.n * 4, "the biased accumulator")
+                        .map_err(|e| err(r, None, e))?;
+                    let args = vec![buf(acc, 4), bias_arg, buf(biased, 4)];
+                    let cmd =
+                        self.launch_cmd(r, stream, KernelRef::Generated(s), args, m, g.status)?;
+                    self.submit(r, stream, cmd)?;
+                }
+                Tail::Reduce { store: None, .. } => {}
             }
+        }
+        if let Tail::Reduce {
+            store,
+            kernel,
+            index,
+            weights,
+        } = g.tail
+        {
+            let product = if store.is_some() { g.biased } else { g.acc };
+            let args = vec![
+                buf(product, 4),
+                buf(index, 4),
+                buf(weights, 4),
+                buf(g.c, c_elem),
+            ];
+            let cmd = self.launch_cmd(
+                r,
+                stream,
+                KernelRef::Generated(kernel),
+                args,
+                received,
+                g.status,
+            )?;
+            self.submit(r, stream, cmd)?;
         }
         Ok(())
     }

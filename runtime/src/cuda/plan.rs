@@ -104,10 +104,12 @@ pub fn plan_kernels(plan: &Plan) -> Result<PlanKernels, PlanKernelsError> {
             n,
             c,
             epilogue,
+            by_rank,
             ..
         } = op.kind
         {
-            if let Some(constants) = store_constants(plan, weight, n, c, epilogue) {
+            let reduces = by_rank.is_some() && weight == GemmWeight::ExpertDown;
+            if let Some(constants) = store_constants(plan, weight, n, (c, reduces), epilogue) {
                 let label = format!("{}_store", weight_label(weight));
                 match stores.iter().find(|(l, _)| *l == label) {
                     Some((_, prev)) if *prev != constants => {
@@ -162,6 +164,36 @@ pub fn plan_kernels(plan: &Plan) -> Result<PlanKernels, PlanKernelsError> {
         ];
         add(&mut out, label, None, Kind::Activation, &constants)?;
     }
+    let fused = |w: GemmWeight| {
+        plan.ops().any(|(_, op)| {
+            matches!(op.kind, OpKind::Gemm { weight, by_rank: Some(_), .. } if weight == w)
+        })
+    };
+    if fused(GemmWeight::ExpertUp) {
+        let l = &plan.layer;
+        let constants = vec![
+            ("dtype".to_string(), l.dtype.code()),
+            (
+                "hidden".to_string(),
+                i64::try_from(l.hidden).unwrap_or(i64::MAX),
+            ),
+            (
+                "top_k".to_string(),
+                i64::try_from(l.router.top_k).unwrap_or(i64::MAX),
+            ),
+        ];
+        add(&mut out, EXPERT_GATHER, None, Kind::Permute, &constants)?;
+    }
+    if fused(GemmWeight::ExpertDown) {
+        let constants = crate::plan::binding::reduce_epilogue_constants(plan);
+        add(
+            &mut out,
+            EXPERT_REDUCE,
+            None,
+            Kind::UnpermuteWeightedSum,
+            &constants,
+        )?;
+    }
     if let Some(constants) = forwarder_sum_constants(plan) {
         add(
             &mut out,
@@ -173,6 +205,17 @@ pub fn plan_kernels(plan: &Plan) -> Result<PlanKernels, PlanKernelsError> {
     }
     Ok(out)
 }
+
+/// The label of the kernel that copies the received by-rank rows to the
+/// expert rows before an up projection that reads through the expansion
+/// index (`permute` over the received rows, unweighted: the plan only fuses
+/// the expansion when the layer weighs the outputs).
+pub const EXPERT_GATHER: &str = "expert_gather";
+
+/// The label of the down projection's reducing epilogue
+/// (`unpermute_weighted_sum` from the `f32` product,
+/// [`crate::plan::binding::reduce_epilogue_constants`]).
+pub const EXPERT_REDUCE: &str = "expert_reduce";
 
 /// The label of the kernel that sums, on a forwarder, the partial rows its
 /// node's ranks return in the reducing hierarchical combine
@@ -233,13 +276,14 @@ pub fn gemm_has_bias(plan: &Plan, weight: GemmWeight) -> bool {
 }
 
 /// The constants of the `gemm_store` a GEMM needs, if any: with an
-/// activation epilogue, only to add a bias (into an `f32` copy the
-/// activation reads); otherwise for a bias or an output that is not `f32`.
+/// activation epilogue or a reducing one (`reduces`), only to add a bias
+/// (into an `f32` copy the epilogue reads); otherwise for a bias or an
+/// output that is not `f32`.
 fn store_constants(
     plan: &Plan,
     weight: GemmWeight,
     n: u64,
-    c: u32,
+    (c, reduces): (u32, bool),
     epilogue: Epilogue,
 ) -> Option<Vec<(String, i64)>> {
     let bias = gemm_has_bias(plan, weight);
@@ -247,6 +291,8 @@ fn store_constants(
     let dtype = match epilogue {
         Epilogue::Activation if bias => DType::F32,
         Epilogue::Activation => return None,
+        Epilogue::None if reduces && bias => DType::F32,
+        Epilogue::None if reduces => return None,
         Epilogue::None if bias || c_dtype != DType::F32 => c_dtype,
         Epilogue::None => return None,
     };

@@ -170,6 +170,30 @@ pub enum Tail {
         kernel: usize,
         limit: f32,
     },
+    /// The reducing epilogue of a down projection that sums through the
+    /// expansion index ([`crate::plan::RankIndex`]): after every group's
+    /// product (and `gemm_store` of the bias into the second accumulator),
+    /// [`EXPERT_REDUCE`](super::plan::EXPERT_REDUCE) sums each received
+    /// by-rank row's picks into `c`, over the chunk's received rows.
+    Reduce {
+        store: Option<usize>,
+        kernel: usize,
+        index: Span,
+        weights: Span,
+    },
+}
+
+/// The expansion fused into an up projection: before the GEMM,
+/// [`EXPERT_GATHER`](super::plan::EXPERT_GATHER) copies each received
+/// by-rank row (`rows`) to its picks' expert rows in the stream's gather
+/// workspace, which the GEMM reads as its input (cuBLAS reads a dense
+/// operand; the CPU backend reads through the index itself).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RankGather {
+    pub kernel: usize,
+    pub rows: Span,
+    pub index: Span,
+    pub weights: Span,
 }
 
 /// `c = a · wᵀ` per row group, as the CPU backend computes it.
@@ -186,6 +210,8 @@ pub struct GemmStep {
     pub out_cols: u64,
     pub groups: Groups,
     pub tail: Tail,
+    /// The fused expansion (then `a` is the gather workspace).
+    pub gather: Option<RankGather>,
     /// The `f32` accumulator (rows × `n`) and the biased copy, in the
     /// stream's workspace.
     pub acc: Span,
@@ -346,6 +372,8 @@ pub struct WeightLayout {
 pub struct StreamWork {
     pub acc: Span,
     pub biased: Span,
+    /// The expert rows a fused expansion gathers ([`RankGather`]).
+    pub gathered: Span,
     pub scratch: Span,
     /// The reducing hierarchical combine's partial rows and their index on
     /// a forwarder ([`ForwarderSum`]; empty on streams without that leg).
@@ -666,6 +694,7 @@ struct Lowering<'p> {
     /// with a bias and an activation only) and scratch bytes needed.
     acc_need: Vec<u64>,
     biased_need: Vec<u64>,
+    gathered_need: Vec<u64>,
     scratch_need: Vec<u64>,
     /// Per stream: bytes of the forwarder's partial rows and of their index.
     forward_need: Vec<(u64, u64)>,
@@ -804,6 +833,7 @@ impl<'p> Lowering<'p> {
             ops: Vec::new(),
             acc_need: vec![0; streams],
             biased_need: vec![0; streams],
+            gathered_need: vec![0; streams],
             scratch_need: vec![0; streams],
             forward_need: vec![(0, 0); streams],
             work_fixed: fixed,
@@ -916,8 +946,17 @@ impl<'p> Lowering<'p> {
                 c,
                 epilogue,
                 n,
+                m,
+                by_rank,
                 ..
-            } => self.gemm(index, stream, op, *weight, (*a, *c, *n), *epilogue)?,
+            } => self.gemm(
+                index,
+                stream,
+                op,
+                *weight,
+                (*a, *c, *n, *m),
+                (*epilogue, *by_rank),
+            )?,
             OpKind::Collective {
                 kind,
                 send,
@@ -1697,13 +1736,20 @@ impl<'p> Lowering<'p> {
         stream: usize,
         op: &crate::plan::Op,
         weight: GemmWeight,
-        (a, c, plan_n): (u32, u32, u64),
-        epilogue: Epilogue,
+        (a, c, plan_n, plan_m): (u32, u32, u64, u64),
+        (epilogue, by_rank): (Epilogue, Option<crate::plan::RankIndex>),
     ) -> Result<(), String> {
         let plan = self.plan;
         let h = plan.layer.hidden;
-        let (a_span, a_buf) = self.region(a, op.chunk)?;
+        let (mut a_span, a_buf) = self.region(a, op.chunk)?;
         let (c_span, c_buf) = self.region(c, op.chunk)?;
+        let by_rank = match by_rank {
+            Some(r) => Some((
+                self.region(r.index, op.chunk)?.0,
+                self.region(r.weights, op.chunk)?.0,
+            )),
+            None => None,
+        };
         let (k, n, groups, ffn) = match weight {
             GemmWeight::RouterGate => {
                 let k = h;
@@ -1757,43 +1803,87 @@ impl<'p> Lowering<'p> {
             }
             (Epilogue::None, _) => n,
         };
-        let tail = match epilogue {
-            Epilogue::None if c_buf.dtype == DType::F32 && !has_bias => Tail::Direct,
-            Epilogue::None => Tail::Store {
-                kernel: self.labelled(&format!("{name}_store"))?,
-            },
-            Epilogue::Activation => {
-                let label = if weight == GemmWeight::SharedUp {
-                    "shared_activation"
+        let tail = match (epilogue, by_rank, weight) {
+            (Epilogue::None, Some((index, weights)), GemmWeight::ExpertDown) => Tail::Reduce {
+                store: if has_bias {
+                    Some(self.labelled(&format!("{name}_store"))?)
                 } else {
-                    "expert_activation"
-                };
-                Tail::Activation {
-                    store: if has_bias {
-                        Some(self.labelled(&format!("{name}_store"))?)
+                    None
+                },
+                kernel: self.labelled(super::plan::EXPERT_REDUCE)?,
+                index,
+                weights,
+            },
+            (_, Some(_), GemmWeight::ExpertUp) | (_, None, _) => match epilogue {
+                Epilogue::None if c_buf.dtype == DType::F32 && !has_bias => Tail::Direct,
+                Epilogue::None => Tail::Store {
+                    kernel: self.labelled(&format!("{name}_store"))?,
+                },
+                Epilogue::Activation => {
+                    let label = if weight == GemmWeight::SharedUp {
+                        "shared_activation"
                     } else {
-                        None
-                    },
-                    kernel: self.labelled(label)?,
-                    limit: self.clamp_limit(weight == GemmWeight::SharedUp),
+                        "expert_activation"
+                    };
+                    Tail::Activation {
+                        store: if has_bias {
+                            Some(self.labelled(&format!("{name}_store"))?)
+                        } else {
+                            None
+                        },
+                        kernel: self.labelled(label)?,
+                        limit: self.clamp_limit(weight == GemmWeight::SharedUp),
+                    }
                 }
+            },
+            (_, Some(_), _) => {
+                return Err(format!(
+                    "`{}`: only the expert projections go through the expansion index",
+                    op.name
+                ))
             }
+        };
+        // The fused expansion: the GEMM reads the gather workspace, the
+        // plan's `m` expert rows of `a`'s width.
+        let gather = match (by_rank, weight) {
+            (Some((index, weights)), GemmWeight::ExpertUp) => {
+                let bytes = mul(&[plan_m, k, a_buf.dtype.bytes()])?;
+                self.gathered_need[stream] = self.gathered_need[stream].max(bytes);
+                let gather = RankGather {
+                    kernel: self.labelled(super::plan::EXPERT_GATHER)?,
+                    rows: a_span,
+                    index,
+                    weights,
+                };
+                a_span = Span {
+                    space: Space::Work,
+                    offset: u64::MAX,
+                    bytes,
+                };
+                Some(gather)
+            }
+            _ => None,
         };
         // Accumulator rows: every row `a` holds.
         let a_rows = a_span.bytes / (k * a_buf.dtype.bytes()).max(1);
         let acc_bytes = mul(&[a_rows, n, 4])?;
         self.acc_need[stream] = self.acc_need[stream].max(acc_bytes);
         // The second accumulator: only where a bias is added before an
-        // activation (`gemm_store` into it, then the activation reads it).
+        // activation or a reduction (`gemm_store` into it, then the
+        // activation or the reduction reads it).
         let biased_bytes = match tail {
-            Tail::Activation { store: Some(_), .. } => acc_bytes,
+            Tail::Activation { store: Some(_), .. } | Tail::Reduce { store: Some(_), .. } => {
+                acc_bytes
+            }
             _ => 0,
         };
         self.biased_need[stream] = self.biased_need[stream].max(biased_bytes);
         let params = match tail {
             Tail::Direct => Vec::new(),
             Tail::Store { kernel } => self.params_of(KernelRef::Generated(kernel)),
-            Tail::Activation { kernel, .. } => self.params_of(KernelRef::Generated(kernel)),
+            Tail::Activation { kernel, .. } | Tail::Reduce { kernel, .. } => {
+                self.params_of(KernelRef::Generated(kernel))
+            }
         };
         let label = format!("{name} gemm");
         let status = self.slot(index, &label, params, false);
@@ -1816,6 +1906,7 @@ impl<'p> Lowering<'p> {
                 out_cols,
                 groups,
                 tail,
+                gather,
                 acc: placeholder(acc_bytes),
                 biased: placeholder(biased_bytes),
                 status,
@@ -1837,6 +1928,7 @@ impl<'p> Lowering<'p> {
             ops,
             acc_need,
             biased_need,
+            gathered_need,
             scratch_need,
             forward_need,
             work_fixed,
@@ -1856,15 +1948,17 @@ impl<'p> Lowering<'p> {
             placed[ROUTING_WORK + 2],
         );
         let mut streams = Vec::with_capacity(acc_need.len());
-        for (((acc, biased), scratch), forward) in acc_need
+        for ((((acc, biased), scratch), forward), gathered) in acc_need
             .iter()
             .zip(&biased_need)
             .zip(&scratch_need)
             .zip(&forward_need)
+            .zip(&gathered_need)
         {
             streams.push(StreamWork {
                 acc: w.take(*acc)?,
                 biased: w.take(*biased)?,
+                gathered: w.take(*gathered)?,
                 scratch: w.take(*scratch)?,
                 forward_parts: w.take(forward.0)?,
                 forward_index: w.take(forward.1)?,
@@ -1918,6 +2012,12 @@ impl<'p> Lowering<'p> {
                         bytes: g.biased.bytes,
                         ..sw.biased
                     };
+                    if g.gather.is_some() {
+                        g.a = Span {
+                            bytes: g.a.bytes,
+                            ..sw.gathered
+                        };
+                    }
                 }
                 _ => {}
             }

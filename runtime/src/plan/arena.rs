@@ -9,7 +9,7 @@
 
 use super::order::HappensBefore;
 use super::validate::{buffer_bytes, field, op_buffers, PlanError};
-use super::{Buffer, CapacityConfig, OpKind, Plan, RowBound};
+use super::{Buffer, CapacityConfig, GemmWeight, OpKind, Plan, RowBound};
 
 /// Every buffer starts at a multiple of this many bytes (a GPU's widest
 /// vector access and cuBLAS's preferred alignment).
@@ -158,8 +158,21 @@ impl Plan {
         // see, the rows of their bounded operands.
         for s in &mut plan.streams {
             for op in &mut s.ops {
-                if let OpKind::Gemm { a, m, .. } = &mut op.kind {
-                    let bound = self.buffers.get(*a as usize).and_then(|b| b.bound);
+                if let OpKind::Gemm {
+                    weight,
+                    a,
+                    m,
+                    by_rank,
+                    ..
+                } = &mut op.kind
+                {
+                    // An up projection that reads through the expansion index
+                    // has by-rank rows in `a` and expert rows in `m`.
+                    let bound = if by_rank.is_some() && *weight == GemmWeight::ExpertUp {
+                        Some(RowBound::ExpertRows)
+                    } else {
+                        self.buffers.get(*a as usize).and_then(|b| b.bound)
+                    };
                     *m = match bound {
                         Some(RowBound::ExpertRows) if *m == old.expert_rows => rows.expert_rows,
                         Some(RowBound::RankRows) if *m == old.rank_rows => rows.rank_rows,

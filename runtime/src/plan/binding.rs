@@ -7,7 +7,7 @@
 //! [`Arg`]s below, where a buffer argument expands to the backend's buffer
 //! parameters (one, or two for fp8: the data, then the block scales).
 
-use super::{KernelKind, Phase};
+use super::{DType, KernelKind, Phase, Plan, WeightOn};
 use moec_kernels::library::Kind;
 
 /// One argument of a launch, in the order of the kernel's parameters.
@@ -104,6 +104,29 @@ pub fn binding(kind: KernelKind, phase: Phase) -> Option<Binding> {
         KernelKind::Assign | KernelKind::ScaleRows => return None,
     };
     Some(Binding { args, rows })
+}
+
+/// The constants of the down projection's reducing epilogue (a GEMM with a
+/// [`super::RankIndex`]): `unpermute_weighted_sum` from the `f32` product
+/// into the layer's dtype, as both backends run it.
+pub fn reduce_epilogue_constants(plan: &Plan) -> Vec<(String, i64)> {
+    let l = &plan.layer;
+    vec![
+        ("dtype".to_string(), l.dtype.code()),
+        (
+            "hidden".to_string(),
+            i64::try_from(l.hidden).unwrap_or(i64::MAX),
+        ),
+        ("in_dtype".to_string(), DType::F32.code()),
+        (
+            "top_k".to_string(),
+            i64::try_from(l.router.top_k).unwrap_or(i64::MAX),
+        ),
+        (
+            "weight_on_input".to_string(),
+            i64::from(l.router.weight_on == WeightOn::Input),
+        ),
+    ]
 }
 
 /// The library kind of a plan kernel, or `None` for a native one.

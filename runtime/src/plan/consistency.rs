@@ -800,6 +800,7 @@ impl Plan {
                 k,
                 groups,
                 epilogue,
+                by_rank,
             } = op.kind
             else {
                 continue;
@@ -807,6 +808,12 @@ impl Plan {
             let (Some(ab), Some(cb)) = (self.buffers.get(a as usize), self.buffers.get(c as usize))
             else {
                 continue; // reported by the reference checks
+            };
+            // The operand with one row per received by-rank row, when the
+            // GEMM reads or sums through the expansion index.
+            let rank_side = match by_rank {
+                Some(r) => Some(self.check_gemm_by_rank(x, s, op, weight, epilogue, r)?),
+                None => None,
             };
             let gated = |shared: bool| match (shared, &self.layer.shared) {
                 (true, Some(sh)) => sh.ffn.gated(),
@@ -856,12 +863,16 @@ impl Plan {
                     ),
                 ));
             }
-            for (b, what, cols) in [(ab, "input", k), (cb, "output", out_cols)] {
+            for (side, b, what, cols) in
+                [(Side::A, ab, "input", k), (Side::C, cb, "output", out_cols)]
+            {
                 let rows = self.rows_seen(b, op.chunk);
+                // The by-rank side holds the received by-rank rows, not `m`.
+                let want_rows = if rank_side == Some(side) { 1 } else { m };
                 if !float(b.dtype)
                     || b.shape.len() != 2
                     || b.shape.last() != Some(&cols)
-                    || rows < m
+                    || rows < want_rows
                     || m == 0
                 {
                     return Err(op_error(
@@ -893,6 +904,81 @@ impl Plan {
             }
         }
         Ok(())
+    }
+
+    /// A GEMM fused with the expansion index ([`super::RankIndex`]): only
+    /// the expert projections of a plan that dispatches by rank (the down
+    /// projection only when it also reduces before the return trip), the up
+    /// projection only when the layer weighs the outputs (weighing the
+    /// inputs scales each copy of a row: the expansion is a pass of its
+    /// own), no activation on the down projection, and an index and weights
+    /// of `[rows, top_k]` that cover every row of the by-rank operand.
+    /// Returns which operand is the by-rank one.
+    fn check_gemm_by_rank(
+        &self,
+        x: &Expect,
+        s: usize,
+        op: &super::Op,
+        weight: GemmWeight,
+        epilogue: Epilogue,
+        r: super::RankIndex,
+    ) -> Result<Side, PlanError> {
+        let side = match weight {
+            GemmWeight::ExpertUp if !self.choices.dedup_dispatch => None,
+            GemmWeight::ExpertUp if self.layer.router.weight_on == super::WeightOn::Input => {
+                return Err(op_error(self, s, op, "reads its rows through the expansion index, but the layer weighs the inputs (each copy is scaled: the expansion is a pass of its own)"))
+            }
+            GemmWeight::ExpertUp => Some(Side::A),
+            GemmWeight::ExpertDown if !self.choices.reduce_combine => None,
+            GemmWeight::ExpertDown if epilogue != Epilogue::None => None,
+            GemmWeight::ExpertDown => Some(Side::C),
+            _ => None,
+        };
+        let Some(side) = side else {
+            return Err(op_error(
+                self,
+                s,
+                op,
+                "goes through the expansion index, which only the expert up projection of a plan that dispatches by rank, or the down projection (no epilogue) of one that also reduces, may",
+            ));
+        };
+        let (Some(ib), Some(wb)) = (
+            self.buffers.get(r.index as usize),
+            self.buffers.get(r.weights as usize),
+        ) else {
+            return Ok(side); // reported by the reference checks
+        };
+        let by_rank_buf = match side {
+            Side::A => op.kind.buffers()[0].1,
+            Side::C => op.kind.buffers()[1].1,
+        };
+        let rows = self
+            .buffers
+            .get(by_rank_buf as usize)
+            .map_or(0, |b| self.rows_seen(b, op.chunk));
+        for (b, dtype) in [(ib, DType::I32), (wb, DType::F32)] {
+            if b.dtype != dtype
+                || b.shape.len() != 2
+                || b.shape.get(1) != Some(&x.top_k)
+                || self.rows_seen(b, op.chunk) < rows
+            {
+                return Err(op_error(
+                    self,
+                    s,
+                    op,
+                    format!(
+                        "has `{}` ({} {:?}) as its expansion {}, expected {} of [{rows} rows, top_k = {}]",
+                        b.name,
+                        b.dtype.name(),
+                        b.shape,
+                        if dtype == DType::I32 { "index" } else { "weights" },
+                        dtype.name(),
+                        x.top_k
+                    ),
+                ));
+            }
+        }
+        Ok(side)
     }
 
     /// Collectives move rows of one type and width (tokens), or the
@@ -951,4 +1037,11 @@ pub(super) fn kind_name(k: KernelKind) -> &'static str {
         None if k == KernelKind::Assign => "assign",
         None => "scale_rows",
     }
+}
+
+/// An operand of a GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    A,
+    C,
 }

@@ -28,7 +28,7 @@ pub use validate::{buffer_bytes, BufferRef, LostWrite, OpRef, PlanError, Race, S
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the meaning or shape of a plan changes.
-pub const PLAN_FORMAT_VERSION: u32 = 3;
+pub const PLAN_FORMAT_VERSION: u32 = 4;
 
 /// A compiled MoE layer: configuration, kernels, buffers and streams.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -635,6 +635,51 @@ pub enum Epilogue {
     Activation,
 }
 
+/// The expansion index of a chunk's received by-rank rows (`assign_expand`'s
+/// outputs: `index` i32 and `weights` f32, each `[by-rank rows, top_k]`),
+/// fused into an expert GEMM.
+///
+/// - On the up projection, `a` is the received by-rank rows: row `index[r,
+///   j]` of the GEMM's input is by-rank row `r` (the expansion to the expert
+///   rows fused into the operand load; the layer weighs the outputs).
+/// - On the down projection, `c` is one row per received by-rank row: row
+///   `r` is the sum over `j` of `weights[r, j]` times the GEMM's `f32` output
+///   row `index[r, j]` (unweighted when the layer weighs the inputs), in `j`
+///   order, rounded once (the reducing combine fused into the epilogue; the
+///   kernel library's `unpermute_weighted_sum` over the `f32` product).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankIndex {
+    pub index: u32,
+    pub weights: u32,
+}
+
+impl OpKind {
+    /// The buffer indices the op refers to, each with the field that holds
+    /// it (the arena's lifetimes, the reference checks and the compiler's
+    /// scheduler all read this one list).
+    pub fn buffers(&self) -> Vec<(&'static str, u32)> {
+        match self {
+            OpKind::Launch {
+                inputs, outputs, ..
+            } => inputs
+                .iter()
+                .map(|&b| ("inputs", b))
+                .chain(outputs.iter().map(|&b| ("outputs", b)))
+                .collect(),
+            OpKind::Gemm { a, c, by_rank, .. } => {
+                let mut v = vec![("a", *a), ("c", *c)];
+                if let Some(r) = by_rank {
+                    v.extend([("by_rank.index", r.index), ("by_rank.weights", r.weights)]);
+                }
+                v
+            }
+            OpKind::Collective { send, recv, .. } => vec![("send", *send), ("recv", *recv)],
+            OpKind::Record { .. } | OpKind::Wait { .. } => Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CollectiveKind {
@@ -684,6 +729,10 @@ pub enum OpKind {
         k: u64,
         groups: u64,
         epilogue: Epilogue,
+        /// Dispatch by rank: the GEMM reads (the up projection) or sums (the
+        /// down projection) its rows through the chunk's expansion index.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by_rank: Option<RankIndex>,
     },
     Collective {
         kind: CollectiveKind,

@@ -154,9 +154,19 @@ impl Plan {
                     }
                 }
             }
-            OpKind::Gemm { weight, a, c, .. } => {
+            OpKind::Gemm {
+                weight,
+                a,
+                c,
+                by_rank,
+                ..
+            } => {
                 out.push((*a, true, false, part(*a)));
                 out.push((*c, false, true, part(*c)));
+                if let Some(r) = by_rank {
+                    out.push((r.index, true, false, part(r.index)));
+                    out.push((r.weights, true, false, part(r.weights)));
+                }
                 if matches!(weight, GemmWeight::ExpertUp | GemmWeight::ExpertDown) {
                     out.push((ROUTING, true, false, Part::Whole));
                 }

@@ -704,7 +704,19 @@ impl Plan {
                         k,
                         groups,
                         epilogue,
+                        by_rank,
                     } => {
+                        let by_rank = match (by_rank, weight) {
+                            (None, _) => String::new(),
+                            (Some(r), super::GemmWeight::ExpertUp) => {
+                                format!("; rows read through {}", self.buffer_text(r.index))
+                            }
+                            (Some(r), _) => format!(
+                                "; outputs summed through {}, {}",
+                                self.buffer_text(r.index),
+                                self.buffer_text(r.weights)
+                            ),
+                        };
                         let groups = if *groups == 1 {
                             String::new()
                         } else {
@@ -715,7 +727,7 @@ impl Plan {
                             Epilogue::Activation => "; activation in the epilogue",
                         };
                         format!(
-                            "gemm {}: {} -> {}; {groups}m {m}, n {n}, k {k}{epilogue}",
+                            "gemm {}: {} -> {}; {groups}m {m}, n {n}, k {k}{epilogue}{by_rank}",
                             snake(weight),
                             self.buffer_text(*a),
                             self.buffer_text(*c)

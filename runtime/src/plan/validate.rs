@@ -618,18 +618,7 @@ pub fn buffer_bytes(dtype: DType, shape: &[u64]) -> Option<u64> {
 
 /// The buffer indices an op refers to, with the field that holds each.
 pub(crate) fn op_buffers(op: &Op) -> Vec<(&'static str, u32)> {
-    match &op.kind {
-        OpKind::Launch {
-            inputs, outputs, ..
-        } => inputs
-            .iter()
-            .map(|&b| ("inputs", b))
-            .chain(outputs.iter().map(|&b| ("outputs", b)))
-            .collect(),
-        OpKind::Gemm { a, c, .. } => vec![("a", *a), ("c", *c)],
-        OpKind::Collective { send, recv, .. } => vec![("send", *send), ("recv", *recv)],
-        OpKind::Record { .. } | OpKind::Wait { .. } => Vec::new(),
-    }
+    op.kind.buffers()
 }
 
 impl Plan {
