@@ -1054,3 +1054,67 @@ fn the_deepep_benchmark_layers_compile() {
         );
     }
 }
+
+/// The GEMMs fused with the expansion index (gpt-oss picks dispatch by rank
+/// with the reducing combine): the load checks refuse what the runtime
+/// could not run as the plan says.
+#[test]
+fn gemms_through_the_expansion_index_are_checked_at_load() {
+    use moec_runtime::plan::{GemmWeight, RankIndex, WeightOn};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gpt_oss_20b.moe");
+    let plan = compiled("gpt_oss_20b", &read(&path)).plan;
+    let fused = |p: &Plan, w: GemmWeight| {
+        p.ops()
+            .filter_map(|(_, op)| match op.kind {
+                OpKind::Gemm {
+                    weight,
+                    by_rank: Some(r),
+                    ..
+                } if weight == w => Some((op.id, r)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let ups = fused(&plan, GemmWeight::ExpertUp);
+    let downs = fused(&plan, GemmWeight::ExpertDown);
+    assert!(
+        !ups.is_empty() && ups.len() == downs.len(),
+        "{ups:?} {downs:?}"
+    );
+    plan.validate().unwrap();
+    let edit = |f: &dyn Fn(&mut Plan)| {
+        let mut p = plan.clone();
+        f(&mut p);
+        p.validate().unwrap_err().to_string()
+    };
+    let set = |p: &mut Plan, id: u32, to: Option<RankIndex>| {
+        for s in &mut p.streams {
+            for op in &mut s.ops {
+                if let (true, OpKind::Gemm { by_rank, .. }) = (op.id == id, &mut op.kind) {
+                    *by_rank = to;
+                }
+            }
+        }
+    };
+    let (up, index) = ups[0];
+    // The index and weights swapped: an f32 index.
+    let swapped = RankIndex {
+        index: index.weights,
+        weights: index.index,
+    };
+    let e = edit(&|p| set(p, up, Some(swapped)));
+    assert!(e.contains("expansion index"), "{e}");
+    // Weighing the inputs: the expansion scales each copy.
+    let e = edit(&|p| p.layer.router.weight_on = WeightOn::Input);
+    assert!(e.contains("weighs the inputs"), "{e}");
+    // Not a plan that dispatches by rank.
+    let e = edit(&|p| p.choices.reduce_combine = false);
+    assert!(e.contains("expansion index"), "{e}");
+    // A buffer that does not exist.
+    let gone = RankIndex {
+        index: 100_000,
+        weights: index.weights,
+    };
+    let e = edit(&|p| set(p, up, Some(gone)));
+    assert!(e.contains("100000"), "{e}");
+}

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use moec_runtime::plan::PLAN_FORMAT_VERSION;
 use moec_runtime::weights::{LayerWeights, WeightsError};
 use moec_runtime::{CpuOptions, Error, Layer, Plan, PlanError, Weights};
 
@@ -182,6 +183,7 @@ fn a_missing_plan_file_names_the_path() {
 #[test]
 fn a_file_that_is_not_a_plan_is_rejected_with_its_path() {
     let dir = scratch("corrupt");
+    let other = format!("{{\"version\": {PLAN_FORMAT_VERSION}, \"weights\": []}}");
     for (name, text, parts) in [
         (
             "garbage.json",
@@ -191,7 +193,7 @@ fn a_file_that_is_not_a_plan_is_rejected_with_its_path() {
         ("empty.json", "", &["not a moec plan"][..]),
         (
             "other.json",
-            "{\"version\": 3, \"weights\": []}",
+            other.as_str(),
             &["not a moec plan", "unknown field `weights`"][..],
         ),
         (
@@ -223,7 +225,12 @@ fn a_file_that_is_not_a_plan_is_rejected_with_its_path() {
 
 #[test]
 fn a_plan_of_another_format_version_says_to_rebuild() {
-    let newer = TINY.replacen("\"version\": 3,", "\"version\": 4,", 1);
+    let v = PLAN_FORMAT_VERSION;
+    let newer = TINY.replacen(
+        &format!("\"version\": {v},"),
+        &format!("\"version\": {},", v + 1),
+        1,
+    );
     assert_ne!(newer, TINY, "the fixture's version field moved");
     // A newer format may also have fields this runtime does not know.
     let newer = newer.replacen("\"version\"", "\"future_field\": true, \"version\"", 1);
@@ -235,20 +242,16 @@ fn a_plan_of_another_format_version_says_to_rebuild() {
         Error::Plan { source, .. } => assert_eq!(
             **source,
             PlanError::Version {
-                found: 4,
-                expected: 3
+                found: v + 1,
+                expected: v
             }
         ),
         other => panic!("expected a plan error, got {other:?}"),
     }
+    let (found, reads) = (format!("version {}", v + 1), format!("reads version {v}"));
     assert_mentions(
         &err.to_string(),
-        &[
-            "newer.plan.json",
-            "version 4",
-            "reads version 3",
-            "rebuild the plan",
-        ],
+        &["newer.plan.json", &found, &reads, "rebuild the plan"],
     );
 }
 

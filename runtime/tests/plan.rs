@@ -424,7 +424,7 @@ fn json_round_trip() {
 }
 
 const EXPECTED_TEXT: &str = "\
-moec plan v3: layer tiny
+moec plan v4: layer tiny
 layer    hidden 64, bf16, 16 tokens per rank
          experts 4 x swiglu(32)
          router top-2 softmax over all experts, normalised, scale 1, weight on output
@@ -539,7 +539,7 @@ fn text_of_a_bigger_layer() {
     assert_mentions(
         &text,
         &[
-            "moec plan v3: layer big\n",
+            "moec plan v4: layer big\n",
             "layer    hidden 64, bf16 (dispatch in fp8_e4m3), 16 tokens per rank\n",
             "router top-8 sigmoid + selection bias, groups 4 of 8 (top2_sum), normalised, scale 2.5, weight on output\n",
             "shared 1 x swiglu(2048, limit 7) with biases, sigmoid gate\n",
@@ -631,7 +631,7 @@ fn wrong_version() {
         plan.validate(),
         Err(PlanError::Version {
             found: 7,
-            expected: 3
+            expected: 4
         })
     );
     assert_mentions(&text, &["version 7", "reads version 3", "rebuild the plan"]);
@@ -1023,13 +1023,13 @@ fn from_json_rejects_garbage() {
 #[test]
 fn from_json_validates() {
     let mut plan = valid_plan();
-    plan.version = 4;
+    plan.version = 5;
     let err = Plan::from_json(&plan.to_json()).unwrap_err();
     assert_eq!(
         err,
         PlanError::Version {
-            found: 4,
-            expected: 3
+            found: 5,
+            expected: 4
         }
     );
     // The version is checked before the rest: a plan of another format
@@ -1041,12 +1041,12 @@ fn from_json_validates() {
     assert_eq!(
         err,
         PlanError::Version {
-            found: 4,
-            expected: 3
+            found: 5,
+            expected: 4
         }
     );
     // serde_json writes a NaN as null, which does not read back as a number.
-    plan.version = 3;
+    plan.version = 4;
     op_mut(&mut plan, 0).estimate_us = f64::NAN;
     let err = Plan::from_json(&plan.to_json()).unwrap_err();
     assert!(matches!(err, PlanError::Json(_)), "{err:?}");
