@@ -1,4 +1,5 @@
-"""moec from Python: compile Mixture-of-Experts layers and run them on NumPy arrays.
+"""moec from Python: compile Mixture-of-Experts layers and run them on NumPy arrays
+and PyTorch (or any DLPack) tensors, on the CPU backend or the CUDA backend.
 
 >>> import moec
 >>> plan = moec.compile("examples/tiny.moe")
@@ -8,7 +9,8 @@
 
 Errors from moec (a file that does not check, a plan or weights that cannot be
 used, a failing pass) are ``moec.MoeError`` with moec's own message; wrong
-arguments (shape, dtype, a non-contiguous array) are ``ValueError``.
+arguments (shape, dtype, a non-contiguous array or tensor, a tensor on a GPU)
+are ``ValueError``.
 """
 
 from ._moec import Layer, MoeError, Plan, check, compile, random_inputs, random_weights

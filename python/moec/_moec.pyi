@@ -1,6 +1,6 @@
 """Type stubs of the `moec._moec` extension module."""
 
-from typing import Any, Dict, List, Optional, Union, overload
+from typing import Any, Dict, List, Optional, Protocol, Tuple, TypeVar, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +35,15 @@ class Plan:
 
 Array = npt.NDArray[np.float32]
 
+class DLPackTensor(Protocol):
+    """A tensor of another framework (PyTorch, JAX, CuPy, ...): a
+    C-contiguous float32 host tensor is read in place through DLPack."""
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __dlpack_device__(self) -> Tuple[int, int]: ...
+
+T = TypeVar("T", bound=DLPackTensor)
+
 class Layer:
     def __init__(
         self,
@@ -46,7 +55,12 @@ class Layer:
         prefix: str = "",
     ) -> None:
         """A plan (a Plan or its JSON) with random weights (`seed`), a safetensors
-        checkpoint's path, or a dict of float32 arrays by Hugging Face name."""
+        checkpoint's path, or a dict of float32 arrays by Hugging Face name, on
+        the "cpu" backend or the "cuda" one (every rank a virtual rank of this
+        process's GPU; MoeError without a driver or GPU)."""
+    @property
+    def device(self) -> str:
+        """Where the layer runs: "cpu", or the GPU the CUDA backend uses."""
     @property
     def ranks(self) -> int: ...
     @property
@@ -56,11 +70,19 @@ class Layer:
     @overload
     def __call__(self, x: Array) -> Array: ...
     @overload
+    def __call__(self, x: T) -> T: ...
+    @overload
     def __call__(self, x: List[Array]) -> List[Array]: ...
+    @overload
+    def __call__(self, x: List[T]) -> List[T]: ...
     @overload
     def forward(self, x: Array) -> Array: ...
     @overload
+    def forward(self, x: T) -> T: ...
+    @overload
     def forward(self, x: List[Array]) -> List[Array]: ...
+    @overload
+    def forward(self, x: List[T]) -> List[T]: ...
     @property
     def stats(self) -> Dict[str, Any]:
         """The last pass's routing: tokens_per_expert, dropped, assignments, imbalance, grown."""

@@ -4,8 +4,12 @@
 //! compiler or the runtime: a Rust error becomes `moec.MoeError` with the
 //! same text, a wrong argument a `ValueError` or `TypeError`, and nothing
 //! a caller passes can panic the interpreter. A forward pass releases the
-//! GIL and reads a C-contiguous float32 NumPy array in place (one slice per
-//! rank, straight into the ranks' memory).
+//! GIL and reads a C-contiguous float32 NumPy array, or any framework's
+//! tensor through DLPack (`dlpack.rs`), in place (one slice per rank,
+//! straight into the ranks' memory).
+
+mod cuda;
+mod dlpack;
 
 use moec::compile::{compile as compile_program, Compiled, Options};
 use moec::run::{apply, Overrides};
@@ -150,11 +154,60 @@ fn compile(
     Ok(Plan { compiled })
 }
 
-/// A layer ready to run on the CPU backend: a plan with its weights.
+/// A layer ready to run: a plan with its weights, on the CPU backend or on
+/// the CUDA backend (every rank a virtual rank of this process's GPU).
 #[pyclass(module = "moec._moec", frozen)]
 struct Layer {
-    layer: RtLayer,
+    backend: Backend,
     stats: std::sync::Mutex<Option<Forward>>,
+}
+
+enum Backend {
+    Cpu(Box<RtLayer>),
+    Cuda {
+        layer: cuda::CudaLayer,
+        plan: Box<moec_runtime::Plan>,
+    },
+}
+
+impl Backend {
+    fn plan(&self) -> &moec_runtime::Plan {
+        match self {
+            Backend::Cpu(l) => l.plan(),
+            Backend::Cuda { plan, .. } => plan,
+        }
+    }
+
+    fn ranks(&self) -> usize {
+        usize::try_from(self.plan().mesh.world_size()).unwrap_or(usize::MAX)
+    }
+
+    fn tokens_per_rank(&self) -> usize {
+        usize::try_from(self.plan().layer.tokens_per_rank).unwrap_or(usize::MAX)
+    }
+
+    fn hidden(&self) -> usize {
+        usize::try_from(self.plan().layer.hidden).unwrap_or(usize::MAX)
+    }
+
+    fn forward_slices(&self, slices: &[&[f32]]) -> Result<Forward, String> {
+        match self {
+            Backend::Cpu(l) => l.forward_slices(slices).map_err(|e| e.to_string()),
+            Backend::Cuda { layer, .. } => layer.forward(slices),
+        }
+    }
+
+    fn random_inputs(&self, seed: u64) -> Vec<Vec<f32>> {
+        match self {
+            Backend::Cpu(l) => l.random_inputs(seed),
+            Backend::Cuda { plan, .. } => moec_runtime::weights::random_inputs(
+                &plan.layer,
+                self.ranks(),
+                self.tokens_per_rank(),
+                seed,
+            ),
+        }
+    }
 }
 
 #[pymethods]
@@ -169,9 +222,9 @@ impl Layer {
         backend: &str,
         prefix: &str,
     ) -> PyResult<Layer> {
-        if backend != "cpu" {
+        if backend != "cpu" && backend != "cuda" {
             return Err(PyValueError::new_err(format!(
-                "backend {backend:?}: the Python package runs the \"cpu\" backend (the CUDA backend is reached through `moec run --backend cuda`)"
+                "backend {backend:?}: expected \"cpu\" or \"cuda\""
             )));
         }
         let plan = match plan.downcast::<Plan>() {
@@ -210,31 +263,47 @@ impl Layer {
                 }
             },
         };
-        let layer = py.allow_threads(|| RtLayer::from_plan(plan, weights, CpuOptions::default()));
+        let made = py.allow_threads(|| {
+            if backend == "cuda" {
+                cuda_backend(plan, weights)
+            } else {
+                RtLayer::from_plan(plan, weights, CpuOptions::default())
+                    .map(|l| Backend::Cpu(Box::new(l)))
+                    .map_err(|e| e.to_string())
+            }
+        });
         if let Some(path) = scratch {
             let _ = std::fs::remove_file(path);
         }
-        let layer = layer.map_err(|e| moe_error(e.to_string()))?;
         Ok(Layer {
-            layer,
+            backend: made.map_err(moe_error)?,
             stats: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Where the layer runs: `"cpu"`, or the GPU the CUDA backend uses.
+    #[getter]
+    fn device(&self) -> String {
+        match &self.backend {
+            Backend::Cpu(_) => "cpu".into(),
+            Backend::Cuda { layer, .. } => layer.device.clone(),
+        }
     }
 
     /// Ranks of the layer (tensors per pass).
     #[getter]
     fn ranks(&self) -> usize {
-        self.layer.ranks()
+        self.backend.ranks()
     }
 
     #[getter]
     fn tokens_per_rank(&self) -> usize {
-        self.layer.tokens_per_rank()
+        self.backend.tokens_per_rank()
     }
 
     #[getter]
     fn hidden(&self) -> usize {
-        self.layer.hidden()
+        self.backend.hidden()
     }
 
     /// Runs the layer on `x`: one `[ranks * tokens_per_rank, hidden]`
@@ -245,45 +314,43 @@ impl Layer {
     }
 
     fn __call__<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<PyObject> {
-        let (t, h) = (self.layer.tokens_per_rank(), self.layer.hidden());
-        let ranks = self.layer.ranks();
+        let (t, h) = (self.backend.tokens_per_rank(), self.backend.hidden());
+        let ranks = self.backend.ranks();
         if let Ok(list) = x.downcast::<PyList>() {
-            let arrays: Vec<PyReadonlyArray2<'py, f32>> = list
+            let items: Vec<Bound<'py, PyAny>> = list.iter().collect();
+            let inputs: Vec<Input<'py>> = items
                 .iter()
                 .enumerate()
-                .map(|(r, a)| array_of(&a, [t, h], &format!("x[{r}]")))
+                .map(|(r, a)| Input::of(a, [t, h], &format!("x[{r}]")))
                 .collect::<PyResult<_>>()?;
-            if arrays.len() != ranks {
+            if inputs.len() != ranks {
                 return Err(PyValueError::new_err(format!(
                     "x: {} arrays for {ranks} ranks",
-                    arrays.len()
+                    inputs.len()
                 )));
             }
-            let slices: Vec<&[f32]> = arrays
+            let slices: Vec<&[f32]> = inputs
                 .iter()
-                .map(|a| {
-                    a.as_slice()
-                        .map_err(|e| PyValueError::new_err(e.to_string()))
-                })
+                .map(Input::as_slice)
                 .collect::<PyResult<_>>()?;
             let forward = self.run(py, &slices)?;
+            drop(inputs);
             let out = PyList::empty(py);
-            for o in &forward.outputs {
-                out.append(output_array(py, o, t, h)?)?;
+            for (o, like) in forward.outputs.iter().zip(&items) {
+                out.append(output_like(like, output_array(py, o, t, h)?)?)?;
             }
             self.keep(forward);
             return Ok(out.into_any().unbind());
         }
-        let array = array_of(x, [ranks * t, h], "x")?;
-        let all = array
-            .as_slice()
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let input = Input::of(x, [ranks * t, h], "x")?;
+        let all = input.as_slice()?;
         let slices: Vec<&[f32]> = all.chunks(t * h).collect();
         let forward = self.run(py, &slices)?;
+        drop(input);
         let flat: Vec<f32> = forward.outputs.concat();
-        let out = output_array(py, &flat, ranks * t, h)?;
+        let out = output_like(x, output_array(py, &flat, ranks * t, h)?)?;
         self.keep(forward);
-        Ok(out.into_any().unbind())
+        Ok(out.unbind())
     }
 
     /// The routing of the last pass: `tokens_per_expert`, `dropped`,
@@ -306,21 +373,18 @@ impl Layer {
     /// The address of the data a pass would read for a one-array `x`: the
     /// array's own (the tests check there is no copy).
     fn _input_address(&self, x: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let (t, h) = (self.layer.tokens_per_rank(), self.layer.hidden());
-        let array = array_of(x, [self.layer.ranks() * t, h], "x")?;
-        let slice = array
-            .as_slice()
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        Ok(slice.as_ptr() as usize)
+        let (t, h) = (self.backend.tokens_per_rank(), self.backend.hidden());
+        let input = Input::of(x, [self.backend.ranks() * t, h], "x")?;
+        Ok(input.as_slice()?.as_ptr() as usize)
     }
 
     fn __repr__(&self) -> String {
         format!(
             "<moec.Layer {}: {} ranks x {} tokens, hidden {}>",
-            self.layer.plan().layer.name,
-            self.layer.ranks(),
-            self.layer.tokens_per_rank(),
-            self.layer.hidden()
+            self.backend.plan().layer.name,
+            self.backend.ranks(),
+            self.backend.tokens_per_rank(),
+            self.backend.hidden()
         )
     }
 }
@@ -329,8 +393,8 @@ impl Layer {
     /// One pass with the GIL released (the arrays stay borrowed: `frozen`
     /// NumPy readonly views keep them alive and unwritten meanwhile).
     fn run(&self, py: Python<'_>, slices: &[&[f32]]) -> PyResult<Forward> {
-        py.allow_threads(|| self.layer.forward_slices(slices))
-            .map_err(|e| moe_error(e.to_string()))
+        py.allow_threads(|| self.backend.forward_slices(slices))
+            .map_err(moe_error)
     }
 
     fn keep(&self, forward: Forward) {
@@ -340,6 +404,28 @@ impl Layer {
             ..forward
         });
     }
+}
+
+/// The CUDA backend of `plan`: the weights read or drawn here, the backend
+/// made on a thread of its own (the CUDA backend's error when there is no
+/// driver or GPU).
+fn cuda_backend(plan: moec_runtime::Plan, weights: Weights) -> Result<Backend, String> {
+    let w = match weights {
+        Weights::Random { seed } => LayerWeights::random(&plan.layer, seed),
+        Weights::File { path, prefix } => {
+            LayerWeights::load(&path, &plan.layer, &prefix).map_err(|e| e.to_string())?
+        }
+        Weights::FileLayer { path, layer } => {
+            LayerWeights::load_layer(&path, &plan.layer, layer).map_err(|e| e.to_string())?
+        }
+        Weights::Given(w) => w,
+    };
+    plan.validate().map_err(|e| e.to_string())?;
+    let layer = cuda::CudaLayer::new(plan.clone(), w)?;
+    Ok(Backend::Cuda {
+        layer,
+        plan: Box::new(plan),
+    })
 }
 
 /// Writes a dict of float32 arrays (Hugging Face names) to a safetensors
@@ -383,6 +469,55 @@ fn write_dict(dict: &Bound<'_, PyDict>) -> PyResult<std::path::PathBuf> {
     Ok(path)
 }
 
+/// One input of a pass, read in place: a NumPy array, or another
+/// framework's tensor through DLPack.
+enum Input<'py> {
+    Numpy(PyReadonlyArray2<'py, f32>),
+    Dlpack(dlpack::DlpackTensor),
+}
+
+impl<'py> Input<'py> {
+    /// `x` as a C-contiguous float32 host array of `shape`: a NumPy array,
+    /// or any object with `__dlpack__` (a PyTorch tensor, ...); anything
+    /// else is a `ValueError` saying what differs (never a silent copy).
+    fn of(x: &Bound<'py, PyAny>, shape: [usize; 2], what: &str) -> PyResult<Input<'py>> {
+        if x.downcast::<PyArray2<f32>>().is_err() && x.hasattr("__dlpack__")? && !is_numpy(x) {
+            return dlpack::DlpackTensor::take(x, shape, what).map(Input::Dlpack);
+        }
+        array_of(x, shape, what).map(Input::Numpy)
+    }
+
+    fn as_slice(&self) -> PyResult<&[f32]> {
+        match self {
+            Input::Numpy(a) => a
+                .as_slice()
+                .map_err(|e| PyValueError::new_err(e.to_string())),
+            Input::Dlpack(t) => Ok(t.as_slice()),
+        }
+    }
+}
+
+/// A NumPy array of any dtype or rank (refused by `array_of` with what is
+/// wrong, rather than through DLPack).
+fn is_numpy(x: &Bound<'_, PyAny>) -> bool {
+    x.get_type()
+        .getattr("__module__")
+        .and_then(|m| m.extract::<String>())
+        .is_ok_and(|m| m == "numpy")
+}
+
+/// The output of a pass in the type of its input: NumPy for NumPy, the
+/// producer's framework for a DLPack tensor (shared, not copied).
+fn output_like<'py>(
+    like: &Bound<'py, PyAny>,
+    out: Bound<'py, PyArray2<f32>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    if like.downcast::<PyArray2<f32>>().is_ok() || is_numpy(like) {
+        return Ok(out.into_any());
+    }
+    dlpack::to_framework_of(like, out.into_any())
+}
+
 /// `x` as a C-contiguous float32 array of `shape`, read in place; anything
 /// else is a `ValueError` saying what differs (never a silent copy).
 fn array_of<'py>(
@@ -397,7 +532,7 @@ fn array_of<'py>(
             .unwrap_or_else(|_| x.get_type().to_string());
         let ndim = x.getattr("ndim").map(|d| d.to_string()).unwrap_or_default();
         return Err(PyValueError::new_err(format!(
-            "{what}: expected a 2-D float32 NumPy array, got {dtype} with {} dimension(s)",
+            "{what}: expected a 2-D float32 NumPy array or DLPack tensor, got {dtype} with {} dimension(s)",
             if ndim.is_empty() { "?".into() } else { ndim }
         )));
     };
@@ -435,9 +570,10 @@ fn random_inputs<'py>(
     layer: &Layer,
     seed: u64,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let inputs = layer.layer.random_inputs(seed);
-    let (t, h) = (layer.layer.tokens_per_rank(), layer.layer.hidden());
-    output_array(py, &inputs.concat(), layer.layer.ranks() * t, h)
+    let b = &layer.backend;
+    let inputs = b.random_inputs(seed);
+    let (t, h) = (b.tokens_per_rank(), b.hidden());
+    output_array(py, &inputs.concat(), b.ranks() * t, h)
 }
 
 /// Every weight of a layer built with `seed` (as `Layer(plan, seed=seed)`

@@ -29,7 +29,7 @@ def test_check_raises_with_the_rendered_diagnostics():
 
 def test_compile_and_the_plan():
     plan = moec.compile(TINY)
-    assert plan.text.startswith("moec plan v3: layer tiny")
+    assert plan.text.startswith("moec plan v4: layer tiny")
     assert json.loads(plan.to_json())["layer"]["name"] == "tiny"
     sim = plan.simulate()
     assert sim["layer"] == "tiny" and sim["ranks"] == 4 and sim["total_us"] > 0
@@ -123,6 +123,7 @@ def test_bad_inputs_are_value_errors_never_copies():
         layer("not an array")
     with pytest.raises(ValueError, match="backend"):
         moec.Layer(moec.compile(TINY), backend="tpu")
+    assert layer.device == "cpu"
     with pytest.raises(TypeError):
         moec.Layer(42)
     with pytest.raises(moec.MoeError, match="not a moec plan"):
@@ -156,5 +157,100 @@ def test_the_book_page_examples_run(monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", page, re.S)
     assert len(blocks) >= 2
     monkeypatch.chdir(ROOT)
+    try:
+        import torch  # noqa: F401
+
+        have_torch = True
+    except ImportError:
+        have_torch = False
     for block in blocks:
+        if block.startswith("import torch") and not have_torch:
+            continue  # the PyTorch comparison runs where PyTorch is installed
         exec(compile(block, "book/src/python.md", "exec"), {})
+
+
+class Tensor:
+    """A framework's tensor that NumPy knows nothing of: it offers its data
+    through DLPack only (as PyTorch, JAX or CuPy do)."""
+
+    def __init__(self, array, device=(1, 0)):
+        self.array = array
+        self.device = device
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.device
+
+
+def from_dlpack(x):
+    """This module's `from_dlpack`: where moec hands a Tensor input's output."""
+    return Tensor(np.from_dlpack(x))
+
+
+def test_a_dlpack_tensor_is_read_in_place_and_its_output_is_of_its_kind():
+    layer = moec.Layer(moec.compile(TINY), seed=0)
+    x = moec.random_inputs(layer, seed=5)
+    t = Tensor(x)
+    assert layer._input_address(t) == x.ctypes.data
+    y = layer(t)
+    assert isinstance(y, Tensor)
+    np.testing.assert_array_equal(y.array, layer(x))
+    parts = layer([Tensor(np.ascontiguousarray(p)) for p in np.split(x, 4)])
+    assert all(isinstance(p, Tensor) for p in parts)
+    np.testing.assert_array_equal(np.concatenate([p.array for p in parts]), y.array)
+
+
+def test_bad_dlpack_tensors_are_value_errors():
+    layer = moec.Layer(moec.compile(TINY), seed=0)
+    x = moec.random_inputs(layer)
+    with pytest.raises(ValueError, match="float32"):
+        layer(Tensor(x.astype(np.float64)))
+    with pytest.raises(ValueError, match="shape"):
+        layer(Tensor(x[:10]))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        layer(Tensor(np.asfortranarray(x)))
+    with pytest.raises(ValueError, match="2-D"):
+        layer(Tensor(x.reshape(-1)))
+    with pytest.raises(ValueError, match="CUDA device"):
+        layer(Tensor(x, device=(2, 0)))
+    # The tensor is still usable after a refused call (the capsule's deleter ran once).
+    np.testing.assert_array_equal(layer(Tensor(x)).array, layer(x))
+
+
+def test_torch_tensors_in_and_out():
+    """PyTorch, when installed (CI runs NumPy only; PyTorch's wheel is
+    gigabytes): a CPU float32 tensor is read in place and the output is a
+    tensor; a CUDA, float64 or transposed tensor is a ValueError."""
+    torch = pytest.importorskip("torch")
+    layer = moec.Layer(moec.compile(TINY), seed=0)
+    x = moec.random_inputs(layer, seed=6)
+    t = torch.from_numpy(x.copy())
+    assert layer._input_address(t) == t.data_ptr()
+    y = layer(t)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
+    np.testing.assert_array_equal(y.numpy(), layer(x))
+    with pytest.raises(ValueError, match="float32"):
+        layer(t.double())
+    with pytest.raises(ValueError, match="C-contiguous"):
+        layer(t.t().contiguous().t())
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            layer(t.cuda())
+
+
+def test_the_cuda_backend_runs_or_says_why_not():
+    """Without a GPU (CI) the CUDA backend is moec's error naming what is
+    missing; with one, it gives the CPU backend's output."""
+    plan = moec.compile(TINY)
+    x = moec.random_inputs(moec.Layer(plan, seed=0), seed=7)
+    try:
+        gpu = moec.Layer(plan, seed=0, backend="cuda")
+    except moec.MoeError as e:
+        assert any(w in str(e) for w in ("CUDA", "GPU", "driver")), str(e)
+        return
+    assert gpu.device != "cpu"
+    want = moec.Layer(plan, seed=0)(x)
+    got = gpu(x)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

@@ -634,7 +634,7 @@ fn wrong_version() {
             expected: 4
         })
     );
-    assert_mentions(&text, &["version 7", "reads version 3", "rebuild the plan"]);
+    assert_mentions(&text, &["version 7", "reads version 4", "rebuild the plan"]);
 }
 
 #[test]
