@@ -204,7 +204,15 @@ fn ops_agree_with_buffers(name: &str, plan: &Plan) {
     let buf = |i: u32| &plan.buffers[i as usize];
     for (_, op) in plan.ops() {
         match &op.kind {
-            OpKind::Gemm { a, c, m, k, .. } => {
+            OpKind::Gemm {
+                weight,
+                a,
+                c,
+                m,
+                k,
+                by_rank,
+                ..
+            } => {
                 let (a, c) = (buf(*a), buf(*c));
                 assert_eq!(
                     a.shape.last(),
@@ -213,8 +221,25 @@ fn ops_agree_with_buffers(name: &str, plan: &Plan) {
                     op.name,
                     a.name
                 );
-                assert!(a.shape[0] >= *m, "{name}: {} m vs {}", op.name, a.name);
-                assert!(c.shape[0] >= *m, "{name}: {} m vs {}", op.name, c.name);
+                // Through the expansion index, the by-rank side (the up
+                // projection's input, the down projection's output) holds
+                // one row per received by-rank row, not `m`; the index
+                // covers every one of them.
+                let by_rank_side = match (by_rank, weight) {
+                    (Some(_), moec_runtime::plan::GemmWeight::ExpertUp) => Some(a),
+                    (Some(_), _) => Some(c),
+                    (None, _) => None,
+                };
+                for b in [a, c] {
+                    if Some(b) != by_rank_side {
+                        assert!(b.shape[0] >= *m, "{name}: {} m vs {}", op.name, b.name);
+                    }
+                }
+                if let (Some(r), Some(side)) = (by_rank, by_rank_side) {
+                    let index = buf(r.index);
+                    assert_eq!(index.shape[0], side.shape[0], "{name}: {}", op.name);
+                    assert_eq!(side.bound, index.bound, "{name}: {}", op.name);
+                }
             }
             OpKind::Collective {
                 kind,
