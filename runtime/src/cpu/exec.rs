@@ -1855,7 +1855,6 @@ impl StreamRun<'_> {
         by_rank: Option<RankIndex>,
     ) -> Result<(), ExecError> {
         let b = self.backend;
-        let h = b.plan.layer.hidden as usize;
         let (a_region, a_buf) = self.region(a, op.chunk)?;
         let (c_region, c_buf) = self.region(c, op.chunk)?;
         let expansion = match by_rank {
@@ -1873,65 +1872,7 @@ impl StreamRun<'_> {
         let reduce = matches!(weight, GemmWeight::ExpertDown) && expansion.is_some();
         let mut product: Vec<f32> = Vec::new();
         let threads = b.options.gemm_threads;
-        // Row groups: (rows of a and c, weights).
-        let mut groups: Vec<GemmGroup<'_>> = Vec::new();
-        let (k, n);
-        match weight {
-            GemmWeight::RouterGate => {
-                k = h;
-                n = b.geo.experts;
-                let rows = a_region.bytes / (k * a_buf.dtype.bytes() as usize).max(1);
-                groups.push((
-                    0..rows,
-                    &b.prepared.router,
-                    b.prepared.router_logit_bias.as_deref(),
-                    n,
-                ));
-            }
-            GemmWeight::SharedUp | GemmWeight::SharedDown => {
-                let ffn =
-                    b.prepared.shared.as_ref().ok_or_else(|| {
-                        ExecError::new("a shared-expert GEMM without shared weights")
-                    })?;
-                let rows = b.geo.tokens;
-                if weight == GemmWeight::SharedUp {
-                    k = h;
-                    n = ffn.up_rows;
-                    groups.push((0..rows, &ffn.up, ffn.up_bias.as_deref(), n));
-                } else {
-                    k = ffn.width;
-                    n = h;
-                    groups.push((0..rows, &ffn.down, ffn.down_bias.as_deref(), n));
-                }
-            }
-            GemmWeight::ExpertUp | GemmWeight::ExpertDown => {
-                let table = self.chunk_table(op.chunk)?;
-                let me = self.me();
-                let local = &b.geo.experts_of[me];
-                let first = local
-                    .first()
-                    .and_then(|&e| b.prepared.experts.get(e))
-                    .ok_or_else(|| ExecError::new("this rank holds no experts"))?;
-                if weight == GemmWeight::ExpertUp {
-                    k = h;
-                    n = first.up_rows;
-                } else {
-                    k = first.width;
-                    n = h;
-                }
-                for (l, &e) in local.iter().enumerate() {
-                    let ffn = &b.prepared.experts[e];
-                    let t = table.get();
-                    let start = t.expert_start(me, l);
-                    let range = start..start + t.expert_rows(me, l);
-                    if weight == GemmWeight::ExpertUp {
-                        groups.push((range, &ffn.up, ffn.up_bias.as_deref(), n));
-                    } else {
-                        groups.push((range, &ffn.down, ffn.down_bias.as_deref(), n));
-                    }
-                }
-            }
-        }
+        let (groups, k, n) = self.gemm_groups(op, weight, a_region, a_buf)?;
         let out_cols = if epilogue == Epilogue::Activation {
             let width = match weight {
                 GemmWeight::SharedUp => b.prepared.shared.as_ref().map_or(0, |f| f.width),
@@ -1992,27 +1933,7 @@ impl StreamRun<'_> {
             match epilogue {
                 Epilogue::None => memory::write_f32(&c_f32, c_buf.dtype, c_raw),
                 Epilogue::Activation => {
-                    let jit = match weight {
-                        GemmWeight::SharedUp => b.prepared.shared_epilogue.as_ref(),
-                        _ => b.prepared.expert_epilogue.as_ref(),
-                    }
-                    .ok_or_else(|| ExecError::new("no epilogue kernel was compiled"))?;
-                    let limit = b.clamp_limit(weight == GemmWeight::SharedUp);
-                    let args = [
-                        RawArg::Buf {
-                            ptr: c_f32.as_mut_ptr().cast(),
-                            len: (m * n) as u64,
-                        },
-                        RawArg::Buf {
-                            ptr: c_raw.as_mut_ptr(),
-                            len: (m * out_cols) as u64,
-                        },
-                        RawArg::F32(limit),
-                    ];
-                    // SAFETY: both buffers are live Rust slices of the stated
-                    // lengths owned by this op for its duration.
-                    unsafe { jit.launch_raw(&args, 0..m as u64) }
-                        .map_err(|e| ExecError::new(format!("activation epilogue: {e}")))?;
+                    self.activation_epilogue(weight, &mut c_f32, (c_raw, m * out_cols), m)?
                 }
             }
         }
@@ -2020,6 +1941,112 @@ impl StreamRun<'_> {
             self.reduce_epilogue(x, &mut product, n, c_region)?;
         }
         Ok(())
+    }
+
+    /// The row groups of a GEMM (rows of `a` and `c`, weights, bias, `n`)
+    /// with its `k` and `n`: one group, or one per local expert from the
+    /// chunk's routing table.
+    fn gemm_groups(
+        &self,
+        op: &Op,
+        weight: GemmWeight,
+        a_region: Region,
+        a_buf: &Buffer,
+    ) -> Result<(Vec<GemmGroup<'_>>, usize, usize), ExecError> {
+        let b = self.backend;
+        let h = b.plan.layer.hidden as usize;
+        let mut groups: Vec<GemmGroup<'_>> = Vec::new();
+        let (k, n);
+        match weight {
+            GemmWeight::RouterGate => {
+                k = h;
+                n = b.geo.experts;
+                let rows = a_region.bytes / (k * a_buf.dtype.bytes() as usize).max(1);
+                groups.push((
+                    0..rows,
+                    &b.prepared.router,
+                    b.prepared.router_logit_bias.as_deref(),
+                    n,
+                ));
+            }
+            GemmWeight::SharedUp | GemmWeight::SharedDown => {
+                let ffn =
+                    b.prepared.shared.as_ref().ok_or_else(|| {
+                        ExecError::new("a shared-expert GEMM without shared weights")
+                    })?;
+                let rows = b.geo.tokens;
+                if weight == GemmWeight::SharedUp {
+                    k = h;
+                    n = ffn.up_rows;
+                    groups.push((0..rows, &ffn.up, ffn.up_bias.as_deref(), n));
+                } else {
+                    k = ffn.width;
+                    n = h;
+                    groups.push((0..rows, &ffn.down, ffn.down_bias.as_deref(), n));
+                }
+            }
+            GemmWeight::ExpertUp | GemmWeight::ExpertDown => {
+                let table = self.chunk_table(op.chunk)?;
+                let me = self.me();
+                let local = &b.geo.experts_of[me];
+                let first = local
+                    .first()
+                    .and_then(|&e| b.prepared.experts.get(e))
+                    .ok_or_else(|| ExecError::new("this rank holds no experts"))?;
+                if weight == GemmWeight::ExpertUp {
+                    k = h;
+                    n = first.up_rows;
+                } else {
+                    k = first.width;
+                    n = h;
+                }
+                for (l, &e) in local.iter().enumerate() {
+                    let ffn = &b.prepared.experts[e];
+                    let t = table.get();
+                    let start = t.expert_start(me, l);
+                    let range = start..start + t.expert_rows(me, l);
+                    if weight == GemmWeight::ExpertUp {
+                        groups.push((range, &ffn.up, ffn.up_bias.as_deref(), n));
+                    } else {
+                        groups.push((range, &ffn.down, ffn.down_bias.as_deref(), n));
+                    }
+                }
+            }
+        }
+        Ok((groups, k, n))
+    }
+
+    /// The activation epilogue of `m` rows: the compiled activation over the
+    /// `f32` product into the output's dtype.
+    fn activation_epilogue(
+        &self,
+        weight: GemmWeight,
+        product: &mut [f32],
+        (out, out_len): (&mut [u8], usize),
+        m: usize,
+    ) -> Result<(), ExecError> {
+        let b = self.backend;
+        let jit = match weight {
+            GemmWeight::SharedUp => b.prepared.shared_epilogue.as_ref(),
+            _ => b.prepared.expert_epilogue.as_ref(),
+        }
+        .ok_or_else(|| ExecError::new("no epilogue kernel was compiled"))?;
+        let limit = b.clamp_limit(weight == GemmWeight::SharedUp);
+        let args = [
+            RawArg::Buf {
+                ptr: product.as_mut_ptr().cast(),
+                len: product.len() as u64,
+            },
+            RawArg::Buf {
+                ptr: out.as_mut_ptr(),
+                len: out_len as u64,
+            },
+            RawArg::F32(limit),
+        ];
+        // SAFETY: both buffers are live Rust slices of the stated lengths
+        // owned by this op for its duration.
+        unsafe { jit.launch_raw(&args, 0..m as u64) }
+            .map_err(|e| ExecError::new(format!("activation epilogue: {e}")))
     }
 
     /// Rows `rows` of a GEMM input: `f32` in place, other dtypes widened

@@ -1420,50 +1420,10 @@ impl<'a> Issuer<'a> {
     }
 
     fn gemm(&mut self, i: usize, stream: usize, g: &GemmStep) -> Result<(), ExecError> {
-        let p = self.p;
         let r = self.local[i];
-        let me = p.me(r);
-        // Row groups: (first row, rows, local expert slot).
-        let groups: Vec<(u64, u64, Option<usize>)> = match g.groups {
-            Groups::Fixed(rows) => vec![(0, rows, None)],
-            // Padded slots and no routing on the host: every slot in full.
-            Groups::Experts(_) if self.device_routed => (0..p.geometry.local_experts(me))
-                .map(|l| (l as u64 * p.padded, p.padded, Some(l)))
-                .collect(),
-            Groups::Experts(c) => {
-                let table = self.table(i, c)?;
-                let padded = p.padded as usize;
-                (0..p.geometry.local_experts(me))
-                    .map(|l| {
-                        (
-                            table.slot_start(me, l, padded) as u64,
-                            table.expert_rows(me, l) as u64,
-                            Some(l),
-                        )
-                    })
-                    .collect()
-            }
-        };
+        let groups = self.gemm_groups(i, g)?;
         let (a_elem, c_elem) = (g.a_dtype.bytes(), g.c_dtype.bytes());
-        // The received by-rank rows of the chunk, for a GEMM fused with the
-        // expansion index.
-        let fused = g.gather.is_some() || matches!(g.tail, Tail::Reduce { .. });
-        let received = match g.groups {
-            Groups::Experts(c) if fused && !self.device_routed => {
-                self.table(i, c)?.rank_received(me) as u64
-            }
-            _ if fused => {
-                return Err(err(
-                    r,
-                    None,
-                    format!(
-                        "`{}`: a GEMM through the expansion index needs the routing on the host",
-                        g.label
-                    ),
-                ))
-            }
-            _ => 0,
-        };
+        let received = self.received_by_rank(i, g)?;
         let buf = |s: Span, elem: u64| Arg::Buf {
             addr: Addr::of(r, s),
             len: s.bytes / elem,
@@ -1475,15 +1435,7 @@ impl<'a> Issuer<'a> {
                 buf(x.weights, 4),
                 buf(g.a, a_elem),
             ];
-            let cmd = self.launch_cmd(
-                r,
-                stream,
-                KernelRef::Generated(x.kernel),
-                args,
-                received,
-                g.status,
-            )?;
-            self.submit(r, stream, cmd)?;
+            self.launch_generated((r, stream), x.kernel, args, received, g.status)?;
         }
         // Equal slots and evenly spaced weights: one strided-batched GEMM,
         // then each expert's epilogue.
@@ -1493,16 +1445,13 @@ impl<'a> Issuer<'a> {
             let rows = m * groups.len() as u64;
             self.submit_gemm(r, stream, cmd, (rows, g.n, g.k))?;
         }
+        // The reducing tail writes the by-rank rows after every group.
+        let reduces = matches!(g.tail, Tail::Reduce { .. });
         for (start, m, slot) in groups {
             if m == 0 {
                 continue;
             }
-            // The reducing tail writes the by-rank rows after every group.
-            let c_rows = if fused && g.gather.is_none() {
-                (0, 0)
-            } else {
-                (start, m)
-            };
+            let c_rows = if reduces { (0, 0) } else { (start, m) };
             let a =
                 g.a.sub(start * g.k * a_elem, m * g.k * a_elem, "the GEMM input")
                     .and_then(|a| {
@@ -1542,69 +1491,7 @@ impl<'a> Issuer<'a> {
                     len: 0,
                 },
             };
-            match g.tail {
-                Tail::Direct => {}
-                Tail::Store { kernel } => {
-                    let args = vec![buf(acc, 4), bias_arg, buf(c, c_elem)];
-                    let cmd = self.launch_cmd(
-                        r,
-                        stream,
-                        KernelRef::Generated(kernel),
-                        args,
-                        m,
-                        g.status,
-                    )?;
-                    self.submit(r, stream, cmd)?;
-                }
-                Tail::Activation {
-                    store,
-                    kernel,
-                    limit,
-                } => {
-                    let input = match store {
-                        Some(s) => {
-                            // Sized only for GEMMs with a bias and an activation.
-                            let biased = g
-                                .biased
-                                .sub(start * g.n * 4, m * g.n * 4, "the biased accumulator")
-                                .map_err(|e| err(r, None, e))?;
-                            let args = vec![buf(acc, 4), bias_arg, buf(biased, 4)];
-                            let cmd = self.launch_cmd(
-                                r,
-                                stream,
-                                KernelRef::Generated(s),
-                                args,
-                                m,
-                                g.status,
-                            )?;
-                            self.submit(r, stream, cmd)?;
-                            biased
-                        }
-                        None => acc,
-                    };
-                    let args = vec![buf(input, 4), buf(c, c_elem), Arg::F32(limit)];
-                    let cmd = self.launch_cmd(
-                        r,
-                        stream,
-                        KernelRef::Generated(kernel),
-                        args,
-                        m,
-                        g.status,
-                    )?;
-                    self.submit(r, stream, cmd)?;
-                }
-                Tail::Reduce { store: Some(s), .. } => {
-                    let biased = g
-                        .biased
-                        .sub(start * g.n * 4, m * g.n * 4, "the biased accumulator")
-                        .map_err(|e| err(r, None, e))?;
-                    let args = vec![buf(acc, 4), bias_arg, buf(biased, 4)];
-                    let cmd =
-                        self.launch_cmd(r, stream, KernelRef::Generated(s), args, m, g.status)?;
-                    self.submit(r, stream, cmd)?;
-                }
-                Tail::Reduce { store: None, .. } => {}
-            }
+            self.group_tail((r, stream), g, (start, m), (acc, c, bias_arg))?;
         }
         if let Tail::Reduce {
             store,
@@ -1620,17 +1507,127 @@ impl<'a> Issuer<'a> {
                 buf(weights, 4),
                 buf(g.c, c_elem),
             ];
-            let cmd = self.launch_cmd(
-                r,
-                stream,
-                KernelRef::Generated(kernel),
-                args,
-                received,
-                g.status,
-            )?;
-            self.submit(r, stream, cmd)?;
+            self.launch_generated((r, stream), kernel, args, received, g.status)?;
         }
         Ok(())
+    }
+
+    /// A GEMM's row groups: (first row, rows, local expert slot).
+    fn gemm_groups(
+        &mut self,
+        i: usize,
+        g: &GemmStep,
+    ) -> Result<Vec<(u64, u64, Option<usize>)>, ExecError> {
+        let p = self.p;
+        let me = p.me(self.local[i]);
+        Ok(match g.groups {
+            Groups::Fixed(rows) => vec![(0, rows, None)],
+            // Padded slots and no routing on the host: every slot in full.
+            Groups::Experts(_) if self.device_routed => (0..p.geometry.local_experts(me))
+                .map(|l| (l as u64 * p.padded, p.padded, Some(l)))
+                .collect(),
+            Groups::Experts(c) => {
+                let table = self.table(i, c)?;
+                let padded = p.padded as usize;
+                (0..p.geometry.local_experts(me))
+                    .map(|l| {
+                        (
+                            table.slot_start(me, l, padded) as u64,
+                            table.expert_rows(me, l) as u64,
+                            Some(l),
+                        )
+                    })
+                    .collect()
+            }
+        })
+    }
+
+    /// The by-rank rows local rank `i` received in the GEMM's chunk, when
+    /// the GEMM goes through the expansion index (0 otherwise): the rows
+    /// its gather or reduction covers.
+    fn received_by_rank(&mut self, i: usize, g: &GemmStep) -> Result<u64, ExecError> {
+        let r = self.local[i];
+        let me = self.p.me(r);
+        let fused = g.gather.is_some() || matches!(g.tail, Tail::Reduce { .. });
+        match g.groups {
+            _ if !fused => Ok(0),
+            Groups::Experts(c) if !self.device_routed => {
+                Ok(self.table(i, c)?.rank_received(me) as u64)
+            }
+            _ => Err(err(
+                r,
+                None,
+                format!(
+                    "`{}`: a GEMM through the expansion index needs the routing on the host",
+                    g.label
+                ),
+            )),
+        }
+    }
+
+    /// The tail of one row group of a GEMM (rows `start..start + m`): the
+    /// store, the activation, or the bias before a reduction.
+    fn group_tail(
+        &mut self,
+        (r, stream): (usize, usize),
+        g: &GemmStep,
+        (start, m): (u64, u64),
+        (acc, c, bias_arg): (Span, Span, Arg),
+    ) -> Result<(), ExecError> {
+        let buf = |s: Span, elem: u64| Arg::Buf {
+            addr: Addr::of(r, s),
+            len: s.bytes / elem,
+        };
+        let c_elem = g.c_dtype.bytes();
+        // The second accumulator of these rows (sized only for GEMMs with a
+        // bias before an activation or a reduction).
+        let biased = || {
+            g.biased
+                .sub(start * g.n * 4, m * g.n * 4, "the biased accumulator")
+                .map_err(|e| err(r, None, e))
+        };
+        match g.tail {
+            Tail::Direct | Tail::Reduce { store: None, .. } => Ok(()),
+            Tail::Store { kernel } => {
+                let args = vec![buf(acc, 4), bias_arg, buf(c, c_elem)];
+                self.launch_generated((r, stream), kernel, args, m, g.status)
+            }
+            Tail::Reduce { store: Some(s), .. } => {
+                let args = vec![buf(acc, 4), bias_arg, buf(biased()?, 4)];
+                self.launch_generated((r, stream), s, args, m, g.status)
+            }
+            Tail::Activation {
+                store,
+                kernel,
+                limit,
+            } => {
+                let input = match store {
+                    Some(s) => {
+                        let biased = biased()?;
+                        let args = vec![buf(acc, 4), bias_arg, buf(biased, 4)];
+                        self.launch_generated((r, stream), s, args, m, g.status)?;
+                        biased
+                    }
+                    None => acc,
+                };
+                let args = vec![buf(input, 4), buf(c, c_elem), Arg::F32(limit)];
+                self.launch_generated((r, stream), kernel, args, m, g.status)
+            }
+        }
+    }
+
+    /// Launches generated kernel `kernel` over `rows` rows on `stream` of
+    /// rank `r`.
+    fn launch_generated(
+        &mut self,
+        (r, stream): (usize, usize),
+        kernel: usize,
+        args: Vec<Arg>,
+        rows: u64,
+        status: usize,
+    ) -> Result<(), ExecError> {
+        let cmd = self.launch_cmd(r, stream, KernelRef::Generated(kernel), args, rows, status)?;
+        self.submit(r, stream, cmd)
     }
 
     /// Submits a cuBLAS GEMM command of shape `(m, n, k)` (all of a batch's

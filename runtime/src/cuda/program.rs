@@ -1794,7 +1794,6 @@ impl<'p> Lowering<'p> {
                 "the plan says n = {plan_n}, the weights give n = {n}"
             ));
         }
-        let has_bias = super::plan::gemm_has_bias(plan, weight);
         let name = weight_name(weight);
         let out_cols = match (epilogue, ffn) {
             (Epilogue::Activation, Some(f)) => f.width,
@@ -1803,46 +1802,7 @@ impl<'p> Lowering<'p> {
             }
             (Epilogue::None, _) => n,
         };
-        let tail = match (epilogue, by_rank, weight) {
-            (Epilogue::None, Some((index, weights)), GemmWeight::ExpertDown) => Tail::Reduce {
-                store: if has_bias {
-                    Some(self.labelled(&format!("{name}_store"))?)
-                } else {
-                    None
-                },
-                kernel: self.labelled(super::plan::EXPERT_REDUCE)?,
-                index,
-                weights,
-            },
-            (_, Some(_), GemmWeight::ExpertUp) | (_, None, _) => match epilogue {
-                Epilogue::None if c_buf.dtype == DType::F32 && !has_bias => Tail::Direct,
-                Epilogue::None => Tail::Store {
-                    kernel: self.labelled(&format!("{name}_store"))?,
-                },
-                Epilogue::Activation => {
-                    let label = if weight == GemmWeight::SharedUp {
-                        "shared_activation"
-                    } else {
-                        "expert_activation"
-                    };
-                    Tail::Activation {
-                        store: if has_bias {
-                            Some(self.labelled(&format!("{name}_store"))?)
-                        } else {
-                            None
-                        },
-                        kernel: self.labelled(label)?,
-                        limit: self.clamp_limit(weight == GemmWeight::SharedUp),
-                    }
-                }
-            },
-            (_, Some(_), _) => {
-                return Err(format!(
-                    "`{}`: only the expert projections go through the expansion index",
-                    op.name
-                ))
-            }
-        };
+        let tail = self.gemm_tail(op, weight, (epilogue, by_rank), c_buf.dtype)?;
         // The fused expansion: the GEMM reads the gather workspace, the
         // plan's `m` expert rows of `a`'s width.
         let gather = match (by_rank, weight) {
@@ -1914,6 +1874,60 @@ impl<'p> Lowering<'p> {
             }),
         );
         Ok(())
+    }
+
+    /// What happens to a GEMM's `f32` product: cuBLAS writes the output,
+    /// a store, the activation, or the reduction through the expansion
+    /// index (each with the bias's store where there is one).
+    fn gemm_tail(
+        &mut self,
+        op: &crate::plan::Op,
+        weight: GemmWeight,
+        (epilogue, by_rank): (Epilogue, Option<(Span, Span)>),
+        c_dtype: DType,
+    ) -> Result<Tail, String> {
+        let has_bias = super::plan::gemm_has_bias(self.plan, weight);
+        let name = weight_name(weight);
+        Ok(match (epilogue, by_rank, weight) {
+            (Epilogue::None, Some((index, weights)), GemmWeight::ExpertDown) => Tail::Reduce {
+                store: if has_bias {
+                    Some(self.labelled(&format!("{name}_store"))?)
+                } else {
+                    None
+                },
+                kernel: self.labelled(super::plan::EXPERT_REDUCE)?,
+                index,
+                weights,
+            },
+            (_, Some(_), GemmWeight::ExpertUp) | (_, None, _) => match epilogue {
+                Epilogue::None if c_dtype == DType::F32 && !has_bias => Tail::Direct,
+                Epilogue::None => Tail::Store {
+                    kernel: self.labelled(&format!("{name}_store"))?,
+                },
+                Epilogue::Activation => {
+                    let label = if weight == GemmWeight::SharedUp {
+                        "shared_activation"
+                    } else {
+                        "expert_activation"
+                    };
+                    Tail::Activation {
+                        store: if has_bias {
+                            Some(self.labelled(&format!("{name}_store"))?)
+                        } else {
+                            None
+                        },
+                        kernel: self.labelled(label)?,
+                        limit: self.clamp_limit(weight == GemmWeight::SharedUp),
+                    }
+                }
+            },
+            (_, Some(_), _) => {
+                return Err(format!(
+                    "`{}`: only the expert projections go through the expansion index",
+                    op.name
+                ))
+            }
+        })
     }
 
     /// Places the workspace and patches the steps' workspace spans.
