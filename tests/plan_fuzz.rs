@@ -31,6 +31,7 @@
 
 use moec::compile::{compile, Options};
 use moec::run::{apply, Overrides};
+use moec_runtime::plan::OpKind;
 use moec_runtime::weights::LayerWeights;
 use moec_runtime::{CpuOptions, Layer, Plan, Weights};
 use moec_tests::reference::{self, Tensor};
@@ -68,12 +69,16 @@ fn examples() -> Vec<PathBuf> {
 }
 
 fn plan_of(path: &Path, overrides: &Overrides) -> Plan {
+    plan_in(path, overrides, &Options::default())
+}
+
+fn plan_in(path: &Path, overrides: &Overrides, options: &Options) -> Plan {
     let source = std::fs::read_to_string(path).unwrap();
     let checked = moec_lang::check_source(&source);
     let (program, _) = checked.program.unwrap();
     let mut program = program.clone();
     apply(&mut program, overrides).unwrap();
-    compile(&program, &Options::default()).unwrap().plan
+    compile(&program, options).unwrap().plan
 }
 
 fn options() -> CpuOptions {
@@ -109,28 +114,56 @@ fn build_bases() -> Vec<Base> {
             plan: full,
             output: None,
         });
-        let small = plan_of(
-            &path,
-            &Overrides {
-                ranks: Some(4),
-                tokens: Some(32),
-                dtype: Some(moec_lang::spec::DType::F32),
-                hidden: Some(64),
-                ffn: Some(32),
-            },
-        );
-        let layer = Layer::from_plan(small.clone(), Weights::Random { seed: SEED }, options())
-            .unwrap_or_else(|e| panic!("{name} (small): {e}"));
-        let inputs = layer.random_inputs(SEED);
-        let output = layer.forward(&inputs).unwrap().outputs;
-        out.push(Base {
-            name: format!("{name} (small)"),
-            json: serde_json::from_str(&small.to_json()).unwrap(),
-            plan: small,
-            output: Some(output),
-        });
+        let shrunk = Overrides {
+            ranks: Some(4),
+            tokens: Some(32),
+            dtype: Some(moec_lang::spec::DType::F32),
+            hidden: Some(64),
+            ffn: Some(32),
+        };
+        out.push(runnable(format!("{name} (small)"), plan_of(&path, &shrunk)));
+        // gpt-oss dispatched by rank with the reducing combine: its GEMMs
+        // go through the expansion index (`Gemm::by_rank`).
+        if name == "gpt_oss_20b" {
+            let options = Options {
+                routing: Some(moec::cost::RoutingForm::DedupReduce),
+                ..Options::default()
+            };
+            let plan = plan_in(&path, &shrunk, &options);
+            let fused = plan
+                .ops()
+                .filter(|(_, op)| {
+                    matches!(
+                        op.kind,
+                        OpKind::Gemm {
+                            by_rank: Some(_),
+                            ..
+                        }
+                    )
+                })
+                .count();
+            assert!(
+                fused >= 2,
+                "{name}: {fused} GEMMs through the expansion index"
+            );
+            out.push(runnable(format!("{name} (small, by rank+reduce)"), plan));
+        }
     }
     out
+}
+
+/// A small plan with the output it runs to.
+fn runnable(name: String, plan: Plan) -> Base {
+    let layer = Layer::from_plan(plan.clone(), Weights::Random { seed: SEED }, options())
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let inputs = layer.random_inputs(SEED);
+    let output = layer.forward(&inputs).unwrap().outputs;
+    Base {
+        name,
+        json: serde_json::from_str(&plan.to_json()).unwrap(),
+        plan,
+        output: Some(output),
+    }
 }
 
 // ------------------------------------------------------------ mutations
