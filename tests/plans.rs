@@ -1142,4 +1142,21 @@ fn gemms_through_the_expansion_index_are_checked_at_load() {
     };
     let e = edit(&|p| set(p, up, Some(gone)));
     assert!(e.contains("100000"), "{e}");
+    // A collective whose phase says the other direction (the plan fuzz
+    // found that this ran to a wrong output before the direction check).
+    for (from, to) in [
+        (Phase::Dispatch, Phase::Combine),
+        (Phase::Combine, Phase::Dispatch),
+    ] {
+        let e = edit(&|p| {
+            let op = p
+                .streams
+                .iter_mut()
+                .flat_map(|s| s.ops.iter_mut())
+                .find(|op| op.phase == from && matches!(op.kind, OpKind::Collective { .. }))
+                .unwrap();
+            op.phase = to;
+        });
+        assert!(e.contains("sends rows written in the"), "{e}");
+    }
 }

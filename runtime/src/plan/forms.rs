@@ -46,6 +46,7 @@ impl Plan {
         launches.sort_by_key(|l| l.0);
         self.check_phases()?;
         self.check_collective_forms()?;
+        self.check_collective_directions()?;
         let count = |kind: KernelKind| launches.iter().filter(|l| l.1 == kind).count();
         let gemm_count = |w: GemmWeight| gemms.iter().filter(|g| g.0 == w).count();
         // The router: the fused kernel, or the layer's chain of stages in order.
@@ -317,6 +318,67 @@ impl Plan {
                     )
                 },
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Plan {
+    /// Every all-to-all moves rows the way its phase says: the runtime lays
+    /// out a dispatch from the token side to the expert side and a combine
+    /// back, by the phase. So the rows a dispatch sends were written before
+    /// it left the token side (by the permute phase, or by the dispatch's
+    /// previous leg), and the rows a combine sends by the experts (the
+    /// expert GEMMs, the reduction before the return trip, or the combine's
+    /// previous leg). A collective whose phase was changed would move the
+    /// right bytes the wrong way; it is refused here.
+    fn check_collective_directions(&self) -> Result<(), PlanError> {
+        use Phase as P;
+        let mut writers: Vec<Vec<Phase>> = vec![Vec::new(); self.buffers.len()];
+        for (_, op) in self.ops() {
+            let written: Vec<u32> = match &op.kind {
+                OpKind::Launch { outputs, .. } => outputs.clone(),
+                OpKind::Gemm { c, .. } => vec![*c],
+                OpKind::Collective { recv, .. } => vec![*recv],
+                OpKind::Record { .. } | OpKind::Wait { .. } => Vec::new(),
+            };
+            for b in written {
+                if let Some(w) = writers.get_mut(b as usize) {
+                    w.push(op.phase);
+                }
+            }
+        }
+        for (s, op) in self.ops() {
+            let OpKind::Collective { kind, send, .. } = op.kind else {
+                continue;
+            };
+            let allowed: &[Phase] = match (kind, op.phase) {
+                (CollectiveKind::CountExchange | CollectiveKind::AllGather, _) => continue,
+                (_, P::Dispatch) => &[P::Permute, P::Dispatch],
+                (_, P::Combine) => &[P::Experts, P::Unpermute, P::Combine],
+                _ => continue, // reported by the phase check
+            };
+            let Some(w) = writers.get(send as usize) else {
+                continue; // reported by the reference checks
+            };
+            if let Some(bad) = w.iter().find(|p| !allowed.contains(p)) {
+                return Err(op_error(
+                    self,
+                    s,
+                    op,
+                    format!(
+                        "is a {} but sends rows written in the {} phase (a {} sends what {} wrote)",
+                        op.phase.name(),
+                        bad.name(),
+                        op.phase.name(),
+                        allowed
+                            .iter()
+                            .map(|p| p.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
         }
         Ok(())
     }
