@@ -151,6 +151,20 @@ struct Routing {
     slots: u32,
 }
 
+/// Where a node is emitted: its chunk (and the ops' `chunk` field), the
+/// buffer-name suffix, its analysis and cost, its pipeline stage, the
+/// routing, and the buffer the chunk's routed output goes to.
+struct NodeAt {
+    chunk: u64,
+    c: Option<u64>,
+    suffix: String,
+    meta: Meta,
+    cost: NodeCost,
+    stage: Stage,
+    routing: Routing,
+    routed_out: u32,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Pre,
@@ -847,6 +861,19 @@ impl<'a> Builder<'a> {
         result.map(|_| ())
     }
 
+    /// The buffer node `child` leaves in `chunk` (emitting it first).
+    fn buf_in(&mut self, child: Id, chunk: u64, routed_out: u32) -> Result<u32, String> {
+        match self.emit_in_chunk(child, chunk, routed_out)? {
+            Value::Buf(x) => Ok(x),
+            Value::Assign { slots } => Ok(slots),
+            Value::Route { weights, .. } => Ok(weights),
+            Value::Nothing => Err("internal: a value without storage".into()),
+            Value::Gathered { .. } => {
+                Err("internal: gathered rows read by another node than the up projection".into())
+            }
+        }
+    }
+
     fn emit_in_chunk(&mut self, id: Id, chunk: u64, routed_out: u32) -> Result<Value, String> {
         let key = (usize::from(id), Some(chunk));
         if let Some(v) = self.values.get(&key) {
@@ -871,17 +898,7 @@ impl<'a> Builder<'a> {
         let m = self.model;
         let h = m.hidden;
         let stage = Self::stage_of(&node);
-        let buf_of = |b: &mut Self, child: Id| -> Result<u32, String> {
-            match b.emit_in_chunk(child, chunk, routed_out)? {
-                Value::Buf(x) => Ok(x),
-                Value::Assign { slots } => Ok(slots),
-                Value::Route { weights, .. } => Ok(weights),
-                Value::Nothing => Err("internal: a value without storage".into()),
-                Value::Gathered { .. } => Err(
-                    "internal: gathered rows read by another node than the up projection".into(),
-                ),
-            }
-        };
+        let buf_of = |b: &mut Self, child: Id| b.buf_in(child, chunk, routed_out);
         let value = match &node {
             MoeIr::Num(_) => Value::Nothing,
             MoeIr::Split([_, v]) => self.emit_in_chunk(*v, chunk, routed_out)?,
@@ -1194,208 +1211,28 @@ impl<'a> Builder<'a> {
                 self.push_stage(chunk, op, stage);
                 Value::Buf(routed_out)
             }
-            MoeIr::PackRank([x, _]) => {
-                let xb = buf_of(self, *x)?;
-                self.rank_source(chunk)?;
-                let rank_slots = self
-                    .rank_slots
-                    .ok_or("internal: by-rank rows without their slots")?;
-                let out = self.buffer(
-                    &format!("send{suffix}"),
-                    m.dtype,
-                    vec![meta.rows, h],
-                    BufferRole::Comm,
-                );
-                // `permute_pack` over the destination ranks: a token's row
-                // goes to each of its by-rank slots, unscaled (the expert
-                // side applies each pick's weight).
-                let consts = self.constants(&[
-                    ("top_k", m.group_ranks as i64),
-                    ("rows", meta.rows as i64),
-                    ("weight_on_input", 0),
-                ]);
-                let kernel = self.kernel(KernelKind::PackRank, "pack_rank", consts);
-                let pack =
-                    cost::memory_kernel(m, 2.0 * meta.rows_expected * (h * m.dtype.bytes()) as f64);
-                let op = self.op_launch(
-                    "pack by rank",
-                    Phase::Permute,
+            MoeIr::PackRank(_)
+            | MoeIr::DispatchRank(_)
+            | MoeIr::DispatchRankInter(_)
+            | MoeIr::DispatchRankIntra(_)
+            | MoeIr::Gather(_)
+            | MoeIr::Expand(_)
+            | MoeIr::Reduce(_)
+            | MoeIr::CombineRank(_)
+            | MoeIr::CombineRankIntra(_)
+            | MoeIr::CombineRankInter(_)
+            | MoeIr::SumRank(_) => {
+                let at = NodeAt {
+                    chunk,
                     c,
-                    kernel,
-                    vec![xb, rank_slots, routing.weights],
-                    vec![out],
-                    meta.rows,
-                    pack.compute_us,
-                );
-                self.push_stage(chunk, op, stage);
-                Value::Buf(out)
-            }
-            MoeIr::DispatchRank(p) | MoeIr::DispatchRankInter(p) | MoeIr::DispatchRankIntra(p) => {
-                let send = buf_of(self, *p)?;
-                let (scope, bname, name) = match node {
-                    MoeIr::DispatchRank(_) => {
-                        (CollectiveScope::EpGroup, "recv", "dispatch by rank")
-                    }
-                    MoeIr::DispatchRankInter(_) => (
-                        CollectiveScope::InterNode,
-                        "node_stage",
-                        "dispatch by rank inter-node",
-                    ),
-                    _ => (
-                        CollectiveScope::IntraNode,
-                        "recv",
-                        "dispatch by rank intra-node",
-                    ),
+                    suffix: suffix.clone(),
+                    meta: meta.clone(),
+                    cost: cost.clone(),
+                    stage,
+                    routing,
+                    routed_out,
                 };
-                let recv = self.buffer(
-                    &format!("{bname}{suffix}"),
-                    meta.dtype,
-                    vec![meta.rows, meta.cols],
-                    BufferRole::Comm,
-                );
-                // The rows only: the picks are their own collective.
-                let row = cost::row_bytes(meta.cols, meta.dtype);
-                let rows = match scope {
-                    CollectiveScope::EpGroup => cost::flat_all_to_all(m, meta.rows_expected, row),
-                    CollectiveScope::IntraNode => cost::intra_leg(m, meta.rows_expected, row),
-                    CollectiveScope::InterNode => cost.clone(),
-                };
-                if scope != CollectiveScope::EpGroup {
-                    self.hierarchical = true;
-                }
-                let op = self.rank_collective(name, Phase::Dispatch, c, scope, send, recv, &rows);
-                self.push_stage(chunk, op, stage);
-                if scope != CollectiveScope::InterNode {
-                    self.rank_picks_received(chunk)?;
-                }
-                Value::Buf(recv)
-            }
-            MoeIr::Gather([r, _]) => {
-                let rows = buf_of(self, *r)?;
-                let (index, weights) = self.rank_expand_index(chunk)?;
-                self.expert_rows = self.expert_rows.max(meta.rows);
-                Value::Gathered {
-                    rows,
-                    index,
-                    weights,
-                }
-            }
-            MoeIr::Expand([r, _]) | MoeIr::Reduce([r, _]) => {
-                let input = buf_of(self, *r)?;
-                let (index, weights) = self.rank_expand_index(chunk)?;
-                let expand = matches!(node, MoeIr::Expand(_));
-                let (kind, base, bname, role, phase, name) = if expand {
-                    (
-                        KernelKind::Expand,
-                        "expand",
-                        "expert_in",
-                        BufferRole::Scratch,
-                        Phase::Experts,
-                        "expand to experts",
-                    )
-                } else {
-                    (
-                        KernelKind::Reduce,
-                        "reduce",
-                        "reduced",
-                        BufferRole::Comm,
-                        Phase::Unpermute,
-                        "reduce per rank",
-                    )
-                };
-                if expand {
-                    self.expert_rows = self.expert_rows.max(meta.rows);
-                }
-                let out = self.buffer(
-                    &format!("{bname}{suffix}"),
-                    m.dtype,
-                    vec![meta.rows, h],
-                    role,
-                );
-                let consts = self.constants(&[
-                    ("top_k", m.top_k as i64),
-                    ("rows", meta.rows as i64),
-                    (
-                        "weight_on_input",
-                        i64::from(m.layer.router.weight_on == WeightOn::Input),
-                    ),
-                ]);
-                let kernel = self.kernel(kind, base, consts);
-                // The index is `assign expand`'s op; the copy or sum is this one.
-                let index_us =
-                    cost::expand_index_cost(m, meta.rows_expected.min(self.meta(*r).rows_expected))
-                        .compute_us;
-                let us = if expand {
-                    (cost.compute_us - index_us).max(0.0)
-                } else {
-                    cost.compute_us
-                };
-                let op = self.op_launch(
-                    name,
-                    phase,
-                    c,
-                    kernel,
-                    vec![input, index, weights],
-                    vec![out],
-                    meta.rows,
-                    us,
-                );
-                self.push_stage(chunk, op, stage);
-                Value::Buf(out)
-            }
-            MoeIr::CombineRank(r) | MoeIr::CombineRankIntra(r) | MoeIr::CombineRankInter(r) => {
-                let send = buf_of(self, *r)?;
-                let (scope, bname, name) = match node {
-                    MoeIr::CombineRank(_) => {
-                        (CollectiveScope::EpGroup, "combined", "combine by rank")
-                    }
-                    MoeIr::CombineRankIntra(_) => (
-                        CollectiveScope::IntraNode,
-                        "node_sum",
-                        "combine by rank intra-node",
-                    ),
-                    _ => (
-                        CollectiveScope::InterNode,
-                        "combined",
-                        "combine by rank inter-node",
-                    ),
-                };
-                let recv = self.buffer(
-                    &format!("{bname}{suffix}"),
-                    m.dtype,
-                    vec![meta.rows, h],
-                    BufferRole::Comm,
-                );
-                let op = self.rank_collective(name, Phase::Combine, c, scope, send, recv, &cost);
-                self.push_stage(chunk, op, stage);
-                Value::Buf(recv)
-            }
-            MoeIr::SumRank([cb, _]) => {
-                let input = buf_of(self, *cb)?;
-                self.rank_source(chunk)?;
-                let rank_slots = self
-                    .rank_slots
-                    .ok_or("internal: by-rank rows without their slots")?;
-                // `unpermute_weighted_sum` over the destination ranks,
-                // unweighted: the expert side applied the weights.
-                let consts = self.constants(&[
-                    ("top_k", m.group_ranks as i64),
-                    ("rows", meta.rows as i64),
-                    ("weight_on_input", 1),
-                ]);
-                let kernel = self.kernel(KernelKind::SumRank, "sum_rank", consts);
-                let op = self.op_launch(
-                    "sum over ranks",
-                    Phase::Unpermute,
-                    c,
-                    kernel,
-                    vec![input, rank_slots, routing.weights],
-                    vec![routed_out],
-                    meta.rows,
-                    cost.compute_us,
-                );
-                self.push_stage(chunk, op, stage);
-                Value::Buf(routed_out)
+                self.emit_by_rank(&node, &at)?
             }
             MoeIr::Input => {
                 return self

@@ -1,16 +1,243 @@
-//! The by-rank routing of a chunk, emitted once per chunk on demand: the
-//! source's by-rank slots and picks (`assign_rank`), the picks' all-to-all
-//! beside the rows, and the expert row and weight of every received pick
-//! (`assign_expand`); the by-rank collectives.
+//! Dispatch by rank and the reducing combine in a chunk: the by-rank nodes
+//! (the send rows, the collectives, the expansion or its fusion into the up
+//! projection, the reduction, the sum over ranks), and the by-rank routing
+//! they share, emitted once per chunk on demand: the source's by-rank slots
+//! and picks (`assign_rank`), the picks' all-to-all beside the rows, and the
+//! expert row and weight of every received pick (`assign_expand`).
 
-use super::{Builder, PendingOp, Stage};
+use super::{Builder, NodeAt, PendingOp, Stage, Value};
 use crate::cost::{self, NodeCost};
+use crate::ir::MoeIr;
 use moec_runtime::plan::{
     by_rank_pick_cols, BufferRole, CollectiveKind, CollectiveScope, DType, KernelKind, OpKind,
-    Phase, RowBound,
+    Phase, RowBound, WeightOn,
 };
 
 impl Builder<'_> {
+    /// The by-rank nodes of a chunk: the by-rank send rows, the by-rank
+    /// collectives, the expansion (copied, or left to the up projection to
+    /// read through the index), the reduction and the sum over ranks.
+    pub(super) fn emit_by_rank(&mut self, node: &MoeIr, at: &NodeAt) -> Result<Value, String> {
+        let NodeAt {
+            chunk,
+            c,
+            ref suffix,
+            ref meta,
+            ref cost,
+            stage,
+            routing,
+            routed_out,
+        } = *at;
+        let m = self.model;
+        let h = m.hidden;
+        Ok(match node {
+            MoeIr::PackRank([x, _]) => {
+                let xb = self.buf_in(*x, chunk, routed_out)?;
+                self.rank_source(chunk)?;
+                let rank_slots = self
+                    .rank_slots
+                    .ok_or("internal: by-rank rows without their slots")?;
+                let out = self.buffer(
+                    &format!("send{suffix}"),
+                    m.dtype,
+                    vec![meta.rows, h],
+                    BufferRole::Comm,
+                );
+                // `permute_pack` over the destination ranks: a token's row
+                // goes to each of its by-rank slots, unscaled (the expert
+                // side applies each pick's weight).
+                let consts = self.constants(&[
+                    ("top_k", m.group_ranks as i64),
+                    ("rows", meta.rows as i64),
+                    ("weight_on_input", 0),
+                ]);
+                let kernel = self.kernel(KernelKind::PackRank, "pack_rank", consts);
+                let pack =
+                    cost::memory_kernel(m, 2.0 * meta.rows_expected * (h * m.dtype.bytes()) as f64);
+                let op = self.op_launch(
+                    "pack by rank",
+                    Phase::Permute,
+                    c,
+                    kernel,
+                    vec![xb, rank_slots, routing.weights],
+                    vec![out],
+                    meta.rows,
+                    pack.compute_us,
+                );
+                self.push_stage(chunk, op, stage);
+                Value::Buf(out)
+            }
+            MoeIr::DispatchRank(p) | MoeIr::DispatchRankInter(p) | MoeIr::DispatchRankIntra(p) => {
+                let send = self.buf_in(*p, chunk, routed_out)?;
+                let (scope, bname, name) = match node {
+                    MoeIr::DispatchRank(_) => {
+                        (CollectiveScope::EpGroup, "recv", "dispatch by rank")
+                    }
+                    MoeIr::DispatchRankInter(_) => (
+                        CollectiveScope::InterNode,
+                        "node_stage",
+                        "dispatch by rank inter-node",
+                    ),
+                    _ => (
+                        CollectiveScope::IntraNode,
+                        "recv",
+                        "dispatch by rank intra-node",
+                    ),
+                };
+                let recv = self.buffer(
+                    &format!("{bname}{suffix}"),
+                    meta.dtype,
+                    vec![meta.rows, meta.cols],
+                    BufferRole::Comm,
+                );
+                // The rows only: the picks are their own collective.
+                let row = cost::row_bytes(meta.cols, meta.dtype);
+                let rows = match scope {
+                    CollectiveScope::EpGroup => cost::flat_all_to_all(m, meta.rows_expected, row),
+                    CollectiveScope::IntraNode => cost::intra_leg(m, meta.rows_expected, row),
+                    CollectiveScope::InterNode => cost.clone(),
+                };
+                if scope != CollectiveScope::EpGroup {
+                    self.hierarchical = true;
+                }
+                let op = self.rank_collective(name, Phase::Dispatch, c, scope, send, recv, &rows);
+                self.push_stage(chunk, op, stage);
+                if scope != CollectiveScope::InterNode {
+                    self.rank_picks_received(chunk)?;
+                }
+                Value::Buf(recv)
+            }
+            MoeIr::Gather([r, _]) => {
+                let rows = self.buf_in(*r, chunk, routed_out)?;
+                let (index, weights) = self.rank_expand_index(chunk)?;
+                self.expert_rows = self.expert_rows.max(meta.rows);
+                Value::Gathered {
+                    rows,
+                    index,
+                    weights,
+                }
+            }
+            MoeIr::Expand([r, _]) | MoeIr::Reduce([r, _]) => {
+                let input = self.buf_in(*r, chunk, routed_out)?;
+                let (index, weights) = self.rank_expand_index(chunk)?;
+                let expand = matches!(node, MoeIr::Expand(_));
+                let (kind, base, bname, role, phase, name) = if expand {
+                    (
+                        KernelKind::Expand,
+                        "expand",
+                        "expert_in",
+                        BufferRole::Scratch,
+                        Phase::Experts,
+                        "expand to experts",
+                    )
+                } else {
+                    (
+                        KernelKind::Reduce,
+                        "reduce",
+                        "reduced",
+                        BufferRole::Comm,
+                        Phase::Unpermute,
+                        "reduce per rank",
+                    )
+                };
+                if expand {
+                    self.expert_rows = self.expert_rows.max(meta.rows);
+                }
+                let out = self.buffer(
+                    &format!("{bname}{suffix}"),
+                    m.dtype,
+                    vec![meta.rows, h],
+                    role,
+                );
+                let consts = self.constants(&[
+                    ("top_k", m.top_k as i64),
+                    ("rows", meta.rows as i64),
+                    (
+                        "weight_on_input",
+                        i64::from(m.layer.router.weight_on == WeightOn::Input),
+                    ),
+                ]);
+                let kernel = self.kernel(kind, base, consts);
+                // The index is `assign expand`'s op; the copy or sum is this one.
+                let index_us =
+                    cost::expand_index_cost(m, meta.rows_expected.min(self.meta(*r).rows_expected))
+                        .compute_us;
+                let us = if expand {
+                    (cost.compute_us - index_us).max(0.0)
+                } else {
+                    cost.compute_us
+                };
+                let op = self.op_launch(
+                    name,
+                    phase,
+                    c,
+                    kernel,
+                    vec![input, index, weights],
+                    vec![out],
+                    meta.rows,
+                    us,
+                );
+                self.push_stage(chunk, op, stage);
+                Value::Buf(out)
+            }
+            MoeIr::CombineRank(r) | MoeIr::CombineRankIntra(r) | MoeIr::CombineRankInter(r) => {
+                let send = self.buf_in(*r, chunk, routed_out)?;
+                let (scope, bname, name) = match node {
+                    MoeIr::CombineRank(_) => {
+                        (CollectiveScope::EpGroup, "combined", "combine by rank")
+                    }
+                    MoeIr::CombineRankIntra(_) => (
+                        CollectiveScope::IntraNode,
+                        "node_sum",
+                        "combine by rank intra-node",
+                    ),
+                    _ => (
+                        CollectiveScope::InterNode,
+                        "combined",
+                        "combine by rank inter-node",
+                    ),
+                };
+                let recv = self.buffer(
+                    &format!("{bname}{suffix}"),
+                    m.dtype,
+                    vec![meta.rows, h],
+                    BufferRole::Comm,
+                );
+                let op = self.rank_collective(name, Phase::Combine, c, scope, send, recv, cost);
+                self.push_stage(chunk, op, stage);
+                Value::Buf(recv)
+            }
+            MoeIr::SumRank([cb, _]) => {
+                let input = self.buf_in(*cb, chunk, routed_out)?;
+                self.rank_source(chunk)?;
+                let rank_slots = self
+                    .rank_slots
+                    .ok_or("internal: by-rank rows without their slots")?;
+                // `unpermute_weighted_sum` over the destination ranks,
+                // unweighted: the expert side applied the weights.
+                let consts = self.constants(&[
+                    ("top_k", m.group_ranks as i64),
+                    ("rows", meta.rows as i64),
+                    ("weight_on_input", 1),
+                ]);
+                let kernel = self.kernel(KernelKind::SumRank, "sum_rank", consts);
+                let op = self.op_launch(
+                    "sum over ranks",
+                    Phase::Unpermute,
+                    c,
+                    kernel,
+                    vec![input, rank_slots, routing.weights],
+                    vec![routed_out],
+                    meta.rows,
+                    cost.compute_us,
+                );
+                self.push_stage(chunk, op, stage);
+                Value::Buf(routed_out)
+            }
+            other => return Err(format!("internal: `{other}` is not a by-rank node")),
+        })
+    }
+
     /// Marks a by-rank receive-side buffer of `rows` rows (dropless plans:
     /// it grows with `choices.rank_rows`).
     fn mark_rank_rows(&mut self, b: u32, rows: u64) {
