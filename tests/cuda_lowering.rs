@@ -539,6 +539,12 @@ struct Emu<'k> {
     launches: usize,
     /// NCCL between emulated processes (one rank per `Emu`, one thread each).
     mailbox: Option<Arc<Mailbox>>,
+    /// Per rank, the NCCL operations issued and run: NCCL runs one
+    /// communicator's operations in the order the host issued them, whatever
+    /// streams they are on, so in shuffled mode an operation is ready only
+    /// after the one issued before it has run.
+    nccl_issued: BTreeMap<usize, u64>,
+    nccl_run: BTreeMap<usize, u64>,
     /// The emulated clock (commands executed so far) at each stamp.
     stamps: BTreeMap<u32, usize>,
     /// Read-backs the host waited for during passes.
@@ -684,6 +690,8 @@ impl<'k> Emu<'k> {
             executed: 0,
             launches: 0,
             mailbox: None,
+            nccl_issued: BTreeMap::new(),
+            nccl_run: BTreeMap::new(),
             stamps: BTreeMap::new(),
             fetches: 0,
             capture: None,
@@ -892,6 +900,7 @@ impl<'k> Emu<'k> {
                 self.stamps.insert(*n, self.executed);
             }
             Command::Nccl { sends, recvs } => {
+                *self.nccl_run.entry(rank).or_default() += 1;
                 let mailbox = self.mailbox.clone().ok_or("NCCL without a mailbox")?;
                 for &(peer, at, bytes) in sends {
                     let data = self.bytes(at, bytes)?;
@@ -912,10 +921,14 @@ impl<'k> Emu<'k> {
         Ok(())
     }
 
-    fn ready(&self, q: &Queued) -> bool {
+    fn ready(&self, rank: usize, q: &Queued) -> bool {
         match &q.work {
             Work::Device(Command::Wait(e)) => {
                 q.gen == 0 || self.events.get(e).is_some_and(|(_, done)| *done >= q.gen)
+            }
+            // `gen` is the operation's place in the rank's issue order.
+            Work::Device(Command::Nccl { .. }) => {
+                self.nccl_run.get(&rank).copied().unwrap_or(0) + 1 == q.gen
             }
             _ => true,
         }
@@ -926,7 +939,7 @@ impl<'k> Emu<'k> {
         let ready: Vec<(usize, usize)> = self
             .queues
             .iter()
-            .filter(|(_, q)| q.front().is_some_and(|h| self.ready(h)))
+            .filter(|(k, q)| q.front().is_some_and(|h| self.ready(k.0, h)))
             .map(|(k, _)| *k)
             .collect();
         if ready.is_empty() {
@@ -964,6 +977,11 @@ impl Emu<'_> {
                 ev.0
             }
             Command::Wait(e) => self.events.get(e).map_or(0, |ev| ev.0),
+            Command::Nccl { .. } => {
+                let n = self.nccl_issued.entry(rank).or_default();
+                *n += 1;
+                *n
+            }
             _ => 0,
         };
         if let Command::ReadBack { .. } = cmd {
@@ -1856,6 +1874,7 @@ fn nccl_passes(
     kernels: &HostKernels,
     weights: &LayerWeights,
     inputs: &[Vec<f32>],
+    shuffle: Option<u64>,
 ) -> Vec<Result<Pass, moec_runtime::cpu::ExecError>> {
     let mailbox = Arc::new(Mailbox::default());
     std::thread::scope(|s| {
@@ -1864,7 +1883,8 @@ fn nccl_passes(
                 let mailbox = mailbox.clone();
                 let input = vec![inputs[r].clone()];
                 s.spawn(move || {
-                    let mut emu = Emu::new(program, kernels, None);
+                    // Each process its own interleaving of its streams.
+                    let mut emu = Emu::new(program, kernels, shuffle.map(|s| s + 31 * r as u64));
                     emu.mailbox = Some(mailbox);
                     upload_weights(program, &mut emu, &[r], weights).unwrap();
                     run_pass(program, &mut emu, &[r], &input, PassMode::Eager)
@@ -1900,7 +1920,8 @@ fn the_nccl_path_matches_the_cpu() {
 }
 
 /// `plan` with one emulated process per rank (NCCL) gives the CPU
-/// backend's outputs bit for bit and its routing statistics.
+/// backend's outputs bit for bit and its routing statistics, in issue
+/// order and with each process's streams shuffled.
 fn nccl_matches_the_cpu(name: &str, plan: &Plan) {
     let program = Program::lower(plan).unwrap_or_else(|e| panic!("{name}: {e}"));
     let kernels = HostKernels::new(&program);
@@ -1909,27 +1930,32 @@ fn nccl_matches_the_cpu(name: &str, plan: &Plan) {
     let ranks = plan.mesh.world_size() as usize;
     let weights = LayerWeights::random(&layer, 3);
     let inputs = random_inputs(&layer, ranks, layer.tokens_per_rank as usize, 3);
-    let passes = nccl_passes(&program, &kernels, &weights, &inputs);
-    let mut outputs = Vec::new();
-    let mut routed = vec![0u64; plan.layer.experts as usize];
-    let mut dropped = 0;
-    let errors: Vec<String> = passes
-        .iter()
-        .filter_map(|p| p.as_ref().err().map(|e| e.to_string()))
-        .collect();
-    assert!(errors.is_empty(), "{name}: {errors:#?}");
-    for p in passes {
-        let p = p.unwrap_or_else(|e| panic!("{name}: {e}"));
-        outputs.extend(p.outputs);
-        for (a, b) in routed.iter_mut().zip(&p.stats.routed_per_expert) {
-            *a += b;
+    // In issue order, then with every process's streams shuffled (NCCL
+    // keeps its own operations in issue order; see `Emu::nccl_issued`).
+    for shuffle in [None, Some(1), Some(2)] {
+        let name = format!("{name} (shuffle {shuffle:?})");
+        let passes = nccl_passes(&program, &kernels, &weights, &inputs, shuffle);
+        let mut outputs = Vec::new();
+        let mut routed = vec![0u64; plan.layer.experts as usize];
+        let mut dropped = 0;
+        let errors: Vec<String> = passes
+            .iter()
+            .filter_map(|p| p.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        assert!(errors.is_empty(), "{name}: {errors:#?}");
+        for p in passes {
+            let p = p.unwrap_or_else(|e| panic!("{name}: {e}"));
+            outputs.extend(p.outputs);
+            for (a, b) in routed.iter_mut().zip(&p.stats.routed_per_expert) {
+                *a += b;
+            }
+            dropped += p.stats.dropped;
         }
-        dropped += p.stats.dropped;
+        assert_eq!(routed, want.routed, "{name}");
+        assert_eq!(dropped, want.dropped, "{name}");
+        assert!(outputs == want.outputs, "{name}: the NCCL path differs");
     }
-    assert_eq!(routed, want.routed, "{name}");
-    assert_eq!(dropped, want.dropped, "{name}");
-    assert!(outputs == want.outputs, "{name}: the NCCL path differs");
-    eprintln!("{name}: the NCCL path matches the CPU backend");
+    eprintln!("{name}: the NCCL path matches the CPU backend, in order and shuffled");
 }
 
 /// Random routing on every example's geometry: for each all-to-all, what a
