@@ -278,6 +278,21 @@ impl<'a> Builder<'a> {
         (self.kernels.len() - 1) as u32
     }
 
+    /// The constants of a kernel over `rows` rows that follows each pick
+    /// (the permutes, the expansion, the sums back): `top_k` and the side
+    /// the router's weight is on.
+    fn pick_constants(&self, rows: u64) -> Vec<(String, i64)> {
+        let m = self.model;
+        self.constants(&[
+            ("top_k", m.top_k as i64),
+            ("rows", rows as i64),
+            (
+                "weight_on_input",
+                i64::from(m.layer.router.weight_on == WeightOn::Input),
+            ),
+        ])
+    }
+
     fn constants(&self, extra: &[(&str, i64)]) -> Vec<(String, i64)> {
         let m = self.model;
         let mut c: Vec<(String, i64)> = vec![
@@ -920,14 +935,7 @@ impl<'a> Builder<'a> {
                         BufferRole::Scratch
                     },
                 );
-                let consts = self.constants(&[
-                    ("top_k", m.top_k as i64),
-                    ("rows", meta.rows as i64),
-                    (
-                        "weight_on_input",
-                        i64::from(m.layer.router.weight_on == WeightOn::Input),
-                    ),
-                ]);
+                let consts = self.pick_constants(meta.rows);
                 let kernel = self.kernel(kind, base, consts);
                 let op = self.op_launch(
                     base,
@@ -1184,14 +1192,7 @@ impl<'a> Builder<'a> {
                 } else {
                     (KernelKind::WeightedSum, "weighted_sum")
                 };
-                let consts = self.constants(&[
-                    ("top_k", m.top_k as i64),
-                    ("rows", meta.rows as i64),
-                    (
-                        "weight_on_input",
-                        i64::from(m.layer.router.weight_on == WeightOn::Input),
-                    ),
-                ]);
+                let consts = self.pick_constants(meta.rows);
                 let kernel = self.kernel(kind, base, consts);
                 let inputs = if fused {
                     vec![input, routing.slots, routing.weights]

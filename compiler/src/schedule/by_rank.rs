@@ -10,7 +10,7 @@ use crate::cost::{self, NodeCost};
 use crate::ir::MoeIr;
 use moec_runtime::plan::{
     by_rank_pick_cols, BufferRole, CollectiveKind, CollectiveScope, DType, KernelKind, OpKind,
-    Phase, RowBound, WeightOn,
+    Phase, RowBound,
 };
 
 impl Builder<'_> {
@@ -149,14 +149,7 @@ impl Builder<'_> {
                     vec![meta.rows, h],
                     role,
                 );
-                let consts = self.constants(&[
-                    ("top_k", m.top_k as i64),
-                    ("rows", meta.rows as i64),
-                    (
-                        "weight_on_input",
-                        i64::from(m.layer.router.weight_on == WeightOn::Input),
-                    ),
-                ]);
+                let consts = self.pick_constants(meta.rows);
                 let kernel = self.kernel(kind, base, consts);
                 // The index is `assign expand`'s op; the copy or sum is this one.
                 let index_us =
