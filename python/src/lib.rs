@@ -198,15 +198,12 @@ impl Backend {
     }
 
     fn random_inputs(&self, seed: u64) -> Vec<Vec<f32>> {
-        match self {
-            Backend::Cpu(l) => l.random_inputs(seed),
-            Backend::Cuda { plan, .. } => moec_runtime::weights::random_inputs(
-                &plan.layer,
-                self.ranks(),
-                self.tokens_per_rank(),
-                seed,
-            ),
-        }
+        moec_runtime::weights::random_inputs(
+            &self.plan().layer,
+            self.ranks(),
+            self.tokens_per_rank(),
+            seed,
+        )
     }
 }
 
@@ -410,17 +407,8 @@ impl Layer {
 /// made on a thread of its own (the CUDA backend's error when there is no
 /// driver or GPU).
 fn cuda_backend(plan: moec_runtime::Plan, weights: Weights) -> Result<Backend, String> {
-    let w = match weights {
-        Weights::Random { seed } => LayerWeights::random(&plan.layer, seed),
-        Weights::File { path, prefix } => {
-            LayerWeights::load(&path, &plan.layer, &prefix).map_err(|e| e.to_string())?
-        }
-        Weights::FileLayer { path, layer } => {
-            LayerWeights::load_layer(&path, &plan.layer, layer).map_err(|e| e.to_string())?
-        }
-        Weights::Given(w) => w,
-    };
     plan.validate().map_err(|e| e.to_string())?;
+    let w = weights.resolve(&plan.layer).map_err(|e| e.to_string())?;
     let layer = cuda::CudaLayer::new(plan.clone(), w)?;
     Ok(Backend::Cuda {
         layer,

@@ -40,6 +40,25 @@ pub enum Weights {
     Given(LayerWeights),
 }
 
+impl Weights {
+    /// The weights of `layer`: drawn, read from the checkpoint, or the given
+    /// ones checked against the layer (what every backend is prepared with).
+    ///
+    /// Errors: [`Error::Weights`] when the file cannot be read or the
+    /// weights do not fit the layer.
+    pub fn resolve(self, layer: &crate::plan::LayerConfig) -> Result<LayerWeights, Error> {
+        Ok(match self {
+            Weights::Random { seed } => LayerWeights::random(layer, seed),
+            Weights::File { path, prefix } => LayerWeights::load(&path, layer, &prefix)?,
+            Weights::FileLayer { path, layer: n } => LayerWeights::load_layer(&path, layer, n)?,
+            Weights::Given(w) => {
+                w.check(layer)?;
+                w
+            }
+        })
+    }
+}
+
 /// Anything that can go wrong loading or running a [`Layer`].
 ///
 /// The message ([`Display`](fmt::Display)) is complete on its own: it names
@@ -196,17 +215,7 @@ impl Layer {
         Footprint::of(&plan)
             .check(Budget::host(options.memory_budget))
             .map_err(Error::Memory)?;
-        let weights = match weights {
-            Weights::Random { seed } => LayerWeights::random(&plan.layer, seed),
-            Weights::File { path, prefix } => LayerWeights::load(&path, &plan.layer, &prefix)?,
-            Weights::FileLayer { path, layer } => {
-                LayerWeights::load_layer(&path, &plan.layer, layer)?
-            }
-            Weights::Given(w) => {
-                w.check(&plan.layer)?;
-                w
-            }
-        };
+        let weights = weights.resolve(&plan.layer)?;
         let too_large = |what: &str| input_error(format!("{what} does not fit this machine"));
         let tokens_per_rank = usize::try_from(plan.layer.tokens_per_rank)
             .map_err(|_| too_large("tokens_per_rank"))?;

@@ -1864,7 +1864,7 @@ impl StreamRun<'_> {
         // The up projection reads its expert rows through the index: the
         // by-rank row each expert row is a copy of.
         let gather = match (&expansion, weight) {
-            (Some(x), GemmWeight::ExpertUp) => Some(x.sources()?),
+            (Some(x), GemmWeight::ExpertUp) => Some(self.expert_sources(x)?),
             _ => None,
         };
         // The down projection sums through it: its product, every expert
@@ -2121,27 +2121,47 @@ impl StreamRun<'_> {
             .unwrap_or(0);
         let (index_region, _) = self.region(r.index, chunk)?;
         let (weights_region, _) = self.region(r.weights, chunk)?;
-        // SAFETY: `assign_expand` wrote both before this op (plan events).
-        let (index, weights) = unsafe {
-            (
-                memory::read_i32s(self.ctx.arena.bytes(index_region)),
-                self.ctx.arena.bytes(weights_region),
-            )
-        };
         let k = self.backend.geo.top_k;
-        if index.len() < received * k || weights.len() < received * k * 4 {
+        if index_region.bytes.min(weights_region.bytes) < received * k * 4 {
             return Err(ExecError::new(
                 "the expansion index is smaller than the rows this rank received",
             ));
         }
         Ok(Expansion {
-            index,
             weights_region,
             index_region,
             received,
             expert_rows,
             top_k: k,
         })
+    }
+
+    /// The by-rank row each expert row copies: every expert row must be the
+    /// pick of exactly one received row, or the index is corrupt.
+    fn expert_sources(&self, x: &Expansion) -> Result<Vec<usize>, ExecError> {
+        // SAFETY: `assign_expand` wrote the index before this op (plan events).
+        let index = unsafe { memory::read_i32s(self.ctx.arena.bytes(x.index_region)) };
+        let mut src = vec![usize::MAX; x.expert_rows];
+        for (i, &e) in index.iter().take(x.received * x.top_k).enumerate() {
+            if e < 0 {
+                continue;
+            }
+            match src.get_mut(e as usize) {
+                Some(s) if *s == usize::MAX => *s = i / x.top_k,
+                _ => {
+                    return Err(ExecError::new(format!(
+                        "corrupt expansion index: expert row {e} is named twice or lies beyond the {} expert rows",
+                        x.expert_rows
+                    )))
+                }
+            }
+        }
+        if let Some(row) = src.iter().position(|&s| s == usize::MAX) {
+            return Err(ExecError::new(format!(
+                "corrupt expansion index: expert row {row} has no received row"
+            )));
+        }
+        Ok(src)
     }
 
     /// The down projection's reducing epilogue: the `f32` product of every
@@ -2207,50 +2227,16 @@ impl StreamRun<'_> {
     }
 }
 
-/// A chunk's expansion index as a fused GEMM reads it.
+/// Where a chunk's expansion index lies, as a fused GEMM reads it.
 struct Expansion {
-    /// `[received, top_k]`: the expert row of every pick of every received
-    /// by-rank row, or `-1`.
-    index: Vec<i32>,
+    /// `[received, top_k]` i32: the expert row of every pick of every
+    /// received by-rank row, or `-1`.
     index_region: Region,
     weights_region: Region,
     received: usize,
     /// The expert rows of this rank in the chunk.
     expert_rows: usize,
     top_k: usize,
-}
-
-impl Expansion {
-    /// The by-rank row each expert row copies: every expert row must be the
-    /// pick of exactly one received row, or the index is corrupt.
-    fn sources(&self) -> Result<Vec<usize>, ExecError> {
-        let mut src = vec![usize::MAX; self.expert_rows];
-        for (i, &e) in self
-            .index
-            .iter()
-            .take(self.received * self.top_k)
-            .enumerate()
-        {
-            if e < 0 {
-                continue;
-            }
-            match src.get_mut(e as usize) {
-                Some(s) if *s == usize::MAX => *s = i / self.top_k,
-                _ => {
-                    return Err(ExecError::new(format!(
-                        "corrupt expansion index: expert row {e} is named twice or lies beyond the {} expert rows",
-                        self.expert_rows
-                    )))
-                }
-            }
-        }
-        if let Some(row) = src.iter().position(|&s| s == usize::MAX) {
-            return Err(ExecError::new(format!(
-                "corrupt expansion index: expert row {row} has no received row"
-            )));
-        }
-        Ok(src)
-    }
 }
 
 /// A collective that moves one row per (token, destination rank).

@@ -170,18 +170,7 @@ pub fn plan_kernels(plan: &Plan) -> Result<PlanKernels, PlanKernelsError> {
         })
     };
     if fused(GemmWeight::ExpertUp) {
-        let l = &plan.layer;
-        let constants = vec![
-            ("dtype".to_string(), l.dtype.code()),
-            (
-                "hidden".to_string(),
-                i64::try_from(l.hidden).unwrap_or(i64::MAX),
-            ),
-            (
-                "top_k".to_string(),
-                i64::try_from(l.router.top_k).unwrap_or(i64::MAX),
-            ),
-        ];
+        let constants = crate::plan::binding::gather_constants(plan);
         add(&mut out, EXPERT_GATHER, None, Kind::Permute, &constants)?;
     }
     if fused(GemmWeight::ExpertDown) {
@@ -208,8 +197,7 @@ pub fn plan_kernels(plan: &Plan) -> Result<PlanKernels, PlanKernelsError> {
 
 /// The label of the kernel that copies the received by-rank rows to the
 /// expert rows before an up projection that reads through the expansion
-/// index (`permute` over the received rows, unweighted: the plan only fuses
-/// the expansion when the layer weighs the outputs).
+/// index ([`crate::plan::binding::gather_constants`]).
 pub const EXPERT_GATHER: &str = "expert_gather";
 
 /// The label of the down projection's reducing epilogue

@@ -1888,13 +1888,16 @@ impl<'p> Lowering<'p> {
     ) -> Result<Tail, String> {
         let has_bias = super::plan::gemm_has_bias(self.plan, weight);
         let name = weight_name(weight);
+        // `gemm_store` of the bias into the second accumulator, before an
+        // activation or a reduction reads it.
+        let bias_store = if has_bias {
+            Some(self.labelled(&format!("{name}_store"))?)
+        } else {
+            None
+        };
         Ok(match (epilogue, by_rank, weight) {
             (Epilogue::None, Some((index, weights)), GemmWeight::ExpertDown) => Tail::Reduce {
-                store: if has_bias {
-                    Some(self.labelled(&format!("{name}_store"))?)
-                } else {
-                    None
-                },
+                store: bias_store,
                 kernel: self.labelled(super::plan::EXPERT_REDUCE)?,
                 index,
                 weights,
@@ -1902,7 +1905,10 @@ impl<'p> Lowering<'p> {
             (_, Some(_), GemmWeight::ExpertUp) | (_, None, _) => match epilogue {
                 Epilogue::None if c_dtype == DType::F32 && !has_bias => Tail::Direct,
                 Epilogue::None => Tail::Store {
-                    kernel: self.labelled(&format!("{name}_store"))?,
+                    kernel: match bias_store {
+                        Some(k) => k,
+                        None => self.labelled(&format!("{name}_store"))?,
+                    },
                 },
                 Epilogue::Activation => {
                     let label = if weight == GemmWeight::SharedUp {
@@ -1911,11 +1917,7 @@ impl<'p> Lowering<'p> {
                         "expert_activation"
                     };
                     Tail::Activation {
-                        store: if has_bias {
-                            Some(self.labelled(&format!("{name}_store"))?)
-                        } else {
-                            None
-                        },
+                        store: bias_store,
                         kernel: self.labelled(label)?,
                         limit: self.clamp_limit(weight == GemmWeight::SharedUp),
                     }

@@ -111,21 +111,32 @@ pub fn binding(kind: KernelKind, phase: Phase) -> Option<Binding> {
 /// into the layer's dtype, as both backends run it.
 pub fn reduce_epilogue_constants(plan: &Plan) -> Vec<(String, i64)> {
     let l = &plan.layer;
+    let mut c = row_constants(plan);
+    c.push(("in_dtype".to_string(), DType::F32.code()));
+    c.push((
+        "weight_on_input".to_string(),
+        i64::from(l.router.weight_on == WeightOn::Input),
+    ));
+    c.sort();
+    c
+}
+
+/// The constants of the copy of the received by-rank rows to the expert
+/// rows before an up projection through the expansion index, where a
+/// backend's GEMM reads a dense operand (`permute`, unweighted: the plans
+/// fuse the expansion only when the layer weighs the outputs).
+pub fn gather_constants(plan: &Plan) -> Vec<(String, i64)> {
+    row_constants(plan)
+}
+
+/// `dtype`, `hidden` and `top_k` of the layer.
+fn row_constants(plan: &Plan) -> Vec<(String, i64)> {
+    let l = &plan.layer;
+    let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     vec![
         ("dtype".to_string(), l.dtype.code()),
-        (
-            "hidden".to_string(),
-            i64::try_from(l.hidden).unwrap_or(i64::MAX),
-        ),
-        ("in_dtype".to_string(), DType::F32.code()),
-        (
-            "top_k".to_string(),
-            i64::try_from(l.router.top_k).unwrap_or(i64::MAX),
-        ),
-        (
-            "weight_on_input".to_string(),
-            i64::from(l.router.weight_on == WeightOn::Input),
-        ),
+        ("hidden".to_string(), int(l.hidden)),
+        ("top_k".to_string(), int(l.router.top_k)),
     ]
 }
 

@@ -812,7 +812,9 @@ impl Plan {
             // The operand with one row per received by-rank row, when the
             // GEMM reads or sums through the expansion index.
             let rank_side = match by_rank {
-                Some(r) => Some(self.check_gemm_by_rank(x, s, op, weight, epilogue, r)?),
+                Some(r) => {
+                    Some(self.check_gemm_by_rank(x, (s, op), (weight, epilogue), (a, c), r)?)
+                }
                 None => None,
             };
             let gated = |shared: bool| match (shared, &self.layer.shared) {
@@ -917,10 +919,9 @@ impl Plan {
     fn check_gemm_by_rank(
         &self,
         x: &Expect,
-        s: usize,
-        op: &super::Op,
-        weight: GemmWeight,
-        epilogue: Epilogue,
+        (s, op): (usize, &super::Op),
+        (weight, epilogue): (GemmWeight, Epilogue),
+        (a, c): (u32, u32),
         r: super::RankIndex,
     ) -> Result<Side, PlanError> {
         let side = match weight {
@@ -949,8 +950,8 @@ impl Plan {
             return Ok(side); // reported by the reference checks
         };
         let by_rank_buf = match side {
-            Side::A => op.kind.buffers()[0].1,
-            Side::C => op.kind.buffers()[1].1,
+            Side::A => a,
+            Side::C => c,
         };
         let rows = self
             .buffers

@@ -336,13 +336,7 @@ impl Plan {
         use Phase as P;
         let mut writers: Vec<Vec<Phase>> = vec![Vec::new(); self.buffers.len()];
         for (_, op) in self.ops() {
-            let written: Vec<u32> = match &op.kind {
-                OpKind::Launch { outputs, .. } => outputs.clone(),
-                OpKind::Gemm { c, .. } => vec![*c],
-                OpKind::Collective { recv, .. } => vec![*recv],
-                OpKind::Record { .. } | OpKind::Wait { .. } => Vec::new(),
-            };
-            for b in written {
+            for b in op.kind.writes() {
                 if let Some(w) = writers.get_mut(b as usize) {
                     w.push(op.phase);
                 }

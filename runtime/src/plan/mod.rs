@@ -678,6 +678,17 @@ impl OpKind {
             OpKind::Record { .. } | OpKind::Wait { .. } => Vec::new(),
         }
     }
+
+    /// The buffers the op writes: a launch's outputs, a GEMM's `c`, a
+    /// collective's `recv`.
+    pub fn writes(&self) -> Vec<u32> {
+        match self {
+            OpKind::Launch { outputs, .. } => outputs.clone(),
+            OpKind::Gemm { c, .. } => vec![*c],
+            OpKind::Collective { recv, .. } => vec![*recv],
+            OpKind::Record { .. } | OpKind::Wait { .. } => Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
