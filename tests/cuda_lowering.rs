@@ -2920,17 +2920,45 @@ fn dispatch_by_rank_over_nccl_matches_the_cpu() {
     }
 }
 
-/// The hierarchical by-rank legs (one row per token and destination node
-/// over the network, fanned out inside the node; with the reducing combine,
-/// each node's forwarder sums its ranks' partial rows before one row per
-/// token and node returns) on the emulated device: DeepSeek-V3 on two nodes
-/// of eight virtual ranks, and a small capacity layer on two nodes of four,
-/// against the CPU backend bit for bit, in order and shuffled.
+/// The hierarchical all-to-all with one emulated process per rank: every
+/// leg over NCCL, the forwarders learning what they stage from a count
+/// exchange and the routing sent beside the rows (each process reads back
+/// only its own routing). DeepSeek-V3 on two nodes of eight ranks (per
+/// pick, by rank and with the reducing combine) and a capacity layer on two
+/// nodes of four (by rank, with and without the reducing combine): the CPU
+/// backend's outputs bit for bit, in order and shuffled.
 #[test]
-fn the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu() {
-    if !have_cxx("the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu") {
+fn the_hierarchical_all_to_all_over_nccl_matches_the_cpu() {
+    if !have_cxx("the_hierarchical_all_to_all_over_nccl_matches_the_cpu") {
         return;
     }
+    for (name, source, overrides) in &hierarchical_layers() {
+        // The small capacity layer's per-pick plan stays flat on its mesh;
+        // a capacity plan's per-pick hierarchical legs are refused on the
+        // device (its padded expert slots), by rank they run.
+        let per_pick = name.starts_with("deepseek") && !name.contains("capacity");
+        let forms = [
+            RoutingForm::PerAssignment,
+            RoutingForm::NodeDedupDispatch,
+            RoutingForm::NodeDedupReduce,
+        ];
+        for form in forms.into_iter().filter(|f| per_pick || f.by_rank()) {
+            let plan = plan_in_form(source, overrides, form);
+            assert_eq!(
+                plan.choices.dispatch,
+                moec_runtime::plan::A2aAlgorithm::Hierarchical,
+                "{name}: {form:?}"
+            );
+            nccl_matches_the_cpu(&format!("{name}, {form:?}, NCCL"), &plan);
+        }
+    }
+}
+
+/// Layers on two nodes over a slow network (the hierarchical all-to-all):
+/// DeepSeek-V3 shrunk to two nodes of eight ranks, in f32 and bf16 (fp8
+/// dispatch) and with a capacity (`drop = position`), and a small capacity
+/// layer on two nodes of four.
+fn hierarchical_layers() -> [(&'static str, String, Overrides); 4] {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/deepseek_v3.moe");
     let deepseek = std::fs::read_to_string(path)
         .unwrap()
@@ -2943,20 +2971,45 @@ fn the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu() {
         hidden: Some(64),
         ffn: Some(32),
     };
-    let layers = [
+    [
         (
             "deepseek_v3 f32",
-            deepseek.as_str(),
+            deepseek.clone(),
             shrunk_to(moec_lang::spec::DType::F32),
         ),
         (
             "deepseek_v3 bf16",
-            deepseek.as_str(),
+            deepseek.clone(),
             shrunk_to(moec_lang::spec::DType::Bf16),
         ),
-        ("capacity on two nodes", capacity, Overrides::default()),
-    ];
-    for (name, source, overrides) in &layers {
+        (
+            "capacity on two nodes",
+            capacity.to_string(),
+            Overrides::default(),
+        ),
+        (
+            "deepseek_v3 with capacity",
+            deepseek.replace(
+                "capacity = dropless",
+                "capacity {\n factor = 1.0\n drop = position\n }",
+            ),
+            shrunk_to(moec_lang::spec::DType::F32),
+        ),
+    ]
+}
+
+/// The hierarchical by-rank legs (one row per token and destination node
+/// over the network, fanned out inside the node; with the reducing combine,
+/// each node's forwarder sums its ranks' partial rows before one row per
+/// token and node returns) on the emulated device: DeepSeek-V3 on two nodes
+/// of eight virtual ranks, and a small capacity layer on two nodes of four,
+/// against the CPU backend bit for bit, in order and shuffled.
+#[test]
+fn the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu() {
+    if !have_cxx("the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu") {
+        return;
+    }
+    for (name, source, overrides) in &hierarchical_layers() {
         for form in [RoutingForm::NodeDedupDispatch, RoutingForm::NodeDedupReduce] {
             let plan = plan_in_form(source, overrides, form);
             assert_eq!(

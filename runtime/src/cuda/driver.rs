@@ -518,7 +518,7 @@ impl CudaTarget {
             .map(|k| k.symbol().to_string())
             .collect();
         let native = Module::load(setup.code.1, &native_symbols, "the native kernels")?;
-        let readback_len = program.work.readback().bytes as usize;
+        let readback_len = program.work.largest_read_back() as usize;
         let mut ranks = BTreeMap::new();
         for &r in setup.local {
             let mut streams = Vec::with_capacity(program.streams);

@@ -21,11 +21,10 @@ use super::program::{
 };
 use super::route::{expand_frame_len, RouteTable, Routes};
 use crate::cpu::comm::Run;
-use crate::cpu::hier::{self, ByRankBlocks, PeerRows, Staged, Topology};
+use crate::cpu::hier::{PeerRows, Staged};
 use crate::cpu::layout::{assign_place, row_need, ByRank, Routing};
 use crate::cpu::memory;
 use crate::cpu::{ExecError, RoutingStats};
-use crate::plan::rows::RowLayout;
 use crate::plan::{CollectiveKind, CollectiveScope, DType, GemmWeight};
 use crate::weights::{Ffn, LayerWeights};
 use moec_kernels::cuda::{STATUS_DIV_ZERO, STATUS_OOB_ARRAY, STATUS_OOB_BUFFER};
@@ -35,6 +34,8 @@ use moec_kernels::native::{
 };
 use std::collections::BTreeMap;
 use std::ops::Range;
+
+mod hier_legs;
 
 /// Byte runs per peer of a group.
 pub type PeerRuns = Vec<Vec<Run>>;
@@ -1748,14 +1749,8 @@ impl<'a> Issuer<'a> {
             let base = local[at] - p.me(local[at]);
             let end = at + local[at..].partition_point(|r| *r < base + group);
             if c.scope != CollectiveScope::EpGroup {
-                if end - at != group {
-                    return Err(err(
-                        local[at],
-                        None,
-                        "the CUDA backend runs the hierarchical all-to-all between virtual ranks of one process only (its NCCL legs do not exchange the staged routing yet); deny it in the schedule (`deny = [hierarchical_a2a]`)",
-                    ));
-                }
-                self.hierarchical(stream, c, at, ordinal)?;
+                let members = hier_legs::Members::new(p, local, at..end);
+                self.hierarchical(stream, c, &members, ordinal)?;
             } else if end - at == group {
                 if let Some(status) = c.status {
                     self.virtual_route_copy(stream, c, &local[at..end], ordinal, status)?;
@@ -1774,375 +1769,6 @@ impl<'a> Issuer<'a> {
             at = end;
         }
         Ok(())
-    }
-
-    /// One leg of the hierarchical all-to-all between the virtual ranks of
-    /// one EP group (local rank indices `first..first + group`, in EP
-    /// order): the rows each rank sends and receives are those of the CPU
-    /// backend (`cpu::hier`, on the routing read back), moved as
-    /// device-to-device copies between the collective's events.
-    fn hierarchical(
-        &mut self,
-        stream: usize,
-        c: &CollectiveStep,
-        first: usize,
-        ordinal: u32,
-    ) -> Result<(), ExecError> {
-        let p = self.p;
-        let group = p.group;
-        let r0 = self.local[first];
-        let topo = Topology::new(group, p.gpus_per_node).map_err(|e| err(r0, None, e))?;
-        let tables = (0..group)
-            .map(|q| self.table(first + q, c.chunk))
-            .collect::<Result<Vec<_>, _>>()?;
-        let by_rank = c.kind == CollectiveKind::AllToAllRank;
-        // Rows per rank and peer (EP indices), then as byte runs.
-        let rows: Vec<(PeerRows, PeerRows)> = match (c.dispatch, c.scope) {
-            (true, CollectiveScope::InterNode) => {
-                self.dispatch_inter_rows(c, first, &topo, &tables)?
-            }
-            (false, CollectiveScope::IntraNode) if by_rank => {
-                return self.combine_intra_reduce(stream, c, (first, ordinal), &topo, &tables);
-            }
-            (false, _) if by_rank => {
-                return self.combine_inter_by_rank(stream, c, (first, ordinal), &topo);
-            }
-            (true, _) => (0..group)
-                .map(|q| {
-                    let key = (first + q, c.send.offset);
-                    let staged = self.staged.get(&key).ok_or_else(|| {
-                        err(
-                            self.local[first + q],
-                            None,
-                            "the intra-node leg runs before the inter-node leg staged its rows",
-                        )
-                    })?;
-                    let within = topo.within(q);
-                    let recv = if by_rank {
-                        hier::dispatch_intra_recv(&topo, &ByRankBlocks(&tables[q]), q)
-                    } else {
-                        hier::dispatch_intra_recv(&topo, &tables[q], q)
-                    };
-                    Ok((
-                        spread(group, &within, staged.sends(topo.per_node)),
-                        spread(group, &within, recv),
-                    ))
-                })
-                .collect::<Result<_, ExecError>>()?,
-            (false, CollectiveScope::IntraNode) => (0..group)
-                .map(|q| {
-                    let (to, from) = hier::combine_intra(&topo, &tables[q], q);
-                    let within = topo.within(q);
-                    (spread(group, &within, to), spread(group, &within, from))
-                })
-                .collect(),
-            (false, _) => (0..group)
-                .map(|q| {
-                    let (to, from) = hier::combine_inter(&topo, &tables[q], q);
-                    let across = topo.across(q);
-                    let one = |v: Vec<Range<usize>>| v.into_iter().map(|r| vec![r]).collect();
-                    (
-                        spread(group, &across, one(to)),
-                        spread(group, &across, one(from)),
-                    )
-                })
-                .collect(),
-        };
-        let members = self.members(c, first, rows)?;
-        self.virtual_exchange(stream, c, &members, ordinal)
-    }
-
-    /// The rows each member of the group at local index `first` sends and
-    /// receives in `c`, per peer, as byte runs of its buffers.
-    fn members(
-        &self,
-        c: &CollectiveStep,
-        first: usize,
-        rows: Vec<(PeerRows, PeerRows)>,
-    ) -> Result<Vec<(usize, PeerRuns, PeerRuns)>, ExecError> {
-        let mut members = Vec::with_capacity(rows.len());
-        for (q, (to, from)) in rows.into_iter().enumerate() {
-            let r = self.local[first + q];
-            let bytes = |layout: &RowLayout, name: &str, peers: PeerRows| {
-                peers
-                    .iter()
-                    .map(|rows| layout.runs(rows, name))
-                    .collect::<Result<Vec<_>, String>>()
-                    .map_err(|e| err(r, None, e))
-            };
-            let to = bytes(&c.send_rows, &c.send_name, to)?;
-            let from = bytes(&c.recv_rows, &c.recv_name, from)?;
-            members.push((r, to, from));
-        }
-        Ok(members)
-    }
-
-    /// The reducing combine's intra-node leg (`cpu::hier::combine_intra`
-    /// over by-rank blocks, then `forwarder_parts`): every expert rank's
-    /// partial rows go to the forwarder at the token's source index, into
-    /// the stream's `forward_parts`; the forwarder's sum kernel then adds
-    /// each staged token's parts, in destination order, into one row of the
-    /// leg's receive buffer (by source node, then token, as staged).
-    fn combine_intra_reduce(
-        &mut self,
-        stream: usize,
-        c: &CollectiveStep,
-        (first, ordinal): (usize, u32),
-        topo: &Topology,
-        tables: &[RouteTable],
-    ) -> Result<(), ExecError> {
-        let p = self.p;
-        let r0 = self.local[first];
-        let sum = c
-            .forwarder_sum
-            .ok_or_else(|| err(r0, None, "a reducing combine leg without its sum"))?;
-        let work = p
-            .work
-            .streams
-            .get(stream)
-            .copied()
-            .ok_or_else(|| err(r0, None, format!("no workspace for stream {stream}")))?;
-        let row_bytes = c.send_rows.row_bytes;
-        let parts_rows = RowLayout {
-            rows: work.forward_parts.bytes / row_bytes.max(1),
-            row_bytes,
-            scales: None,
-        };
-        let staging = CollectiveStep {
-            recv: work.forward_parts,
-            recv_rows: parts_rows,
-            recv_name: "the forwarder's partial rows".into(),
-            ..c.clone()
-        };
-        let rows = (0..p.group)
-            .map(|q| {
-                let (to, from) = hier::combine_intra(topo, &ByRankBlocks(&tables[q]), q);
-                let within = topo.within(q);
-                (spread(p.group, &within, to), spread(p.group, &within, from))
-            })
-            .collect();
-        let members = self.members(&staging, first, rows)?;
-        self.virtual_exchange(stream, &staging, &members, ordinal)?;
-        let kernel = KernelRef::Generated(sum.kernel);
-        let elem = match p.params(kernel).first().map(|param| param.kind) {
-            Some(ParamKind::Buffer { elem, .. }) => elem.bytes() as u64,
-            _ => return Err(err(r0, None, "the forwarder's sum has no row parameter")),
-        };
-        for (q, table) in tables.iter().enumerate() {
-            let r = self.local[first + q];
-            let staged = self.rank_staged.get(&(first + q, c.chunk)).ok_or_else(|| {
-                err(
-                    r,
-                    None,
-                    "the reducing combine runs before the dispatch staged its rows",
-                )
-            })?;
-            let sums =
-                hier::forwarder_parts(topo, table, q, staged).map_err(|e| err(r, None, e))?;
-            if sums.is_empty() {
-                continue;
-            }
-            let index =
-                parts_index(&sums, sum.width, parts_rows.rows).map_err(|e| err(r, None, e))?;
-            if sums.len() as u64 > c.recv_rows.rows {
-                return Err(err(
-                    r,
-                    None,
-                    format!(
-                        "`{}` is too small for the {} rows this rank forwards",
-                        c.recv_name,
-                        sums.len()
-                    ),
-                ));
-            }
-            self.upload(
-                r,
-                stream,
-                work.forward_index,
-                ints_le(&index),
-                "the forwarder's parts",
-            )?;
-            let buf = |span: Span, elem: u64| Arg::Buf {
-                addr: Addr::of(r, span),
-                len: span.bytes / elem,
-            };
-            // The weights are not read (`weight_on_input = 1`).
-            let args = vec![
-                buf(work.forward_parts, elem),
-                buf(work.forward_index, 4),
-                buf(work.forward_index, 4),
-                buf(c.recv, elem),
-            ];
-            let cmd = self.launch_cmd(r, stream, kernel, args, sums.len() as u64, sum.status)?;
-            self.submit(r, stream, cmd)?;
-        }
-        Ok(())
-    }
-
-    /// The reducing combine's inter-node leg: each forwarder returns a
-    /// source's per-node sums (one row per token that went to its node);
-    /// they land on the by-rank row of the token's first rank on that node
-    /// (`cpu::hier::node_sums_on_source`), and its other ranks' rows there
-    /// are zeroed, so that `sum over ranks` adds every node once.
-    fn combine_inter_by_rank(
-        &mut self,
-        stream: usize,
-        c: &CollectiveStep,
-        (first, ordinal): (usize, u32),
-        topo: &Topology,
-    ) -> Result<(), ExecError> {
-        let p = self.p;
-        let group = p.group;
-        let row = c.recv_rows.row_bytes;
-        let tokens = p.geometry.chunk_range(c.chunk);
-        let mut rows = Vec::with_capacity(group);
-        for q in 0..group {
-            let (i, r) = (first + q, self.local[first + q]);
-            let staged = self.rank_staged.get(&(i, c.chunk)).ok_or_else(|| {
-                err(
-                    r,
-                    None,
-                    "the reducing combine runs before the dispatch staged its rows",
-                )
-            })?;
-            let to: PeerRows = staged.node_rows().into_iter().map(|r| vec![r]).collect();
-            let rank_slots = self.by_rank[i]
-                .as_ref()
-                .and_then(|b| b.rank_slots.get(tokens.start * group..tokens.end * group))
-                .ok_or_else(|| err(r, None, "the by-rank slots do not cover this chunk"))?;
-            let landing = hier::node_sums_on_source(topo, rank_slots);
-            let from: PeerRows = landing
-                .iter()
-                .map(|list| list.iter().map(|(f, _)| *f..*f + 1).collect())
-                .collect();
-            let mut zero: Vec<usize> = landing
-                .iter()
-                .flatten()
-                .flat_map(|(_, others)| others.iter().copied())
-                .collect();
-            zero.sort_unstable();
-            for range in merged(&zero) {
-                if range.end as u64 > c.recv_rows.rows {
-                    return Err(err(
-                        r,
-                        None,
-                        format!(
-                            "`{}` is too small for this rank's by-rank rows",
-                            c.recv_name
-                        ),
-                    ));
-                }
-                let dst = Addr::of(r, c.recv).plus(range.start as u64 * row);
-                let bytes = range.len() as u64 * row;
-                self.submit(
-                    r,
-                    stream,
-                    Command::Memset {
-                        dst,
-                        bytes,
-                        value: 0,
-                    },
-                )?;
-            }
-            let across = topo.across(q);
-            rows.push((spread(group, &across, to), spread(group, &across, from)));
-        }
-        let members = self.members(c, first, rows)?;
-        self.virtual_exchange(stream, c, &members, ordinal)
-    }
-
-    /// The inter-node leg of the hierarchical dispatch: each source sends one
-    /// row per token and destination node to the rank of its local index
-    /// there, and each forwarder keeps the tokens' routing in its node for
-    /// the intra-node leg.
-    fn dispatch_inter_rows(
-        &mut self,
-        c: &CollectiveStep,
-        first: usize,
-        topo: &Topology,
-        tables: &[RouteTable],
-    ) -> Result<Vec<(PeerRows, PeerRows)>, ExecError> {
-        let p = self.p;
-        let group = p.group;
-        let tokens = p.geometry.chunk_range(c.chunk);
-        let mut sends = Vec::with_capacity(group);
-        let by_rank = c.kind == CollectiveKind::AllToAllRank;
-        for (q, table) in tables.iter().enumerate() {
-            let r = self.local[first + q];
-            let out = if by_rank {
-                // One row per token and destination rank, by rank blocks.
-                let rank_slots = &self.by_rank[first + q]
-                    .as_ref()
-                    .ok_or_else(|| err(r, None, "a by-rank leg without by-rank routing"))?
-                    .rank_slots;
-                let blocks = ByRankBlocks(table);
-                hier::dispatch_inter_send(topo, &blocks, q, rank_slots, p.group, tokens.clone())
-            } else {
-                let slots = self.slots(first + q)?;
-                hier::dispatch_inter_send(topo, table, q, &slots, p.geometry.top_k, tokens.clone())
-            }
-            .map_err(|e| err(r, None, e))?;
-            sends.push(out);
-        }
-        let mut rows = Vec::with_capacity(group);
-        for f in 0..group {
-            let (n, across) = (topo.node(f), topo.across(f));
-            // What f sends: its rows for each node, to that node's rank at its index.
-            let to: PeerRows = sends[f]
-                .rows
-                .iter()
-                .map(|rows_to_m| rows_to_m.iter().map(|&row| row..row + 1).collect())
-                .collect();
-            // What f receives as a forwarder: from the rank at its index on
-            // every node, in node order, staged one after the other.
-            let mut from = Vec::with_capacity(topo.nodes);
-            let (mut counts, mut routing) = (Vec::new(), Vec::new());
-            let mut at = 0;
-            for &s in &across {
-                let count = sends[s].rows[n].len();
-                let staged_rows: Range<usize> = at..at + count;
-                from.push(std::iter::once(staged_rows).collect::<Vec<_>>());
-                at += count;
-                counts.push(count);
-                routing.extend_from_slice(&sends[s].routing[n]);
-            }
-            let staged = Staged::decode(&counts, &routing, topo.per_node)
-                .map_err(|e| err(self.local[first + f], None, e))?;
-            if by_rank {
-                // The reducing combine of this chunk sums by the same routing.
-                self.rank_staged
-                    .insert((first + f, c.chunk), staged.clone());
-            }
-            self.staged.insert((first + f, c.recv.offset), staged);
-            rows.push((spread(group, &across, to), spread(group, &across, from)));
-        }
-        Ok(rows)
-    }
-
-    /// The `slots` table of local rank index `i`, read back once per pass,
-    /// after its routing (the read-back it waited for follows `assign_place`
-    /// on the same stream, so the table is complete).
-    fn slots(&mut self, i: usize) -> Result<Vec<i32>, ExecError> {
-        let r = self.local[i];
-        self.routes(i)?;
-        if self.slots[i].is_none() {
-            let span = self
-                .p
-                .slots
-                .ok_or_else(|| err(r, None, "the plan has no `slots` table"))?;
-            let bytes = self
-                .t
-                .read(Addr::of(r, span), span.bytes)
-                .map_err(|e| err(r, None, e))?;
-            let values = bytes
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            self.slots[i] = Some(values);
-        }
-        self.slots[i]
-            .clone()
-            .ok_or_else(|| err(r, None, "the slots table is missing"))
     }
 
     /// The byte runs local rank index `i` sends and receives in `c`.
@@ -2304,6 +1930,21 @@ impl<'a> Issuer<'a> {
         to: &[Vec<Run>],
         from: &[Vec<Run>],
     ) -> Result<(), ExecError> {
+        let (sends, recvs) = self.nccl_lists(stream, c, r, base, (to, from))?;
+        self.submit(r, stream, Command::Nccl { sends, recvs })
+    }
+
+    /// The NCCL sends and receives of rank `r` in `c` (peers' global ranks,
+    /// each run one operation), after issuing the copies of its own share.
+    #[allow(clippy::type_complexity)] // the two lists of `Command::Nccl`
+    fn nccl_lists(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        r: usize,
+        base: usize,
+        (to, from): (&[Vec<Run>], &[Vec<Run>]),
+    ) -> Result<(Vec<(usize, Addr, u64)>, Vec<(usize, Addr, u64)>), ExecError> {
         let me = self.p.me(r);
         let (mut sends, mut recvs) = (Vec::new(), Vec::new());
         for (p, (out, inc)) in to.iter().zip(from).enumerate() {
@@ -2330,7 +1971,7 @@ impl<'a> Issuer<'a> {
                 ));
             }
         }
-        self.submit(r, stream, Command::Nccl { sends, recvs })
+        Ok((sends, recvs))
     }
 }
 

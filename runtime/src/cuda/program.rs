@@ -406,11 +406,84 @@ pub struct WorkLayout {
     /// [`RouteTable::expand_frame`](super::route::RouteTable::expand_frame)
     /// of this rank, uploaded in stream order before `assign_expand`.
     pub expand_frame: Span,
+    /// The hierarchical dispatch's inter-node leg over NCCL (empty without
+    /// that leg): what a source tells each forwarder before the rows (per
+    /// node, its row count and the length of their routing, `u32` each),
+    /// and that routing itself. Each holds the sent half, then the
+    /// received half ([`StagedExchange`]).
+    pub staged: StagedExchange,
     pub streams: Vec<StreamWork>,
     pub bytes: u64,
 }
 
+/// Where a source's messages to the forwarders of the inter-node leg live
+/// (see [`WorkLayout::staged`]): the host reads the received halves back
+/// before it lays out the rows the forwarder stages and fans out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagedExchange {
+    /// `[nodes, 2]` `u32` sent, then `[nodes, 2]` received.
+    pub counts: Span,
+    /// Routing values (`u32`) sent, at most `routing_sent`, then received,
+    /// at most `routing_received`.
+    pub routing: Span,
+    pub routing_sent: u64,
+    pub routing_received: u64,
+}
+
+impl StagedExchange {
+    /// The counts' sent and received halves.
+    pub fn counts_halves(&self) -> (Span, Span) {
+        let half = self.counts.bytes / 2;
+        (
+            Span {
+                bytes: half,
+                ..self.counts
+            },
+            Span {
+                offset: self.counts.offset + half,
+                bytes: half,
+                ..self.counts
+            },
+        )
+    }
+
+    /// The routing's sent and received halves.
+    pub fn routing_halves(&self) -> (Span, Span) {
+        let sent = self.routing_sent * 4;
+        (
+            Span {
+                bytes: sent,
+                ..self.routing
+            },
+            Span {
+                offset: self.routing.offset + sent,
+                bytes: self.routing_received * 4,
+                ..self.routing
+            },
+        )
+    }
+
+    /// Bounds on a chunk's staged routing (`cpu::hier::InterSend`): a
+    /// source sends, per token, one count per node it reaches and an
+    /// (index, row) pair per destination (at most `top_k`); a forwarder
+    /// receives from each node at most one routed row per token of the
+    /// chunk, each with at most one pair per rank of its node.
+    pub fn sized(chunk_tokens: u64, top_k: u64, nodes: u64, per_node: u64) -> (u64, u64) {
+        let sent = chunk_tokens * (top_k.min(nodes) + 2 * top_k);
+        let received = nodes * chunk_tokens * (1 + 2 * top_k.min(per_node));
+        (sent, received)
+    }
+}
+
 impl WorkLayout {
+    /// The most bytes one read-back copies: the routing, or a received
+    /// half of the staged exchange.
+    pub fn largest_read_back(&self) -> u64 {
+        let (_, counts) = self.staged.counts_halves();
+        let (_, routing) = self.staged.routing_halves();
+        self.readback().bytes.max(counts.bytes).max(routing.bytes)
+    }
+
     /// What [`StepKind::ReadRoute`] copies: the status blocks, the table,
     /// the statistics and, with dispatch by rank, the routing and the
     /// gathered metadata (contiguous).
@@ -1980,6 +2053,7 @@ impl<'p> Lowering<'p> {
                 forward_index: w.take(forward.1)?,
             });
         }
+        let staged = place_staged_exchange(&mut w, plan, &geo, &steps)?;
         let work = WorkLayout {
             status: status_span,
             table,
@@ -1992,6 +2066,7 @@ impl<'p> Lowering<'p> {
             routing_weights,
             routing_meta,
             expand_frame: placed[FRAME_WORK],
+            staged,
             streams,
             bytes: w.total(),
         };
@@ -2083,6 +2158,44 @@ impl<'p> Lowering<'p> {
             row_bounds: plan.row_bounds(),
         })
     }
+}
+
+/// The staged exchange's workspace, when a step is the hierarchical
+/// dispatch's inter-node leg (a process that holds only part of an EP group
+/// exchanges the staged routing over NCCL).
+fn place_staged_exchange(
+    w: &mut Placer,
+    plan: &Plan,
+    geo: &Geometry,
+    steps: &[Step],
+) -> Result<StagedExchange, String> {
+    let inter_dispatch = steps.iter().any(|s| {
+        matches!(&s.kind, StepKind::Collective(c)
+            if c.dispatch && c.scope == CollectiveScope::InterNode)
+    });
+    let per_node = plan.mesh.gpus_per_node.max(1);
+    if !inter_dispatch {
+        let none = Span {
+            space: Space::Work,
+            offset: 0,
+            bytes: 0,
+        };
+        return Ok(StagedExchange {
+            counts: none,
+            routing: none,
+            routing_sent: 0,
+            routing_received: 0,
+        });
+    }
+    let nodes = (geo.group as u64).div_ceil(per_node);
+    let (sent, received) =
+        StagedExchange::sized(geo.chunk_tokens as u64, geo.top_k as u64, nodes, per_node);
+    Ok(StagedExchange {
+        counts: w.take(mul(&[nodes, 4, 4])?)?,
+        routing: w.take(mul(&[sent.saturating_add(received), 4])?)?,
+        routing_sent: sent,
+        routing_received: received,
+    })
 }
 
 /// Scratch bytes per thread of a kernel (a generated one's local arrays).

@@ -1,0 +1,696 @@
+//! The legs of the hierarchical all-to-all (DeepEP's scheme, `cpu::hier`)
+//! on the device.
+//!
+//! Each leg's rows are those of the CPU backend (`cpu::hier`, on the routing
+//! read back). The members of an EP group that this process holds move them
+//! either as device-to-device copies between virtual ranks (the whole group
+//! is here) or as NCCL sends and receives (a part of it is).
+//!
+//! Every leg but one needs only the rank's own routing. The exception is the
+//! dispatch's inter-node leg: a forwarder stages what the ranks at its local
+//! index on the other nodes send it, and needs their count and their routing
+//! inside its node before it can lay out the intra-node leg. Between virtual
+//! ranks the host has them; over NCCL each source first tells each forwarder
+//! how many rows and routing values it sends (a count exchange, read back),
+//! then sends the routing beside the rows (read back after the rows are
+//! queued), as DeepEP sends `topk_idx` with the tokens.
+
+use super::{
+    err, parts_index, spread, Addr, Arg, Command, ExecError, Issuer, KernelRef, ParamKind,
+    PeerRuns, Program, RouteTable,
+};
+use crate::cpu::hier::{self, ByRankBlocks, InterSend, PeerRows, Staged, Topology};
+use crate::plan::rows::RowLayout;
+use crate::plan::{CollectiveKind, CollectiveScope};
+use std::ops::Range;
+
+use super::super::program::{CollectiveStep, Span};
+
+/// The members of one EP group that this process holds.
+pub(super) struct Members {
+    /// Local rank index and EP index of each, ascending.
+    list: Vec<(usize, usize)>,
+    /// The group's first global rank.
+    base: usize,
+    /// The whole group is here (virtual ranks, in EP order).
+    whole: bool,
+}
+
+impl Members {
+    /// The local ranks `at` (ascending, one EP group's).
+    pub(super) fn new(p: &Program, local: &[usize], at: Range<usize>) -> Members {
+        let base = local[at.start] - p.me(local[at.start]);
+        let whole = at.len() == p.group;
+        let list = at.map(|i| (i, p.me(local[i]))).collect();
+        Members { list, base, whole }
+    }
+}
+
+/// What a forwarder stages from each source node in the inter-node leg, in
+/// node order: the rows, and their routing (for the nodes whose routing
+/// comes over NCCL, read back once the rows are queued).
+struct Heard {
+    rows: Vec<usize>,
+    routing: Vec<Vec<u32>>,
+    /// Routing values per node still on the device (received by NCCL).
+    on_device: Vec<usize>,
+}
+
+impl Issuer<'_> {
+    /// One leg of the hierarchical all-to-all for the members `m` of one
+    /// EP group.
+    pub(super) fn hierarchical(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        m: &Members,
+        ordinal: u32,
+    ) -> Result<(), ExecError> {
+        let p = self.p;
+        let group = p.group;
+        let r0 = self.local[m.list[0].0];
+        let topo = Topology::new(group, p.gpus_per_node).map_err(|e| err(r0, None, e))?;
+        let tables = m
+            .list
+            .iter()
+            .map(|&(i, _)| self.table(i, c.chunk))
+            .collect::<Result<Vec<_>, _>>()?;
+        let by_rank = c.kind == CollectiveKind::AllToAllRank;
+        let rows: Vec<(PeerRows, PeerRows)> = match (c.dispatch, c.scope) {
+            (true, CollectiveScope::InterNode) => {
+                return self.dispatch_inter(stream, c, (m, ordinal), &topo, &tables);
+            }
+            (false, CollectiveScope::IntraNode) if by_rank => {
+                return self.combine_intra_reduce(stream, c, (m, ordinal), &topo, &tables);
+            }
+            (false, _) if by_rank => {
+                return self.combine_inter_by_rank(stream, c, (m, ordinal), &topo);
+            }
+            (true, _) => m
+                .list
+                .iter()
+                .zip(&tables)
+                .map(|(&(i, q), table)| {
+                    let key = (i, c.send.offset);
+                    let staged = self.staged.get(&key).ok_or_else(|| {
+                        err(
+                            self.local[i],
+                            None,
+                            "the intra-node leg runs before the inter-node leg staged its rows",
+                        )
+                    })?;
+                    let within = topo.within(q);
+                    let recv = if by_rank {
+                        hier::dispatch_intra_recv(&topo, &ByRankBlocks(table), q)
+                    } else {
+                        hier::dispatch_intra_recv(&topo, table, q)
+                    };
+                    Ok((
+                        spread(group, &within, staged.sends(topo.per_node)),
+                        spread(group, &within, recv),
+                    ))
+                })
+                .collect::<Result<_, ExecError>>()?,
+            (false, CollectiveScope::IntraNode) => m
+                .list
+                .iter()
+                .zip(&tables)
+                .map(|(&(_, q), table)| {
+                    let (to, from) = hier::combine_intra(&topo, table, q);
+                    let within = topo.within(q);
+                    (spread(group, &within, to), spread(group, &within, from))
+                })
+                .collect(),
+            (false, _) => m
+                .list
+                .iter()
+                .zip(&tables)
+                .map(|(&(_, q), table)| {
+                    let (to, from) = hier::combine_inter(&topo, table, q);
+                    let across = topo.across(q);
+                    let one = |v: Vec<Range<usize>>| v.into_iter().map(|r| vec![r]).collect();
+                    (
+                        spread(group, &across, one(to)),
+                        spread(group, &across, one(from)),
+                    )
+                })
+                .collect(),
+        };
+        self.move_rows(stream, c, (m, ordinal), rows)
+    }
+
+    /// Moves each member's rows of `c` (per member, per peer: the rows it
+    /// sends and the rows it receives): copies between virtual ranks, or
+    /// NCCL sends and receives. Over NCCL the two sides of a pair must cut
+    /// their bytes at the same boundaries, and neither knows how the other's
+    /// rows run (a source's rows for a node are scattered over its send
+    /// buffer, a forwarder's are contiguous), so every row is one operation.
+    fn move_rows(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        (m, ordinal): (&Members, u32),
+        rows: Vec<(PeerRows, PeerRows)>,
+    ) -> Result<(), ExecError> {
+        if m.whole {
+            let members = self.members(c, m, rows)?;
+            return self.virtual_exchange(stream, c, &members, ordinal);
+        }
+        let rows = rows
+            .into_iter()
+            .map(|(to, from)| (single_rows(to), single_rows(from)))
+            .collect();
+        for (r, to, from) in self.members(c, m, rows)? {
+            self.nccl_exchange(stream, c, r, m.base, &to, &from)?;
+        }
+        Ok(())
+    }
+
+    /// The rows each member sends and receives in `c`, per peer, as byte
+    /// runs of its buffers.
+    fn members(
+        &self,
+        c: &CollectiveStep,
+        m: &Members,
+        rows: Vec<(PeerRows, PeerRows)>,
+    ) -> Result<Vec<(usize, PeerRuns, PeerRuns)>, ExecError> {
+        let mut members = Vec::with_capacity(rows.len());
+        for (&(i, _), (to, from)) in m.list.iter().zip(rows) {
+            let r = self.local[i];
+            let bytes = |layout: &RowLayout, name: &str, peers: PeerRows| {
+                peers
+                    .iter()
+                    .map(|rows| layout.runs(rows, name))
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_err(|e| err(r, None, e))
+            };
+            let to = bytes(&c.send_rows, &c.send_name, to)?;
+            let from = bytes(&c.recv_rows, &c.recv_name, from)?;
+            members.push((r, to, from));
+        }
+        Ok(members)
+    }
+
+    /// The reducing combine's intra-node leg (`cpu::hier::combine_intra`
+    /// over by-rank blocks, then `forwarder_parts`): every expert rank's
+    /// partial rows go to the forwarder at the token's source index, into
+    /// the stream's `forward_parts`; the forwarder's sum kernel then adds
+    /// each staged token's parts, in destination order, into one row of the
+    /// leg's receive buffer (by source node, then token, as staged).
+    fn combine_intra_reduce(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        (m, ordinal): (&Members, u32),
+        topo: &Topology,
+        tables: &[RouteTable],
+    ) -> Result<(), ExecError> {
+        let p = self.p;
+        let r0 = self.local[m.list[0].0];
+        let sum = c
+            .forwarder_sum
+            .ok_or_else(|| err(r0, None, "a reducing combine leg without its sum"))?;
+        let work = p
+            .work
+            .streams
+            .get(stream)
+            .copied()
+            .ok_or_else(|| err(r0, None, format!("no workspace for stream {stream}")))?;
+        let row_bytes = c.send_rows.row_bytes;
+        let parts_rows = RowLayout {
+            rows: work.forward_parts.bytes / row_bytes.max(1),
+            row_bytes,
+            scales: None,
+        };
+        let staging = CollectiveStep {
+            recv: work.forward_parts,
+            recv_rows: parts_rows,
+            recv_name: "the forwarder's partial rows".into(),
+            ..c.clone()
+        };
+        let rows = m
+            .list
+            .iter()
+            .zip(tables)
+            .map(|(&(_, q), table)| {
+                let (to, from) = hier::combine_intra(topo, &ByRankBlocks(table), q);
+                let within = topo.within(q);
+                (spread(p.group, &within, to), spread(p.group, &within, from))
+            })
+            .collect();
+        self.move_rows(stream, &staging, (m, ordinal), rows)?;
+        let kernel = KernelRef::Generated(sum.kernel);
+        let elem = match p.params(kernel).first().map(|param| param.kind) {
+            Some(ParamKind::Buffer { elem, .. }) => elem.bytes() as u64,
+            _ => return Err(err(r0, None, "the forwarder's sum has no row parameter")),
+        };
+        for (&(i, q), table) in m.list.iter().zip(tables) {
+            let r = self.local[i];
+            let staged = self.rank_staged.get(&(i, c.chunk)).ok_or_else(|| {
+                err(
+                    r,
+                    None,
+                    "the reducing combine runs before the dispatch staged its rows",
+                )
+            })?;
+            let sums =
+                hier::forwarder_parts(topo, table, q, staged).map_err(|e| err(r, None, e))?;
+            if sums.is_empty() {
+                continue;
+            }
+            let index =
+                parts_index(&sums, sum.width, parts_rows.rows).map_err(|e| err(r, None, e))?;
+            if sums.len() as u64 > c.recv_rows.rows {
+                return Err(err(
+                    r,
+                    None,
+                    format!(
+                        "`{}` is too small for the {} rows this rank forwards",
+                        c.recv_name,
+                        sums.len()
+                    ),
+                ));
+            }
+            self.upload(
+                r,
+                stream,
+                work.forward_index,
+                super::ints_le(&index),
+                "the forwarder's parts",
+            )?;
+            let buf = |span: Span, elem: u64| Arg::Buf {
+                addr: Addr::of(r, span),
+                len: span.bytes / elem,
+            };
+            // The weights are not read (`weight_on_input = 1`).
+            let args = vec![
+                buf(work.forward_parts, elem),
+                buf(work.forward_index, 4),
+                buf(work.forward_index, 4),
+                buf(c.recv, elem),
+            ];
+            let cmd = self.launch_cmd(r, stream, kernel, args, sums.len() as u64, sum.status)?;
+            self.submit(r, stream, cmd)?;
+        }
+        Ok(())
+    }
+
+    /// The reducing combine's inter-node leg: each forwarder returns a
+    /// source's per-node sums (one row per token that went to its node);
+    /// they land on the by-rank row of the token's first rank on that node
+    /// (`cpu::hier::node_sums_on_source`), and its other ranks' rows there
+    /// are zeroed, so that `sum over ranks` adds every node once.
+    fn combine_inter_by_rank(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        (m, ordinal): (&Members, u32),
+        topo: &Topology,
+    ) -> Result<(), ExecError> {
+        let p = self.p;
+        let group = p.group;
+        let row = c.recv_rows.row_bytes;
+        let tokens = p.geometry.chunk_range(c.chunk);
+        let mut rows = Vec::with_capacity(m.list.len());
+        for &(i, q) in &m.list {
+            let r = self.local[i];
+            let staged = self.rank_staged.get(&(i, c.chunk)).ok_or_else(|| {
+                err(
+                    r,
+                    None,
+                    "the reducing combine runs before the dispatch staged its rows",
+                )
+            })?;
+            let to: PeerRows = staged.node_rows().into_iter().map(|r| vec![r]).collect();
+            let rank_slots = self.by_rank[i]
+                .as_ref()
+                .and_then(|b| b.rank_slots.get(tokens.start * group..tokens.end * group))
+                .ok_or_else(|| err(r, None, "the by-rank slots do not cover this chunk"))?;
+            let landing = hier::node_sums_on_source(topo, rank_slots);
+            let from: PeerRows = landing
+                .iter()
+                .map(|list| list.iter().map(|(f, _)| *f..*f + 1).collect())
+                .collect();
+            let mut zero: Vec<usize> = landing
+                .iter()
+                .flatten()
+                .flat_map(|(_, others)| others.iter().copied())
+                .collect();
+            zero.sort_unstable();
+            for range in super::merged(&zero) {
+                if range.end as u64 > c.recv_rows.rows {
+                    return Err(err(
+                        r,
+                        None,
+                        format!(
+                            "`{}` is too small for this rank's by-rank rows",
+                            c.recv_name
+                        ),
+                    ));
+                }
+                let dst = Addr::of(r, c.recv).plus(range.start as u64 * row);
+                let bytes = range.len() as u64 * row;
+                self.submit(
+                    r,
+                    stream,
+                    Command::Memset {
+                        dst,
+                        bytes,
+                        value: 0,
+                    },
+                )?;
+            }
+            let across = topo.across(q);
+            rows.push((spread(group, &across, to), spread(group, &across, from)));
+        }
+        self.move_rows(stream, c, (m, ordinal), rows)
+    }
+
+    /// The inter-node leg of the hierarchical dispatch: each source sends one
+    /// row per token and destination node to the rank of its local index
+    /// there, and each forwarder keeps the tokens' routing in its node for
+    /// the intra-node leg.
+    fn dispatch_inter(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        (m, ordinal): (&Members, u32),
+        topo: &Topology,
+        tables: &[RouteTable],
+    ) -> Result<(), ExecError> {
+        let group = self.p.group;
+        let sends = self.inter_sends(c, m, topo, tables)?;
+        let heard = if m.whole {
+            // Virtual ranks: every source's sends are on the host.
+            m.list
+                .iter()
+                .map(|&(_, f)| {
+                    let n = topo.node(f);
+                    let across = topo.across(f);
+                    Heard {
+                        rows: across.iter().map(|&s| sends[s].rows[n].len()).collect(),
+                        routing: across
+                            .iter()
+                            .map(|&s| sends[s].routing[n].clone())
+                            .collect(),
+                        on_device: vec![0; topo.nodes],
+                    }
+                })
+                .collect()
+        } else {
+            self.exchange_staged(stream, m, topo, &sends)?
+        };
+        let mut rows = Vec::with_capacity(m.list.len());
+        for (&(_, f), (send, heard)) in m.list.iter().zip(sends.iter().zip(&heard)) {
+            let across = topo.across(f);
+            // What f sends: its rows for each node, to that node's rank at its index.
+            let to: PeerRows = send
+                .rows
+                .iter()
+                .map(|rows_to_m| rows_to_m.iter().map(|&row| row..row + 1).collect())
+                .collect();
+            // What f receives as a forwarder: from the rank at its index on
+            // every node, in node order, staged one after the other.
+            let mut at = 0;
+            let from: PeerRows = heard
+                .rows
+                .iter()
+                .map(|&count| {
+                    at += count;
+                    std::iter::once(at - count..at).collect()
+                })
+                .collect();
+            rows.push((spread(group, &across, to), spread(group, &across, from)));
+        }
+        self.move_rows(stream, c, (m, ordinal), rows)?;
+        self.stage(c, m, topo, heard)
+    }
+
+    /// Each member's sends of the inter-node leg (`cpu::hier::dispatch_inter_send`),
+    /// indexed by EP index when the whole group is here, else by member.
+    fn inter_sends(
+        &mut self,
+        c: &CollectiveStep,
+        m: &Members,
+        topo: &Topology,
+        tables: &[RouteTable],
+    ) -> Result<Vec<InterSend>, ExecError> {
+        let p = self.p;
+        let tokens = p.geometry.chunk_range(c.chunk);
+        let by_rank = c.kind == CollectiveKind::AllToAllRank;
+        let mut sends = Vec::with_capacity(m.list.len());
+        for (&(i, q), table) in m.list.iter().zip(tables) {
+            let r = self.local[i];
+            let out = if by_rank {
+                // One row per token and destination rank, by rank blocks.
+                let rank_slots = &self.by_rank[i]
+                    .as_ref()
+                    .ok_or_else(|| err(r, None, "a by-rank leg without by-rank routing"))?
+                    .rank_slots;
+                let blocks = ByRankBlocks(table);
+                hier::dispatch_inter_send(topo, &blocks, q, rank_slots, p.group, tokens.clone())
+            } else {
+                let slots = self.slots(i)?;
+                hier::dispatch_inter_send(topo, table, q, &slots, p.geometry.top_k, tokens.clone())
+            }
+            .map_err(|e| err(r, None, e))?;
+            sends.push(out);
+        }
+        Ok(sends)
+    }
+
+    /// Over NCCL, what each member hears as a forwarder: every member tells
+    /// the rank at its local index on each other node how many rows and
+    /// routing values it sends there (one exchange, read back), then sends
+    /// the routing (read back in [`Issuer::stage`], after the rows). The
+    /// member's own node's share stays on the host.
+    fn exchange_staged(
+        &mut self,
+        stream: usize,
+        m: &Members,
+        topo: &Topology,
+        sends: &[InterSend],
+    ) -> Result<Vec<Heard>, ExecError> {
+        let x = self.p.work.staged;
+        let (counts_out, counts_in) = x.counts_halves();
+        let (routing_out, routing_in) = x.routing_halves();
+        let peers = |f: usize| {
+            let me = topo.node(f);
+            topo.across(f)
+                .into_iter()
+                .enumerate()
+                .filter(move |&(n, _)| n != me)
+        };
+        // Every member's counts first, then every read-back: a member's
+        // peers may be members too, whose sends must be queued before any
+        // read-back is waited for.
+        for (&(i, f), send) in m.list.iter().zip(sends) {
+            let r = self.local[i];
+            if counts_in.bytes < topo.nodes as u64 * 8 {
+                return Err(err(
+                    r,
+                    None,
+                    "the plan has no workspace for the staged counts",
+                ));
+            }
+            let words: Vec<u32> = (0..topo.nodes)
+                .flat_map(|n| [send.rows[n].len(), send.routing[n].len()])
+                .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+                .collect();
+            self.upload(r, stream, counts_out, words_le(&words), "the staged counts")?;
+            let at = |span: Span, n: usize| Addr::of(r, span).plus(n as u64 * 8);
+            let sends_to = peers(f)
+                .map(|(n, peer)| (m.base + peer, at(counts_out, n), 8))
+                .collect();
+            let recvs = peers(f)
+                .map(|(n, peer)| (m.base + peer, at(counts_in, n), 8))
+                .collect();
+            self.submit(
+                r,
+                stream,
+                Command::Nccl {
+                    sends: sends_to,
+                    recvs,
+                },
+            )?;
+            self.read_back(r, stream, counts_in)?;
+        }
+        let mut heard = Vec::with_capacity(m.list.len());
+        for &(i, f) in &m.list {
+            let r = self.local[i];
+            let words = read_words(&self.t.fetch(r).map_err(|e| err(r, None, e))?);
+            let mut h = Heard {
+                rows: vec![0; topo.nodes],
+                routing: vec![Vec::new(); topo.nodes],
+                on_device: vec![0; topo.nodes],
+            };
+            for (n, _) in peers(f) {
+                let (rows, values) = match (words.get(2 * n), words.get(2 * n + 1)) {
+                    (Some(&rows), Some(&values)) => (rows as usize, values as usize),
+                    _ => return Err(err(r, None, "the staged counts read back are short")),
+                };
+                if rows > self.p.geometry.chunk_tokens || values < rows {
+                    return Err(err(
+                        r,
+                        None,
+                        format!("corrupt staged counts from node {n}: {rows} rows, {values} routing values"),
+                    ));
+                }
+                h.rows[n] = rows;
+                h.on_device[n] = values;
+            }
+            heard.push(h);
+        }
+        for ((&(i, f), send), h) in m.list.iter().zip(sends).zip(&mut heard) {
+            let r = self.local[i];
+            let own = topo.node(f);
+            h.rows[own] = send.rows[own].len();
+            h.routing[own] = send.routing[own].clone();
+            let out: Vec<u32> = peers(f)
+                .flat_map(|(n, _)| send.routing[n].iter().copied())
+                .collect();
+            let received: usize = h.on_device.iter().sum();
+            if out.len() as u64 > x.routing_sent || received as u64 > x.routing_received {
+                return Err(err(
+                    r,
+                    None,
+                    format!(
+                        "the staged routing ({} values sent, {received} received) exceeds its workspace ({} and {})",
+                        out.len(),
+                        x.routing_sent,
+                        x.routing_received
+                    ),
+                ));
+            }
+            self.upload(r, stream, routing_out, words_le(&out), "the staged routing")?;
+            let (mut sends_to, mut recvs) = (Vec::new(), Vec::new());
+            let (mut sent, mut got) = (0u64, 0u64);
+            for (n, peer) in peers(f) {
+                let len = send.routing[n].len() as u64 * 4;
+                if len > 0 {
+                    sends_to.push((m.base + peer, Addr::of(r, routing_out).plus(sent), len));
+                }
+                sent += len;
+                let len = h.on_device[n] as u64 * 4;
+                if len > 0 {
+                    recvs.push((m.base + peer, Addr::of(r, routing_in).plus(got), len));
+                }
+                got += len;
+            }
+            self.submit(
+                r,
+                stream,
+                Command::Nccl {
+                    sends: sends_to,
+                    recvs,
+                },
+            )?;
+            if got > 0 {
+                self.read_back(
+                    r,
+                    stream,
+                    Span {
+                        bytes: got,
+                        ..routing_in
+                    },
+                )?;
+            }
+        }
+        Ok(heard)
+    }
+
+    /// The forwarders' staged routing decoded and kept for the intra-node
+    /// leg (and, by rank, for the reducing combine of the chunk): the
+    /// routing that came over NCCL read back first.
+    fn stage(
+        &mut self,
+        c: &CollectiveStep,
+        m: &Members,
+        topo: &Topology,
+        heard: Vec<Heard>,
+    ) -> Result<(), ExecError> {
+        for (&(i, _), mut h) in m.list.iter().zip(heard) {
+            let r = self.local[i];
+            if h.on_device.iter().any(|&v| v > 0) {
+                let words = read_words(&self.t.fetch(r).map_err(|e| err(r, None, e))?);
+                let mut at = 0;
+                for (n, &len) in h.on_device.iter().enumerate() {
+                    if len == 0 {
+                        continue; // the own node's routing, or nothing from n
+                    }
+                    let part = words
+                        .get(at..at + len)
+                        .ok_or_else(|| err(r, None, "the staged routing read back is short"))?;
+                    h.routing[n] = part.to_vec();
+                    at += len;
+                }
+            }
+            let routing: Vec<u32> = h.routing.concat();
+            let staged =
+                Staged::decode(&h.rows, &routing, topo.per_node).map_err(|e| err(r, None, e))?;
+            if c.kind == CollectiveKind::AllToAllRank {
+                // The reducing combine of this chunk sums by the same routing.
+                self.rank_staged.insert((i, c.chunk), staged.clone());
+            }
+            self.staged.insert((i, c.recv.offset), staged);
+        }
+        Ok(())
+    }
+
+    /// Queues a copy of `span` of rank `r` to the host, after what `stream`
+    /// holds; [`Target::fetch`](super::Target::fetch) waits for it.
+    fn read_back(&mut self, r: usize, stream: usize, span: Span) -> Result<(), ExecError> {
+        let src = Addr::of(r, span);
+        self.submit(
+            r,
+            stream,
+            Command::ReadBack {
+                src,
+                bytes: span.bytes,
+            },
+        )
+    }
+
+    /// The `slots` table of local rank index `i`, read back once per pass,
+    /// after its routing (the read-back it waited for follows `assign_place`
+    /// on the same stream, so the table is complete).
+    fn slots(&mut self, i: usize) -> Result<Vec<i32>, ExecError> {
+        let r = self.local[i];
+        self.routes(i)?;
+        if self.slots[i].is_none() {
+            let span = self
+                .p
+                .slots
+                .ok_or_else(|| err(r, None, "the plan has no `slots` table"))?;
+            let bytes = self
+                .t
+                .read(Addr::of(r, span), span.bytes)
+                .map_err(|e| err(r, None, e))?;
+            self.slots[i] = Some(crate::cpu::memory::read_i32s(&bytes));
+        }
+        self.slots[i]
+            .clone()
+            .ok_or_else(|| err(r, None, "the slots table is missing"))
+    }
+}
+
+/// Every range of every peer cut into single rows.
+fn single_rows(peers: PeerRows) -> PeerRows {
+    peers
+        .into_iter()
+        .map(|ranges| ranges.into_iter().flatten().map(|r| r..r + 1).collect())
+        .collect()
+}
+
+/// `u32` values as little-endian bytes.
+fn words_le(values: &[u32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Little-endian `u32` values of `bytes` (a trailing partial word dropped).
+fn read_words(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
