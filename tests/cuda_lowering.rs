@@ -1221,9 +1221,10 @@ fn emu_run(
     let pass = passes.remove(0);
     assert!(emu.launches > 0);
     // Capacity plans with every rank here need nothing from the device
-    // during the pass (no host synchronisation); dropless plans read the
-    // routing back once per rank.
-    if program.padded > 0 {
+    // during the pass (no host synchronisation) unless the hierarchical
+    // legs need the routing on the host; dropless plans read the routing
+    // back once per rank.
+    if program.padded > 0 && !program.hierarchical() {
         assert_eq!(emu.fetches, 0, "a capacity plan waited for the routing");
     } else {
         assert_eq!(emu.fetches, ranks, "one routing read-back per rank");
@@ -2933,10 +2934,8 @@ fn the_hierarchical_all_to_all_over_nccl_matches_the_cpu() {
         return;
     }
     for (name, source, overrides) in &hierarchical_layers() {
-        // The small capacity layer's per-pick plan stays flat on its mesh;
-        // a capacity plan's per-pick hierarchical legs are refused on the
-        // device (its padded expert slots), by rank they run.
-        let per_pick = name.starts_with("deepseek") && !name.contains("capacity");
+        // The small capacity layer's per-pick plan stays flat on its mesh.
+        let per_pick = name.starts_with("deepseek");
         let forms = [
             RoutingForm::PerAssignment,
             RoutingForm::NodeDedupDispatch,
@@ -3002,7 +3001,8 @@ fn hierarchical_layers() -> [(&'static str, String, Overrides); 4] {
 /// over the network, fanned out inside the node; with the reducing combine,
 /// each node's forwarder sums its ranks' partial rows before one row per
 /// token and node returns) on the emulated device: DeepSeek-V3 on two nodes
-/// of eight virtual ranks, and a small capacity layer on two nodes of four,
+/// of eight virtual ranks (also with a capacity, then per pick too: its
+/// padded expert slots), and a small capacity layer on two nodes of four,
 /// against the CPU backend bit for bit, in order and shuffled.
 #[test]
 fn the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu() {
@@ -3010,7 +3010,14 @@ fn the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu() {
         return;
     }
     for (name, source, overrides) in &hierarchical_layers() {
-        for form in [RoutingForm::NodeDedupDispatch, RoutingForm::NodeDedupReduce] {
+        let forms = [
+            RoutingForm::PerAssignment,
+            RoutingForm::NodeDedupDispatch,
+            RoutingForm::NodeDedupReduce,
+        ];
+        // Per pick, the capacity plans keep their expert slots padded.
+        let per_pick = name.contains("capacity") && name.starts_with("deepseek");
+        for form in forms.into_iter().filter(|f| per_pick || f.by_rank()) {
             let plan = plan_in_form(source, overrides, form);
             assert_eq!(
                 plan.choices.dispatch,

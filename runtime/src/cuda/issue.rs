@@ -626,10 +626,11 @@ pub fn graph_pass(
 }
 
 /// Whether a pass of `program` on the ranks `local` can be captured in a
-/// graph: a capacity plan (padded expert slots) whose EP groups are all
-/// among `local`, so that no step waits for the routing on the host.
+/// graph: a capacity plan (padded expert slots) without the hierarchical
+/// all-to-all, whose EP groups are all among `local`, so that no step waits
+/// for the routing on the host.
 pub fn capturable(program: &Program, local: &[usize]) -> bool {
-    program.padded > 0 && whole_groups(program, local)
+    program.padded > 0 && !program.hierarchical() && whole_groups(program, local)
 }
 
 /// Whether `local` (ascending) is whole EP groups, each rank of each.
@@ -643,6 +644,8 @@ fn whole_groups(p: &Program, local: &[usize]) -> bool {
 fn not_capturable(p: &Program, local: &[usize]) -> String {
     if p.geometry.by_rank {
         "a plan that dispatches by rank cannot run as a CUDA graph: the host lays its by-rank rows out from the routing it reads back during the pass (compile it with per-pick routing, as `--graph` does)".into()
+    } else if p.hierarchical() {
+        "a plan with the hierarchical all-to-all cannot run as a CUDA graph: the host lays each leg's rows out from the routing it reads back during the pass (`deny = [hierarchical_a2a]` in the schedule builds the flat all-to-all)".into()
     } else if p.padded == 0 {
         "only capacity plans can run as a CUDA graph: a dropless plan sizes its expert GEMMs from the routing, which the host reads back during the pass (give the layer a `capacity`)".into()
     } else {

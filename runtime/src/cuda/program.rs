@@ -748,6 +748,14 @@ impl Program {
         scratch_per_thread(&self.kernels, k)
     }
 
+    /// Whether a step is a leg of the hierarchical all-to-all (whose rows
+    /// the host lays out from the routing it reads back).
+    pub fn hierarchical(&self) -> bool {
+        self.steps.iter().any(
+            |s| matches!(&s.kind, StepKind::Collective(c) if c.scope != CollectiveScope::EpGroup),
+        )
+    }
+
     /// The EP index of global rank `rank`.
     pub fn me(&self, rank: usize) -> usize {
         rank % self.group
@@ -789,16 +797,6 @@ impl<'p> Lowering<'p> {
             return Err(format!(
                 "{world} ranks do not divide into EP groups of {group}"
             ));
-        }
-        let hierarchical = plan.ops().any(|(_, op)| {
-            matches!(op.kind, OpKind::Collective { scope, .. } if scope != CollectiveScope::EpGroup)
-        });
-        // By rank, the expert side is packed (see `padded` below).
-        if hierarchical && geo.capacity.is_some() && !geo.by_rank {
-            return Err(
-                "the CUDA backend runs the hierarchical all-to-all for dropless layers only (a capacity plan keeps its expert slots padded on the device, which the legs' host-side routing does not follow yet); deny it in the schedule (`deny = [hierarchical_a2a]`) or use --backend cpu"
-                    .into(),
-            );
         }
         let kernels = plan_kernels(plan).map_err(|e| e.to_string())?;
         let regions = plan

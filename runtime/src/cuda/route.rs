@@ -59,6 +59,31 @@ impl RouteTable {
     }
 }
 
+/// A chunk's per-pick blocks as the device lays its expert side out, for
+/// the hierarchical legs (`cpu::hier`): local expert `l` of a rank starts at
+/// its slot of `padded` rows in a capacity plan (graph-capturable: the
+/// expert GEMMs' sizes do not depend on the routing), packed when `padded`
+/// is 0, as on the CPU.
+pub struct ExpertSide<'a> {
+    pub table: &'a RouteTable,
+    pub padded: usize,
+}
+
+impl crate::cpu::hier::Blocks for ExpertSide<'_> {
+    fn max_local(&self) -> usize {
+        self.table.max_local()
+    }
+    fn rows(&self, s: usize, g: usize, l: usize) -> usize {
+        self.table.rows(s, g, l)
+    }
+    fn send_start(&self, s: usize, g: usize, l: usize) -> usize {
+        self.table.send_start(s, g, l)
+    }
+    fn recv_start(&self, s: usize, g: usize, l: usize) -> usize {
+        self.table.expert_side_rows(s, g, l, self.padded).start
+    }
+}
+
 /// `i32` entries of one chunk's [`RouteTable::expand_frame`] for a group of
 /// `group` ranks of `max_local` local experts.
 pub fn expand_frame_len(group: usize, max_local: usize) -> usize {

@@ -20,6 +20,7 @@ use super::{
     PeerRuns, Program, RouteTable,
 };
 use crate::cpu::hier::{self, ByRankBlocks, InterSend, PeerRows, Staged, Topology};
+use crate::cuda::route::ExpertSide;
 use crate::plan::rows::RowLayout;
 use crate::plan::{CollectiveKind, CollectiveScope};
 use std::ops::Range;
@@ -103,7 +104,7 @@ impl Issuer<'_> {
                     let recv = if by_rank {
                         hier::dispatch_intra_recv(&topo, &ByRankBlocks(table), q)
                     } else {
-                        hier::dispatch_intra_recv(&topo, table, q)
+                        hier::dispatch_intra_recv(&topo, &self.expert_side(table), q)
                     };
                     Ok((
                         spread(group, &within, staged.sends(topo.per_node)),
@@ -116,7 +117,7 @@ impl Issuer<'_> {
                 .iter()
                 .zip(&tables)
                 .map(|(&(_, q), table)| {
-                    let (to, from) = hier::combine_intra(&topo, table, q);
+                    let (to, from) = hier::combine_intra(&topo, &self.expert_side(table), q);
                     let within = topo.within(q);
                     (spread(group, &within, to), spread(group, &within, from))
                 })
@@ -126,7 +127,7 @@ impl Issuer<'_> {
                 .iter()
                 .zip(&tables)
                 .map(|(&(_, q), table)| {
-                    let (to, from) = hier::combine_inter(&topo, table, q);
+                    let (to, from) = hier::combine_inter(&topo, &self.expert_side(table), q);
                     let across = topo.across(q);
                     let one = |v: Vec<Range<usize>>| v.into_iter().map(|r| vec![r]).collect();
                     (
@@ -137,6 +138,15 @@ impl Issuer<'_> {
                 .collect(),
         };
         self.move_rows(stream, c, (m, ordinal), rows)
+    }
+
+    /// A table's per-pick blocks with this plan's expert side (padded slots
+    /// in capacity plans).
+    fn expert_side<'t>(&self, table: &'t RouteTable) -> ExpertSide<'t> {
+        ExpertSide {
+            table,
+            padded: usize::try_from(self.p.padded).unwrap_or(usize::MAX),
+        }
     }
 
     /// Moves each member's rows of `c` (per member, per peer: the rows it
@@ -451,7 +461,15 @@ impl Issuer<'_> {
                 hier::dispatch_inter_send(topo, &blocks, q, rank_slots, p.group, tokens.clone())
             } else {
                 let slots = self.slots(i)?;
-                hier::dispatch_inter_send(topo, table, q, &slots, p.geometry.top_k, tokens.clone())
+                let blocks = self.expert_side(table);
+                hier::dispatch_inter_send(
+                    topo,
+                    &blocks,
+                    q,
+                    &slots,
+                    p.geometry.top_k,
+                    tokens.clone(),
+                )
             }
             .map_err(|e| err(r, None, e))?;
             sends.push(out);
