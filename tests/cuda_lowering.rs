@@ -545,6 +545,8 @@ struct Emu<'k> {
     /// after the one issued before it has run.
     nccl_issued: BTreeMap<usize, u64>,
     nccl_run: BTreeMap<usize, u64>,
+    /// The most sends or receives one peer had in one NCCL group.
+    nccl_per_peer: usize,
     /// The emulated clock (commands executed so far) at each stamp.
     stamps: BTreeMap<u32, usize>,
     /// Read-backs the host waited for during passes.
@@ -692,6 +694,7 @@ impl<'k> Emu<'k> {
             mailbox: None,
             nccl_issued: BTreeMap::new(),
             nccl_run: BTreeMap::new(),
+            nccl_per_peer: 0,
             stamps: BTreeMap::new(),
             fetches: 0,
             capture: None,
@@ -901,6 +904,14 @@ impl<'k> Emu<'k> {
             }
             Command::Nccl { sends, recvs } => {
                 *self.nccl_run.entry(rank).or_default() += 1;
+                for list in [sends, recvs] {
+                    let mut per_peer: BTreeMap<usize, usize> = BTreeMap::new();
+                    for &(peer, _, _) in list {
+                        *per_peer.entry(peer).or_default() += 1;
+                    }
+                    let most = per_peer.values().copied().max().unwrap_or(0);
+                    self.nccl_per_peer = self.nccl_per_peer.max(most);
+                }
                 let mailbox = self.mailbox.clone().ok_or("NCCL without a mailbox")?;
                 for &(peer, at, bytes) in sends {
                     let data = self.bytes(at, bytes)?;
@@ -1410,14 +1421,23 @@ fn every_example_lowers_to_a_consistent_program() {
                 StepKind::Collective(c) => {
                     inside(&c.send);
                     inside(&c.recv);
-                    // The flat all-to-alls' copy kernels have a block of their
-                    // own; the hierarchical legs are host-routed copies.
-                    let routed = matches!(
-                        c.kind,
-                        moec_runtime::plan::CollectiveKind::AllToAll
-                            | moec_runtime::plan::CollectiveKind::AllToAllV
-                    ) && c.scope == moec_runtime::plan::CollectiveScope::EpGroup;
+                    // The flat all-to-alls' copy kernels (`route_copy`) and
+                    // the hierarchical legs' (`copy_runs`, over NCCL) have a
+                    // block of their own.
+                    let hierarchical = c.scope != moec_runtime::plan::CollectiveScope::EpGroup;
+                    let routed = hierarchical
+                        || matches!(
+                            c.kind,
+                            moec_runtime::plan::CollectiveKind::AllToAll
+                                | moec_runtime::plan::CollectiveKind::AllToAllV
+                        );
                     assert_eq!(c.status.is_some(), routed, "{name}: {c:?}");
+                    if hierarchical {
+                        // Every leg can pack and unpack on its stream.
+                        let stream = &p.work.streams[s.stream];
+                        assert!(stream.pack.bytes > 0 && stream.unpack.bytes > 0, "{name}");
+                        assert!(stream.runs.bytes > 0, "{name}");
+                    }
                     slots.extend(c.status);
                     slots.extend(c.forwarder_sum.map(|f| f.status));
                 }
@@ -1869,14 +1889,16 @@ fn host_writes_are_ordered_before_every_stream() {
 }
 
 /// A pass with one emulated process per rank (a thread each, one rank
-/// each), the collectives as NCCL send and receive lists through a mailbox.
+/// each), the collectives as NCCL send and receive lists through a mailbox;
+/// with each process's most operations with one peer in one NCCL group.
+#[allow(clippy::type_complexity)] // a pass and a count per process
 fn nccl_passes(
     program: &Program,
     kernels: &HostKernels,
     weights: &LayerWeights,
     inputs: &[Vec<f32>],
     shuffle: Option<u64>,
-) -> Vec<Result<Pass, moec_runtime::cpu::ExecError>> {
+) -> Vec<(Result<Pass, moec_runtime::cpu::ExecError>, usize)> {
     let mailbox = Arc::new(Mailbox::default());
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..inputs.len())
@@ -1888,7 +1910,8 @@ fn nccl_passes(
                     let mut emu = Emu::new(program, kernels, shuffle.map(|s| s + 31 * r as u64));
                     emu.mailbox = Some(mailbox);
                     upload_weights(program, &mut emu, &[r], weights).unwrap();
-                    run_pass(program, &mut emu, &[r], &input, PassMode::Eager)
+                    let pass = run_pass(program, &mut emu, &[r], &input, PassMode::Eager);
+                    (pass, emu.nccl_per_peer)
                 })
             })
             .collect();
@@ -1922,8 +1945,9 @@ fn the_nccl_path_matches_the_cpu() {
 
 /// `plan` with one emulated process per rank (NCCL) gives the CPU
 /// backend's outputs bit for bit and its routing statistics, in issue
-/// order and with each process's streams shuffled.
-fn nccl_matches_the_cpu(name: &str, plan: &Plan) {
+/// order and with each process's streams shuffled. Returns the most
+/// operations any process had with one peer in one NCCL group.
+fn nccl_matches_the_cpu(name: &str, plan: &Plan) -> usize {
     let program = Program::lower(plan).unwrap_or_else(|e| panic!("{name}: {e}"));
     let kernels = HostKernels::new(&program);
     let want = cpu_run(plan, 3);
@@ -1933,9 +1957,14 @@ fn nccl_matches_the_cpu(name: &str, plan: &Plan) {
     let inputs = random_inputs(&layer, ranks, layer.tokens_per_rank as usize, 3);
     // In issue order, then with every process's streams shuffled (NCCL
     // keeps its own operations in issue order; see `Emu::nccl_issued`).
+    let mut most_per_peer = 0;
     for shuffle in [None, Some(1), Some(2)] {
         let name = format!("{name} (shuffle {shuffle:?})");
-        let passes = nccl_passes(&program, &kernels, &weights, &inputs, shuffle);
+        let (passes, per_peer): (Vec<_>, Vec<_>) =
+            nccl_passes(&program, &kernels, &weights, &inputs, shuffle)
+                .into_iter()
+                .unzip();
+        most_per_peer = most_per_peer.max(per_peer.into_iter().max().unwrap_or(0));
         let mut outputs = Vec::new();
         let mut routed = vec![0u64; plan.layer.experts as usize];
         let mut dropped = 0;
@@ -1956,7 +1985,10 @@ fn nccl_matches_the_cpu(name: &str, plan: &Plan) {
         assert_eq!(dropped, want.dropped, "{name}");
         assert!(outputs == want.outputs, "{name}: the NCCL path differs");
     }
-    eprintln!("{name}: the NCCL path matches the CPU backend, in order and shuffled");
+    eprintln!(
+        "{name}: the NCCL path matches the CPU backend, in order and shuffled (at most {most_per_peer} operations with one peer in one NCCL group)"
+    );
+    most_per_peer
 }
 
 /// Random routing on every example's geometry: for each all-to-all, what a
@@ -2948,7 +2980,15 @@ fn the_hierarchical_all_to_all_over_nccl_matches_the_cpu() {
                 moec_runtime::plan::A2aAlgorithm::Hierarchical,
                 "{name}: {form:?}"
             );
-            nccl_matches_the_cpu(&format!("{name}, {form:?}, NCCL"), &plan);
+            // Each leg is one message per peer and direction (the rows
+            // packed), whatever the routing; a flat collective's runs are
+            // one per local expert, and the fp8 scales apart.
+            let most = nccl_matches_the_cpu(&format!("{name}, {form:?}, NCCL"), &plan);
+            let max_local = (plan.layer.experts / plan.mesh.ep).max(1) as usize;
+            assert!(
+                most <= 2 * max_local,
+                "{name}, {form:?}: {most} operations with one peer"
+            );
         }
     }
 }

@@ -77,6 +77,10 @@ pub enum NativeKernel {
     /// An all-to-all's rows from one peer, pulled by the receiving rank
     /// (virtual ranks of one GPU): one block per (local expert, row) unit.
     RouteCopy,
+    /// One row per byte run (source offset, destination offset, bytes):
+    /// the hierarchical legs over NCCL pack each peer's rows into one
+    /// message and unpack what arrives.
+    CopyRuns,
 }
 
 fn buf(name: &str, elem: Elem, access: Access) -> Param {
@@ -94,7 +98,7 @@ fn int(name: &str) -> Param {
 }
 
 impl NativeKernel {
-    pub const ALL: [NativeKernel; 13] = [
+    pub const ALL: [NativeKernel; 14] = [
         NativeKernel::AssignCount,
         NativeKernel::AssignRankCount,
         NativeKernel::AssignKeepCounts,
@@ -108,6 +112,7 @@ impl NativeKernel {
         NativeKernel::RouteOffsets,
         NativeKernel::AssignExpand,
         NativeKernel::RouteCopy,
+        NativeKernel::CopyRuns,
     ];
 
     /// The `extern "C"` symbol in [`SOURCE`].
@@ -126,6 +131,7 @@ impl NativeKernel {
             NativeKernel::RouteOffsets => "moec_route_offsets",
             NativeKernel::AssignExpand => "moec_assign_expand",
             NativeKernel::RouteCopy => "moec_route_copy",
+            NativeKernel::CopyRuns => "moec_copy_runs",
         }
     }
 
@@ -275,6 +281,11 @@ impl NativeKernel {
                 int("scale_bytes"),
                 int("src_scales"),
                 int("dst_scales"),
+            ],
+            NativeKernel::CopyRuns => vec![
+                buf("src", Elem::U8, Read),
+                buf("dst", Elem::U8, Write),
+                buf("runs", Elem::I32, Read),
             ],
         }
     }

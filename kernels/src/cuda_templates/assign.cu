@@ -733,3 +733,30 @@ extern "C" __global__ void moec_route_copy(
         }
     }
 }
+
+// copy_runs: byte runs of one buffer into another, one run per row:
+// runs[3 * moec_row .. + 3] = (source byte offset, destination byte offset,
+// bytes). The hierarchical all-to-all's legs over NCCL pack a peer's rows
+// into one message with it, and unpack a message into the rows it fills.
+// One block per run at a time (a grid-stride loop over blocks), its threads
+// copying the bytes.
+extern "C" __global__ void moec_copy_runs(
+    const unsigned char* __restrict__ p0_src, unsigned long long p0_src_len,
+    unsigned char* __restrict__ p1_dst, unsigned long long p1_dst_len,
+    const int* __restrict__ p2_runs, unsigned long long p2_runs_len,
+    long long moec_rows,
+    long long* __restrict__ moec_status)
+{
+    for (long long moec_row = blockIdx.x; moec_row < moec_rows; moec_row += gridDim.x) {
+        MOEC_IN(2, p2_runs_len, 3 * moec_row + 2);
+        const long long from = p2_runs[3 * moec_row];
+        const long long to = p2_runs[3 * moec_row + 1];
+        const long long bytes = p2_runs[3 * moec_row + 2];
+        if (bytes <= 0) continue;
+        MOEC_IN(0, p0_src_len, from);
+        MOEC_IN(0, p0_src_len, from + bytes - 1);
+        MOEC_IN(1, p1_dst_len, to);
+        MOEC_IN(1, p1_dst_len, to + bytes - 1);
+        moec_block_copy(p1_dst + to, p0_src + from, bytes);
+    }
+}

@@ -236,9 +236,10 @@ pub struct CollectiveStep {
     /// Token side to expert side (dispatch), or back (combine).
     pub dispatch: bool,
     pub chunk: usize,
-    /// The status block of the copy kernels of an all-to-all between
-    /// virtual ranks (`route_copy`); `None` for the fixed-size collectives
-    /// and the legs of the hierarchical all-to-all.
+    /// The status block of the collective's copy kernels: `route_copy`
+    /// for a flat all-to-all between virtual ranks, `copy_runs` for a leg
+    /// of the hierarchical all-to-all over NCCL; `None` for the fixed-size
+    /// collectives.
     pub status: Option<usize>,
     /// The EP group (flat), or one leg of the hierarchical all-to-all.
     pub scope: CollectiveScope,
@@ -379,6 +380,21 @@ pub struct StreamWork {
     /// a forwarder ([`ForwarderSum`]; empty on streams without that leg).
     pub forward_parts: Span,
     pub forward_index: Span,
+    /// The hierarchical legs over NCCL: each peer's rows packed into one
+    /// message, the messages received before they are unpacked, and the
+    /// `copy_runs` tables of both (empty on streams without such a leg).
+    pub pack: Span,
+    pub unpack: Span,
+    pub runs: Span,
+}
+
+/// Bytes of [`StreamWork::pack`], [`StreamWork::unpack`] and
+/// [`StreamWork::runs`] a stream's hierarchical legs need.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LegExchange {
+    pub pack: u64,
+    pub unpack: u64,
+    pub runs: u64,
 }
 
 /// Where a rank's workspace lives.
@@ -779,6 +795,9 @@ struct Lowering<'p> {
     scratch_need: Vec<u64>,
     /// Per stream: bytes of the forwarder's partial rows and of their index.
     forward_need: Vec<(u64, u64)>,
+    /// Per stream: what the hierarchical legs over NCCL need to pack and
+    /// unpack their messages ([`LegExchange`]).
+    exchange_need: Vec<LegExchange>,
     /// Placeholders of the workspace spans that do not depend on the
     /// streams (see [`Lowering::work`]), patched in `finish`.
     work_fixed: [Span; FIXED_WORK],
@@ -907,6 +926,7 @@ impl<'p> Lowering<'p> {
             gathered_need: vec![0; streams],
             scratch_need: vec![0; streams],
             forward_need: vec![(0, 0); streams],
+            exchange_need: vec![LegExchange::default(); streams],
             work_fixed: fixed,
             padded,
             slots: None,
@@ -1052,8 +1072,11 @@ impl<'p> Lowering<'p> {
                 let hierarchical = *scope != CollectiveScope::EpGroup;
                 let status = if hierarchical {
                     // The legs move rows the host finds from the routing it
-                    // read back (`cpu::hier`), as device-to-device copies.
-                    None
+                    // read back (`cpu::hier`): copies between virtual ranks,
+                    // or NCCL messages packed and unpacked by `copy_runs`.
+                    self.leg_exchange(stream, (*kind, *scope, dispatch), &send_rows, &recv_rows)?;
+                    let params = NativeKernel::CopyRuns.params();
+                    Some(self.slot(index, &format!("{} (copy_runs)", op.name), params, false))
                 } else if matches!(kind, CollectiveKind::AllToAll | CollectiveKind::AllToAllV) {
                     if send_rows.row_bytes != recv_rows.row_bytes
                         || send_rows.scales.map(|s| s.1) != recv_rows.scales.map(|s| s.1)
@@ -1102,6 +1125,51 @@ impl<'p> Lowering<'p> {
                 self.push(index, stream, StepKind::Collective(step));
             }
         }
+        Ok(())
+    }
+
+    /// What a hierarchical leg on `stream` needs to move its rows over NCCL
+    /// as one message per peer: at most every row it may send, packed (the
+    /// dispatch's intra-node leg fans a staged row out to each rank of the
+    /// node that picked it, at most `top_k` and at most the node's other
+    /// ranks' receive buffers), every row it may receive, unpacked (the
+    /// reducing combine's intra-node leg receives into the forwarder's
+    /// partial rows), and a run table entry per row and per fp8 scale run.
+    fn leg_exchange(
+        &mut self,
+        stream: usize,
+        (kind, scope, dispatch): (CollectiveKind, CollectiveScope, bool),
+        send: &RowLayout,
+        recv: &RowLayout,
+    ) -> Result<(), String> {
+        let per_node = (self.plan.mesh.gpus_per_node as usize)
+            .min(self.geo.group)
+            .max(1) as u64;
+        let sent_rows = if dispatch && scope == CollectiveScope::IntraNode {
+            let fan_out = mul(&[send.rows, self.geo.top_k as u64])?;
+            fan_out.min(mul(&[recv.rows, per_node.saturating_sub(1)])?)
+        } else {
+            send.rows
+        };
+        let received_rows = if kind == CollectiveKind::AllToAllRank
+            && !dispatch
+            && scope == CollectiveScope::IntraNode
+        {
+            mul(&[self.geo.chunk_tokens as u64, self.geo.group as u64])?
+        } else {
+            recv.rows
+        };
+        let need = LegExchange {
+            pack: mul(&[sent_rows, send.bytes_per_row()])?,
+            unpack: mul(&[received_rows, recv.bytes_per_row()])?,
+            // (source, destination, bytes) per run: the own share's, the
+            // packed ones and the unpacked ones, two per row with fp8.
+            runs: mul(&[send.rows + sent_rows + received_rows, 2, 3, 4])?,
+        };
+        let have = &mut self.exchange_need[stream];
+        have.pack = have.pack.max(need.pack);
+        have.unpack = have.unpack.max(need.unpack);
+        have.runs = have.runs.max(need.runs);
         Ok(())
     }
 
@@ -2018,6 +2086,7 @@ impl<'p> Lowering<'p> {
             gathered_need,
             scratch_need,
             forward_need,
+            exchange_need,
             work_fixed,
             padded,
             ..
@@ -2035,12 +2104,13 @@ impl<'p> Lowering<'p> {
             placed[ROUTING_WORK + 2],
         );
         let mut streams = Vec::with_capacity(acc_need.len());
-        for ((((acc, biased), scratch), forward), gathered) in acc_need
+        for (((((acc, biased), scratch), forward), gathered), exchange) in acc_need
             .iter()
             .zip(&biased_need)
             .zip(&scratch_need)
             .zip(&forward_need)
             .zip(&gathered_need)
+            .zip(&exchange_need)
         {
             streams.push(StreamWork {
                 acc: w.take(*acc)?,
@@ -2049,6 +2119,9 @@ impl<'p> Lowering<'p> {
                 scratch: w.take(*scratch)?,
                 forward_parts: w.take(forward.0)?,
                 forward_index: w.take(forward.1)?,
+                pack: w.take(exchange.pack)?,
+                unpack: w.take(exchange.unpack)?,
+                runs: w.take(exchange.runs)?,
             });
         }
         let staged = place_staged_exchange(&mut w, plan, &geo, &steps)?;

@@ -16,8 +16,8 @@
 //! queued), as DeepEP sends `topk_idx` with the tokens.
 
 use super::{
-    err, parts_index, spread, Addr, Arg, Command, ExecError, Issuer, KernelRef, ParamKind,
-    PeerRuns, Program, RouteTable,
+    err, parts_index, spread, Addr, Arg, Command, ExecError, Issuer, KernelRef, NativeKernel,
+    ParamKind, PeerRuns, Program, RouteTable, Run, STATUS_BYTES,
 };
 use crate::cpu::hier::{self, ByRankBlocks, InterSend, PeerRows, Staged, Topology};
 use crate::cuda::route::ExpertSide;
@@ -151,10 +151,7 @@ impl Issuer<'_> {
 
     /// Moves each member's rows of `c` (per member, per peer: the rows it
     /// sends and the rows it receives): copies between virtual ranks, or
-    /// NCCL sends and receives. Over NCCL the two sides of a pair must cut
-    /// their bytes at the same boundaries, and neither knows how the other's
-    /// rows run (a source's rows for a node are scattered over its send
-    /// buffer, a forwarder's are contiguous), so every row is one operation.
+    /// one NCCL message per peer and direction ([`Issuer::nccl_leg`]).
     fn move_rows(
         &mut self,
         stream: usize,
@@ -162,18 +159,132 @@ impl Issuer<'_> {
         (m, ordinal): (&Members, u32),
         rows: Vec<(PeerRows, PeerRows)>,
     ) -> Result<(), ExecError> {
+        let members = self.members(c, m, rows)?;
         if m.whole {
-            let members = self.members(c, m, rows)?;
             return self.virtual_exchange(stream, c, &members, ordinal);
         }
-        let rows = rows
-            .into_iter()
-            .map(|(to, from)| (single_rows(to), single_rows(from)))
-            .collect();
-        for (r, to, from) in self.members(c, m, rows)? {
-            self.nccl_exchange(stream, c, r, m.base, &to, &from)?;
+        for member in members {
+            self.nccl_leg(stream, c, m.base, member)?;
         }
         Ok(())
+    }
+
+    /// One member's share of a leg over NCCL. The two sides of a pair must
+    /// agree on every message's size, and neither knows how the other's
+    /// rows lie (a source's rows for a node are scattered over its send
+    /// buffer, the forwarder's are contiguous), so each pair exchanges one
+    /// message per direction: the concatenation of the sender's runs, in
+    /// order, which is what the receiver's runs take in order. A side whose
+    /// runs are one run sends or receives in place; otherwise `copy_runs`
+    /// packs the message into the stream's `pack` workspace before the NCCL
+    /// group, or unpacks it from `unpack` after. The rank's own share is one
+    /// `copy_runs` too.
+    fn nccl_leg(
+        &mut self,
+        stream: usize,
+        c: &CollectiveStep,
+        base: usize,
+        (r, to, from): (usize, PeerRuns, PeerRuns),
+    ) -> Result<(), ExecError> {
+        let p = self.p;
+        let me = p.me(r);
+        let work = p
+            .work
+            .streams
+            .get(stream)
+            .copied()
+            .ok_or_else(|| err(r, None, format!("no workspace for stream {stream}")))?;
+        let local: Vec<RunCopy> = to
+            .get(me)
+            .zip(from.get(me))
+            .map(|(out, inc)| super::pair_runs(out, inc))
+            .transpose()
+            .map_err(|e| err(r, None, e))?
+            .unwrap_or_default();
+        let (sends, pack) = messages(&to, me, (Addr::of(r, c.send), Addr::of(r, work.pack)), base);
+        let (recvs, unpack) = messages(
+            &from,
+            me,
+            (Addr::of(r, c.recv), Addr::of(r, work.unpack)),
+            base,
+        );
+        let packed: u64 = pack.iter().map(|run| run.2).sum();
+        let unpacked: u64 = unpack.iter().map(|run| run.2).sum();
+        if packed > work.pack.bytes || unpacked > work.unpack.bytes {
+            return Err(err(
+                r,
+                None,
+                format!(
+                    "`{}`: {packed} bytes to pack and {unpacked} to unpack exceed the stream's {} and {}",
+                    c.send_name, work.pack.bytes, work.unpack.bytes
+                ),
+            ));
+        }
+        let table = run_table(&[&local, &pack, &unpack]).map_err(|e| err(r, None, e))?;
+        self.upload(
+            r,
+            stream,
+            work.runs,
+            words_le(&table),
+            "the leg's run table",
+        )?;
+        let mut at = 0u64;
+        let mut copy = |issuer: &mut Self, (src, dst): (Span, Span), runs: &[RunCopy]| {
+            let first = at;
+            at += runs.len() as u64;
+            if runs.is_empty() {
+                return Ok(());
+            }
+            issuer.copy_runs(
+                r,
+                stream,
+                c,
+                (src, dst),
+                (work.runs, first, runs.len() as u64),
+            )
+        };
+        copy(self, (c.send, c.recv), &local)?;
+        copy(self, (c.send, work.pack), &pack)?;
+        self.submit(r, stream, Command::Nccl { sends, recvs })?;
+        copy(self, (work.unpack, c.recv), &unpack)
+    }
+
+    /// A `copy_runs` launch of rank `r` from `src` to `dst` over entries
+    /// `first..first + count` of the run table `runs`.
+    fn copy_runs(
+        &mut self,
+        r: usize,
+        stream: usize,
+        c: &CollectiveStep,
+        (src, dst): (Span, Span),
+        (runs, first, count): (Span, u64, u64),
+    ) -> Result<(), ExecError> {
+        let status = c.status.ok_or_else(|| {
+            err(
+                r,
+                None,
+                "a hierarchical leg without its copy kernel's status",
+            )
+        })?;
+        let buf = |span: Span| Arg::Buf {
+            addr: Addr::of(r, span),
+            len: span.bytes,
+        };
+        let table = Arg::Buf {
+            addr: Addr::of(r, runs).plus(first * 12),
+            len: count * 3,
+        };
+        let kernel = KernelRef::Native(NativeKernel::CopyRuns);
+        let cmd = Command::Launch {
+            kernel,
+            args: vec![buf(src), buf(dst), table],
+            rows: count,
+            grid: u32::try_from(count.clamp(1, COPY_RUNS_GRID)).unwrap_or(1),
+            block: COPY_RUNS_BLOCK,
+            status: Addr::of(r, self.p.work.status).plus(status as u64 * STATUS_BYTES),
+            scratch: None,
+        };
+        self.submit(r, stream, cmd)
     }
 
     /// The rows each member sends and receives in `c`, per peer, as byte
@@ -692,12 +803,70 @@ impl Issuer<'_> {
     }
 }
 
-/// Every range of every peer cut into single rows.
-fn single_rows(peers: PeerRows) -> PeerRows {
-    peers
-        .into_iter()
-        .map(|ranges| ranges.into_iter().flatten().map(|r| r..r + 1).collect())
-        .collect()
+/// One run of a `copy_runs` table: source and destination byte offsets,
+/// bytes.
+type RunCopy = (u64, u64, u64);
+
+/// Blocks and threads per block of a `copy_runs` launch: one block per run
+/// at a time, its threads over the run's bytes.
+const COPY_RUNS_GRID: u64 = 4096;
+const COPY_RUNS_BLOCK: u32 = 128;
+
+/// The NCCL operations of one side of a leg (`(peer's global rank, address,
+/// bytes)`, one per peer with rows, the own rank `me` left out) and the runs
+/// that pack or unpack them: a peer's single run goes in place (`at.0`, the
+/// leg's buffer), several through the workspace (`at.1`), one after the
+/// other.
+fn messages(
+    peers: &[Vec<Run>],
+    me: usize,
+    at: (Addr, Addr),
+    base: usize,
+) -> (Vec<(usize, Addr, u64)>, Vec<RunCopy>) {
+    let (mut ops, mut runs) = (Vec::new(), Vec::new());
+    let mut packed = 0u64;
+    for (p, list) in peers.iter().enumerate() {
+        let total: u64 = list.iter().map(|run| run.len as u64).sum();
+        if p == me || total == 0 {
+            continue;
+        }
+        match list.as_slice() {
+            [one] => ops.push((base + p, at.0.plus(one.offset as u64), total)),
+            _ => {
+                ops.push((base + p, at.1.plus(packed), total));
+                for run in list {
+                    runs.push((run.offset as u64, packed, run.len as u64));
+                    packed += run.len as u64;
+                }
+            }
+        }
+    }
+    (ops, runs)
+}
+
+/// The `copy_runs` table of `parts`, one after the other: `i32` (source,
+/// destination, bytes) per run. A pack's runs are (buffer, workspace)
+/// offsets and an unpack's (workspace, buffer): `messages` gives both as
+/// (leg buffer offset, workspace offset, bytes), so the unpack's are
+/// swapped here.
+fn run_table(parts: &[&[RunCopy]; 3]) -> Result<Vec<u32>, String> {
+    let mut table = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        for &(buffer, work, bytes) in part.iter() {
+            let (src, dst) = if i == 2 {
+                (work, buffer)
+            } else {
+                (buffer, work)
+            };
+            for v in [src, dst, bytes] {
+                let v = i32::try_from(v).map_err(|_| {
+                    format!("a run at byte {v} is beyond what `copy_runs` addresses (2 GiB)")
+                })?;
+                table.push(v as u32);
+            }
+        }
+    }
+    Ok(table)
 }
 
 /// `u32` values as little-endian bytes.
