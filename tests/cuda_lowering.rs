@@ -2965,32 +2965,42 @@ fn the_hierarchical_all_to_all_over_nccl_matches_the_cpu() {
     if !have_cxx("the_hierarchical_all_to_all_over_nccl_matches_the_cpu") {
         return;
     }
+    // The small capacity layer's per-pick plan stays flat on its mesh.
+    for (name, form, plan) in hierarchical_plans(|name| name.starts_with("deepseek")) {
+        // Each leg is one message per peer and direction (the rows packed),
+        // whatever the routing; a flat collective's runs are one per local
+        // expert, and the fp8 scales apart.
+        let most = nccl_matches_the_cpu(&format!("{name}, {form:?}, NCCL"), &plan);
+        let max_local = (plan.layer.experts / plan.mesh.ep).max(1) as usize;
+        assert!(
+            most <= 2 * max_local,
+            "{name}, {form:?}: {most} operations with one peer"
+        );
+    }
+}
+
+/// Every layer of [`hierarchical_layers`] in every hierarchical routing
+/// form: by rank, with and without the reducing combine, and per pick where
+/// `per_pick(name)`; each plan checked to use the hierarchical all-to-all.
+fn hierarchical_plans(per_pick: impl Fn(&str) -> bool) -> Vec<(&'static str, RoutingForm, Plan)> {
+    let mut plans = Vec::new();
     for (name, source, overrides) in &hierarchical_layers() {
-        // The small capacity layer's per-pick plan stays flat on its mesh.
-        let per_pick = name.starts_with("deepseek");
         let forms = [
             RoutingForm::PerAssignment,
             RoutingForm::NodeDedupDispatch,
             RoutingForm::NodeDedupReduce,
         ];
-        for form in forms.into_iter().filter(|f| per_pick || f.by_rank()) {
+        for form in forms.into_iter().filter(|f| per_pick(name) || f.by_rank()) {
             let plan = plan_in_form(source, overrides, form);
             assert_eq!(
                 plan.choices.dispatch,
                 moec_runtime::plan::A2aAlgorithm::Hierarchical,
                 "{name}: {form:?}"
             );
-            // Each leg is one message per peer and direction (the rows
-            // packed), whatever the routing; a flat collective's runs are
-            // one per local expert, and the fp8 scales apart.
-            let most = nccl_matches_the_cpu(&format!("{name}, {form:?}, NCCL"), &plan);
-            let max_local = (plan.layer.experts / plan.mesh.ep).max(1) as usize;
-            assert!(
-                most <= 2 * max_local,
-                "{name}, {form:?}: {most} operations with one peer"
-            );
+            plans.push((*name, form, plan));
         }
     }
+    plans
 }
 
 /// Layers on two nodes over a slow network (the hierarchical all-to-all):
@@ -3049,32 +3059,19 @@ fn the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu() {
     if !have_cxx("the_hierarchical_by_rank_legs_on_the_emulated_device_match_the_cpu") {
         return;
     }
-    for (name, source, overrides) in &hierarchical_layers() {
-        let forms = [
-            RoutingForm::PerAssignment,
-            RoutingForm::NodeDedupDispatch,
-            RoutingForm::NodeDedupReduce,
-        ];
-        // Per pick, the capacity plans keep their expert slots padded.
-        let per_pick = name.contains("capacity") && name.starts_with("deepseek");
-        for form in forms.into_iter().filter(|f| per_pick || f.by_rank()) {
-            let plan = plan_in_form(source, overrides, form);
-            assert_eq!(
-                plan.choices.dispatch,
-                moec_runtime::plan::A2aAlgorithm::Hierarchical,
-                "{name}: {form:?}"
-            );
-            let reduce = form == RoutingForm::NodeDedupReduce;
-            assert_eq!(plan.choices.reduce_combine, reduce, "{name}: {form:?}");
-            // The reducing combine sums on the forwarder, on the device.
-            let program = Program::lower(&plan).unwrap();
-            let sums = program
-                .steps
-                .iter()
-                .filter(|s| matches!(&s.kind, StepKind::Collective(c) if c.forwarder_sum.is_some()))
-                .count();
-            assert_eq!(sums > 0, reduce, "{name}: {form:?}");
-            compare(&format!("{name}, {form:?}"), &plan, &[1, 2], 0.0);
-        }
+    // Per pick, the capacity plans keep their expert slots padded.
+    let per_pick = |name: &str| name.contains("capacity") && name.starts_with("deepseek");
+    for (name, form, plan) in hierarchical_plans(per_pick) {
+        let reduce = form == RoutingForm::NodeDedupReduce;
+        assert_eq!(plan.choices.reduce_combine, reduce, "{name}: {form:?}");
+        // The reducing combine sums on the forwarder, on the device.
+        let program = Program::lower(&plan).unwrap();
+        let sums = program
+            .steps
+            .iter()
+            .filter(|s| matches!(&s.kind, StepKind::Collective(c) if c.forwarder_sum.is_some()))
+            .count();
+        assert_eq!(sums > 0, reduce, "{name}: {form:?}");
+        compare(&format!("{name}, {form:?}"), &plan, &[1, 2], 0.0);
     }
 }

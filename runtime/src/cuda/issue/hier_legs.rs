@@ -25,7 +25,7 @@ use crate::plan::rows::RowLayout;
 use crate::plan::{CollectiveKind, CollectiveScope};
 use std::ops::Range;
 
-use super::super::program::{CollectiveStep, Span};
+use super::super::program::{CollectiveStep, ForwarderSum, Span};
 
 /// The members of one EP group that this process holds.
 pub(super) struct Members {
@@ -367,53 +367,78 @@ impl Issuer<'_> {
         };
         for (&(i, q), table) in m.list.iter().zip(tables) {
             let r = self.local[i];
-            let staged = self.rank_staged.get(&(i, c.chunk)).ok_or_else(|| {
-                err(
-                    r,
-                    None,
-                    "the reducing combine runs before the dispatch staged its rows",
-                )
-            })?;
+            let staged = self.combine_staged(i, c.chunk)?;
             let sums =
                 hier::forwarder_parts(topo, table, q, staged).map_err(|e| err(r, None, e))?;
-            if sums.is_empty() {
-                continue;
+            if !sums.is_empty() {
+                self.forwarder_sum((r, stream), c, (sum, kernel, elem), &sums, parts_rows)?;
             }
-            let index =
-                parts_index(&sums, sum.width, parts_rows.rows).map_err(|e| err(r, None, e))?;
-            if sums.len() as u64 > c.recv_rows.rows {
-                return Err(err(
-                    r,
-                    None,
-                    format!(
-                        "`{}` is too small for the {} rows this rank forwards",
-                        c.recv_name,
-                        sums.len()
-                    ),
-                ));
-            }
-            self.upload(
-                r,
-                stream,
-                work.forward_index,
-                super::ints_le(&index),
-                "the forwarder's parts",
-            )?;
-            let buf = |span: Span, elem: u64| Arg::Buf {
-                addr: Addr::of(r, span),
-                len: span.bytes / elem,
-            };
-            // The weights are not read (`weight_on_input = 1`).
-            let args = vec![
-                buf(work.forward_parts, elem),
-                buf(work.forward_index, 4),
-                buf(work.forward_index, 4),
-                buf(c.recv, elem),
-            ];
-            let cmd = self.launch_cmd(r, stream, kernel, args, sums.len() as u64, sum.status)?;
-            self.submit(r, stream, cmd)?;
         }
         Ok(())
+    }
+
+    /// The forwarder's sum kernel of rank `r` over its staged tokens: each
+    /// adds its parts (`sums`, rows of the stream's `forward_parts`) into
+    /// one row of the leg's receive buffer.
+    fn forwarder_sum(
+        &mut self,
+        (r, stream): (usize, usize),
+        c: &CollectiveStep,
+        (sum, kernel, elem): (ForwarderSum, KernelRef, u64),
+        sums: &[Vec<usize>],
+        parts_rows: RowLayout,
+    ) -> Result<(), ExecError> {
+        let work = self
+            .p
+            .work
+            .streams
+            .get(stream)
+            .copied()
+            .ok_or_else(|| err(r, None, format!("no workspace for stream {stream}")))?;
+        let index = parts_index(sums, sum.width, parts_rows.rows).map_err(|e| err(r, None, e))?;
+        if sums.len() as u64 > c.recv_rows.rows {
+            return Err(err(
+                r,
+                None,
+                format!(
+                    "`{}` is too small for the {} rows this rank forwards",
+                    c.recv_name,
+                    sums.len()
+                ),
+            ));
+        }
+        self.upload(
+            r,
+            stream,
+            work.forward_index,
+            super::ints_le(&index),
+            "the forwarder's parts",
+        )?;
+        let buf = |span: Span, elem: u64| Arg::Buf {
+            addr: Addr::of(r, span),
+            len: span.bytes / elem,
+        };
+        // The weights are not read (`weight_on_input = 1`).
+        let args = vec![
+            buf(work.forward_parts, elem),
+            buf(work.forward_index, 4),
+            buf(work.forward_index, 4),
+            buf(c.recv, elem),
+        ];
+        let cmd = self.launch_cmd(r, stream, kernel, args, sums.len() as u64, sum.status)?;
+        self.submit(r, stream, cmd)
+    }
+
+    /// The routing local rank index `i` staged as a forwarder in the
+    /// dispatch of `chunk`, which the reducing combine sums and returns by.
+    fn combine_staged(&self, i: usize, chunk: usize) -> Result<&Staged, ExecError> {
+        self.rank_staged.get(&(i, chunk)).ok_or_else(|| {
+            err(
+                self.local[i],
+                None,
+                "the reducing combine runs before the dispatch staged its rows",
+            )
+        })
     }
 
     /// The reducing combine's inter-node leg: each forwarder returns a
@@ -435,13 +460,7 @@ impl Issuer<'_> {
         let mut rows = Vec::with_capacity(m.list.len());
         for &(i, q) in &m.list {
             let r = self.local[i];
-            let staged = self.rank_staged.get(&(i, c.chunk)).ok_or_else(|| {
-                err(
-                    r,
-                    None,
-                    "the reducing combine runs before the dispatch staged its rows",
-                )
-            })?;
+            let staged = self.combine_staged(i, c.chunk)?;
             let to: PeerRows = staged.node_rows().into_iter().map(|r| vec![r]).collect();
             let rank_slots = self.by_rank[i]
                 .as_ref()
@@ -592,7 +611,9 @@ impl Issuer<'_> {
     /// the rank at its local index on each other node how many rows and
     /// routing values it sends there (one exchange, read back), then sends
     /// the routing (read back in [`Issuer::stage`], after the rows). The
-    /// member's own node's share stays on the host.
+    /// member's own node's share stays on the host. Every member's counts go
+    /// out before any read-back is waited for: a member's peers may be
+    /// members too, whose sends must be queued first.
     fn exchange_staged(
         &mut self,
         stream: usize,
@@ -600,132 +621,162 @@ impl Issuer<'_> {
         topo: &Topology,
         sends: &[InterSend],
     ) -> Result<Vec<Heard>, ExecError> {
-        let x = self.p.work.staged;
-        let (counts_out, counts_in) = x.counts_halves();
-        let (routing_out, routing_in) = x.routing_halves();
-        let peers = |f: usize| {
-            let me = topo.node(f);
-            topo.across(f)
-                .into_iter()
-                .enumerate()
-                .filter(move |&(n, _)| n != me)
-        };
-        // Every member's counts first, then every read-back: a member's
-        // peers may be members too, whose sends must be queued before any
-        // read-back is waited for.
         for (&(i, f), send) in m.list.iter().zip(sends) {
-            let r = self.local[i];
-            if counts_in.bytes < topo.nodes as u64 * 8 {
-                return Err(err(
-                    r,
-                    None,
-                    "the plan has no workspace for the staged counts",
-                ));
-            }
-            let words: Vec<u32> = (0..topo.nodes)
-                .flat_map(|n| [send.rows[n].len(), send.routing[n].len()])
-                .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
-                .collect();
-            self.upload(r, stream, counts_out, words_le(&words), "the staged counts")?;
-            let at = |span: Span, n: usize| Addr::of(r, span).plus(n as u64 * 8);
-            let sends_to = peers(f)
-                .map(|(n, peer)| (m.base + peer, at(counts_out, n), 8))
-                .collect();
-            let recvs = peers(f)
-                .map(|(n, peer)| (m.base + peer, at(counts_in, n), 8))
-                .collect();
-            self.submit(
-                r,
-                stream,
-                Command::Nccl {
-                    sends: sends_to,
-                    recvs,
-                },
-            )?;
-            self.read_back(r, stream, counts_in)?;
+            self.send_staged_counts((self.local[i], stream), m.base, topo, f, send)?;
         }
         let mut heard = Vec::with_capacity(m.list.len());
-        for &(i, f) in &m.list {
-            let r = self.local[i];
-            let words = read_words(&self.t.fetch(r).map_err(|e| err(r, None, e))?);
-            let mut h = Heard {
-                rows: vec![0; topo.nodes],
-                routing: vec![Vec::new(); topo.nodes],
-                on_device: vec![0; topo.nodes],
-            };
-            for (n, _) in peers(f) {
-                let (rows, values) = match (words.get(2 * n), words.get(2 * n + 1)) {
-                    (Some(&rows), Some(&values)) => (rows as usize, values as usize),
-                    _ => return Err(err(r, None, "the staged counts read back are short")),
-                };
-                if rows > self.p.geometry.chunk_tokens || values < rows {
-                    return Err(err(
-                        r,
-                        None,
-                        format!("corrupt staged counts from node {n}: {rows} rows, {values} routing values"),
-                    ));
-                }
-                h.rows[n] = rows;
-                h.on_device[n] = values;
-            }
+        for (&(i, f), send) in m.list.iter().zip(sends) {
+            let h = self.read_staged_counts(self.local[i], topo, f, send)?;
+            self.send_staged_routing((self.local[i], stream), m.base, topo, (f, send), &h)?;
             heard.push(h);
         }
-        for ((&(i, f), send), h) in m.list.iter().zip(sends).zip(&mut heard) {
-            let r = self.local[i];
-            let own = topo.node(f);
-            h.rows[own] = send.rows[own].len();
-            h.routing[own] = send.routing[own].clone();
-            let out: Vec<u32> = peers(f)
-                .flat_map(|(n, _)| send.routing[n].iter().copied())
-                .collect();
-            let received: usize = h.on_device.iter().sum();
-            if out.len() as u64 > x.routing_sent || received as u64 > x.routing_received {
+        Ok(heard)
+    }
+
+    /// Rank `r` (EP index `f`) tells each other node's forwarder at its
+    /// index the rows and routing values it sends there, and hears theirs.
+    fn send_staged_counts(
+        &mut self,
+        (r, stream): (usize, usize),
+        base: usize,
+        topo: &Topology,
+        f: usize,
+        send: &InterSend,
+    ) -> Result<(), ExecError> {
+        let (counts_out, counts_in) = self.p.work.staged.counts_halves();
+        if counts_in.bytes < topo.nodes as u64 * 8 {
+            return Err(err(
+                r,
+                None,
+                "the plan has no workspace for the staged counts",
+            ));
+        }
+        let words: Vec<u32> = (0..topo.nodes)
+            .flat_map(|n| [send.rows[n].len(), send.routing[n].len()])
+            .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+            .collect();
+        self.upload(r, stream, counts_out, words_le(&words), "the staged counts")?;
+        let at = |span: Span, n: usize| Addr::of(r, span).plus(n as u64 * 8);
+        let sends = remote_peers(topo, f)
+            .map(|(n, peer)| (base + peer, at(counts_out, n), 8))
+            .collect();
+        let recvs = remote_peers(topo, f)
+            .map(|(n, peer)| (base + peer, at(counts_in, n), 8))
+            .collect();
+        self.exchange_and_read((r, stream), sends, recvs, counts_in)
+    }
+
+    /// The counts rank `r` (EP index `f`) heard, read back (its own node's
+    /// share from `send`, on the host).
+    fn read_staged_counts(
+        &mut self,
+        r: usize,
+        topo: &Topology,
+        f: usize,
+        send: &InterSend,
+    ) -> Result<Heard, ExecError> {
+        let words = read_words(&self.t.fetch(r).map_err(|e| err(r, None, e))?);
+        let own = topo.node(f);
+        let mut h = Heard {
+            rows: vec![0; topo.nodes],
+            routing: vec![Vec::new(); topo.nodes],
+            on_device: vec![0; topo.nodes],
+        };
+        h.rows[own] = send.rows[own].len();
+        h.routing[own] = send.routing[own].clone();
+        for (n, _) in remote_peers(topo, f) {
+            let (rows, values) = match (words.get(2 * n), words.get(2 * n + 1)) {
+                (Some(&rows), Some(&values)) => (rows as usize, values as usize),
+                _ => return Err(err(r, None, "the staged counts read back are short")),
+            };
+            if rows > self.p.geometry.chunk_tokens || values < rows {
                 return Err(err(
                     r,
                     None,
                     format!(
-                        "the staged routing ({} values sent, {received} received) exceeds its workspace ({} and {})",
-                        out.len(),
-                        x.routing_sent,
-                        x.routing_received
+                        "corrupt staged counts from node {n}: {rows} rows, {values} routing values"
                     ),
                 ));
             }
-            self.upload(r, stream, routing_out, words_le(&out), "the staged routing")?;
-            let (mut sends_to, mut recvs) = (Vec::new(), Vec::new());
-            let (mut sent, mut got) = (0u64, 0u64);
-            for (n, peer) in peers(f) {
-                let len = send.routing[n].len() as u64 * 4;
-                if len > 0 {
-                    sends_to.push((m.base + peer, Addr::of(r, routing_out).plus(sent), len));
-                }
-                sent += len;
-                let len = h.on_device[n] as u64 * 4;
-                if len > 0 {
-                    recvs.push((m.base + peer, Addr::of(r, routing_in).plus(got), len));
-                }
-                got += len;
-            }
-            self.submit(
-                r,
-                stream,
-                Command::Nccl {
-                    sends: sends_to,
-                    recvs,
-                },
-            )?;
-            if got > 0 {
-                self.read_back(
-                    r,
-                    stream,
-                    Span {
-                        bytes: got,
-                        ..routing_in
-                    },
-                )?;
-            }
+            h.rows[n] = rows;
+            h.on_device[n] = values;
         }
-        Ok(heard)
+        Ok(h)
+    }
+
+    /// Rank `r` (EP index `f`) sends each other node's forwarder the
+    /// routing of the rows it sends there, and receives what it heard of.
+    fn send_staged_routing(
+        &mut self,
+        (r, stream): (usize, usize),
+        base: usize,
+        topo: &Topology,
+        (f, send): (usize, &InterSend),
+        h: &Heard,
+    ) -> Result<(), ExecError> {
+        let x = self.p.work.staged;
+        let (routing_out, routing_in) = x.routing_halves();
+        let out: Vec<u32> = remote_peers(topo, f)
+            .flat_map(|(n, _)| send.routing[n].iter().copied())
+            .collect();
+        let received: usize = h.on_device.iter().sum();
+        if out.len() as u64 > x.routing_sent || received as u64 > x.routing_received {
+            return Err(err(
+                r,
+                None,
+                format!(
+                    "the staged routing ({} values sent, {received} received) exceeds its workspace ({} and {})",
+                    out.len(),
+                    x.routing_sent,
+                    x.routing_received
+                ),
+            ));
+        }
+        self.upload(r, stream, routing_out, words_le(&out), "the staged routing")?;
+        let (mut sends, mut recvs) = (Vec::new(), Vec::new());
+        let (mut sent, mut got) = (0u64, 0u64);
+        for (n, peer) in remote_peers(topo, f) {
+            let len = send.routing[n].len() as u64 * 4;
+            if len > 0 {
+                sends.push((base + peer, Addr::of(r, routing_out).plus(sent), len));
+            }
+            sent += len;
+            let len = h.on_device[n] as u64 * 4;
+            if len > 0 {
+                recvs.push((base + peer, Addr::of(r, routing_in).plus(got), len));
+            }
+            got += len;
+        }
+        let routing_in = Span {
+            bytes: got,
+            ..routing_in
+        };
+        self.exchange_and_read((r, stream), sends, recvs, routing_in)
+    }
+
+    /// An NCCL group of rank `r`, then a copy of `span` to the host (none
+    /// when it is empty) that [`Target::fetch`](super::Target::fetch) waits for.
+    #[allow(clippy::type_complexity)] // the two lists of `Command::Nccl`
+    fn exchange_and_read(
+        &mut self,
+        (r, stream): (usize, usize),
+        sends: Vec<(usize, Addr, u64)>,
+        recvs: Vec<(usize, Addr, u64)>,
+        span: Span,
+    ) -> Result<(), ExecError> {
+        self.submit(r, stream, Command::Nccl { sends, recvs })?;
+        if span.bytes == 0 {
+            return Ok(());
+        }
+        let src = Addr::of(r, span);
+        self.submit(
+            r,
+            stream,
+            Command::ReadBack {
+                src,
+                bytes: span.bytes,
+            },
+        )
     }
 
     /// The forwarders' staged routing decoded and kept for the intra-node
@@ -766,20 +817,6 @@ impl Issuer<'_> {
         Ok(())
     }
 
-    /// Queues a copy of `span` of rank `r` to the host, after what `stream`
-    /// holds; [`Target::fetch`](super::Target::fetch) waits for it.
-    fn read_back(&mut self, r: usize, stream: usize, span: Span) -> Result<(), ExecError> {
-        let src = Addr::of(r, span);
-        self.submit(
-            r,
-            stream,
-            Command::ReadBack {
-                src,
-                bytes: span.bytes,
-            },
-        )
-    }
-
     /// The `slots` table of local rank index `i`, read back once per pass,
     /// after its routing (the read-back it waited for follows `assign_place`
     /// on the same stream, so the table is complete).
@@ -801,6 +838,15 @@ impl Issuer<'_> {
             .clone()
             .ok_or_else(|| err(r, None, "the slots table is missing"))
     }
+}
+
+/// The forwarders of EP index `f` on the other nodes: (node, EP index).
+fn remote_peers(topo: &Topology, f: usize) -> impl Iterator<Item = (usize, usize)> {
+    let own = topo.node(f);
+    topo.across(f)
+        .into_iter()
+        .enumerate()
+        .filter(move |&(n, _)| n != own)
 }
 
 /// One run of a `copy_runs` table: source and destination byte offsets,
