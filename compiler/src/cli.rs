@@ -704,8 +704,8 @@ impl Ctx<'_> {
             path,
             &Options {
                 tokens,
-                routing: None,
                 stats,
+                ..Options::default()
             },
         )?
         else {

@@ -48,6 +48,10 @@ pub struct Options {
     /// Measured routing instead of uniform routing (`moec simulate --stats`):
     /// the busiest rank's load and the ranks and nodes tokens reach.
     pub stats: Option<moec_runtime::stats::RoutingStatistics>,
+    /// Rewrite families left out whatever the file's schedule allows (a
+    /// CUDA graph cannot wait for the host, which lays out the
+    /// hierarchical legs).
+    pub without: Vec<&'static str>,
 }
 
 impl Options {
@@ -59,11 +63,13 @@ impl Options {
     }
 
     /// The options of a plan whose pass must not wait for the host: a CUDA
-    /// graph (`--graph`). Per-pick routing only, since the by-rank send
-    /// layout is laid out on the host from the routing read back mid-pass.
+    /// graph (`--graph`). Per-pick routing and the flat all-to-all only,
+    /// since the by-rank send layout and the hierarchical legs are laid out
+    /// on the host from the routing read back mid-pass.
     pub fn cuda_device_routed() -> Options {
         Options {
             routing: Some(RoutingForm::PerAssignment),
+            without: vec!["hierarchical_a2a"],
             ..Options::default()
         }
     }
@@ -217,7 +223,13 @@ fn compile_model(program: &Program, options: &Options, model: &Model) -> Result<
             }
         }
     };
-    let allowed: Vec<&str> = program.schedule.rules.clone();
+    let allowed: Vec<&str> = program
+        .schedule
+        .rules
+        .iter()
+        .copied()
+        .filter(|family| !options.without.contains(family))
+        .collect();
     let rule_set = rules(&model, &allowed, &degrees)?;
     let expr = lower(&model);
     let initial_nodes = expr.as_ref().len();

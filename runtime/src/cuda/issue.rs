@@ -645,7 +645,7 @@ fn not_capturable(p: &Program, local: &[usize]) -> String {
     if p.geometry.by_rank {
         "a plan that dispatches by rank cannot run as a CUDA graph: the host lays its by-rank rows out from the routing it reads back during the pass (compile it with per-pick routing, as `--graph` does)".into()
     } else if p.hierarchical() {
-        "a plan with the hierarchical all-to-all cannot run as a CUDA graph: the host lays each leg's rows out from the routing it reads back during the pass (`deny = [hierarchical_a2a]` in the schedule builds the flat all-to-all)".into()
+        "a plan with the hierarchical all-to-all cannot run as a CUDA graph: the host lays each leg's rows out from the routing it reads back during the pass (compile it with the flat all-to-all, as `--graph` does, or `deny = [hierarchical_a2a]` in the schedule)".into()
     } else if p.padded == 0 {
         "only capacity plans can run as a CUDA graph: a dropless plan sizes its expert GEMMs from the routing, which the host reads back during the pass (give the layer a `capacity`)".into()
     } else {
