@@ -386,15 +386,43 @@ pub struct StreamWork {
     pub pack: Span,
     pub unpack: Span,
     pub runs: Span,
+    /// The bytes of a message that go in one round when the legs' worst
+    /// case does not fit `pack` and `unpack` ([`LEG_WORKSPACE_LIMIT`]); the
+    /// same on every rank, so both sides of a pair cut a message alike.
+    pub piece: u64,
 }
 
 /// Bytes of [`StreamWork::pack`], [`StreamWork::unpack`] and
-/// [`StreamWork::runs`] a stream's hierarchical legs need.
+/// [`StreamWork::runs`] a stream's hierarchical legs need at worst, and the
+/// most peers one of them has.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LegExchange {
     pub pack: u64,
     pub unpack: u64,
     pub runs: u64,
+    pub peers: u64,
+}
+
+/// The most a stream's `pack` (and its `unpack`) workspace holds. A leg's
+/// worst case is every row it may move (DeepSeek-V3: 154 MiB to pack and
+/// 299 MiB to unpack on the combine stream), almost all of it idle in a
+/// typical pass; above this the messages go in rounds. At 64 MiB a round
+/// of a seven-peer leg moves about 9 MiB a peer, some 60 us at H100
+/// NVLink's 160 GB/s, against the few microseconds an NCCL group costs to
+/// start.
+pub const LEG_WORKSPACE_LIMIT: u64 = 64 << 20;
+
+impl LegExchange {
+    /// The bytes a round moves per message: everything in one round when
+    /// the worst case fits, else an equal share of the smaller workspace
+    /// per peer (16-byte multiples, so packed pieces stay aligned).
+    fn piece(&self) -> u64 {
+        if self.pack <= LEG_WORKSPACE_LIMIT && self.unpack <= LEG_WORKSPACE_LIMIT {
+            return u64::MAX;
+        }
+        let share = self.pack.min(self.unpack).min(LEG_WORKSPACE_LIMIT) / self.peers.max(1);
+        (share / 16 * 16).max(16)
+    }
 }
 
 /// Where a rank's workspace lives.
@@ -1159,17 +1187,26 @@ impl<'p> Lowering<'p> {
         } else {
             recv.rows
         };
+        let peers = if scope == CollectiveScope::IntraNode {
+            per_node
+        } else {
+            (self.geo.group as u64).div_ceil(per_node)
+        }
+        .saturating_sub(1);
         let need = LegExchange {
             pack: mul(&[sent_rows, send.bytes_per_row()])?,
             unpack: mul(&[received_rows, recv.bytes_per_row()])?,
             // (source, destination, bytes) per run: the own share's, the
-            // packed ones and the unpacked ones, two per row with fp8.
-            runs: mul(&[send.rows + sent_rows + received_rows, 2, 3, 4])?,
+            // packed ones and the unpacked ones, two per row with fp8, and
+            // a round's cut through one run per peer and direction.
+            runs: mul(&[send.rows + sent_rows + received_rows + peers, 2, 3, 4])?,
+            peers,
         };
         let have = &mut self.exchange_need[stream];
         have.pack = have.pack.max(need.pack);
         have.unpack = have.unpack.max(need.unpack);
         have.runs = have.runs.max(need.runs);
+        have.peers = have.peers.max(need.peers);
         Ok(())
     }
 
@@ -2119,9 +2156,10 @@ impl<'p> Lowering<'p> {
                 scratch: w.take(*scratch)?,
                 forward_parts: w.take(forward.0)?,
                 forward_index: w.take(forward.1)?,
-                pack: w.take(exchange.pack)?,
-                unpack: w.take(exchange.unpack)?,
+                pack: w.take(exchange.pack.min(LEG_WORKSPACE_LIMIT))?,
+                unpack: w.take(exchange.unpack.min(LEG_WORKSPACE_LIMIT))?,
                 runs: w.take(exchange.runs)?,
+                piece: exchange.piece(),
             });
         }
         let staged = place_staged_exchange(&mut w, plan, &geo, &steps)?;

@@ -178,7 +178,9 @@ impl Issuer<'_> {
     /// runs are one run sends or receives in place; otherwise `copy_runs`
     /// packs the message into the stream's `pack` workspace before the NCCL
     /// group, or unpacks it from `unpack` after. The rank's own share is one
-    /// `copy_runs` too.
+    /// `copy_runs` too. When the stream's workspace is smaller than a leg's
+    /// worst case, every message goes in rounds of `piece` bytes (the same
+    /// cut on both sides: `piece` is the program's), one NCCL group each.
     fn nccl_leg(
         &mut self,
         stream: usize,
@@ -201,52 +203,72 @@ impl Issuer<'_> {
             .transpose()
             .map_err(|e| err(r, None, e))?
             .unwrap_or_default();
-        let (sends, pack) = messages(&to, me, (Addr::of(r, c.send), Addr::of(r, work.pack)), base);
-        let (recvs, unpack) = messages(
-            &from,
-            me,
-            (Addr::of(r, c.recv), Addr::of(r, work.unpack)),
-            base,
-        );
-        let packed: u64 = pack.iter().map(|run| run.2).sum();
-        let unpacked: u64 = unpack.iter().map(|run| run.2).sum();
-        if packed > work.pack.bytes || unpacked > work.unpack.bytes {
-            return Err(err(
-                r,
-                None,
-                format!(
-                    "`{}`: {packed} bytes to pack and {unpacked} to unpack exceed the stream's {} and {}",
-                    c.send_name, work.pack.bytes, work.unpack.bytes
-                ),
-            ));
-        }
-        let table = run_table(&[&local, &pack, &unpack]).map_err(|e| err(r, None, e))?;
-        self.upload(
-            r,
-            stream,
-            work.runs,
-            words_le(&table),
-            "the leg's run table",
-        )?;
-        let mut at = 0u64;
-        let mut copy = |issuer: &mut Self, (src, dst): (Span, Span), runs: &[RunCopy]| {
-            let first = at;
-            at += runs.len() as u64;
-            if runs.is_empty() {
-                return Ok(());
+        let piece = work.piece.max(1);
+        let rounds = rounds(&to, me, piece).max(rounds(&from, me, piece)).max(1);
+        for round in 0..rounds {
+            let bytes = round * piece..(round + 1).saturating_mul(piece);
+            let (sends, pack) = messages(
+                &to,
+                (me, base),
+                (Addr::of(r, c.send), Addr::of(r, work.pack)),
+                bytes.clone(),
+            );
+            let (recvs, unpack) = messages(
+                &from,
+                (me, base),
+                (Addr::of(r, c.recv), Addr::of(r, work.unpack)),
+                bytes,
+            );
+            let packed: u64 = pack.iter().map(|run| run.2).sum();
+            let unpacked: u64 = unpack.iter().map(|run| run.2).sum();
+            if packed > work.pack.bytes || unpacked > work.unpack.bytes {
+                return Err(err(
+                    r,
+                    None,
+                    format!(
+                        "`{}`: {packed} bytes to pack and {unpacked} to unpack in a round exceed the stream's {} and {}",
+                        c.send_name, work.pack.bytes, work.unpack.bytes
+                    ),
+                ));
             }
-            issuer.copy_runs(
+            let local = if round == 0 { &local[..] } else { &[] };
+            let table = run_table(&[local, &pack, &unpack]).map_err(|e| err(r, None, e))?;
+            if table.len() as u64 * 4 > work.runs.bytes {
+                return Err(err(
+                    r,
+                    None,
+                    format!(
+                        "`{}`: {} runs exceed the stream's run table",
+                        c.send_name,
+                        table.len() / 3
+                    ),
+                ));
+            }
+            self.upload(
                 r,
                 stream,
-                c,
-                (src, dst),
-                (work.runs, first, runs.len() as u64),
-            )
-        };
-        copy(self, (c.send, c.recv), &local)?;
-        copy(self, (c.send, work.pack), &pack)?;
-        self.submit(r, stream, Command::Nccl { sends, recvs })?;
-        copy(self, (work.unpack, c.recv), &unpack)
+                work.runs,
+                words_le(&table),
+                "the leg's run table",
+            )?;
+            let mut at = 0u64;
+            let mut copy = |issuer: &mut Self, (src, dst): (Span, Span), runs: &[RunCopy]| {
+                let first = at;
+                at += runs.len() as u64;
+                if runs.is_empty() {
+                    return Ok(());
+                }
+                let table = (work.runs, first, runs.len() as u64);
+                issuer.copy_runs(r, stream, c, (src, dst), table)
+            };
+            copy(self, (c.send, c.recv), local)?;
+            copy(self, (c.send, work.pack), &pack)?;
+            if !sends.is_empty() || !recvs.is_empty() {
+                self.submit(r, stream, Command::Nccl { sends, recvs })?;
+            }
+            copy(self, (work.unpack, c.recv), &unpack)?;
+        }
+        Ok(())
     }
 
     /// A `copy_runs` launch of rank `r` from `src` to `dst` over entries
@@ -858,36 +880,74 @@ type RunCopy = (u64, u64, u64);
 const COPY_RUNS_GRID: u64 = 4096;
 const COPY_RUNS_BLOCK: u32 = 128;
 
-/// The NCCL operations of one side of a leg (`(peer's global rank, address,
-/// bytes)`, one per peer with rows, the own rank `me` left out) and the runs
-/// that pack or unpack them: a peer's single run goes in place (`at.0`, the
-/// leg's buffer), several through the workspace (`at.1`), one after the
-/// other.
+/// The rounds of `piece` bytes the longest message to or from a peer of
+/// `me` takes.
+fn rounds(peers: &PeerRuns, me: usize, piece: u64) -> u64 {
+    peers
+        .iter()
+        .enumerate()
+        .filter(|&(q, _)| q != me)
+        .map(|(_, runs)| {
+            runs.iter()
+                .map(|run| run.len as u64)
+                .sum::<u64>()
+                .div_ceil(piece)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The NCCL operations of one side of a leg in one round (`(peer's global
+/// rank, address, bytes)`, one per peer whose message has bytes in `bytes`,
+/// the own EP index `me` left out; `base` the group's first global rank) and
+/// the runs that pack or unpack them: a peer's message that is one run goes
+/// in place (`at.0`, the leg's buffer), any other through the workspace
+/// (`at.1`), the round's pieces one after the other.
 fn messages(
     peers: &[Vec<Run>],
-    me: usize,
+    (me, base): (usize, usize),
     at: (Addr, Addr),
-    base: usize,
+    bytes: Range<u64>,
 ) -> (Vec<(usize, Addr, u64)>, Vec<RunCopy>) {
     let (mut ops, mut runs) = (Vec::new(), Vec::new());
     let mut packed = 0u64;
     for (p, list) in peers.iter().enumerate() {
-        let total: u64 = list.iter().map(|run| run.len as u64).sum();
+        let cut = cut_runs(list, bytes.clone());
+        let total: u64 = cut.iter().map(|run| run.1).sum();
         if p == me || total == 0 {
             continue;
         }
-        match list.as_slice() {
-            [one] => ops.push((base + p, at.0.plus(one.offset as u64), total)),
+        match (list.as_slice(), cut.as_slice()) {
+            ([_], [(offset, len)]) => ops.push((base + p, at.0.plus(*offset), *len)),
             _ => {
                 ops.push((base + p, at.1.plus(packed), total));
-                for run in list {
-                    runs.push((run.offset as u64, packed, run.len as u64));
-                    packed += run.len as u64;
+                for (offset, len) in cut {
+                    runs.push((offset, packed, len));
+                    packed += len;
                 }
             }
         }
     }
     (ops, runs)
+}
+
+/// Bytes `bytes` of the concatenation of `runs`, as (offset, length) runs
+/// of the buffer, in order.
+fn cut_runs(runs: &[Run], bytes: Range<u64>) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    for run in runs {
+        let (start, len) = (run.offset as u64, run.len as u64);
+        let (lo, hi) = (bytes.start.max(at), bytes.end.min(at + len));
+        if lo < hi {
+            out.push((start + lo - at, hi - lo));
+        }
+        at += len;
+        if at >= bytes.end {
+            break;
+        }
+    }
+    out
 }
 
 /// The `copy_runs` table of `parts`, one after the other: `i32` (source,
@@ -926,4 +986,61 @@ fn read_words(bytes: &[u8]) -> Vec<u32> {
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::program::Space;
+
+    fn run(offset: usize, len: usize) -> Run {
+        Run { offset, len }
+    }
+
+    /// A message's bytes cut into rounds: every byte once, in order, each
+    /// piece inside its run.
+    #[test]
+    fn cut_runs_covers_each_byte_once() {
+        let runs = [run(100, 30), run(0, 5), run(500, 70)];
+        let mut seen = Vec::new();
+        for round in 0..7u64 {
+            for (offset, len) in cut_runs(&runs, round * 16..(round + 1) * 16) {
+                assert!(len <= 16);
+                seen.extend(offset..offset + len);
+            }
+        }
+        let want: Vec<u64> = (100..130).chain(0..5).chain(500..570).collect();
+        assert_eq!(seen, want);
+        assert_eq!(cut_runs(&runs, 30..35), vec![(0, 5)]);
+        assert_eq!(cut_runs(&runs, 28..40), vec![(128, 2), (0, 5), (500, 5)]);
+        assert!(cut_runs(&runs, 105..1000).is_empty());
+    }
+
+    /// One run goes in place; several are packed one after the other; the
+    /// own rank is left out.
+    #[test]
+    fn messages_pack_only_what_is_scattered() {
+        let addr = |space, offset| Addr {
+            rank: 3,
+            space,
+            offset,
+        };
+        let at = (addr(Space::Arena, 0), addr(Space::Work, 0));
+        let peers = vec![
+            vec![run(40, 8)],
+            vec![run(0, 4), run(16, 4)],
+            vec![run(0, 9)],
+        ];
+        let (ops, runs) = messages(&peers, (2, 10), at, 0..u64::MAX);
+        assert_eq!(
+            ops,
+            vec![
+                (10, addr(Space::Arena, 40), 8),
+                (11, addr(Space::Work, 0), 8)
+            ]
+        );
+        assert_eq!(runs, vec![(0, 0, 4), (16, 4, 4)]);
+        assert_eq!(rounds(&peers, 2, 3), 3);
+        assert_eq!(rounds(&peers, 0, 3), 3);
+    }
 }
