@@ -14,18 +14,22 @@
 //! how many rows and routing values it sends (a count exchange, read back),
 //! then sends the routing beside the rows (read back after the rows are
 //! queued), as DeepEP sends `topk_idx` with the tokens.
+//!
+//! Over NCCL a leg is one message per peer and direction, packed and
+//! unpacked by the native `copy_runs` kernel where a side's rows are
+//! scattered ([`Issuer::nccl_leg`]), in rounds when the stream's bounded
+//! workspace is smaller than the leg.
 
 use super::{
     err, parts_index, spread, Addr, Arg, Command, ExecError, Issuer, KernelRef, NativeKernel,
     ParamKind, PeerRuns, Program, RouteTable, Run, STATUS_BYTES,
 };
 use crate::cpu::hier::{self, ByRankBlocks, InterSend, PeerRows, Staged, Topology};
+use crate::cuda::program::{CollectiveStep, ForwarderSum, Span};
 use crate::cuda::route::ExpertSide;
 use crate::plan::rows::RowLayout;
 use crate::plan::{CollectiveKind, CollectiveScope};
 use std::ops::Range;
-
-use super::super::program::{CollectiveStep, ForwarderSum, Span};
 
 /// The members of one EP group that this process holds.
 pub(super) struct Members {
