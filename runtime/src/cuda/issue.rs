@@ -17,7 +17,7 @@
 
 use super::program::{
     launch_shape, ArgT, ByRankStep, CollectiveStep, GemmStep, Groups, KernelRef, LaunchStep,
-    Program, Rows, Space, Span, StepKind, Tail, STATUS_BYTES,
+    Program, Rows, Space, Span, StepKind, StreamWork, Tail, STATUS_BYTES,
 };
 use super::route::{expand_frame_len, RouteTable, Routes};
 use crate::cpu::comm::Run;
@@ -1389,6 +1389,16 @@ impl<'a> Issuer<'a> {
         self.submit(r, stream, cmd)
     }
 
+    /// The workspace of `stream` (rank `r` names a failure).
+    fn stream_work(&self, r: usize, stream: usize) -> Result<StreamWork, ExecError> {
+        self.p
+            .work
+            .streams
+            .get(stream)
+            .copied()
+            .ok_or_else(|| err(r, None, format!("no workspace for stream {stream}")))
+    }
+
     fn launch_cmd(
         &self,
         r: usize,
@@ -1403,12 +1413,7 @@ impl<'a> Issuer<'a> {
         let (grid, block) = launch_shape(rows, p.shape(kernel));
         let status = Addr::of(r, p.work.status).plus(status as u64 * STATUS_BYTES);
         let scratch = if scratch {
-            let sw = p
-                .work
-                .streams
-                .get(stream)
-                .ok_or_else(|| err(r, None, format!("no workspace for stream {stream}")))?;
-            Some(Addr::of(r, sw.scratch))
+            Some(Addr::of(r, self.stream_work(r, stream)?.scratch))
         } else {
             None
         };
@@ -1933,21 +1938,6 @@ impl<'a> Issuer<'a> {
         to: &[Vec<Run>],
         from: &[Vec<Run>],
     ) -> Result<(), ExecError> {
-        let (sends, recvs) = self.nccl_lists(stream, c, r, base, (to, from))?;
-        self.submit(r, stream, Command::Nccl { sends, recvs })
-    }
-
-    /// The NCCL sends and receives of rank `r` in `c` (peers' global ranks,
-    /// each run one operation), after issuing the copies of its own share.
-    #[allow(clippy::type_complexity)] // the two lists of `Command::Nccl`
-    fn nccl_lists(
-        &mut self,
-        stream: usize,
-        c: &CollectiveStep,
-        r: usize,
-        base: usize,
-        (to, from): (&[Vec<Run>], &[Vec<Run>]),
-    ) -> Result<(Vec<(usize, Addr, u64)>, Vec<(usize, Addr, u64)>), ExecError> {
         let me = self.p.me(r);
         let (mut sends, mut recvs) = (Vec::new(), Vec::new());
         for (p, (out, inc)) in to.iter().zip(from).enumerate() {
@@ -1974,7 +1964,7 @@ impl<'a> Issuer<'a> {
                 ));
             }
         }
-        Ok((sends, recvs))
+        self.submit(r, stream, Command::Nccl { sends, recvs })
     }
 }
 

@@ -35,6 +35,7 @@ use moec_kernels::native::NativeKernel;
 
 use super::plan::{plan_kernels, PlanKernels};
 use super::route::{expand_frame_len, RouteShape};
+use crate::cpu::hier::Topology;
 use crate::cpu::layout::Geometry;
 use crate::plan::{
     Buffer, CollectiveKind, CollectiveScope, DType, Epilogue, GemmWeight, KernelKind, OpKind,
@@ -1156,6 +1157,14 @@ impl<'p> Lowering<'p> {
         Ok(())
     }
 
+    /// Nodes and ranks per node of an EP group (`cpu::hier::Topology`, the
+    /// one rule every hierarchical leg follows).
+    fn topology(&self) -> Result<Topology, String> {
+        let gpus_per_node = usize::try_from(self.plan.mesh.gpus_per_node)
+            .map_err(|_| "gpus_per_node does not fit this machine")?;
+        Topology::new(self.geo.group, gpus_per_node)
+    }
+
     /// What a hierarchical leg on `stream` needs to move its rows over NCCL
     /// as one message per peer: at most every row it may send, packed (the
     /// dispatch's intra-node leg fans a staged row out to each rank of the
@@ -1170,9 +1179,8 @@ impl<'p> Lowering<'p> {
         send: &RowLayout,
         recv: &RowLayout,
     ) -> Result<(), String> {
-        let per_node = (self.plan.mesh.gpus_per_node as usize)
-            .min(self.geo.group)
-            .max(1) as u64;
+        let topo = self.topology()?;
+        let per_node = topo.per_node as u64;
         let sent_rows = if dispatch && scope == CollectiveScope::IntraNode {
             let fan_out = mul(&[send.rows, self.geo.top_k as u64])?;
             fan_out.min(mul(&[recv.rows, per_node.saturating_sub(1)])?)
@@ -1188,11 +1196,11 @@ impl<'p> Lowering<'p> {
             recv.rows
         };
         let peers = if scope == CollectiveScope::IntraNode {
-            per_node
+            topo.per_node
         } else {
-            (self.geo.group as u64).div_ceil(per_node)
+            topo.nodes
         }
-        .saturating_sub(1);
+        .saturating_sub(1) as u64;
         let need = LegExchange {
             pack: mul(&[sent_rows, send.bytes_per_row()])?,
             unpack: mul(&[received_rows, recv.bytes_per_row()])?,
@@ -1228,8 +1236,7 @@ impl<'p> Lowering<'p> {
                 "the reducing combine sums rows of the layer's float dtype, not fp8".into(),
             );
         }
-        let topo =
-            crate::cpu::hier::Topology::new(self.geo.group, self.plan.mesh.gpus_per_node as usize)?;
+        let topo = self.topology()?;
         let parts = mul(&[self.geo.chunk_tokens as u64, self.geo.group as u64])?;
         let need = (mul(&[parts, rows.row_bytes])?, mul(&[parts, 4])?);
         let have = &mut self.forward_need[stream];
@@ -2110,6 +2117,8 @@ impl<'p> Lowering<'p> {
 
     /// Places the workspace and patches the steps' workspace spans.
     fn finish(self) -> Result<Program, String> {
+        // Needed (and required to hold) only by the hierarchical legs.
+        let topo = self.topology();
         let Lowering {
             plan,
             geo,
@@ -2162,7 +2171,7 @@ impl<'p> Lowering<'p> {
                 piece: exchange.piece(),
             });
         }
-        let staged = place_staged_exchange(&mut w, plan, &geo, &steps)?;
+        let staged = place_staged_exchange(&mut w, (&geo, topo), &steps)?;
         let work = WorkLayout {
             status: status_span,
             table,
@@ -2274,15 +2283,13 @@ impl<'p> Lowering<'p> {
 /// exchanges the staged routing over NCCL).
 fn place_staged_exchange(
     w: &mut Placer,
-    plan: &Plan,
-    geo: &Geometry,
+    (geo, topo): (&Geometry, Result<Topology, String>),
     steps: &[Step],
 ) -> Result<StagedExchange, String> {
     let inter_dispatch = steps.iter().any(|s| {
         matches!(&s.kind, StepKind::Collective(c)
             if c.dispatch && c.scope == CollectiveScope::InterNode)
     });
-    let per_node = plan.mesh.gpus_per_node.max(1);
     if !inter_dispatch {
         let none = Span {
             space: Space::Work,
@@ -2296,7 +2303,8 @@ fn place_staged_exchange(
             routing_received: 0,
         });
     }
-    let nodes = (geo.group as u64).div_ceil(per_node);
+    let topo = topo?;
+    let (nodes, per_node) = (topo.nodes as u64, topo.per_node as u64);
     let (sent, received) =
         StagedExchange::sized(geo.chunk_tokens as u64, geo.top_k as u64, nodes, per_node);
     Ok(StagedExchange {

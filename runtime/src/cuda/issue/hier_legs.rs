@@ -61,6 +61,23 @@ struct Heard {
     on_device: Vec<usize>,
 }
 
+impl Heard {
+    /// What forwarder `f` hears when every source's sends (`sends`, by EP
+    /// index) are on this host.
+    fn on_host(topo: &Topology, f: usize, sends: &[InterSend]) -> Heard {
+        let n = topo.node(f);
+        let across = topo.across(f);
+        Heard {
+            rows: across.iter().map(|&s| sends[s].rows[n].len()).collect(),
+            routing: across
+                .iter()
+                .map(|&s| sends[s].routing[n].clone())
+                .collect(),
+            on_device: vec![0; topo.nodes],
+        }
+    }
+}
+
 impl Issuer<'_> {
     /// One leg of the hierarchical all-to-all for the members `m` of one
     /// EP group.
@@ -194,12 +211,7 @@ impl Issuer<'_> {
     ) -> Result<(), ExecError> {
         let p = self.p;
         let me = p.me(r);
-        let work = p
-            .work
-            .streams
-            .get(stream)
-            .copied()
-            .ok_or_else(|| err(r, None, format!("no workspace for stream {stream}")))?;
+        let work = self.stream_work(r, stream)?;
         let local: Vec<RunCopy> = to
             .get(me)
             .zip(from.get(me))
@@ -357,12 +369,7 @@ impl Issuer<'_> {
         let sum = c
             .forwarder_sum
             .ok_or_else(|| err(r0, None, "a reducing combine leg without its sum"))?;
-        let work = p
-            .work
-            .streams
-            .get(stream)
-            .copied()
-            .ok_or_else(|| err(r0, None, format!("no workspace for stream {stream}")))?;
+        let work = self.stream_work(r0, stream)?;
         let row_bytes = c.send_rows.row_bytes;
         let parts_rows = RowLayout {
             rows: work.forward_parts.bytes / row_bytes.max(1),
@@ -414,13 +421,7 @@ impl Issuer<'_> {
         sums: &[Vec<usize>],
         parts_rows: RowLayout,
     ) -> Result<(), ExecError> {
-        let work = self
-            .p
-            .work
-            .streams
-            .get(stream)
-            .copied()
-            .ok_or_else(|| err(r, None, format!("no workspace for stream {stream}")))?;
+        let work = self.stream_work(r, stream)?;
         let index = parts_index(sums, sum.width, parts_rows.rows).map_err(|e| err(r, None, e))?;
         if sums.len() as u64 > c.recv_rows.rows {
             return Err(err(
@@ -550,18 +551,7 @@ impl Issuer<'_> {
             // Virtual ranks: every source's sends are on the host.
             m.list
                 .iter()
-                .map(|&(_, f)| {
-                    let n = topo.node(f);
-                    let across = topo.across(f);
-                    Heard {
-                        rows: across.iter().map(|&s| sends[s].rows[n].len()).collect(),
-                        routing: across
-                            .iter()
-                            .map(|&s| sends[s].routing[n].clone())
-                            .collect(),
-                        on_device: vec![0; topo.nodes],
-                    }
-                })
+                .map(|&(_, f)| Heard::on_host(topo, f, &sends))
                 .collect()
         } else {
             self.exchange_staged(stream, m, topo, &sends)?
